@@ -1,0 +1,350 @@
+"""Lazy checkpoints: safetensors headers at open, one tensor's byte range per read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+import torch
+
+from amalgam import storage
+from amalgam.errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+INDEX_FILES = ("model.safetensors.index.json",)
+SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors")
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "adapter_config.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range, dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.torch_dtype.is_floating_point
+
+
+def parse_header(raw_len: bytes, read_json: Any, file: str, file_size: int) -> tuple[dict, int]:
+    """Validate a safetensors header; return (entries, absolute data start).
+
+    ``read_json(n)`` returns the n header bytes following the 8-byte length.
+    """
+    if len(raw_len) < 8:
+        raise CheckpointError(f"{file}: truncated safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", raw_len)
+    if n == 0 or n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise CheckpointError(
+            f"{file}: corrupt safetensors header (declared length {n}, file size {file_size})"
+        )
+    try:
+        header = json.loads(read_json(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + n
+
+
+def _tensor_infos(header: dict, file: str, data_start: int, file_size: int) -> list[TensorInfo]:
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{file}: tensor '{name}' has a malformed entry") from exc
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {dtype!r}")
+        info = TensorInfo(name, dtype, shape, file, data_start + a, data_start + b)
+        expected = info.numel * SAFETENSORS_DTYPES[dtype].itemsize
+        if b < a or info.nbytes != expected or info.end > file_size:
+            raise CheckpointError(
+                f"{file}: tensor '{name}' has byte range [{a}, {b}) that does not fit its "
+                f"shape {list(shape)} {dtype} or the file ({file_size} bytes): truncated or corrupt"
+            )
+        infos.append(info)
+    return infos
+
+
+class Checkpoint:
+    """A read-only, lazily read model: folder, sharded folder, adapter or single file."""
+
+    def __init__(self, uri: str, *, allow_pickle: bool = False, **storage_options: Any):
+        self.uri = str(uri)
+        self.storage_options = storage_options
+        self.fs, self.path = storage.resolve(self.uri, **storage_options)
+        self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        self.metadata: dict[str, dict[str, str]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.kind, self.root, self.files = self._layout(allow_pickle)
+        if self._pickled is None:
+            for f in self.files:
+                self._read_header(f)
+        self.config: dict | None = self._json_or_none("config.json") or self._json_or_none(
+            "adapter_config.json"
+        )
+
+    # -- layout -------------------------------------------------------------------------------
+    def _layout(self, allow_pickle: bool) -> tuple[str, str, list[str]]:
+        fs, path = self.fs, self.path
+        if not fs.exists(path):
+            raise CheckpointError(f"{self.uri}: no such checkpoint")
+        if not fs.isdir(path):
+            root, name = str(PurePosixPath(path).parent), PurePosixPath(path).name
+            if name.endswith(PICKLE_SUFFIXES):
+                return self._load_pickle(root, [name], allow_pickle)
+            if not name.endswith(".safetensors"):
+                raise CheckpointError(f"{self.uri}: not a .safetensors file or model folder")
+            return "file", root, [name]
+        names = {PurePosixPath(p).name for p in fs.ls(path, detail=False)}
+        for index in INDEX_FILES:
+            if index in names:
+                weight_map = self._read_json(storage.join(path, index)).get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise CheckpointError(f"{self.uri}/{index}: no weight_map")
+                files = sorted(set(weight_map.values()))
+                missing = [f for f in files if f not in names]
+                if missing:
+                    raise CheckpointError(f"{self.uri}/{index}: shard files missing: {missing}")
+                return "model", path, files
+        for single in SINGLE_FILES:
+            if single in names:
+                return ("adapter" if single.startswith("adapter") else "model"), path, [single]
+        shards = sorted(n for n in names if n.endswith(".safetensors"))
+        if shards:
+            return "model", path, shards
+        pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            return self._load_pickle(path, pickles, allow_pickle)
+        raise CheckpointError(f"{self.uri}: folder holds no .safetensors weights")
+
+    def _load_pickle(self, root: str, files: list[str], allow: bool) -> tuple[str, str, list[str]]:
+        if not allow:
+            raise CheckpointError(
+                f"{self.uri}: refusing pickle checkpoint {files[0]} (pickle can run code); "
+                "convert it to safetensors or pass --allow-pickle"
+            )
+        self._pickled = {}
+        for f in files:
+            with self.fs.open(storage.join(root, f), "rb") as fh:
+                try:
+                    state = torch.load(fh, map_location="cpu", weights_only=True)
+                except Exception as exc:
+                    raise CheckpointError(f"{self.uri}/{f}: cannot load pickle: {exc}") from exc
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{self.uri}/{f}: pickle does not hold a state dict")
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                t = t.contiguous()
+                self._pickled[name] = t
+                self.tensors[name] = TensorInfo(
+                    name, DTYPE_NAMES[t.dtype], tuple(t.shape), f, 0, t.numel() * t.element_size()
+                )
+        kind = "adapter" if any(f.startswith("adapter") for f in files) else "model"
+        return kind, root, files
+
+    def _read_json(self, path: str) -> dict:
+        try:
+            with self.fs.open(path, "rb") as fh:
+                return json.loads(fh.read())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{storage.full_uri(self.fs, path)}: unreadable JSON ({exc})"
+            ) from None
+
+    def _json_or_none(self, name: str) -> dict | None:
+        if self.kind == "file":
+            return None
+        path = storage.join(self.root, name)
+        return self._read_json(path) if self.fs.exists(path) else None
+
+    def _read_header(self, file: str) -> None:
+        path = storage.join(self.root, file)
+        label = storage.full_uri(self.fs, path)
+        size = self.fs.size(path)
+        with self.fs.open(path, "rb", block_size=0 if storage.is_local(self.fs) else 1 << 16) as fh:
+            header, data_start = parse_header(fh.read(8), fh.read, label, size)
+        meta = header.get("__metadata__") or {}
+        self.metadata[file] = {str(k): str(v) for k, v in meta.items()}
+        for info in _tensor_infos(header, label, data_start, size):
+            if info.name in self.tensors:
+                raise CheckpointError(f"{label}: tensor '{info.name}' also in another shard")
+            self.tensors[info.name] = info
+
+    # -- queries ------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.uri}: no tensor '{name}'") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.info(name).torch_dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def file_path(self, file: str) -> str:
+        return storage.join(self.root, file)
+
+    # -- reads --------------------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (exactly its byte range) into a fresh CPU tensor."""
+        info = self.info(name)
+        if self._pickled is not None:
+            return self._pickled[name].clone()
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            if storage.is_local(self.fs):
+                self._pread(info, buf)
+            else:
+                data = self.fs.cat_file(self.file_path(info.file), start=info.start, end=info.end)
+                if len(data) != info.nbytes:
+                    raise CheckpointError(f"{self.uri}/{info.file}: short read of '{name}'")
+                buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return buf.view(info.torch_dtype).reshape(info.shape)
+
+    def _pread(self, info: TensorInfo, buf: torch.Tensor) -> None:
+        fd = self._fd(info.file)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.start + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.uri}/{info.file}: short read of '{info.name}'")
+            done += n
+
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(self.file_path(file), os.O_RDONLY)
+            return self._fds[file]
+
+    def side_files(self) -> list[str]:
+        """Config and tokenizer files next to the weights (copied into merged outputs)."""
+        if self.kind == "file":
+            return []
+        return [f for f in SIDE_FILES if self.fs.exists(storage.join(self.root, f))]
+
+    def content_hash(self) -> str:
+        """sha256 over each weight file's name and sha256, in file order (cached per session)."""
+        return file_set_hash(self.fs, self.root, self.files)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.uri!r}, {len(self.tensors)} tensors, {self.nbytes} bytes)"
+
+    def __getstate__(self) -> dict:
+        raise TypeError("Checkpoint is not picklable: pass its URI to workers instead")
+
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def file_hash(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """sha256 of one file, streamed; memoised by (path, size, modification stamp)."""
+    info = fs.info(path)
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+    key = (fs.protocol, path, info.get("size"), str(stamp))
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with fs.open(path, "rb") as fh:
+            while chunk := fh.read(16 << 20):
+                h.update(chunk)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def file_set_hash(fs: fsspec.AbstractFileSystem, root: str, files: list[str]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f}\0{file_hash(fs, storage.join(root, f))}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def open_checkpoint(uri: str, *, allow_pickle: bool = False, **storage_options: Any) -> Checkpoint:
+    """Open a checkpoint lazily; only headers (and config.json) are read."""
+    return Checkpoint(uri, allow_pickle=allow_pickle, **storage_options)

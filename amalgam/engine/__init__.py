@@ -1,0 +1,158 @@
+"""The merge engine: open inputs, plan, gather whole-model statistics, execute, commit."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from amalgam import storage
+from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.engine.execute import Progress, gather_stats, pick_device, run_unit
+from amalgam.engine.plan import Plan, build_plan
+from amalgam.errors import OutputError
+from amalgam.recipe import Recipe
+from amalgam.writer import INDEX_NAME, CheckpointWriter
+
+
+class MergeOptions(BaseModel):
+    """How to run a recipe (the CLI's flags mirror these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: str | None = None
+    executor: Literal["local", "ray"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    overwrite: bool = False
+    allow_pickle: bool = False
+    prefetch: int = 2
+
+
+@dataclass
+class MergeResult:
+    output: str
+    plan: Plan
+    seconds: float
+    input_bytes: int
+    peak_rss_bytes: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.input_bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+def amalgam_home() -> Path:
+    return Path(os.environ.get("AMALGAM_HOME", ".amalgam")).resolve()
+
+
+def open_recipe_inputs(recipe: Recipe, allow_pickle: bool) -> dict[str, Checkpoint]:
+    """Open base (labelled ``base``) and models lazily, in that order."""
+    uris = ([("base", recipe.base)] if recipe.base else []) + [
+        (m.label, m.uri) for m in recipe.models
+    ]
+    return {
+        label: open_checkpoint(uri, allow_pickle=allow_pickle, **recipe.storage_options)
+        for label, uri in uris
+    }
+
+
+def check_output(
+    output: str, inputs: dict[str, Checkpoint], overwrite: bool, storage_options: dict
+) -> None:
+    fs, path = storage.resolve(output, **storage_options)
+    for label, ckpt in inputs.items():
+        if storage.is_inside(fs, path, ckpt.fs, ckpt.path) or storage.is_inside(
+            ckpt.fs, ckpt.path, fs, path
+        ):
+            raise OutputError(f"{output}: output overlaps input '{label}' ({ckpt.uri})")
+    if fs.exists(path) and not overwrite:
+        raise OutputError(f"{output}: output exists (pass --overwrite to replace it)")
+
+
+def run_merge(
+    recipe: Recipe, options: MergeOptions | None = None, progress: Progress | None = None
+) -> MergeResult:
+    """Merge ``recipe`` into its output folder; nothing is left at the output on failure."""
+    options = options or MergeOptions()
+    output = options.output or recipe.output
+    if not output:
+        raise OutputError("output: no output given (set output: in the recipe or pass --output)")
+    start = time.perf_counter()
+    inputs = open_recipe_inputs(recipe, options.allow_pickle)
+    try:
+        check_output(output, inputs, options.overwrite, recipe.storage_options)
+        hashes = {label: c.content_hash() for label, c in inputs.items()}
+        plan = build_plan(recipe, inputs, hashes)
+        device = pick_device(options.device)
+        sources = list(inputs.values())
+        stats = gather_stats(plan, sources, device, progress)
+        writer = CheckpointWriter(output, overwrite=options.overwrite, **recipe.storage_options)
+        try:
+            read = _execute(plan, writer, sources, stats, options, device, progress)
+            if len(plan.units) > 1:
+                writer.write_json(INDEX_NAME, plan.index())
+            _copy_side_files(recipe, inputs, writer)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        for c in inputs.values():
+            c.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return MergeResult(output, plan, time.perf_counter() - start, read, peak)
+
+
+def _execute(
+    plan: Plan,
+    writer: CheckpointWriter,
+    sources: list[Checkpoint],
+    stats: dict,
+    options: MergeOptions,
+    device,
+    progress: Progress | None,
+) -> int:
+    if options.executor == "ray":
+        from amalgam.engine.ray_executor import run_units_ray
+
+        return run_units_ray(
+            plan,
+            writer.staging_uri,
+            stats,
+            options.device,
+            options.allow_pickle,
+            plan.recipe.storage_options,
+            amalgam_home(),
+            progress,
+        )
+    read = 0
+    for unit in plan.units:
+        shard = writer.shard(unit.file, unit.entries(), plan.metadata)
+        read += run_unit(plan, unit, sources, shard, stats, device, progress, options.prefetch)
+    return read
+
+
+def _copy_side_files(
+    recipe: Recipe, inputs: dict[str, Checkpoint], writer: CheckpointWriter
+) -> None:
+    """Copy config and tokenizer files from ``files_from`` (default: base, else first model)."""
+    label = recipe.files_from or next(iter(inputs))
+    src = inputs[label]
+    for name in src.side_files():
+        path = storage.join(src.root, name)
+        if name == "config.json" and recipe.dtype:
+            config = dict(src.config or {})
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = recipe.dtype
+            writer.write_json(name, config)
+        else:
+            writer.copy_in(src.fs, path, name)
+
+
+__all__ = ["MergeOptions", "MergeResult", "run_merge"]

@@ -1,0 +1,140 @@
+"""Run a plan: read inputs ahead on threads, merge tensor by tensor, stream into shards."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
+from amalgam.engine.plan import Plan, TensorJob, WorkUnit
+from amalgam.errors import MergeError
+from amalgam.merge.base import MergeContext, Method, get_method
+from amalgam.merge.params import resolve_params
+from amalgam.writer import ShardWriter
+
+Progress = Callable[[int, int], None]  # (input bytes, tensors) done since the last call
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MergeError("device: cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def open_inputs(
+    plan: Plan, allow_pickle: bool, storage_options: dict[str, Any]
+) -> list[Checkpoint]:
+    return [open_checkpoint(u, allow_pickle=allow_pickle, **storage_options) for u in plan.uris]
+
+
+def read_job(sources: Sequence[Checkpoint], job: TensorJob) -> list[torch.Tensor]:
+    """The job's input tensors: the reference's alone for a copy, else every input's."""
+    return [sources[0].tensor(job.name)] if job.copy else [s.tensor(job.name) for s in sources]
+
+
+def prefetched(
+    sources: Sequence[Checkpoint], jobs: Sequence[TensorJob], depth: int, pool: ThreadPoolExecutor
+) -> Iterator[tuple[TensorJob, list[torch.Tensor]]]:
+    """Yield (job, inputs) while the next ``depth`` jobs are read on ``pool``."""
+    queue: deque = deque()
+    it = iter(jobs)
+    for job in it:
+        queue.append((job, pool.submit(read_job, sources, job)))
+        if len(queue) > depth:
+            done, fut = queue.popleft()
+            yield done, fut.result()
+    while queue:
+        done, fut = queue.popleft()
+        yield done, fut.result()
+
+
+def to_float(
+    plan: Plan, job: TensorJob, raw: list[torch.Tensor], device: torch.device
+) -> list[torch.Tensor]:
+    """Inputs as float32 on ``device``; NaN/Inf is an error naming the tensor unless allowed."""
+    out = []
+    for label, t in zip(plan.labels, raw, strict=True):
+        x = t.to(device=device, dtype=torch.float32)
+        if not plan.recipe.allow_nonfinite and not bool(torch.isfinite(x).all()):
+            raise MergeError(
+                f"tensor '{job.name}' of model '{label}' holds NaN or Inf "
+                "(set allow_nonfinite: true to merge it anyway)"
+            )
+        out.append(x)
+    return out
+
+
+def merge_tensor(
+    plan: Plan,
+    method: Method,
+    job: TensorJob,
+    raw: list[torch.Tensor],
+    stats: dict[str, Any],
+    device: torch.device,
+) -> torch.Tensor:
+    """One output tensor, computed in float32 and cast to the planned dtype."""
+    if job.copy:
+        return raw[0]
+    floats = to_float(plan, job, raw, device)
+    base, inputs = (floats[0], floats[1:]) if plan.has_base else (None, floats)
+    params = resolve_params(plan.recipe, method, job.name, plan.num_layers)
+    ctx = MergeContext(job.name, job.layer, plan.recipe.seed, device, stats)
+    out = method.fn(base, inputs, params, ctx)
+    return out.to(SAFETENSORS_DTYPES[job.dtype]).cpu()
+
+
+def run_unit(
+    plan: Plan,
+    unit: WorkUnit,
+    sources: Sequence[Checkpoint],
+    shard: ShardWriter,
+    stats: dict[str, Any],
+    device: torch.device,
+    progress: Progress | None = None,
+    prefetch: int = 2,
+) -> int:
+    """Merge one shard's tensors in order into ``shard``; returns the input bytes read."""
+    method = get_method(plan.recipe.method)
+    read = 0
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-read") as pool:
+        for job, raw in prefetched(sources, unit.jobs, prefetch, pool):
+            shard.write(job.name, merge_tensor(plan, method, job, raw, stats, device))
+            n = sum(t.numel() * t.element_size() for t in raw)
+            read += n
+            if progress:
+                progress(n, 1)
+    shard.close()
+    return read
+
+
+def gather_stats(
+    plan: Plan,
+    sources: Sequence[Checkpoint],
+    device: torch.device,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the method's whole-model statistics passes (streaming) and return their results."""
+    method = get_method(plan.recipe.method)
+    if method.global_stats is None:
+        return {}
+    collectors = method.global_stats(resolve_params(plan.recipe, method, None, plan.num_layers))
+    jobs = [j for j in plan.jobs if not j.copy]
+    results: dict[str, Any] = {}
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-stats") as pool:
+        for c in collectors:
+            for pass_ in range(c.passes):
+                for job, raw in prefetched(sources, jobs, 2, pool):
+                    floats = to_float(plan, job, raw, device)
+                    base = floats[0] if plan.has_base else torch.zeros_like(floats[0])
+                    c.update(pass_, [x - base for x in floats[1 if plan.has_base else 0 :]])
+                    if progress:
+                        progress(0, 0)
+                c.end_pass(pass_)
+            results[c.key] = c.result()
+    return results

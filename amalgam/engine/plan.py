@@ -1,0 +1,170 @@
+"""The merge plan: every output tensor, its inputs checked, grouped into shards. Reads no tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from amalgam import __version__
+from amalgam.checkpoint import DTYPE_NAMES, Checkpoint
+from amalgam.errors import PlanError
+from amalgam.merge.params import layer_index
+from amalgam.recipe import Recipe
+
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: merged from every input, or copied from the reference model."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    copy: bool
+    layer: int | None
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty(0, dtype=_torch_dtype(self.dtype)).element_size()
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """The tensors of one output shard, in file order."""
+
+    file: str
+    jobs: tuple[TensorJob, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [(j.name, j.dtype, j.shape) for j in self.jobs]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Inputs (base first when there is one), shards, and provenance for the output."""
+
+    recipe: Recipe
+    labels: tuple[str, ...]
+    uris: tuple[str, ...]
+    has_base: bool
+    units: tuple[WorkUnit, ...]
+    num_layers: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def jobs(self) -> list[TensorJob]:
+        return [j for u in self.units for j in u.jobs]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(u.nbytes for u in self.units)
+
+    def index(self) -> dict:
+        """The Hugging Face shard index (written last, only for sharded outputs)."""
+        return {
+            "metadata": {"total_size": self.output_bytes, **self.metadata},
+            "weight_map": {j.name: u.file for u in self.units for j in u.jobs},
+        }
+
+    def describe(self) -> str:
+        lines = [f"method {self.recipe.method}; inputs: {', '.join(self.labels)}"]
+        for u in self.units:
+            lines.append(f"  {u.file}: {len(u.jobs)} tensors, {u.nbytes / 1e6:.1f} MB")
+        return "\n".join(lines)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from amalgam.checkpoint import SAFETENSORS_DTYPES
+
+    return SAFETENSORS_DTYPES[name]
+
+
+def build_plan(
+    recipe: Recipe, inputs: dict[str, Checkpoint], parent_hashes: dict[str, str]
+) -> Plan:
+    """Check every input against the reference (base, else first model); one error lists all.
+
+    ``inputs`` maps labels to open checkpoints, base first under the label ``base``.
+    """
+    labels = list(inputs)
+    ref = inputs[labels[0]]
+    problems: list[str] = []
+    jobs: list[TensorJob] = []
+    out_dtype = DTYPE_NAMES[getattr(torch, recipe.dtype)] if recipe.dtype else None
+    for name, info in ref.tensors.items():
+        copy = not info.is_float
+        for label in labels[1:]:
+            other = inputs[label].tensors.get(name)
+            if other is None:
+                if not copy:
+                    problems.append(
+                        f"model '{label}' ({inputs[label].uri}): missing tensor '{name}'"
+                    )
+            elif other.shape != info.shape:
+                problems.append(
+                    f"tensor '{name}': shape {list(other.shape)} in model '{label}' "
+                    f"({inputs[label].uri}) but {list(info.shape)} in '{labels[0]}'"
+                )
+            elif other.is_float != info.is_float:
+                problems.append(
+                    f"tensor '{name}': dtype {other.dtype} in model '{label}' "
+                    f"but {info.dtype} in '{labels[0]}'"
+                )
+        dtype = info.dtype if copy or out_dtype is None else out_dtype
+        jobs.append(TensorJob(name, info.shape, dtype, copy, layer_index(name)))
+    if problems:
+        shown = problems[:MAX_LISTED]
+        more = len(problems) - len(shown)
+        tail = [f"... and {more} more"] if more else []
+        raise PlanError("inputs do not fit together:\n  " + "\n  ".join(shown + tail))
+    jobs.sort(key=lambda j: j.name)
+    layers = [j.layer for j in jobs if j.layer is not None]
+    num_layers = _num_layers(ref, layers)
+    metadata = {
+        "format": "pt",
+        "amalgam_version": __version__,
+        "recipe_hash": recipe.hash(),
+        "method": recipe.method,
+        "parents": ";".join(f"{k}={v}" for k, v in parent_hashes.items()),
+    }
+    return Plan(
+        recipe,
+        tuple(labels),
+        tuple(c.uri for c in inputs.values()),
+        recipe.base is not None,
+        _shards(jobs, recipe.max_shard_size),
+        num_layers,
+        metadata,
+    )
+
+
+def _num_layers(ref: Checkpoint, layers: list[int]) -> int:
+    configured = (ref.config or {}).get("num_hidden_layers")
+    return int(configured) if configured else (max(layers) + 1 if layers else 1)
+
+
+def _shards(jobs: list[TensorJob], max_bytes: int) -> tuple[WorkUnit, ...]:
+    groups: list[list[TensorJob]] = [[]]
+    size = 0
+    for j in jobs:
+        if groups[-1] and size + j.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(j)
+        size += j.nbytes
+    if len(groups) == 1:
+        return (WorkUnit("model.safetensors", tuple(groups[0])),)
+    n = len(groups)
+    return tuple(
+        WorkUnit(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g))
+        for i, g in enumerate(groups)
+    )

@@ -1,0 +1,97 @@
+"""Ray executor: one task per shard; each worker reads its inputs and writes its shard itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from amalgam import storage
+from amalgam.engine.execute import Progress, open_inputs, pick_device, run_unit
+from amalgam.engine.plan import Plan
+from amalgam.errors import AmalgamError
+from amalgam.writer import ShardWriter
+
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def ensure_ray(home: Path) -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray on loopback (once per process)."""
+    for k, v in LOOPBACK_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    temp = home / "ray"
+    temp.mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=str(temp), log_to_driver=False
+    )
+
+
+def _unit_task(
+    plan: Plan,
+    index: int,
+    staging_uri: str,
+    stats: dict[str, Any],
+    device: str,
+    allow_pickle: bool,
+    storage_options: dict[str, Any],
+) -> int:
+    unit = plan.units[index]
+    sources = open_inputs(plan, allow_pickle, storage_options)
+    fs, folder = storage.resolve(staging_uri, **storage_options)
+    shard = ShardWriter(fs, storage.join(folder, unit.file), unit.entries(), plan.metadata)
+    try:
+        return run_unit(plan, unit, sources, shard, stats, pick_device(device))
+    finally:
+        for s in sources:
+            s.close()
+
+
+def run_units_ray(
+    plan: Plan,
+    staging_uri: str,
+    stats: dict[str, Any],
+    device: str,
+    allow_pickle: bool,
+    storage_options: dict[str, Any],
+    home: Path,
+    progress: Progress | None = None,
+) -> int:
+    """Run every shard as a Ray task; returns input bytes read."""
+    ensure_ray(home)
+    import ray
+
+    gpus = 1 if device in ("cuda", "auto") and _cluster_has_gpu(ray) else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(_unit_task)
+    pending = {
+        task.remote(plan, i, staging_uri, stats, device, allow_pickle, storage_options): i
+        for i in range(len(plan.units))
+    }
+    total = 0
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(done[0])
+        try:
+            n = ray.get(done[0])
+        except ray.exceptions.RayTaskError as exc:
+            for ref in pending:
+                ray.cancel(ref)
+            raise (exc.cause if isinstance(exc.cause, AmalgamError) else exc) from None
+        total += n
+        if progress:
+            progress(n, len(plan.units[i].jobs))
+    return total
+
+
+def _cluster_has_gpu(ray: Any) -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0

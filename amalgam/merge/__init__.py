@@ -1,0 +1,14 @@
+"""Merge methods, one module per family, registered by name."""
+
+from amalgam.merge import (  # noqa: F401  (importing a module registers its methods)
+    breadcrumbs,
+    dare,
+    linear,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+)
+from amalgam.merge.base import REGISTRY, Method, get_method
+
+__all__ = ["REGISTRY", "Method", "get_method"]

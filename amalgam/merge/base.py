@@ -1,0 +1,130 @@
+"""What a merge method declares: its parameters, its input contract and its per-tensor math."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from amalgam.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: default, whether each model may set its own value, and its valid range."""
+
+    name: str
+    default: Any
+    help: str
+    per_model: bool = False
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] | None = None
+    gradient: bool = True  # a list value is interpolated across layer index
+
+    def check(self, value: Any, where: str) -> None:
+        """Raise a RecipeError naming ``where`` unless ``value`` is valid (lists: every entry)."""
+        if isinstance(value, list):
+            if not self.gradient or not value:
+                raise RecipeError(f"{where}: a list value is not allowed for '{self.name}'")
+            for v in value:
+                self.check(v, where)
+            return
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise RecipeError(f"{where}: expected true/false, got {value!r}")
+            return
+        if self.kind is str:
+            if value not in (self.choices or ()):
+                raise RecipeError(
+                    f"{where}: expected one of {list(self.choices or ())}, got {value!r}"
+                )
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{where}: must be finite, got {value!r}")
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            bound = f"({self.low}" if self.low_open else f"[{self.low}"
+            high = "inf)" if self.high is None else f"{self.high}]"
+            raise RecipeError(f"{where}: must be in {bound}, {high}, got {value!r}")
+        if self.high is not None and value > self.high:
+            raise RecipeError(f"{where}: must be <= {self.high}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameter values resolved for one tensor: shared values and one dict per model."""
+
+    shared: dict[str, Any]
+    per_model: tuple[dict[str, Any], ...]
+
+    def each(self, name: str) -> list[Any]:
+        return [p[name] for p in self.per_model]
+
+
+@dataclass
+class MergeContext:
+    """What a method may know about the tensor it merges."""
+
+    name: str
+    layer: int | None = None
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self, model_index: int) -> torch.Generator:
+        """A CPU generator seeded by (recipe seed, tensor name, model index): same bits anywhere."""
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{model_index}".encode()).digest()
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return g
+
+
+MergeFn = Callable[
+    [torch.Tensor | None, list[torch.Tensor], TensorParams, MergeContext], torch.Tensor
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merge method: its math plus the contract the planner validates up front."""
+
+    name: str
+    fn: MergeFn
+    params: tuple[Param, ...]
+    summary: str
+    paper: str
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    # Returns the whole-model statistics this recipe needs before the per-tensor pass, if any.
+    global_stats: Callable[[TensorParams], list[Any]] | None = None
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    from amalgam import merge  # noqa: F401  (imports every method module, filling REGISTRY)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise RecipeError(
+            f"method: unknown merge method {name!r}; known: {', '.join(sorted(REGISTRY))}"
+        ) from None

@@ -1,0 +1,76 @@
+"""Model Breadcrumbs: drop magnitude outliers and small entries of task vectors (arXiv 2312.06795).
+
+Ranking is per tensor by default (mergekit); ``granularity: row`` ranks each row as the
+paper's code does. Unlike mergekit, a tensor too small for one outlier keeps its band.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.merge.sparsify import outlier_band
+from amalgam.merge.task_vectors import (
+    CONSENSUS,
+    LAMBDA,
+    WEIGHT,
+    normalize_param,
+    task_vector_merge,
+)
+
+PARAMS = (
+    WEIGHT,
+    Param(
+        "density",
+        0.15,
+        "fraction kept below the outliers (paper's beta)",
+        per_model=True,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+    ),
+    Param(
+        "gamma",
+        0.006,
+        "fraction of largest-magnitude outliers removed",
+        per_model=True,
+        low=0.0,
+        high=1.0,
+    ),
+    LAMBDA,
+    Param(
+        "granularity",
+        "tensor",
+        "rank whole tensors or each row",
+        kind=str,
+        choices=("tensor", "row"),
+        gradient=False,
+    ),
+)
+
+
+def band(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> torch.Tensor:
+    m = p.per_model[i]
+    return outlier_band(delta, m["density"], m["gamma"], p.shared["granularity"] == "row")
+
+
+register(
+    Method(
+        name="breadcrumbs",
+        fn=partial(task_vector_merge, band, False),
+        params=(*PARAMS, normalize_param(False)),
+        summary="keep the band of task-vector entries below the top-gamma outliers, then sum",
+        paper="arXiv 2312.06795",
+    )
+)
+register(
+    Method(
+        name="breadcrumbs_ties",
+        fn=partial(task_vector_merge, band, True),
+        params=(*PARAMS, normalize_param(True), CONSENSUS),
+        summary="Breadcrumbs band, then TIES sign election and disjoint merge",
+        paper="arXiv 2312.06795",
+    )
+)
