@@ -74,20 +74,36 @@ def check_output(
         raise OutputError(f"{output}: output exists (pass --overwrite to replace it)")
 
 
+def plan_recipe(recipe: Recipe, options: MergeOptions | None = None) -> Plan:
+    """Validate every input against the recipe and return the plan, reading no tensor."""
+    options = options or MergeOptions()
+    inputs = open_recipe_inputs(recipe, options.allow_pickle)
+    try:
+        return _plan(recipe, inputs, options)
+    finally:
+        for c in inputs.values():
+            c.close()
+
+
+def _plan(recipe: Recipe, inputs: dict[str, Checkpoint], options: MergeOptions) -> Plan:
+    output = options.output or recipe.output
+    if not output:
+        raise OutputError("output: no output given (set output: in the recipe or pass --output)")
+    check_output(output, inputs, options.overwrite, recipe.storage_options)
+    hashes = {label: c.content_hash() for label, c in inputs.items()}
+    return build_plan(recipe, inputs, hashes)
+
+
 def run_merge(
     recipe: Recipe, options: MergeOptions | None = None, progress: Progress | None = None
 ) -> MergeResult:
     """Merge ``recipe`` into its output folder; nothing is left at the output on failure."""
     options = options or MergeOptions()
-    output = options.output or recipe.output
-    if not output:
-        raise OutputError("output: no output given (set output: in the recipe or pass --output)")
     start = time.perf_counter()
     inputs = open_recipe_inputs(recipe, options.allow_pickle)
     try:
-        check_output(output, inputs, options.overwrite, recipe.storage_options)
-        hashes = {label: c.content_hash() for label, c in inputs.items()}
-        plan = build_plan(recipe, inputs, hashes)
+        plan = _plan(recipe, inputs, options)
+        output = options.output or recipe.output
         device = pick_device(options.device)
         sources = list(inputs.values())
         stats = gather_stats(plan, sources, device, progress)
@@ -155,4 +171,4 @@ def _copy_side_files(
             writer.copy_in(src.fs, path, name)
 
 
-__all__ = ["MergeOptions", "MergeResult", "run_merge"]
+__all__ = ["MergeOptions", "MergeResult", "plan_recipe", "run_merge"]

@@ -50,12 +50,16 @@ class Param:
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(value):
             raise RecipeError(f"{where}: must be finite, got {value!r}")
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            bound = f"({self.low}" if self.low_open else f"[{self.low}"
-            high = "inf)" if self.high is None else f"{self.high}]"
-            raise RecipeError(f"{where}: must be in {bound}, {high}, got {value!r}")
-        if self.high is not None and value > self.high:
-            raise RecipeError(f"{where}: must be <= {self.high}, got {value!r}")
+        too_low = self.low is not None and (
+            value < self.low or (self.low_open and value == self.low)
+        )
+        if too_low or (self.high is not None and value > self.high):
+            raise RecipeError(f"{where}: must be in {self.range_text()}, got {value!r}")
+
+    def range_text(self) -> str:
+        low = "(-inf" if self.low is None else ("(" if self.low_open else "[") + str(self.low)
+        high = "inf)" if self.high is None else f"{self.high}]"
+        return f"{low}, {high}"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,236 @@
+"""The amalgam command line (typer): inspect, merge, methods, zoo, evaluate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from amalgam.errors import AmalgamError
+
+app = typer.Typer(
+    help="amalgam: streaming, reproducible model merging.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+zoo_app = typer.Typer(help="The benchmark model zoo.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option("--storage-options", help="JSON fsspec storage options (e.g. s3 endpoint/keys)"),
+]
+
+
+def _storage(options: str | None) -> dict[str, Any]:
+    if not options:
+        return {}
+    try:
+        value = json.loads(options)
+    except json.JSONDecodeError as exc:
+        raise AmalgamError(f"--storage-options: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise AmalgamError("--storage-options: expected a JSON object")
+    return value
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+def inspect(
+    uri: Annotated[str, typer.Argument(help="model folder, .safetensors file, adapter, s3://...")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle files")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """List a checkpoint's tensors, size, architecture, shards and content hash."""
+    from amalgam.checkpoint import open_checkpoint
+
+    with open_checkpoint(uri, allow_pickle=allow_pickle, **_storage(storage_options)) as ckpt:
+        config = ckpt.config or {}
+        report = {
+            "uri": ckpt.uri,
+            "kind": ckpt.kind,
+            "architecture": (config.get("architectures") or [config.get("peft_type")])[0],
+            "files": ckpt.files,
+            "parameters": ckpt.num_params,
+            "bytes": ckpt.nbytes,
+            "content_hash": ckpt.content_hash(),
+            "tensors": [
+                {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
+                for t in ckpt.tensors.values()
+            ],
+        }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table("tensor", "shape", "dtype", "bytes", title=report["uri"])
+    for t in report["tensors"]:
+        table.add_row(t["name"], str(t["shape"]), t["dtype"], _human(t["bytes"]))
+    console.print(table)
+    console.print(
+        f"kind {report['kind']}, architecture {report['architecture']}, "
+        f"{report['parameters']:,} parameters, {_human(report['bytes'])} in "
+        f"{len(report['files'])} file(s): {', '.join(report['files'])}\n"
+        f"content hash {report['content_hash']}",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="amalgam recipe or mergekit YAML")],
+    output: Annotated[str | None, typer.Option(help="output folder or URI")] = None,
+    executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle inputs")] = False,
+    plan_only: Annotated[
+        bool, typer.Option("--plan", help="print the plan, merge nothing")
+    ] = False,
+) -> None:
+    """Merge the models of a recipe into a Hugging Face model folder."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    from amalgam.engine import MergeOptions, run_merge
+    from amalgam.recipe import load_recipe
+
+    recipe = load_recipe(config)
+    options = MergeOptions(
+        output=output,
+        executor=executor,
+        device=device,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+    )
+    if plan_only:
+        from amalgam.engine import plan_recipe
+
+        console.print(plan_recipe(recipe, options).describe())
+        return
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        bytes_task = bar.add_task("reading", total=None)
+        tensors = [0]
+
+        def progress(nbytes: int, ntensors: int) -> None:
+            tensors[0] += ntensors
+            bar.update(bytes_task, advance=nbytes, description=f"merged {tensors[0]} tensors")
+
+        result = run_merge(recipe, options, progress)
+    plan = result.plan
+    console.print(
+        f"[bold]merged[/] {len(plan.labels)} inputs with {recipe.method} -> {result.output}\n"
+        f"{len(plan.jobs)} tensors in {len(plan.units)} shard(s), "
+        f"{_human(plan.output_bytes)} written, {_human(result.input_bytes)} read in "
+        f"{result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s), "
+        f"peak RSS {_human(result.peak_rss_bytes)}",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters."""
+    from amalgam.merge import REGISTRY
+
+    table = Table("method", "parameters (default)", "what it does", "paper")
+    for name in sorted(REGISTRY):
+        m = REGISTRY[name]
+        params = ", ".join(f"{p.name}{'*' if p.per_model else ''}={p.default}" for p in m.params)
+        table.add_row(name, params, m.summary, m.paper)
+    console.print(table)
+    console.print("* settable per model; numeric values may be lists (layer gradients)")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out: Annotated[Path | None, typer.Option(help="zoo folder (default .amalgam/zoo)")] = None,
+    profile: Annotated[str, typer.Option(help="full | tiny")] = "full",
+    force: Annotated[bool, typer.Option(help="rebuild even when cached")] = False,
+) -> None:
+    """Build (or reuse) the benchmark zoo: base, experts, LoRA adapters, MoE, tasks."""
+    from amalgam.zoo.build import build_zoo
+
+    zoo = build_zoo(out, profile=profile, force=force, log=lambda m: console.print(m))
+    console.print(f"zoo ready at {zoo.root}")
+    print(zoo.root)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[list[str], typer.Argument(help="model folder(s) to evaluate")],
+    tasks: Annotated[str | None, typer.Option(help="comma-separated task names")] = None,
+    tasks_dir: Annotated[Path | None, typer.Option(help="lm-eval task folder")] = None,
+    limit: Annotated[int | None, typer.Option(help="examples per task")] = None,
+    split: Annotated[str, typer.Option(help="test | validation")] = "test",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Run lm-eval offline on model folders; print per-task accuracy."""
+    from amalgam.evaluate.harness import evaluate_model
+    from amalgam.evaluate.table import render_table
+
+    if tasks_dir is None:
+        from amalgam.zoo.build import build_zoo
+
+        tasks_dir = build_zoo(log=lambda m: None).tasks_dir
+    names = tasks.split(",") if tasks else None
+    rows = {}
+    for m in model:
+        rows[m] = evaluate_model(m, tasks_dir, names, limit=limit, device=device, split=split)
+    task_names = names or sorted({t for r in rows.values() for t in r})
+    console.print(render_table(rows, task_names))
+
+
+def main() -> None:
+    """Entry point: bad input is one 'error:' line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except AmalgamError as exc:
+        first, *rest = str(exc).splitlines()
+        print(
+            "error: " + " ".join([first, "; ".join(r.strip() for r in rest)]).strip(),
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort | KeyboardInterrupt):
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

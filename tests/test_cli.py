@@ -1,0 +1,197 @@
+"""The CLI: inspect and merge work; every bad input is one 'error:' line, exit 2, no output left."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from amalgam.cli import main
+from tests.helpers import family, llama_tensors, recipe_dict, write_model
+
+
+def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["amalgam", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> tuple[Path, list[Path]]:
+    return family(tmp_path / "in")
+
+
+def test_inspect_json(models, monkeypatch, capsys) -> None:
+    base, _ = models
+    code, out, _ = run_cli(["inspect", str(base), "--json"], monkeypatch, capsys)
+    assert code == 0
+    report = json.loads(out)
+    saved = load_file(str(base / "model.safetensors"))
+    assert report["parameters"] == sum(t.numel() for t in saved.values())
+    assert report["architecture"] == "LlamaForCausalLM"
+    assert report["files"] == ["model.safetensors"]
+    assert report["content_hash"].startswith("sha256:")
+    shapes = {t["name"]: t["shape"] for t in report["tensors"]}
+    assert shapes == {k: list(v.shape) for k, v in saved.items()}
+
+
+def test_merge_writes_model_and_summary(models, tmp_path, monkeypatch, capsys) -> None:
+    base, experts = models
+    out = tmp_path / "out"
+    cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "task_arithmetic", out))
+    code, stdout, _ = run_cli(["merge", str(cfg)], monkeypatch, capsys)
+    assert code == 0, stdout
+    assert "GB/s" in stdout and "peak RSS" in stdout
+    merged = load_file(str(out / "model.safetensors"))
+    b = load_file(str(base / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = b[name].float() + sum(
+        load_file(str(e / "model.safetensors"))[name].float() - b[name].float() for e in experts
+    )
+    assert torch.equal(merged[name], expected.to(torch.bfloat16))
+    assert (out / "config.json").exists()
+
+
+def assert_one_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, err)
+
+
+def assert_nothing_left(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
+
+
+def _mutate(expert: Path, fn) -> None:
+    tensors = load_file(str(expert / "model.safetensors"))
+    fn(tensors)
+    save_file(tensors, str(expert / "model.safetensors"))
+
+
+CASES = {
+    "missing tensor": (
+        lambda e: _mutate(e, lambda t: t.pop("model.norm.weight")),
+        {},
+        ["missing tensor 'model.norm.weight'", "expert0"],
+    ),
+    "shape mismatch": (
+        lambda e: _mutate(e, lambda t: t.update({"model.norm.weight": torch.ones(9)})),
+        {},
+        ["model.norm.weight", "[9]", "[8]"],
+    ),
+    "nan input": (
+        lambda e: _mutate(
+            e,
+            lambda t: t["model.layers.1.mlp.up_proj.weight"].view(-1).__setitem__(3, float("nan")),
+        ),
+        {},
+        ["model.layers.1.mlp.up_proj.weight", "expert0", "NaN"],
+    ),
+    "truncated file": (
+        lambda e: (e / "model.safetensors").write_bytes(
+            (e / "model.safetensors").read_bytes()[:-10]
+        ),
+        {},
+        ["expert0/model.safetensors", "truncated or corrupt"],
+    ),
+    "corrupt header": (
+        lambda e: (e / "model.safetensors").write_bytes(
+            (1 << 40).to_bytes(8, "little") + b"{}" * 10
+        ),
+        {},
+        ["expert0/model.safetensors", "corrupt safetensors header"],
+    ),
+    "pickle input": (
+        lambda e: (
+            (e / "model.safetensors").unlink(),
+            torch.save(llama_tensors(0), e / "pytorch_model.bin"),
+        ),
+        {},
+        ["pytorch_model.bin", "--allow-pickle"],
+    ),
+    "unknown method": (lambda e: None, {"method": "frankenmerge"}, ["frankenmerge", "method"]),
+    "density out of range": (
+        lambda e: None,
+        {"method": "ties", "params": {"density": 1.5}},
+        ["params.density", "(0.0, 1.0]"],
+    ),
+    "density zero per model": (
+        lambda e: None,
+        {"method": "dare_ties", "models": "first-density-0"},
+        ["models[0].params.density"],
+    ),
+    "negative weight for linear": (
+        lambda e: None,
+        {"method": "linear", "params": {"weight": -1.0}},
+        ["params.weight", "-1.0"],
+    ),
+    "unknown field": (lambda e: None, {"methd": "ties"}, ["methd"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_leaves_nothing(case, models, tmp_path, monkeypatch, capsys):
+    base, experts = models
+    damage, changes, needles = CASES[case]
+    damage(experts[0])
+    data = recipe_dict(base, experts, "ties", tmp_path / "out")
+    if changes.get("models") == "first-density-0":
+        data["models"][0]["params"] = {"density": 0.0}
+        changes = {k: v for k, v in changes.items() if k != "models"}
+    data.update(changes)
+    cfg = write_recipe(tmp_path / "r.yaml", data)
+    code, _, err = run_cli(["merge", str(cfg)], monkeypatch, capsys)
+    assert_one_error(code, err, *needles)
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_existing_output_needs_overwrite(models, tmp_path, monkeypatch, capsys) -> None:
+    base, experts = models
+    out = write_model(tmp_path / "out", {"x": torch.zeros(1)})
+    before = (out / "model.safetensors").read_bytes()
+    cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "ties", out))
+    code, _, err = run_cli(["merge", str(cfg)], monkeypatch, capsys)
+    assert_one_error(code, err, "output exists", "--overwrite")
+    assert (out / "model.safetensors").read_bytes() == before
+    code, _, _ = run_cli(["merge", str(cfg), "--overwrite"], monkeypatch, capsys)
+    assert code == 0
+    assert set(load_file(str(out / "model.safetensors"))) == set(llama_tensors(0))
+
+
+def test_output_inside_input_is_refused(models, tmp_path, monkeypatch, capsys) -> None:
+    base, experts = models
+    out = base / "merged"
+    cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "ties", out))
+    code, _, err = run_cli(["merge", str(cfg)], monkeypatch, capsys)
+    assert_one_error(code, err, "overlaps input 'base'")
+    assert not out.exists()
+
+
+def test_pickle_allowed_on_request(models, tmp_path, monkeypatch, capsys) -> None:
+    base, experts = models
+    tensors = load_file(str(experts[0] / "model.safetensors"))
+    (experts[0] / "model.safetensors").unlink()
+    torch.save(tensors, experts[0] / "pytorch_model.bin")
+    out = tmp_path / "out"
+    cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "linear", out))
+    code, _, err = run_cli(["merge", str(cfg), "--allow-pickle"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (out / "model.safetensors").exists()
