@@ -56,12 +56,12 @@ def s3_counted(s3: S3Server, s3_proxy: CountingProxy) -> CountedS3:
     return CountedS3(options, s3_proxy)
 
 
-ModelWriter = Callable[..., Path]
+CheckpointWriter = Callable[..., Path]
 
 
 @pytest.fixture
-def write_model() -> ModelWriter:
-    """``write_model(folder, tensors, shards=1, config=None, filename=...)`` -> folder.
+def save_checkpoint() -> CheckpointWriter:
+    """``save_checkpoint(folder, tensors, shards=1, config=None, filename=...)`` -> folder.
 
     One shard writes ``filename`` (default ``model.safetensors``); several shards write
     ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``, tensors dealt

@@ -55,9 +55,9 @@ def tensors() -> dict[str, torch.Tensor]:
 # -- layouts and metadata -----------------------------------------------------------------------
 
 
-def test_model_folder_metadata_and_values(tmp_path, write_model, tensors):
+def test_model_folder_metadata_and_values(tmp_path, save_checkpoint, tensors):
     config = {"model_type": "llama", "hidden_size": 8}
-    folder = write_model(tmp_path / "m", tensors, config=config)
+    folder = save_checkpoint(tmp_path / "m", tensors, config=config)
     with open_checkpoint(str(folder)) as ckpt:
         assert ckpt.kind == "model"
         assert ckpt.files == ["model.safetensors"]
@@ -73,16 +73,16 @@ def test_model_folder_metadata_and_values(tmp_path, write_model, tensors):
         assert ckpt.num_params == sum(t.numel() for t in tensors.values())
 
 
-def test_tensor_reads_are_fresh_copies(tmp_path, write_model, tensors):
-    folder = write_model(tmp_path / "m", tensors)
+def test_tensor_reads_are_fresh_copies(tmp_path, save_checkpoint, tensors):
+    folder = save_checkpoint(tmp_path / "m", tensors)
     with open_checkpoint(str(folder)) as ckpt:
         a = ckpt.tensor("layers.0.attn.q.weight")
         a.zero_()
         assert_bit_exact(ckpt.tensor("layers.0.attn.q.weight"), tensors["layers.0.attn.q.weight"])
 
 
-def test_sharded_folder_with_index(tmp_path, write_model, tensors):
-    folder = write_model(tmp_path / "m", tensors, shards=3, config={"model_type": "x"})
+def test_sharded_folder_with_index(tmp_path, save_checkpoint, tensors):
+    folder = save_checkpoint(tmp_path / "m", tensors, shards=3, config={"model_type": "x"})
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     with open_checkpoint(str(folder)) as ckpt:
         assert ckpt.kind == "model"
@@ -95,13 +95,15 @@ def test_sharded_folder_with_index(tmp_path, write_model, tensors):
         assert ckpt.config == {"model_type": "x"}
 
 
-def test_adapter_folder(tmp_path, write_model):
+def test_adapter_folder(tmp_path, save_checkpoint):
     lora = {
         "base_model.model.q_proj.lora_A.weight": torch.randn(4, 16),
         "base_model.model.q_proj.lora_B.weight": torch.zeros(16, 4),
     }
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
-    folder = write_model(tmp_path / "a", lora, config=config, filename="adapter_model.safetensors")
+    folder = save_checkpoint(
+        tmp_path / "a", lora, config=config, filename="adapter_model.safetensors"
+    )
     with open_checkpoint(str(folder)) as ckpt:
         assert ckpt.kind == "adapter"
         assert ckpt.files == ["adapter_model.safetensors"]
@@ -110,8 +112,8 @@ def test_adapter_folder(tmp_path, write_model):
             assert_bit_exact(ckpt.tensor(name), t)
 
 
-def test_single_file(tmp_path, write_model, tensors):
-    write_model(tmp_path, tensors, filename="weights.safetensors", config={"ignored": True})
+def test_single_file(tmp_path, save_checkpoint, tensors):
+    save_checkpoint(tmp_path, tensors, filename="weights.safetensors", config={"ignored": True})
     with open_checkpoint(str(tmp_path / "weights.safetensors")) as ckpt:
         assert ckpt.kind == "file"
         assert ckpt.files == ["weights.safetensors"]
@@ -129,8 +131,8 @@ def test_safetensors_metadata_is_kept(tmp_path):
         assert ckpt.metadata == {"w.safetensors": {"format": "pt", "origin": "test"}}
 
 
-def test_unknown_tensor_names_it(tmp_path, write_model, tensors):
-    folder = write_model(tmp_path / "m", tensors)
+def test_unknown_tensor_names_it(tmp_path, save_checkpoint, tensors):
+    folder = save_checkpoint(tmp_path / "m", tensors)
     with open_checkpoint(str(folder)) as ckpt, pytest.raises(CheckpointError, match="'nope'"):
         ckpt.tensor("nope")
 
@@ -138,9 +140,9 @@ def test_unknown_tensor_names_it(tmp_path, write_model, tensors):
 # -- content hash -------------------------------------------------------------------------------
 
 
-def test_content_hash_stable_and_sensitive_to_one_byte(tmp_path, write_model, tensors):
-    folder = write_model(tmp_path / "m", tensors, shards=2)
-    copy = write_model(tmp_path / "copy", tensors, shards=2)
+def test_content_hash_stable_and_sensitive_to_one_byte(tmp_path, save_checkpoint, tensors):
+    folder = save_checkpoint(tmp_path / "m", tensors, shards=2)
+    copy = save_checkpoint(tmp_path / "copy", tensors, shards=2)
     first = open_checkpoint(str(folder)).content_hash()
     assert first.startswith("sha256:") and len(first) == len("sha256:") + 64
     assert open_checkpoint(str(folder)).content_hash() == first
@@ -179,8 +181,8 @@ def test_not_a_weights_file(tmp_path):
     assert str(path) in str(err.value)
 
 
-def test_truncated_mid_data(tmp_path, write_model):
-    folder = write_model(tmp_path / "m", {"a": torch.ones(64), "b": torch.ones(64)})
+def test_truncated_mid_data(tmp_path, save_checkpoint):
+    folder = save_checkpoint(tmp_path / "m", {"a": torch.ones(64), "b": torch.ones(64)})
     path = folder / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])  # cuts into the last tensor, "b"
@@ -255,8 +257,8 @@ def test_malformed_tensor_entry(tmp_path, entry):
     assert "'w.weight'" in str(err.value)
 
 
-def test_index_names_missing_shard(tmp_path, write_model, tensors):
-    folder = write_model(tmp_path / "m", tensors, shards=2)
+def test_index_names_missing_shard(tmp_path, save_checkpoint, tensors):
+    folder = save_checkpoint(tmp_path / "m", tensors, shards=2)
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="shard files missing") as err:
         open_checkpoint(str(folder))
@@ -265,11 +267,11 @@ def test_index_names_missing_shard(tmp_path, write_model, tensors):
     assert "model-00002-of-00002.safetensors" in msg
 
 
-def test_same_tensor_in_two_shards(tmp_path, write_model):
+def test_same_tensor_in_two_shards(tmp_path, save_checkpoint):
     from safetensors.torch import save_file
 
     both = {"a": torch.ones(2), "b": torch.ones(2)}
-    folder = write_model(tmp_path / "m", both, shards=2)
+    folder = save_checkpoint(tmp_path / "m", both, shards=2)
     save_file(both, str(folder / "model-00002-of-00002.safetensors"))
     with pytest.raises(CheckpointError, match="also in another shard") as err:
         open_checkpoint(str(folder))

@@ -55,10 +55,10 @@ def sharded_tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def test_sharded_model_on_s3_reads_bit_exact(tmp_path, s3, upload, write_model):
+def test_sharded_model_on_s3_reads_bit_exact(tmp_path, s3, upload, save_checkpoint):
     tensors = sharded_tensors()
     config = {"model_type": "llama", "hidden_size": 32}
-    folder = write_model(tmp_path / "m", tensors, shards=3, config=config)
+    folder = save_checkpoint(tmp_path / "m", tensors, shards=3, config=config)
     uri = upload(folder)
 
     with open_checkpoint(uri, **s3.storage_options()) as ckpt:
@@ -77,9 +77,9 @@ def test_sharded_model_on_s3_reads_bit_exact(tmp_path, s3, upload, write_model):
     assert remote_hash == open_checkpoint(str(folder)).content_hash()  # content, not location
 
 
-def test_content_hash_on_s3_sees_a_rewrite(tmp_path, s3, upload, write_model):
+def test_content_hash_on_s3_sees_a_rewrite(tmp_path, s3, upload, save_checkpoint):
     """Rewriting an object with same-size content within the same second changes the hash."""
-    folder = write_model(tmp_path / "m", {"w": torch.zeros(256)})
+    folder = save_checkpoint(tmp_path / "m", {"w": torch.zeros(256)})
     uri = upload(folder)
     options = s3.storage_options()
     before = open_checkpoint(uri, **options).content_hash()
@@ -97,8 +97,8 @@ def test_missing_s3_checkpoint_names_it(s3, bucket):
     assert uri in str(err.value)
 
 
-def test_index_naming_missing_shard_on_s3(tmp_path, s3, upload, write_model):
-    folder = write_model(tmp_path / "m", sharded_tensors(), shards=2)
+def test_index_naming_missing_shard_on_s3(tmp_path, s3, upload, save_checkpoint):
+    folder = save_checkpoint(tmp_path / "m", sharded_tensors(), shards=2)
     (folder / "model-00001-of-00002.safetensors").unlink()
     uri = upload(folder)
     with pytest.raises(CheckpointError, match="shard files missing") as err:
@@ -108,7 +108,7 @@ def test_index_naming_missing_shard_on_s3(tmp_path, s3, upload, write_model):
 
 
 @pytest.fixture
-def big_model(tmp_path, upload, write_model):
+def big_model(tmp_path, upload, save_checkpoint):
     """One file: a 16 MiB tensor between two small ones. Returns (uri, local file, tensors)."""
     g = torch.Generator().manual_seed(2)
     tensors = {
@@ -116,7 +116,7 @@ def big_model(tmp_path, upload, write_model):
         "b.big": torch.randn(BIG, generator=g),
         "c.small": torch.randn(8, 8, generator=g).to(torch.bfloat16),
     }
-    folder = write_model(tmp_path / "big", tensors, config={"model_type": "x"})
+    folder = save_checkpoint(tmp_path / "big", tensors, config={"model_type": "x"})
     return upload(folder), folder / "model.safetensors", tensors
 
 
@@ -155,8 +155,8 @@ def test_one_small_tensor_over_s3_transfers_only_its_bytes(s3_counted, big_model
 
 
 @pytest.fixture
-def wrong_secret(s3, upload, tmp_path, write_model) -> tuple[str, dict]:
-    uri = upload(write_model(tmp_path / "m", {"w": torch.ones(2)}))
+def wrong_secret(s3, upload, tmp_path, save_checkpoint) -> tuple[str, dict]:
+    uri = upload(save_checkpoint(tmp_path / "m", {"w": torch.ones(2)}))
     return uri, {**s3.storage_options(), "secret": "wrong", "skip_instance_cache": True}
 
 
