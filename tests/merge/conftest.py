@@ -1,0 +1,61 @@
+"""Fixtures for the merge tests: call a registered method through a parsed recipe."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from amalgam.merge.base import MergeContext, get_method
+from amalgam.merge.params import layer_index, resolve_params
+from amalgam.recipe import parse_recipe
+
+Merge = Callable[..., torch.Tensor]
+
+
+@pytest.fixture
+def merge() -> Merge:
+    """``merge(method, base, inputs, params=None, models=None, name="w", ...)`` -> tensor.
+
+    Builds a recipe (``models`` is one params dict per input), validates it, resolves the
+    parameters for tensor ``name`` (so defaults and overrides are exercised), calls the
+    registered method, and checks that no input was changed in place.
+    """
+
+    def run(
+        method: str,
+        base: torch.Tensor | None,
+        inputs: list[torch.Tensor],
+        params: dict[str, Any] | None = None,
+        models: list[dict[str, Any]] | None = None,
+        name: str = "w",
+        seed: int = 0,
+        num_layers: int = 1,
+        overrides: list[dict[str, Any]] | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        models = models or [{} for _ in inputs]
+        assert len(models) == len(inputs), "one params dict per input"
+        recipe = parse_recipe(
+            {
+                "method": method,
+                "base": None if base is None else "base",
+                "models": [{"uri": f"m{i}", "params": m} for i, m in enumerate(models)],
+                "params": params or {},
+                "overrides": overrides or [],
+                "seed": seed,
+            }
+        )
+        spec = get_method(method)
+        p = resolve_params(recipe, spec, name, num_layers)
+        ctx = MergeContext(name=name, layer=layer_index(name), seed=seed, stats=stats or {})
+        before = [x.clone() for x in ([] if base is None else [base]) + inputs]
+        out = spec.fn(base, inputs, p, ctx)
+        after = ([] if base is None else [base]) + inputs
+        for b, a in zip(before, after, strict=True):
+            assert torch.equal(a, b), "the method changed an input in place"
+        return out
+
+    return run
