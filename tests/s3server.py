@@ -166,7 +166,12 @@ def _launch(run_dir: Path, key: str, secret: str) -> S3Server:
         f"-s3.localSocket={run_dir / 's3.sock'}",
         *(f"-{flag}={port}" for flag, port in ports.items()),
     ]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "TMPDIR": str(run_dir),  # its gRPC unix sockets, otherwise left behind in /tmp
+    }
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             cmd,

@@ -14,7 +14,7 @@ from amalgam.errors import CheckpointError
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
-    """Mixed dtypes, awkward float values (NaN with payload, -0.0, inf) and a scalar."""
+    """Mixed dtypes, awkward floats (NaN with payload, -0.0, inf), a scalar, an empty tensor."""
     g = torch.Generator().manual_seed(0)
     special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-40], dtype=torch.float32)
     nan_payload = torch.tensor([0x7FC00123], dtype=torch.int32).view(torch.float32)
@@ -27,6 +27,7 @@ def sample_tensors() -> dict[str, torch.Tensor]:
         "token_type_ids": torch.randint(-100, 100, (3, 5), generator=g, dtype=torch.int32),
         "mask": torch.tensor([[1, 0], [0, 1]], dtype=torch.uint8),
         "scale": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
     }
 
 

@@ -52,6 +52,7 @@ def sharded_tensors() -> dict[str, torch.Tensor]:
         "layers.1.q.weight": torch.randn(32, 32, generator=g).to(torch.float16),
         "position_ids": torch.arange(64, dtype=torch.int64),
         "mask": torch.randint(0, 2, (4, 4), generator=g, dtype=torch.int32),
+        "empty": torch.zeros(0, 4, dtype=torch.bfloat16),
     }
 
 
