@@ -113,7 +113,9 @@ def _tensor_infos(header: dict, file: str, data_start: int, file_size: int) -> l
             raise CheckpointError(f"{file}: tensor '{name}' has a malformed entry") from exc
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {dtype!r}")
-        info = TensorInfo(name, dtype, shape, file, data_start + a, data_start + b)
+        info = TensorInfo(
+            name, dtype, shape, PurePosixPath(file).name, data_start + a, data_start + b
+        )
         expected = info.numel * SAFETENSORS_DTYPES[dtype].itemsize
         if b < a or info.nbytes != expected or info.end > file_size:
             raise CheckpointError(
@@ -327,7 +329,7 @@ _HASH_CACHE: dict[tuple, str] = {}
 def file_hash(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """sha256 of one file, streamed; memoised by (path, size, modification stamp)."""
     info = fs.info(path)
-    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
     key = (fs.protocol, path, info.get("size"), str(stamp))
     if key not in _HASH_CACHE:
         h = hashlib.sha256()
