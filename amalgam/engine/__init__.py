@@ -30,7 +30,7 @@ class MergeOptions(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     overwrite: bool = False
     allow_pickle: bool = False
-    prefetch: int = 2
+    prefetch_bytes: int = 1 << 28
 
 
 @dataclass
@@ -149,7 +149,9 @@ def _execute(
     read = 0
     for unit in plan.units:
         shard = writer.shard(unit.file, unit.entries(), plan.metadata)
-        read += run_unit(plan, unit, sources, shard, stats, device, progress, options.prefetch)
+        read += run_unit(
+            plan, unit, sources, shard, stats, device, progress, options.prefetch_bytes
+        )
     return read
 
 

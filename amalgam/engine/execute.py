@@ -39,19 +39,26 @@ def read_job(sources: Sequence[Checkpoint], job: TensorJob) -> list[torch.Tensor
 
 
 def prefetched(
-    sources: Sequence[Checkpoint], jobs: Sequence[TensorJob], depth: int, pool: ThreadPoolExecutor
+    sources: Sequence[Checkpoint], jobs: Sequence[TensorJob], budget: int, pool: ThreadPoolExecutor
 ) -> Iterator[tuple[TensorJob, list[torch.Tensor]]]:
-    """Yield (job, inputs) while the next ``depth`` jobs are read on ``pool``."""
+    """Yield (job, inputs) while later jobs are read on ``pool``: at least one job ahead,
+    more while their inputs fit in ``budget`` bytes."""
     queue: deque = deque()
+    queued = 0
     it = iter(jobs)
-    for job in it:
-        queue.append((job, pool.submit(read_job, sources, job)))
-        if len(queue) > depth:
-            done, fut = queue.popleft()
-            yield done, fut.result()
-    while queue:
-        done, fut = queue.popleft()
-        yield done, fut.result()
+    upcoming = next(it, None)
+    while upcoming is not None or queue:
+        while upcoming is not None and (not queue or queued + _cost(upcoming, sources) <= budget):
+            queue.append((upcoming, pool.submit(read_job, sources, upcoming)))
+            queued += _cost(upcoming, sources)
+            upcoming = next(it, None)
+        job, fut = queue.popleft()
+        queued -= _cost(job, sources)
+        yield job, fut.result()
+
+
+def _cost(job: TensorJob, sources: Sequence[Checkpoint]) -> int:
+    return sum(s.info(job.name).nbytes for s in (sources[:1] if job.copy else sources))
 
 
 def to_float(
@@ -59,9 +66,15 @@ def to_float(
 ) -> list[torch.Tensor]:
     """Inputs as float32 on ``device``; NaN/Inf is an error naming the tensor unless allowed."""
     out = []
-    for label, t in zip(plan.labels, raw, strict=True):
-        x = t.to(device=device, dtype=torch.float32)
-        if not plan.recipe.allow_nonfinite and not bool(torch.isfinite(x).all()):
+    for i, label in enumerate(plan.labels):
+        x = raw[i].to(device=device, dtype=torch.float32)
+        raw[i] = None  # the float copy replaces the raw bytes as soon as it exists
+        # A non-finite sum is cheap to compute; only then is every entry checked.
+        if (
+            not plan.recipe.allow_nonfinite
+            and not bool(torch.isfinite(x.sum()))
+            and not bool(torch.isfinite(x).all())
+        ):
             raise MergeError(
                 f"tensor '{job.name}' of model '{label}' holds NaN or Inf "
                 "(set allow_nonfinite: true to merge it anyway)"
@@ -97,15 +110,16 @@ def run_unit(
     stats: dict[str, Any],
     device: torch.device,
     progress: Progress | None = None,
-    prefetch: int = 2,
+    prefetch_bytes: int = 1 << 28,
 ) -> int:
     """Merge one shard's tensors in order into ``shard``; returns the input bytes read."""
     method = get_method(plan.recipe.method)
     read = 0
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-read") as pool:
-        for job, raw in prefetched(sources, unit.jobs, prefetch, pool):
-            shard.write(job.name, merge_tensor(plan, method, job, raw, stats, device))
+        for job, raw in prefetched(sources, unit.jobs, prefetch_bytes, pool):
             n = sum(t.numel() * t.element_size() for t in raw)
+            shard.write(job.name, merge_tensor(plan, method, job, raw, stats, device))
+            del raw
             read += n
             if progress:
                 progress(n, 1)
@@ -129,7 +143,7 @@ def gather_stats(
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-stats") as pool:
         for c in collectors:
             for pass_ in range(c.passes):
-                for job, raw in prefetched(sources, jobs, 2, pool):
+                for job, raw in prefetched(sources, jobs, 1 << 28, pool):
                     floats = to_float(plan, job, raw, device)
                     base = floats[0] if plan.has_base else torch.zeros_like(floats[0])
                     c.update(pass_, [x - base for x in floats[1 if plan.has_base else 0 :]])

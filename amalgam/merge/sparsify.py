@@ -1,6 +1,7 @@
 """Sparsifiers for task vectors: magnitude trim, random drop (DARE), outlier band (Breadcrumbs).
 
-Every selection uses a threshold from ``torch.kthvalue`` (linear time), never a sort.
+Every selection is a threshold found in linear time (radix selection, or ``torch.kthvalue``
+per row), never a sort.
 Entries tied with the threshold magnitude are all kept, as in the TIES reference code.
 """
 
@@ -14,10 +15,27 @@ def keep_count(numel: int, density: float) -> int:
     return min(numel, max(1, int(density * numel))) if numel else 0
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of ``values`` (flattened), by linear-time selection."""
-    flat = values.reshape(-1)
-    return flat.kthvalue(flat.numel() - k + 1).values
+def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
+    """The exact k-th largest entry of non-negative ``magnitudes``, by radix selection.
+
+    Non-negative float32 values order like their bit patterns: one histogram of the high
+    16 bits finds the bin holding the answer, a second one of the low 16 bits inside that
+    bin finds the value. Two linear passes, about twice as fast as ``torch.kthvalue``.
+    """
+    bits = magnitudes.float().reshape(-1).view(torch.int32)
+    high = torch.bincount(bits >> 16, minlength=1 << 16)
+    b, above = top_bin(high, k)
+    low = torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16)
+    lo, _ = top_bin(low, k - above)
+    return torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+
+
+def top_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry of a histogram, and the count in higher bins."""
+    from_top = hist.flip(0).cumsum(0)
+    idx = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    above = int(from_top[idx - 1]) if idx > 0 else 0
+    return hist.numel() - 1 - idx, above
 
 
 def trim_magnitude(

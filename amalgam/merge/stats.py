@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from amalgam.merge.sparsify import top_bin
+
 
 class MagnitudeThreshold:
     """Exact k-th largest |delta| over each model's whole task vector, in two streaming passes.
@@ -39,22 +41,14 @@ class MagnitudeThreshold:
         for i, density in enumerate(self.densities):
             total = int(self.high[i].sum())
             k = max(1, int(density * total))
-            b, above = _find(self.high[i], k)
+            b, above = top_bin(self.high[i], k)
             self.bin.append(b)
             self.rank.append(k - above)
 
     def result(self) -> list[float]:
         out = []
         for i in range(len(self.densities)):
-            lo, _ = _find(self.low[i], self.rank[i])
+            lo, _ = top_bin(self.low[i], self.rank[i])
             bits = torch.tensor([(self.bin[i] << 16) | lo], dtype=torch.int32)
             out.append(bits.view(torch.float32).item())
         return out
-
-
-def _find(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest entry, and how many entries lie in higher bins."""
-    from_top = hist.flip(0).cumsum(0)
-    idx = int(torch.searchsorted(from_top, torch.tensor(k)))
-    above = int(from_top[idx - 1]) if idx > 0 else 0
-    return hist.numel() - 1 - idx, above

@@ -39,10 +39,12 @@ def normalize_param(default: bool) -> Param:
     )
 
 
-def elect_sign(weighted: torch.Tensor, consensus: str = "sum") -> torch.Tensor:
-    """Elected sign per entry (+1 or -1) from stacked weighted deltas; a zero vote elects +1."""
-    votes = weighted.sum(0) if consensus == "sum" else weighted.sign().sum(0)
-    return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
+def elect_sign(weighted: list[torch.Tensor], consensus: str = "sum") -> torch.Tensor:
+    """Elected sign per entry (+1 or -1) from weighted deltas; a zero vote elects +1."""
+    votes = torch.zeros_like(weighted[0])
+    for wd in weighted:
+        votes += wd if consensus == "sum" else wd.sign()
+    return torch.where(votes >= 0, 1.0, -1.0).to(votes.dtype)
 
 
 def combine(
@@ -57,20 +59,27 @@ def combine(
 
     With ``consensus`` set, only entries whose sign matches the elected sign count (TIES'
     disjoint merge); exact zeros never count. A divisor below 1e-8 is replaced by 1.
+    Accumulates model by model: a few tensor-sized buffers, whatever the number of models.
     """
-    w = torch.tensor(weights, dtype=deltas[0].dtype, device=deltas[0].device)
-    shape = (-1,) + (1,) * deltas[0].dim()
-    weighted = torch.stack(deltas) * w.view(shape)
+    weighted = [d * w for d, w in zip(deltas, weights, strict=True)]
+    mixed = torch.zeros_like(base)
     if consensus is None:
-        mixed = weighted.sum(0)
-        divisor = w.sum() if normalize else None
+        for wd in weighted:
+            mixed += wd
+        divisor: torch.Tensor | float = sum(weights)
     else:
-        agree = weighted.sign() == elect_sign(weighted, consensus)
-        mixed = (weighted * agree).sum(0)
-        divisor = (w.view(shape) * agree).sum(0) if normalize else None
-    if divisor is not None:
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-        mixed = mixed / divisor
+        elected = elect_sign(weighted, consensus)
+        divisor = torch.zeros_like(base)
+        for wd, w in zip(weighted, weights, strict=True):
+            agree = wd.sign() == elected
+            mixed += wd * agree
+            divisor += agree * w
+    if normalize:
+        if isinstance(divisor, torch.Tensor):
+            divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+            mixed /= divisor
+        elif abs(divisor) >= 1e-8:
+            mixed /= divisor
     return base + lam * mixed
 
 
