@@ -138,13 +138,16 @@ class Checkpoint:
         self._pickled: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self.kind, self.root, self.files = self._layout(allow_pickle)
-        if self._pickled is None:
-            for f in self.files:
-                self._read_header(f)
-        self.config: dict | None = self._json_or_none("config.json") or self._json_or_none(
-            "adapter_config.json"
-        )
+        try:
+            self.kind, self.root, self.files = self._layout(allow_pickle)
+            if self._pickled is None:
+                for f in self.files:
+                    self._read_header(f)
+            self.config: dict | None = self._json_or_none("config.json") or self._json_or_none(
+                "adapter_config.json"
+            )
+        except OSError as exc:  # the store refused (credentials, network, permissions)
+            raise CheckpointError(f"{self.uri}: cannot read ({exc})") from exc
 
     # -- layout -------------------------------------------------------------------------------
     def _layout(self, allow_pickle: bool) -> tuple[str, str, list[str]]:
@@ -272,11 +275,19 @@ class Checkpoint:
             if storage.is_local(self.fs):
                 self._pread(info, buf)
             else:
-                data = self.fs.cat_file(self.file_path(info.file), start=info.start, end=info.end)
+                data = self._cat(info)
                 if len(data) != info.nbytes:
                     raise CheckpointError(f"{self.uri}/{info.file}: short read of '{name}'")
                 buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         return buf.view(info.torch_dtype).reshape(info.shape)
+
+    def _cat(self, info: TensorInfo) -> bytes:
+        try:
+            return self.fs.cat_file(self.file_path(info.file), start=info.start, end=info.end)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.uri}/{info.file}: cannot read '{info.name}' ({exc})"
+            ) from exc
 
     def _pread(self, info: TensorInfo, buf: torch.Tensor) -> None:
         fd = self._fd(info.file)
