@@ -21,7 +21,11 @@ def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
     Non-negative float32 values order like their bit patterns: one histogram of the high
     16 bits finds the bin holding the answer, a second one of the low 16 bits inside that
     bin finds the value. Two linear passes, about twice as fast as ``torch.kthvalue``.
+    Wider dtypes (float64), which float32 would round, use ``torch.kthvalue``.
     """
+    if magnitudes.dtype.itemsize > 4:
+        flat = magnitudes.reshape(-1)
+        return flat.kthvalue(flat.numel() - k + 1).values.item()
     bits = magnitudes.float().reshape(-1).view(torch.int32)
     high = torch.bincount(bits >> 16, minlength=1 << 16)
     b, above = top_bin(high, k)
