@@ -44,14 +44,16 @@ def test_keep_count_is_floor_with_a_floor_of_one():
 def test_kth_largest_matches_full_sort():
     g = torch.Generator().manual_seed(0)
     for values in (
-        torch.randn(37, generator=g),
+        torch.randn(37, generator=g).abs(),
         torch.randint(0, 4, (5, 8), generator=g).float(),  # many duplicates
+        torch.rand(50, generator=g) * torch.pow(2.0, torch.randint(-130, 30, (50,), generator=g)),
         torch.zeros(6),
         torch.tensor(2.5),
+        torch.tensor([0.0, 0.0, 1.0]),
     ):
         v = flat(values)
         for k in range(1, len(v) + 1):
-            assert kth_largest(values, k).item() == kth_largest_by_sort(v, k)
+            assert float(kth_largest(values, k)) == kth_largest_by_sort(v, k)
 
 
 def test_trim_by_hand_with_kept_ties():
@@ -73,6 +75,21 @@ def test_trim_matches_full_sort(shape, density):
         out = trim_magnitude(delta, density)
         assert out.shape == delta.shape
         assert torch.equal(out.double(), as_tensor(trim(flat(delta), density), delta))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_trim_other_float_dtypes_keep_the_top_k(dtype):
+    # |.| = [0.1, 0.05, 0.3]: density 0.67 keeps floor(2.01) = 2 -> 0.3 and 0.1, whatever the
+    # dtype. (A threshold rounded to float32 would lose float64's 0.1: float32(0.1) > 0.1.)
+    delta = torch.tensor([0.1, 0.05, -0.3], dtype=dtype)
+    out = trim_magnitude(delta, 0.67)
+    assert out.dtype == dtype
+    assert torch.equal(out, torch.tensor([0.1, 0.0, -0.3], dtype=dtype))
+    g = torch.Generator().manual_seed(5)
+    for density in (0.1, 0.5):
+        delta = torch.randn(40, generator=g, dtype=torch.float64).to(dtype)
+        expected = as_tensor(trim(flat(delta), density), delta).to(dtype)
+        assert torch.equal(trim_magnitude(delta, density), expected)
 
 
 def test_trim_density_one_is_identity_and_tiny_keeps_one():
