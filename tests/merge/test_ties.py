@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from amalgam.errors import RecipeError
 from amalgam.merge.stats import MagnitudeThreshold
+from amalgam.recipe import parse_recipe
 
 from .naive import as_tensor, disjoint_merge, flat, trim
 
@@ -97,6 +99,19 @@ def test_negative_weight_flips_the_vote(merge):
     assert torch.equal(out, torch.tensor([1.0]))
 
 
+def test_agreeing_weights_summing_to_zero_divide_by_one(merge):
+    # weights [1, -1], deltas [1] and [-1]: weighted [1] and [1], vote 2 elects +, both agree;
+    # divisor 1 + (-1) = 0 < 1e-8 -> 1, so the merge is 0.5 + (1 + 1) / 1 = 2.5 (no inf/NaN).
+    out = merge(
+        "ties",
+        torch.tensor([0.5]),
+        [torch.tensor([1.5]), torch.tensor([-0.5])],
+        params={"density": 1.0},
+        models=[{"weight": 1.0}, {"weight": -1.0}],
+    )
+    assert torch.equal(out, torch.tensor([2.5]))
+
+
 def test_tiny_tensor_keeps_at_least_one_entry(merge):
     # n = 3, density 0.2: floor(0.6) = 0, but keep_count keeps 1 (the largest magnitude).
     # Single model, so the merge is base + trimmed delta: [0, -5, 0].
@@ -173,3 +188,28 @@ def test_model_trim_uses_the_given_thresholds(merge):
     # trimmed: [3, 0, -2.5, 0] and [0, -1, 0.75, 2]; votes [3, -1, -1.75, 2] -> [+, -, -, +]
     # col0: 3/1; col1: -1/1; col2: -2.5/1 (0.75 disagrees); col3: 2/1
     assert torch.equal(out, torch.tensor([3.0, -1.0, -2.5, 2.0]))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="with trim: model the thresholds come from each model's base density; a per-tensor "
+    "density (override or layer gradient) is silently ignored instead of rejected",
+)
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"overrides": [{"match": "mlp", "params": {"density": 0.5}}]},
+        {"overrides": [{"match": "mlp", "models": {"m0": {"density": 0.5}}}]},
+        {"params": {"trim": "model", "density": [0.1, 0.5]}},
+    ],
+)
+def test_model_trim_rejects_per_tensor_density(changes):
+    data = {
+        "method": "ties",
+        "base": "base",
+        "models": [{"uri": "m0"}, {"uri": "m1"}],
+        "params": {"trim": "model"},
+        **changes,
+    }
+    with pytest.raises(RecipeError, match="density"):
+        parse_recipe(data)
