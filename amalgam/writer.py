@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ class ShardWriter:
         metadata: dict[str, str],
     ):
         self.path = path
+        self._fs = fs
         self._pending = list(entries)
         self._fh = fs.open(path, "wb")
         self._fh.write(shard_header(entries, metadata))
@@ -61,6 +63,13 @@ class ShardWriter:
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
         self._fh.write(memoryview(data))
         return data.nbytes
+
+    def discard(self) -> None:
+        """Drop a shard that failed midway (an unfinished upload is cancelled)."""
+        if storage.is_local(self._fs):
+            self._fh.close()  # the staging folder is removed by the checkpoint writer
+        else:
+            self._fh.discard()
 
     def close(self) -> None:
         self._fh.close()
@@ -129,12 +138,20 @@ class CheckpointWriter:
                 self.fs.rm(old, recursive=True)
             return
         if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
+            self._remove(self.path)
         files = sorted(self.fs.ls(self.staging, detail=False), key=lambda f: f.endswith(INDEX_NAME))
         for f in files:
             self.fs.copy(f, storage.join(self.path, PurePosixPath(f).name))
-        self.fs.rm(self.staging, recursive=True)
+        self._remove(self.staging)
 
     def abort(self) -> None:
-        if self.fs.exists(self.staging):
-            self.fs.rm(self.staging, recursive=True)
+        self._remove(self.staging)
+
+    def _remove(self, path: str) -> None:
+        """Delete a folder; on object stores also its folder marker (some stores keep one)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
+        if not storage.is_local(self.fs):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path + "/")
+            self.fs.invalidate_cache(path)

@@ -115,14 +115,18 @@ def run_unit(
     """Merge one shard's tensors in order into ``shard``; returns the input bytes read."""
     method = get_method(plan.recipe.method)
     read = 0
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-read") as pool:
-        for job, raw in prefetched(sources, unit.jobs, prefetch_bytes, pool):
-            n = sum(t.numel() * t.element_size() for t in raw)
-            shard.write(job.name, merge_tensor(plan, method, job, raw, stats, device))
-            del raw
-            read += n
-            if progress:
-                progress(n, 1)
+    try:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-read") as pool:
+            for job, raw in prefetched(sources, unit.jobs, prefetch_bytes, pool):
+                n = sum(t.numel() * t.element_size() for t in raw)
+                shard.write(job.name, merge_tensor(plan, method, job, raw, stats, device))
+                del raw
+                read += n
+                if progress:
+                    progress(n, 1)
+    except BaseException:
+        shard.discard()
+        raise
     shard.close()
     return read
 
