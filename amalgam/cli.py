@@ -204,7 +204,9 @@ def evaluate(
     names = tasks.split(",") if tasks else None
     rows = {}
     for m in model:
-        rows[Path(m).name] = evaluate_model(m, tasks_dir, names, limit=limit, device=device, split=split)
+        rows[Path(m).name] = evaluate_model(
+            m, tasks_dir, names, limit=limit, device=device, split=split
+        )
     task_names = names or sorted({t for r in rows.values() for t in r})
     console.print(render_table(rows, task_names))
 

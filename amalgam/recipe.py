@@ -119,6 +119,8 @@ class Recipe(_Strict):
                 if label not in labels:
                     problems.append(f"overrides[{j}].models.{label}: no model named {label!r}")
                 check(values, f"overrides[{j}].models.{label}", True)
+        if method.check_recipe is not None:
+            problems.extend(method.check_recipe(self))
         if self.files_from not in (None, "base", *labels):
             problems.append(f"files_from: {self.files_from!r} is neither 'base' nor a model name")
         if problems:

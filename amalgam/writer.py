@@ -60,7 +60,7 @@ class ShardWriter:
                 f"{self.path}: expected {want_name} {want_dtype}{list(want_shape)}, "
                 f"got {name} {got_dtype}{list(tensor.shape)}"
             )
-        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._fh.write(memoryview(data))
         return data.nbytes
 

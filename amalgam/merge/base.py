@@ -110,6 +110,8 @@ class Method:
     max_models: int | None = None
     # Returns the whole-model statistics this recipe needs before the per-tensor pass, if any.
     global_stats: Callable[[TensorParams], list[Any]] | None = None
+    # Extra recipe checks beyond each parameter's range: returns problems (field: message).
+    check_recipe: Callable[[Any], list[str]] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -1,7 +1,8 @@
 """Model Breadcrumbs: drop magnitude outliers and small entries of task vectors (arXiv 2312.06795).
 
 Ranking is per tensor by default (mergekit); ``granularity: row`` ranks each row as the
-paper's code does. Unlike mergekit, a tensor too small for one outlier keeps its band.
+paper's code does. Exactly floor(gamma * n) outliers are removed (ties broken by index);
+unlike mergekit, a tensor too small for one outlier keeps its band.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from functools import partial
 import torch
 
 from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
-from amalgam.merge.sparsify import outlier_band
+from amalgam.merge.sparsify import band_mask
 from amalgam.merge.task_vectors import (
     CONSENSUS,
     LAMBDA,
     WEIGHT,
+    Applier,
     normalize_param,
     task_vector_merge,
 )
@@ -51,9 +53,10 @@ PARAMS = (
 )
 
 
-def band(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> torch.Tensor:
+def band(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> Applier:
     m = p.per_model[i]
-    return outlier_band(delta, m["density"], m["gamma"], p.shared["granularity"] == "row")
+    mask = band_mask(delta, m["density"], m["gamma"], p.shared["granularity"] == "row")
+    return lambda chunk, rows: chunk * mask[rows]
 
 
 register(

@@ -7,11 +7,12 @@ from functools import partial
 import torch
 
 from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
-from amalgam.merge.sparsify import drop_random
+from amalgam.merge.sparsify import RandomDrop
 from amalgam.merge.task_vectors import (
     CONSENSUS,
     LAMBDA,
     WEIGHT,
+    Applier,
     normalize_param,
     task_vector_merge,
 )
@@ -35,8 +36,10 @@ RESCALE = Param(
 )
 
 
-def drop(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> torch.Tensor:
-    return drop_random(delta, p.per_model[i]["density"], ctx.generator(i), p.shared["rescale"])
+def drop(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> Applier:
+    dropper = RandomDrop(p.per_model[i]["density"], ctx.generator(i), p.shared["rescale"])
+    dropper.fit(delta)
+    return lambda chunk, rows: dropper.apply(chunk)
 
 
 register(

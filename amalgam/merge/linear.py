@@ -11,12 +11,17 @@ from amalgam.merge.task_vectors import normalize_param
 def linear(
     base: torch.Tensor | None, inputs: list[torch.Tensor], p: TensorParams, ctx: MergeContext
 ) -> torch.Tensor:
-    """sum_i w_i W_i, divided by sum_i w_i when normalizing (uniform soup by default)."""
+    """sum_i w_i W_i, divided by sum_i w_i when normalizing (uniform soup by default); with
+    every weight zero, the plain mean."""
     out = torch.zeros_like(inputs[0])
     for x, w in zip(inputs, p.each("weight"), strict=True):
         out.add_(x, alpha=w)
+    if not p.shared["normalize"]:
+        return out
     total = sum(p.each("weight"))
-    return out / total if p.shared["normalize"] and abs(total) > 1e-8 else out
+    if abs(total) > 1e-8:
+        return out / total
+    return torch.stack(inputs).mean(0)  # all weights zero: the plain mean
 
 
 register(

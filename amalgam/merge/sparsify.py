@@ -56,53 +56,97 @@ def trim_magnitude(
     return delta * (delta.abs() >= threshold)
 
 
+CHUNK_ELEMENTS = 1 << 20
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D view: rows along the last dimension (a 1-D tensor is one row, a scalar 1x1)."""
+    return t.reshape(1, 1) if t.dim() == 0 else t.reshape(-1, t.shape[-1])
+
+
+def row_chunks(rows: int, cols: int) -> list[slice]:
+    """Row blocks of about CHUNK_ELEMENTS entries (at least one row): the unit of elementwise
+    work, small enough to stay in cache. Random masks are drawn block by block in this order."""
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+class RandomDrop:
+    """DARE's drop-and-rescale, applied block by block (``row_chunks``) in order.
+
+    The mask is drawn on the CPU from the generator, block after block, so the bits depend only
+    on (generator seed, tensor shape): the same on every device, executor and run.
+    """
+
+    def __init__(self, density: float, generator: torch.Generator, rescale: str = "exact"):
+        self.density, self.generator, self.rescale = density, generator, rescale
+        self.scale = 1.0 / density if rescale == "exact" else 1.0
+
+    def fit(self, delta_rows: torch.Tensor) -> None:
+        """For ``l1``: the whole tensor's norm ratio, from a dry run of the same mask stream."""
+        if self.rescale != "l1" or self.density >= 1.0:
+            return
+        start = self.generator.get_state()
+        before = after = 0.0
+        for rows in row_chunks(*delta_rows.shape):
+            chunk = delta_rows[rows]
+            before += float(chunk.abs().sum(dtype=torch.float64))
+            after += float((chunk * self._mask(chunk)).abs().sum(dtype=torch.float64))
+        self.generator.set_state(start)
+        self.scale = before / after if before > 1e-7 and after > 1e-7 else 1.0
+
+    def _mask(self, chunk: torch.Tensor) -> torch.Tensor:
+        return (torch.rand(chunk.shape, generator=self.generator) < self.density).to(chunk.device)
+
+    def apply(self, chunk: torch.Tensor) -> torch.Tensor:
+        if self.density >= 1.0:
+            return chunk
+        dropped = chunk * self._mask(chunk)
+        return dropped * self.scale if self.scale != 1.0 else dropped
+
+
 def drop_random(
     delta: torch.Tensor, density: float, generator: torch.Generator, rescale: str = "exact"
 ) -> torch.Tensor:
     """DARE: keep each entry with probability ``density``, then rescale the survivors.
 
     ``exact`` divides by ``density`` (= 1 - p, arXiv 2311.03099); ``l1`` matches the L1 norm
-    of the kept entries to the original (mergekit's rule); ``none`` only drops. The mask is
-    drawn on the CPU from ``generator`` so every device and executor gets the same bits.
+    of the kept entries to the original (mergekit's rule); ``none`` only drops.
     """
-    if density >= 1.0:
-        return delta
-    keep = torch.rand(delta.shape, generator=generator) < density
-    dropped = delta * keep.to(delta.device)
-    if rescale == "exact":
-        return dropped / density
-    if rescale == "l1":
-        before, after = delta.abs().sum(dtype=torch.float64), dropped.abs().sum(dtype=torch.float64)
-        if before > 1e-7 and after > 1e-7:
-            return dropped * (before / after).to(delta.dtype)
-    return dropped
+    rows = as_rows(delta)
+    drop = RandomDrop(density, generator, rescale)
+    drop.fit(rows)
+    return torch.cat([drop.apply(rows[r]) for r in row_chunks(*rows.shape)]).reshape(delta.shape)
+
+
+def band_mask(
+    delta: torch.Tensor, density: float, gamma: float, per_row: bool = False
+) -> torch.Tensor:
+    """Breadcrumbs' mask: drop exactly floor(gamma * n) largest magnitudes, keep the next
+    ``density`` fraction (entries tied with the band's floor are kept). ``per_row`` ranks each
+    row (last dimension) on its own, as the paper's code does; otherwise the whole tensor
+    (mergekit). When floor(gamma * n) is 0, no outlier is removed."""
+    rows = as_rows(delta) if per_row else delta.reshape(1, -1)
+    n = rows.shape[1]
+    mask = torch.ones_like(rows, dtype=torch.bool)
+    if n == 0:
+        return mask.reshape(delta.shape)
+    n_top = int(gamma * n)
+    n_keep = min(keep_count(n, density), n - n_top)
+    mag = rows.abs()
+    if n_top:
+        mask.scatter_(1, mag.topk(n_top, dim=1).indices, False)
+    if n_keep <= 0:
+        mask.zero_()
+    elif n_keep < n - n_top:
+        # Outliers become -1, so the n_keep-th largest remaining magnitude is the floor.
+        low = mag.masked_fill(~mask, -1.0).kthvalue(n - n_keep + 1, dim=1, keepdim=True).values
+        mask &= mag >= low
+    return mask.reshape(delta.shape)
 
 
 def outlier_band(
     delta: torch.Tensor, density: float, gamma: float, per_row: bool = False
 ) -> torch.Tensor:
-    """Breadcrumbs: drop the top ``gamma`` fraction by magnitude, then keep the next ``density``.
-
-    ``per_row`` ranks each row (last dimension) on its own, as the paper's code does; otherwise
-    the whole tensor is ranked (mergekit). When floor(gamma * n) is 0, no outlier is removed.
-    """
-    if delta.numel() == 0:
-        return delta
-    rows = (
-        delta.reshape(-1, delta.shape[-1]) if per_row and delta.dim() > 1 else delta.reshape(1, -1)
-    )
-    n = rows.shape[1]
-    n_top = int(gamma * n)
-    n_keep = min(keep_count(n, density), n - n_top)
-    mag = rows.abs()
-    mask = torch.ones_like(rows, dtype=torch.bool)
-    if n_top:
-        top = mag.kthvalue(n - n_top + 1, dim=1, keepdim=True).values
-        mask &= mag < top
-    if n_keep <= 0:
-        return torch.zeros_like(delta)
-    if n_keep < n - n_top:
-        # Outliers become -1, so the n_keep-th largest remaining magnitude is the floor.
-        low = mag.masked_fill(~mask, -1.0).kthvalue(n - n_keep + 1, dim=1, keepdim=True).values
-        mask &= mag >= low
-    return (rows * mask).reshape(delta.shape)
+    """Breadcrumbs: drop the top ``gamma`` fraction by magnitude, then keep the next ``density``."""
+    return delta * band_mask(delta, density, gamma, per_row)

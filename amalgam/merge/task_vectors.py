@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from amalgam.merge.base import MergeContext, Param, TensorParams
+from amalgam.merge.sparsify import as_rows, row_chunks
 
 WEIGHT = Param("weight", 1.0, "scale of this model's task vector", per_model=True)
 LAMBDA = Param("lambda", 1.0, "global scale of the merged task vector")
@@ -83,7 +84,9 @@ def combine(
     return base + lam * mixed
 
 
-Sparsifier = Callable[[torch.Tensor, int, TensorParams, MergeContext], torch.Tensor]
+Applier = Callable[[torch.Tensor, slice], torch.Tensor]
+# Given one model's whole task vector (as rows), return how to sparsify any block of its rows.
+Sparsifier = Callable[[torch.Tensor, int, TensorParams, MergeContext], Applier]
 
 
 def task_vector_merge(
@@ -94,15 +97,22 @@ def task_vector_merge(
     p: TensorParams,
     ctx: MergeContext,
 ) -> torch.Tensor:
-    """Deltas against ``base``, each sparsified with its model's params, then ``combine``d."""
-    deltas = [x - base for x in inputs]
-    if sparsify is not None:
-        deltas = [sparsify(d, i, p, ctx) for i, d in enumerate(deltas)]
-    return combine(
-        base,
-        deltas,
-        p.each("weight"),
-        p.shared["lambda"],
-        p.shared["normalize"],
-        p.shared["consensus"] if consensus else None,
-    )
+    """Task vectors against ``base``, sparsified per model, then ``combine``d block by block.
+
+    Whole-tensor statistics (thresholds, masks, norms) come first, one model at a time; the
+    elementwise work then runs on cache-sized row blocks, so memory beyond the inputs is about
+    one tensor plus a few blocks, whatever the number of models.
+    """
+    b = as_rows(base)
+    xs = [as_rows(x) for x in inputs]
+    appliers = [sparsify(x - b, i, p, ctx) for i, x in enumerate(xs)] if sparsify else None
+    weights, lam, normalize = p.each("weight"), p.shared["lambda"], p.shared["normalize"]
+    vote = p.shared["consensus"] if consensus else None
+    out = torch.empty_like(b)
+    for rows in row_chunks(*b.shape):
+        block = b[rows]
+        deltas = [x[rows] - block for x in xs]
+        if appliers is not None:
+            deltas = [f(d, rows) for f, d in zip(appliers, deltas, strict=True)]
+        out[rows] = combine(block, deltas, weights, lam, normalize, vote)
+    return out.reshape(base.shape)

@@ -3,23 +3,26 @@
 Trim is per tensor by default (each tensor keeps its top ``density`` entries, as mergekit);
 ``trim: model`` keeps the top ``density`` of each model's whole task vector, as the paper's
 code does, with an exact threshold found by a streaming two-pass radix selection
-(``amalgam.merge.stats``). Ties with the threshold are kept. A zero vote elects +1.
+(``amalgam.merge.stats``); it keeps floor(density * P) entries plus ties (the paper's code
+keeps one more). Ties with the threshold are kept. A zero vote elects +1.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 
 from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
-from amalgam.merge.sparsify import trim_magnitude
+from amalgam.merge.sparsify import keep_count, kth_largest
 from amalgam.merge.stats import MagnitudeThreshold
 from amalgam.merge.task_vectors import (
     CONSENSUS,
     DENSITY,
     LAMBDA,
     WEIGHT,
+    Applier,
     normalize_param,
     task_vector_merge,
 )
@@ -34,14 +37,42 @@ TRIM = Param(
 )
 
 
-def trim(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> torch.Tensor:
+def trim(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> Applier:
+    """Keep entries at or above this model's magnitude threshold (per tensor or whole model)."""
     thresholds = ctx.stats.get(MagnitudeThreshold.key)
-    return trim_magnitude(delta, p.per_model[i]["density"], thresholds and thresholds[i])
+    density = p.per_model[i]["density"]
+    if thresholds is not None:
+        threshold = thresholds[i]
+    elif density >= 1.0 or delta.numel() == 0:
+        return lambda chunk, rows: chunk
+    else:
+        threshold = kth_largest(delta.abs(), keep_count(delta.numel(), density))
+    return lambda chunk, rows: chunk * (chunk.abs() >= threshold)
 
 
 def model_trim_stats(p: TensorParams) -> list[MagnitudeThreshold]:
     """The whole-model magnitude thresholds that ``trim: model`` needs (model-level density)."""
     return [MagnitudeThreshold(p.each("density"))] if p.shared["trim"] == "model" else []
+
+
+def check_model_trim(recipe: Any) -> list[str]:
+    """``trim: model`` takes one density per model: no overrides, no layer gradients."""
+    if recipe.params.get("trim") != "model":
+        return []
+    problems = []
+    places = [("params", recipe.params)] + [
+        (f"models[{i}].params", m.params) for i, m in enumerate(recipe.models)
+    ]
+    for where, values in places:
+        if isinstance(values.get("density"), list):
+            problems.append(f"{where}.density: trim: model takes one density, not a gradient")
+    for j, o in enumerate(recipe.overrides):
+        if "density" in o.params or any("density" in v for v in o.models.values()):
+            problems.append(
+                f"overrides[{j}]: trim: model takes one density per model, "
+                "not a per-tensor override"
+            )
+    return problems
 
 
 register(
@@ -52,5 +83,6 @@ register(
         summary="trim each task vector to its top-density entries, elect a sign, average agreeing",
         paper="arXiv 2306.01708",
         global_stats=model_trim_stats,
+        check_recipe=check_model_trim,
     )
 )

@@ -227,11 +227,6 @@ def test_slerp_gradient_over_configured_layers(tmp_path):
     torch.testing.assert_close(out["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writer.ShardWriter.write views a 0-d tensor as uint8, which torch refuses for "
-    "multi-byte dtypes (RuntimeError); CLIP's logit_scale is such a tensor",
-)
 def test_scalar_tensors_are_merged_and_written(tmp_path):
     # task arithmetic on 0-d tensors: 2 + (3 - 2) + (5 - 2) = 6
     base_uri = write(tmp_path / "base", {"logit_scale": torch.tensor(2.0)})

@@ -78,11 +78,6 @@ def test_zero_weight_drops_a_model(merge):
     assert torch.equal(out, b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MERGE_METHODS.md rule A.6: a zero weight sum falls back to the plain mean; "
-    "linear() returns the unnormalised sum (all zeros) instead",
-)
 def test_all_zero_weights_fall_back_to_plain_mean(merge):
     a, b = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 5.0])
     out = merge("linear", None, [a, b], models=[{"weight": 0.0}, {"weight": 0.0}])

@@ -195,11 +195,6 @@ def test_outlier_band_keeps_ties_at_the_band_floor():
     assert torch.equal(outlier_band(delta, 0.4, 0.2), torch.tensor([0.0, -3.0, 2.0, -2.0, 0.0]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outlier_band removes every entry tied with the outlier threshold (mag < top), so "
-    "more than floor(gamma*n) outliers go; the references remove exactly floor(gamma*n)",
-)
 def test_outlier_band_removes_no_more_than_the_asked_outliers():
     # |.| = [5, 5, 3, 2, 1]: gamma 0.2 asks for floor(1.0) = 1 outlier. Whichever tie rule is
     # used (drop exactly one 5 as the references' topk/argsort do, or keep both tied 5s as the

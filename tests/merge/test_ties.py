@@ -190,11 +190,6 @@ def test_model_trim_uses_the_given_thresholds(merge):
     assert torch.equal(out, torch.tensor([3.0, -1.0, -2.5, 2.0]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with trim: model the thresholds come from each model's base density; a per-tensor "
-    "density (override or layer gradient) is silently ignored instead of rejected",
-)
 @pytest.mark.parametrize(
     "changes",
     [
