@@ -1,0 +1,600 @@
+"""Speed benchmark: amalgam against the read bound and against mergekit 0.1.5, in one run.
+
+Builds synthetic Llama checkpoints (a bf16 base and fine-tune-like experts, cached under
+benchmarks/.work/), measures the warm read bound, runs each method through amalgam and through
+mergekit (installed here in its own venv) from the same mergekit YAML, each merge in a fresh
+process (wall time and peak RSS of that process), and compares the outputs. See README.md.
+
+    python benchmarks/speed.py                     # about 0.5B parameters, base + 3
+    python benchmarks/speed.py --quick --skip-mergekit   # a smoke run, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / ".work"
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "benchmarks" / "README.md"
+MERGEKIT_VERSION = "0.1.5"
+MERGEKIT_PINS = ("torch==2.13.0", f"mergekit=={MERGEKIT_VERSION}")
+GENERATOR_VERSION = 1  # bump when the synthetic checkpoints change
+SHARD_BYTES = 400 * 10**6
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+DETERMINISTIC = ("linear", "task_arithmetic", "ties")
+TARGET_SPEEDUP = {"linear": 10, "task_arithmetic": 10, "ties": 20, "dare_ties": 20}
+TARGET_RSS = 1.5e9
+TABLE_START, TABLE_END = "<!-- speed-table:start -->", "<!-- speed-table:end -->"
+
+
+# -- synthetic checkpoints -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """A Llama-style decoder (GQA, untied head) of roughly a given parameter count."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int = 32000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        out = [("model.embed_tokens.weight", (self.vocab, h))]
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            out += [
+                (p + "input_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)),
+                (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (self.intermediate, h)),
+                (p + "mlp.up_proj.weight", (self.intermediate, h)),
+                (p + "mlp.down_proj.weight", (h, self.intermediate)),
+            ]
+        return [*out, ("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(s) for _, s in self.tensors())
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "torch_dtype": "bfloat16",
+        }
+
+
+def llama_shape(target: float) -> LlamaShape:
+    """Hidden size by scale, then as many layers as bring the count nearest ``target``."""
+    hidden = 512 if target < 2e8 else 1024 if target < 1.5e9 else 2048
+    heads = hidden // 64
+    probe = LlamaShape(hidden, round(2.75 * hidden / 128) * 128, 1, heads, heads // 2)
+    per_layer = probe.params - LlamaShape(hidden, probe.intermediate, 0, heads, heads // 2).params
+    fixed = probe.params - per_layer
+    layers = max(1, round((target - fixed) / per_layer))
+    return LlamaShape(hidden, probe.intermediate, layers, heads, heads // 2)
+
+
+def _seeded(*key: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(_mix(key))
+    return g
+
+
+def _mix(key: tuple[int, ...]) -> int:
+    """A deterministic 63-bit seed from small integers (no dependence on Python's hash)."""
+    x = 0x9E3779B97F4A7C15
+    for k in key:
+        x = ((x ^ (k + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    return x >> 1
+
+
+def build_family(shape: LlamaShape, experts: int, work: Path) -> dict[str, Path]:
+    """base + ``experts`` HF Llama folders (sharded safetensors), cached by their spec.
+
+    Base weights ~ N(0, 0.02) (norm gains ~ 1); each expert adds its own N(0, 1e-3) delta plus
+    a low-rank N(0, ...) direction, so experts agree a little, like fine-tunes of one base.
+    """
+    spec = {"shape": asdict(shape), "experts": experts, "version": GENERATOR_VERSION}
+    root = work / f"llama-{shape.params / 1e6:.0f}M-{experts}x"
+    labels = ["base"] + [f"expert{i + 1}" for i in range(experts)]
+    paths = {label: root / label for label in labels}
+    marker = root / "spec.json"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return paths
+    if root.exists():
+        shutil.rmtree(root)
+    for p in paths.values():
+        p.mkdir(parents=True)
+        (p / "config.json").write_text(json.dumps(shape.config(), indent=2))
+    started = time.perf_counter()
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in labels]
+    size, index, weight_map = 0, 0, {}
+    files: list[str] = []
+
+    def flush() -> None:
+        nonlocal size, index
+        name = f"model-{index + 1:05d}.safetensors"
+        files.append(name)
+        for label, shard in zip(labels, shards, strict=True):
+            save_file(shard, str(paths[label] / name), metadata={"format": "pt"})
+            shard.clear()
+        size, index = 0, index + 1
+
+    for t_index, (name, dims) in enumerate(shape.tensors()):
+        nbytes = math.prod(dims) * 2
+        if size and size + nbytes > SHARD_BYTES:
+            flush()
+        g = _seeded(0, t_index)
+        if len(dims) == 1:
+            base = 1.0 + 0.05 * torch.randn(dims, generator=g)
+        else:
+            base = 0.02 * torch.randn(dims, generator=g)
+        shards[0][name] = base.to(torch.bfloat16)
+        shared = 5e-4 * torch.randn(dims, generator=_seeded(1, t_index))  # common direction
+        for e in range(1, len(labels)):
+            delta = shared + 1e-3 * torch.randn(dims, generator=_seeded(2, e, t_index))
+            shards[e][name] = (base + delta).to(torch.bfloat16)
+            del delta
+        del base, shared
+        weight_map[name] = f"model-{index + 1:05d}.safetensors"
+        size += nbytes
+    flush()
+    n = len(files)
+    for label in labels:
+        renamed = {}
+        for i, old in enumerate(files):
+            new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (paths[label] / old).rename(paths[label] / new)
+            renamed[old] = new
+        index_json = {
+            "metadata": {"total_size": shape.params * 2},
+            "weight_map": {k: renamed[v] for k, v in weight_map.items()},
+        }
+        (paths[label] / "model.safetensors.index.json").write_text(json.dumps(index_json))
+    marker.write_text(json.dumps(spec))
+    print(f"built {len(labels)} checkpoints in {time.perf_counter() - started:.0f}s: {root}")
+    return paths
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def plain_read(folders: list[Path]) -> float:
+    """Seconds to read every weight file once into a reused 16 MiB buffer (cat-style)."""
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    start = time.perf_counter()
+    for folder in folders:
+        for f in weight_files(folder):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(view):
+                    pass
+    return time.perf_counter() - start
+
+
+def amalgam_read(folders: list[Path]) -> tuple[float, int]:
+    """Seconds and bytes to read every tensor once with amalgam's own checkpoint reader."""
+    from amalgam.checkpoint import open_checkpoint
+
+    total = 0
+    start = time.perf_counter()
+    for folder in folders:
+        with open_checkpoint(str(folder)) as ckpt:
+            for name in ckpt.names():
+                total += ckpt.tensor(name).nbytes
+    return time.perf_counter() - start, total
+
+
+@dataclass
+class ReadBound:
+    bytes: int
+    amalgam_s: float
+    plain_s: float
+
+    @property
+    def gb_s(self) -> float:
+        return self.bytes / 1e9 / self.amalgam_s
+
+    def seconds_for(self, nbytes: int) -> float:
+        return self.amalgam_s * nbytes / self.bytes
+
+
+def read_bound(folders: list[Path], repeats: int = 2) -> ReadBound:
+    plain_read(folders)  # warm the page cache
+    plain = min(plain_read(folders) for _ in range(repeats))
+    runs = [amalgam_read(folders) for _ in range(repeats)]
+    return ReadBound(runs[0][1], min(s for s, _ in runs), plain)
+
+
+@dataclass
+class Run:
+    wall_s: float
+    peak_rss: int
+    returncode: int
+    output: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    """Run ``cmd`` in a fresh process; its wall time and its own peak RSS (wait4)."""
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text(errors="replace")
+    info = {}
+    for line in text.splitlines():
+        if line.startswith("AMALGAM_RESULT "):
+            info = json.loads(line.removeprefix("AMALGAM_RESULT "))
+    return Run(wall, usage.ru_maxrss * 1024, proc.returncode, text[-2000:], info)
+
+
+AMALGAM_CHILD = """
+import json, sys, time
+start = time.perf_counter()
+from amalgam.engine import MergeOptions, run_merge
+from amalgam.recipe import load_recipe
+recipe = load_recipe(sys.argv[1])
+imported = time.perf_counter() - start
+result = run_merge(recipe, MergeOptions(output=sys.argv[2], overwrite=True, device="cpu"))
+print("AMALGAM_RESULT " + json.dumps({"merge_s": result.seconds, "input_bytes": result.input_bytes,
+      "startup_s": imported}))
+"""
+
+
+def run_amalgam(cfg: Path, out: Path, log: Path) -> Run:
+    shutil.rmtree(out, ignore_errors=True)
+    return run_child([sys.executable, "-c", AMALGAM_CHILD, str(cfg), str(out)], log)
+
+
+def ensure_mergekit(work: Path) -> Path:
+    """A venv with mergekit 0.1.5 and the project's torch pin; returns mergekit-yaml."""
+    venv = work / "mergekit-venv"
+    exe = venv / "bin" / "mergekit-yaml"
+    pip = venv / "bin" / "pip"
+    if exe.exists():
+        shown = subprocess.run([str(pip), "show", "mergekit"], capture_output=True, text=True)
+        if f"Version: {MERGEKIT_VERSION}" in shown.stdout:
+            return exe
+    print(f"installing {' '.join(MERGEKIT_PINS)} into {venv} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(pip), "install", "--quiet", *MERGEKIT_PINS], check=True)
+    subprocess.run([str(pip), "check"], check=True)
+    return exe
+
+
+def run_mergekit(exe: Path, cfg: Path, out: Path, log: Path) -> Run:
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [str(exe), str(cfg), str(out), "--lazy-unpickle", "--no-write-model-card", "--quiet"]
+    return run_child(cmd, log, env)
+
+
+# -- configs and output comparison -----------------------------------------------------------
+
+
+def mergekit_config(method: str, paths: dict[str, Path], compute_dtype: str) -> dict[str, Any]:
+    """The one mergekit YAML both tools run (amalgam through amalgam.mergekit_compat)."""
+    experts = [str(p) for label, p in paths.items() if label != "base"]
+    cfg: dict[str, Any] = {"merge_method": method}
+    if method == "linear":
+        cfg["models"] = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
+    else:
+        cfg["base_model"] = str(paths["base"])
+        params = {"weight": 0.5} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.2}
+        cfg["models"] = [{"model": e, "parameters": dict(params)} for e in experts]
+    cfg["dtype"] = compute_dtype  # mergekit's compute dtype; amalgam always computes in float32
+    cfg["out_dtype"] = "bfloat16"
+    return cfg
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 ulp at |x| (the spacing of bf16 numbers there; subnormal spacing at 0)."""
+    _, exp = torch.frexp(x.abs().float())
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), (exp - 8).clamp(min=-133))
+
+
+def _tensors(folder: Path):
+    for f in weight_files(folder):
+        with safe_open(str(f), "pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, fh.get_tensor(name)
+
+
+def compare(a_dir: Path, b_dir: Path) -> dict[str, Any]:
+    """max |a - b| and the fraction of elements more than one bf16 ulp apart."""
+    b = dict(_tensors(b_dir))
+    worst, over, total, missing = 0.0, 0, 0, []
+    for name, x in _tensors(a_dir):
+        y = b.pop(name, None)
+        if y is None:
+            missing.append(name)
+            continue
+        x, y = x.float(), y.float()
+        diff = (x - y).abs()
+        worst = max(worst, diff.max().item())
+        over += int((diff > _bf16_ulp(torch.maximum(x.abs(), y.abs()))).sum())
+        total += x.numel()
+    return {
+        "max_abs_diff": worst,
+        "frac_over_1ulp": over / max(total, 1),
+        "elements": total,
+        "only_in_amalgam": missing,
+        "only_in_mergekit": sorted(b),
+    }
+
+
+def delta_stats(out: Path, base: Path) -> dict[str, float]:
+    """How far a merge moved from the base: mean |out - base|, and the fraction that moved."""
+    ref = dict(_tensors(base))
+    moved, total, abs_sum = 0, 0, 0.0
+    for name, x in _tensors(out):
+        d = x.float() - ref[name].float()
+        moved += int((d != 0).sum())
+        abs_sum += d.abs().sum().item()
+        total += d.numel()
+    return {"mean_abs_delta": abs_sum / total, "frac_moved": moved / total}
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rb = result["read_bound"]
+    lines = [
+        f"Synthetic Llama, {result['params'] / 1e6:.0f}M parameters, bf16, base + "
+        f"{result['experts']} ({result['shape']['layers']} layers, hidden "
+        f"{result['shape']['hidden']}); {result['machine']}; amalgam "
+        f"{result['amalgam']['commit']}{' + local changes' if result['amalgam']['dirty'] else ''}.",
+        "",
+        f"Read bound (warm page cache, all {result['models']} checkpoints, "
+        f"{rb['bytes'] / 1e9:.2f} GB): amalgam reader {rb['amalgam_s']:.2f} s "
+        f"({rb['gb_s']:.2f} GB/s); plain file reads {rb['plain_s']:.2f} s "
+        f"({rb['bytes'] / 1e9 / rb['plain_s']:.2f} GB/s).",
+        "",
+        "| method | amalgam wall s | in-engine s | GB/s | × read bound | peak RSS GB "
+        "| mergekit wall s | mergekit peak RSS GB | speedup | max abs diff | frac > 1 ulp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        cmp_ = row.get("compare") or {}
+        lines.append(
+            f"| {row['method']} | {row['amalgam_wall_s']:.2f} | {fmt(row.get('merge_s'), '.2f')} "
+            f"| {row['gb_s']:.2f} | {row['x_read_bound']:.1f} | {row['amalgam_rss'] / 1e9:.2f} "
+            f"| {fmt(row.get('mergekit_wall_s'), '.1f')} "
+            f"| {fmt((row.get('mergekit_rss') or 0) / 1e9 or None, '.2f')} "
+            f"| {fmt(row.get('speedup'), '.1f')} "
+            f"| {fmt(cmp_.get('max_abs_diff'), '.3g')} | {fmt(cmp_.get('frac_over_1ulp'), '.2e')} |"
+        )
+    lines += ["", "Targets:"]
+    lines += [f"- {t}" for t in result["targets"]]
+    for row in result["rows"]:
+        if "dare_stats" in row:
+            s = row["dare_stats"]
+            lines.append(
+                f"- dare_ties (random masks differ, so no equality): mean |out - base| "
+                f"amalgam {s['amalgam']['mean_abs_delta']:.3e} vs mergekit "
+                f"{s['mergekit']['mean_abs_delta']:.3e}; fraction moved from base "
+                f"{s['amalgam']['frac_moved']:.3f} vs {s['mergekit']['frac_moved']:.3f}"
+            )
+    lines += [
+        "",
+        "wall s: the whole process (start-up and imports included), as a user sees it; "
+        "in-engine s: amalgam's run_merge alone. GB/s: input bytes / wall s. × read bound: "
+        "wall s / the amalgam reader's time for the same bytes. speedup: mergekit wall s / "
+        "amalgam wall s. max abs diff and frac > 1 ulp: amalgam's output against "
+        f"mergekit's (mergekit computing in {result['mergekit_dtype']}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for row in rows:
+        m = row["method"]
+        rss_ok = row["amalgam_rss"] <= TARGET_RSS
+        line = f"{m}: peak RSS {row['amalgam_rss'] / 1e9:.2f} GB {'<=' if rss_ok else '>'} 1.5 GB"
+        if row.get("speedup") is not None:
+            ok = row["speedup"] >= TARGET_SPEEDUP[m]
+            line += f"; speedup {row['speedup']:.1f}x {'>=' if ok else '<'} {TARGET_SPEEDUP[m]}x"
+        cmp_ = row.get("compare")
+        if cmp_ is not None:
+            ok = cmp_["frac_over_1ulp"] == 0
+            line += f"; outputs {'within' if ok else 'NOT within'} one bf16 ulp of mergekit's"
+        out.append(line)
+    return out
+
+
+def update_readme(table: str) -> None:
+    text = README.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        return
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    README.write_text(f"{head}{TABLE_START}\n{table}{TABLE_END}{tail}")
+
+
+def source_state() -> dict[str, Any]:
+    """The amalgam commit measured, and any uncommitted changes to its package."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty": git("status", "--short", "amalgam").splitlines(),
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}"
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=float, default=0.5e9, help="parameters per model")
+    ap.add_argument("--experts", type=int, default=3, help="fine-tuned models besides the base")
+    ap.add_argument("--quick", action="store_true", help="a ~50M-parameter smoke run")
+    ap.add_argument("--skip-mergekit", action="store_true", help="amalgam and read bound only")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument(
+        "--mergekit-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="mergekit's compute dtype (float32: the same math as amalgam)",
+    )
+    ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--update-readme", action="store_true", help="put the table in README.md")
+    args = ap.parse_args(argv)
+    params = 5e7 if args.quick else args.params
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    mk_exe = None if args.skip_mergekit else ensure_mergekit(args.work)
+    shape = llama_shape(params)
+    paths = build_family(shape, args.experts, args.work)
+    runs = args.work / "runs"
+    runs.mkdir(exist_ok=True)
+
+    rb = read_bound(list(paths.values()))
+    print(
+        f"read bound: {rb.bytes / 1e9:.2f} GB in {rb.amalgam_s:.2f}s ({rb.gb_s:.2f} GB/s); "
+        f"plain {rb.plain_s:.2f}s",
+        flush=True,
+    )
+
+    rows = []
+    for method in methods:
+        cfg = mergekit_config(method, paths, args.mergekit_dtype)
+        cfg_path = runs / f"{method}.yml"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        am_out = runs / f"{method}-amalgam"
+        am = run_amalgam(cfg_path, am_out, runs / f"{method}-amalgam.log")
+        if am.returncode:
+            raise SystemExit(f"amalgam {method} failed:\n{am.output}")
+        nbytes = am.info["input_bytes"]
+        row: dict[str, Any] = {
+            "method": method,
+            "amalgam_wall_s": am.wall_s,
+            "merge_s": am.info.get("merge_s"),
+            "startup_s": am.info.get("startup_s"),
+            "input_bytes": nbytes,
+            "gb_s": nbytes / 1e9 / am.wall_s,
+            "x_read_bound": am.wall_s / rb.seconds_for(nbytes),
+            "amalgam_rss": am.peak_rss,
+        }
+        print(f"{method}: amalgam {am.wall_s:.2f}s, {am.peak_rss / 1e9:.2f} GB", flush=True)
+        if mk_exe is not None:
+            mk_out = runs / f"{method}-mergekit"
+            mk = run_mergekit(mk_exe, cfg_path, mk_out, runs / f"{method}-mergekit.log")
+            if mk.returncode:
+                raise SystemExit(f"mergekit {method} failed:\n{mk.output}")
+            row |= {
+                "mergekit_wall_s": mk.wall_s,
+                "mergekit_rss": mk.peak_rss,
+                "speedup": mk.wall_s / am.wall_s,
+            }
+            print(f"{method}: mergekit {mk.wall_s:.2f}s, {mk.peak_rss / 1e9:.2f} GB", flush=True)
+            if method in DETERMINISTIC:
+                row["compare"] = compare(am_out, mk_out)
+            else:
+                row["dare_stats"] = {
+                    "amalgam": delta_stats(am_out, paths["base"]),
+                    "mergekit": delta_stats(mk_out, paths["base"]),
+                }
+            shutil.rmtree(mk_out, ignore_errors=True)
+        shutil.rmtree(am_out, ignore_errors=True)
+        rows.append(row)
+
+    result = {
+        "params": shape.params,
+        "shape": asdict(shape),
+        "experts": args.experts,
+        "models": len(paths),
+        "machine": machine(),
+        "amalgam": source_state(),
+        "mergekit": None if mk_exe is None else MERGEKIT_VERSION,
+        "mergekit_dtype": args.mergekit_dtype,
+        "read_bound": {**asdict(rb), "gb_s": rb.gb_s},
+        "rows": rows,
+    }
+    result["targets"] = targets(rows)
+    table = markdown(result)
+    stem = "speed-quick" if args.quick else "speed"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(table)
+    if args.update_readme:
+        update_readme(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
