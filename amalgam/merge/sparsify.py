@@ -37,7 +37,9 @@ def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
 def top_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest entry of a histogram, and the count in higher bins."""
     from_top = hist.flip(0).cumsum(0)
-    idx = int(torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype)))
+    idx = int(
+        torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype, device=hist.device))
+    )
     above = int(from_top[idx - 1]) if idx > 0 else 0
     return hist.numel() - 1 - idx, above
 
@@ -119,13 +121,21 @@ def drop_random(
     return torch.cat([drop.apply(rows[r]) for r in row_chunks(*rows.shape)]).reshape(delta.shape)
 
 
+def kth_largest_rows(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of each row, as a [rows, 1] column (radix selection for one row)."""
+    if magnitudes.shape[0] == 1:
+        return magnitudes.new_full((1, 1), kth_largest(magnitudes, k))
+    return magnitudes.kthvalue(magnitudes.shape[1] - k + 1, dim=1, keepdim=True).values
+
+
 def band_mask(
     delta: torch.Tensor, density: float, gamma: float, per_row: bool = False
 ) -> torch.Tensor:
-    """Breadcrumbs' mask: drop exactly floor(gamma * n) largest magnitudes, keep the next
-    ``density`` fraction (entries tied with the band's floor are kept). ``per_row`` ranks each
-    row (last dimension) on its own, as the paper's code does; otherwise the whole tensor
-    (mergekit). When floor(gamma * n) is 0, no outlier is removed."""
+    """Breadcrumbs' mask: drop exactly floor(gamma * n) largest magnitudes (ties broken by lower
+    index first, the same on every device), keep the next ``density`` fraction (entries tied
+    with the band's floor are kept). ``per_row`` ranks each row (last dimension) on its own, as
+    the paper's code does; otherwise the whole tensor (mergekit). When floor(gamma * n) is 0,
+    no outlier is removed."""
     rows = as_rows(delta) if per_row else delta.reshape(1, -1)
     n = rows.shape[1]
     mask = torch.ones_like(rows, dtype=torch.bool)
@@ -135,13 +145,16 @@ def band_mask(
     n_keep = min(keep_count(n, density), n - n_top)
     mag = rows.abs()
     if n_top:
-        mask.scatter_(1, mag.topk(n_top, dim=1).indices, False)
+        top = kth_largest_rows(mag, n_top)
+        mask = mag < top
+        tied = mag == top
+        missing = n_top - (mag > top).sum(1, keepdim=True)  # tied entries still to remove
+        mask |= tied & (torch.cumsum(tied, 1, dtype=torch.int32) > missing)
     if n_keep <= 0:
         mask.zero_()
     elif n_keep < n - n_top:
-        # Outliers become -1, so the n_keep-th largest remaining magnitude is the floor.
-        low = mag.masked_fill(~mask, -1.0).kthvalue(n - n_keep + 1, dim=1, keepdim=True).values
-        mask &= mag >= low
+        # The kept band's floor: the (n_top + n_keep)-th largest magnitude overall.
+        mask &= mag >= kth_largest_rows(mag, n_top + n_keep)
     return mask.reshape(delta.shape)
 
 

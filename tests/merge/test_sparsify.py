@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from amalgam.merge.sparsify import (
+    band_mask,
     drop_random,
     keep_count,
     kth_largest,
@@ -227,3 +228,14 @@ def test_outlier_band_edge_shapes():
     # 1-D row-wise is the whole vector
     v = torch.tensor([3.0, -1.0, 2.0, 0.5])
     assert torch.equal(outlier_band(v, 0.5, 0.25, per_row=True), outlier_band(v, 0.5, 0.25))
+
+
+def test_outlier_band_breaks_ties_at_the_outlier_threshold_by_index():
+    # n = 10, gamma = 0.2 -> remove exactly 2 outliers; three entries tie at |5|: the
+    # strictly larger 9 goes first, then the lower-indexed of the tied ones (index 1).
+    delta = torch.tensor([0.0, 5.0, -5.0, 1.0, 9.0, 5.0, 2.0, 3.0, 4.0, 0.5])
+    mask = band_mask(delta, 1.0, 0.2)
+    assert mask.tolist() == [True, False, True, True, False, True, True, True, True, True]
+    # per row (n = 5): one outlier each, |9| in row 0 and |5| in row 1
+    rows = band_mask(delta.reshape(2, 5), 1.0, 0.2, per_row=True)
+    assert rows.tolist() == [[True, True, True, True, False], [False, True, True, True, True]]
