@@ -195,3 +195,30 @@ def test_pickle_allowed_on_request(models, tmp_path, monkeypatch, capsys) -> Non
     code, _, err = run_cli(["merge", str(cfg), "--allow-pickle"], monkeypatch, capsys)
     assert code == 0, err
     assert (out / "model.safetensors").exists()
+
+
+def test_plan_error_lists_every_problem(models, tmp_path, monkeypatch, capsys) -> None:
+    base, experts = models
+    _mutate(experts[0], lambda t: t.pop("model.norm.weight"))
+    _mutate(experts[2], lambda t: t.update({"model.embed_tokens.weight": torch.zeros(3, 8)}))
+    cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "ties", tmp_path / "out"))
+    code, _, err = run_cli(["merge", str(cfg)], monkeypatch, capsys)
+    assert_one_error(
+        code,
+        err,
+        "model 'expert0'",
+        "missing tensor 'model.norm.weight'",
+        "model.embed_tokens.weight",
+        "'expert2'",
+    )
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_plan_only_writes_nothing(models, tmp_path, monkeypatch, capsys) -> None:
+    base, experts = models
+    out = tmp_path / "out"
+    cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "ties", out))
+    code, stdout, _ = run_cli(["merge", str(cfg), "--plan"], monkeypatch, capsys)
+    assert code == 0
+    assert "model.safetensors: 9 tensors" in stdout
+    assert not out.exists()

@@ -75,22 +75,25 @@ def check_output(
 
 
 def plan_recipe(recipe: Recipe, options: MergeOptions | None = None) -> Plan:
-    """Validate every input against the recipe and return the plan, reading no tensor."""
+    """Validate every input against the recipe and return the plan, reading no tensor (and
+    hashing no parent: the plan's metadata then names no parent hashes)."""
     options = options or MergeOptions()
     inputs = open_recipe_inputs(recipe, options.allow_pickle)
     try:
-        return _plan(recipe, inputs, options)
+        return _plan(recipe, inputs, options, hash_parents=False)
     finally:
         for c in inputs.values():
             c.close()
 
 
-def _plan(recipe: Recipe, inputs: dict[str, Checkpoint], options: MergeOptions) -> Plan:
+def _plan(
+    recipe: Recipe, inputs: dict[str, Checkpoint], options: MergeOptions, hash_parents: bool = True
+) -> Plan:
     output = options.output or recipe.output
     if not output:
         raise OutputError("output: no output given (set output: in the recipe or pass --output)")
     check_output(output, inputs, options.overwrite, recipe.storage_options)
-    hashes = {label: c.content_hash() for label, c in inputs.items()}
+    hashes = {label: c.content_hash() for label, c in inputs.items()} if hash_parents else {}
     return build_plan(recipe, inputs, hashes)
 
 
