@@ -312,7 +312,7 @@ class Checkpoint:
         return [f for f in SIDE_FILES if self.fs.exists(storage.join(self.root, f))]
 
     def content_hash(self) -> str:
-        """sha256 over each weight file's name and sha256, in file order (cached per session)."""
+        """sha256 over each weight file's name and sha256, in file order (cached on disk)."""
         return file_set_hash(self.fs, self.root, self.files)
 
     def close(self) -> None:
@@ -334,21 +334,28 @@ class Checkpoint:
         raise TypeError("Checkpoint is not picklable: pass its URI to workers instead")
 
 
-_HASH_CACHE: dict[tuple, str] = {}
-
-
 def file_hash(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """sha256 of one file, streamed; memoised by (path, size, modification stamp)."""
-    info = fs.info(path)
-    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
-    key = (fs.protocol, path, info.get("size"), str(stamp))
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with fs.open(path, "rb") as fh:
-            while chunk := fh.read(16 << 20):
-                h.update(chunk)
-        _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
+    """sha256 of one file, streamed once and then cached on disk under ``$AMALGAM_HOME/hashes``
+    by (store, path, size, modification stamp: inode and mtime in ns locally, ETag remotely)."""
+    if storage.is_local(fs):
+        st = os.stat(path)
+        stamp = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+    else:
+        info = fs.info(path)
+        stamp = f"{info.get('ETag') or info.get('LastModified') or ''}:{info.get('size')}"
+    key = hashlib.sha256(f"{fs.protocol}\0{path}\0{stamp}".encode()).hexdigest()
+    cached = storage.amalgam_home() / "hashes" / key
+    if cached.is_file():
+        return cached.read_text()
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(16 << 20):
+            h.update(chunk)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(h.hexdigest())
+    tmp.replace(cached)  # atomic: concurrent writers agree on the content
+    return h.hexdigest()
 
 
 def file_set_hash(fs: fsspec.AbstractFileSystem, root: str, files: list[str]) -> str:

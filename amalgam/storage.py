@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -41,3 +43,8 @@ def is_inside(
         return False
     a, b = a.rstrip("/"), b.rstrip("/")
     return a == b or a.startswith(b + "/")
+
+
+def amalgam_home() -> Path:
+    """Where amalgam keeps local state (caches, Ray's files): ``$AMALGAM_HOME``, else ./.amalgam."""
+    return Path(os.environ.get("AMALGAM_HOME", ".amalgam")).resolve()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -44,10 +42,6 @@ class MergeResult:
     @property
     def gb_per_s(self) -> float:
         return self.input_bytes / 1e9 / max(self.seconds, 1e-9)
-
-
-def amalgam_home() -> Path:
-    return Path(os.environ.get("AMALGAM_HOME", ".amalgam")).resolve()
 
 
 def open_recipe_inputs(recipe: Recipe, allow_pickle: bool) -> dict[str, Checkpoint]:
@@ -146,7 +140,7 @@ def _execute(
             options.device,
             options.allow_pickle,
             plan.recipe.storage_options,
-            amalgam_home(),
+            storage.amalgam_home(),
             progress,
         )
     read = 0
