@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from amalgam import storage
@@ -29,6 +31,8 @@ class MergeOptions(BaseModel):
     overwrite: bool = False
     allow_pickle: bool = False
     prefetch_bytes: int = 1 << 28
+    # Compute threads; default: all cores but one, which is left to reads and writes.
+    threads: int | None = None
 
 
 @dataclass
@@ -97,6 +101,8 @@ def run_merge(
     """Merge ``recipe`` into its output folder; nothing is left at the output on failure."""
     options = options or MergeOptions()
     start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 2) - 1))
     inputs = open_recipe_inputs(recipe, options.allow_pickle)
     try:
         plan = _plan(recipe, inputs, options)
@@ -115,6 +121,7 @@ def run_merge(
             writer.abort()
             raise
     finally:
+        torch.set_num_threads(threads_before)
         for c in inputs.values():
             c.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -27,9 +27,9 @@ def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
         flat = magnitudes.reshape(-1)
         return flat.kthvalue(flat.numel() - k + 1).values.item()
     bits = magnitudes.float().reshape(-1).view(torch.int32)
-    high = torch.bincount(bits >> 16, minlength=1 << 16)
-    b, above = top_bin(high, k)
-    low = torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16)
+    high_bits = bits >> 16
+    b, above = top_bin(torch.bincount(high_bits, minlength=1 << 16), k)
+    low = torch.bincount(bits[high_bits == b] & 0xFFFF, minlength=1 << 16)
     lo, _ = top_bin(low, k - above)
     return torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
 

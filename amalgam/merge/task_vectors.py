@@ -62,13 +62,13 @@ def combine(
     disjoint merge); exact zeros never count. A divisor below 1e-8 is replaced by 1.
     Accumulates model by model: a few tensor-sized buffers, whatever the number of models.
     """
-    weighted = [d * w for d, w in zip(deltas, weights, strict=True)]
     mixed = torch.zeros_like(base)
     if consensus is None:
-        for wd in weighted:
-            mixed += wd
+        for d, w in zip(deltas, weights, strict=True):
+            mixed.add_(d, alpha=w)
         divisor: torch.Tensor | float = sum(weights)
     else:
+        weighted = [d * w for d, w in zip(deltas, weights, strict=True)]
         elected = elect_sign(weighted, consensus)
         divisor = torch.zeros_like(base)
         for wd, w in zip(weighted, weights, strict=True):
@@ -81,7 +81,7 @@ def combine(
             mixed /= divisor
         elif abs(divisor) >= 1e-8:
             mixed /= divisor
-    return base + lam * mixed
+    return torch.add(base, mixed, alpha=lam)
 
 
 Applier = Callable[[torch.Tensor, slice], torch.Tensor]
