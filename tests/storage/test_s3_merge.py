@@ -89,3 +89,22 @@ def test_failed_s3_merge_leaves_nothing(s3, remote_family, tmp_path) -> None:
     fs = s3.filesystem()
     assert not fs.exists(out_uri)
     assert not [p for p in fs.ls(bucket) if ".partial-" in p or p.endswith("never")]
+
+
+def test_cli_inspect_over_s3(s3, remote_family, monkeypatch, capsys) -> None:
+    import json
+    import sys
+
+    from amalgam.cli import main
+
+    base_uri, _, base_dir = remote_family
+    options = json.dumps(s3.storage_options())
+    monkeypatch.setattr(
+        sys, "argv", ["amalgam", "inspect", base_uri, "--json", "--storage-options", options]
+    )
+    main()
+    report = json.loads(capsys.readouterr().out)
+    local = open_checkpoint(str(base_dir))
+    assert report["uri"] == base_uri
+    assert report["parameters"] == local.num_params
+    assert report["content_hash"] == local.content_hash()
