@@ -33,13 +33,22 @@ def open_inputs(
     return [open_checkpoint(u, allow_pickle=allow_pickle, **storage_options) for u in plan.uris]
 
 
-def read_job(sources: Sequence[Checkpoint], job: TensorJob) -> list[torch.Tensor]:
-    """The job's input tensors: the reference's alone for a copy, else every input's."""
-    return [sources[0].tensor(job.name)] if job.copy else [s.tensor(job.name) for s in sources]
+def read_job(plan: Plan, sources: Sequence[Checkpoint], job: TensorJob) -> list[torch.Tensor]:
+    """The job's input tensors: the reference's alone for a copy, else every input's, checked
+    finite (on the reading thread, so the check overlaps the merge of the previous tensor)."""
+    if job.copy:
+        return [sources[0].tensor(job.name)]
+    raw = [s.tensor(job.name) for s in sources]
+    check_finite(plan, job, raw)
+    return raw
 
 
 def prefetched(
-    sources: Sequence[Checkpoint], jobs: Sequence[TensorJob], budget: int, pool: ThreadPoolExecutor
+    plan: Plan,
+    sources: Sequence[Checkpoint],
+    jobs: Sequence[TensorJob],
+    budget: int,
+    pool: ThreadPoolExecutor,
 ) -> Iterator[tuple[TensorJob, list[torch.Tensor]]]:
     """Yield (job, inputs) while later jobs are read on ``pool``: at least one job ahead,
     more while their inputs fit in ``budget`` bytes."""
@@ -49,7 +58,7 @@ def prefetched(
     upcoming = next(it, None)
     while upcoming is not None or queue:
         while upcoming is not None and (not queue or queued + _cost(upcoming, sources) <= budget):
-            queue.append((upcoming, pool.submit(read_job, sources, upcoming)))
+            queue.append((upcoming, pool.submit(read_job, plan, sources, upcoming)))
             queued += _cost(upcoming, sources)
             upcoming = next(it, None)
         job, fut = queue.popleft()
@@ -61,26 +70,21 @@ def _cost(job: TensorJob, sources: Sequence[Checkpoint]) -> int:
     return sum(s.info(job.name).nbytes for s in (sources[:1] if job.copy else sources))
 
 
-def to_float(
-    plan: Plan, job: TensorJob, raw: list[torch.Tensor], device: torch.device
-) -> list[torch.Tensor]:
-    """Inputs as float32 on ``device``; NaN/Inf is an error naming the tensor unless allowed."""
-    out = []
-    for i, label in enumerate(plan.labels):
-        x = raw[i].to(device=device, dtype=torch.float32)
-        raw[i] = None  # the float copy replaces the raw bytes as soon as it exists
-        # A non-finite sum is cheap to compute; only then is every entry checked.
-        if (
-            not plan.recipe.allow_nonfinite
-            and not bool(torch.isfinite(x.sum()))
-            and not bool(torch.isfinite(x).all())
+def check_finite(plan: Plan, job: TensorJob, raw: list[torch.Tensor]) -> None:
+    """NaN/Inf in an input is an error naming the tensor and model, unless the recipe allows it.
+
+    A finite float32 sum proves the tensor finite; only otherwise is every entry checked.
+    """
+    if plan.recipe.allow_nonfinite:
+        return
+    for label, x in zip(plan.labels, raw, strict=True):
+        if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and not bool(
+            torch.isfinite(x).all()
         ):
             raise MergeError(
                 f"tensor '{job.name}' of model '{label}' holds NaN or Inf "
                 "(set allow_nonfinite: true to merge it anyway)"
             )
-        out.append(x)
-    return out
 
 
 def merge_tensor(
@@ -91,11 +95,12 @@ def merge_tensor(
     stats: dict[str, Any],
     device: torch.device,
 ) -> torch.Tensor:
-    """One output tensor, computed in float32 and cast to the planned dtype."""
+    """One output tensor: inputs in their stored dtype on ``device``, math in float32 inside the
+    method, result cast to the planned dtype."""
     if job.copy:
         return raw[0]
-    floats = to_float(plan, job, raw, device)
-    base, inputs = (floats[0], floats[1:]) if plan.has_base else (None, floats)
+    tensors = [t.to(device) for t in raw]
+    base, inputs = (tensors[0], tensors[1:]) if plan.has_base else (None, tensors)
     params = resolve_params(plan.recipe, method, job.name, plan.num_layers)
     ctx = MergeContext(job.name, job.layer, plan.recipe.seed, device, stats)
     out = method.fn(base, inputs, params, ctx)
@@ -116,14 +121,23 @@ def run_unit(
     method = get_method(plan.recipe.method)
     read = 0
     try:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-read") as pool:
-            for job, raw in prefetched(sources, unit.jobs, prefetch_bytes, pool):
+        with (
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-read") as pool,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="amalgam-write") as writer,
+        ):
+            writes: deque = deque()  # at most two merged tensors wait for the disk
+            for job, raw in prefetched(plan, sources, unit.jobs, prefetch_bytes, pool):
                 n = sum(t.numel() * t.element_size() for t in raw)
-                shard.write(job.name, merge_tensor(plan, method, job, raw, stats, device))
+                out = merge_tensor(plan, method, job, raw, stats, device)
                 del raw
+                writes.append(writer.submit(shard.write, job.name, out))
+                if len(writes) > 2:
+                    writes.popleft().result()
                 read += n
                 if progress:
                     progress(n, 1)
+            while writes:
+                writes.popleft().result()
     except BaseException:
         shard.discard()
         raise
@@ -147,8 +161,8 @@ def gather_stats(
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-stats") as pool:
         for c in collectors:
             for pass_ in range(c.passes):
-                for job, raw in prefetched(sources, jobs, 1 << 28, pool):
-                    floats = to_float(plan, job, raw, device)
+                for _job, raw in prefetched(plan, sources, jobs, 1 << 28, pool):
+                    floats = [t.to(device, torch.float32) for t in raw]
                     base = floats[0] if plan.has_base else torch.zeros_like(floats[0])
                     c.update(pass_, [x - base for x in floats[1 if plan.has_base else 0 :]])
                     if progress:

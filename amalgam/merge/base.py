@@ -91,6 +91,8 @@ class MergeContext:
         return g
 
 
+# (base, inputs, params, ctx) -> merged tensor. Tensors arrive in their stored dtype (bf16, fp16,
+# fp32) on the merge device and must not be modified; methods compute in float32.
 MergeFn = Callable[
     [torch.Tensor | None, list[torch.Tensor], TensorParams, MergeContext], torch.Tensor
 ]

@@ -7,6 +7,7 @@ unlike mergekit, a tensor too small for one outlier keeps its band.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -53,9 +54,9 @@ PARAMS = (
 )
 
 
-def band(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> Applier:
+def band(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeContext) -> Applier:
     m = p.per_model[i]
-    mask = band_mask(delta, m["density"], m["gamma"], p.shared["granularity"] == "row")
+    mask = band_mask(delta(), m["density"], m["gamma"], p.shared["granularity"] == "row")
     return lambda chunk, rows: chunk * mask[rows]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -36,9 +37,10 @@ RESCALE = Param(
 )
 
 
-def drop(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> Applier:
+def drop(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeContext) -> Applier:
     dropper = RandomDrop(p.per_model[i]["density"], ctx.generator(i), p.shared["rescale"])
-    dropper.fit(delta)
+    if dropper.needs_fit:
+        dropper.fit(delta())
     return lambda chunk, rows: dropper.apply(chunk)
 
 

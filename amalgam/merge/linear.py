@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.merge.sparsify import as_rows, row_chunks
 from amalgam.merge.task_vectors import normalize_param
 
 
@@ -12,16 +13,20 @@ def linear(
     base: torch.Tensor | None, inputs: list[torch.Tensor], p: TensorParams, ctx: MergeContext
 ) -> torch.Tensor:
     """sum_i w_i W_i, divided by sum_i w_i when normalizing (uniform soup by default); with
-    every weight zero, the plain mean."""
-    out = torch.zeros_like(inputs[0])
-    for x, w in zip(inputs, p.each("weight"), strict=True):
-        out.add_(x, alpha=w)
-    if not p.shared["normalize"]:
-        return out
-    total = sum(p.each("weight"))
-    if abs(total) > 1e-8:
-        return out / total
-    return torch.stack(inputs).mean(0)  # all weights zero: the plain mean
+    every weight zero, the plain mean. Accumulates in float32, block by block."""
+    weights = p.each("weight")
+    total = sum(weights)
+    if p.shared["normalize"] and abs(total) <= 1e-8:
+        weights, total = [1.0] * len(inputs), float(len(inputs))  # all zero: the plain mean
+    scale = 1.0 / total if p.shared["normalize"] else 1.0
+    xs = [as_rows(x) for x in inputs]
+    out = torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
+    for rows in row_chunks(*out.shape):
+        block = out[rows]
+        block.zero_()
+        for x, w in zip(xs, weights, strict=True):
+            block.add_(x[rows], alpha=w * scale)
+    return out.reshape(inputs[0].shape)
 
 
 register(

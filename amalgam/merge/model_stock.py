@@ -30,6 +30,7 @@ def stock_ratio(deltas: torch.Tensor) -> torch.Tensor:
 def model_stock(
     base: torch.Tensor, inputs: list[torch.Tensor], p: TensorParams, ctx: MergeContext
 ) -> torch.Tensor:
+    base, inputs = base.float(), [x.float() for x in inputs]
     rows = base.shape[0] if p.shared["filter_wise"] and base.dim() > 1 else 1
     deltas = torch.stack([x - base for x in inputs]).reshape(len(inputs), rows, -1)
     t = stock_ratio(deltas).to(base.dtype)

@@ -34,7 +34,7 @@ def slerp(
     base: torch.Tensor | None, inputs: list[torch.Tensor], p: TensorParams, ctx: MergeContext
 ) -> torch.Tensor:
     a, b = (base, inputs[0]) if base is not None else (inputs[0], inputs[1])
-    return slerp_pair(p.shared["t"], a, b)
+    return slerp_pair(p.shared["t"], a.float(), b.float())
 
 
 register(

@@ -58,7 +58,7 @@ def trim_magnitude(
     return delta * (delta.abs() >= threshold)
 
 
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -84,9 +84,13 @@ class RandomDrop:
         self.density, self.generator, self.rescale = density, generator, rescale
         self.scale = 1.0 / density if rescale == "exact" else 1.0
 
+    @property
+    def needs_fit(self) -> bool:
+        return self.rescale == "l1" and self.density < 1.0
+
     def fit(self, delta_rows: torch.Tensor) -> None:
         """For ``l1``: the whole tensor's norm ratio, from a dry run of the same mask stream."""
-        if self.rescale != "l1" or self.density >= 1.0:
+        if not self.needs_fit:
             return
         start = self.generator.get_state()
         before = after = 0.0

@@ -7,6 +7,7 @@ sign-consensus variants): each method only chooses how task vectors are sparsifi
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 
@@ -85,8 +86,13 @@ def combine(
 
 
 Applier = Callable[[torch.Tensor, slice], torch.Tensor]
-# Given one model's whole task vector (as rows), return how to sparsify any block of its rows.
-Sparsifier = Callable[[torch.Tensor, int, TensorParams, MergeContext], Applier]
+# Given a way to compute one model's whole float32 task vector (as rows; only sparsifiers that
+# need whole-tensor statistics call it), return how to sparsify any block of its rows.
+Sparsifier = Callable[[Callable[[], torch.Tensor], int, TensorParams, MergeContext], Applier]
+
+
+def _task_vector(x: torch.Tensor, base32: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    return lambda: torch.sub(x, base32())
 
 
 def task_vector_merge(
@@ -100,18 +106,22 @@ def task_vector_merge(
     """Task vectors against ``base``, sparsified per model, then ``combine``d block by block.
 
     Whole-tensor statistics (thresholds, masks, norms) come first, one model at a time; the
-    elementwise work then runs on cache-sized row blocks, so memory beyond the inputs is about
-    one tensor plus a few blocks, whatever the number of models.
+    elementwise work then runs in float32 on cache-sized row blocks, so memory beyond the inputs
+    (kept in their stored dtype) is about two float32 tensors, whatever the number of models.
     """
     b = as_rows(base)
     xs = [as_rows(x) for x in inputs]
-    appliers = [sparsify(x - b, i, p, ctx) for i, x in enumerate(xs)] if sparsify else None
+    appliers = None
+    if sparsify is not None:
+        base32 = cache(b.float)  # converted once, and only if a sparsifier needs it
+        appliers = [sparsify(_task_vector(x, base32), i, p, ctx) for i, x in enumerate(xs)]
+        base32.cache_clear()
     weights, lam, normalize = p.each("weight"), p.shared["lambda"], p.shared["normalize"]
     vote = p.shared["consensus"] if consensus else None
-    out = torch.empty_like(b)
+    out = torch.empty(b.shape, dtype=torch.float32, device=b.device)
     for rows in row_chunks(*b.shape):
-        block = b[rows]
-        deltas = [x[rows] - block for x in xs]
+        block = b[rows].float()
+        deltas = [torch.sub(x[rows], block) for x in xs]
         if appliers is not None:
             deltas = [f(d, rows) for f, d in zip(appliers, deltas, strict=True)]
         out[rows] = combine(block, deltas, weights, lam, normalize, vote)

@@ -9,6 +9,7 @@ keeps one more). Ties with the threshold are kept. A zero vote elects +1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -37,16 +38,17 @@ TRIM = Param(
 )
 
 
-def trim(delta: torch.Tensor, i: int, p: TensorParams, ctx: MergeContext) -> Applier:
+def trim(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeContext) -> Applier:
     """Keep entries at or above this model's magnitude threshold (per tensor or whole model)."""
     thresholds = ctx.stats.get(MagnitudeThreshold.key)
     density = p.per_model[i]["density"]
     if thresholds is not None:
         threshold = thresholds[i]
-    elif density >= 1.0 or delta.numel() == 0:
-        return lambda chunk, rows: chunk
     else:
-        threshold = kth_largest(delta.abs(), keep_count(delta.numel(), density))
+        magnitudes = delta().abs()
+        if density >= 1.0 or magnitudes.numel() == 0:
+            return lambda chunk, rows: chunk
+        threshold = kth_largest(magnitudes, keep_count(magnitudes.numel(), density))
     return lambda chunk, rows: chunk * (chunk.abs() >= threshold)
 
 
