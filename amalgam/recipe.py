@@ -91,6 +91,10 @@ class Recipe(_Strict):
         if method.name == "slerp" and (n == 2) == (self.base is not None):
             problems.append("models: slerp takes a base and one model, or two models and no base")
         labels = [m.label for m in self.models]
+        if self.base is not None and "base" in labels:
+            problems.append(
+                "models: a model is named 'base', which names the base model; give it another name"
+            )
         for dup in sorted({x for x in labels if labels.count(x) > 1}):
             problems.append(f"models: two models are named {dup!r}; give them distinct names")
 
