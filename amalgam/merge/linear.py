@@ -18,14 +18,15 @@ def linear(
     total = sum(weights)
     if p.shared["normalize"] and abs(total) <= 1e-8:
         weights, total = [1.0] * len(inputs), float(len(inputs))  # all zero: the plain mean
-    scale = 1.0 / total if p.shared["normalize"] else 1.0
     xs = [as_rows(x) for x in inputs]
     out = torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
     for rows in row_chunks(*out.shape):
         block = out[rows]
         block.zero_()
         for x, w in zip(xs, weights, strict=True):
-            block.add_(x[rows], alpha=w * scale)
+            block.add_(x[rows], alpha=w)
+        if p.shared["normalize"]:
+            block /= total
     return out.reshape(inputs[0].shape)
 
 

@@ -6,6 +6,7 @@ sign-consensus variants): each method only chooses how task vectors are sparsifi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import cache
 
@@ -41,12 +42,30 @@ def normalize_param(default: bool) -> Param:
     )
 
 
-def elect_sign(weighted: list[torch.Tensor], consensus: str = "sum") -> torch.Tensor:
-    """Elected sign per entry (+1 or -1) from weighted deltas; a zero vote elects +1."""
-    votes = torch.zeros_like(weighted[0])
-    for wd in weighted:
-        votes += wd if consensus == "sum" else wd.sign()
-    return torch.where(votes >= 0, 1.0, -1.0).to(votes.dtype)
+# Comparisons and torch.where run several times slower than arithmetic on CPU (bool tensors
+# take a slow path), so masks here are float 0/1 indicators built from sign() and clamp().
+
+
+def positive(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where x > 0, else 0.0 (a new tensor)."""
+    return x.sign().clamp_(min=0)
+
+
+def at_least(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1.0 where x >= threshold, else 0.0 (exact: x - threshold is 0 only when they are equal)."""
+    return (x - threshold).sign_().add_(1).clamp_(max=1)
+
+
+def elect_sign(deltas: list[torch.Tensor], weights: list[float], consensus: str) -> torch.Tensor:
+    """Elected sign per entry (+1 or -1) of the weighted deltas w_i d_i, by summed mass
+    (``sum``) or by count of signs (``count``); a zero vote elects +1."""
+    votes = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights, strict=True):
+        if consensus == "sum":
+            votes.add_(d, alpha=w)
+        else:
+            votes.add_(d.sign(), alpha=math.copysign(1.0, w) if w else 0.0)
+    return votes.sign_().add_(0.5).sign_()
 
 
 def combine(
@@ -59,9 +78,9 @@ def combine(
 ) -> torch.Tensor:
     """base + lam * (sum_i w_i d_i [agreeing with the elected sign]) / (sum of those w_i).
 
-    With ``consensus`` set, only entries whose sign matches the elected sign count (TIES'
-    disjoint merge); exact zeros never count. A divisor below 1e-8 is replaced by 1.
-    Accumulates model by model: a few tensor-sized buffers, whatever the number of models.
+    With ``consensus`` set, only entries whose weighted delta has the elected sign count
+    (TIES' disjoint merge); exact zeros never count. A divisor below 1e-8 is replaced by 1.
+    Accumulates model by model in place: a few block-sized buffers, whatever the model count.
     """
     mixed = torch.zeros_like(base)
     if consensus is None:
@@ -69,16 +88,23 @@ def combine(
             mixed.add_(d, alpha=w)
         divisor: torch.Tensor | float = sum(weights)
     else:
-        weighted = [d * w for d, w in zip(deltas, weights, strict=True)]
-        elected = elect_sign(weighted, consensus)
+        elected = elect_sign(deltas, weights, consensus)
         divisor = torch.zeros_like(base)
-        for wd, w in zip(weighted, weights, strict=True):
-            agree = wd.sign() == elected
-            mixed += wd * agree
-            divisor += agree * w
+        for d, w in zip(deltas, weights, strict=True):
+            if w == 0:
+                continue  # w * d is zero everywhere: it never agrees
+            agree = positive(d * elected if w > 0 else d * elected.neg())  # sign(w d) == elected
+            mixed.addcmul_(d, agree, value=w)
+            divisor.add_(agree, alpha=w)
     if normalize:
         if isinstance(divisor, torch.Tensor):
-            divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+            nonzero = [w for w in weights if w != 0]
+            if nonzero and min(nonzero) >= 1e-8:
+                # positive weights: a divisor is 0 (then mixed is 0 too) or at least min weight
+                divisor.clamp_(min=min(nonzero))
+            else:
+                small = positive(1e-8 - divisor.abs())
+                divisor.addcmul_(small, 1 - divisor)  # exactly 1 where |divisor| < 1e-8
             mixed /= divisor
         elif abs(divisor) >= 1e-8:
             mixed /= divisor

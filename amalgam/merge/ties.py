@@ -24,6 +24,7 @@ from amalgam.merge.task_vectors import (
     LAMBDA,
     WEIGHT,
     Applier,
+    at_least,
     normalize_param,
     task_vector_merge,
 )
@@ -49,7 +50,7 @@ def trim(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeC
         if density >= 1.0 or magnitudes.numel() == 0:
             return lambda chunk, rows: chunk
         threshold = kth_largest(magnitudes, keep_count(magnitudes.numel(), density))
-    return lambda chunk, rows: chunk * (chunk.abs() >= threshold)
+    return lambda chunk, rows: chunk * at_least(chunk.abs(), threshold)
 
 
 def model_trim_stats(p: TensorParams) -> list[MagnitudeThreshold]:
