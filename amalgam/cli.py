@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -194,6 +195,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Run lm-eval offline on model folders; print per-task accuracy."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request progress bars
     from amalgam.evaluate.harness import evaluate_model
     from amalgam.evaluate.table import render_table
 
@@ -208,7 +210,7 @@ def evaluate(
             m, tasks_dir, names, limit=limit, device=device, split=split
         )
     task_names = names or sorted({t for r in rows.values() for t in r})
-    console.print(render_table(rows, task_names))
+    Console(width=max(console.width, 120)).print(render_table(rows, task_names))
 
 
 def main() -> None:

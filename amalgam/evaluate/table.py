@@ -29,9 +29,11 @@ def render_table(rows: dict[str, dict[str, float]], tasks: list[str]) -> Table:
     from rich.table import Table
 
     table = Table(title="accuracy (%)")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
+    head = tasks[0].partition("_")[0] + "_" if tasks else ""
+    shared = len(tasks) > 1 and all(t.startswith(head) for t in tasks)  # e.g. "zoo_"
     for column in (*tasks, AVERAGE):
-        table.add_column(column, justify="right")
+        table.add_column(column.removeprefix(head) if shared else column, justify="right")
     for cells in table_cells(rows, tasks):
         table.add_row(*cells)
     return table
