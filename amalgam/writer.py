@@ -70,6 +70,7 @@ class ShardWriter:
             self._fh.close()  # the staging folder is removed by the checkpoint writer
         else:
             self._fh.discard()
+            self._fh.closed = True  # fsspec would otherwise try to flush it when collected
 
     def close(self) -> None:
         self._fh.close()
