@@ -7,6 +7,8 @@ Entries tied with the threshold magnitude are all kept, as in the TIES reference
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 
@@ -88,6 +90,7 @@ class RandomDrop:
         self.density, self.generator, self.rescale = density, generator, rescale
         self.cutoff = max(1, round(density * LANE))
         self.scale = LANE / self.cutoff if rescale == "exact" else 1.0
+        self._fitted: deque[torch.Tensor] = deque()  # masks drawn by fit, replayed by apply
 
     @property
     def needs_fit(self) -> bool:
@@ -97,27 +100,31 @@ class RandomDrop:
         """For ``l1``: the whole tensor's norm ratio, from a dry run of the same mask stream."""
         if not self.needs_fit:
             return
-        start = self.generator.get_state()
         before = after = 0.0
         for rows in row_chunks(*delta_rows.shape):
             chunk = delta_rows[rows]
+            mask = self._mask(chunk)
+            self._fitted.append(mask)
             before += float(chunk.abs().sum(dtype=torch.float64))
-            after += float((chunk * self._mask(chunk)).abs().sum(dtype=torch.float64))
-        self.generator.set_state(start)
+            after += float((chunk * mask).abs().sum(dtype=torch.float64))
         self.scale = before / after if before > 1e-7 and after > 1e-7 else 1.0
 
     def _mask(self, chunk: torch.Tensor) -> torch.Tensor:
+        """0/1 (int8) keep mask for the next block of the stream."""
         n = chunk.numel()
         # random_() fills int64 with uniform values in [0, 2^63): both int32 halves, masked to
         # 31 bits, are independent uniform integers in [0, 2^31).
         words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=self.generator)
         lanes = words.view(torch.int32)[:n] & (LANE - 1)
-        return (lanes < self.cutoff).reshape(chunk.shape).to(chunk.device)
+        keep = (self.cutoff - lanes).sign_().clamp_(min=0).to(torch.int8)  # lanes < cutoff
+        return keep.reshape(chunk.shape).to(chunk.device)
 
     def apply(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Drop and rescale the next block (blocks must come in ``row_chunks`` order)."""
         if self.density >= 1.0:
             return chunk
-        dropped = chunk * self._mask(chunk)
+        mask = self._fitted.popleft() if self._fitted else self._mask(chunk)
+        dropped = chunk * mask
         return dropped * self.scale if self.scale != 1.0 else dropped
 
 
