@@ -99,11 +99,15 @@ def merge(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle inputs")] = False,
+    threads: Annotated[
+        int | None, typer.Option(help="compute threads (default: all cores but one)")
+    ] = None,
     plan_only: Annotated[
         bool, typer.Option("--plan", help="print the plan, merge nothing")
     ] = False,
 ) -> None:
     """Merge the models of a recipe into a Hugging Face model folder."""
+    from pydantic import ValidationError
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -117,13 +121,18 @@ def merge(
     from amalgam.recipe import load_recipe
 
     recipe = load_recipe(config)
-    options = MergeOptions(
-        output=output,
-        executor=executor,
-        device=device,
-        overwrite=overwrite,
-        allow_pickle=allow_pickle,
-    )
+    try:
+        options = MergeOptions(
+            output=output,
+            executor=executor,
+            device=device,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            threads=threads,
+        )
+    except ValidationError as exc:
+        bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        raise AmalgamError(bad) from None
     if plan_only:
         from amalgam.engine import plan_recipe
 

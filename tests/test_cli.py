@@ -222,3 +222,13 @@ def test_plan_only_writes_nothing(models, tmp_path, monkeypatch, capsys) -> None
     assert code == 0
     assert "model.safetensors: 9 tensors" in stdout
     assert not out.exists()
+
+
+def test_bad_option_is_one_line(models, tmp_path, monkeypatch, capsys) -> None:
+    base, experts = models
+    cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "ties", tmp_path / "out"))
+    code, _, err = run_cli(["merge", str(cfg), "--executor", "spark"], monkeypatch, capsys)
+    assert_one_error(code, err, "--executor", "'local' or 'ray'")
+    code, _, err = run_cli(["merge", str(cfg), "--threads", "0"], monkeypatch, capsys)
+    assert_one_error(code, err, "--threads")
+    assert_nothing_left(tmp_path / "out")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from amalgam import storage
 from amalgam.checkpoint import Checkpoint, open_checkpoint
@@ -32,7 +32,7 @@ class MergeOptions(BaseModel):
     allow_pickle: bool = False
     prefetch_bytes: int = 1 << 28
     # Compute threads; default: all cores but one, which is left to reads and writes.
-    threads: int | None = None
+    threads: int | None = Field(default=None, ge=1)
 
 
 @dataclass
