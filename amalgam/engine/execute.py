@@ -79,9 +79,7 @@ def check_finite(plan: Plan, job: TensorJob, raw: list[torch.Tensor]) -> None:
     if plan.recipe.allow_nonfinite:
         return
     for label, x in zip(plan.labels, raw, strict=True):
-        if not bool(torch.isfinite(x.sum())) and not bool(
-            torch.isfinite(x).all()
-        ):
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise MergeError(
                 f"tensor '{job.name}' of model '{label}' holds NaN or Inf "
                 "(set allow_nonfinite: true to merge it anyway)"
