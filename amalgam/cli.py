@@ -186,11 +186,13 @@ def zoo_build(
     profile: Annotated[str, typer.Option(help="full | tiny")] = "full",
     force: Annotated[bool, typer.Option(help="rebuild even when cached")] = False,
 ) -> None:
-    """Build (or reuse) the benchmark zoo: base, experts, LoRA adapters, MoE, tasks."""
+    """Build (or reuse) the benchmark zoo: base, experts, LoRA adapters, MoE, tasks; prints
+    its folder on stdout (progress goes to stderr)."""
     from amalgam.zoo.build import build_zoo
 
-    zoo = build_zoo(out, profile=profile, force=force, log=lambda m: console.print(m))
-    console.print(f"zoo ready at {zoo.root}")
+    progress = Console(stderr=True)  # stdout carries only the zoo folder, for scripts
+    zoo = build_zoo(out, profile=profile, force=force, log=lambda m: progress.print(m))
+    progress.print(f"zoo ready at {zoo.root}")
     print(zoo.root)
 
 
