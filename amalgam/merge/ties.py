@@ -46,7 +46,7 @@ def trim(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeC
     if thresholds is not None:
         threshold = thresholds[i]
     else:
-        magnitudes = delta().abs()
+        magnitudes = delta().abs_()  # the task vector is a fresh tensor: no copy
         if density >= 1.0 or magnitudes.numel() == 0:
             return lambda chunk, rows: chunk
         threshold = kth_largest(magnitudes, keep_count(magnitudes.numel(), density))
