@@ -50,6 +50,14 @@ SIDE_FILES = (
 )
 
 
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor with safetensors dtype name ``dtype`` and ``shape``."""
+    n = SAFETENSORS_DTYPES[dtype].itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: file, absolute byte range, dtype name and shape."""
@@ -116,8 +124,7 @@ def _tensor_infos(header: dict, file: str, data_start: int, file_size: int) -> l
         info = TensorInfo(
             name, dtype, shape, PurePosixPath(file).name, data_start + a, data_start + b
         )
-        expected = info.numel * SAFETENSORS_DTYPES[dtype].itemsize
-        if b < a or info.nbytes != expected or info.end > file_size:
+        if b < a or info.nbytes != tensor_nbytes(dtype, shape) or info.end > file_size:
             raise CheckpointError(
                 f"{file}: tensor '{name}' has byte range [{a}, {b}) that does not fit its "
                 f"shape {list(shape)} {dtype} or the file ({file_size} bytes): truncated or corrupt"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from amalgam import storage
-from amalgam.checkpoint import DTYPE_NAMES, SAFETENSORS_DTYPES
+from amalgam.checkpoint import DTYPE_NAMES, tensor_nbytes
 from amalgam.errors import OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -25,9 +25,7 @@ def shard_header(
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
-        n = SAFETENSORS_DTYPES[dtype].itemsize
-        for d in shape:
-            n *= d
+        n = tensor_nbytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()

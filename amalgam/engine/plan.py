@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from amalgam import __version__
-from amalgam.checkpoint import DTYPE_NAMES, Checkpoint
+from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
 from amalgam.errors import PlanError
 from amalgam.merge.params import layer_index
 from amalgam.recipe import Recipe
@@ -27,10 +27,7 @@ class TensorJob:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty(0, dtype=_torch_dtype(self.dtype)).element_size()
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
@@ -80,12 +77,6 @@ class Plan:
         for u in self.units:
             lines.append(f"  {u.file}: {len(u.jobs)} tensors, {u.nbytes / 1e6:.1f} MB")
         return "\n".join(lines)
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    from amalgam.checkpoint import SAFETENSORS_DTYPES
-
-    return SAFETENSORS_DTYPES[name]
 
 
 def build_plan(
