@@ -32,20 +32,27 @@ def method_recipe(method: str, base: Path, experts: list[Path], out: Path) -> di
     return recipe_dict(base, experts, method, out)
 
 
+VARIANTS = [(m, {}) for m in sorted(REGISTRY)] + [
+    ("ties", {"trim": "model"}),  # whole-model statistics gathered before the Ray tasks
+    ("breadcrumbs", {"granularity": "row"}),
+    ("dare_linear", {"rescale": "l1"}),
+]
+
+
 @pytest.mark.slow
 def test_local_and_ray_outputs_are_byte_identical(tmp_path: Path) -> None:
     base, experts = family(tmp_path / "in")
-    for method in sorted(REGISTRY):
+    for method, params in VARIANTS:
         outputs = {}
         for executor in ("local", "ray"):
-            out = tmp_path / f"{method}-{executor}"
+            out = tmp_path / f"{method}-{'-'.join(params.values())}-{executor}"
             data = method_recipe(method, base, experts, out)
             # a small shard size gives several shards, so Ray runs several tasks
-            recipe = parse_recipe({**data, "max_shard_size": 600, "seed": 7})
+            recipe = parse_recipe({**data, "params": params, "max_shard_size": 600, "seed": 7})
             run_merge(recipe, MergeOptions(executor=executor, device="cpu"))
             outputs[executor] = digest(out)
         assert len(outputs["local"]) > 2, method
-        assert outputs["local"] == outputs["ray"], method
+        assert outputs["local"] == outputs["ray"], (method, params)
 
 
 def test_same_recipe_same_bytes_and_seed_changes_dare(tmp_path: Path) -> None:
