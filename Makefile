@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` (the main job end to end) and `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 export AMALGAM_HOME ?= $(CURDIR)/.amalgam
