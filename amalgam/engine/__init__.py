@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from amalgam import storage
 from amalgam.checkpoint import Checkpoint, open_checkpoint
-from amalgam.engine.execute import Progress, gather_stats, pick_device, run_unit
+from amalgam.engine.execute import PREFETCH_BYTES, Progress, gather_stats, pick_device, run_unit
 from amalgam.engine.plan import Plan, build_plan
 from amalgam.errors import OutputError
 from amalgam.recipe import Recipe
@@ -30,7 +30,7 @@ class MergeOptions(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     overwrite: bool = False
     allow_pickle: bool = False
-    prefetch_bytes: int = 1 << 28
+    prefetch_bytes: int = PREFETCH_BYTES
     # Compute threads; default: all cores but one, which is left to reads and writes.
     threads: int | None = Field(default=None, ge=1)
 
@@ -57,6 +57,14 @@ def open_recipe_inputs(recipe: Recipe, allow_pickle: bool) -> dict[str, Checkpoi
         label: open_checkpoint(uri, allow_pickle=allow_pickle, **recipe.storage_options)
         for label, uri in uris
     }
+
+
+def output_of(recipe: Recipe, options: MergeOptions) -> str:
+    """Where the merge goes: ``--output``, else the recipe's ``output``."""
+    output = options.output or recipe.output
+    if not output:
+        raise OutputError("output: no output given (set output: in the recipe or pass --output)")
+    return output
 
 
 def check_output(
@@ -87,10 +95,7 @@ def plan_recipe(recipe: Recipe, options: MergeOptions | None = None) -> Plan:
 def _plan(
     recipe: Recipe, inputs: dict[str, Checkpoint], options: MergeOptions, hash_parents: bool = True
 ) -> Plan:
-    output = options.output or recipe.output
-    if not output:
-        raise OutputError("output: no output given (set output: in the recipe or pass --output)")
-    check_output(output, inputs, options.overwrite, recipe.storage_options)
+    check_output(output_of(recipe, options), inputs, options.overwrite, recipe.storage_options)
     hashes = {label: c.content_hash() for label, c in inputs.items()} if hash_parents else {}
     return build_plan(recipe, inputs, hashes)
 
@@ -106,7 +111,7 @@ def run_merge(
     inputs = open_recipe_inputs(recipe, options.allow_pickle)
     try:
         plan = _plan(recipe, inputs, options)
-        output = options.output or recipe.output
+        output = output_of(recipe, options)
         device = pick_device(options.device)
         sources = list(inputs.values())
         stats = gather_stats(plan, sources, device, progress)

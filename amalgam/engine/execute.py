@@ -17,6 +17,7 @@ from amalgam.merge.params import resolve_params
 from amalgam.writer import ShardWriter
 
 Progress = Callable[[int, int], None]  # (input bytes, tensors) done since the last call
+PREFETCH_BYTES = 1 << 28  # inputs read ahead of the tensor being merged
 
 
 def pick_device(device: str) -> torch.device:
@@ -114,7 +115,7 @@ def run_unit(
     stats: dict[str, Any],
     device: torch.device,
     progress: Progress | None = None,
-    prefetch_bytes: int = 1 << 28,
+    prefetch_bytes: int = PREFETCH_BYTES,
 ) -> int:
     """Merge one shard's tensors in order into ``shard``; returns the input bytes read."""
     method = get_method(plan.recipe.method)
@@ -160,7 +161,7 @@ def gather_stats(
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-stats") as pool:
         for c in collectors:
             for pass_ in range(c.passes):
-                for _job, raw in prefetched(plan, sources, jobs, 1 << 28, pool):
+                for _job, raw in prefetched(plan, sources, jobs, PREFETCH_BYTES, pool):
                     floats = [t.to(device, torch.float32) for t in raw]
                     base = floats[0] if plan.has_base else torch.zeros_like(floats[0])
                     c.update(pass_, [x - base for x in floats[1 if plan.has_base else 0 :]])
