@@ -46,6 +46,27 @@ def top_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return hist.numel() - 1 - idx, above
 
 
+# Comparisons and torch.where run several times slower than arithmetic on CPU (bool tensors
+# take a slow path), so masks here are float 0/1 indicators built from sign() and clamp().
+
+
+def positive(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where x > 0, else 0.0 (a new tensor)."""
+    return x.sign().clamp_(min=0)
+
+
+def at_least(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1.0 where x >= threshold, else 0.0 (exact: x - threshold is 0 only when they are equal)."""
+    return (x - threshold).sign_().add_(1).clamp_(max=1)
+
+
+def trim_threshold(magnitudes: torch.Tensor, density: float) -> float | None:
+    """The magnitude at or above which TIES keeps an entry (None: keep everything)."""
+    if density >= 1.0 or magnitudes.numel() == 0:
+        return None
+    return kth_largest(magnitudes, keep_count(magnitudes.numel(), density))
+
+
 def trim_magnitude(
     delta: torch.Tensor, density: float, threshold: float | None = None
 ) -> torch.Tensor:
@@ -54,10 +75,10 @@ def trim_magnitude(
     ``threshold`` replaces the per-tensor selection (the whole-model variant passes it in).
     """
     if threshold is None:
-        if density >= 1.0 or delta.numel() == 0:
+        threshold = trim_threshold(delta.abs(), density)
+        if threshold is None:
             return delta
-        threshold = kth_largest(delta.abs(), keep_count(delta.numel(), density))
-    return delta * (delta.abs() >= threshold)
+    return delta * at_least(delta.abs(), threshold)
 
 
 CHUNK_ELEMENTS = 1 << 18

@@ -13,7 +13,7 @@ from functools import cache
 import torch
 
 from amalgam.merge.base import MergeContext, Param, TensorParams
-from amalgam.merge.sparsify import as_rows, row_chunks
+from amalgam.merge.sparsify import as_rows, positive, row_chunks
 
 WEIGHT = Param("weight", 1.0, "scale of this model's task vector", per_model=True)
 LAMBDA = Param("lambda", 1.0, "global scale of the merged task vector")
@@ -40,20 +40,6 @@ def normalize_param(default: bool) -> Param:
     return Param(
         "normalize", default, "divide by the sum of (agreeing) weights", kind=bool, gradient=False
     )
-
-
-# Comparisons and torch.where run several times slower than arithmetic on CPU (bool tensors
-# take a slow path), so masks here are float 0/1 indicators built from sign() and clamp().
-
-
-def positive(x: torch.Tensor) -> torch.Tensor:
-    """1.0 where x > 0, else 0.0 (a new tensor)."""
-    return x.sign().clamp_(min=0)
-
-
-def at_least(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """1.0 where x >= threshold, else 0.0 (exact: x - threshold is 0 only when they are equal)."""
-    return (x - threshold).sign_().add_(1).clamp_(max=1)
 
 
 def elect_sign(deltas: list[torch.Tensor], weights: list[float], consensus: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
-from amalgam.merge.sparsify import keep_count, kth_largest
+from amalgam.merge.sparsify import at_least, trim_threshold
 from amalgam.merge.stats import MagnitudeThreshold
 from amalgam.merge.task_vectors import (
     CONSENSUS,
@@ -24,7 +24,6 @@ from amalgam.merge.task_vectors import (
     LAMBDA,
     WEIGHT,
     Applier,
-    at_least,
     normalize_param,
     task_vector_merge,
 )
@@ -46,10 +45,10 @@ def trim(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeC
     if thresholds is not None:
         threshold = thresholds[i]
     else:
-        magnitudes = delta().abs_()  # the task vector is a fresh tensor: no copy
-        if density >= 1.0 or magnitudes.numel() == 0:
+        # the task vector is a fresh tensor: take magnitudes in place
+        threshold = trim_threshold(delta().abs_(), density)
+        if threshold is None:
             return lambda chunk, rows: chunk
-        threshold = kth_largest(magnitudes, keep_count(magnitudes.numel(), density))
     return lambda chunk, rows: chunk * at_least(chunk.abs(), threshold)
 
 
