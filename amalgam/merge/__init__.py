@@ -2,12 +2,15 @@
 
 from amalgam.merge import (  # noqa: F401  (importing a module registers its methods)
     breadcrumbs,
+    consensus,
     dare,
     linear,
     model_stock,
+    pcb,
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 from amalgam.merge.base import REGISTRY, Method, get_method
 

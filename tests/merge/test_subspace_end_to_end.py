@@ -1,0 +1,78 @@
+"""TSV-M, PCB and Consensus merges through run_merge on a small Llama-named model, checked
+against the naive whole-model formulations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from amalgam.engine import MergeOptions, run_merge
+from amalgam.recipe import parse_recipe
+from tests.helpers import family, recipe_dict
+
+from .naive import flat, weighted_sum
+from .naive_subspace import consensus, pcb, tsv_model
+
+
+def load(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def run(tmp_path: Path, method: str, params: dict, n: int = 3):
+    base_dir, experts = family(tmp_path / "in", n=n)
+    out = tmp_path / "out"
+    recipe = parse_recipe(
+        recipe_dict(base_dir, experts, method, out, params=params, dtype="float32")
+    )
+    run_merge(recipe, MergeOptions(device="cpu"))
+    base = load(base_dir)
+    floats = sorted(k for k, v in base.items() if v.is_floating_point())
+    return base, [load(e) for e in experts], load(out), floats
+
+
+def test_tsv_m_matches_numpy_whole_model(tmp_path):
+    base, models, out, floats = run(tmp_path, "tsv_m", {"lambda": 0.8})
+    as_np = {k: base[k].double().numpy() for k in floats}
+    expected = tsv_model(
+        as_np, [{k: m[k].double().numpy() for k in floats} for m in models], [1.0] * 3, 0.8
+    )
+    assert any(base[k].dim() == 2 for k in floats) and any(base[k].dim() == 1 for k in floats)
+    for k in floats:
+        assert out[k].dtype == torch.float32
+        np.testing.assert_allclose(out[k].double().numpy(), expected[k], atol=1e-5, err_msg=k)
+    assert torch.equal(out["model.rotary.inv_freq_ids"], base["model.rotary.inv_freq_ids"])
+
+
+def test_pcb_matches_loop_per_tensor(tmp_path):
+    base, models, out, floats = run(tmp_path, "pcb", {"density": 0.2, "lambda": 1.1})
+    for k in floats:
+        b = flat(base[k])
+        deltas = [[x - y for x, y in zip(flat(m[k]), b, strict=True)] for m in models]
+        expected = pcb(b, deltas, [1.0] * 3, [0.2] * 3, 0.0001, 1.1)
+        torch.testing.assert_close(
+            out[k].double(),
+            torch.tensor(expected, dtype=torch.float64).reshape(base[k].shape),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_consensus_ta_matches_vote_loop(tmp_path):
+    base, models, out, floats = run(tmp_path, "consensus_ta", {"lambda": 0.5}, n=4)
+    dropped = 0
+    for k in floats:
+        b = flat(base[k])
+        deltas = [[x - y for x, y in zip(flat(m[k]), b, strict=True)] for m in models]
+        masked = consensus(deltas, weighted_sum(deltas, [1.0] * 4, False), [0.6] * 4, 2)
+        dropped += sum(v == 0 for v in masked)
+        expected = [y + 0.5 * v for y, v in zip(b, masked, strict=True)]
+        torch.testing.assert_close(
+            out[k].double(),
+            torch.tensor(expected, dtype=torch.float64).reshape(base[k].shape),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    assert dropped > 0  # the consensus mask removed entries
