@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from amalgam.errors import RecipeError
+from amalgam.merge.pcb import PCBStatistics
 from amalgam.recipe import parse_recipe
 
 from .naive import as_tensor, flat
@@ -128,3 +129,40 @@ def test_per_model_density_error_names_the_model():
                 "models": [{"uri": "m0"}, {"uri": "m1", "params": {"density": 1.5}}],
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"params": {"scope": "model", "density": [0.1, 0.2]}}, "params.density: scope: model"),
+        ({"params": {"scope": "model", "clamp": [0.0, 0.1]}}, "params.clamp: scope: model"),
+        (
+            {
+                "params": {"scope": "model"},
+                "overrides": [{"match": "mlp", "models": {"m0": {"density": 0.5}}}],
+            },
+            r"overrides\[0\]: scope: model takes no per-tensor 'density'",
+        ),
+        ({"params": {"scope": "layer"}}, "params.scope: expected one of"),
+    ],
+)
+def test_model_scope_takes_one_value_per_model(data, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe({"method": "pcb", "base": "b", "models": [{"uri": "m0"}], **data})
+
+
+def test_model_scope_reads_the_given_statistics(merge):
+    # One model, t = [3, -1, 2, 0.5]; whole-model bounds (low 0.5, high 2.5), floor 0.1, max 1.
+    # a = clamp(|t|, .5, 2.5) = [2.5, 1, 2, .5]; norm = [1, .25, .75, 0]
+    # intra = exp(1 * (norm^2 - 1)) = [1, e^-.9375, e^-.4375, e^-1]; inter = tanh(t^2)
+    # beta = [tanh 9, e^-.9375 tanh 1, e^-.4375 tanh 4, e^-1 tanh .25] ~ [1, .298, .646, .090]
+    # weights (beta clamped at .1, minus .1, over .9): [1, .220, .606, 0] (the tensor's own
+    # numbers are not used); one model, so each kept entry is sign(t) a: [2.5, -1, 2, 0]
+    out = merge(
+        "pcb",
+        torch.zeros(4),
+        [torch.tensor([3.0, -1.0, 2.0, 0.5])],
+        params={"scope": "model"},
+        stats={PCBStatistics.key: [(0.5, 2.5, 0.1, 1.0)]},
+    )
+    torch.testing.assert_close(out, torch.tensor([2.5, -1.0, 2.0, 0.0]))

@@ -76,3 +76,23 @@ def test_consensus_ta_matches_vote_loop(tmp_path):
             atol=1e-6,
         )
     assert dropped > 0  # the consensus mask removed entries
+
+
+def test_pcb_model_scope_is_the_whole_model_computation(tmp_path):
+    # scope: model: the outlier clamp, the weight floor and the min-max span each model's
+    # whole task vector; the naive computation runs on one concatenated vector.
+    params = {"density": 0.2, "clamp": 0.01, "lambda": 1.1, "scope": "model"}
+    base, models, out, floats = run(tmp_path, "pcb", params)
+    b = [v for k in floats for v in flat(base[k])]
+    model_flat = [[v for k in floats for v in flat(m[k])] for m in models]
+    deltas = [[x - y for x, y in zip(m, b, strict=True)] for m in model_flat]
+    expected = pcb(b, deltas, [1.0] * 3, [0.2] * 3, 0.01, 1.1)
+    at = 0
+    for k in floats:
+        size = base[k].numel()
+        want = torch.tensor(expected[at : at + size], dtype=torch.float64)
+        torch.testing.assert_close(out[k].double().reshape(-1), want, rtol=1e-5, atol=1e-5, msg=k)
+        at += size
+    # the per-tensor variant is another model
+    per_tensor = run(tmp_path / "t", "pcb", {**params, "scope": "tensor"})[2]
+    assert any(not torch.equal(per_tensor[k], out[k]) for k in floats)
