@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from amalgam.engine import MergeOptions, run_merge
-from amalgam.recipe import parse_recipe
+from amalgam.recipe import load_recipe, parse_recipe
 from tests.helpers import family, recipe_dict
 
 from .naive import flat, weighted_sum
@@ -96,3 +97,14 @@ def test_pcb_model_scope_is_the_whole_model_computation(tmp_path):
     # the per-tensor variant is another model
     per_tensor = run(tmp_path / "t", "pcb", {**params, "scope": "tensor"})[2]
     assert any(not torch.equal(per_tensor[k], out[k]) for k in floats)
+
+
+@pytest.mark.parametrize(
+    ("config", "method"),
+    [("tsv_m.yaml", "tsv_m"), ("pcb.yaml", "pcb"), ("consensus_ta.yaml", "consensus_ta")],
+)
+def test_example_configs_are_valid_recipes(monkeypatch, config, method):
+    monkeypatch.setenv("ZOO", "/zoo")
+    recipe = load_recipe(Path(__file__).parents[2] / "configs" / config)
+    assert recipe.method == method
+    assert recipe.base == "/zoo/base" and len(recipe.models) == 8
