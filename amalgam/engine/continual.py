@@ -17,6 +17,7 @@ import resource
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -214,6 +215,8 @@ def _absorb(
     inputs = open_recipe_inputs(step_recipe, options.allow_pickle)
     try:
         plan = _plan(step_recipe, inputs, options)
+        # provenance names the user's recipe, not the step's (whose inputs include a scratch path)
+        plan = replace(plan, metadata={**plan.metadata, "recipe_hash": recipe.hash()})
         index, prev_scale = state.step + 1, state.scale
         norms, scale = state.norms, 1.0
         if method.unscaled is not None:
