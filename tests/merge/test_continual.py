@@ -17,7 +17,7 @@ from amalgam.engine import MergeOptions, run_merge
 from amalgam.engine.continual import STATE_NAME, absorbed_hashes, read_state
 from amalgam.errors import CheckpointError, OutputError, PlanError, RecipeError
 from amalgam.merge.base import Step
-from amalgam.recipe import parse_recipe
+from amalgam.recipe import load_recipe, parse_recipe
 from tests.helpers import family, llama_tensors, recipe_dict, write_model
 
 from . import continual_naive as naive
@@ -271,3 +271,10 @@ def test_cli_continue_from(tmp_path: Path, monkeypatch, capsys) -> None:
     err = capsys.readouterr().err
     assert "error: continue_from" in err and "method: 'continual_ta' here but 'opcm'" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_example_recipe_loads(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ZOO", str(tmp_path))
+    recipe = load_recipe(Path(__file__).parents[2] / "configs" / "continual_opcm.yaml")
+    assert recipe.method == "opcm" and len(recipe.models) == 8
+    assert recipe.base == f"{tmp_path}/base"
