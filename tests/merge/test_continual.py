@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from amalgam.checkpoint import open_checkpoint
 from amalgam.cli import main
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.engine.continual import STATE_NAME, absorbed_hashes, read_state
-from amalgam.errors import CheckpointError, OutputError, PlanError, RecipeError
+from amalgam.errors import CheckpointError, MergeError, OutputError, PlanError, RecipeError
 from amalgam.merge.base import Step
 from amalgam.recipe import load_recipe, parse_recipe
 from tests.helpers import family, llama_tensors, recipe_dict, write_model
@@ -278,3 +279,42 @@ def test_example_recipe_loads(monkeypatch, tmp_path: Path) -> None:
     recipe = load_recipe(Path(__file__).parents[2] / "configs" / "continual_opcm.yaml")
     assert recipe.method == "opcm" and len(recipe.models) == 8
     assert recipe.base == f"{tmp_path}/base"
+
+
+def test_failure_midway_leaves_nothing(tmp_path: Path) -> None:
+    base, experts = family(tmp_path / "in", 3)
+    broken = load_file(str(experts[1] / "model.safetensors"))
+    broken["model.norm.weight"][0] = float("nan")
+    write_model(experts[1], broken)
+    with pytest.raises(MergeError, match=r"model\.norm\.weight"):
+        run_merge(parse_recipe(recipe_dict(base, experts, "opcm", tmp_path / "out")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.slow
+def test_continual_merge_over_s3(s3, tmp_path: Path) -> None:
+    bucket = f"continual-{uuid.uuid4().hex[:8]}"
+    s3.make_bucket(bucket)
+    fs, opts = s3.filesystem(), s3.storage_options()
+    base, experts = family(tmp_path / "in", 3)
+    for folder in (base, *experts):
+        fs.put(str(folder), f"{bucket}/{folder.name}", recursive=True)
+    remote = [f"s3://{bucket}/{p.name}" for p in (base, *experts)]
+    first, second = f"s3://{bucket}/first", f"s3://{bucket}/second"
+    extra = {"storage_options": opts, "max_shard_size": 700}
+    run_merge(parse_recipe(recipe_dict(remote[0], remote[1:2], "opcm", first, **extra)))
+    run_merge(
+        parse_recipe(recipe_dict(remote[0], remote[2:], "opcm", second, **extra)),
+        MergeOptions(continue_from=first),
+    )
+    local = tmp_path / "local"
+    run_merge(parse_recipe(recipe_dict(base, experts, "opcm", local, max_shard_size=700)))
+    merged = open_checkpoint(second, **opts)
+    assert len(merged.files) > 1
+    with open_checkpoint(str(local)) as want:
+        for name in want.names():
+            assert torch.equal(merged.tensor(name), want.tensor(name)), name
+    assert absorbed_hashes(second, **opts) == absorbed_hashes(str(local))
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(bucket, detail=False))
+    assert names == ["base", "expert0", "expert1", "expert2", "first", "second"]
