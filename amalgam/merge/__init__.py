@@ -3,9 +3,11 @@
 from amalgam.merge import (  # noqa: F401  (importing a module registers its methods)
     breadcrumbs,
     consensus,
+    continual,
     dare,
     linear,
     model_stock,
+    opcm,
     pcb,
     slerp,
     task_arithmetic,
