@@ -44,6 +44,11 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
 
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor of ``x`` (P Q^T from x = P S Q^T): the matrix with
-    orthonormal columns (tall x) or rows (wide x) nearest to ``x`` in Frobenius norm."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    orthonormal columns (tall x) or rows (wide x) nearest to ``x`` in Frobenius norm.
+
+    Where ``x`` is rank-deficient that factor is not unique (its null-space part is whatever the
+    SVD routine returns); the singular pairs below ``numerical_rank``'s tolerance are left out,
+    which gives the unique partial isometry with the same range as ``x``."""
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    r = numerical_rank(s, (x.shape[0], x.shape[1]))
+    return p[:, :r] @ qh[:r]

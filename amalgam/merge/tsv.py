@@ -8,10 +8,13 @@ Tensors that are not 2-D, tensors set to ``svd: none`` (e.g. by an override on e
 matrices with fewer rows or columns than models (k = 0) take lambda times the mean of the
 weighted task vectors, as the authors' code does for non-matrix tensors.
 
-Departure from the authors' code: singular triplets below the numerical-rank tolerance are
-dropped before orthogonalisation. Their vectors are arbitrary (a task vector of rank below k,
-or an expert that left this matrix untouched) and would otherwise rotate the other tasks'
-vectors; the paper's equations are unchanged where every task has rank at least k.
+Departures from the authors' code, both where the paper's polar factor is not unique: singular
+triplets below the numerical-rank tolerance are dropped before orthogonalisation (their vectors
+are arbitrary: a task vector of rank below k, or an expert that left this matrix untouched, and
+would rotate the other tasks' vectors), and a rank-deficient stack (experts sharing directions,
+e.g. duplicates) is replaced by its partial isometry instead of an arbitrary completion (which
+adds a null-space term as large as the merge). Where every task has rank at least k and the
+stacks have full rank, this is exactly the paper's computation.
 """
 
 from __future__ import annotations

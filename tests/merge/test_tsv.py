@@ -90,6 +90,20 @@ def test_untouched_expert_leaves_the_others_truncated_svd(merge):
     np.testing.assert_allclose(out.double().numpy(), expected, atol=1e-5)
 
 
+def test_identical_experts_give_one_truncation_not_their_sum(merge):
+    # Two experts with the same task vector d: U_hat = [U_k, U_k] = U_k [I, I] has rank k. Its
+    # partial isometry is U_k [I, I] / sqrt2 (likewise for V), so the merge is
+    # sum over both blocks of (U_k / sqrt2) S_k (V_k / sqrt2)^T = U_k S_k V_k^T: the rank-k
+    # truncation of d once (the full polar factor would add an arbitrary null-space term).
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 8, generator=g)
+    d = torch.randn(6, 8, generator=g)
+    out = merge("tsv_m", base, [base + d, base + d])
+    u, s, vt = np.linalg.svd(d.double().numpy())
+    expected = base.double().numpy() + (u[:, :3] * s[:3]) @ vt[:3]
+    np.testing.assert_allclose(out.double().numpy(), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize(("shape", "n"), [((6, 7), 3), ((9, 4), 2), ((12, 12), 4), ((5, 8), 5)])
 def test_matches_numpy_whitening_formulation(merge, shape, n):
     g = torch.Generator().manual_seed(sum(shape) + n)
