@@ -183,6 +183,21 @@ def _text_nll(model: Any, tokenizer: Any, spec: Any, tasks: list[str]) -> tuple[
     return sequence_nll(model, token_ids(tokenizer, texts), batch_size=spec.batch_size)
 
 
+def spec_tasks(spec: Any) -> list[str]:
+    """The tasks an EvaluateSpec names, or every task folder under its ``tasks_dir``."""
+    return list(spec.tasks) if spec.tasks else list_tasks(Path(spec.tasks_dir))
+
+
+def experts_for(recipe: Any) -> dict[str, str]:
+    """Task -> expert URI for a recipe with an ``evaluate`` section: its ``experts`` mapping
+    (values are model labels or URIs), else every recipe model whose label is a task name."""
+    spec = recipe.evaluate
+    by_label = {m.label: m.uri for m in recipe.models}
+    if spec.experts is not None:
+        return {task: by_label.get(ref, ref) for task, ref in spec.experts.items()}
+    return {task: by_label[task] for task in spec_tasks(spec) if task in by_label}
+
+
 def evaluate_candidate(
     candidate_uri: str,
     spec: Any,
@@ -202,7 +217,7 @@ def evaluate_candidate(
     the same spec (a cache: base and experts rarely change between runs).
     """
     tasks_dir = Path(spec.tasks_dir)
-    tasks = list(spec.tasks) if spec.tasks else list_tasks(tasks_dir)
+    tasks = spec_tasks(spec)
     check_tasks(tasks_dir, tasks, spec.split)
     experts = dict(experts or {})
     unknown = sorted(set(experts) - set(tasks))
