@@ -38,6 +38,20 @@ class ModelResult(BaseModel):
     nll: float | None = None
     tokens: int | None = None
 
+    @classmethod
+    def from_correct(
+        cls,
+        uri: str,
+        correct: Mapping[str, list[bool]],
+        nll: float | None = None,
+        tokens: int | None = None,
+    ) -> ModelResult:
+        """Results from per-example correctness per task."""
+        tasks = {
+            t: TaskResult(accuracy=metric.accuracy(c), correct=list(c)) for t, c in correct.items()
+        }
+        return cls(uri=uri, tasks=tasks, nll=nll, tokens=tokens)
+
     @computed_field
     @property
     def perplexity(self) -> float | None:
@@ -138,12 +152,7 @@ def score_model(
         else:
             model, tokenizer = _load(folder, spec.device)
             correct = _quick_correct(model, tokenizer, spec, tasks)
-        result = ModelResult(
-            uri=uri,
-            tasks={
-                t: TaskResult(accuracy=metric.accuracy(c), correct=c) for t, c in correct.items()
-            },
-        )
+        result = ModelResult.from_correct(uri, correct)
         if perplexity:
             if model is None:
                 model, tokenizer = _load(folder, spec.device)
@@ -239,21 +248,51 @@ def evaluate_candidate(
     expert_results = {task: run(uri, [task], False) for task, uri in experts.items()}
     champion = run(champion_uri, tasks, False) if champion_uri else None
 
+    return build_report(
+        tasks,
+        candidate,
+        base=base,
+        experts=expert_results,
+        champion=champion,
+        champion_version=champion_version,
+        split=spec.split,
+        limit=spec.limit,
+        engine=spec.engine,
+    )
+
+
+def build_report(
+    tasks: list[str],
+    candidate: ModelResult,
+    *,
+    base: ModelResult | None = None,
+    experts: Mapping[str, ModelResult] | None = None,
+    champion: ModelResult | None = None,
+    champion_version: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    engine: str = "quick",
+) -> EvalReport:
+    """Derive every metric from the models' per-example results (no model is run).
+
+    The perplexity ratio needs both candidate and base log-likelihoods, over the same tokens.
+    """
+    experts = dict(experts or {})
     acc = {t: candidate.tasks[t].accuracy for t in tasks}
     normalized = {
-        t: metric.normalized_accuracy(acc[t], expert_results[t].tasks[t].accuracy)
-        if t in expert_results
+        t: metric.normalized_accuracy(acc[t], experts[t].tasks[t].accuracy)
+        if t in experts
         else None
         for t in tasks
     }
     report = EvalReport(
         tasks=tasks,
-        split=spec.split,
-        limit=spec.limit,
-        engine=spec.engine,
+        split=split,
+        limit=limit,
+        engine=engine,
         candidate=candidate,
         base=base,
-        experts=expert_results,
+        experts=experts,
         champion=champion,
         champion_version=champion_version,
         accuracy=acc,
@@ -266,10 +305,10 @@ def evaluate_candidate(
             t: metric.flips(champion.tasks[t].correct, candidate.tasks[t].correct, t) for t in tasks
         }
         report.negative_flip_rate = metric.pooled_negative_flip_rate(report.flips)
-    if want_ppl and base is not None:
+    if base is not None and candidate.nll is not None and base.nll is not None:
         if candidate.tokens != base.tokens:
             raise EvaluationError(
-                f"perplexity: {candidate_uri} and {base_uri} tokenize the task texts into "
+                f"perplexity: {candidate.uri} and {base.uri} tokenize the task texts into "
                 f"{candidate.tokens} and {base.tokens} tokens; the ratio needs one tokenizer"
             )
         report.perplexity, report.base_perplexity = candidate.perplexity, base.perplexity
