@@ -25,6 +25,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ REPORT_ARTIFACT = f"{REPORT_DIR}/report.json"
 MODEL_DIR = "model"
 MAX_TAG_CHARS = 5000
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+_HELD = threading.local()  # lock files this thread holds
 
 
 class RegistryError(AmalgamError):
@@ -421,9 +423,15 @@ class Registry:
     # -- promotion --------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float = 120.0) -> Iterator[None]:
-        """An exclusive lock on promotions of ``name`` in this tracking store."""
+        """An exclusive lock on promotions of ``name`` in this tracking store, across
+        processes and threads; a thread that holds it may enter it again (``promote`` inside
+        a caller's ``lock`` does not deadlock)."""
         key = hashlib.sha256(f"{self.tracking_uri}\0{name}".encode()).hexdigest()[:24]
         path = storage.amalgam_home() / "mlflow" / "locks" / f"{key}.lock"
+        held: set[str] = _HELD.__dict__.setdefault("paths", set())
+        if str(path) in held:
+            yield
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         with path.open("a") as fh:
@@ -437,9 +445,11 @@ class Registry:
                             f"{name}: another promotion holds {path} for over {timeout:.0f} s"
                         ) from None
                     time.sleep(0.05)
+            held.add(str(path))
             try:
                 yield
             finally:
+                held.discard(str(path))
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def promote(

@@ -309,3 +309,28 @@ def test_through_a_real_mlflow_server(merged, tmp_path: Path, name: str) -> None
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_the_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(
+    registry: Registry, name: str
+) -> None:
+    import threading
+
+    errors: list[Exception] = []
+
+    def other_thread() -> None:
+        try:
+            with registry.lock(name, timeout=0.3):
+                pass
+        except RegistryError as exc:
+            errors.append(exc)
+
+    with registry.lock(name), registry.lock(name):
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and "another promotion holds" in str(errors[0])
+    t = threading.Thread(target=other_thread)  # released: the other thread gets it now
+    t.start()
+    t.join()
+    assert len(errors) == 1
