@@ -231,12 +231,14 @@ class Registry:
         experiment: str | None = None,
         run_name: str | None = None,
         log_model: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> str:
         """Record one pipeline run; returns its run id.
 
         ``parents`` maps each input's label to (URI, content hash). The merged model folder is
         logged under ``model/`` when ``log_model`` (needed to register a version from the run).
-        ``artifacts`` (report files, plots) go under ``report/``.
+        ``artifacts`` (report files, plots) go under ``report/``. ``storage_options`` reach a
+        remote merged model (they are not recorded).
         """
         from mlflow.entities import Metric, Param, RunTag
 
@@ -276,7 +278,7 @@ class Registry:
             if log_model and merged_uri:
                 from amalgam.evaluate.report import local_model
 
-                with local_model(merged_uri) as folder:
+                with local_model(merged_uri, **dict(storage_options or {})) as folder:
                     self.client.log_artifacts(run_id, str(folder), MODEL_DIR)
         except BaseException:
             self.client.set_terminated(run_id, "FAILED")

@@ -112,9 +112,9 @@ class EvalReport(BaseModel):
 
 
 @contextlib.contextmanager
-def local_model(uri: str) -> Iterator[Path]:
+def local_model(uri: str, **storage_options: Any) -> Iterator[Path]:
     """A local folder holding the model at ``uri`` (copied to a temporary folder if remote)."""
-    fs, path = storage.resolve(uri)
+    fs, path = storage.resolve(uri, **storage_options)
     if storage.is_local(fs):
         if not Path(path).is_dir():
             raise EvaluationError(f"{uri}: no model folder there")
@@ -131,11 +131,12 @@ def score_model(
     tasks: list[str],
     *,
     perplexity: bool = False,
+    **storage_options: Any,
 ) -> ModelResult:
     """Run one model on ``tasks`` as ``spec`` (an :class:`amalgam.recipe.EvaluateSpec`) says;
     with ``perplexity``, also its log-likelihood of the tasks' texts."""
     tasks_dir = Path(spec.tasks_dir)
-    with local_model(uri) as folder:
+    with local_model(uri, **storage_options) as folder:
         if spec.engine == "lm_eval":
             from amalgam.evaluate.harness import evaluate_model_samples
 
@@ -216,6 +217,7 @@ def evaluate_candidate(
     champion_uri: str | None = None,
     champion_version: str | None = None,
     precomputed: Mapping[str, ModelResult] | None = None,
+    **storage_options: Any,
 ) -> EvalReport:
     """Evaluate ``candidate_uri`` on the tasks of ``spec`` (an EvaluateSpec).
 
@@ -223,7 +225,8 @@ def evaluate_candidate(
     ``champion_uri`` is the model the candidate would replace (negative flips), and
     ``champion_version`` its registry version, recorded so that promotion can check the
     champion has not moved since. ``precomputed`` maps URIs to results already measured with
-    the same spec (a cache: base and experts rarely change between runs).
+    the same spec (a cache: base and experts rarely change between runs). Remote models
+    (``s3://...`` with ``storage_options``) are copied to a temporary folder to be run.
     """
     tasks_dir = Path(spec.tasks_dir)
     tasks = spec_tasks(spec)
@@ -241,7 +244,7 @@ def evaluate_candidate(
             return ModelResult(
                 uri=uri, tasks={t: hit.tasks[t] for t in on}, nll=hit.nll, tokens=hit.tokens
             )
-        return score_model(uri, spec, on, perplexity=ppl)
+        return score_model(uri, spec, on, perplexity=ppl, **storage_options)
 
     candidate = run(candidate_uri, tasks, want_ppl)
     base = run(base_uri, tasks, want_ppl) if base_uri else None

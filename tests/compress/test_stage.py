@@ -189,3 +189,31 @@ def test_a_decompressed_zoo_expert_loads_in_transformers(zoo_tiny, tmp_path: Pat
     assert (tmp_path / "d" / "tokenizer.json").read_bytes() == Path(
         expert, "tokenizer.json"
     ).read_bytes()
+
+
+@pytest.mark.slow
+def test_s3_to_s3_equals_local_and_sizes_are_the_stored_objects(
+    s3, models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import uuid
+
+    base, expert = models
+    bucket = f"compress-{uuid.uuid4().hex[:8]}"
+    s3.make_bucket(bucket)
+    fs, opts = s3.filesystem(), s3.storage_options()
+    for folder in (base, expert):
+        fs.put(str(folder), f"{bucket}/{folder.name}", recursive=True)
+    remote = f"s3://{bucket}"
+    spec = CompressSpec(density=0.3, max_shard_size=60)
+    result = compress_model(f"{remote}/expert", f"{remote}/base", f"{remote}/c", spec, **opts)
+    stored = {p.rsplit("/", 1)[1]: fs.size(p) for p in fs.ls(f"{bucket}/c", detail=False)}
+    assert result.files == {n: size for n, size in stored.items() if n in result.files}
+    assert result.compressed_bytes == sum(result.files.values())
+    decompress_model(f"{remote}/c", None, f"{remote}/d", **opts)
+    compress_model(str(expert), str(base), str(tmp_path / "c"), spec)
+    decompress_model(str(tmp_path / "c"), None, str(tmp_path / "d"))
+    with open_checkpoint(f"{remote}/d", **opts) as a, open_checkpoint(str(tmp_path / "d")) as b:
+        assert a.names() == b.names()
+        for name in a.names():
+            assert torch.equal(a.tensor(name), b.tensor(name))
+    assert not [p for p in fs.ls(bucket, detail=False) if ".partial-" in p]

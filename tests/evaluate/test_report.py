@@ -132,3 +132,20 @@ def test_bad_requests_name_what_is_wrong(zoo_tiny: Zoo, tmp_path: Path) -> None:
     bad = EvaluateSpec(tasks_dir=str(zoo_tiny.tasks_dir), tasks=["zoo_nosuch"], engine="quick")
     with pytest.raises(EvaluationError, match=r"zoo_nosuch\.yaml"):
         evaluate_candidate(str(zoo_tiny.base), bad)
+
+
+@pytest.mark.slow
+def test_a_model_on_s3_scores_like_its_local_copy(s3, zoo_tiny: Zoo) -> None:
+    import uuid
+
+    bucket = f"eval-{uuid.uuid4().hex[:8]}"
+    s3.make_bucket(bucket)
+    task = zoo_tiny.task_names[0]
+    s3.filesystem().put(str(zoo_tiny.experts[task]), f"{bucket}/expert", recursive=True)
+    s = spec(zoo_tiny)
+    remote = evaluate_candidate(
+        f"s3://{bucket}/expert", s, base_uri=str(zoo_tiny.base), **s3.storage_options()
+    )
+    local = evaluate_candidate(str(zoo_tiny.experts[task]), s, base_uri=str(zoo_tiny.base))
+    assert remote.candidate.tasks == local.candidate.tasks
+    assert remote.perplexity == pytest.approx(local.perplexity)
