@@ -11,6 +11,7 @@ import torch
 
 from amalgam.checkpoint import open_checkpoint
 from amalgam.compress import CompressError, compress_model, decompress_model, read_manifest
+from amalgam.errors import OutputError
 from amalgam.recipe import CompressSpec
 from tests.helpers import family, llama_tensors, write_model
 from tests.test_cli import run_cli
@@ -154,6 +155,16 @@ def test_bad_inputs_name_what_is_wrong(models: tuple[Path, Path], tmp_path: Path
         read_manifest(str(tmp_path / "c"))["base"]["hash"]
         == open_checkpoint(str(base)).content_hash()
     )
+    with pytest.raises(OutputError, match="output overlaps input 'model'"):
+        compress_model(str(expert), str(base), str(expert / "inside"))
+    with pytest.raises(OutputError, match="output exists"):
+        compress_model(str(expert), str(base), str(tmp_path / "c"))
+    broken = llama_tensors(0, torch.float32)
+    broken["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    nan = write_model(tmp_path / "nan", broken)
+    with pytest.raises(CompressError, match=r"tensor 'model\.layers\.1\.mlp\.up_proj.+: NaN"):
+        compress_model(str(nan), str(base), str(tmp_path / "y"))
+    assert not (tmp_path / "y").exists()
     leftovers = [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]
     assert leftovers == []
 
