@@ -52,22 +52,46 @@ def test_kept_count_is_the_ceiling_and_at_least_one() -> None:
 
 
 @pytest.mark.parametrize(
-    ("numel", "density", "kind"), [(4096, 0.1, "bitmask"), (4096, 0.01, "indices")]
+    ("numel", "density", "kind", "positions_bytes"),
+    [
+        (4096, 0.5, "bitmask", 4096 // 8),
+        # k = 410, L = floor(log2(4096 / 410)) = 3: 410 * 3 low bits, 410 + 4095 >> 3 high bits
+        (4096, 0.1, "elias_fano", math.ceil(410 * 3 / 8) + math.ceil((410 + 511) / 8)),
+        (1000, 0.001, "indices", 2),  # k = 1: one int16 index (Elias-Fano: 3 bytes)
+    ],
 )
 def test_encoding_round_trips_bit_exactly_in_the_predicted_bytes(
-    numel: int, density: float, kind: str
+    numel: int, density: float, kind: str, positions_bytes: int
 ) -> None:
     g = torch.Generator().manual_seed(0)
     t = compeft(torch.randn(numel, generator=g), density)
     k = t.positions.numel()
     stored = codec.encode("w", t)
     assert codec.encoding(numel, k) == kind
-    positions_bytes = math.ceil(numel / 8) if kind == "bitmask" else 2 * k  # int16 indices
     assert codec.payload_bytes(codec.entries_of(stored)) == positions_bytes + math.ceil(k / 8) + 4
     back = codec.decode((numel,), k, stored[0][1], stored[1][1], float(stored[2][1]))
     assert torch.equal(back.positions, t.positions)
     assert torch.equal(back.negative, t.negative)
     assert torch.equal(back.delta(), t.delta())
+
+
+def test_elias_fano_by_hand() -> None:
+    # n = 16, positions 1 5 6 14, L = floor(log2(16 / 4)) = 2.
+    # low parts 1 1 2 2 as 2-bit little-endian groups: 10 10 01 01 -> byte 1 + 4 + 32 + 128
+    # high parts 0 1 1 3, bit (high + i) set: bits 0 2 3 6 of 4 + (15 >> 2) = 7 -> 1 + 4 + 8 + 64
+    positions = torch.tensor([1, 5, 6, 14])
+    assert codec.position_bytes(16, 4) == {"bitmask": 2, "elias_fano": 2, "indices": 8}
+    assert codec.encoding(16, 4) == "bitmask"  # the bitmask wins ties
+    code = codec._elias_fano(positions.numpy(), 16)
+    assert code.tolist() == [165, 77]
+    assert codec._elias_fano_decode(code, 16, 4).tolist() == [1, 5, 6, 14]
+
+
+def test_elias_fano_without_low_bits_and_at_the_ends() -> None:
+    for numel, positions in [(5, [0, 1, 3, 4]), (1000, [0, 999]), (70000, [69999])]:
+        p = torch.tensor(positions)
+        code = codec._elias_fano(p.numpy(), numel)
+        assert codec._elias_fano_decode(code, numel, len(positions)).tolist() == positions
 
 
 def test_bits_are_packed_little_endian() -> None:
