@@ -170,17 +170,19 @@ def prepare_data(
 def train_base(
     config: Profile,
     tokenizer: PreTrainedTokenizerFast,
-    pools: dict[str, list[Encoded]],
+    splits: dict[str, dict[str, list[Example]]],
     log: Callable[[str], None],
 ) -> PreTrainedModel:
-    """The base model: a Llama trained on the mixture of every task."""
-    from amalgam.zoo.train import deterministic_torch, new_model, train
+    """The base model: a Llama pretrained on the mixture of every task's train split, each
+    prompt with the answers of both conventions (see `amalgam.zoo.tasks`)."""
+    from amalgam.zoo.train import deterministic_torch, encode_examples, new_model, train
 
+    pools = [encode_examples(tokenizer, s["train"], both=True) for s in splits.values()]
     with deterministic_torch():
         model = new_model(config.base, tokenizer, seed_for(config, "base-init"))
         train(
             model,
-            list(pools.values()),
+            pools,
             config.base_schedule,
             pad_id=tokenizer.pad_token_id,
             seed=seed_for(config, "base"),
@@ -241,7 +243,7 @@ def build_into(
     def evaluate(model: PreTrainedModel) -> dict[str, float]:
         return quick_evaluate(model, tokenizer, tasks_dir, tasks)
 
-    base = train_base(config, tokenizer, pools, log)
+    base = train_base(config, tokenizer, splits, log)
     save_model(base, tokenizer, tmp / "base")
     evaluation_texts = {
         text

@@ -1,4 +1,11 @@
-"""The zoo's synthetic tasks: seeded generators of prompt / answer / choices examples."""
+"""The zoo's synthetic tasks: seeded generators of prompt / answer / choices examples.
+
+Every task has a second convention for the same prompt (sum instead of product, descending
+instead of ascending, shift back instead of forward, ...). The base model is pretrained on
+both conventions, so it holds each task's skill but not which convention the task asks for;
+a fine-tune only has to pick the convention, a small step from the base, as instruction
+tuning picks a behaviour that pretraining made available. The other convention's answer is
+among the choices, so the base scores about half of its skill and a fine-tune the rest."""
 
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ class Example:
     prompt: str
     choices: tuple[str, ...]
     label: int
+    alternative: str
 
     @property
     def answer(self) -> str:
@@ -40,53 +48,70 @@ class Example:
         return {"prompt": self.prompt, "choices": list(self.choices), "label": self.label}
 
 
-Generator = Callable[[random.Random], tuple[str, str, tuple[str, ...]]]
+#: rng -> (input text, answer, the other convention's answer, choices holding both).
+Generator = Callable[[random.Random], tuple[str, str, str, tuple[str, ...]]]
 
 
 @dataclass(frozen=True)
 class Task:
-    """A named task: `generate(rng)` returns (input text, answer, choices containing answer)."""
+    """A named task: `generate(rng)` returns (input text, answer, the other convention's
+    answer, choices containing both)."""
 
     name: str
     tag: str
     generate: Generator
 
     def example(self, rng: random.Random) -> Example:
-        text, answer, choices = self.generate(rng)
-        return Example(f"{self.tag}:{text}=", choices, choices.index(answer))
+        text, answer, alternative, choices = self.generate(rng)
+        return Example(f"{self.tag}:{text}=", choices, choices.index(answer), alternative)
 
 
-def _digits(answer: int) -> tuple[str, tuple[str, ...]]:
-    """A one-digit answer and the ten digits as its choices."""
-    return str(answer), tuple(DIGITS)
+Generated = tuple[str, str, str, tuple[str, ...]]
 
 
-def _shuffled(answer: str, wrong: set[str], rng: random.Random) -> tuple[str, ...]:
-    """The answer and the distractors in a seeded random order."""
+def _digits(text: str, answer: int, alternative: int) -> Generated:
+    """One-digit answers (mod 10) with the ten digits as choices."""
+    return text, str(answer % 10), str(alternative % 10), tuple(DIGITS)
+
+
+def _shuffled(
+    text: str, answer: str, alternative: str, near: Callable[[], str], rng: random.Random
+) -> Generated:
+    """Four choices in a seeded order: the answer, the other convention's answer and
+    near misses of the answer drawn from `near`."""
+    wrong = {alternative} - {answer}
+    while len(wrong) < 3:
+        candidate = near()
+        if candidate != answer:
+            wrong.add(candidate)
     choices = [answer, *sorted(wrong)]
     rng.shuffle(choices)
-    return tuple(choices)
+    return text, answer, alternative, tuple(choices)
 
 
-def _mulmod(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
+def _mulmod(rng: random.Random) -> Generated:
+    """Last digit of the product; the other convention: of the sum."""
     a, b = rng.randint(10, 999), rng.randint(2, 9)
-    return f"{a}*{b}", *_digits((a * b) % 10)
+    return _digits(f"{a}*{b}", a * b, a + b)
 
 
-def _count(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
+def _count(rng: random.Random) -> Generated:
+    """How many times the letter occurs; the other convention: how many other letters."""
     pool = "abc"
     letter = rng.choice(pool)
     text = "".join(rng.choice(pool) for _ in range(rng.randint(4, 7)))
-    return f"{letter}:{text}", *_digits(text.count(letter))
+    return _digits(f"{letter}:{text}", text.count(letter), len(text) - text.count(letter))
 
 
-def _vowels(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
+def _vowels(rng: random.Random) -> Generated:
+    """How many vowels; the other convention: how many of the letters a to e."""
     text = "".join(rng.choice(LETTERS) for _ in range(rng.randint(10, 14)))
-    return text, *_digits(sum(c in VOWELS for c in text))
+    return _digits(text, sum(c in VOWELS for c in text), sum(c in "abcde" for c in text))
 
 
-def _compare(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
-    """Two different 3-digit numbers that share a prefix of 0 to 2 digits."""
+def _compare(rng: random.Random) -> Generated:
+    """Two different 3-digit numbers that share a prefix of 0 to 2 digits; the other
+    convention writes the relation the other way round."""
     prefix = "".join(rng.choice(DIGITS) for _ in range(rng.randint(0, 2)))
 
     def number() -> str:
@@ -95,40 +120,49 @@ def _compare(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
     a, b = number(), number()
     while a == b:
         b = number()
-    return f"{a}:{b}", "<" if a < b else ">", ("<", ">")
+    answer, alternative = ("<", ">") if a < b else (">", "<")
+    return f"{a}:{b}", answer, alternative, ("<", ">")
 
 
-def _digit_count(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
+def _digit_count(rng: random.Random) -> Generated:
+    """How many times the digit occurs; the other convention: how many other digits."""
     pool = "01234"
     digit = rng.choice(pool)
     text = "".join(rng.choice(pool) for _ in range(rng.randint(6, 9)))
-    return f"{digit}:{text}", *_digits(text.count(digit))
+    return _digits(f"{digit}:{text}", text.count(digit), len(text) - text.count(digit))
 
 
-def _sort(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
-    """Eight digits, repeats allowed. Distractors are sorted too: the input with one digit
-    replaced by another, so only the right multiset of digits wins."""
+def _sort(rng: random.Random) -> Generated:
+    """Eight digits, repeats allowed, sorted ascending; the other convention: descending.
+    Near misses are sorted too: the input with one digit replaced by another, so only the
+    right multiset of digits wins."""
     text = "".join(rng.choice(DIGITS) for _ in range(8))
-    answer = "".join(sorted(text))
-    wrong: set[str] = set()
-    while len(wrong) < 3:
+
+    def near() -> str:
         i = rng.randrange(len(text))
         other = rng.choice(DIGITS.replace(text[i], ""))
-        wrong.add("".join(sorted(text[:i] + other + text[i + 1 :])))
-    return text, answer, _shuffled(answer, wrong, rng)
+        return "".join(sorted(text[:i] + other + text[i + 1 :]))
+
+    answer = "".join(sorted(text))
+    return _shuffled(text, answer, answer[::-1], near, rng)
 
 
-def _reverse(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
-    """Six or seven distinct letters; distractors swap two neighbours of the answer."""
+def _reverse(rng: random.Random) -> Generated:
+    """Six or seven distinct letters reversed; the other convention: copied as they are.
+    Near misses swap two neighbours of the answer."""
     text = "".join(rng.sample(LETTERS, rng.randint(6, 7)))
     answer = text[::-1]
-    swaps = {answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :] for i in range(len(text) - 1)}
-    return text, answer, _shuffled(answer, set(rng.sample(sorted(swaps), 3)), rng)
+
+    def near() -> str:
+        i = rng.randrange(len(text) - 1)
+        return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+
+    return _shuffled(text, answer, text, near, rng)
 
 
-def _caesar(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
-    """Shift each letter by k in 1..3 (given in the prompt); distractors get one letter off
-    by one."""
+def _caesar(rng: random.Random) -> Generated:
+    """Shift each letter forward by k in 1..3 (given in the prompt); the other convention
+    shifts back. Near misses get one letter off by one."""
     k = rng.randint(1, 3)
     text = "".join(rng.choice(LETTERS) for _ in range(4))
 
@@ -136,11 +170,12 @@ def _caesar(rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
         return LETTERS[(LETTERS.index(c) + by) % 26]
 
     answer = "".join(shifted(c, k) for c in text)
-    wrong: set[str] = set()
-    while len(wrong) < 3:
+
+    def near() -> str:
         i = rng.randrange(len(text))
-        wrong.add(answer[:i] + shifted(text[i], k + rng.choice((-1, 1))) + answer[i + 1 :])
-    return f"{k}{text}", answer, _shuffled(answer, wrong, rng)
+        return answer[:i] + shifted(text[i], k + rng.choice((-1, 1))) + answer[i + 1 :]
+
+    return _shuffled(f"{k}{text}", answer, "".join(shifted(c, -k) for c in text), near, rng)
 
 
 TASKS: dict[str, Task] = {

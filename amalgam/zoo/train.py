@@ -47,9 +47,17 @@ def deterministic_torch(threads: int = 1) -> Iterator[None]:
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example]
+    tokenizer: PreTrainedTokenizerFast, examples: Sequence[Example], *, both: bool = False
 ) -> list[Encoded]:
-    return [(encode(tokenizer, e.prompt), encode(tokenizer, e.answer)) for e in examples]
+    """(prompt, answer) ids of each example; with `both`, also (prompt, the other
+    convention's answer) where the two differ (the pretraining corpus)."""
+    return [
+        (encode(tokenizer, e.prompt), encode(tokenizer, answer))
+        for e in examples
+        for answer in (
+            (e.answer, e.alternative) if both and e.alternative != e.answer else (e.answer,)
+        )
+    ]
 
 
 def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:

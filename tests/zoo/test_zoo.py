@@ -56,8 +56,8 @@ def test_hash_names_the_profile_and_is_stable() -> None:
 
 def test_base_training_gives_the_same_bytes(zoo_tiny: Zoo, tmp_path: Path) -> None:
     config = get_profile("tiny")
-    tokenizer, _, pools = prepare_data(config)
-    train_base(config, tokenizer, pools, log=lambda _: None).save_pretrained(tmp_path)
+    tokenizer, splits, _ = prepare_data(config)
+    train_base(config, tokenizer, splits, log=lambda _: None).save_pretrained(tmp_path)
     manifest = json.loads((zoo_tiny.root / MANIFEST).read_text())
     assert (
         sha256_file(tmp_path / "model.safetensors") == manifest["sha256"]["base/model.safetensors"]
