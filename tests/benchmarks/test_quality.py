@@ -1,0 +1,76 @@
+"""The quality benchmark's --quick run: every registered method reported, numbers sane."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from statistics import mean
+
+import pytest
+
+from amalgam.merge.base import REGISTRY, get_method
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def accuracies_ok(scores: dict[str, float], tasks: list[str]) -> bool:
+    return set(scores) == set(tasks) and all(0.0 <= scores[t] <= 1.0 for t in tasks)
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_method(tmp_path: Path) -> None:
+    quality = load_benchmark()
+    assert quality.main(["--quick", "--results", str(tmp_path), "--work", str(tmp_path / "w")]) == 0
+    result = json.loads((tmp_path / "quality-quick.json").read_text())
+    assert (tmp_path / "quality-quick.png").stat().st_size > 10_000
+    markdown = (tmp_path / "quality-quick.md").read_text()
+    tasks = result["tasks"]
+    assert len(tasks) == 4
+
+    get_method("linear")
+    full = result["experts"]["full"]
+    assert set(full["methods"]) == set(REGISTRY)
+    for name, row in full["methods"].items():
+        assert "failed" not in row, f"{name}: {row.get('failed')}"
+        assert f"| {name} |" in markdown or f"| {name} " in markdown
+        if "skipped" in row:
+            continue
+        if row["kind"] == "continual":
+            for run in row["orders"].values():
+                assert accuracies_ok(run["test"], tasks)
+                assert run["average"] == pytest.approx(mean(run["test"].values()))
+                # BWT recomputed from the per-step scores the run recorded
+                bwt = mean(run["test"][t] - run["just_absorbed"][t] for t in run["order"][:-1])
+                assert run["bwt"] == pytest.approx(bwt)
+            continue
+        for label in ("default", "tuned"):
+            if label in row:
+                r = row[label]
+                assert accuracies_ok(r["test"], tasks)
+                own = full["own"]
+                assert r["normalized"] == pytest.approx(mean(r["test"][t] / own[t] for t in tasks))
+        if "tuned" in row:
+            curve = row["tuned"]["validation_curve"]
+            assert len(curve) >= 2
+            best = max(curve.values())
+            assert curve[str(row["tuned"]["params"][row["tuned"]["scalar"]])] == best
+
+    # the reference rows: the experts are on average clearly above the base on their own task
+    reference = full["reference"]
+    base, own = reference["base"], full["own"]
+    assert mean(own.values()) > mean(base[t] for t in tasks) + 0.05
+    assert any(own[t] > base[t] for t in tasks)
+    # merging the LoRA experts after merge_and_unload reports the same methods
+    lora = result["experts"]["lora"]
+    assert {n for n, r in lora["methods"].items() if r["kind"] != "continual"} <= set(REGISTRY)
+    assert accuracies_ok(lora["reference"]["base"], tasks) and base == lora["reference"]["base"]
