@@ -1,4 +1,5 @@
-"""The amalgam command line (typer): inspect, merge, methods, zoo, evaluate."""
+"""The amalgam command line (typer): inspect, merge, methods, zoo, evaluate, and the pipeline
+commands run, nightly, sweep, promote, serve (Prefect flows, imported when called)."""
 
 from __future__ import annotations
 
@@ -222,6 +223,101 @@ def evaluate(
         )
     task_names = names or sorted({t for r in rows.values() for t in r})
     Console(width=max(console.width, 120)).print(render_table(rows, task_names))
+
+
+def _flows_env() -> None:
+    """Prefect defaults for a command-line run: no telemetry, a patient ephemeral server."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _print_result(title: str, result: dict) -> None:
+    console.print(f"[bold]{title}[/]")
+    print(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML (with evaluate/register sections)")],
+    output: Annotated[str | None, typer.Option(help="output folder or URI")] = None,
+    executor: Annotated[str | None, typer.Option(help="local | ray")] = None,
+    stage: Annotated[bool, typer.Option(help="copy every input to the local cache first")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an output from another recipe")] = False,
+) -> None:
+    """Run the whole pipeline (fetch, align, merge, compress, evaluate, register) as a flow."""
+    _flows_env()
+    from amalgam.recipe import load_recipe
+
+    parsed = load_recipe(recipe)  # bad input fails here, before Prefect starts
+    from flows.pipeline import merge_pipeline
+
+    result = merge_pipeline(parsed, output, executor, stage, overwrite)
+    _print_result("pipeline finished", result.as_dict())
+
+
+@app.command()
+def nightly(
+    config: Annotated[Path, typer.Argument(help="nightly config YAML")],
+) -> None:
+    """Absorb new expert checkpoints into the champion; promote only if every gate passes."""
+    _flows_env()
+    from flows.config import load_nightly_config
+
+    parsed = load_nightly_config(config)
+    from flows.nightly import nightly as nightly_flow
+
+    _print_result("nightly finished", nightly_flow(parsed).as_dict())
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="base recipe YAML")],
+    grid: Annotated[Path, typer.Option(help="grid YAML: methods and parameter values")],
+    executor: Annotated[str, typer.Option(help="where candidates run: ray | local")] = "ray",
+) -> None:
+    """Merge and evaluate every grid point in parallel; log a leaderboard; register the best."""
+    _flows_env()
+    from amalgam.recipe import load_recipe
+    from flows.config import load_grid
+
+    parsed, points = load_recipe(recipe), load_grid(grid)
+    from flows.sweep import sweep as sweep_flow
+
+    _print_result("sweep finished", sweep_flow(parsed, points, executor).as_dict())
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="model version to promote to champion")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: SQLite under .amalgam)")
+    ] = None,
+) -> None:
+    """Check the version's gates and move the champion alias, or refuse naming the gate."""
+    _flows_env()
+    from flows.promote import promote as promote_flow
+
+    _print_result("promoted", promote_flow(name, version, tracking_uri))
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option(help="nightly config YAML")] = Path(
+        "configs/nightly.yaml"
+    ),
+    cron: Annotated[str, typer.Option(help="cron schedule of the nightly run")] = "0 2 * * *",
+) -> None:
+    """Serve the nightly flow on a cron schedule from this process (Ctrl-C stops it)."""
+    _flows_env()
+    from flows.config import load_nightly_config
+
+    load_nightly_config(config)  # refuse a bad config before serving it every night
+    from flows.serve import serve_nightly
+
+    serve_nightly(config, cron)
 
 
 def main() -> None:
