@@ -2,9 +2,11 @@
 
 from amalgam.merge import (  # noqa: F401  (importing a module registers its methods)
     breadcrumbs,
+    continual,
     dare,
     linear,
     model_stock,
+    opcm,
     slerp,
     task_arithmetic,
     ties,
