@@ -126,9 +126,7 @@ def vocabulary_problems(label: str, ref: Checkpoint, other: Checkpoint) -> list[
     ref_size = (ref.config or {}).get("vocab_size")
     other_size = (other.config or {}).get("vocab_size")
     if ref_size is not None and other_size is not None and ref_size != other_size:
-        problems.append(
-            Problem(label, "vocab_size", "config.json", f"{other_size} vs {ref_size}")
-        )
+        problems.append(Problem(label, "vocab_size", "config.json", f"{other_size} vs {ref_size}"))
     ref_vocab, vocab = _vocabulary(ref), _vocabulary(other)
     if ref_vocab is None or vocab is None:
         return problems
