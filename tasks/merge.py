@@ -25,9 +25,14 @@ class Merged:
     seconds: float = 0.0
 
 
-def provenance_matches(output: str, recipe: Recipe, inputs: list[FetchedModel]) -> bool:
+def provenance_matches(
+    output: str, recipe: Recipe, inputs: list[FetchedModel], continue_from: str | None = None
+) -> bool:
     """True when ``output`` is a finished model written from this recipe and these exact
-    inputs (by the recipe hash and parent content hashes in its safetensors metadata)."""
+    inputs: by the recipe hash and parent content hashes in its safetensors metadata, or for a
+    continual merge by its state (method, parameters, base and absorbed models' hashes)."""
+    if recipe.method_spec.continual:
+        return _continual_matches(output, recipe, inputs, continue_from)
     try:
         with open_checkpoint(output, **recipe.storage_options) as ckpt:
             metas = list(ckpt.metadata.values())
@@ -38,6 +43,27 @@ def provenance_matches(output: str, recipe: Recipe, inputs: list[FetchedModel]) 
     parents = set(metas[0].get("parents", "").split(";"))
     return metas[0].get("recipe_hash") == recipe.hash() and all(
         f"{m.label}={m.content_hash}" in parents for m in inputs
+    )
+
+
+def _continual_matches(
+    output: str, recipe: Recipe, inputs: list[FetchedModel], continue_from: str | None
+) -> bool:
+    from amalgam.engine.continual import read_state, shared_params
+
+    so = recipe.storage_options
+    try:
+        state = read_state(output, **so)
+        before = read_state(continue_from, **so).models if continue_from else []
+    except CheckpointError:
+        return False
+    hashes = {m.label: m.content_hash for m in inputs}
+    expected = [m.content_hash for m in before] + [hashes[m.label] for m in recipe.models]
+    return (
+        state.method == recipe.method
+        and state.params == shared_params(recipe, recipe.method_spec)
+        and state.base.content_hash == hashes.get("base")
+        and [m.content_hash for m in state.models] == expected
     )
 
 
@@ -52,7 +78,7 @@ def merge(recipe: Recipe, options: MergeOptions, inputs: list[FetchedModel]) -> 
     holds a merge of this recipe over inputs with these content hashes, nothing is recomputed."""
     logger = get_run_logger()
     output = output_of(recipe, options)
-    if provenance_matches(output, recipe, inputs):
+    if provenance_matches(output, recipe, inputs, options.continue_from):
         logger.info("%s already holds this merge (same recipe and input hashes): skipped", output)
         return Merged(output, content_hash(output, recipe.storage_options), skipped=True)
     result = run_merge(recipe, options)

@@ -1,0 +1,156 @@
+"""The evaluate task: score candidate, base, experts and champion (each cached by content hash),
+compare them, write the report, and publish it as Prefect artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from amalgam.checkpoint import file_set_hash, open_checkpoint
+from amalgam.errors import RecipeError
+from amalgam.recipe import EvaluateSpec, Recipe
+from amalgam.storage import amalgam_home, resolve
+from tasks.retry import RETRIES
+
+if TYPE_CHECKING:
+    from amalgam.evaluate.report import EvalReport, ModelResult
+
+
+def tasks_of(spec: EvaluateSpec) -> list[str]:
+    from amalgam.evaluate.taskdir import list_tasks
+
+    return list(spec.tasks) if spec.tasks else list_tasks(Path(spec.tasks_dir))
+
+
+def data_hash(spec: EvaluateSpec, tasks: list[str]) -> str:
+    """sha256 over the task folders' files: new examples mean new scores."""
+    fs, root = resolve(spec.tasks_dir)
+    files = sorted(
+        str(Path(p).relative_to(root)) for t in tasks for p in fs.find(f"{root}/{t}") if fs.isfile(p)
+    )
+    return file_set_hash(fs, root, files)
+
+
+def score_key(context: Any, parameters: dict[str, Any]) -> str:
+    """A model's scores depend on its weights (content hash), the evaluation settings, the task
+    data and the task list: nothing else, so its URI is not part of the key."""
+    spec: EvaluateSpec = parameters["spec"]
+    body = {
+        "model": parameters["content_hash"],
+        "spec": spec.model_dump(mode="json", exclude={"experts", "champion", "device"}),
+        "data": parameters["data"],
+        "tasks": parameters["tasks"],
+        "perplexity": parameters["perplexity"],
+    }
+    return "score-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@task(name="score-model", cache_key_fn=score_key, persist_result=True, **RETRIES)
+def score(
+    uri: str,
+    content_hash: str,
+    spec: EvaluateSpec,
+    tasks: list[str],
+    perplexity: bool,
+    data: str,
+) -> ModelResult:
+    """One model's per-example results; cached across runs by content hash."""
+    from amalgam.evaluate.report import score_model
+
+    return score_model(uri, spec, tasks, perplexity=perplexity)
+
+
+def model_hash(uri: str, storage_options: dict) -> str:
+    with open_checkpoint(uri, **storage_options) as ckpt:
+        return ckpt.content_hash()
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(
+    recipe: Recipe,
+    candidate: str,
+    champion: str | None = None,
+    champion_version: str | None = None,
+) -> EvalReport:
+    """Evaluate ``candidate`` as the recipe's ``evaluate`` section says, against its base, the
+    experts it names and ``champion`` (default: the section's ``champion``)."""
+    from amalgam.evaluate.report import evaluate_candidate, write_report
+
+    spec = recipe.evaluate
+    if spec is None:
+        raise RecipeError("evaluate: the recipe has no evaluate section")
+    champion = champion or spec.champion
+    tasks = tasks_of(spec)
+    data = data_hash(spec, tasks)
+    so = recipe.storage_options
+    ppl = spec.perplexity and recipe.base is not None
+    wanted: dict[str, tuple[list[str], bool]] = {candidate: (tasks, ppl)}
+    if recipe.base:
+        wanted[recipe.base] = (tasks, ppl)
+    for task_name, uri in (spec.experts or {}).items():
+        on, p = wanted.get(uri, ([], False))
+        wanted[uri] = (sorted({*on, task_name}), p)
+    if champion:
+        on, p = wanted.get(champion, ([], False))
+        wanted[champion] = (tasks, p)
+    futures = {
+        uri: score.submit(uri, model_hash(uri, so), spec, on, p, data)
+        for uri, (on, p) in wanted.items()
+    }
+    precomputed = {uri: f.result() for uri, f in futures.items()}
+    report = evaluate_candidate(
+        candidate,
+        spec,
+        base_uri=recipe.base,
+        experts=spec.experts,
+        champion_uri=champion,
+        champion_version=champion_version,
+        precomputed=precomputed,
+    )
+    out = report_dir(model_hash(candidate, so))
+    write_report(report, out)
+    publish(report, out)
+    return report
+
+
+def report_dir(content_hash: str) -> Path:
+    """Reports are kept by the candidate's content hash under ``$AMALGAM_HOME/reports``."""
+    return amalgam_home() / "reports" / content_hash.removeprefix("sha256:")[:16]
+
+
+def publish(report: EvalReport, out: Path) -> None:
+    """The report as Prefect artifacts: a per-task table and a markdown summary."""
+    nfr = report.negative_flip_rates() or {}
+    create_table_artifact(
+        key="evaluation",
+        table=[
+            {
+                "task": t,
+                "accuracy": round(report.accuracy[t], 4),
+                "normalized_accuracy": _round(report.normalized_accuracy.get(t)),
+                "negative_flip_rate": _round(nfr.get(t)),
+            }
+            for t in report.tasks
+        ],
+        description=f"Candidate {report.candidate.uri}",
+    )
+    lines = [
+        f"### Evaluation of `{report.candidate.uri}`",
+        "",
+        f"- mean accuracy: {report.mean_accuracy:.4f}",
+        f"- mean normalized accuracy: {_round(report.mean_normalized_accuracy)}",
+        f"- negative flip rate vs champion: {_round(report.negative_flip_rate)}",
+        f"- perplexity ratio vs base: {_round(report.perplexity_ratio)}",
+        f"- report and plots: `{out}`",
+    ]
+    create_markdown_artifact(key="evaluation-summary", markdown="\n".join(lines))
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
