@@ -20,7 +20,7 @@ from amalgam.errors import AmalgamError
 if TYPE_CHECKING:
     from amalgam.recipe import AlignSpec
 
-MAX_LISTED = 10  # differences listed per model and kind before "... and N more"
+MAX_LISTED = 5  # differences listed per model and kind before "... and N more"
 
 
 class CompatibilityError(AmalgamError):
@@ -37,11 +37,18 @@ class Problem:
 
     model: str
     kind: str  # missing_tensor | extra_tensor | shape | vocab_size | vocabulary
-    item: str
-    detail: str
+    item: str  # tensor name, config file or token
+    detail: str  # the model's value vs the reference's (shapes, ids, sizes)
 
     def __str__(self) -> str:
-        return f"{self.model}: {self.kind} {self.item}: {self.detail}"
+        what = {
+            "missing_tensor": f"lacks tensor {self.item}",
+            "extra_tensor": f"has tensor {self.item}, which the reference lacks",
+            "shape": f"tensor {self.item} has shape {self.detail}",
+            "vocab_size": f"{self.item} vocab_size is {self.detail}",
+            "vocabulary": f"token {self.item} has {self.detail}",
+        }[self.kind]
+        return f"{self.model}: {what}"
 
 
 @dataclass
@@ -51,6 +58,7 @@ class CompatibilityReport:
     reference: str
     models: list[str]
     tensors: int
+    uris: dict[str, str] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -63,7 +71,12 @@ class CompatibilityReport:
                 f"compatible: {', '.join(self.models)} match {self.reference} "
                 f"({self.tensors} tensors)"
             )
-        lines = [f"incompatible with {self.reference}:"]
+        where = self.uris.get(self.reference)
+        lines = [
+            f"models differ from the reference {self.reference}"
+            + (f" ({where})" if where else "")
+            + ":"
+        ]
         for model in self.models:
             for kind in ("missing_tensor", "extra_tensor", "shape", "vocab_size", "vocabulary"):
                 found = [p for p in self.problems if p.model == model and p.kind == kind]
@@ -77,6 +90,7 @@ class CompatibilityReport:
             "reference": self.reference,
             "models": self.models,
             "tensors": self.tensors,
+            "uris": self.uris,
             "ok": self.ok,
             "problems": [vars(p) for p in self.problems],
         }
@@ -85,12 +99,12 @@ class CompatibilityReport:
 def tensor_problems(label: str, ref: Checkpoint, other: Checkpoint) -> list[Problem]:
     """Tensors missing from ``other``, extra in it, or shaped differently (dtype may differ)."""
     problems = [
-        Problem(label, "missing_tensor", name, f"in {ref.uri}, not in {other.uri}")
+        Problem(label, "missing_tensor", name, "")
         for name in ref.tensors
         if name not in other.tensors
     ]
     problems += [
-        Problem(label, "extra_tensor", name, f"in {other.uri}, not in {ref.uri}")
+        Problem(label, "extra_tensor", name, "")
         for name in other.tensors
         if name not in ref.tensors
     ]
@@ -98,7 +112,9 @@ def tensor_problems(label: str, ref: Checkpoint, other: Checkpoint) -> list[Prob
         theirs = other.tensors.get(name)
         if theirs is not None and theirs.shape != info.shape:
             problems.append(
-                Problem(label, "shape", name, f"{list(theirs.shape)} vs {list(info.shape)}")
+                Problem(
+                    label, "shape", name, f"{list(theirs.shape)}, the reference {list(info.shape)}"
+                )
             )
     return problems
 
@@ -126,16 +142,20 @@ def vocabulary_problems(label: str, ref: Checkpoint, other: Checkpoint) -> list[
     ref_size = (ref.config or {}).get("vocab_size")
     other_size = (other.config or {}).get("vocab_size")
     if ref_size is not None and other_size is not None and ref_size != other_size:
-        problems.append(Problem(label, "vocab_size", "config.json", f"{other_size} vs {ref_size}"))
+        problems.append(
+            Problem(label, "vocab_size", "config.json", f"{other_size}, the reference {ref_size}")
+        )
     ref_vocab, vocab = _vocabulary(ref), _vocabulary(other)
     if ref_vocab is None or vocab is None:
         return problems
     for token in sorted(set(ref_vocab) | set(vocab)):
         a, b = vocab.get(token), ref_vocab.get(token)
         if a != b:
-            theirs = "absent" if a is None else f"id {a}"
-            ours = "absent" if b is None else f"id {b}"
-            problems.append(Problem(label, "vocabulary", repr(token), f"{theirs} vs {ours}"))
+            theirs = "no id" if a is None else f"id {a}"
+            ours = "none" if b is None else f"id {b}"
+            problems.append(
+                Problem(label, "vocabulary", repr(token), f"{theirs}, the reference {ours}")
+            )
     return problems
 
 
@@ -166,7 +186,12 @@ def check_compatibility(
                 ckpts[label] = open_checkpoint(m, **storage_options)
                 opened.append(ckpts[label])
         (ref_label, ref), *others = ckpts.items()
-        report = CompatibilityReport(ref_label, [label for label, _ in others], len(ref.tensors))
+        report = CompatibilityReport(
+            ref_label,
+            [label for label, _ in others],
+            len(ref.tensors),
+            uris={label: c.uri for label, c in ckpts.items()},
+        )
         for label, ckpt in others:
             report.problems += tensor_problems(label, ref, ckpt)
             if vocabulary:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from amalgam import __version__, storage
-from amalgam.align.compatibility import tensor_problems
+from amalgam.align.compatibility import check_compatibility
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.compress import codec
 from amalgam.compress.compeft import compeft
@@ -131,10 +131,13 @@ def compress_model(
         open_checkpoint(model_uri, **storage_options) as model,
         open_checkpoint(base_uri, **storage_options) as base,
     ):
-        problems = tensor_problems("model", base, model)
-        if problems:
-            listed = "; ".join(str(p) for p in problems[:10])
-            raise CompressError(f"{model_uri}: does not match its base {base_uri}: {listed}")
+        fit = check_compatibility(
+            {"base": base, "model": model}, vocabulary=False, raise_on_error=False
+        )
+        if not fit.ok:
+            raise CompressError(
+                f"{model_uri}: cannot compress against {base_uri}\n{fit.describe()}"
+            )
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "method": spec.method,
