@@ -99,11 +99,10 @@ def evaluate(
     if champion:
         on, p = wanted.get(champion, ([], False))
         wanted[champion] = (tasks, p)
-    futures = {
-        uri: score.submit(uri, model_hash(uri, so), spec, on, p, data)
-        for uri, (on, p) in wanted.items()
+    # one model at a time: each already uses every core, and a score costs no RAM once done
+    precomputed = {
+        uri: score(uri, model_hash(uri, so), spec, on, p, data) for uri, (on, p) in wanted.items()
     }
-    precomputed = {uri: f.result() for uri, f in futures.items()}
     report = evaluate_candidate(
         candidate,
         spec,
