@@ -292,9 +292,9 @@ def sweep(
     from flows.config import load_grid
 
     parsed, points = load_recipe(recipe), load_grid(grid)
-    from flows.sweep import sweep as sweep_flow
+    from flows.sweep import run_sweep
 
-    _print_result("sweep finished", sweep_flow(parsed, points, executor).as_dict())
+    _print_result("sweep finished", run_sweep(parsed, points, executor).as_dict())
 
 
 @app.command()

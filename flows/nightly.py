@@ -30,7 +30,8 @@ from tasks.retry import RETRIES
 
 @dataclass
 class NightlyResult:
-    """What a nightly run did: ``status`` is nothing-new, promoted or held (gates failed)."""
+    """What a nightly run did: ``status`` is nothing-new, promoted or held (a gate failed;
+    ``failures`` names each)."""
 
     status: str
     message: str
@@ -70,7 +71,9 @@ def candidate_key(champion_hash: str | None, recipe_hash: str, new: list[Fetched
 
 def say(result: NightlyResult) -> NightlyResult:
     get_run_logger().info("%s: %s", result.status, result.message)
-    create_markdown_artifact(key="nightly", markdown=f"### nightly: {result.status}\n\n{result.message}")
+    create_markdown_artifact(
+        key="nightly", markdown=f"### nightly: {result.status}\n\n{result.message}"
+    )
     return result
 
 
@@ -109,9 +112,7 @@ def nightly(config: NightlyConfig | str) -> NightlyResult:
     recipe = config.recipe_for([{"uri": m.uri, "name": m.label} for m in new])
     output = workdir(config) / candidate_key(champion_hash, recipe.hash(), new)
     recipe, inputs = fetch(recipe)
-    options = MergeOptions(
-        output=str(output), continue_from=champion_uri, executor=config.executor
-    )
+    options = MergeOptions(output=str(output), continue_from=champion_uri, executor=config.executor)
     merged = merge(recipe, options, inputs)
     labels = [m.label for m in new]
     seen = find_version(registry, name, merged.content_hash)
@@ -147,6 +148,18 @@ def nightly(config: NightlyConfig | str) -> NightlyResult:
                 registered.version,
                 champion_version,
                 refused.failures,
+            )
+        )
+    if result.previous == result.version:  # a concurrent run with the same experts promoted it
+        return say(
+            NightlyResult(
+                "nothing-new",
+                f"version {result.version} with {', '.join(labels)} is already champion "
+                "(promoted by a concurrent run): nothing to do",
+                labels,
+                merged.output,
+                result.version,
+                result.version,
             )
         )
     return say(

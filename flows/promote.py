@@ -40,9 +40,7 @@ def promote_version(name: str, version: str, tracking_uri: str | None = None) ->
         markdown=f"### {name} version {result.version} is champion "
         f"(was {result.previous or 'none'})",
     )
-    get_run_logger().info(
-        "%s: champion %s -> %s", name, result.previous or "none", result.version
-    )
+    get_run_logger().info("%s: champion %s -> %s", name, result.previous or "none", result.version)
     return {"name": name, "version": result.version, "previous": result.previous}
 
 

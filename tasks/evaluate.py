@@ -32,7 +32,10 @@ def data_hash(spec: EvaluateSpec, tasks: list[str]) -> str:
     """sha256 over the task folders' files: new examples mean new scores."""
     fs, root = resolve(spec.tasks_dir)
     files = sorted(
-        str(Path(p).relative_to(root)) for t in tasks for p in fs.find(f"{root}/{t}") if fs.isfile(p)
+        str(Path(p).relative_to(root))
+        for t in tasks
+        for p in fs.find(f"{root}/{t}")
+        if fs.isfile(p)
     )
     return file_set_hash(fs, root, files)
 
@@ -71,38 +74,54 @@ def model_hash(uri: str, storage_options: dict) -> str:
         return ckpt.content_hash()
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(
+def wanted(
+    recipe: Recipe, spec: EvaluateSpec, champion: str | None, candidate: str | None
+) -> dict[str, tuple[list[str], bool]]:
+    """URI -> (tasks, perplexity?) for every model a report needs: the candidate (if given),
+    the base, each expert on its task, the champion."""
+    tasks = tasks_of(spec)
+    ppl = spec.perplexity and recipe.base is not None
+    out: dict[str, tuple[list[str], bool]] = {}
+    if candidate:
+        out[candidate] = (tasks, ppl)
+    if recipe.base:
+        out[recipe.base] = (tasks, ppl)
+    for task_name, uri in (spec.experts or {}).items():
+        on, p = out.get(uri, ([], False))
+        out[uri] = (sorted({*on, task_name}), p)
+    if champion:
+        out[champion] = (tasks, out.get(champion, ([], False))[1])
+    return out
+
+
+def score_all(recipe: Recipe, models: dict[str, tuple[list[str], bool]]) -> dict[str, ModelResult]:
+    """Score each model with the cached ``score`` task, one at a time (each model already
+    uses every core)."""
+    spec = spec_of(recipe)
+    data = data_hash(spec, tasks_of(spec))
+    so = recipe.storage_options
+    return {
+        uri: score(uri, model_hash(uri, so), spec, on, p, data) for uri, (on, p) in models.items()
+    }
+
+
+def spec_of(recipe: Recipe) -> EvaluateSpec:
+    if recipe.evaluate is None:
+        raise RecipeError("evaluate: the recipe has no evaluate section")
+    return recipe.evaluate
+
+
+def compare(
     recipe: Recipe,
     candidate: str,
-    champion: str | None = None,
-    champion_version: str | None = None,
-) -> EvalReport:
-    """Evaluate ``candidate`` as the recipe's ``evaluate`` section says, against its base, the
-    experts it names and ``champion`` (default: the section's ``champion``)."""
+    champion: str | None,
+    champion_version: str | None,
+    precomputed: dict[str, ModelResult],
+) -> tuple[EvalReport, Path]:
+    """The candidate's report from scores (missing ones are measured), written to its folder."""
     from amalgam.evaluate.report import evaluate_candidate, write_report
 
-    spec = recipe.evaluate
-    if spec is None:
-        raise RecipeError("evaluate: the recipe has no evaluate section")
-    champion = champion or spec.champion
-    tasks = tasks_of(spec)
-    data = data_hash(spec, tasks)
-    so = recipe.storage_options
-    ppl = spec.perplexity and recipe.base is not None
-    wanted: dict[str, tuple[list[str], bool]] = {candidate: (tasks, ppl)}
-    if recipe.base:
-        wanted[recipe.base] = (tasks, ppl)
-    for task_name, uri in (spec.experts or {}).items():
-        on, p = wanted.get(uri, ([], False))
-        wanted[uri] = (sorted({*on, task_name}), p)
-    if champion:
-        on, p = wanted.get(champion, ([], False))
-        wanted[champion] = (tasks, p)
-    # one model at a time: each already uses every core, and a score costs no RAM once done
-    precomputed = {
-        uri: score(uri, model_hash(uri, so), spec, on, p, data) for uri, (on, p) in wanted.items()
-    }
+    spec = spec_of(recipe)
     report = evaluate_candidate(
         candidate,
         spec,
@@ -112,8 +131,24 @@ def evaluate(
         champion_version=champion_version,
         precomputed=precomputed,
     )
-    out = report_dir(model_hash(candidate, so))
+    out = report_dir(model_hash(candidate, recipe.storage_options))
     write_report(report, out)
+    return report, out
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(
+    recipe: Recipe,
+    candidate: str,
+    champion: str | None = None,
+    champion_version: str | None = None,
+) -> EvalReport:
+    """Evaluate ``candidate`` as the recipe's ``evaluate`` section says, against its base, the
+    experts it names and ``champion`` (default: the section's ``champion``); publishes the
+    report as Prefect artifacts."""
+    champion = champion or spec_of(recipe).champion
+    scores = score_all(recipe, wanted(recipe, spec_of(recipe), champion, candidate))
+    report, out = compare(recipe, candidate, champion, champion_version, scores)
     publish(report, out)
     return report
 

@@ -74,8 +74,13 @@ def content_hash(output: str, storage_options: dict) -> str:
 
 @task(name="merge", cache_policy=NO_CACHE, **RETRIES)
 def merge(recipe: Recipe, options: MergeOptions, inputs: list[FetchedModel]) -> Merged:
-    """Merge with the recipe's executor. The cache key is the content: when the output already
-    holds a merge of this recipe over inputs with these content hashes, nothing is recomputed."""
+    """Merge with the chosen executor (local threads or Ray), unless already done."""
+    return merge_or_skip(recipe, options, inputs)
+
+
+def merge_or_skip(recipe: Recipe, options: MergeOptions, inputs: list[FetchedModel]) -> Merged:
+    """Run the engine. The cache key is the content: when the output already holds a merge of
+    this recipe over inputs with these content hashes, nothing is recomputed."""
     logger = get_run_logger()
     output = output_of(recipe, options)
     if provenance_matches(output, recipe, inputs, options.continue_from):

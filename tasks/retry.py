@@ -45,4 +45,8 @@ def retry_storage_errors(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-RETRIES = {"retries": 3, "retry_delay_seconds": [1, 4, 15], "retry_condition_fn": retry_storage_errors}
+RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": [1, 4, 15],
+    "retry_condition_fn": retry_storage_errors,
+}

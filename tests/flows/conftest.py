@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from zoo.conftest import zoo_tiny
 
 # Prefect reads its settings when first imported: set them before any test imports it.

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shutil
-
-import torch
 from pathlib import Path
 
+import torch
 from recipes import nightly_config
 
-from amalgam.engine import MergeOptions, run_merge
 from amalgam.checkpoint import open_checkpoint
+from amalgam.engine import MergeOptions, run_merge
 from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
 from flows.config import NightlyConfig
@@ -22,7 +21,9 @@ def test_nightly_absorbs_promotes_and_is_idempotent(zoo_tiny, tmp_path: Path, tr
     first = ["zoo_count", "zoo_compare"]
     for e in first:
         shutil.copytree(zoo_tiny.experts[e], drop / e)
-    raw = nightly_config(zoo_tiny, str(drop), tracking_uri, tmp_path / "work", max_perplexity_ratio=5.0)
+    raw = nightly_config(
+        zoo_tiny, str(drop), tracking_uri, tmp_path / "work", max_perplexity_ratio=5.0
+    )
     config = NightlyConfig.model_validate(raw)
 
     one = nightly(config)

@@ -31,7 +31,9 @@ def test_pipeline_merges_then_skips_a_finished_merge(zoo_tiny, tmp_path: Path) -
     assert [m["label"] for m in first.inputs] == ["base", *sorted(zoo_tiny.experts)[:2]]
     # independent check: base + 0.5 * sum of task vectors
     base = load_file(zoo_tiny.base / "model.safetensors")
-    experts = [load_file(zoo_tiny.experts[e] / "model.safetensors") for e in sorted(zoo_tiny.experts)[:2]]
+    experts = [
+        load_file(zoo_tiny.experts[e] / "model.safetensors") for e in sorted(zoo_tiny.experts)[:2]
+    ]
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     name = next(n for n in base if n.endswith("q_proj.weight"))
     expected = base[name].float() + 0.5 * sum(e[name].float() - base[name].float() for e in experts)
