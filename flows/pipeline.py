@@ -25,8 +25,8 @@ class PipelineResult:
     output: str
     content_hash: str
     skipped_merge: bool
-    compressed: str | None = None
-    report: dict | None = None
+    compressed: dict | None = None
+    report: dict[str, float] | None = None  # the evaluation's metrics
     registered: dict | None = None
     inputs: list[dict] = field(default_factory=list)
 
@@ -44,11 +44,25 @@ def as_recipe(recipe: Recipe | str | Path) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
-def run_stages(
-    recipe: Recipe, options: MergeOptions, *, stage: bool = False, reference: str | None = None
-) -> PipelineResult:
-    """The six stages in order, inside the calling flow. ``reference`` is the model the
-    negative-flip rate and perplexity ratio compare against (default: the recipe's champion)."""
+def current_champion(recipe: Recipe) -> tuple[str | None, str | None]:
+    """(URI, version) of the model the candidate would replace: the evaluate section's
+    ``champion``, else the registered model's ``champion`` alias, else none."""
+    if recipe.evaluate is not None and recipe.evaluate.champion:
+        return recipe.evaluate.champion, None
+    if recipe.register is None:
+        return None, None
+    from tasks.register import registry_for
+
+    registry = registry_for(recipe.register)
+    version = registry.alias_version(recipe.register.model_name, "champion")
+    if version is None:
+        return None, None
+    return registry.model_path(recipe.register.model_name, version), version
+
+
+def run_stages(recipe: Recipe, options: MergeOptions, *, stage: bool = False) -> PipelineResult:
+    """The six stages in order, inside the calling flow; the candidate is compared with the
+    current champion (negative flips) when there is one."""
     if not (options.output or recipe.output):
         options = options.model_copy(update={"output": default_output(recipe)})
     recipe, inputs = fetch(recipe, stage=stage, allow_pickle=options.allow_pickle)
@@ -58,16 +72,19 @@ def run_stages(
     compressed = None
     if recipe.compress is not None:
         compressed = compress(recipe, merged)
-    report = evaluate(recipe, candidate, reference) if recipe.evaluate is not None else None
+    report = None
+    if recipe.evaluate is not None:
+        champion, version = current_champion(recipe)
+        report = evaluate(recipe, candidate, champion, version)
     registered = None
     if recipe.register is not None:
-        registered = register(recipe, merged, inputs, report, compressed)
+        registered = register(recipe, merged, inputs, report, compressed).as_dict()
     return PipelineResult(
         candidate,
         merged.content_hash,
         merged.skipped,
         compressed,
-        report,
+        report.metrics() if report is not None else None,
         registered,
         [m.as_dict() for m in inputs],
     )
