@@ -23,7 +23,9 @@ def discover_checkpoints(prefix: str, **storage_options: Any) -> list[tuple[str,
         if entry["type"] != "directory" or name.startswith((".", "_")):
             continue
         files = {PurePosixPath(p).name for p in fs.ls(entry["name"], detail=False)}
-        if files & set(SINGLE_FILES) or (files & set(INDEX_FILES) and _shards_present(fs, entry["name"], files)):
+        if files & set(SINGLE_FILES) or (
+            files & set(INDEX_FILES) and _shards_present(fs, entry["name"], files)
+        ):
             found.append((name, storage.full_uri(fs, entry["name"].rstrip("/"))))
     return sorted(found)
 

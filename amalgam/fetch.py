@@ -53,7 +53,9 @@ def verify(ckpt: Checkpoint) -> None:
             )
 
 
-def fetch_model(label: str, uri: str, *, allow_pickle: bool = False, **storage_options) -> FetchedModel:
+def fetch_model(
+    label: str, uri: str, *, allow_pickle: bool = False, **storage_options
+) -> FetchedModel:
     """Open ``uri`` lazily, verify its files against their headers, hash its weights."""
     with open_checkpoint(uri, allow_pickle=allow_pickle, **storage_options) as ckpt:
         if all(f.endswith(".safetensors") for f in ckpt.files):

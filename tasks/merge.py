@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions, output_of, run_merge
-from amalgam.errors import CheckpointError
+from amalgam.errors import CheckpointError, OutputError
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import Recipe
 from tasks.retry import RETRIES
@@ -86,7 +86,13 @@ def merge_or_skip(recipe: Recipe, options: MergeOptions, inputs: list[FetchedMod
     if provenance_matches(output, recipe, inputs, options.continue_from):
         logger.info("%s already holds this merge (same recipe and input hashes): skipped", output)
         return Merged(output, content_hash(output, recipe.storage_options), skipped=True)
-    result = run_merge(recipe, options)
+    try:
+        result = run_merge(recipe, options)
+    except OutputError:
+        if not provenance_matches(output, recipe, inputs, options.continue_from):
+            raise
+        logger.info("%s was written meanwhile by a concurrent run: skipped", output)
+        return Merged(output, content_hash(output, recipe.storage_options), skipped=True)
     logger.info(
         "merged %d inputs with %s into %s in %.1f s (%.2f GB/s)",
         len(result.plan.labels),

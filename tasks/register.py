@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
@@ -36,9 +37,15 @@ class Registered:
 
 
 def registry_for(spec: RegisterSpec) -> Registry:
+    """The recipe's registry; with a SQLite store, artifacts go next to its database file
+    (MLflow's own default is ./mlruns under whatever folder the run started in)."""
     from amalgam.registry import Registry
 
-    return Registry(spec.tracking_uri)
+    uri = spec.tracking_uri
+    root = None
+    if uri and uri.startswith("sqlite:///"):
+        root = str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+    return Registry(uri, artifact_root=root)
 
 
 def find_version(registry: Registry, name: str, content_hash: str) -> Registered | None:

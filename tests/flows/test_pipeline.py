@@ -92,7 +92,7 @@ def test_a_candidate_that_regresses_a_task_is_not_promoted(
     }
     good = ta_recipe(zoo_tiny, tmp_path / "good", ["zoo_compare"], 1.0, **sections)
     v1 = merge_pipeline(parse_recipe(good)).registered["version"]
-    code, out, err = cli(
+    code, _, err = cli(
         ["promote", "gated", v1, "--tracking-uri", tracking_uri], monkeypatch, capsys
     )
     assert code == 0, err
@@ -100,7 +100,7 @@ def test_a_candidate_that_regresses_a_task_is_not_promoted(
     # lambda 0 gives back the base, which loses the compare expert's gains
     worse = ta_recipe(zoo_tiny, tmp_path / "worse", ["zoo_compare"], 0.0, **sections)
     v2 = merge_pipeline(parse_recipe(worse)).registered["version"]
-    code, out, err = cli(
+    code, _, err = cli(
         ["promote", "gated", v2, "--tracking-uri", tracking_uri], monkeypatch, capsys
     )
     assert code == 2

@@ -3,8 +3,6 @@ registered as candidate; the flow leaves the process's one Ray running for the n
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from recipes import evaluate_section, register_section
 
