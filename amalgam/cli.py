@@ -263,7 +263,43 @@ def run(
     from flows.pipeline import merge_pipeline
 
     result = merge_pipeline(parsed, output, executor, stage, overwrite)
-    _print_result("pipeline finished", result.as_dict())
+    summary = {k: v for k, v in result.as_dict().items() if k not in ("inputs", "report")}
+    _print_result("pipeline finished", summary)
+    if result.report:
+        _print_report(result.report)
+    if result.registered:
+        _print_where_to_look(parsed.register.tracking_uri, result.registered)
+
+
+def _print_report(metrics: dict[str, float]) -> None:
+    tasks = sorted(k.split(".", 1)[1] for k in metrics if k.startswith("accuracy."))
+    table = Table("task", "accuracy", "normalized accuracy", title="candidate")
+    for t in tasks:
+        norm = metrics.get(f"normalized_accuracy.{t}")
+        table.add_row(t, f"{metrics[f'accuracy.{t}']:.3f}", "-" if norm is None else f"{norm:.3f}")
+    mean_norm = metrics.get("mean_normalized_accuracy")
+    table.add_row(
+        "mean",
+        f"{metrics['mean_accuracy']:.3f}",
+        "-" if mean_norm is None else f"{mean_norm:.3f}",
+    )
+    console.print(table)
+
+
+def _print_where_to_look(tracking_uri: str | None, registered: dict) -> None:
+    from amalgam.registry import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
+    console.print(
+        f"[bold]registered[/] {registered['name']} version {registered['version']} "
+        f"(alias candidate; promote with `amalgam promote {registered['name']} "
+        f"{registered['version']}`)\n"
+        f"MLflow (runs, metrics, lineage, model):  mlflow ui --backend-store-uri {uri}\n"
+        f"Prefect (flow runs, task runs, artifacts):  PREFECT_HOME={prefect_home} "
+        "prefect server start",
+        soft_wrap=True,
+    )
 
 
 @app.command()
