@@ -9,7 +9,6 @@ memory never depends on how many models were absorbed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import resource
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -39,6 +39,7 @@ from amalgam.engine.plan import Plan, build_plan
 from amalgam.errors import CheckpointError, RecipeError
 from amalgam.merge.base import STEP_KEY, MergeFn, Method, Step
 from amalgam.recipe import ModelSpec, ParamValue, Recipe
+from amalgam.writer import remove_folder
 
 STATE_NAME = "continual_state.json"
 STATE_FORMAT = 1
@@ -164,11 +165,11 @@ def run_continual(
             )
             read += n
             if merged is not None and merged != options.continue_from:
-                _remove(fs, storage.resolve(merged, **so)[1])
+                remove_folder(fs, storage.resolve(merged, **so)[1])
             merged = out
     finally:
         torch.set_num_threads(threads_before)
-        _remove(fs, scratch)
+        remove_folder(fs, scratch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return MergeResult(output, plan, time.perf_counter() - start, read, peak)
 
@@ -214,6 +215,8 @@ def _absorb(
     inputs = open_recipe_inputs(step_recipe, options.allow_pickle)
     try:
         plan = _plan(step_recipe, inputs, options)
+        # provenance names the user's recipe, not the step's (whose inputs include a scratch path)
+        plan = replace(plan, metadata={**plan.metadata, "recipe_hash": recipe.hash()})
         index, prev_scale = state.step + 1, state.scale
         norms, scale = state.norms, 1.0
         if method.unscaled is not None:
@@ -256,8 +259,3 @@ def _norm_pass(
             merged_sq += float(torch.linalg.vector_norm(s, dtype=torch.float64)) ** 2
             task_sq += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
     return merged_sq, task_sq
-
-
-def _remove(fs: Any, path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(path, recursive=True)

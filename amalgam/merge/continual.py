@@ -22,12 +22,22 @@ from typing import Any
 
 import torch
 
-from amalgam.merge.base import STEP_KEY, MergeContext, Method, Param, TensorParams, register
+from amalgam.merge.base import (
+    STEP_KEY,
+    MergeContext,
+    MergeFn,
+    Method,
+    Param,
+    Step,
+    TensorParams,
+    register,
+)
 from amalgam.merge.sparsify import trim_magnitude
 from amalgam.merge.task_vectors import combine
 
 
-def step_of(ctx: MergeContext):
+def step_of(ctx: MergeContext) -> Step:
+    """The step being absorbed (set by the continual engine)."""
     return ctx.stats[STEP_KEY]
 
 
@@ -72,7 +82,9 @@ def check_continual(recipe: Any) -> list[str]:
     return problems
 
 
-def continual(name: str, fn, params: tuple[Param, ...], summary: str, **extra: Any) -> Method:
+def continual(
+    name: str, fn: MergeFn, params: tuple[Param, ...], summary: str, **extra: Any
+) -> Method:
     """Register a continual method (a base is required; shared parameters only)."""
     return register(
         Method(
