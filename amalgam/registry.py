@@ -25,6 +25,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ REPORT_ARTIFACT = f"{REPORT_DIR}/report.json"
 MODEL_DIR = "model"
 MAX_TAG_CHARS = 5000
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+_HELD = threading.local()  # lock files this thread holds
 
 
 class RegistryError(AmalgamError):
@@ -229,12 +231,14 @@ class Registry:
         experiment: str | None = None,
         run_name: str | None = None,
         log_model: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> str:
         """Record one pipeline run; returns its run id.
 
         ``parents`` maps each input's label to (URI, content hash). The merged model folder is
         logged under ``model/`` when ``log_model`` (needed to register a version from the run).
-        ``artifacts`` (report files, plots) go under ``report/``.
+        ``artifacts`` (report files, plots) go under ``report/``. ``storage_options`` reach a
+        remote merged model (they are not recorded).
         """
         from mlflow.entities import Metric, Param, RunTag
 
@@ -274,7 +278,7 @@ class Registry:
             if log_model and merged_uri:
                 from amalgam.evaluate.report import local_model
 
-                with local_model(merged_uri) as folder:
+                with local_model(merged_uri, **dict(storage_options or {})) as folder:
                     self.client.log_artifacts(run_id, str(folder), MODEL_DIR)
         except BaseException:
             self.client.set_terminated(run_id, "FAILED")
@@ -421,9 +425,15 @@ class Registry:
     # -- promotion --------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float = 120.0) -> Iterator[None]:
-        """An exclusive lock on promotions of ``name`` in this tracking store."""
+        """An exclusive lock on promotions of ``name`` in this tracking store, across
+        processes and threads; a thread that holds it may enter it again (``promote`` inside
+        a caller's ``lock`` does not deadlock)."""
         key = hashlib.sha256(f"{self.tracking_uri}\0{name}".encode()).hexdigest()[:24]
         path = storage.amalgam_home() / "mlflow" / "locks" / f"{key}.lock"
+        held: set[str] = _HELD.__dict__.setdefault("paths", set())
+        if str(path) in held:
+            yield
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         with path.open("a") as fh:
@@ -437,9 +447,11 @@ class Registry:
                             f"{name}: another promotion holds {path} for over {timeout:.0f} s"
                         ) from None
                     time.sleep(0.05)
+            held.add(str(path))
             try:
                 yield
             finally:
+                held.discard(str(path))
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def promote(

@@ -20,7 +20,10 @@ from amalgam.align.compatibility import check_compatibility
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.compress import codec
 from amalgam.compress.compeft import compeft
+from amalgam.engine import check_output
+from amalgam.engine.plan import TensorJob, _shards
 from amalgam.errors import AmalgamError
+from amalgam.recipe import CompressSpec
 from amalgam.writer import INDEX_NAME, CheckpointWriter, shard_header
 
 MANIFEST = "compression.json"
@@ -113,7 +116,7 @@ def compress_model(
     model_uri: str,
     base_uri: str,
     output_uri: str,
-    spec: Any = None,
+    spec: CompressSpec | None = None,
     *,
     overwrite: bool = False,
     **storage_options: Any,
@@ -123,8 +126,6 @@ def compress_model(
     ``spec`` is a :class:`amalgam.recipe.CompressSpec` (default settings when None). Reads one
     tensor pair at a time; nothing is left at ``output_uri`` on failure.
     """
-    from amalgam.recipe import CompressSpec
-
     spec = spec or CompressSpec()
     keep_dense = re.compile(spec.keep_dense) if spec.keep_dense else None
     with (
@@ -148,6 +149,7 @@ def compress_model(
             "amalgam": __version__,
             "tensors": {},
         }
+        check_output(output_uri, {"model": model, "base": base}, overwrite, storage_options)
         writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
         try:
             result = _compress(model, base, writer, spec, keep_dense, manifest)
@@ -163,7 +165,7 @@ def _compress(
     model: Checkpoint,
     base: Checkpoint,
     writer: CheckpointWriter,
-    spec: Any,
+    spec: CompressSpec,
     keep_dense: re.Pattern | None,
     manifest: dict[str, Any],
 ) -> CompressResult:
@@ -175,6 +177,10 @@ def _compress(
             stored, kind, kept = [(name, weights)], "dense", info.numel
         else:
             tau = weights.to(torch.float32) - base.tensor(name).to(torch.float32)
+            if not bool(torch.isfinite(tau).all()):
+                raise CompressError(
+                    f"tensor '{name}': NaN or Inf in {model.uri} or its base {base.uri}"
+                )
             ternary = compeft(tau, spec.density, spec.scale, spec.alpha)
             stored, kept = codec.encode(name, ternary), ternary.positions.numel()
             kind = codec.encoding(info.numel, kept)
@@ -253,8 +259,6 @@ def decompress_model(
     ``base_uri`` defaults to the base recorded at compression; its content hash must match the
     recorded one. Returns the output URI.
     """
-    from amalgam.engine.plan import TensorJob, _shards
-
     manifest = read_manifest(compressed_uri, **storage_options)
     base_uri = base_uri or manifest["base"]["uri"]
     tensors: dict[str, dict[str, Any]] = manifest["tensors"]
@@ -273,6 +277,7 @@ def decompress_model(
                 f"compressed against ({manifest['base']['uri']}, {manifest['base']['hash']})"
             )
         metadata = {"amalgam.decompressed_from": manifest["model"]["hash"]}
+        check_output(output_uri, {"compressed": packed, "base": base}, overwrite, storage_options)
         writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
         try:
             for unit in units:

@@ -38,6 +38,20 @@ class ModelResult(BaseModel):
     nll: float | None = None
     tokens: int | None = None
 
+    @classmethod
+    def from_correct(
+        cls,
+        uri: str,
+        correct: Mapping[str, list[bool]],
+        nll: float | None = None,
+        tokens: int | None = None,
+    ) -> ModelResult:
+        """Results from per-example correctness per task."""
+        tasks = {
+            t: TaskResult(accuracy=metric.accuracy(c), correct=list(c)) for t, c in correct.items()
+        }
+        return cls(uri=uri, tasks=tasks, nll=nll, tokens=tokens)
+
     @computed_field
     @property
     def perplexity(self) -> float | None:
@@ -98,9 +112,9 @@ class EvalReport(BaseModel):
 
 
 @contextlib.contextmanager
-def local_model(uri: str) -> Iterator[Path]:
+def local_model(uri: str, **storage_options: Any) -> Iterator[Path]:
     """A local folder holding the model at ``uri`` (copied to a temporary folder if remote)."""
-    fs, path = storage.resolve(uri)
+    fs, path = storage.resolve(uri, **storage_options)
     if storage.is_local(fs):
         if not Path(path).is_dir():
             raise EvaluationError(f"{uri}: no model folder there")
@@ -117,11 +131,12 @@ def score_model(
     tasks: list[str],
     *,
     perplexity: bool = False,
+    **storage_options: Any,
 ) -> ModelResult:
     """Run one model on ``tasks`` as ``spec`` (an :class:`amalgam.recipe.EvaluateSpec`) says;
     with ``perplexity``, also its log-likelihood of the tasks' texts."""
     tasks_dir = Path(spec.tasks_dir)
-    with local_model(uri) as folder:
+    with local_model(uri, **storage_options) as folder:
         if spec.engine == "lm_eval":
             from amalgam.evaluate.harness import evaluate_model_samples
 
@@ -138,12 +153,7 @@ def score_model(
         else:
             model, tokenizer = _load(folder, spec.device)
             correct = _quick_correct(model, tokenizer, spec, tasks)
-        result = ModelResult(
-            uri=uri,
-            tasks={
-                t: TaskResult(accuracy=metric.accuracy(c), correct=c) for t, c in correct.items()
-            },
-        )
+        result = ModelResult.from_correct(uri, correct)
         if perplexity:
             if model is None:
                 model, tokenizer = _load(folder, spec.device)
@@ -183,6 +193,21 @@ def _text_nll(model: Any, tokenizer: Any, spec: Any, tasks: list[str]) -> tuple[
     return sequence_nll(model, token_ids(tokenizer, texts), batch_size=spec.batch_size)
 
 
+def spec_tasks(spec: Any) -> list[str]:
+    """The tasks an EvaluateSpec names, or every task folder under its ``tasks_dir``."""
+    return list(spec.tasks) if spec.tasks else list_tasks(Path(spec.tasks_dir))
+
+
+def experts_for(recipe: Any) -> dict[str, str]:
+    """Task -> expert URI for a recipe with an ``evaluate`` section: its ``experts`` mapping
+    (values are model labels or URIs), else every recipe model whose label is a task name."""
+    spec = recipe.evaluate
+    by_label = {m.label: m.uri for m in recipe.models}
+    if spec.experts is not None:
+        return {task: by_label.get(ref, ref) for task, ref in spec.experts.items()}
+    return {task: by_label[task] for task in spec_tasks(spec) if task in by_label}
+
+
 def evaluate_candidate(
     candidate_uri: str,
     spec: Any,
@@ -192,6 +217,7 @@ def evaluate_candidate(
     champion_uri: str | None = None,
     champion_version: str | None = None,
     precomputed: Mapping[str, ModelResult] | None = None,
+    **storage_options: Any,
 ) -> EvalReport:
     """Evaluate ``candidate_uri`` on the tasks of ``spec`` (an EvaluateSpec).
 
@@ -199,10 +225,11 @@ def evaluate_candidate(
     ``champion_uri`` is the model the candidate would replace (negative flips), and
     ``champion_version`` its registry version, recorded so that promotion can check the
     champion has not moved since. ``precomputed`` maps URIs to results already measured with
-    the same spec (a cache: base and experts rarely change between runs).
+    the same spec (a cache: base and experts rarely change between runs). Remote models
+    (``s3://...`` with ``storage_options``) are copied to a temporary folder to be run.
     """
     tasks_dir = Path(spec.tasks_dir)
-    tasks = list(spec.tasks) if spec.tasks else list_tasks(tasks_dir)
+    tasks = spec_tasks(spec)
     check_tasks(tasks_dir, tasks, spec.split)
     experts = dict(experts or {})
     unknown = sorted(set(experts) - set(tasks))
@@ -217,28 +244,58 @@ def evaluate_candidate(
             return ModelResult(
                 uri=uri, tasks={t: hit.tasks[t] for t in on}, nll=hit.nll, tokens=hit.tokens
             )
-        return score_model(uri, spec, on, perplexity=ppl)
+        return score_model(uri, spec, on, perplexity=ppl, **storage_options)
 
     candidate = run(candidate_uri, tasks, want_ppl)
     base = run(base_uri, tasks, want_ppl) if base_uri else None
     expert_results = {task: run(uri, [task], False) for task, uri in experts.items()}
     champion = run(champion_uri, tasks, False) if champion_uri else None
 
+    return build_report(
+        tasks,
+        candidate,
+        base=base,
+        experts=expert_results,
+        champion=champion,
+        champion_version=champion_version,
+        split=spec.split,
+        limit=spec.limit,
+        engine=spec.engine,
+    )
+
+
+def build_report(
+    tasks: list[str],
+    candidate: ModelResult,
+    *,
+    base: ModelResult | None = None,
+    experts: Mapping[str, ModelResult] | None = None,
+    champion: ModelResult | None = None,
+    champion_version: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    engine: str = "quick",
+) -> EvalReport:
+    """Derive every metric from the models' per-example results (no model is run).
+
+    The perplexity ratio needs both candidate and base log-likelihoods, over the same tokens.
+    """
+    experts = dict(experts or {})
     acc = {t: candidate.tasks[t].accuracy for t in tasks}
     normalized = {
-        t: metric.normalized_accuracy(acc[t], expert_results[t].tasks[t].accuracy)
-        if t in expert_results
+        t: metric.normalized_accuracy(acc[t], experts[t].tasks[t].accuracy)
+        if t in experts
         else None
         for t in tasks
     }
     report = EvalReport(
         tasks=tasks,
-        split=spec.split,
-        limit=spec.limit,
-        engine=spec.engine,
+        split=split,
+        limit=limit,
+        engine=engine,
         candidate=candidate,
         base=base,
-        experts=expert_results,
+        experts=experts,
         champion=champion,
         champion_version=champion_version,
         accuracy=acc,
@@ -251,10 +308,10 @@ def evaluate_candidate(
             t: metric.flips(champion.tasks[t].correct, candidate.tasks[t].correct, t) for t in tasks
         }
         report.negative_flip_rate = metric.pooled_negative_flip_rate(report.flips)
-    if want_ppl and base is not None:
+    if base is not None and candidate.nll is not None and base.nll is not None:
         if candidate.tokens != base.tokens:
             raise EvaluationError(
-                f"perplexity: {candidate_uri} and {base_uri} tokenize the task texts into "
+                f"perplexity: {candidate.uri} and {base.uri} tokenize the task texts into "
                 f"{candidate.tokens} and {base.tokens} tokens; the ratio needs one tokenizer"
             )
         report.perplexity, report.base_perplexity = candidate.perplexity, base.perplexity
