@@ -23,9 +23,16 @@ if TYPE_CHECKING:
 
 
 def tasks_of(spec: EvaluateSpec) -> list[str]:
-    from amalgam.evaluate.taskdir import list_tasks
+    from amalgam.evaluate.report import spec_tasks
 
-    return list(spec.tasks) if spec.tasks else list_tasks(Path(spec.tasks_dir))
+    return spec_tasks(spec)
+
+
+def experts_of(recipe: Recipe) -> dict[str, str]:
+    """Task -> expert URI: the section's ``experts``, else the recipe's models named by task."""
+    from amalgam.evaluate.report import experts_for
+
+    return experts_for(recipe)
 
 
 def data_hash(spec: EvaluateSpec, tasks: list[str]) -> str:
@@ -50,7 +57,7 @@ def score_key(context: Any, parameters: dict[str, Any]) -> str:
         "data": parameters["data"],
         "tasks": parameters["tasks"],
         "perplexity": parameters["perplexity"],
-    }
+    }  # storage options (credentials) never enter the key
     return "score-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -62,11 +69,12 @@ def score(
     tasks: list[str],
     perplexity: bool,
     data: str,
+    storage_options: dict,
 ) -> ModelResult:
     """One model's per-example results; cached across runs by content hash."""
     from amalgam.evaluate.report import score_model
 
-    return score_model(uri, spec, tasks, perplexity=perplexity)
+    return score_model(uri, spec, tasks, perplexity=perplexity, **storage_options)
 
 
 def model_hash(uri: str, storage_options: dict) -> str:
@@ -86,7 +94,7 @@ def wanted(
         out[candidate] = (tasks, ppl)
     if recipe.base:
         out[recipe.base] = (tasks, ppl)
-    for task_name, uri in (spec.experts or {}).items():
+    for task_name, uri in experts_of(recipe).items():
         on, p = out.get(uri, ([], False))
         out[uri] = (sorted({*on, task_name}), p)
     if champion:
@@ -101,7 +109,8 @@ def score_all(recipe: Recipe, models: dict[str, tuple[list[str], bool]]) -> dict
     data = data_hash(spec, tasks_of(spec))
     so = recipe.storage_options
     return {
-        uri: score(uri, model_hash(uri, so), spec, on, p, data) for uri, (on, p) in models.items()
+        uri: score(uri, model_hash(uri, so), spec, on, p, data, so)
+        for uri, (on, p) in models.items()
     }
 
 
@@ -126,10 +135,11 @@ def compare(
         candidate,
         spec,
         base_uri=recipe.base,
-        experts=spec.experts,
+        experts=experts_of(recipe),
         champion_uri=champion,
         champion_version=champion_version,
         precomputed=precomputed,
+        **recipe.storage_options,
     )
     out = report_dir(model_hash(candidate, recipe.storage_options))
     write_report(report, out)

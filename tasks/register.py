@@ -106,6 +106,7 @@ def register(
             artifacts=files,
             tags=tags,
             experiment=spec.experiment,
+            storage_options=recipe.storage_options,
         )
         version = registry.register_version(run_id, spec.model_name)
     logger.info("registered %s version %s (run %s) as candidate", spec.model_name, version, run_id)
