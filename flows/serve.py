@@ -52,7 +52,10 @@ def prefect_server(port: int = 4200, timeout: float = 120.0) -> Iterator[str]:
         while True:
             if process.poll() is not None:
                 raise AmalgamError(f"prefect server exited early; see {home / 'server.log'}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", 2) as r:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(url + "/health", timeout=2) as r,
+            ):
                 if r.status == 200:
                     break
             if time.monotonic() > deadline:
@@ -69,12 +72,24 @@ def prefect_server(port: int = 4200, timeout: float = 120.0) -> Iterator[str]:
         log.close()
 
 
+def free_port(preferred: int) -> int:
+    """``preferred`` when nothing listens on it on loopback, else a free port."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def serve_nightly(config: Path, cron: str, port: int = 4200) -> None:
     """Serve the nightly flow for ``config`` on ``cron`` until interrupted."""
     if os.environ.get("PREFECT_API_URL"):
         _serve(config, cron)
         return
-    with prefect_server(port) as url:
+    with prefect_server(free_port(port)) as url:
         os.environ["PREFECT_API_URL"] = url
         print(f"Prefect UI: {url.removesuffix('/api')}  (runs of 'nightly' appear there)")
         _serve(config, cron)
