@@ -98,8 +98,8 @@ def merge_pipeline(
     stage: bool = False,
     overwrite: bool = False,
 ) -> PipelineResult:
-    """Run a recipe end to end. ``executor`` (local | ray) overrides the recipe's default
-    (local); ``stage`` copies every input to the local cache before merging."""
+    """Run a recipe end to end: the merge on ``executor`` (local threads, or ray: one task per
+    shard); ``stage`` copies every input to the local cache before merging."""
     recipe = as_recipe(recipe)
     options = MergeOptions(output=output, executor=executor or "local", overwrite=overwrite)
     result = run_stages(recipe, options, stage=stage)

@@ -17,5 +17,6 @@ def align(recipe: Recipe) -> Recipe:
     from amalgam.align import run_align
 
     spec = recipe.align or AlignSpec()
-    uris = run_align(spec, dict(recipe_inputs(recipe)), **recipe.storage_options)
-    return with_inputs(recipe, uris)
+    inputs = dict(recipe_inputs(recipe))
+    uris = run_align(spec, inputs, **recipe.storage_options)
+    return recipe if uris == inputs else with_inputs(recipe, uris)

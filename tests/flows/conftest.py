@@ -25,9 +25,9 @@ os.environ.update(FLOW_ENV)
 __all__ = ["zoo_tiny"]
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
-    """One temporary Prefect server (and database) for every flow test of the session."""
+    """One temporary Prefect server (and database) for every in-process flow test."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=None):

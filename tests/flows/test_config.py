@@ -67,3 +67,19 @@ def test_retries_storage_failures_not_bad_input() -> None:
     assert not is_transient(CheckpointError("m: no such checkpoint"))
     assert not is_transient(FileNotFoundError("m"))
     assert is_transient(TimeoutError("read timed out"))
+
+
+def test_cli_refuses_bad_files_before_starting_prefect(tmp_path: Path, monkeypatch, capsys) -> None:
+    import sys
+
+    from amalgam.cli import main
+
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text(yaml.safe_dump({"method": "nope", "models": [{"uri": "x"}]}))
+    for args in (["run", str(bad)], ["nightly", str(bad)], ["sweep", str(bad), "--grid", str(bad)]):
+        monkeypatch.setattr(sys, "argv", ["amalgam", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(bad) in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from recipes import nightly_config
 
@@ -14,6 +15,8 @@ from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
 from flows.config import NightlyConfig
 from flows.nightly import nightly
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 
 def test_nightly_absorbs_promotes_and_is_idempotent(zoo_tiny, tmp_path: Path, tracking_uri) -> None:

@@ -15,6 +15,8 @@ from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
 from flows.pipeline import merge_pipeline
 
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
 
 def ta_recipe(zoo, output: Path, experts: list[str], lam: float, **sections) -> dict:
     return {

@@ -11,6 +11,8 @@ from amalgam.registry import Registry
 from flows.config import Grid
 from flows.sweep import run_sweep
 
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
 
 @pytest.mark.slow
 def test_sweep_on_ray_ranks_and_registers_the_best(zoo_tiny, tracking_uri: str) -> None:
