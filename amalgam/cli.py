@@ -327,10 +327,10 @@ def sweep(
     from amalgam.recipe import load_recipe
     from flows.config import load_grid
 
-    parsed, points = load_recipe(recipe), load_grid(grid)
+    parsed, grid_spec = load_recipe(recipe), load_grid(grid)
     from flows.sweep import run_sweep
 
-    _print_result("sweep finished", run_sweep(parsed, points, executor).as_dict())
+    _print_result("sweep finished", run_sweep(parsed, grid_spec, executor).as_dict())
 
 
 @app.command()

@@ -17,6 +17,7 @@ from amalgam.errors import RecipeError
 from amalgam.recipe import Recipe, parse_recipe
 from amalgam.storage import amalgam_home
 from flows.config import Grid, GridPoint
+from flows.pipeline import current_champion
 from tasks.evaluate import compare, score_all, spec_of, wanted
 from tasks.fetch import fetch
 from tasks.merge import Merged, merge_or_skip
@@ -51,11 +52,13 @@ def point_recipe(recipe: Recipe, point: GridPoint) -> Recipe:
 
 
 @task(name="sweep-candidate", cache_policy=NO_CACHE, **RETRIES)
-def run_point(recipe: Recipe, inputs: list, references: dict) -> tuple[Merged, dict]:
+def run_point(
+    recipe: Recipe, inputs: list, references: dict, champion: tuple[str | None, str | None]
+) -> tuple[Merged, dict]:
     """Merge one grid point (one compute thread: points run side by side) and evaluate it
-    against the reference scores measured once by the flow."""
+    against the reference scores (base, experts, champion) measured once by the flow."""
     merged = merge_or_skip(recipe, MergeOptions(threads=1), inputs)
-    report, _ = compare(recipe, merged.output, None, None, references)
+    report, _ = compare(recipe, merged.output, *champion, references)
     return merged, report.model_dump(mode="json")
 
 
@@ -75,8 +78,12 @@ def sweep(recipe: Recipe, grid: Grid) -> SweepResult:
     points = grid.points()
     recipes = [point_recipe(recipe, p) for p in points]
     _, inputs = fetch(recipe)
-    references = score_all(recipe, wanted(recipe, spec_of(recipe), None, None))
-    futures = [run_point.submit(r, inputs, references) for r in recipes]
+    champion = current_champion(recipe)
+    references = score_all(recipe, wanted(recipe, spec_of(recipe), champion[0], None))
+    # transformers resolves its lazy attributes non-atomically: resolve them before threads do
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    futures = [run_point.submit(r, inputs, references, champion) for r in recipes]
     rows, results = [], []
     for point, r, future in zip(points, recipes, futures, strict=True):
         merged, report_data = future.result()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from zoo.conftest import zoo_tiny
 
 # Prefect reads its settings when first imported: set them before any test imports it.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="amalgam-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 FLOW_ENV = {
     "PREFECT_HOME": _PREFECT_HOME,
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
