@@ -51,6 +51,7 @@ REPORT_DIR = "report"
 REPORT_ARTIFACT = f"{REPORT_DIR}/report.json"
 MODEL_DIR = "model"
 MAX_TAG_CHARS = 5000
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 _HELD = threading.local()  # lock files this thread holds
 
@@ -256,7 +257,9 @@ class Registry:
         run = self.client.create_run(self.experiment_id(exp), run_name=run_name)
         run_id = run.info.run_id
         try:
-            params = [Param(k, v[:6000]) for k, v in flatten(recipe_record(recipe)).items()]
+            params = [
+                Param(k, v[:MAX_PARAM_CHARS]) for k, v in flatten(recipe_record(recipe)).items()
+            ]
             run_tags = [RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in all_tags.items()]
             now = int(time.time() * 1000)
             run_metrics = (
@@ -273,7 +276,7 @@ class Registry:
             if report is not None:
                 self.client.log_text(run_id, report.model_dump_json(indent=1), REPORT_ARTIFACT)
             for path in artifacts:
-                if Path(path).name != "report.json" or report is None:
+                if report is None or Path(path).name != Path(REPORT_ARTIFACT).name:
                     self.client.log_artifact(run_id, str(path), REPORT_DIR)
             if log_model and merged_uri:
                 from amalgam.evaluate.report import local_model

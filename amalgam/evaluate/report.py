@@ -12,13 +12,16 @@ import contextlib
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, computed_field
 
 from amalgam import storage
 from amalgam.evaluate import metrics as metric
 from amalgam.evaluate.taskdir import EvaluationError, check_tasks, list_tasks
+
+if TYPE_CHECKING:
+    from amalgam.recipe import EvaluateSpec, Recipe
 
 REPORT_FILE = "report.json"
 
@@ -127,7 +130,7 @@ def local_model(uri: str, **storage_options: Any) -> Iterator[Path]:
 
 def score_model(
     uri: str,
-    spec: Any,
+    spec: EvaluateSpec,
     tasks: list[str],
     *,
     perplexity: bool = False,
@@ -173,7 +176,7 @@ def _load(folder: Path, device: str) -> tuple[Any, Any]:
 
 
 def _quick_correct(
-    model: Any, tokenizer: Any, spec: Any, tasks: list[str]
+    model: Any, tokenizer: Any, spec: EvaluateSpec, tasks: list[str]
 ) -> dict[str, list[bool]]:
     from amalgam.evaluate.quick import choice_correct
     from amalgam.evaluate.taskdir import read_split
@@ -186,22 +189,26 @@ def _quick_correct(
     }
 
 
-def _text_nll(model: Any, tokenizer: Any, spec: Any, tasks: list[str]) -> tuple[float, int]:
+def _text_nll(
+    model: Any, tokenizer: Any, spec: EvaluateSpec, tasks: list[str]
+) -> tuple[float, int]:
     from amalgam.evaluate.perplexity import sequence_nll, task_texts, token_ids
 
     texts = task_texts(Path(spec.tasks_dir), tasks, spec.split, spec.limit)
     return sequence_nll(model, token_ids(tokenizer, texts), batch_size=spec.batch_size)
 
 
-def spec_tasks(spec: Any) -> list[str]:
+def spec_tasks(spec: EvaluateSpec) -> list[str]:
     """The tasks an EvaluateSpec names, or every task folder under its ``tasks_dir``."""
     return list(spec.tasks) if spec.tasks else list_tasks(Path(spec.tasks_dir))
 
 
-def experts_for(recipe: Any) -> dict[str, str]:
+def experts_for(recipe: Recipe) -> dict[str, str]:
     """Task -> expert URI for a recipe with an ``evaluate`` section: its ``experts`` mapping
     (values are model labels or URIs), else every recipe model whose label is a task name."""
     spec = recipe.evaluate
+    if spec is None:
+        raise EvaluationError("evaluate: the recipe has no evaluate section")
     by_label = {m.label: m.uri for m in recipe.models}
     if spec.experts is not None:
         return {task: by_label.get(ref, ref) for task, ref in spec.experts.items()}
@@ -210,7 +217,7 @@ def experts_for(recipe: Any) -> dict[str, str]:
 
 def evaluate_candidate(
     candidate_uri: str,
-    spec: Any,
+    spec: EvaluateSpec,
     *,
     base_uri: str | None = None,
     experts: Mapping[str, str] | None = None,

@@ -2,14 +2,17 @@
 
 from amalgam.merge import (  # noqa: F401  (importing a module registers its methods)
     breadcrumbs,
+    consensus,
     continual,
     dare,
     linear,
     model_stock,
     opcm,
+    pcb,
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 from amalgam.merge.base import REGISTRY, Method, get_method
 
