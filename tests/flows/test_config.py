@@ -83,3 +83,12 @@ def test_cli_refuses_bad_files_before_starting_prefect(tmp_path: Path, monkeypat
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and str(bad) in err
+
+
+def test_compose_stack_publishes_on_loopback_only() -> None:
+    stack = yaml.safe_load((REPO / "infra" / "compose.yaml").read_text())
+    assert {"s3", "mlflow", "prefect", "postgres"} <= set(stack["services"])
+    ports = [p for s in stack["services"].values() for p in s.get("ports", [])]
+    assert ports and all(p.startswith("127.0.0.1:") for p in ports)
+    mlflow = stack["services"]["mlflow"]["command"]
+    assert "mlflow server" in mlflow and "postgresql://" in mlflow and "s3://" in mlflow
