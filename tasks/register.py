@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
@@ -37,15 +36,10 @@ class Registered:
 
 
 def registry_for(spec: RegisterSpec) -> Registry:
-    """The recipe's registry; with a SQLite store, artifacts go next to its database file
-    (MLflow's own default is ./mlruns under whatever folder the run started in)."""
+    """The recipe's registry (the default store under ``$AMALGAM_HOME`` when it names none)."""
     from amalgam.registry import Registry
 
-    uri = spec.tracking_uri
-    root = None
-    if uri and uri.startswith("sqlite:///"):
-        root = str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
-    return Registry(uri, artifact_root=root)
+    return Registry(spec.tracking_uri)
 
 
 def find_version(registry: Registry, name: str, content_hash: str) -> Registered | None:
