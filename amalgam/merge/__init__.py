@@ -3,8 +3,10 @@
 from amalgam.merge import (  # noqa: F401  (importing a module registers its methods)
     breadcrumbs,
     dare,
+    fisher,
     linear,
     model_stock,
+    regmean,
     slerp,
     task_arithmetic,
     ties,
