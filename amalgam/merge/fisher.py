@@ -51,6 +51,8 @@ def fisher_merge(
         cf = f.float().add(eps).mul_(c)
         den.add_(cf)
         num.addcmul_(cf, x.float())
+    if bool((den > 0).all()):
+        return num.div_(den)
     plain = sum(x.float() * c for x, c in zip(inputs, weights, strict=True)) / sum(weights)
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), plain)
 

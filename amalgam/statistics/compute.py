@@ -49,14 +49,14 @@ def _load_model(ckpt: Checkpoint, device: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from amalgam.engine.execute import pick_device
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(ckpt.root)
         model = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise StatisticsError(f"{ckpt.uri}: cannot load the model to run it ({exc})") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device), tokenizer
+    return model.to(pick_device(device)), tokenizer
 
 
 def compute_statistics(

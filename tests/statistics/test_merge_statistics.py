@@ -154,3 +154,24 @@ def test_local_and_ray_outputs_are_byte_identical(models, data, tmp_path):
             outputs[executor] = digest(out)
         assert len(outputs["local"]) > 3, method
         assert outputs["local"] == outputs["ray"], method
+
+
+def test_stats_command_caches_and_reports_bad_input(home, models, data, monkeypatch, capsys):
+    args = ["stats", str(models[0]), "--data", str(data[0]), "--kind", "fisher", "--samples", "3"]
+    code, out, _ = run_cli(args, monkeypatch, capsys)
+    assert code == 0 and "computed in" in out
+    path = Path(out.strip().splitlines()[-1])
+    assert path.parent == home / "statistics" and read_info(str(path)).samples == 3
+    code, out, _ = run_cli(args, monkeypatch, capsys)
+    assert code == 0 and "from the cache" in out and out.strip().endswith(str(path))
+    for bad, message in (
+        (["--data", str(data[0]) + ".missing"], "no such data file"),
+        (["--kind", "hessian"], "kind: expected one of"),
+        (["--samples", "0"], "samples: expected a positive integer"),
+    ):
+        code, _, err = run_cli([*args, *bad], monkeypatch, capsys)
+        assert code == 2 and err.startswith("error: ") and message in err, err
+    code, _, err = run_cli(
+        ["stats", str(data[0]), "--data", str(data[0]), "--kind", "gram"], monkeypatch, capsys
+    )
+    assert code == 2 and "not a .safetensors file or model folder" in err, err
