@@ -200,14 +200,13 @@ def stats(
     from amalgam.statistics.compute import settings_for
 
     settings = settings_for(kind, samples, fisher)
+    options = _storage(storage_options)
     start = time.perf_counter()
     if output:
-        info = compute_statistics(
-            model, data, kind, settings, output, device=device, **_storage(storage_options)
-        )
+        info = compute_statistics(model, data, kind, settings, output, device=device, **options)
         computed = True
     else:
-        info, computed = cached_statistics(model, data, kind, settings, device=device)
+        info, computed = cached_statistics(model, data, kind, settings, device=device, **options)
     console.print(
         f"{info.kind} statistics of {model}: {len(info.shapes)} tensors, {info.samples} "
         f"examples, {info.tokens} tokens, "

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,20 +133,24 @@ def cached_statistics(
     *,
     device: str = "auto",
     threads: int | None = None,
-    log: Callable[[str], None] | None = None,
+    **storage_options: Any,
 ) -> tuple[StatisticsInfo, bool]:
     """The statistics of (model, data, kind, settings) from the cache, computed on a miss.
-    Returns (info, whether they were computed now)."""
-    _, data_hash = load_examples(data)
+    Returns (info, whether they were computed now). ``storage_options`` serve the data."""
+    _, data_hash = load_examples(data, **storage_options)
     with open_checkpoint(model_uri) as ckpt:
         model_hash = ckpt.content_hash()
     path = cache_path(model_hash, data_hash, kind, settings)
     if path.is_file():
         return read_info(str(path)), False
-    start = time.perf_counter()
     info = compute_statistics(
-        model_uri, data, kind, settings, str(path), device=device, threads=threads
+        model_uri,
+        data,
+        kind,
+        settings,
+        str(path),
+        device=device,
+        threads=threads,
+        **storage_options,
     )
-    if log:
-        log(f"{kind} statistics of {model_uri} in {time.perf_counter() - start:.1f} s -> {path}")
     return info, True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from amalgam.checkpoint import Checkpoint
 from amalgam.engine.plan import MAX_LISTED, Plan
@@ -19,7 +18,6 @@ def attach_statistics(
     plan: Plan,
     inputs: dict[str, Checkpoint],
     device: str = "auto",
-    log: Callable[[str], None] | None = None,
 ) -> Plan:
     """The plan with one checked statistics artifact per model (computed and cached where the
     recipe names data but no artifact); their content hashes join the output's provenance."""
@@ -45,12 +43,14 @@ def attach_statistics(
                     f"{where}.statistics: {m.statistics} was computed for model "
                     f"{info.model_hash}, but {m.uri} is {model_hash}"
                 )
-            if m.data and load_examples(m.data)[1] != info.data_hash:
+            if m.data and load_examples(m.data, **recipe.storage_options)[1] != info.data_hash:
                 raise StatisticsError(
                     f"{where}.statistics: {m.statistics} was computed on other data than {m.data}"
                 )
         elif m.data:
-            info, _ = cached_statistics(m.uri, m.data, kind, settings, device=device, log=log)
+            info, _ = cached_statistics(
+                m.uri, m.data, kind, settings, device=device, **recipe.storage_options
+            )
         else:
             raise StatisticsError(f"{where}: give data: or statistics: for '{method.name}'")
         infos.append(info)
