@@ -23,7 +23,8 @@ from amalgam.recipe import parse_recipe
 from amalgam.statistics import cached_statistics
 from amalgam.zoo import Zoo
 
-TA_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+TA_LAMBDAS = (0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+REGMEAN_ALPHAS = (0.1, 0.5, 0.9, 1.0)
 
 
 def score(folder: Path, zoo: Zoo, split: str) -> dict[str, float]:
@@ -56,30 +57,39 @@ def main(zoo_dir: str, out_dir: str | None = None) -> None:
     zoo = Zoo.load(Path(zoo_dir))
     out = Path(out_dir or tempfile.mkdtemp(prefix="data-driven-"))
     report: dict[str, Any] = {"zoo": str(zoo.root), "statistics_seconds": {}}
-    for kind, settings in (
+    kinds = (
         ("fisher", {"samples": 256, "fisher": "sampled"}),
+        ("fisher", {"samples": 256, "fisher": "empirical"}),
         ("gram", {"samples": 256}),
-    ):
+    )
+    for kind, settings in kinds:
         for task, path in zoo.experts.items():
             start = time.perf_counter()
-            _, computed = cached_statistics(
-                str(path), str(zoo.tasks_dir / task), kind, settings, threads=1
-            )
+            data = str(zoo.tasks_dir / task)
+            _, computed = cached_statistics(str(path), data, kind, settings, threads=1)
             if computed:
-                report["statistics_seconds"][f"{kind}:{task}"] = round(
-                    time.perf_counter() - start, 2
-                )
+                key = f"{kind}:{settings.get('fisher', '')}:{task}"
+                report["statistics_seconds"][key] = round(time.perf_counter() - start, 2)
     expert = {t: score(p, zoo, "test")[t] for t, p in zoo.experts.items()}
     report["experts"] = expert
-    best = None
-    for lam in TA_LAMBDAS:
-        folder = merge(zoo, out / f"ta-{lam}", "task_arithmetic", {"lambda": lam}, False)
-        val = sum(score(folder, zoo, "validation").values())
-        if best is None or val > best[0]:
-            best = (val, lam, folder)
-    rows = {f"task_arithmetic (lambda {best[1]}, chosen on validation)": best[2]}
-    rows["fisher"] = merge(zoo, out / "fisher", "fisher", {}, True)
-    rows["regmean"] = merge(zoo, out / "regmean", "regmean", {}, True)
+
+    def best_on_validation(method: str, key: str, values: tuple, data: bool) -> tuple[str, Path]:
+        best: tuple[float, float, Path] | None = None
+        for v in values:
+            folder = merge(zoo, out / f"{method}-{key}-{v}", method, {key: v}, data)
+            val = sum(score(folder, zoo, "validation").values())
+            if best is None or val > best[0]:
+                best = (val, v, folder)
+        assert best is not None
+        return f"{method} ({key} {best[1]}, chosen on validation)", best[2]
+
+    rows = dict([best_on_validation("task_arithmetic", "lambda", TA_LAMBDAS, False)])
+    rows["fisher (defaults)"] = merge(zoo, out / "fisher", "fisher", {}, True)
+    rows["fisher (empirical)"] = merge(
+        zoo, out / "fisher-e", "fisher", {"fisher": "empirical"}, True
+    )
+    rows["regmean (defaults)"] = merge(zoo, out / "regmean", "regmean", {}, True)
+    rows.update([best_on_validation("regmean", "alpha", REGMEAN_ALPHAS, True)])
     report["merges"] = {}
     for name, folder in rows.items():
         acc = score(folder, zoo, "test")

@@ -129,8 +129,8 @@ def merge_tensor(
         plan.recipe.seed,
         device,
         stats,
-        plan.statistics,
-        tuple(None if t is None else t.to(device) for t in model_stats),
+        statistics=plan.statistics,
+        model_stats=tuple(None if t is None else t.to(device) for t in model_stats),
     )
     out = method.fn(base, inputs, params, ctx)
     return out.to(SAFETENSORS_DTYPES[job.dtype]).cpu()
