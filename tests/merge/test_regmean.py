@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amalgam.errors import MergeError
-from tests.merge.test_fisher import run
+from tests.merge.data_driven import run
 
 
 def lstsq_merge(

@@ -9,7 +9,7 @@ import pytest
 from amalgam.errors import StatisticsError
 from amalgam.statistics.data import Example, encode, load_examples
 from amalgam.zoo.tokenizer import build_tokenizer
-from tests.statistics.conftest import RECORDS, write_jsonl
+from tests.statistics.tiny_models import RECORDS, write_jsonl
 
 
 def test_record_forms(tmp_path: Path) -> None:

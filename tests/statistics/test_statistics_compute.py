@@ -12,7 +12,7 @@ from amalgam.checkpoint import open_checkpoint
 from amalgam.statistics import compute_statistics
 from amalgam.statistics.data import Example, encode, load_examples
 from amalgam.statistics.fisher import fisher_diagonal
-from tests.statistics.conftest import write_jsonl
+from tests.statistics.tiny_models import write_jsonl
 
 
 def load(folder: Path) -> tuple[torch.nn.Module, object]:
