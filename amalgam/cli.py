@@ -105,6 +105,14 @@ def merge(
     plan_only: Annotated[
         bool, typer.Option("--plan", help="print the plan, merge nothing")
     ] = False,
+    continue_from: Annotated[
+        str | None,
+        typer.Option(
+            "--continue-from",
+            metavar="STATE",
+            help="continual methods: absorb the recipe's models into this earlier merge",
+        ),
+    ] = None,
 ) -> None:
     """Merge the models of a recipe into a Hugging Face model folder."""
     from pydantic import ValidationError
@@ -129,6 +137,7 @@ def merge(
             overwrite=overwrite,
             allow_pickle=allow_pickle,
             threads=threads,
+            continue_from=continue_from,
         )
     except ValidationError as exc:
         bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())

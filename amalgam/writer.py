@@ -147,10 +147,14 @@ class CheckpointWriter:
         self._remove(self.staging)
 
     def _remove(self, path: str) -> None:
-        """Delete a folder; on object stores also its folder marker (some stores keep one)."""
+        remove_folder(self.fs, path)
+
+
+def remove_folder(fs: Any, path: str) -> None:
+    """Delete a folder if present; on object stores also its folder marker (some keep one)."""
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+    if not storage.is_local(fs):
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(path, recursive=True)
-        if not storage.is_local(self.fs):
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(path + "/")
-            self.fs.invalidate_cache(path)
+            fs.rm_file(path + "/")
+        fs.invalidate_cache(path)

@@ -6,7 +6,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,7 @@ from amalgam.engine.execute import (
     run_unit,
 )
 from amalgam.engine.plan import Plan, build_plan
-from amalgam.errors import OutputError
+from amalgam.errors import OutputError, RecipeError
 from amalgam.recipe import Recipe
 from amalgam.writer import INDEX_NAME, CheckpointWriter
 
@@ -40,6 +40,8 @@ class MergeOptions(BaseModel):
     prefetch_bytes: int = PREFETCH_BYTES
     # Compute threads; default: all cores but one, which is left to reads and writes.
     threads: int | None = Field(default=None, ge=1)
+    # Continual methods: the output of an earlier continual merge to absorb the models into.
+    continue_from: str | None = None
 
 
 @dataclass
@@ -112,6 +114,12 @@ def run_merge(
 ) -> MergeResult:
     """Merge ``recipe`` into its output folder; nothing is left at the output on failure."""
     options = options or MergeOptions()
+    if recipe.method_spec.continual:
+        from amalgam.engine.continual import run_continual
+
+        return run_continual(recipe, options, progress)
+    if options.continue_from:
+        raise RecipeError(f"continue_from: method '{recipe.method}' is not a continual method")
     start = time.perf_counter()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 2) - 1))
@@ -122,26 +130,43 @@ def run_merge(
             from amalgam.statistics.prepare import attach_statistics
 
             plan = attach_statistics(plan, inputs, options.device)
-        output = output_of(recipe, options)
         device = pick_device(options.device)
-        sources = list(inputs.values())
-        stats = gather_stats(plan, sources, device, progress)
-        writer = CheckpointWriter(output, overwrite=options.overwrite, **recipe.storage_options)
-        try:
-            read = _execute(plan, writer, sources, stats, options, device, progress)
-            if len(plan.units) > 1:
-                writer.write_json(INDEX_NAME, plan.index())
-            _copy_side_files(recipe, inputs, writer)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        stats = gather_stats(plan, list(inputs.values()), device, progress)
+        read = write_output(plan, inputs, stats, options, device, progress)
     finally:
         torch.set_num_threads(threads_before)
         for c in inputs.values():
             c.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return MergeResult(output, plan, time.perf_counter() - start, read, peak)
+    return MergeResult(output_of(recipe, options), plan, time.perf_counter() - start, read, peak)
+
+
+def write_output(
+    plan: Plan,
+    inputs: dict[str, Checkpoint],
+    stats: dict,
+    options: MergeOptions,
+    device: torch.device,
+    progress: Progress | None,
+    extra_json: dict[str, Any] | None = None,
+) -> int:
+    """Run the plan into its output (shards, index, side files, ``extra_json`` files), committed
+    only when all of it is written; returns the input bytes read."""
+    recipe = plan.recipe
+    output = output_of(recipe, options)
+    writer = CheckpointWriter(output, overwrite=options.overwrite, **recipe.storage_options)
+    try:
+        read = _execute(plan, writer, list(inputs.values()), stats, options, device, progress)
+        if len(plan.units) > 1:
+            writer.write_json(INDEX_NAME, plan.index())
+        _copy_side_files(recipe, inputs, writer)
+        for name, obj in (extra_json or {}).items():
+            writer.write_json(name, obj)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return read
 
 
 def _execute(

@@ -12,7 +12,7 @@ import torch
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.engine.plan import Plan, TensorJob, WorkUnit
 from amalgam.errors import MergeError
-from amalgam.merge.base import MergeContext, Method, get_method
+from amalgam.merge.base import MergeContext, MergeFn, Method, get_method
 from amalgam.merge.params import resolve_params
 from amalgam.writer import ShardWriter
 
@@ -120,6 +120,23 @@ def merge_tensor(
     method, result cast to the planned dtype."""
     if job.copy:
         return raw[0]
+    out = apply_method(plan, method, method.fn, job, raw, stats, device, model_stats)
+    return out.to(SAFETENSORS_DTYPES[job.dtype]).cpu()
+
+
+def apply_method(
+    plan: Plan,
+    method: Method,
+    fn: MergeFn,
+    job: TensorJob,
+    raw: list[torch.Tensor],
+    stats: dict[str, Any],
+    device: torch.device,
+    model_stats: tuple[torch.Tensor | None, ...] = (),
+) -> torch.Tensor:
+    """``fn`` (the method's math, or a part of it) on one job's inputs moved to ``device``,
+    with the job's resolved parameters and context (``model_stats``: each model's statistic
+    tensor for this job, for data-driven methods)."""
     tensors = [t.to(device) for t in raw]
     base, inputs = (tensors[0], tensors[1:]) if plan.has_base else (None, tensors)
     params = resolve_params(plan.recipe, method, job.name, plan.num_layers)
@@ -132,8 +149,7 @@ def merge_tensor(
         statistics=plan.statistics,
         model_stats=tuple(None if t is None else t.to(device) for t in model_stats),
     )
-    out = method.fn(base, inputs, params, ctx)
-    return out.to(SAFETENSORS_DTYPES[job.dtype]).cpu()
+    return fn(base, inputs, params, ctx)
 
 
 def run_unit(

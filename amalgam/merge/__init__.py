@@ -2,10 +2,12 @@
 
 from amalgam.merge import (  # noqa: F401  (importing a module registers its methods)
     breadcrumbs,
+    continual,
     dare,
     fisher,
     linear,
     model_stock,
+    opcm,
     regmean,
     slerp,
     task_arithmetic,

@@ -100,6 +100,18 @@ class MergeContext:
         return g
 
 
+@dataclass(frozen=True)
+class Step:
+    """Where a continual merge stands as it absorbs one model (``ctx.stats[STEP_KEY]``)."""
+
+    index: int  # 1 when absorbing the first model
+    prev_scale: float = 1.0  # the merged task vector's divisor after the previous step
+    scale: float = 1.0  # this step's divisor (whole-model rescale; 1 for methods without one)
+
+
+STEP_KEY = "continual_step"
+
+
 # (base, inputs, params, ctx) -> merged tensor. Tensors arrive in their stored dtype (bf16, fp16,
 # fp32) on the merge device and must not be modified; methods compute in float32.
 MergeFn = Callable[
@@ -123,6 +135,12 @@ class Method:
     global_stats: Callable[[TensorParams], list[Any]] | None = None
     # Extra recipe checks beyond each parameter's range: returns problems (field: message).
     check_recipe: Callable[[Any], list[str]] | None = None
+    # Shape 2 (continual): ``fn`` absorbs one model into the running merge. Its inputs are
+    # [model] on the first step and [merged, model] after; ``ctx.stats[STEP_KEY]`` is the Step.
+    continual: bool = False
+    # For a continual method that rescales by a whole-model norm (OPCM): the step's merged task
+    # vector before that rescale; the engine sums its squared norm in a first streaming pass.
+    unscaled: MergeFn | None = None
     # Data-driven methods: the per-model statistics they read, as (kind, settings) from the
     # shared parameter values; every model then names its data or a statistics artifact.
     statistics: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]] | None = None

@@ -1,0 +1,261 @@
+"""Continual merges: absorb models one at a time into a checkpoint plus a small JSON state.
+
+Each step reads the base, the running merge and one new model tensor by tensor and writes the
+next merge (a normal model folder) with ``continual_state.json`` beside it; several models in
+one recipe are absorbed step by step through hidden intermediate folders next to the output,
+so one run over N models gives the same bytes as N runs chained with ``continue_from``, and
+memory never depends on how many models were absorbed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from amalgam import storage
+from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.engine import (
+    MergeOptions,
+    MergeResult,
+    _plan,
+    check_output,
+    open_recipe_inputs,
+    output_of,
+    write_output,
+)
+from amalgam.engine.execute import PREFETCH_BYTES, Progress, apply_method, pick_device, prefetched
+from amalgam.engine.plan import Plan, build_plan
+from amalgam.errors import CheckpointError, RecipeError
+from amalgam.merge.base import STEP_KEY, MergeFn, Method, Step
+from amalgam.recipe import ModelSpec, ParamValue, Recipe
+from amalgam.writer import remove_folder
+
+STATE_NAME = "continual_state.json"
+STATE_FORMAT = 1
+
+
+class Absorbed(BaseModel):
+    """One model in a continual merge's history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str
+    uri: str
+    content_hash: str
+
+
+class ContinualState(BaseModel):
+    """What a continual merge carries from one step to the next, beside its checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = STATE_FORMAT
+    method: str
+    params: dict[str, ParamValue]
+    step: int = 0
+    scale: float = 1.0  # the merged task vector's divisor (OPCM's lambda_t)
+    norms: list[float] = []  # whole-model task-vector norms of the absorbed models (OPCM)
+    base: Absorbed
+    models: list[Absorbed] = []
+
+
+def read_state(uri: str, **storage_options: Any) -> ContinualState:
+    """The continual state stored with the merge at ``uri``."""
+    fs, path = storage.resolve(uri, **storage_options)
+    where = f"{uri}/{STATE_NAME}"
+    try:
+        with fs.open(storage.join(path, STATE_NAME), "rb") as fh:
+            data = json.loads(fh.read())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{where}: not found ({uri} is not the output of a continual merge)"
+        ) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{where}: unreadable ({exc})") from None
+    try:
+        state = ContinualState.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "state"
+        raise CheckpointError(f"{where}: invalid state: {loc}: {first['msg']}") from None
+    if state.format != STATE_FORMAT:
+        raise CheckpointError(f"{where}: format {state.format} is not {STATE_FORMAT}")
+    if state.step != len(state.models):
+        raise CheckpointError(f"{where}: step {state.step} but {len(state.models)} models")
+    return state
+
+
+def absorbed_hashes(uri: str, **storage_options: Any) -> list[str]:
+    """Content hashes of the models already absorbed into the merge at ``uri``, in order."""
+    return [m.content_hash for m in read_state(uri, **storage_options).models]
+
+
+def shared_params(recipe: Recipe, method: Method) -> dict[str, ParamValue]:
+    """The recipe's parameter values with the method's defaults filled in."""
+    return {p.name: recipe.params.get(p.name, p.default) for p in method.params}
+
+
+def check_continuation(
+    state: ContinualState, recipe: Recipe, params: dict[str, Any], base_hash: str, uri: str
+) -> None:
+    """Continuing needs the same method, base and parameters; one error lists every mismatch."""
+    problems = []
+    if state.method != recipe.method:
+        problems.append(f"method: '{recipe.method}' here but '{state.method}' in the state")
+    if state.base.content_hash != base_hash:
+        problems.append(
+            f"base: {recipe.base} ({base_hash}) is not the state's base "
+            f"{state.base.uri} ({state.base.content_hash})"
+        )
+    elif state.method == recipe.method:
+        for key in sorted(set(params) | set(state.params)):
+            if params.get(key) != state.params.get(key):
+                problems.append(
+                    f"params.{key}: {params.get(key)!r} here but "
+                    f"{state.params.get(key)!r} in the state"
+                )
+    if problems:
+        raise RecipeError(
+            f"continue_from {uri}: the recipe does not continue this merge:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def run_continual(
+    recipe: Recipe, options: MergeOptions, progress: Progress | None = None
+) -> MergeResult:
+    """Absorb ``recipe.models`` in order into the base (or into ``options.continue_from``)."""
+    start = time.perf_counter()
+    method = recipe.method_spec
+    output = output_of(recipe, options)
+    so = recipe.storage_options
+    params = shared_params(recipe, method)
+    merged = options.continue_from
+    state, base_hash = _check_all(recipe, options, output, params)
+    if state is None:
+        base = Absorbed(label="base", uri=recipe.base, content_hash=base_hash)
+        state = ContinualState(method=recipe.method, params=params, base=base)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 2) - 1))
+    fs, path = storage.resolve(output, **so)
+    p = PurePosixPath(path)
+    scratch = str(p.parent / f".{p.name}.steps-{uuid.uuid4().hex[:12]}")
+    device = pick_device(options.device)
+    read = 0
+    try:
+        for i, model in enumerate(recipe.models):
+            last = i == len(recipe.models) - 1
+            out = output if last else storage.full_uri(fs, storage.join(scratch, f"step-{i + 1}"))
+            step_options = options.model_copy(
+                update={"output": out, "overwrite": options.overwrite and last}
+            )
+            state, plan, n = _absorb(
+                recipe, method, model, merged, state, step_options, device, progress
+            )
+            read += n
+            if merged is not None and merged != options.continue_from:
+                remove_folder(fs, storage.resolve(merged, **so)[1])
+            merged = out
+    finally:
+        torch.set_num_threads(threads_before)
+        remove_folder(fs, scratch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return MergeResult(output, plan, time.perf_counter() - start, read, peak)
+
+
+def _check_all(
+    recipe: Recipe, options: MergeOptions, output: str, params: dict[str, Any]
+) -> tuple[ContinualState | None, str]:
+    """Before any work: the state fits the recipe, every input fits the base, the output is
+    free. Returns the state to continue (None: start from the base) and the base's hash."""
+    inputs = open_recipe_inputs(recipe, options.allow_pickle)
+    try:
+        base_hash = inputs["base"].content_hash()
+        state = None
+        if options.continue_from:
+            state = read_state(options.continue_from, **recipe.storage_options)
+            check_continuation(state, recipe, params, base_hash, options.continue_from)
+            inputs["continue_from"] = open_checkpoint(
+                options.continue_from, allow_pickle=False, **recipe.storage_options
+            )
+        check_output(output, inputs, options.overwrite, recipe.storage_options)
+        build_plan(recipe, inputs, {})
+        return state, base_hash
+    finally:
+        for c in inputs.values():
+            c.close()
+
+
+def _absorb(
+    recipe: Recipe,
+    method: Method,
+    model: ModelSpec,
+    merged: str | None,
+    state: ContinualState,
+    options: MergeOptions,
+    device: torch.device,
+    progress: Progress | None,
+) -> tuple[ContinualState, Plan, int]:
+    """One step: base, running merge (none on the first step) and one model -> the next merge."""
+    inputs_spec = [ModelSpec(uri=merged, name="merged")] if merged else []
+    step_recipe = recipe.model_copy(
+        update={"models": [*inputs_spec, ModelSpec(uri=model.uri, name="new")]}
+    )
+    inputs = open_recipe_inputs(step_recipe, options.allow_pickle)
+    try:
+        plan = _plan(step_recipe, inputs, options)
+        # provenance names the user's recipe, not the step's (whose inputs include a scratch path)
+        plan = replace(plan, metadata={**plan.metadata, "recipe_hash": recipe.hash()})
+        index, prev_scale = state.step + 1, state.scale
+        norms, scale = state.norms, 1.0
+        if method.unscaled is not None:
+            step = Step(index, prev_scale)
+            merged_sq, task_sq = _norm_pass(plan, inputs, method, method.unscaled, step, device)
+            norms = [*state.norms, math.sqrt(task_sq)]
+            mean, norm = sum(norms) / len(norms), math.sqrt(merged_sq)
+            scale = norm / mean if norm > 0 and mean > 0 else 1.0
+        new_hash = inputs["new"].content_hash()
+        entry = Absorbed(label=model.label, uri=model.uri, content_hash=new_hash)
+        state = state.model_copy(
+            update={"step": index, "scale": scale, "norms": norms, "models": [*state.models, entry]}
+        )
+        stats = {STEP_KEY: Step(index, prev_scale, scale)}
+        extra = {STATE_NAME: state.model_dump(mode="json")}
+        read = write_output(plan, inputs, stats, options, device, progress, extra)
+    finally:
+        for c in inputs.values():
+            c.close()
+    return state, plan, read
+
+
+def _norm_pass(
+    plan: Plan,
+    inputs: dict[str, Checkpoint],
+    method: Method,
+    unscaled: MergeFn,
+    step: Step,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Squared whole-model norms of the step's unscaled merged task vector and of the new
+    model's task vector, streamed tensor by tensor (float64 sums in plan order)."""
+    merged_sq = task_sq = 0.0
+    sources = list(inputs.values())
+    jobs = [j for j in plan.jobs if not j.copy]
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-norms") as pool:
+        for job, (raw, _) in prefetched(plan, sources, jobs, PREFETCH_BYTES, pool):
+            s = apply_method(plan, method, unscaled, job, raw, {STEP_KEY: step}, device)
+            tau = torch.sub(raw[-1].to(device).float(), raw[0].to(device).float())
+            merged_sq += float(torch.linalg.vector_norm(s, dtype=torch.float64)) ** 2
+            task_sq += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+    return merged_sq, task_sq
