@@ -1,4 +1,4 @@
-"""The amalgam command line (typer): inspect, merge, methods, stats, zoo, evaluate."""
+"""The amalgam command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress."""
 
 from __future__ import annotations
 
@@ -268,6 +268,67 @@ def evaluate(
         )
     task_names = names or sorted({t for r in rows.values() for t in r})
     Console(width=max(console.width, 120)).print(render_table(rows, task_names))
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help="fine-tuned model folder or URI")],
+    base: Annotated[str, typer.Option(help="the base it was fine-tuned from")],
+    output: Annotated[str, typer.Option(help="compressed model folder or URI")],
+    density: Annotated[float, typer.Option(help="share of each task vector kept")] = 0.1,
+    scale: Annotated[str, typer.Option(help="mean | std (ComPEFT's alpha * std)")] = "mean",
+    alpha: Annotated[float, typer.Option(help="multiplier of the scale")] = 1.0,
+    keep_dense: Annotated[
+        str | None, typer.Option(help="regex of tensors stored uncompressed")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Compress a fine-tune against its base (ComPEFT: top-k task vector as sign x scale)."""
+    from pydantic import ValidationError
+
+    from amalgam.compress import compress_model
+    from amalgam.recipe import CompressSpec
+
+    try:
+        spec = CompressSpec(density=density, scale=scale, alpha=alpha, keep_dense=keep_dense)
+    except ValidationError as exc:
+        bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        raise AmalgamError(bad) from None
+    result = compress_model(
+        model, base, output, spec, overwrite=overwrite, **_storage(storage_options)
+    )
+    summary = result.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(
+        f"[bold]compressed[/] {model} -> {result.output}\n"
+        f"{summary['kept']:,} of {summary['parameters']:,} entries kept; "
+        f"{_human(result.dense_bytes)} -> {result.compressed_bytes:,} bytes "
+        f"({result.ratio:.1f}x smaller; config and tokenizer files: {result.side_bytes:,} bytes)",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def decompress(
+    compressed: Annotated[str, typer.Argument(help="compressed model folder or URI")],
+    output: Annotated[str, typer.Option(help="dense model folder or URI")],
+    base: Annotated[
+        str | None, typer.Option(help="the base (default: the one recorded at compression)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Rebuild a dense Hugging Face model folder from a compressed model and its base."""
+    from amalgam.compress import decompress_model
+
+    out = decompress_model(
+        compressed, base, output, overwrite=overwrite, **_storage(storage_options)
+    )
+    console.print(f"[bold]decompressed[/] {compressed} -> {out}", soft_wrap=True)
 
 
 def main() -> None:

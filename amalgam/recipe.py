@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -17,6 +18,17 @@ from amalgam.merge.base import Method, get_method
 
 ParamValue = bool | int | float | str | list[float]
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+STAGE_SECTIONS = ("align", "compress", "evaluate", "register")
+
+
+def _regex(v: str) -> str:
+    try:
+        re.compile(v)
+    except re.error as exc:
+        raise ValueError(f"invalid regex {v!r}: {exc}") from exc
+    return v
 
 
 class _Strict(BaseModel):
@@ -52,11 +64,71 @@ class Override(_Strict):
     @field_validator("match")
     @classmethod
     def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"invalid regex {v!r}: {exc}") from exc
-        return v
+        return _regex(v)
+
+
+class AlignSpec(_Strict):
+    """The align stage. ``check``: refuse inputs whose tensor names, shapes or vocabularies
+    differ (the stage's only method for now; aligning methods will be further values)."""
+
+    method: Literal["check"] = "check"
+    vocabulary: bool = True
+
+
+class CompressSpec(_Strict):
+    """The compress stage (ComPEFT, arXiv 2311.13171): keep the top ``density`` fraction of
+    each tensor's task vector by magnitude, as sign x one scale per tensor."""
+
+    method: Literal["compeft"] = "compeft"
+    density: float = Field(default=0.1, gt=0.0, le=1.0)
+    scale: Literal["std", "mean"] = "mean"
+    alpha: float = Field(default=1.0, gt=0.0)
+    keep_dense: str | None = None
+    output: str | None = None
+    max_shard_size: int = Field(default=5 * 10**9, gt=0)
+
+    @field_validator("keep_dense")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        return v if v is None else _regex(v)
+
+
+class EvaluateSpec(_Strict):
+    """The evaluate stage: tasks of a local lm-eval task folder, experts per task, champion."""
+
+    tasks_dir: str
+    tasks: list[str] | None = None
+    limit: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    split: Literal["test", "validation"] = "test"
+    engine: Literal["lm_eval", "quick"] = "lm_eval"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    experts: dict[str, str] | None = None
+    champion: str | None = None
+    perplexity: bool = True
+
+
+class Gates(_Strict):
+    """Promotion gates: every task at or above its floor, few negative flips, no collapse."""
+
+    task_floor: float | dict[str, float] | None = None
+    floor_metric: Literal["normalized_accuracy", "accuracy"] = "normalized_accuracy"
+    max_negative_flip_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_perplexity_ratio: float | None = Field(default=None, gt=0.0)
+
+
+class RegisterSpec(_Strict):
+    """The register stage: MLflow tracking store, experiment, model name and promotion gates."""
+
+    tracking_uri: str | None = None
+    experiment: str = "amalgam"
+    model_name: str
+    gates: Gates = Field(default_factory=Gates)
+
+
+# pydantic warns that the field `register` shadows ABCMeta.register on the model class;
+# instances read the field, and nothing registers virtual subclasses of Recipe.
+warnings.filterwarnings("ignore", message='Field name "register" in "Recipe"', category=UserWarning)
 
 
 class Recipe(_Strict):
@@ -74,14 +146,22 @@ class Recipe(_Strict):
     files_from: str | None = None
     allow_nonfinite: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    align: AlignSpec | None = None
+    compress: CompressSpec | None = None
+    evaluate: EvaluateSpec | None = None
+    register: RegisterSpec | None = None
 
     @property
     def method_spec(self) -> Method:
         return get_method(self.method)
 
     def hash(self) -> str:
-        """sha256 of the recipe's canonical JSON, output location excluded."""
+        """sha256 of the recipe's canonical JSON, output location excluded (stage sections
+        count only when present, so a recipe without them hashes as it always did)."""
         body = self.model_dump(mode="json", exclude={"output", "storage_options"})
+        for section in STAGE_SECTIONS:
+            if body[section] is None:
+                del body[section]
         return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def validate_method(self) -> None:

@@ -73,6 +73,45 @@ def evaluate_model(
     """Task -> accuracy (lm-eval `acc`) of `model` on `split` ('test' or 'validation') of the
     tasks in `tasks_dir` (all of them when `tasks` is None), on at most `limit` examples each.
     Runs offline: nothing is downloaded."""
+    results, names = _simple_evaluate(
+        model, tasks_dir, tasks, limit, batch_size, device, split, log_samples=False
+    )
+    return {task: float(results["results"][name]["acc,none"]) for task, name in names.items()}
+
+
+def evaluate_model_samples(
+    model: str | Path,
+    tasks_dir: Path,
+    tasks: list[str] | None = None,
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    split: str = "test",
+) -> dict[str, list[bool]]:
+    """Task -> per-example correctness (lm-eval's logged samples, in record order) on the
+    same requests as :func:`evaluate_model`; the mean of each list is that task's `acc`."""
+    results, names = _simple_evaluate(
+        model, tasks_dir, tasks, limit, batch_size, device, split, log_samples=True
+    )
+    out = {}
+    for task, name in names.items():
+        samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
+        out[task] = [bool(s["acc"]) for s in samples]
+    return out
+
+
+def _simple_evaluate(
+    model: str | Path,
+    tasks_dir: Path,
+    tasks: list[str] | None,
+    limit: int | None,
+    batch_size: int,
+    device: str,
+    split: str,
+    log_samples: bool,
+) -> tuple[dict, dict[str, str]]:
+    """lm-eval's results and the task -> lm-eval task name map."""
     model, tasks_dir = Path(model), Path(tasks_dir)
     tasks = list_tasks(tasks_dir) if tasks is None else list(tasks)
     names = check_tasks(tasks_dir, tasks, split)
@@ -91,12 +130,9 @@ def evaluate_model(
             device=resolve_device(device),
             batch_size=batch_size,
             limit=limit,
-            log_samples=False,
+            log_samples=log_samples,
             bootstrap_iters=0,
         )
     if results is None:
         raise EvaluationError(f"{model}: lm-eval returned no results")
-    return {
-        task: float(results["results"][name]["acc,none"])
-        for task, name in zip(tasks, names, strict=True)
-    }
+    return results, dict(zip(tasks, names, strict=True))

@@ -27,6 +27,18 @@ def choice_accuracy(
     batch_size: int = 512,
 ) -> float:
     """Share of records whose `label` choice has the highest log-likelihood after `prompt`."""
+    correct = choice_correct(model, tokenizer, records, batch_size=batch_size)
+    return sum(correct) / len(correct) if correct else 0.0
+
+
+def choice_correct(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[dict[str, Any]],
+    *,
+    batch_size: int = 512,
+) -> list[bool]:
+    """Per record: does its `label` choice have the highest log-likelihood after `prompt`?"""
     import torch
 
     def ids(text: str) -> list[int]:
@@ -57,12 +69,12 @@ def choice_accuracy(
                     positions = torch.arange(start - 1, start - 1 + len(answer), device=device)
                     tokens = torch.tensor(answer, device=device)
                     scores.append(logprobs[row, positions, tokens].sum().item())
-    correct, offset = 0, 0
+    correct, offset = [], 0
     for record in records:
         options = scores[offset : offset + len(record["choices"])]
-        correct += options.index(max(options)) == record["label"]
+        correct.append(options.index(max(options)) == record["label"])
         offset += len(record["choices"])
-    return correct / len(records) if records else 0.0
+    return correct
 
 
 def quick_evaluate(

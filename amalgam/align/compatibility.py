@@ -1,0 +1,213 @@
+"""Can these checkpoints be merged tensor by tensor? Same tensor names and shapes, same vocabulary.
+
+The align stage's interface: ``run_align(spec, inputs)`` takes the recipe's ``align`` section and
+the labelled inputs (base first) and returns what the merge should read. The only method so far,
+``check``, returns the inputs unchanged once they pass; aligning methods (vocabulary union,
+permutation matching) will return re-aligned copies through the same call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from amalgam import storage
+from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.errors import AmalgamError
+
+if TYPE_CHECKING:
+    from amalgam.recipe import AlignSpec
+
+MAX_LISTED = 5  # differences listed per model and kind before "... and N more"
+
+
+class CompatibilityError(AmalgamError):
+    """Inputs differ in tensor names, shapes or vocabulary; the message names each difference."""
+
+    def __init__(self, report: CompatibilityReport):
+        super().__init__(report.describe())
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One difference between a model and the reference: kind, what, and the two sides."""
+
+    model: str
+    kind: str  # missing_tensor | extra_tensor | shape | vocab_size | vocabulary
+    item: str  # tensor name, config file or token
+    detail: str  # the model's value vs the reference's (shapes, ids, sizes)
+
+    def __str__(self) -> str:
+        what = {
+            "missing_tensor": f"lacks tensor {self.item}",
+            "extra_tensor": f"has tensor {self.item}, which the reference lacks",
+            "shape": f"tensor {self.item} has shape {self.detail}",
+            "vocab_size": f"{self.item} vocab_size is {self.detail}",
+            "vocabulary": f"token {self.item} has {self.detail}",
+        }[self.kind]
+        return f"{self.model}: {what}"
+
+
+@dataclass
+class CompatibilityReport:
+    """The reference model, the models compared with it, and every difference found."""
+
+    reference: str
+    models: list[str]
+    tensors: int
+    uris: dict[str, str] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        if self.ok:
+            return (
+                f"compatible: {', '.join(self.models)} match {self.reference} "
+                f"({self.tensors} tensors)"
+            )
+        where = self.uris.get(self.reference)
+        lines = [
+            f"models differ from the reference {self.reference}"
+            + (f" ({where})" if where else "")
+            + ":"
+        ]
+        for model in self.models:
+            for kind in ("missing_tensor", "extra_tensor", "shape", "vocab_size", "vocabulary"):
+                found = [p for p in self.problems if p.model == model and p.kind == kind]
+                lines += [f"  {p}" for p in found[:MAX_LISTED]]
+                if len(found) > MAX_LISTED:
+                    lines.append(f"  {model}: ... and {len(found) - MAX_LISTED} more {kind}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "models": self.models,
+            "tensors": self.tensors,
+            "uris": self.uris,
+            "ok": self.ok,
+            "problems": [vars(p) for p in self.problems],
+        }
+
+
+def tensor_problems(label: str, ref: Checkpoint, other: Checkpoint) -> list[Problem]:
+    """Tensors missing from ``other``, extra in it, or shaped differently (dtype may differ)."""
+    problems = [
+        Problem(label, "missing_tensor", name, "")
+        for name in ref.tensors
+        if name not in other.tensors
+    ]
+    problems += [
+        Problem(label, "extra_tensor", name, "")
+        for name in other.tensors
+        if name not in ref.tensors
+    ]
+    for name, info in ref.tensors.items():
+        theirs = other.tensors.get(name)
+        if theirs is not None and theirs.shape != info.shape:
+            problems.append(
+                Problem(
+                    label, "shape", name, f"{list(theirs.shape)}, the reference {list(info.shape)}"
+                )
+            )
+    return problems
+
+
+def _vocabulary(ckpt: Checkpoint) -> dict[str, int] | None:
+    """Token -> id from the checkpoint's tokenizer.json (model vocabulary plus added tokens)."""
+    if ckpt.kind == "file":
+        return None
+    path = storage.join(ckpt.root, "tokenizer.json")
+    if not ckpt.fs.exists(path):
+        return None
+    with ckpt.fs.open(path, "rb") as fh:
+        data = json.loads(fh.read())
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, list):  # unigram: [token, score] pairs in id order
+        vocab = {entry[0]: i for i, entry in enumerate(vocab)}
+    out = dict(vocab or {})
+    out.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+    return out
+
+
+def vocabulary_problems(label: str, ref: Checkpoint, other: Checkpoint) -> list[Problem]:
+    """Differences in config ``vocab_size`` and in tokenizer.json's token -> id map."""
+    problems = []
+    ref_size = (ref.config or {}).get("vocab_size")
+    other_size = (other.config or {}).get("vocab_size")
+    if ref_size is not None and other_size is not None and ref_size != other_size:
+        problems.append(
+            Problem(label, "vocab_size", "config.json", f"{other_size}, the reference {ref_size}")
+        )
+    ref_vocab, vocab = _vocabulary(ref), _vocabulary(other)
+    if ref_vocab is None or vocab is None:
+        return problems
+    for token in sorted(set(ref_vocab) | set(vocab)):
+        a, b = vocab.get(token), ref_vocab.get(token)
+        if a != b:
+            theirs = "no id" if a is None else f"id {a}"
+            ours = "none" if b is None else f"id {b}"
+            problems.append(
+                Problem(label, "vocabulary", repr(token), f"{theirs}, the reference {ours}")
+            )
+    return problems
+
+
+def check_compatibility(
+    models: Mapping[str, str | Checkpoint] | Sequence[str | Checkpoint],
+    *,
+    vocabulary: bool = True,
+    raise_on_error: bool = True,
+    **storage_options: Any,
+) -> CompatibilityReport:
+    """Compare every model with the first one (the base, when the caller puts it first).
+
+    ``models`` maps labels to URIs or open checkpoints (a list is labelled by URI). Raises
+    :class:`CompatibilityError` naming each model and tensor or token that differs, unless
+    ``raise_on_error`` is false; then the report's ``ok`` and ``problems`` say it.
+    """
+    if not isinstance(models, Mapping):
+        models = {(m.uri if isinstance(m, Checkpoint) else str(m)): m for m in models}
+    if len(models) < 1:
+        raise AmalgamError("check_compatibility: no models given")
+    opened: list[Checkpoint] = []
+    ckpts: dict[str, Checkpoint] = {}
+    try:
+        for label, m in models.items():
+            if isinstance(m, Checkpoint):
+                ckpts[label] = m
+            else:
+                ckpts[label] = open_checkpoint(m, **storage_options)
+                opened.append(ckpts[label])
+        (ref_label, ref), *others = ckpts.items()
+        report = CompatibilityReport(
+            ref_label,
+            [label for label, _ in others],
+            len(ref.tensors),
+            uris={label: c.uri for label, c in ckpts.items()},
+        )
+        for label, ckpt in others:
+            report.problems += tensor_problems(label, ref, ckpt)
+            if vocabulary:
+                report.problems += vocabulary_problems(label, ref, ckpt)
+    finally:
+        for c in opened:
+            c.close()
+    if raise_on_error and not report.ok:
+        raise CompatibilityError(report)
+    return report
+
+
+def run_align(spec: AlignSpec, inputs: Mapping[str, str], **storage_options: Any) -> dict[str, str]:
+    """The align stage: labelled input URIs in (base first), labelled URIs to merge out.
+
+    ``check`` raises :class:`CompatibilityError` on any difference and passes the inputs on.
+    """
+    check_compatibility(inputs, vocabulary=spec.vocabulary, **storage_options)
+    return dict(inputs)

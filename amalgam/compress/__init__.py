@@ -1,0 +1,22 @@
+"""The compress stage: ComPEFT task-vector compression with exact sizes, and decompression."""
+
+from amalgam.compress.compeft import TernaryTensor, compeft
+from amalgam.compress.stage import (
+    CompressError,
+    CompressResult,
+    TensorReport,
+    compress_model,
+    decompress_model,
+    read_manifest,
+)
+
+__all__ = [
+    "CompressError",
+    "CompressResult",
+    "TensorReport",
+    "TernaryTensor",
+    "compeft",
+    "compress_model",
+    "decompress_model",
+    "read_manifest",
+]

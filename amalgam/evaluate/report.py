@@ -1,0 +1,337 @@
+"""The evaluate stage: score a candidate against its base, the experts and the champion.
+
+``evaluate_candidate`` runs each model once on the tasks (lm-eval, or the in-process ``quick``
+scorer that scores the same way), keeps every example's correctness, and derives per-task and
+normalized accuracy, negative flips against the champion and the perplexity ratio against the
+base. ``write_report`` writes ``report.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field, computed_field
+
+from amalgam import storage
+from amalgam.evaluate import metrics as metric
+from amalgam.evaluate.taskdir import EvaluationError, check_tasks, list_tasks
+
+if TYPE_CHECKING:
+    from amalgam.recipe import EvaluateSpec, Recipe
+
+REPORT_FILE = "report.json"
+
+
+class TaskResult(BaseModel):
+    """One model on one task: accuracy and each example's correctness, in record order."""
+
+    accuracy: float
+    correct: list[bool]
+
+
+class ModelResult(BaseModel):
+    """One model's results per task, and its text log-likelihood when measured."""
+
+    uri: str
+    tasks: dict[str, TaskResult]
+    nll: float | None = None
+    tokens: int | None = None
+
+    @classmethod
+    def from_correct(
+        cls,
+        uri: str,
+        correct: Mapping[str, list[bool]],
+        nll: float | None = None,
+        tokens: int | None = None,
+    ) -> ModelResult:
+        """Results from per-example correctness per task."""
+        tasks = {
+            t: TaskResult(accuracy=metric.accuracy(c), correct=list(c)) for t, c in correct.items()
+        }
+        return cls(uri=uri, tasks=tasks, nll=nll, tokens=tokens)
+
+    @computed_field
+    @property
+    def perplexity(self) -> float | None:
+        return (
+            None
+            if self.nll is None or not self.tokens
+            else metric.perplexity(self.nll, self.tokens)
+        )
+
+
+class EvalReport(BaseModel):
+    """Everything the register and promote stages need, per-example results included."""
+
+    tasks: list[str]
+    split: str
+    limit: int | None
+    engine: str
+    candidate: ModelResult
+    base: ModelResult | None = None
+    experts: dict[str, ModelResult] = Field(default_factory=dict)  # task -> its expert
+    champion: ModelResult | None = None
+    champion_version: str | None = None
+    accuracy: dict[str, float]
+    mean_accuracy: float
+    normalized_accuracy: dict[str, float | None]
+    mean_normalized_accuracy: float | None
+    flips: dict[str, metric.Flips] | None = None  # per task, against the champion
+    negative_flip_rate: float | None = None  # pooled over every task's examples
+    perplexity: float | None = None
+    base_perplexity: float | None = None
+    perplexity_ratio: float | None = None
+
+    def negative_flip_rates(self) -> dict[str, float] | None:
+        if self.flips is None:
+            return None
+        return {task: f.negative_flip_rate for task, f in self.flips.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """Flat name -> value for a tracking store (undefined values left out)."""
+        out: dict[str, float | None] = {
+            "mean_accuracy": self.mean_accuracy,
+            "mean_normalized_accuracy": self.mean_normalized_accuracy,
+            "negative_flip_rate": self.negative_flip_rate,
+            "perplexity": self.perplexity,
+            "perplexity_ratio": self.perplexity_ratio,
+        }
+        for task in self.tasks:
+            out[f"accuracy.{task}"] = self.accuracy[task]
+            out[f"normalized_accuracy.{task}"] = self.normalized_accuracy.get(task)
+            if self.flips is not None:
+                out[f"negative_flip_rate.{task}"] = self.flips[task].negative_flip_rate
+                out[f"positive_flip_rate.{task}"] = self.flips[task].positive_flip_rate
+        return {k: float(v) for k, v in out.items() if v is not None}
+
+    @classmethod
+    def read(cls, path: str | Path) -> EvalReport:
+        return cls.model_validate_json(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def local_model(uri: str, **storage_options: Any) -> Iterator[Path]:
+    """A local folder holding the model at ``uri`` (copied to a temporary folder if remote)."""
+    fs, path = storage.resolve(uri, **storage_options)
+    if storage.is_local(fs):
+        if not Path(path).is_dir():
+            raise EvaluationError(f"{uri}: no model folder there")
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="amalgam-eval-") as tmp:
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        yield Path(tmp)
+
+
+def score_model(
+    uri: str,
+    spec: EvaluateSpec,
+    tasks: list[str],
+    *,
+    perplexity: bool = False,
+    **storage_options: Any,
+) -> ModelResult:
+    """Run one model on ``tasks`` as ``spec`` (an :class:`amalgam.recipe.EvaluateSpec`) says;
+    with ``perplexity``, also its log-likelihood of the tasks' texts."""
+    tasks_dir = Path(spec.tasks_dir)
+    with local_model(uri, **storage_options) as folder:
+        if spec.engine == "lm_eval":
+            from amalgam.evaluate.harness import evaluate_model_samples
+
+            correct = evaluate_model_samples(
+                folder,
+                tasks_dir,
+                tasks,
+                limit=spec.limit,
+                batch_size=spec.batch_size,
+                device=spec.device,
+                split=spec.split,
+            )
+            model = tokenizer = None
+        else:
+            model, tokenizer = _load(folder, spec.device)
+            correct = _quick_correct(model, tokenizer, spec, tasks)
+        result = ModelResult.from_correct(uri, correct)
+        if perplexity:
+            if model is None:
+                model, tokenizer = _load(folder, spec.device)
+            result.nll, result.tokens = _text_nll(model, tokenizer, spec, tasks)
+    return result
+
+
+def _load(folder: Path, device: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from amalgam.evaluate.harness import resolve_device
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.to(resolve_device(device)).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _quick_correct(
+    model: Any, tokenizer: Any, spec: EvaluateSpec, tasks: list[str]
+) -> dict[str, list[bool]]:
+    from amalgam.evaluate.quick import choice_correct
+    from amalgam.evaluate.taskdir import read_split
+
+    return {
+        task: choice_correct(
+            model, tokenizer, read_split(Path(spec.tasks_dir), task, spec.split)[: spec.limit]
+        )
+        for task in tasks
+    }
+
+
+def _text_nll(
+    model: Any, tokenizer: Any, spec: EvaluateSpec, tasks: list[str]
+) -> tuple[float, int]:
+    from amalgam.evaluate.perplexity import sequence_nll, task_texts, token_ids
+
+    texts = task_texts(Path(spec.tasks_dir), tasks, spec.split, spec.limit)
+    return sequence_nll(model, token_ids(tokenizer, texts), batch_size=spec.batch_size)
+
+
+def spec_tasks(spec: EvaluateSpec) -> list[str]:
+    """The tasks an EvaluateSpec names, or every task folder under its ``tasks_dir``."""
+    return list(spec.tasks) if spec.tasks else list_tasks(Path(spec.tasks_dir))
+
+
+def experts_for(recipe: Recipe) -> dict[str, str]:
+    """Task -> expert URI for a recipe with an ``evaluate`` section: its ``experts`` mapping
+    (values are model labels or URIs), else every recipe model whose label is a task name."""
+    spec = recipe.evaluate
+    if spec is None:
+        raise EvaluationError("evaluate: the recipe has no evaluate section")
+    by_label = {m.label: m.uri for m in recipe.models}
+    if spec.experts is not None:
+        return {task: by_label.get(ref, ref) for task, ref in spec.experts.items()}
+    return {task: by_label[task] for task in spec_tasks(spec) if task in by_label}
+
+
+def evaluate_candidate(
+    candidate_uri: str,
+    spec: EvaluateSpec,
+    *,
+    base_uri: str | None = None,
+    experts: Mapping[str, str] | None = None,
+    champion_uri: str | None = None,
+    champion_version: str | None = None,
+    precomputed: Mapping[str, ModelResult] | None = None,
+    **storage_options: Any,
+) -> EvalReport:
+    """Evaluate ``candidate_uri`` on the tasks of ``spec`` (an EvaluateSpec).
+
+    ``experts`` maps a task to the model fine-tuned for it (normalized accuracy on that task);
+    ``champion_uri`` is the model the candidate would replace (negative flips), and
+    ``champion_version`` its registry version, recorded so that promotion can check the
+    champion has not moved since. ``precomputed`` maps URIs to results already measured with
+    the same spec (a cache: base and experts rarely change between runs). Remote models
+    (``s3://...`` with ``storage_options``) are copied to a temporary folder to be run.
+    """
+    tasks_dir = Path(spec.tasks_dir)
+    tasks = spec_tasks(spec)
+    check_tasks(tasks_dir, tasks, spec.split)
+    experts = dict(experts or {})
+    unknown = sorted(set(experts) - set(tasks))
+    if unknown:
+        raise EvaluationError(f"experts: no task named {', '.join(unknown)} in {tasks_dir}")
+    cache = dict(precomputed or {})
+    want_ppl = spec.perplexity and base_uri is not None
+
+    def run(uri: str, on: list[str], ppl: bool) -> ModelResult:
+        hit = cache.get(uri)
+        if hit is not None and set(on) <= set(hit.tasks) and (not ppl or hit.nll is not None):
+            return ModelResult(
+                uri=uri, tasks={t: hit.tasks[t] for t in on}, nll=hit.nll, tokens=hit.tokens
+            )
+        return score_model(uri, spec, on, perplexity=ppl, **storage_options)
+
+    candidate = run(candidate_uri, tasks, want_ppl)
+    base = run(base_uri, tasks, want_ppl) if base_uri else None
+    expert_results = {task: run(uri, [task], False) for task, uri in experts.items()}
+    champion = run(champion_uri, tasks, False) if champion_uri else None
+
+    return build_report(
+        tasks,
+        candidate,
+        base=base,
+        experts=expert_results,
+        champion=champion,
+        champion_version=champion_version,
+        split=spec.split,
+        limit=spec.limit,
+        engine=spec.engine,
+    )
+
+
+def build_report(
+    tasks: list[str],
+    candidate: ModelResult,
+    *,
+    base: ModelResult | None = None,
+    experts: Mapping[str, ModelResult] | None = None,
+    champion: ModelResult | None = None,
+    champion_version: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    engine: str = "quick",
+) -> EvalReport:
+    """Derive every metric from the models' per-example results (no model is run).
+
+    The perplexity ratio needs both candidate and base log-likelihoods, over the same tokens.
+    """
+    experts = dict(experts or {})
+    acc = {t: candidate.tasks[t].accuracy for t in tasks}
+    normalized = {
+        t: metric.normalized_accuracy(acc[t], experts[t].tasks[t].accuracy)
+        if t in experts
+        else None
+        for t in tasks
+    }
+    report = EvalReport(
+        tasks=tasks,
+        split=split,
+        limit=limit,
+        engine=engine,
+        candidate=candidate,
+        base=base,
+        experts=experts,
+        champion=champion,
+        champion_version=champion_version,
+        accuracy=acc,
+        mean_accuracy=sum(acc.values()) / len(acc),
+        normalized_accuracy=normalized,
+        mean_normalized_accuracy=metric.mean_defined(normalized.values()),
+    )
+    if champion is not None:
+        report.flips = {
+            t: metric.flips(champion.tasks[t].correct, candidate.tasks[t].correct, t) for t in tasks
+        }
+        report.negative_flip_rate = metric.pooled_negative_flip_rate(report.flips)
+    if base is not None and candidate.nll is not None and base.nll is not None:
+        if candidate.tokens != base.tokens:
+            raise EvaluationError(
+                f"perplexity: {candidate.uri} and {base.uri} tokenize the task texts into "
+                f"{candidate.tokens} and {base.tokens} tokens; the ratio needs one tokenizer"
+            )
+        report.perplexity, report.base_perplexity = candidate.perplexity, base.perplexity
+        report.perplexity_ratio = metric.perplexity_ratio(report.perplexity, report.base_perplexity)
+    return report
+
+
+def write_report(report: EvalReport, out_dir: str | Path) -> list[Path]:
+    """Write ``report.json`` and the PNG plots into ``out_dir``; returns the files written."""
+    from amalgam.evaluate.plots import write_plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / REPORT_FILE
+    path.write_text(report.model_dump_json(indent=1))
+    return [path, *write_plots(report, out)]

@@ -1,0 +1,499 @@
+"""MLflow tracking and registry for pipeline runs: lineage you can walk, gated promotion.
+
+One MLflow run per pipeline run holds the recipe (flattened as params, and as
+``recipe/recipe.yaml``), the parents' URIs and content hashes (tags ``amalgam.parent.<label>.uri``
+and ``.hash``), the evaluation metrics, the report and plots (``report/``) and the merged model
+(``model/``). A registered model version is created from that artifact location and gets the
+alias ``candidate``; ``promote`` moves ``champion`` only when the gates pass.
+
+Concurrent promotions: ``promote`` holds an exclusive file lock per (tracking store, model name)
+while it reads the champion, checks the gates and moves the alias, and it refuses a candidate
+whose report was measured against another champion than the current one (compare-and-set on
+the alias). Two runs evaluated against the same champion cannot both promote: the second sees
+the champion moved. The lock is a local file lock (``$AMALGAM_HOME/mlflow/locks``): it covers
+every process on one machine, or on hosts sharing that folder over a file system with working
+``flock``; with a remote tracking server and several hosts, run promotions through one queue
+(the promote flow under a concurrency limit of one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from amalgam import storage
+from amalgam.errors import AmalgamError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from amalgam.evaluate.report import EvalReport
+    from amalgam.recipe import Gates, Recipe
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+TAG = "amalgam."
+PARENT_TAG = TAG + "parent."
+RECIPE_ARTIFACT = "recipe/recipe.yaml"
+REPORT_DIR = "report"
+REPORT_ARTIFACT = f"{REPORT_DIR}/report.json"
+MODEL_DIR = "model"
+MAX_TAG_CHARS = 5000
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+_HELD = threading.local()  # lock files this thread holds
+
+
+class RegistryError(AmalgamError):
+    """The tracking store refused an operation, or a run or version lacks what it needs."""
+
+
+class PromotionRefused(RegistryError):
+    """A gate failed; ``failures`` names each gate, task and values, ``gates`` the gate names."""
+
+    def __init__(self, name: str, version: str, failures: list[str]):
+        self.name, self.version, self.failures = name, version, failures
+        self.gates = sorted({f.split(":", 1)[0] for f in failures})
+        super().__init__(f"{name} version {version} not promoted:\n  " + "\n  ".join(failures))
+
+
+@dataclass(frozen=True)
+class Parent:
+    uri: str
+    hash: str
+
+
+@dataclass
+class Lineage:
+    """A registered version traced back: its run, recipe, parents and metrics."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    source: str
+    run_id: str
+    recipe: dict[str, Any]
+    recipe_hash: str | None
+    merged_uri: str | None
+    parents: dict[str, Parent]
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    name: str
+    version: str
+    alias: str
+    previous: str | None  # the version that held the alias before, if any
+
+
+def default_tracking_uri() -> str:
+    """``sqlite:///$AMALGAM_HOME/mlflow/mlflow.db`` (the folder is created)."""
+    folder = storage.amalgam_home() / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def default_artifact_root() -> Path:
+    return storage.amalgam_home() / "mlflow" / "artifacts"
+
+
+def _key(text: str) -> str:
+    """A valid MLflow param, metric or tag key (other characters become '_')."""
+    return _KEY_CHARS.sub("_", text)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Nested mappings and lists of mappings -> dotted keys; other lists as JSON."""
+    out: dict[str, str] = {}
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
+        for i, v in enumerate(value):
+            out.update(flatten(v, f"{prefix}.{i}"))
+    elif value is not None:
+        out[_key(prefix)] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def recipe_record(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as stored in the tracking store: storage options (credentials) left out."""
+    return recipe.model_dump(mode="json", exclude={"storage_options"}, exclude_none=True)
+
+
+def check_gates(report: EvalReport, gates: Gates) -> list[str]:
+    """Every failed gate as 'gate: task value vs bound'; an empty list means the gates pass.
+
+    ``task_floor`` (one floor for every task, or a floor per named task) bounds the
+    ``floor_metric`` of each task from below; ``max_negative_flip_rate`` bounds each task's
+    negative flip rate against the champion (passes when there is no champion yet);
+    ``max_perplexity_ratio`` bounds PPL(candidate) / PPL(base).
+    """
+    failures: list[str] = []
+    if gates.task_floor is not None:
+        floors = (
+            dict(gates.task_floor)
+            if isinstance(gates.task_floor, dict)
+            else dict.fromkeys(report.tasks, gates.task_floor)
+        )
+        values = (
+            report.normalized_accuracy
+            if gates.floor_metric == "normalized_accuracy"
+            else report.accuracy
+        )
+        for task, floor in floors.items():
+            if task not in report.tasks:
+                failures.append(f"task_floor: task {task} is not in the report")
+            elif values.get(task) is None:
+                failures.append(
+                    f"task_floor: task {task} has no {gates.floor_metric} (no expert for it)"
+                )
+            elif values[task] < floor:
+                failures.append(
+                    f"task_floor: task {task} {gates.floor_metric} {values[task]:.4f} "
+                    f"< floor {floor}"
+                )
+    bound = gates.max_negative_flip_rate
+    if bound is not None and report.flips is not None:
+        for task, flips in report.flips.items():
+            if flips.negative_flip_rate > bound:
+                failures.append(
+                    f"max_negative_flip_rate: task {task} negative flip rate "
+                    f"{flips.negative_flip_rate:.4f} > {bound} ({len(flips.negative)} of "
+                    f"{flips.n} examples the champion got right)"
+                )
+    if gates.max_perplexity_ratio is not None:
+        ratio = report.perplexity_ratio
+        if ratio is None:
+            failures.append("max_perplexity_ratio: the report has no perplexity ratio")
+        elif ratio > gates.max_perplexity_ratio:
+            failures.append(
+                f"max_perplexity_ratio: perplexity ratio {ratio:.4f} > "
+                f"{gates.max_perplexity_ratio} (candidate {report.perplexity:.4f}, "
+                f"base {report.base_perplexity:.4f})"
+            )
+    return failures
+
+
+class Registry:
+    """An MLflow tracking store and model registry (default: SQLite under $AMALGAM_HOME)."""
+
+    def __init__(self, tracking_uri: str | None = None, *, artifact_root: str | None = None):
+        from mlflow import MlflowClient
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        if artifact_root is None and tracking_uri is None:
+            artifact_root = str(default_artifact_root())
+        self.artifact_root = artifact_root
+        self.client: MlflowClient = MlflowClient(self.tracking_uri, self.tracking_uri)
+
+    # -- runs -----------------------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        """The experiment called ``name``, created (artifacts under ``artifact_root``) if new."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.artifact_root:
+            location = Path(self.artifact_root, name).resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by a concurrent run
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def log_pipeline_run(
+        self,
+        recipe: Recipe,
+        *,
+        parents: Mapping[str, tuple[str, str]],
+        merged_uri: str | None = None,
+        report: EvalReport | None = None,
+        artifacts: Sequence[str | Path] = (),
+        tags: Mapping[str, str] | None = None,
+        experiment: str | None = None,
+        run_name: str | None = None,
+        log_model: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Record one pipeline run; returns its run id.
+
+        ``parents`` maps each input's label to (URI, content hash). The merged model folder is
+        logged under ``model/`` when ``log_model`` (needed to register a version from the run).
+        ``artifacts`` (report files, plots) go under ``report/``. ``storage_options`` reach a
+        remote merged model (they are not recorded).
+        """
+        from mlflow.entities import Metric, Param, RunTag
+
+        exp = experiment or (recipe.register.experiment if recipe.register else "amalgam")
+        all_tags = {
+            TAG + "recipe_hash": recipe.hash(),
+            TAG + "method": recipe.method,
+            **{f"{PARENT_TAG}{_key(label)}.uri": uri for label, (uri, _) in parents.items()},
+            **{f"{PARENT_TAG}{_key(label)}.hash": h for label, (_, h) in parents.items()},
+            **({TAG + "merged_uri": merged_uri} if merged_uri else {}),
+            **dict(tags or {}),
+        }
+        if report is not None and report.champion_version is not None:
+            all_tags[TAG + "champion_version"] = report.champion_version
+        run = self.client.create_run(self.experiment_id(exp), run_name=run_name)
+        run_id = run.info.run_id
+        try:
+            params = [
+                Param(k, v[:MAX_PARAM_CHARS]) for k, v in flatten(recipe_record(recipe)).items()
+            ]
+            run_tags = [RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in all_tags.items()]
+            now = int(time.time() * 1000)
+            run_metrics = (
+                [Metric(_key(k), v, now, 0) for k, v in report.metrics().items()] if report else []
+            )
+            for i in range(0, max(len(params), len(run_tags), len(run_metrics)), 100):
+                self.client.log_batch(
+                    run_id,
+                    metrics=run_metrics[i : i + 100],
+                    params=params[i : i + 100],
+                    tags=run_tags[i : i + 100],
+                )
+            self.client.log_text(run_id, yaml.safe_dump(recipe_record(recipe)), RECIPE_ARTIFACT)
+            if report is not None:
+                self.client.log_text(run_id, report.model_dump_json(indent=1), REPORT_ARTIFACT)
+            for path in artifacts:
+                if report is None or Path(path).name != Path(REPORT_ARTIFACT).name:
+                    self.client.log_artifact(run_id, str(path), REPORT_DIR)
+            if log_model and merged_uri:
+                from amalgam.evaluate.report import local_model
+
+                with local_model(merged_uri, **dict(storage_options or {})) as folder:
+                    self.client.log_artifacts(run_id, str(folder), MODEL_DIR)
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    # -- versions and aliases ---------------------------------------------------------------
+    def register_version(
+        self,
+        run_id: str,
+        model_name: str,
+        artifact_path: str = MODEL_DIR,
+        *,
+        alias: str | None = CANDIDATE,
+    ) -> str:
+        """Create a version of ``model_name`` from the run's ``artifact_path`` and point
+        ``alias`` at it; returns the version. On any failure nothing registered remains."""
+        from mlflow.exceptions import MlflowException
+
+        run = self.client.get_run(run_id)
+        if not self.client.list_artifacts(run_id, artifact_path):
+            raise RegistryError(f"run {run_id}: no artifacts under {artifact_path!r} to register")
+        created_model = False
+        try:
+            self.client.create_registered_model(model_name)
+            created_model = True
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise RegistryError(f"{model_name}: cannot create ({exc.message})") from None
+        version = None
+        lineage_tags = {
+            k: v for k, v in run.data.tags.items() if k.startswith(TAG) and len(v) <= MAX_TAG_CHARS
+        }
+        try:
+            mv = self.client.create_model_version(
+                model_name,
+                f"{run.info.artifact_uri}/{artifact_path}",
+                run_id=run_id,
+                tags=lineage_tags,
+            )
+            version = mv.version
+            if alias:
+                self.client.set_registered_model_alias(model_name, alias, version)
+            self.client.set_tag(run_id, TAG + "registered", f"{model_name}/{version}")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                if version is not None:
+                    self.client.delete_model_version(model_name, version)
+                if created_model:
+                    self.client.delete_registered_model(model_name)
+            if isinstance(exc, MlflowException):
+                raise RegistryError(f"{model_name}: registration failed ({exc.message})") from None
+            raise
+        return str(version)
+
+    def set_alias(self, name: str, alias: str, version: str | int) -> None:
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version ``alias`` points at, or None (also when the model does not exist)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def _version(self, name: str, version_or_alias: str | int) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        ref = str(version_or_alias)
+        try:
+            if ref.isdigit():
+                return self.client.get_model_version(name, ref)
+            return self.client.get_model_version_by_alias(name, ref)
+        except MlflowException as exc:
+            raise RegistryError(f"{name}@{ref}: no such model version ({exc.message})") from None
+
+    def model_path(self, name: str, version_or_alias: str | int, dst: str | None = None) -> str:
+        """A local folder holding the version's model files (downloaded if the store is
+        remote; ``dst`` picks where)."""
+        mv = self._version(name, version_or_alias)
+        if mv.source.startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            return unquote(urlparse(mv.source).path)
+        from mlflow.artifacts import download_artifacts
+
+        return download_artifacts(
+            artifact_uri=mv.source, dst_path=dst, tracking_uri=self.tracking_uri
+        )
+
+    # -- lineage ----------------------------------------------------------------------------
+    def run_text(self, run_id: str, path: str) -> str | None:
+        """An artifact of a run as text, or None when the run has no such artifact."""
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory(prefix="amalgam-mlflow-") as tmp:
+            try:
+                local = download_artifacts(
+                    run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=self.tracking_uri
+                )
+            except (MlflowException, OSError):
+                return None
+            return Path(local).read_text()
+
+    def report(self, run_id: str) -> EvalReport | None:
+        from amalgam.evaluate.report import EvalReport
+
+        text = self.run_text(run_id, REPORT_ARTIFACT)
+        return None if text is None else EvalReport.model_validate_json(text)
+
+    def lineage(self, name: str, version_or_alias: str | int) -> Lineage:
+        """From a version (or alias) to its run, recipe, parents' URIs and hashes, metrics."""
+        mv = self._version(name, version_or_alias)
+        if not mv.run_id:
+            raise RegistryError(f"{name} version {mv.version}: not linked to a run")
+        run = self.client.get_run(mv.run_id)
+        tags = dict(run.data.tags)
+        parents: dict[str, dict[str, str]] = {}
+        for key, value in tags.items():
+            if key.startswith(PARENT_TAG):
+                label, _, kind = key[len(PARENT_TAG) :].rpartition(".")
+                parents.setdefault(label, {})[kind] = value
+        recipe_text = self.run_text(mv.run_id, RECIPE_ARTIFACT)
+        return Lineage(
+            name=name,
+            version=str(mv.version),
+            aliases=list(getattr(mv, "aliases", []) or []),
+            source=mv.source,
+            run_id=mv.run_id,
+            recipe=yaml.safe_load(recipe_text) if recipe_text else {},
+            recipe_hash=tags.get(TAG + "recipe_hash"),
+            merged_uri=tags.get(TAG + "merged_uri"),
+            parents={
+                label: Parent(p.get("uri", ""), p.get("hash", "")) for label, p in parents.items()
+            },
+            metrics=dict(run.data.metrics),
+            tags=tags,
+        )
+
+    # -- promotion --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout: float = 120.0) -> Iterator[None]:
+        """An exclusive lock on promotions of ``name`` in this tracking store, across
+        processes and threads; a thread that holds it may enter it again (``promote`` inside
+        a caller's ``lock`` does not deadlock)."""
+        key = hashlib.sha256(f"{self.tracking_uri}\0{name}".encode()).hexdigest()[:24]
+        path = storage.amalgam_home() / "mlflow" / "locks" / f"{key}.lock"
+        held: set[str] = _HELD.__dict__.setdefault("paths", set())
+        if str(path) in held:
+            yield
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout
+        with path.open("a") as fh:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RegistryError(
+                            f"{name}: another promotion holds {path} for over {timeout:.0f} s"
+                        ) from None
+                    time.sleep(0.05)
+            held.add(str(path))
+            try:
+                yield
+            finally:
+                held.discard(str(path))
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def promote(
+        self,
+        name: str,
+        version: str | int,
+        gates: Gates,
+        *,
+        report: EvalReport | None = None,
+        alias: str = CHAMPION,
+    ) -> PromotionResult:
+        """Move ``alias`` to ``version`` if its report passes ``gates`` and was measured
+        against the current champion; otherwise raise :class:`PromotionRefused`. Either way the
+        outcome and reason are recorded as tags on the version's run."""
+        version = str(version)
+        with self.lock(name):
+            mv = self._version(name, version)
+            current = self.alias_version(name, alias)
+            if current == version:
+                return PromotionResult(name, version, alias, current)
+            report = report or self.report(mv.run_id)
+            if report is None:
+                failures = [f"report: run {mv.run_id} has no {REPORT_ARTIFACT}"]
+            else:
+                failures = []
+                if report.champion_version != current:
+                    failures.append(
+                        f"champion: the report compares against champion "
+                        f"{report.champion_version or 'none'}, but {alias} is now "
+                        f"{current or 'none'}; evaluate again against it"
+                    )
+                failures += check_gates(report, gates)
+            if failures:
+                self._record(mv.run_id, "refused", "; ".join(failures))
+                raise PromotionRefused(name, version, failures)
+            self.set_alias(name, alias, version)
+            self._record(mv.run_id, "promoted", f"{alias} {current or 'none'} -> {version}")
+        return PromotionResult(name, version, alias, current)
+
+    def _record(self, run_id: str, outcome: str, reason: str) -> None:
+        self.client.set_tag(run_id, TAG + "promotion", outcome)
+        self.client.set_tag(run_id, TAG + "promotion.reason", reason[:MAX_TAG_CHARS])

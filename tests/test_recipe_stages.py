@@ -1,0 +1,76 @@
+"""The recipe's stage sections: defaults, field paths in errors, hash stability."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from amalgam.errors import RecipeError
+from amalgam.recipe import STAGE_SECTIONS, parse_recipe
+
+BASIC = {"method": "linear", "models": [{"uri": "/a/m1"}, {"uri": "/a/m2"}]}
+
+
+def test_sections_are_optional_and_have_defaults() -> None:
+    plain = parse_recipe(BASIC)
+    assert all(getattr(plain, s) is None for s in STAGE_SECTIONS)
+    full = parse_recipe(
+        {
+            **BASIC,
+            "align": {},
+            "compress": {"density": 0.2},
+            "evaluate": {"tasks_dir": "/t", "engine": "quick"},
+            "register": {"model_name": "m", "gates": {"task_floor": {"sort": 0.9}}},
+        }
+    )
+    assert full.align.method == "check" and full.align.vocabulary
+    assert (full.compress.method, full.compress.density, full.compress.scale) == (
+        "compeft",
+        0.2,
+        "mean",
+    )
+    assert full.evaluate.split == "test" and full.evaluate.limit is None
+    assert full.register.experiment == "amalgam" and full.register.tracking_uri is None
+    assert full.register.gates.task_floor == {"sort": 0.9}
+    assert full.register.gates.max_negative_flip_rate is None
+
+
+def test_unknown_and_bad_fields_are_named_by_path() -> None:
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(
+            {
+                **BASIC,
+                "compress": {"densty": 0.1, "keep_dense": "("},
+                "evaluate": {"tasks_dir": "/t", "split": "train"},
+                "register": {"model_name": "m", "gates": {"max_ppl": 2, "task_floor": "high"}},
+            }
+        )
+    message = str(err.value)
+    for path in (
+        "compress.densty: Extra inputs are not permitted",
+        "compress.keep_dense: Value error, invalid regex",
+        "evaluate.split: Input should be 'test' or 'validation'",
+        "register.gates.max_ppl: Extra inputs are not permitted",
+        "register.gates.task_floor",
+    ):
+        assert path in message
+    with pytest.raises(
+        RecipeError, match=r"compress\.density: Input should be less than or equal to 1"
+    ):
+        parse_recipe({**BASIC, "compress": {"density": 1.5}})
+    with pytest.raises(RecipeError, match=r"register\.model_name: Field required"):
+        parse_recipe({**BASIC, "register": {}})
+
+
+def test_the_hash_changes_only_when_a_section_is_present() -> None:
+    plain = parse_recipe(BASIC)
+    body_without = plain.model_dump(mode="json", exclude={"output", "storage_options"})
+    assert all(body_without[s] is None for s in STAGE_SECTIONS)
+    before = {k: v for k, v in body_without.items() if k not in STAGE_SECTIONS}
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert plain.hash() == "sha256:" + digest  # the hash recipes had before the sections
+    with_compress = parse_recipe({**BASIC, "compress": {}})
+    assert with_compress.hash() != plain.hash()
+    assert parse_recipe({**BASIC, "compress": {}}).hash() == with_compress.hash()

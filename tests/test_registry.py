@@ -1,0 +1,336 @@
+"""MLflow registry: runs, versions, lineage, gates and promotion on a real SQLite store and a
+real `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from amalgam.checkpoint import open_checkpoint
+from amalgam.engine import run_merge
+from amalgam.evaluate.report import EvalReport, ModelResult, build_report, write_report
+from amalgam.recipe import Gates, Recipe, parse_recipe
+from amalgam.registry import (
+    PromotionRefused,
+    Registry,
+    RegistryError,
+    check_gates,
+    recipe_record,
+)
+from tests.helpers import family, recipe_dict
+
+T, F = True, False
+REPO = Path(__file__).resolve().parents[1]
+
+
+def report(
+    candidate: dict, *, champion: dict | None = None, version: str | None = None, nll: float = 10.0
+) -> EvalReport:
+    """A report built from hand-written per-example results; experts score every example."""
+    tasks = list(candidate)
+    experts = {
+        t: ModelResult.from_correct(f"/e/{t}", {t: [T] * len(c)}) for t, c in candidate.items()
+    }
+    return build_report(
+        tasks,
+        ModelResult.from_correct("/c", candidate, nll=nll, tokens=10),
+        base=ModelResult.from_correct(
+            "/b", {t: [F] * len(c) for t, c in candidate.items()}, nll=10.0, tokens=10
+        ),
+        experts=experts,
+        champion=ModelResult.from_correct("/champ", champion) if champion else None,
+        champion_version=version,
+    )
+
+
+GOOD = {"sort": [T, T, T, T], "count": [T, T, T, F]}
+GATES = Gates(task_floor=0.7, max_negative_flip_rate=0.2, max_perplexity_ratio=1.5)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """One SQLite store for the module (creating its tables takes seconds); each test
+    registers under its own model name."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return Registry(f"sqlite:///{root}/mlflow.db", artifact_root=str(root / "artifacts"))
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    return request.node.name.removeprefix("test_")[:60]
+
+
+@pytest.fixture
+def merged(tmp_path: Path) -> tuple[Recipe, Path, dict[str, tuple[str, str]]]:
+    base, experts = family(tmp_path / "in", n=2)
+    data = recipe_dict(base, experts, "task_arithmetic", tmp_path / "merged")
+    data["register"] = {"model_name": "zoo-merge", "gates": GATES.model_dump()}
+    data["storage_options"] = {"key": "secret-key"}
+    recipe = parse_recipe(data)
+    run_merge(recipe)
+    parents = {}
+    for label, uri in [("base", base), *[(m.label, m.uri) for m in recipe.models]]:
+        with open_checkpoint(str(uri)) as c:
+            parents[label] = (str(uri), c.content_hash())
+    return recipe, tmp_path / "merged", parents
+
+
+def log(registry: Registry, merged, rep: EvalReport, tmp_path: Path, name: str) -> str:
+    recipe, folder, parents = merged
+    files = write_report(rep, tmp_path / f"report-{time.monotonic_ns()}")
+    run_id = registry.log_pipeline_run(
+        recipe, parents=parents, merged_uri=str(folder), report=rep, artifacts=files
+    )
+    return registry.register_version(run_id, name)
+
+
+def test_lineage_walks_from_a_version_to_recipe_parents_and_metrics(
+    registry: Registry, merged, tmp_path: Path, name: str
+) -> None:
+    recipe, folder, parents = merged
+    rep = report(GOOD)
+    version = log(registry, merged, rep, tmp_path, name)
+    assert version == "1" and registry.alias_version(name, "candidate") == "1"
+    lineage = registry.lineage(name, "candidate")
+    assert lineage.version == "1" and "candidate" in lineage.aliases
+    assert lineage.recipe == recipe_record(recipe)
+    assert "storage_options" not in lineage.recipe
+    assert lineage.recipe_hash == recipe.hash()
+    assert lineage.merged_uri == str(folder)
+    assert {label: (p.uri, p.hash) for label, p in lineage.parents.items()} == parents
+    for label, (uri, digest) in parents.items():  # the hashes still identify the parents
+        with open_checkpoint(uri) as c:
+            assert c.content_hash() == digest, label
+    assert lineage.metrics == pytest.approx(rep.metrics())
+    run = registry.client.get_run(lineage.run_id)
+    assert run.data.params["method"] == "task_arithmetic"
+    assert run.data.params["models.1.uri"] == recipe.models[1].uri
+    assert not any("secret" in v for v in run.data.params.values())
+    artifacts = {a.path for a in registry.client.list_artifacts(lineage.run_id, "report")}
+    assert artifacts == {
+        f"report/{n}" for n in ("report.json", "accuracy.png", "normalized_accuracy.png")
+    }
+    model = Path(registry.model_path(name, "1"))
+    assert (model / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    assert registry.report(lineage.run_id) == rep
+
+
+def test_gates_refuse_a_regressing_candidate_and_the_reason_is_on_the_run(
+    registry: Registry, merged, tmp_path: Path, name: str
+) -> None:
+    first = log(registry, merged, report(GOOD), tmp_path, name)
+    assert registry.promote(name, first, GATES).previous is None
+    # regresses 'sort': 2 of 4 right (below the 0.7 floor), 2 negative flips (rate 0.5 > 0.2)
+    worse = report({"sort": [T, F, T, F], "count": [T, T, T, T]}, champion=GOOD, version=first)
+    second = log(registry, merged, worse, tmp_path, name)
+    with pytest.raises(PromotionRefused) as err:
+        registry.promote(name, second, GATES)
+    assert err.value.gates == ["max_negative_flip_rate", "task_floor"]
+    assert "task_floor: task sort normalized_accuracy 0.5000 < floor 0.7" in str(err.value)
+    assert "max_negative_flip_rate: task sort negative flip rate 0.5000 > 0.2" in str(err.value)
+    assert registry.alias_version(name, "champion") == first
+    tags = registry.client.get_run(registry.lineage(name, second).run_id).data.tags
+    assert tags["amalgam.promotion"] == "refused"
+    assert "task_floor: task sort" in tags["amalgam.promotion.reason"]
+
+    better = report({"sort": [T, T, T, T], "count": [T, T, T, T]}, champion=GOOD, version=first)
+    third = log(registry, merged, better, tmp_path, name)
+    result = registry.promote(name, third, GATES)
+    assert (result.version, result.previous) == (third, first)
+    assert registry.alias_version(name, "champion") == third
+    tags = registry.client.get_run(registry.lineage(name, third).run_id).data.tags
+    assert tags["amalgam.promotion"] == "promoted"
+
+
+def test_check_gates_names_gate_task_and_values() -> None:
+    rep = report({"sort": [T, F, F, F], "count": [T, T, T, T]}, nll=20.0)
+    assert check_gates(rep, Gates()) == []
+    assert check_gates(rep, Gates(max_negative_flip_rate=0.0)) == []  # no champion yet
+    assert check_gates(rep, Gates(task_floor={"count": 0.9, "nosuch": 0.5})) == [
+        "task_floor: task nosuch is not in the report"
+    ]
+    assert check_gates(rep, Gates(task_floor=0.3, floor_metric="accuracy")) == [
+        "task_floor: task sort accuracy 0.2500 < floor 0.3"
+    ]
+    (ppl,) = check_gates(rep, Gates(max_perplexity_ratio=2.0))
+    assert ppl.startswith("max_perplexity_ratio: perplexity ratio 2.7183 > 2.0")
+    no_base = build_report(["sort"], ModelResult.from_correct("/c", {"sort": [T]}))
+    assert check_gates(no_base, Gates(max_perplexity_ratio=2.0)) == [
+        "max_perplexity_ratio: the report has no perplexity ratio"
+    ]
+    assert check_gates(no_base, Gates(task_floor=0.5)) == [
+        "task_floor: task sort has no normalized_accuracy (no expert for it)"
+    ]
+
+
+PROMOTE = """
+import sys, time
+from pathlib import Path
+from amalgam.recipe import Gates
+from amalgam.registry import PromotionRefused, Registry
+uri, name, version, go = sys.argv[1:5]
+registry = Registry(uri)
+while not Path(go).exists():
+    time.sleep(0.01)
+try:
+    registry.promote(name, version, Gates(task_floor=0.5))
+    print("promoted")
+except PromotionRefused as exc:
+    print("refused", ",".join(exc.gates))
+"""
+
+
+@pytest.mark.slow
+def test_two_promotions_at_once_cannot_both_win(
+    registry: Registry, merged, tmp_path: Path, name: str
+) -> None:
+    first = log(registry, merged, report(GOOD), tmp_path, name)
+    registry.promote(name, first, GATES)
+    a = log(registry, merged, report(GOOD, champion=GOOD, version=first), tmp_path, name)
+    b = log(registry, merged, report(GOOD, champion=GOOD, version=first), tmp_path, name)
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROMOTE, registry.tracking_uri, name, v, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for v in (a, b)
+    ]
+    time.sleep(1.0)
+    go.touch()
+    outcomes = sorted(p.communicate(timeout=240)[0].strip() for p in procs)
+    assert outcomes == ["promoted", "refused champion"]
+    assert registry.alias_version(name, "champion") in (a, b)
+
+
+def test_a_failed_registration_leaves_no_version(
+    registry: Registry, merged, tmp_path: Path
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    recipe, folder, parents = merged
+    run_id = registry.log_pipeline_run(recipe, parents=parents, merged_uri=str(folder))
+    with pytest.raises(RegistryError, match="reserved"):
+        registry.register_version(run_id, "fresh", alias="latest")
+    with pytest.raises(MlflowException):
+        registry.client.get_registered_model("fresh")
+    assert registry.register_version(run_id, "kept") == "1"
+    with pytest.raises(RegistryError, match="reserved"):
+        registry.register_version(run_id, "kept", alias="v7")
+    versions = registry.client.search_model_versions("name='kept'")
+    assert [str(v.version) for v in versions] == ["1"]
+    bare = registry.log_pipeline_run(
+        recipe, parents=parents, merged_uri=str(folder), log_model=False
+    )
+    with pytest.raises(RegistryError, match="no artifacts under 'model'"):
+        registry.register_version(bare, "kept")
+
+
+def test_default_store_lives_under_amalgam_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merged
+) -> None:
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))
+    registry = Registry()
+    assert registry.tracking_uri == f"sqlite:///{tmp_path}/home/mlflow/mlflow.db"
+    recipe, folder, parents = merged
+    run_id = registry.log_pipeline_run(recipe, parents=parents, merged_uri=str(folder))
+    artifact_uri = registry.client.get_run(run_id).info.artifact_uri
+    assert artifact_uri.startswith((tmp_path / "home" / "mlflow" / "artifacts").as_uri())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_through_a_real_mlflow_server(merged, tmp_path: Path, name: str) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            (tmp_path / "server-artifacts").as_uri(),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow server not healthy within 90 s"
+            time.sleep(0.5)
+        registry = Registry(url)
+        recipe, folder, parents = merged
+        version = log(registry, merged, report(GOOD), tmp_path, name)
+        lineage = registry.lineage(name, "candidate")
+        assert lineage.version == version
+        assert {label: (p.uri, p.hash) for label, p in lineage.parents.items()} == parents
+        assert lineage.recipe == recipe_record(recipe)
+        registry.promote(name, version, GATES)
+        assert registry.alias_version(name, "champion") == version
+        local = Path(registry.model_path(name, "champion", dst=str(tmp_path / "dl")))
+        assert (local / "model.safetensors").read_bytes() == (
+            folder / "model.safetensors"
+        ).read_bytes()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def test_the_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(
+    registry: Registry, name: str
+) -> None:
+    import threading
+
+    errors: list[Exception] = []
+
+    def other_thread() -> None:
+        try:
+            with registry.lock(name, timeout=0.3):
+                pass
+        except RegistryError as exc:
+            errors.append(exc)
+
+    with registry.lock(name), registry.lock(name):
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and "another promotion holds" in str(errors[0])
+    t = threading.Thread(target=other_thread)  # released: the other thread gets it now
+    t.start()
+    t.join()
+    assert len(errors) == 1
