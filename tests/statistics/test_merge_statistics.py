@@ -175,3 +175,34 @@ def test_stats_command_caches_and_reports_bad_input(home, models, data, monkeypa
         ["stats", str(data[0]), "--data", str(data[0]), "--kind", "gram"], monkeypatch, capsys
     )
     assert code == 2 and "not a .safetensors file or model folder" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_artifacts_and_data_on_s3(s3, models, data, tmp_path, executor):
+    """``amalgam stats --output s3://...`` artifacts and jsonl data on S3 serve a merge whose
+    tensors equal the merge from local data; workers read the statistics from the store."""
+    bucket = s3.make_bucket(f"stats-{executor}")
+    opts = s3.storage_options()
+    fs = s3.filesystem()
+    remote_data = []
+    for d in data:
+        fs.put(str(d), f"{bucket}/{d.name}")
+        remote_data.append(f"s3://{bucket}/{d.name}")
+    specs = []
+    for i, (m, d) in enumerate(zip(models, remote_data, strict=True)):
+        art = f"s3://{bucket}/gram{i}.safetensors"
+        compute_statistics(str(m), d, "gram", {"samples": 256}, art, **opts)
+        specs.append({"uri": str(m), "data": d, "statistics": art})
+    remote = parse_recipe(
+        {"method": "regmean", "models": specs, "output": str(tmp_path / "remote"),
+         "storage_options": opts, "max_shard_size": 4000}
+    )  # fmt: skip
+    run_merge(remote, MergeOptions(executor=executor, device="cpu"))
+    run_merge(parse_recipe(recipe("regmean", models, data, tmp_path / "local")))
+    with (
+        open_checkpoint(str(tmp_path / "remote")) as a,
+        open_checkpoint(str(tmp_path / "local")) as b,
+    ):
+        assert len(a.files) > 1
+        assert all(torch.equal(a.tensor(n), b.tensor(n)) for n in b.names())
