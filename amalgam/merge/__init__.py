@@ -2,16 +2,19 @@
 
 from amalgam.merge import (  # noqa: F401  (importing a module registers its methods)
     breadcrumbs,
+    consensus,
     continual,
     dare,
     fisher,
     linear,
     model_stock,
     opcm,
+    pcb,
     regmean,
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 from amalgam.merge.base import REGISTRY, Method, get_method
 

@@ -52,3 +52,61 @@ class MagnitudeThreshold:
             bits = torch.tensor([(self.bin[i] << 16) | lo], dtype=torch.int32)
             out.append(bits.view(torch.float32).item())
         return out
+
+
+def orderable(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys that order like the float32 values of ``x`` (negatives: low 31 bits flipped)."""
+    bits = x.float().reshape(-1).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def from_orderable(key: int) -> float:
+    """The float32 value of an ``orderable`` key."""
+    bits = key ^ 0x7FFFFFFF if key < 0 else key
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+class OrderStatistics:
+    """Exact ascending order statistics of a stream of float32 values, in two passes.
+
+    ``orderable`` keys are histogrammed by their high 16 bits (pass 1); the bins holding the
+    wanted ranks are then histogrammed by their low 16 bits (pass 2). Memory: 65536 counters
+    per histogram, whatever the stream's length.
+    """
+
+    def __init__(self) -> None:
+        self.high = torch.zeros(1 << 16, dtype=torch.int64)
+        self.bins: list[int] = []
+        self.low: dict[int, torch.Tensor] = {}
+        self.maximum = float("-inf")
+
+    @property
+    def count(self) -> int:
+        return int(self.high.sum())
+
+    def add_high(self, values: torch.Tensor) -> None:
+        keys = orderable(values)
+        self.high += torch.bincount((keys >> 16) + (1 << 15), minlength=1 << 16).cpu()
+        if keys.numel():
+            self.maximum = max(self.maximum, float(values.max()))
+
+    def choose(self, ranks: list[int]) -> None:
+        """Fix the 0-based ascending ranks wanted (after every value went through add_high)."""
+        self.ranks = ranks
+        cumulative = self.high.cumsum(0)
+        self.bins = [int(torch.searchsorted(cumulative, rank, right=True)) for rank in ranks]
+        self.low = {b: torch.zeros(1 << 16, dtype=torch.int64) for b in self.bins}
+
+    def add_low(self, values: torch.Tensor) -> None:
+        keys = orderable(values)
+        high = (keys >> 16) + (1 << 15)
+        for b, counts in self.low.items():
+            counts += torch.bincount(keys[high == b] & 0xFFFF, minlength=1 << 16).cpu()
+
+    def values(self) -> list[float]:
+        out = []
+        for rank, b in zip(self.ranks, self.bins, strict=True):
+            below = int(self.high[:b].sum())
+            low = int(torch.searchsorted(self.low[b].cumsum(0), rank - below, right=True))
+            out.append(from_orderable(((b - (1 << 15)) << 16) | low))
+        return out

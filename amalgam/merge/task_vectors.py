@@ -103,6 +103,11 @@ Applier = Callable[[torch.Tensor, slice], torch.Tensor]
 Sparsifier = Callable[[Callable[[], torch.Tensor], int, TensorParams, MergeContext], Applier]
 
 
+# Given one block's raw task vectors and their merged (unscaled) task vector, a 0/1 mask for the
+# merged vector (Consensus merging's agreement of TALL masks).
+Masker = Callable[[list[torch.Tensor], torch.Tensor, TensorParams], torch.Tensor]
+
+
 def _task_vector(x: torch.Tensor, base32: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     return lambda: torch.sub(x, base32())
 
@@ -114,8 +119,12 @@ def task_vector_merge(
     inputs: list[torch.Tensor],
     p: TensorParams,
     ctx: MergeContext,
+    mask: Masker | None = None,
 ) -> torch.Tensor:
     """Task vectors against ``base``, sparsified per model, then ``combine``d block by block.
+
+    With ``mask``, the merged task vector (before the lambda scale) is multiplied by the mask
+    computed from it and the raw (unsparsified) task vectors.
 
     Whole-tensor statistics (thresholds, masks, norms) come first, one model at a time; the
     elementwise work then runs in float32 on cache-sized row blocks, so memory beyond the inputs
@@ -133,8 +142,13 @@ def task_vector_merge(
     out = torch.empty(b.shape, dtype=torch.float32, device=b.device)
     for rows in row_chunks(*b.shape):
         block = b[rows].float()
-        deltas = [torch.sub(x[rows], block) for x in xs]
+        raw = [torch.sub(x[rows], block) for x in xs]
+        deltas = raw
         if appliers is not None:
-            deltas = [f(d, rows) for f, d in zip(appliers, deltas, strict=True)]
-        out[rows] = combine(block, deltas, weights, lam, normalize, vote)
+            deltas = [f(d, rows) for f, d in zip(appliers, raw, strict=True)]
+        if mask is None:
+            out[rows] = combine(block, deltas, weights, lam, normalize, vote)
+        else:
+            merged = combine(torch.zeros_like(block), deltas, weights, 1.0, normalize, vote)
+            out[rows] = torch.add(block, merged.mul_(mask(raw, merged, p)), alpha=lam)
     return out.reshape(base.shape)

@@ -38,6 +38,7 @@ VARIANTS = [(m, {}) for m in sorted(REGISTRY) if REGISTRY[m].statistics is None]
     ("ties", {"trim": "model"}),  # whole-model statistics gathered before the Ray tasks
     ("breadcrumbs", {"granularity": "row"}),
     ("dare_linear", {"rescale": "l1"}),
+    ("pcb", {"scope": "model"}),  # four whole-model statistics passes
 ]
 
 
