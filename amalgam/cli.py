@@ -1,5 +1,6 @@
-"""The amalgam command line (typer): inspect, merge, methods, zoo, evaluate, compress, and the
-pipeline commands run, nightly, sweep, promote, serve (Prefect flows, imported when called)."""
+"""The amalgam command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
+and the pipeline commands run, nightly, sweep, promote, serve (Prefect flows, imported when
+called)."""
 
 from __future__ import annotations
 
@@ -188,6 +189,43 @@ def methods() -> None:
         table.add_row(name, params, m.summary, m.paper)
     console.print(table)
     console.print("* settable per model; numeric values may be lists (layer gradients)")
+
+
+@app.command()
+def stats(
+    model: Annotated[str, typer.Argument(help="local Hugging Face model folder")],
+    data: Annotated[str, typer.Option(help="task folder (validation split) or jsonl file")],
+    kind: Annotated[str, typer.Option(help="fisher | gram")],
+    output: Annotated[
+        str | None, typer.Option(help="artifact URI (default: the cache under $AMALGAM_HOME)")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="examples of the data to use")] = 256,
+    fisher: Annotated[str, typer.Option(help="sampled | empirical (Fisher targets)")] = "sampled",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    storage_options: StorageOpt = None,
+) -> None:
+    """Compute a model's Fisher diagonals or linear-layer input Grams on data (cached)."""
+    import time
+
+    from amalgam.statistics import cached_statistics, compute_statistics
+    from amalgam.statistics.compute import settings_for
+
+    settings = settings_for(kind, samples, fisher)
+    options = _storage(storage_options)
+    start = time.perf_counter()
+    if output:
+        info = compute_statistics(model, data, kind, settings, output, device=device, **options)
+        computed = True
+    else:
+        info, computed = cached_statistics(model, data, kind, settings, device=device, **options)
+    console.print(
+        f"{info.kind} statistics of {model}: {len(info.shapes)} tensors, {info.samples} "
+        f"examples, {info.tokens} tokens, "
+        + (f"computed in {time.perf_counter() - start:.1f} s" if computed else "from the cache")
+        + f"\ncontent hash {info.content_hash}",
+        soft_wrap=True,
+    )
+    print(info.uri)
 
 
 @zoo_app.command("build")
