@@ -6,6 +6,10 @@ export AMALGAM_HOME ?= $(CURDIR)/.amalgam
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export PREFECT_HOME ?= $(AMALGAM_HOME)/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: install demo test lint
 
@@ -18,13 +22,12 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Build the zoo (cached), merge its experts with configs/demo.yaml, evaluate base, experts
-# and the merge on every zoo task, print the table.
+# Build the zoo (cached), then run the whole pipeline on it as a Prefect flow: fetch, align,
+# TIES-merge the eight experts (configs/pipeline.yaml), evaluate against base and experts,
+# register the merge in MLflow (SQLite under .amalgam/) with the candidate alias.
 demo: install
 	@ZOO=$$($(BIN)/amalgam zoo build | tail -n 1) && export ZOO && \
-	$(BIN)/amalgam merge configs/demo.yaml --output $(AMALGAM_HOME)/demo/merged --overwrite && \
-	$(BIN)/amalgam evaluate --tasks-dir $$ZOO/tasks --limit 100 \
-		$$ZOO/base $$ZOO/experts/* $(AMALGAM_HOME)/demo/merged
+	$(BIN)/amalgam run configs/pipeline.yaml --output $(AMALGAM_HOME)/demo/pipeline --overwrite
 
 lint: install
 	$(BIN)/ruff check .

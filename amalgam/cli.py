@@ -1,4 +1,6 @@
-"""The amalgam command line (typer): inspect, merge, methods, zoo, evaluate, compress."""
+"""The amalgam command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
+and the pipeline commands run, nightly, sweep, promote, serve (Prefect flows, imported when
+called)."""
 
 from __future__ import annotations
 
@@ -189,6 +191,43 @@ def methods() -> None:
     console.print("* settable per model; numeric values may be lists (layer gradients)")
 
 
+@app.command()
+def stats(
+    model: Annotated[str, typer.Argument(help="local Hugging Face model folder")],
+    data: Annotated[str, typer.Option(help="task folder (validation split) or jsonl file")],
+    kind: Annotated[str, typer.Option(help="fisher | gram")],
+    output: Annotated[
+        str | None, typer.Option(help="artifact URI (default: the cache under $AMALGAM_HOME)")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="examples of the data to use")] = 256,
+    fisher: Annotated[str, typer.Option(help="sampled | empirical (Fisher targets)")] = "sampled",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    storage_options: StorageOpt = None,
+) -> None:
+    """Compute a model's Fisher diagonals or linear-layer input Grams on data (cached)."""
+    import time
+
+    from amalgam.statistics import cached_statistics, compute_statistics
+    from amalgam.statistics.compute import settings_for
+
+    settings = settings_for(kind, samples, fisher)
+    options = _storage(storage_options)
+    start = time.perf_counter()
+    if output:
+        info = compute_statistics(model, data, kind, settings, output, device=device, **options)
+        computed = True
+    else:
+        info, computed = cached_statistics(model, data, kind, settings, device=device, **options)
+    console.print(
+        f"{info.kind} statistics of {model}: {len(info.shapes)} tensors, {info.samples} "
+        f"examples, {info.tokens} tokens, "
+        + (f"computed in {time.perf_counter() - start:.1f} s" if computed else "from the cache")
+        + f"\ncontent hash {info.content_hash}",
+        soft_wrap=True,
+    )
+    print(info.uri)
+
+
 @zoo_app.command("build")
 def zoo_build(
     out: Annotated[Path | None, typer.Option(help="zoo folder (default .amalgam/zoo)")] = None,
@@ -231,6 +270,137 @@ def evaluate(
         )
     task_names = names or sorted({t for r in rows.values() for t in r})
     Console(width=max(console.width, 120)).print(render_table(rows, task_names))
+
+
+def _flows_env() -> None:
+    """Prefect defaults for a command-line run: no telemetry, a patient ephemeral server."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _print_result(title: str, result: dict) -> None:
+    console.print(f"[bold]{title}[/]")
+    print(json.dumps(result, indent=2, default=str))
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML (with evaluate/register sections)")],
+    output: Annotated[str | None, typer.Option(help="output folder or URI")] = None,
+    executor: Annotated[str | None, typer.Option(help="local | ray")] = None,
+    stage: Annotated[bool, typer.Option(help="copy every input to the local cache first")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an output from another recipe")] = False,
+) -> None:
+    """Run the whole pipeline (fetch, align, merge, compress, evaluate, register) as a flow."""
+    _flows_env()
+    from amalgam.recipe import load_recipe
+
+    parsed = load_recipe(recipe)  # bad input fails here, before Prefect starts
+    from flows.pipeline import merge_pipeline
+
+    result = merge_pipeline(parsed, output, executor, stage, overwrite)
+    summary = {k: v for k, v in result.as_dict().items() if k not in ("inputs", "report")}
+    _print_result("pipeline finished", summary)
+    if result.report:
+        _print_report(result.report)
+    if result.registered:
+        _print_where_to_look(parsed.register.tracking_uri, result.registered)
+
+
+def _print_report(metrics: dict[str, float]) -> None:
+    tasks = sorted(k.split(".", 1)[1] for k in metrics if k.startswith("accuracy."))
+    table = Table("task", "accuracy", "normalized accuracy", title="candidate")
+    for t in tasks:
+        norm = metrics.get(f"normalized_accuracy.{t}")
+        table.add_row(t, f"{metrics[f'accuracy.{t}']:.3f}", "-" if norm is None else f"{norm:.3f}")
+    mean_norm = metrics.get("mean_normalized_accuracy")
+    table.add_row(
+        "mean",
+        f"{metrics['mean_accuracy']:.3f}",
+        "-" if mean_norm is None else f"{mean_norm:.3f}",
+    )
+    console.print(table)
+
+
+def _print_where_to_look(tracking_uri: str | None, registered: dict) -> None:
+    from amalgam.registry import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
+    console.print(
+        f"[bold]registered[/] {registered['name']} version {registered['version']} "
+        f"(alias candidate; promote with `amalgam promote {registered['name']} "
+        f"{registered['version']}`)\n"
+        f"MLflow (runs, metrics, lineage, model):  mlflow ui --backend-store-uri {uri}\n"
+        f"Prefect (flow runs, task runs, artifacts):  PREFECT_HOME={prefect_home} "
+        "prefect server start",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def nightly(
+    config: Annotated[Path, typer.Argument(help="nightly config YAML")],
+) -> None:
+    """Absorb new expert checkpoints into the champion; promote only if every gate passes."""
+    _flows_env()
+    from flows.config import load_nightly_config
+
+    parsed = load_nightly_config(config)
+    from flows.nightly import nightly as nightly_flow
+
+    _print_result("nightly finished", nightly_flow(parsed).as_dict())
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="base recipe YAML")],
+    grid: Annotated[Path, typer.Option(help="grid YAML: methods and parameter values")],
+    executor: Annotated[str, typer.Option(help="where candidates run: ray | local")] = "ray",
+) -> None:
+    """Merge and evaluate every grid point in parallel; log a leaderboard; register the best."""
+    _flows_env()
+    from amalgam.recipe import load_recipe
+    from flows.config import load_grid
+
+    parsed, grid_spec = load_recipe(recipe), load_grid(grid)
+    from flows.sweep import run_sweep
+
+    _print_result("sweep finished", run_sweep(parsed, grid_spec, executor).as_dict())
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="model version to promote to champion")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: SQLite under .amalgam)")
+    ] = None,
+) -> None:
+    """Check the version's gates and move the champion alias, or refuse naming the gate."""
+    _flows_env()
+    from flows.promote import promote as promote_flow
+
+    _print_result("promoted", promote_flow(name, version, tracking_uri))
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option(help="nightly config YAML")] = Path(
+        "configs/nightly.yaml"
+    ),
+    cron: Annotated[str, typer.Option(help="cron schedule of the nightly run")] = "0 2 * * *",
+) -> None:
+    """Serve the nightly flow on a cron schedule from this process (Ctrl-C stops it)."""
+    _flows_env()
+    from flows.config import load_nightly_config
+
+    load_nightly_config(config)  # refuse a bad config before serving it every night
+    from flows.serve import serve_nightly
+
+    serve_nightly(config, cron)
 
 
 @app.command()

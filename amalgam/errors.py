@@ -23,3 +23,7 @@ class MergeError(AmalgamError):
 
 class OutputError(AmalgamError):
     """The output location is not usable (exists, inside an input, ...)."""
+
+
+class StatisticsError(AmalgamError):
+    """Statistics for a data-driven merge cannot be computed or used (data, artifact, hash)."""

@@ -36,11 +36,18 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """One input model: where it is, a short name, and its own parameter values."""
+    """One input model: where it is, a short name, and its own parameter values.
+
+    Data-driven methods read the model's statistics: ``statistics`` names a precomputed
+    artifact, else they are computed (once, then cached) by running the model on ``data``, a
+    task folder (its validation split) or a jsonl of text records.
+    """
 
     uri: str
     name: str | None = None
     params: dict[str, ParamValue] = Field(default_factory=dict)
+    data: str | None = None
+    statistics: str | None = None
 
     @property
     def label(self) -> str:
@@ -197,6 +204,14 @@ class Recipe(_Strict):
         check(self.params, "params", False)
         for i, m in enumerate(self.models):
             check(m.params, f"models[{i}].params", True)
+            if method.statistics is None and (m.data or m.statistics):
+                field = "data" if m.data else "statistics"
+                problems.append(f"models[{i}].{field}: method '{method.name}' reads no statistics")
+            if method.statistics is not None and not (m.data or m.statistics):
+                problems.append(
+                    f"models[{i}]: method '{method.name}' needs statistics: give data: (a task "
+                    "folder or jsonl) or statistics: (an artifact)"
+                )
         for j, o in enumerate(self.overrides):
             check(o.params, f"overrides[{j}].params", False)
             for label, values in o.models.items():

@@ -107,8 +107,12 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
-def default_artifact_root() -> Path:
-    return storage.amalgam_home() / "mlflow" / "artifacts"
+def sqlite_artifact_root(tracking_uri: str) -> str | None:
+    """With a SQLite store, artifacts go next to its database file (MLflow's own default is
+    ./mlruns under whatever folder the run started in); a server decides for itself."""
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts")
+    return None
 
 
 def _key(text: str) -> str:
@@ -198,9 +202,7 @@ class Registry:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.tracking_uri = tracking_uri or default_tracking_uri()
-        if artifact_root is None and tracking_uri is None:
-            artifact_root = str(default_artifact_root())
-        self.artifact_root = artifact_root
+        self.artifact_root = artifact_root or sqlite_artifact_root(self.tracking_uri)
         self.client: MlflowClient = MlflowClient(self.tracking_uri, self.tracking_uri)
 
     # -- runs -----------------------------------------------------------------------------

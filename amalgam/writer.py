@@ -126,7 +126,11 @@ class CheckpointWriter:
                 dst.write(chunk)
 
     def commit(self) -> None:
-        """Move the staged folder into place; the index (if any) lands last."""
+        """Move the staged folder into place; the index (if any) lands last. Without
+        ``overwrite``, an output that appeared since the writer opened (a concurrent run) is
+        an error, not replaced."""
+        if not self.overwrite and self.fs.exists(self.path):
+            raise OutputError(f"{self.uri}: output appeared while writing (another run wrote it)")
         if storage.is_local(self.fs):
             old = None
             if self.fs.exists(self.path):

@@ -13,7 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from amalgam import storage
 from amalgam.checkpoint import Checkpoint, open_checkpoint
-from amalgam.engine.execute import PREFETCH_BYTES, Progress, gather_stats, pick_device, run_unit
+from amalgam.engine.execute import (
+    PREFETCH_BYTES,
+    Progress,
+    gather_stats,
+    open_statistics,
+    pick_device,
+    run_unit,
+)
 from amalgam.engine.plan import Plan, build_plan
 from amalgam.errors import OutputError, RecipeError
 from amalgam.recipe import Recipe
@@ -119,6 +126,10 @@ def run_merge(
     inputs = open_recipe_inputs(recipe, options.allow_pickle)
     try:
         plan = _plan(recipe, inputs, options)
+        if recipe.method_spec.statistics is not None:
+            from amalgam.statistics.prepare import attach_statistics
+
+            plan = attach_statistics(plan, inputs, options.device)
         device = pick_device(options.device)
         stats = gather_stats(plan, list(inputs.values()), device, progress)
         read = write_output(plan, inputs, stats, options, device, progress)
@@ -181,11 +192,24 @@ def _execute(
             progress,
         )
     read = 0
-    for unit in plan.units:
-        shard = writer.shard(unit.file, unit.entries(), plan.metadata)
-        read += run_unit(
-            plan, unit, sources, shard, stats, device, progress, options.prefetch_bytes
-        )
+    statistics = open_statistics(plan, plan.recipe.storage_options)
+    try:
+        for unit in plan.units:
+            shard = writer.shard(unit.file, unit.entries(), plan.metadata)
+            read += run_unit(
+                plan,
+                unit,
+                sources,
+                shard,
+                stats,
+                device,
+                progress,
+                options.prefetch_bytes,
+                statistics,
+            )
+    finally:
+        for s in statistics:
+            s.close()
     return read
 
 

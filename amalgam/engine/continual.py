@@ -253,7 +253,7 @@ def _norm_pass(
     sources = list(inputs.values())
     jobs = [j for j in plan.jobs if not j.copy]
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-norms") as pool:
-        for job, raw in prefetched(plan, sources, jobs, PREFETCH_BYTES, pool):
+        for job, (raw, _) in prefetched(plan, sources, jobs, PREFETCH_BYTES, pool):
             s = apply_method(plan, method, unscaled, job, raw, {STEP_KEY: step}, device)
             tau = torch.sub(raw[-1].to(device).float(), raw[0].to(device).float())
             merged_sq += float(torch.linalg.vector_norm(s, dtype=torch.float64)) ** 2

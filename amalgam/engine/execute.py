@@ -34,14 +34,29 @@ def open_inputs(
     return [open_checkpoint(u, allow_pickle=allow_pickle, **storage_options) for u in plan.uris]
 
 
-def read_job(plan: Plan, sources: Sequence[Checkpoint], job: TensorJob) -> list[torch.Tensor]:
+def open_statistics(plan: Plan, storage_options: dict[str, Any]) -> list[Checkpoint]:
+    """The plan's statistics artifacts, opened lazily (headers only)."""
+    return [open_checkpoint(s.uri, **storage_options) for s in plan.statistics]
+
+
+Read = tuple[list[torch.Tensor], tuple[torch.Tensor | None, ...]]
+
+
+def read_job(
+    plan: Plan,
+    sources: Sequence[Checkpoint],
+    job: TensorJob,
+    statistics: Sequence[Checkpoint] = (),
+) -> Read:
     """The job's input tensors: the reference's alone for a copy, else every input's, checked
-    finite (on the reading thread, so the check overlaps the merge of the previous tensor)."""
+    finite (on the reading thread, so the check overlaps the merge of the previous tensor);
+    and each model's statistic tensor of the same name, where its artifact holds one."""
     if job.copy:
-        return [sources[0].tensor(job.name)]
+        return [sources[0].tensor(job.name)], ()
     raw = [s.tensor(job.name) for s in sources]
     check_finite(plan, job, raw)
-    return raw
+    stats = tuple(s.tensor(job.name) if job.name in s.tensors else None for s in statistics)
+    return raw, stats
 
 
 def prefetched(
@@ -50,25 +65,30 @@ def prefetched(
     jobs: Sequence[TensorJob],
     budget: int,
     pool: ThreadPoolExecutor,
-) -> Iterator[tuple[TensorJob, list[torch.Tensor]]]:
-    """Yield (job, inputs) while later jobs are read on ``pool``: at least one job ahead,
-    more while their inputs fit in ``budget`` bytes."""
+    statistics: Sequence[Checkpoint] = (),
+) -> Iterator[tuple[TensorJob, Read]]:
+    """Yield (job, (inputs, statistics)) while later jobs are read on ``pool``: at least one
+    job ahead, more while their inputs fit in ``budget`` bytes."""
     queue: deque = deque()
     queued = 0
     it = iter(jobs)
     upcoming = next(it, None)
+
+    def cost(job: TensorJob) -> int:
+        if job.copy:
+            return sources[0].info(job.name).nbytes
+        return sum(s.info(job.name).nbytes for s in sources) + sum(
+            s.info(job.name).nbytes for s in statistics if job.name in s.tensors
+        )
+
     while upcoming is not None or queue:
-        while upcoming is not None and (not queue or queued + _cost(upcoming, sources) <= budget):
-            queue.append((upcoming, pool.submit(read_job, plan, sources, upcoming)))
-            queued += _cost(upcoming, sources)
+        while upcoming is not None and (not queue or queued + cost(upcoming) <= budget):
+            queue.append((upcoming, pool.submit(read_job, plan, sources, upcoming, statistics)))
+            queued += cost(upcoming)
             upcoming = next(it, None)
         job, fut = queue.popleft()
-        queued -= _cost(job, sources)
+        queued -= cost(job)
         yield job, fut.result()
-
-
-def _cost(job: TensorJob, sources: Sequence[Checkpoint]) -> int:
-    return sum(s.info(job.name).nbytes for s in (sources[:1] if job.copy else sources))
 
 
 def check_finite(plan: Plan, job: TensorJob, raw: list[torch.Tensor]) -> None:
@@ -94,12 +114,13 @@ def merge_tensor(
     raw: list[torch.Tensor],
     stats: dict[str, Any],
     device: torch.device,
+    model_stats: tuple[torch.Tensor | None, ...] = (),
 ) -> torch.Tensor:
     """One output tensor: inputs in their stored dtype on ``device``, math in float32 inside the
     method, result cast to the planned dtype."""
     if job.copy:
         return raw[0]
-    out = apply_method(plan, method, method.fn, job, raw, stats, device)
+    out = apply_method(plan, method, method.fn, job, raw, stats, device, model_stats)
     return out.to(SAFETENSORS_DTYPES[job.dtype]).cpu()
 
 
@@ -111,13 +132,23 @@ def apply_method(
     raw: list[torch.Tensor],
     stats: dict[str, Any],
     device: torch.device,
+    model_stats: tuple[torch.Tensor | None, ...] = (),
 ) -> torch.Tensor:
     """``fn`` (the method's math, or a part of it) on one job's inputs moved to ``device``,
-    with the job's resolved parameters and context."""
+    with the job's resolved parameters and context (``model_stats``: each model's statistic
+    tensor for this job, for data-driven methods)."""
     tensors = [t.to(device) for t in raw]
     base, inputs = (tensors[0], tensors[1:]) if plan.has_base else (None, tensors)
     params = resolve_params(plan.recipe, method, job.name, plan.num_layers)
-    ctx = MergeContext(job.name, job.layer, plan.recipe.seed, device, stats)
+    ctx = MergeContext(
+        job.name,
+        job.layer,
+        plan.recipe.seed,
+        device,
+        stats,
+        statistics=plan.statistics,
+        model_stats=tuple(None if t is None else t.to(device) for t in model_stats),
+    )
     return fn(base, inputs, params, ctx)
 
 
@@ -130,8 +161,10 @@ def run_unit(
     device: torch.device,
     progress: Progress | None = None,
     prefetch_bytes: int = PREFETCH_BYTES,
+    statistics: Sequence[Checkpoint] = (),
 ) -> int:
-    """Merge one shard's tensors in order into ``shard``; returns the input bytes read."""
+    """Merge one shard's tensors in order into ``shard``; returns the input bytes read.
+    ``statistics``: the plan's statistics artifacts, opened, read tensor by tensor."""
     method = get_method(plan.recipe.method)
     read = 0
     try:
@@ -140,10 +173,11 @@ def run_unit(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="amalgam-write") as writer,
         ):
             writes: deque = deque()  # at most two merged tensors wait for the disk
-            for job, raw in prefetched(plan, sources, unit.jobs, prefetch_bytes, pool):
+            jobs = prefetched(plan, sources, unit.jobs, prefetch_bytes, pool, statistics)
+            for job, (raw, model_stats) in jobs:
                 n = sum(t.numel() * t.element_size() for t in raw)
-                out = merge_tensor(plan, method, job, raw, stats, device)
-                del raw
+                out = merge_tensor(plan, method, job, raw, stats, device, model_stats)
+                del raw, model_stats
                 writes.append(writer.submit(shard.write, job.name, out))
                 if len(writes) > 2:
                     writes.popleft().result()
@@ -175,7 +209,7 @@ def gather_stats(
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-stats") as pool:
         for c in collectors:
             for pass_ in range(c.passes):
-                for _job, raw in prefetched(plan, sources, jobs, PREFETCH_BYTES, pool):
+                for _job, (raw, _) in prefetched(plan, sources, jobs, PREFETCH_BYTES, pool):
                     floats = [t.to(device, torch.float32) for t in raw]
                     base = floats[0] if plan.has_base else torch.zeros_like(floats[0])
                     c.update(pass_, [x - base for x in floats[1 if plan.has_base else 0 :]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
 from amalgam.errors import PlanError
 from amalgam.merge.params import layer_index
 from amalgam.recipe import Recipe
+
+if TYPE_CHECKING:
+    from amalgam.statistics.artifact import StatisticsInfo
 
 MAX_LISTED = 20
 
@@ -56,6 +60,8 @@ class Plan:
     units: tuple[WorkUnit, ...]
     num_layers: int
     metadata: dict[str, str] = field(default_factory=dict)
+    # Data-driven methods: one statistics artifact per model (not base), in model order.
+    statistics: tuple[StatisticsInfo, ...] = ()
 
     @property
     def jobs(self) -> list[TensorJob]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from amalgam import storage
-from amalgam.engine.execute import Progress, open_inputs, pick_device, run_unit
+from amalgam.engine.execute import Progress, open_inputs, open_statistics, pick_device, run_unit
 from amalgam.engine.plan import Plan
 from amalgam.errors import AmalgamError
 from amalgam.writer import ShardWriter
@@ -48,12 +48,15 @@ def _unit_task(
 ) -> int:
     unit = plan.units[index]
     sources = open_inputs(plan, allow_pickle, storage_options)
+    statistics = open_statistics(plan, storage_options)
     fs, folder = storage.resolve(staging_uri, **storage_options)
     shard = ShardWriter(fs, storage.join(folder, unit.file), unit.entries(), plan.metadata)
     try:
-        return run_unit(plan, unit, sources, shard, stats, pick_device(device))
+        return run_unit(
+            plan, unit, sources, shard, stats, pick_device(device), statistics=statistics
+        )
     finally:
-        for s in sources:
+        for s in sources + statistics:
             s.close()
 
 

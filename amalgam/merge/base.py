@@ -6,11 +6,14 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from amalgam.errors import RecipeError
+
+if TYPE_CHECKING:
+    from amalgam.statistics.artifact import StatisticsInfo
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Param:
             return
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if self.kind is int and not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
         if not math.isfinite(value):
             raise RecipeError(f"{where}: must be finite, got {value!r}")
         too_low = self.low is not None and (
@@ -82,6 +87,10 @@ class MergeContext:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stats: dict[str, Any] = field(default_factory=dict)
+    # Data-driven methods: each model's statistics artifact, and its statistic tensor for this
+    # tensor (None where the artifact holds none), in model order, on the merge device.
+    statistics: tuple[StatisticsInfo, ...] = ()
+    model_stats: tuple[torch.Tensor | None, ...] = ()
 
     def generator(self, model_index: int) -> torch.Generator:
         """A CPU generator seeded by (recipe seed, tensor name, model index): same bits anywhere."""
@@ -132,6 +141,9 @@ class Method:
     # For a continual method that rescales by a whole-model norm (OPCM): the step's merged task
     # vector before that rescale; the engine sums its squared norm in a first streaming pass.
     unscaled: MergeFn | None = None
+    # Data-driven methods: the per-model statistics they read, as (kind, settings) from the
+    # shared parameter values; every model then names its data or a statistics artifact.
+    statistics: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

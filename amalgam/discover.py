@@ -1,0 +1,39 @@
+"""Find model checkpoints under a URI prefix (the folders a training job drops experts into)."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any
+
+from amalgam import storage
+from amalgam.checkpoint import INDEX_FILES, SINGLE_FILES
+
+
+def discover_checkpoints(prefix: str, **storage_options: Any) -> list[tuple[str, str]]:
+    """(name, URI) of every direct subfolder of ``prefix`` that holds safetensors weights (a
+    single file, or shards with their index), sorted by name. Folders still being written
+    (a hidden name, or an index whose shards are not all there yet) are left out."""
+    fs, root = storage.resolve(prefix, **storage_options)
+    fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return []
+    found = []
+    for entry in fs.ls(root, detail=True):
+        name = PurePosixPath(entry["name"].rstrip("/")).name
+        if entry["type"] != "directory" or name.startswith((".", "_")):
+            continue
+        files = {PurePosixPath(p).name for p in fs.ls(entry["name"], detail=False)}
+        if files & set(SINGLE_FILES) or (
+            files & set(INDEX_FILES) and _shards_present(fs, entry["name"], files)
+        ):
+            found.append((name, storage.full_uri(fs, entry["name"].rstrip("/"))))
+    return sorted(found)
+
+
+def _shards_present(fs: Any, folder: str, files: set[str]) -> bool:
+    import json
+
+    index = next(f for f in INDEX_FILES if f in files)
+    with fs.open(storage.join(folder, index), "rb") as fh:
+        weight_map = json.loads(fh.read()).get("weight_map") or {}
+    return bool(weight_map) and set(weight_map.values()) <= files

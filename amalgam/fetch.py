@@ -1,0 +1,129 @@
+"""The fetch stage: resolve a recipe's model URIs, hash and size them, verify, optionally stage."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from amalgam import storage
+from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.errors import CheckpointError
+from amalgam.recipe import Recipe
+
+COMPLETE = ".complete"  # marks a finished local copy
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """One input of a recipe as found in storage: where, what (content hash), how big."""
+
+    label: str
+    uri: str
+    content_hash: str
+    nbytes: int
+    files: tuple[str, ...]
+    kind: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def recipe_inputs(recipe: Recipe) -> list[tuple[str, str]]:
+    """(label, uri) of the base (labelled ``base``) and every model, in recipe order."""
+    base = [("base", recipe.base)] if recipe.base else []
+    return base + [(m.label, m.uri) for m in recipe.models]
+
+
+def verify(ckpt: Checkpoint) -> None:
+    """Every weight file ends where its last tensor ends. Opening already refuses truncated
+    files; this also refuses trailing bytes (a botched upload or concatenation)."""
+    if not ckpt.tensors:
+        raise CheckpointError(f"{ckpt.uri}: holds no tensors")
+    ends: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        ends[info.file] = max(ends.get(info.file, 0), info.end)
+    for file, end in ends.items():
+        size = ckpt.fs.size(ckpt.file_path(file))
+        if size != end:
+            raise CheckpointError(
+                f"{ckpt.uri}/{file}: {size} bytes on storage but the header describes {end}; "
+                "the file is truncated or has trailing bytes"
+            )
+
+
+def fetch_model(
+    label: str, uri: str, *, allow_pickle: bool = False, **storage_options
+) -> FetchedModel:
+    """Open ``uri`` lazily, verify its files against their headers, hash its weights."""
+    with open_checkpoint(uri, allow_pickle=allow_pickle, **storage_options) as ckpt:
+        if all(f.endswith(".safetensors") for f in ckpt.files):
+            verify(ckpt)
+        try:
+            digest = ckpt.content_hash()
+        except OSError as exc:
+            raise CheckpointError(f"{uri}: cannot read weights to hash them ({exc})") from exc
+        return FetchedModel(label, uri, digest, ckpt.nbytes, tuple(ckpt.files), ckpt.kind)
+
+
+def fetch_recipe(recipe: Recipe, *, allow_pickle: bool = False) -> list[FetchedModel]:
+    """Fetch every input of ``recipe`` (base first)."""
+    return [
+        fetch_model(label, uri, allow_pickle=allow_pickle, **recipe.storage_options)
+        for label, uri in recipe_inputs(recipe)
+    ]
+
+
+def stage_model(model: FetchedModel, cache_dir: Path, **storage_options) -> str:
+    """Copy a fetched model into ``cache_dir/<content hash>`` (once, atomically) and return the
+    local URI. The copy is re-hashed and must match the source's content hash."""
+    target = Path(cache_dir) / model.content_hash.removeprefix("sha256:")[:32]
+    with open_checkpoint(model.uri, allow_pickle=True, **storage_options) as ckpt:
+        names = [*ckpt.files, *ckpt.side_files()]
+        fs, root = ckpt.fs, ckpt.root
+    local = str(target / model.files[0]) if model.kind == "file" else str(target)
+    if (target / COMPLETE).is_file():
+        return local
+    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        for name in names:
+            fs.get_file(storage.join(root, name), str(tmp / name))
+        copy = str(tmp / model.files[0]) if model.kind == "file" else str(tmp)
+        staged = fetch_model(model.label, copy, allow_pickle=True)
+        if staged.content_hash != model.content_hash:
+            raise CheckpointError(
+                f"{model.uri}: the local copy hashes to {staged.content_hash}, "
+                f"the source to {model.content_hash} (changed while copying?)"
+            )
+        (tmp / COMPLETE).write_text(model.content_hash)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process staged it first: theirs is as good
+            if not (target / COMPLETE).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def with_inputs(recipe: Recipe, uris: dict[str, str]) -> Recipe:
+    """``recipe`` reading its inputs from other URIs (label -> URI); labels are kept."""
+    models = [
+        m.model_copy(update={"uri": uris.get(m.label, m.uri), "name": m.label})
+        for m in recipe.models
+    ]
+    update: dict = {"models": models}
+    if recipe.base:
+        update["base"] = uris.get("base", recipe.base)
+    return recipe.model_copy(update=update)
+
+
+def staged_recipe(recipe: Recipe, local: dict[str, str]) -> Recipe:
+    """``recipe`` reading its inputs from local copies; storage options stay only when the
+    output is remote."""
+    recipe = with_inputs(recipe, local)
+    fs, _ = storage.resolve(recipe.output or ".", **recipe.storage_options)
+    return recipe if not storage.is_local(fs) else recipe.model_copy(update={"storage_options": {}})

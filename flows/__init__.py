@@ -1,0 +1,1 @@
+"""Prefect flows: the merge pipeline, the nightly continual merge, sweeps and promotion."""

@@ -1,0 +1,114 @@
+"""merge_pipeline as a real Prefect flow against a real MLflow server; gated promotion."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from recipes import evaluate_section, register_section
+from safetensors.torch import load_file
+
+from amalgam.cli import main
+from amalgam.recipe import parse_recipe
+from amalgam.registry import Registry
+from flows.pipeline import merge_pipeline
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def ta_recipe(zoo, output: Path, experts: list[str], lam: float, **sections) -> dict:
+    return {
+        "method": "task_arithmetic",
+        "base": str(zoo.base),
+        "models": [{"uri": str(zoo.experts[e])} for e in experts],
+        "params": {"lambda": lam},
+        "dtype": "float32",
+        "output": str(output),
+        **sections,
+    }
+
+
+def cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["amalgam", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_pipeline_registers_with_lineage_and_reruns_idempotently(
+    zoo_tiny, tmp_path: Path, mlflow_server: str
+) -> None:
+    experts = ["zoo_mulmod", "zoo_compare"]
+    recipe = parse_recipe(
+        ta_recipe(
+            zoo_tiny,
+            tmp_path / "merged",
+            experts,
+            0.5,
+            evaluate=evaluate_section(zoo_tiny),
+            register=register_section(mlflow_server, "pipe"),
+        )
+    )
+    first = merge_pipeline(recipe)
+    assert not first.skipped_merge
+    # the merge against an independent computation: base + 0.5 * sum of task vectors
+    base = load_file(zoo_tiny.base / "model.safetensors")
+    tuned = [load_file(zoo_tiny.experts[e] / "model.safetensors") for e in experts]
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    for name in [n for n in base if n.endswith(("q_proj.weight", "down_proj.weight"))]:
+        expected = base[name] + 0.5 * sum(t[name] - base[name] for t in tuned)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+    registry = Registry(mlflow_server)
+    version = first.registered["version"]
+    assert registry.alias_version("pipe", "candidate") == version
+    lineage = registry.lineage("pipe", version)
+    assert {k: p.hash for k, p in lineage.parents.items()} == {
+        m["label"]: m["content_hash"] for m in first.inputs
+    }
+    assert lineage.metrics["mean_accuracy"] == pytest.approx(first.report["mean_accuracy"])
+    assert lineage.recipe["params"] == {"lambda": 0.5}
+    stamp = (tmp_path / "merged" / "model.safetensors").stat().st_mtime_ns
+
+    second = merge_pipeline(recipe)
+    assert second.skipped_merge
+    assert (tmp_path / "merged" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert second.registered["version"] == version and not second.registered["created"]
+    assert len(registry.client.search_model_versions("name = 'pipe'")) == 1
+
+
+@pytest.mark.slow
+def test_a_candidate_that_regresses_a_task_is_not_promoted(
+    zoo_tiny, tmp_path: Path, tracking_uri: str, monkeypatch, capsys
+) -> None:
+    sections = {
+        "evaluate": evaluate_section(zoo_tiny, perplexity=False),
+        "register": register_section(tracking_uri, "gated", max_negative_flip_rate=0.1),
+    }
+    good = ta_recipe(zoo_tiny, tmp_path / "good", ["zoo_compare"], 1.0, **sections)
+    v1 = merge_pipeline(parse_recipe(good)).registered["version"]
+    code, _, err = cli(
+        ["promote", "gated", v1, "--tracking-uri", tracking_uri], monkeypatch, capsys
+    )
+    assert code == 0, err
+
+    # lambda 0 gives back the base, which loses the compare expert's gains
+    worse = ta_recipe(zoo_tiny, tmp_path / "worse", ["zoo_compare"], 0.0, **sections)
+    v2 = merge_pipeline(parse_recipe(worse)).registered["version"]
+    code, _, err = cli(
+        ["promote", "gated", v2, "--tracking-uri", tracking_uri], monkeypatch, capsys
+    )
+    assert code == 2
+    assert "max_negative_flip_rate: task zoo_compare" in err
+    registry = Registry(tracking_uri)
+    assert registry.alias_version("gated", "champion") == v1
+    tags = registry.client.get_run(registry.lineage("gated", v2).run_id).data.tags
+    assert tags["amalgam.promotion"] == "refused"
+    assert "max_negative_flip_rate: task zoo_compare" in tags["amalgam.promotion.reason"]
