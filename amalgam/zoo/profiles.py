@@ -60,10 +60,10 @@ PROFILES: dict[str, Profile] = {
             base=ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=352),
             # A long pretraining and short, gentle fine-tunes (task vectors about a tenth of
             # the base's norm): see docs/quality.md for what this does to merging.
-            base_schedule=Schedule(steps=1800, lr=3e-3, warmup=50, weight_decay=0.01),
-            expert_schedule=Schedule(steps=80, lr=1e-3, batch_size=48),
+            base_schedule=Schedule(steps=2000, lr=3e-3, warmup=50, weight_decay=0.01),
+            expert_schedule=Schedule(steps=80, lr=5e-4, batch_size=48),
             lora_rank=8,
-            lora_schedule=Schedule(steps=80, lr=3e-3, batch_size=48),
+            lora_schedule=Schedule(steps=80, lr=2e-3, batch_size=48),
             moe=ModelShape(hidden=96, layers=2, heads=4, kv_heads=2, intermediate=192, experts=4),
             moe_schedule=Schedule(steps=300, lr=3e-3, warmup=30),
         ),
