@@ -37,8 +37,8 @@ WORK = ROOT / "benchmarks" / ".work" / "quality"
 #: Grids of the searched scalar: task vectors summed (lambda scales a sum of N) or averaged.
 SUM_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 MEAN_GRID = (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
-#: TSV-M adds N orthogonalised low-rank parts (a sum) and defaults to 1.
-TSV_GRID = (0.2, 0.3, 0.5, 0.7, 1.0, 1.3)
+#: Methods whose scalar defaults to 1 over a masked or low-rank sum (TSV-M, Consensus).
+WIDE_GRID = (0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.6)
 QUICK_POINTS = 3
 
 
@@ -61,7 +61,10 @@ DRIVES: dict[str, Drive] = {
     "task_arithmetic": Drive("per_tensor", {"lambda": 0.3}, "lambda", SUM_GRID),
     "ties": Drive("per_tensor", {"density": 0.2, "lambda": 1.0}, "lambda", MEAN_GRID),
     "dare_linear": Drive("per_tensor", {"density": 0.1, "lambda": 0.3}, "lambda", SUM_GRID),
-    "dare_ties": Drive("per_tensor", {"density": 0.1, "lambda": 1.0}, "lambda", MEAN_GRID),
+    # DARE then TIES's disjoint mean, as the DARE paper combines them
+    "dare_ties": Drive(
+        "per_tensor", {"density": 0.1, "lambda": 1.0, "normalize": True}, "lambda", MEAN_GRID
+    ),
     "breadcrumbs": Drive(
         "per_tensor", {"density": 0.15, "gamma": 0.006, "lambda": 0.2}, "lambda", SUM_GRID
     ),
@@ -69,18 +72,18 @@ DRIVES: dict[str, Drive] = {
         "per_tensor", {"density": 0.15, "gamma": 0.006, "lambda": 1.0}, "lambda", MEAN_GRID
     ),
     "slerp": Drive("per_tensor", skip="interpolates exactly two models"),
-    "tsv_m": Drive("per_tensor", {"lambda": 1.0}, "lambda", TSV_GRID),
+    "tsv_m": Drive("per_tensor", {"lambda": 1.0}, "lambda", WIDE_GRID),
     "pcb": Drive(
         "per_tensor", {"density": 0.1, "clamp": 0.0001, "lambda": 1.0}, "lambda", MEAN_GRID
     ),
     "consensus_ta": Drive(
-        "per_tensor", {"lambda": 0.3, "mask_lambda": 0.6, "agreement": 2}, "lambda", SUM_GRID
+        "per_tensor", {"lambda": 0.3, "mask_lambda": 0.6, "agreement": 2}, "lambda", WIDE_GRID
     ),
     "consensus_ties": Drive(
         "per_tensor",
         {"density": 0.2, "lambda": 1.0, "mask_lambda": 0.6, "agreement": 2},
         "lambda",
-        MEAN_GRID,
+        WIDE_GRID,
     ),
     "fisher": Drive("data"),
     "regmean": Drive("data", {"alpha": 0.9}, "alpha", (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)),
