@@ -166,7 +166,6 @@ class Bench:
     work: Path
     threads: int
     quick: bool
-    log: Callable[[str], None]
 
     def merge(
         self, method: str, models: dict[str, Path], params: dict[str, Any], out: Path, **opts: Any
@@ -312,12 +311,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
     get_method("linear")  # fills the registry
     started = time.perf_counter()
-    zoo = build_zoo(default_zoo_dir(), profile=args.profile, log=lambda m: log(m))
+    zoo = build_zoo(default_zoo_dir(), profile=args.profile, log=log)
     tasks = zoo.task_names[: args.tasks] if args.tasks else list(zoo.task_names)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     scorer = Scorer(zoo.base, zoo.tasks_dir, tasks, args.limit)
-    bench = Bench(zoo, tasks, scorer, work, args.threads, args.quick, log)
+    bench = Bench(zoo, tasks, scorer, work, args.threads, args.quick)
     names = sorted(REGISTRY) if not args.methods else args.methods.split(",")
     result: dict[str, Any] = {
         "zoo": zoo.root.name,
