@@ -97,7 +97,9 @@ def inspect(
 def merge(
     config: Annotated[Path, typer.Argument(help="amalgam recipe or mergekit YAML")],
     output: Annotated[str | None, typer.Option(help="output folder or URI")] = None,
-    executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+    executor: Annotated[
+        str | None, typer.Option(help="local | ray (default: the recipe's, else local)")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle inputs")] = False,
@@ -134,7 +136,7 @@ def merge(
     try:
         options = MergeOptions(
             output=output,
-            executor=executor,
+            executor=executor or recipe.executor or "local",
             device=device,
             overwrite=overwrite,
             allow_pickle=allow_pickle,

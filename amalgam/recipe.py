@@ -146,6 +146,8 @@ class Recipe(_Strict):
     files_from: str | None = None
     allow_nonfinite: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # Where the merge runs when the caller does not say (outputs are identical either way).
+    executor: Literal["local", "ray"] | None = None
     align: AlignSpec | None = None
     compress: CompressSpec | None = None
     evaluate: EvaluateSpec | None = None
@@ -158,7 +160,7 @@ class Recipe(_Strict):
     def hash(self) -> str:
         """sha256 of the recipe's canonical JSON, output location excluded (stage sections
         count only when present, so a recipe without them hashes as it always did)."""
-        body = self.model_dump(mode="json", exclude={"output", "storage_options"})
+        body = self.model_dump(mode="json", exclude={"output", "storage_options", "executor"})
         for section in STAGE_SECTIONS:
             if body[section] is None:
                 del body[section]

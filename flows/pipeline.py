@@ -101,7 +101,9 @@ def merge_pipeline(
     """Run a recipe end to end: the merge on ``executor`` (local threads, or ray: one task per
     shard); ``stage`` copies every input to the local cache before merging."""
     recipe = as_recipe(recipe)
-    options = MergeOptions(output=output, executor=executor or "local", overwrite=overwrite)
+    options = MergeOptions(
+        output=output, executor=executor or recipe.executor or "local", overwrite=overwrite
+    )
     result = run_stages(recipe, options, stage=stage)
     get_run_logger().info(
         "candidate %s (%s)%s",

@@ -232,3 +232,23 @@ def test_bad_option_is_one_line(models, tmp_path, monkeypatch, capsys) -> None:
     code, _, err = run_cli(["merge", str(cfg), "--threads", "0"], monkeypatch, capsys)
     assert_one_error(code, err, "--threads")
     assert_nothing_left(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_merge_runs_on_the_recipes_executor(models, tmp_path, monkeypatch, capsys) -> None:
+    import ray
+
+    base, experts = models
+    outputs = {}
+    ray.shutdown()  # so that the check below sees the Ray this merge started
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        data = recipe_dict(base, experts, "task_arithmetic", out)
+        if executor == "ray":
+            data["executor"] = "ray"
+        cfg = write_recipe(tmp_path / f"{executor}.yaml", data)
+        code, stdout, _ = run_cli(["merge", str(cfg)], monkeypatch, capsys)
+        assert code == 0, stdout
+        outputs[executor] = (out / "model.safetensors").read_bytes()
+        assert ray.is_initialized() == (executor == "ray")
+    assert outputs["local"] == outputs["ray"]

@@ -56,3 +56,12 @@ def test_recipe_hash_ignores_output_only() -> None:
     b = parse_recipe({"method": "linear", "models": [{"uri": "/a"}], "output": "/o2"})
     c = parse_recipe({"method": "linear", "models": [{"uri": "/a"}], "seed": 1})
     assert a.hash() == b.hash() != c.hash()
+
+
+def test_recipe_executor_is_checked_and_not_hashed() -> None:
+    local = parse_recipe({"method": "linear", "models": [{"uri": "/a"}]})
+    ray = parse_recipe({"method": "linear", "models": [{"uri": "/a"}], "executor": "ray"})
+    assert ray.executor == "ray" and local.executor is None
+    assert local.hash() == ray.hash()  # both executors write the same bytes
+    with pytest.raises(RecipeError, match="executor"):
+        parse_recipe({"method": "linear", "models": [{"uri": "/a"}], "executor": "dask"})
