@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -65,3 +67,17 @@ def recipe_dict(base: Path | None, experts: list[Path], method: str, out: Path, 
     if base is not None:
         data["base"] = str(base)
     return data
+
+
+def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str, str]:
+    """Run `amalgam ARGS` in process: (exit code, stdout, stderr)."""
+    from amalgam.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["amalgam", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

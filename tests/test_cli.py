@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,19 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from amalgam.cli import main
-from tests.helpers import family, llama_tensors, recipe_dict, write_model
-
-
-def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["amalgam", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers import family, llama_tensors, recipe_dict, run_cli, write_model
 
 
 def write_recipe(path: Path, data: dict) -> Path:

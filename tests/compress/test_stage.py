@@ -13,8 +13,7 @@ from amalgam.checkpoint import open_checkpoint
 from amalgam.compress import CompressError, compress_model, decompress_model, read_manifest
 from amalgam.errors import OutputError
 from amalgam.recipe import CompressSpec
-from tests.helpers import family, llama_tensors, write_model
-from tests.test_cli import run_cli
+from tests.helpers import family, llama_tensors, run_cli, write_model
 
 
 def naive_reconstruction(base: torch.Tensor, model: torch.Tensor, density: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ import yaml
 from amalgam.errors import CheckpointError, RecipeError
 from flows.config import Grid, load_grid, load_nightly_config
 from tasks.retry import is_transient
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,18 +71,11 @@ def test_retries_storage_failures_not_bad_input() -> None:
 
 
 def test_cli_refuses_bad_files_before_starting_prefect(tmp_path: Path, monkeypatch, capsys) -> None:
-    import sys
-
-    from amalgam.cli import main
-
     bad = tmp_path / "recipe.yaml"
     bad.write_text(yaml.safe_dump({"method": "nope", "models": [{"uri": "x"}]}))
     for args in (["run", str(bad)], ["nightly", str(bad)], ["sweep", str(bad), "--grid", str(bad)]):
-        monkeypatch.setattr(sys, "argv", ["amalgam", *args])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
+        code, _, err = run_cli(args, monkeypatch, capsys)
+        assert code == 2
         assert err.startswith("error: ") and str(bad) in err
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,10 @@ import torch
 from recipes import evaluate_section, register_section
 from safetensors.torch import load_file
 
-from amalgam.cli import main
 from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
 from flows.pipeline import merge_pipeline
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -28,17 +27,6 @@ def ta_recipe(zoo, output: Path, experts: list[str], lam: float, **sections) -> 
         "output": str(output),
         **sections,
     }
-
-
-def cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["amalgam", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.slow
@@ -94,7 +82,7 @@ def test_a_candidate_that_regresses_a_task_is_not_promoted(
     }
     good = ta_recipe(zoo_tiny, tmp_path / "good", ["zoo_compare"], 1.0, **sections)
     v1 = merge_pipeline(parse_recipe(good)).registered["version"]
-    code, _, err = cli(
+    code, _, err = run_cli(
         ["promote", "gated", v1, "--tracking-uri", tracking_uri], monkeypatch, capsys
     )
     assert code == 0, err
@@ -102,7 +90,7 @@ def test_a_candidate_that_regresses_a_task_is_not_promoted(
     # lambda 0 gives back the base, which loses the compare expert's gains
     worse = ta_recipe(zoo_tiny, tmp_path / "worse", ["zoo_compare"], 0.0, **sections)
     v2 = merge_pipeline(parse_recipe(worse)).registered["version"]
-    code, _, err = cli(
+    code, _, err = run_cli(
         ["promote", "gated", v2, "--tracking-uri", tracking_uri], monkeypatch, capsys
     )
     assert code == 2

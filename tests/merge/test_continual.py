@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -13,13 +12,12 @@ import yaml
 from safetensors.torch import load_file
 
 from amalgam.checkpoint import open_checkpoint
-from amalgam.cli import main
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.engine.continual import STATE_NAME, absorbed_hashes, read_state
 from amalgam.errors import CheckpointError, MergeError, OutputError, PlanError, RecipeError
 from amalgam.merge.base import Step
 from amalgam.recipe import load_recipe, parse_recipe
-from tests.helpers import family, llama_tensors, recipe_dict, write_model
+from tests.helpers import family, llama_tensors, recipe_dict, run_cli, write_model
 
 from . import continual_naive as naive
 from .test_opcm import float32_family, floats
@@ -255,21 +253,14 @@ def test_cli_continue_from(tmp_path: Path, monkeypatch, capsys) -> None:
     ):
         cfg = tmp_path / f"{out.name}.yaml"
         cfg.write_text(yaml.safe_dump(recipe_dict(base, models, "opcm", out)))
-        monkeypatch.setattr(sys, "argv", ["amalgam", "merge", str(cfg), *extra])
-        try:
-            main()
-            codes.append(0)
-        except SystemExit as exc:
-            codes.append(int(exc.code or 0))
-    assert codes == [0, 0], capsys.readouterr()
+        code, out, err = run_cli(["merge", str(cfg), *extra], monkeypatch, capsys)
+        codes.append(code)
+    assert codes == [0, 0], (out, err)
     assert absorbed_hashes(str(second)) == [open_checkpoint(str(e)).content_hash() for e in experts]
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(recipe_dict(base, experts[1:], "continual_ta", tmp_path / "bad")))
-    monkeypatch.setattr(sys, "argv", ["amalgam", "merge", str(cfg), "--continue-from", str(first)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
+    code, _, err = run_cli(["merge", str(cfg), "--continue-from", str(first)], monkeypatch, capsys)
+    assert code == 2
     assert "error: continue_from" in err and "method: 'continual_ta' here but 'opcm'" in err
     assert not (tmp_path / "bad").exists()
 

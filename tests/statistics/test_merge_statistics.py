@@ -15,7 +15,7 @@ from amalgam.errors import StatisticsError
 from amalgam.recipe import parse_recipe
 from amalgam.statistics import compute, compute_statistics
 from amalgam.statistics.artifact import read_info, write_artifact
-from tests.test_cli import run_cli
+from tests.helpers import run_cli
 
 
 def recipe(method: str, models: list[Path], data: list[Path], out: Path, **extra) -> dict:
