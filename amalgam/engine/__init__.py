@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from amalgam.checkpoint import Checkpoint, open_checkpoint
 from amalgam.engine.execute import (
     PREFETCH_BYTES,
     Progress,
+    compute_threads,
     gather_stats,
     open_statistics,
     pick_device,
@@ -121,20 +121,18 @@ def run_merge(
     if options.continue_from:
         raise RecipeError(f"continue_from: method '{recipe.method}' is not a continual method")
     start = time.perf_counter()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 2) - 1))
     inputs = open_recipe_inputs(recipe, options.allow_pickle)
     try:
-        plan = _plan(recipe, inputs, options)
-        if recipe.method_spec.statistics is not None:
-            from amalgam.statistics.prepare import attach_statistics
+        with compute_threads(options.threads):
+            plan = _plan(recipe, inputs, options)
+            if recipe.method_spec.statistics is not None:
+                from amalgam.statistics.prepare import attach_statistics
 
-            plan = attach_statistics(plan, inputs, options.device)
-        device = pick_device(options.device)
-        stats = gather_stats(plan, list(inputs.values()), device, progress)
-        read = write_output(plan, inputs, stats, options, device, progress)
+                plan = attach_statistics(plan, inputs, options.device)
+            device = pick_device(options.device)
+            stats = gather_stats(plan, list(inputs.values()), device, progress)
+            read = write_output(plan, inputs, stats, options, device, progress)
     finally:
-        torch.set_num_threads(threads_before)
         for c in inputs.values():
             c.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

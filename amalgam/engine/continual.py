@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 import uuid
@@ -34,7 +33,14 @@ from amalgam.engine import (
     output_of,
     write_output,
 )
-from amalgam.engine.execute import PREFETCH_BYTES, Progress, apply_method, pick_device, prefetched
+from amalgam.engine.execute import (
+    PREFETCH_BYTES,
+    Progress,
+    apply_method,
+    compute_threads,
+    pick_device,
+    prefetched,
+)
 from amalgam.engine.plan import Plan, build_plan
 from amalgam.errors import CheckpointError, RecipeError
 from amalgam.merge.base import STEP_KEY, MergeFn, Method, Step
@@ -146,29 +152,28 @@ def run_continual(
     if state is None:
         base = Absorbed(label="base", uri=recipe.base, content_hash=base_hash)
         state = ContinualState(method=recipe.method, params=params, base=base)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 2) - 1))
     fs, path = storage.resolve(output, **so)
     p = PurePosixPath(path)
     scratch = str(p.parent / f".{p.name}.steps-{uuid.uuid4().hex[:12]}")
     device = pick_device(options.device)
     read = 0
     try:
-        for i, model in enumerate(recipe.models):
-            last = i == len(recipe.models) - 1
-            out = output if last else storage.full_uri(fs, storage.join(scratch, f"step-{i + 1}"))
-            step_options = options.model_copy(
-                update={"output": out, "overwrite": options.overwrite and last}
-            )
-            state, plan, n = _absorb(
-                recipe, method, model, merged, state, step_options, device, progress
-            )
-            read += n
-            if merged is not None and merged != options.continue_from:
-                remove_folder(fs, storage.resolve(merged, **so)[1])
-            merged = out
+        with compute_threads(options.threads):
+            for i, model in enumerate(recipe.models):
+                last = i == len(recipe.models) - 1
+                step = storage.full_uri(fs, storage.join(scratch, f"step-{i + 1}"))
+                out = output if last else step
+                step_options = options.model_copy(
+                    update={"output": out, "overwrite": options.overwrite and last}
+                )
+                state, plan, n = _absorb(
+                    recipe, method, model, merged, state, step_options, device, progress
+                )
+                read += n
+                if merged is not None and merged != options.continue_from:
+                    remove_folder(fs, storage.resolve(merged, **so)[1])
+                merged = out
     finally:
-        torch.set_num_threads(threads_before)
         remove_folder(fs, scratch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return MergeResult(output, plan, time.perf_counter() - start, read, peak)

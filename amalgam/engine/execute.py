@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,6 +20,18 @@ from amalgam.writer import ShardWriter
 
 Progress = Callable[[int, int], None]  # (input bytes, tensors) done since the last call
 PREFETCH_BYTES = 1 << 28  # inputs read ahead of the tensor being merged
+
+
+@contextmanager
+def compute_threads(threads: int | None) -> Iterator[None]:
+    """torch's compute threads for one run: ``threads``, by default all cores but one (left to
+    reads and writes); the caller's setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pick_device(device: str) -> torch.device:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +70,11 @@ def compute_statistics(
     """Run the model on (up to ``settings['samples']`` of) the examples of ``data`` and write
     ``kind`` statistics to ``output``, keyed by the names of the model's own tensors.
     ``threads``: torch compute threads (default: all cores but one, as for merges)."""
-    import torch
+    from amalgam.engine.execute import compute_threads
 
     examples, data_hash = load_examples(data, **storage_options)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    try:
+    with compute_threads(threads):
         tensors, used, tokens, model_hash = _run(model_uri, data, examples, kind, settings, device)
-    finally:
-        torch.set_num_threads(before)
     return write_artifact(
         output,
         tensors,
