@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from statistics import mean
 
 import pytest
 
 from amalgam.merge.base import REGISTRY, get_method
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def accuracies_ok(scores: dict[str, float], tasks: list[str]) -> bool:
@@ -29,7 +18,7 @@ def accuracies_ok(scores: dict[str, float], tasks: list[str]) -> bool:
 
 @pytest.mark.slow
 def test_quick_run_reports_every_method(tmp_path: Path) -> None:
-    quality = load_benchmark()
+    quality = load_benchmark("quality")
     assert quality.main(["--quick", "--results", str(tmp_path), "--work", str(tmp_path / "w")]) == 0
     result = json.loads((tmp_path / "quality-quick.json").read_text())
     assert (tmp_path / "quality-quick.png").stat().st_size > 10_000
