@@ -6,7 +6,10 @@ Each method in `amalgam.merge.base.REGISTRY` is run through the engine (`run_mer
 value of its one scalar (lambda / scaling) from a small grid scored on the validation split.
 Reported numbers are test-split accuracy from `amalgam.evaluate.quick_evaluate`. Continual
 methods absorb the experts one per engine run in three task orders (average accuracy after
-the last step and backward transfer). Writes `results/quality.{md,json,png}`; see README.md.
+the last step and backward transfer). Variant rows (`VARIANTS`) run a method again with one
+setting fixed: TSV-M with embeddings and head averaged or with the low-rank SVD, PCB over the
+whole model, the empirical Fisher; they run in --quick too (about a quarter of its half
+minute). Writes `results/quality.{md,json,png}`; see README.md.
 
     python benchmarks/quality.py            # full zoo, every method (under 30 minutes, 2 cores)
     python benchmarks/quality.py --quick    # tiny zoo, 4 tasks, fewer search points
@@ -22,8 +25,8 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -45,13 +48,16 @@ QUICK_POINTS = 3
 @dataclass(frozen=True)
 class Drive:
     """How the benchmark drives one method: its kind, the authors' defaults (over the
-    registry's), the scalar searched on validation and its grid, or why it is skipped."""
+    registry's), the scalar searched on validation and its grid, or why it is skipped; for a
+    variant row, the registered method it runs and the recipe's overrides."""
 
     kind: str  # "per_tensor" | "data" | "continual"
     defaults: dict[str, Any] = field(default_factory=dict)
     scalar: str | None = None
     grid: tuple[float, ...] = ()
     skip: str | None = None
+    method: str | None = None
+    overrides: tuple[dict[str, Any], ...] = ()
 
 
 #: The authors' defaults (shared/reference/MERGE_METHODS.md, section 0 and each method's).
@@ -91,6 +97,24 @@ DRIVES: dict[str, Drive] = {
     "continual_ta": Drive("continual", {"lambda": 0.3}),
     "continual_ties": Drive("continual", {"density": 0.2, "lambda": 0.5}),
     "opcm": Drive("continual", {"alpha": 0.5}),
+}
+
+
+def variant(method: str, overrides: tuple[dict[str, Any], ...] = (), **fixed: Any) -> Drive:
+    """The method's drive with some parameters fixed or some tensors overridden."""
+    drive = DRIVES[method]
+    return replace(drive, defaults={**drive.defaults, **fixed}, method=method, overrides=overrides)
+
+
+#: Rows that run a method again with one setting changed, labelled by it; each follows its
+#: method's row and runs whenever the method does.
+VARIANTS: dict[str, Drive] = {
+    "tsv_m (embeddings averaged)": variant(
+        "tsv_m", ({"match": "embed_tokens|lm_head", "params": {"svd": "none"}},)
+    ),
+    "tsv_m (svd lowrank)": variant("tsv_m", svd="lowrank"),
+    "pcb (scope model)": variant("pcb", scope="model"),
+    "fisher (empirical)": variant("fisher", fisher="empirical"),
 }
 
 
@@ -168,7 +192,13 @@ class Bench:
     quick: bool
 
     def merge(
-        self, method: str, models: dict[str, Path], params: dict[str, Any], out: Path, **opts: Any
+        self,
+        method: str,
+        models: dict[str, Path],
+        params: dict[str, Any],
+        out: Path,
+        overrides: tuple[dict[str, Any], ...] = (),
+        **opts: Any,
     ) -> float:
         """Run one recipe through the engine; its in-engine seconds. Models of a data-driven
         method name their task folder as `data` (statistics from its validation split)."""
@@ -186,6 +216,7 @@ class Bench:
             base=str(self.zoo.base),
             models=specs,
             params=params,
+            overrides=list(overrides),
             dtype="float32",
         )
         options = MergeOptions(
@@ -205,11 +236,14 @@ class Bench:
         """The default run (test split) and, where a scalar exists, the validation search and
         the test score at its best value."""
         out = self.work / "merge"
+        method, overrides = drive.method or name, drive.overrides
         start = time.perf_counter()
-        merge_s = self.merge(name, models, drive.defaults, out)
+        merge_s = self.merge(method, models, drive.defaults, out, overrides)
         default = self.scorer.score(out, "test")
         row: dict[str, Any] = {
             "kind": drive.kind,
+            "method": method,
+            "overrides": list(overrides),
             "default": {
                 "params": drive.defaults,
                 "test": default,
@@ -221,13 +255,13 @@ class Bench:
         if drive.scalar:
             curve = {}
             for value in self.grid(drive):
-                self.merge(name, models, {**drive.defaults, drive.scalar: value}, out)
+                self.merge(method, models, {**drive.defaults, drive.scalar: value}, out, overrides)
                 curve[value] = mean(self.scorer.score(out, "validation").values())
             best = max(
                 curve, key=lambda v: (curve[v], -abs(v - drive.defaults.get(drive.scalar, 1)))
             )
             params = {**drive.defaults, drive.scalar: best}
-            self.merge(name, models, params, out)
+            self.merge(method, models, params, out, overrides)
             tuned = self.scorer.score(out, "test")
             row["tuned"] = {
                 "scalar": drive.scalar,
@@ -318,6 +352,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     scorer = Scorer(zoo.base, zoo.tasks_dir, tasks, args.limit)
     bench = Bench(zoo, tasks, scorer, work, args.threads, args.quick)
     names = sorted(REGISTRY) if not args.methods else args.methods.split(",")
+    drives: dict[str, Drive] = {}
+    for name in names:
+        drives[name] = drive_for(name, REGISTRY[name])
+        drives.update((label, d) for label, d in VARIANTS.items() if d.method == name)
     result: dict[str, Any] = {
         "zoo": zoo.root.name,
         "tasks": tasks,
@@ -338,8 +376,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             reference[f"expert:{task}"] = scorer.score(models[task], "test")
         own = {t: reference[f"expert:{t}"][t] for t in tasks}
         section: dict[str, Any] = {"reference": reference, "own": own, "methods": {}}
-        for name in names:
-            drive = drive_for(name, REGISTRY[name])
+        for name, drive in drives.items():
             if drive.skip:
                 section["methods"][name] = {"kind": drive.kind, "skipped": drive.skip}
                 continue
@@ -369,8 +406,11 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def setting(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in params.items()) or "-"
+def setting(params: dict[str, Any], overrides: Sequence[dict[str, Any]] = ()) -> str:
+    """Shared parameters, then each override as `match: parameters`."""
+    pairs = [", ".join(f"{k} {v}" for k, v in params.items())]
+    pairs += [f"`{o['match']}`: {setting(o['params'])}" for o in overrides]
+    return "; ".join(p for p in pairs if p) or "-"
 
 
 def one_shot_rows(section: dict[str, Any], tasks: list[str]) -> list[list[str]]:
@@ -398,7 +438,7 @@ def one_shot_rows(section: dict[str, Any], tasks: list[str]) -> list[list[str]]:
             rows.append(
                 [
                     name if label == "default" else f"{name} (val-tuned)",
-                    setting(r["params"]),
+                    setting(r["params"], row["overrides"]),
                     *(pct(r["test"][t]) for t in tasks),
                     pct(r["average"]),
                     pct(r["normalized"]),
@@ -410,7 +450,8 @@ def one_shot_rows(section: dict[str, Any], tasks: list[str]) -> list[list[str]]:
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|---" + "|---:" * (len(head) - 2) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+    cells = ("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
+    return "\n".join([*lines, *cells]) + "\n"
 
 
 def render(result: dict[str, Any]) -> str:

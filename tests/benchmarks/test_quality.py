@@ -28,7 +28,11 @@ def test_quick_run_reports_every_method(tmp_path: Path) -> None:
 
     get_method("linear")
     full = result["experts"]["full"]
-    assert set(full["methods"]) == set(REGISTRY)
+    assert set(full["methods"]) == set(REGISTRY) | set(quality.VARIANTS)
+    for label, drive in quality.VARIANTS.items():  # each ran its method with its setting
+        row = full["methods"][label]
+        assert row["method"] == drive.method and row["overrides"] == list(drive.overrides)
+        assert row["default"]["params"] == drive.defaults
     for name, row in full["methods"].items():
         assert "failed" not in row, f"{name}: {row.get('failed')}"
         assert f"| {name} |" in markdown or f"| {name} " in markdown
@@ -61,5 +65,6 @@ def test_quick_run_reports_every_method(tmp_path: Path) -> None:
     assert any(own[t] > base[t] for t in tasks)
     # merging the LoRA experts after merge_and_unload reports the same methods
     lora = result["experts"]["lora"]
-    assert {n for n, r in lora["methods"].items() if r["kind"] != "continual"} <= set(REGISTRY)
+    one_shot = {n for n, r in full["methods"].items() if r["kind"] != "continual"}
+    assert set(lora["methods"]) == one_shot
     assert accuracies_ok(lora["reference"]["base"], tasks) and base == lora["reference"]["base"]
