@@ -5,7 +5,13 @@ instead of ascending, shift back instead of forward, ...). The base model is pre
 both conventions, so it holds each task's skill but not which convention the task asks for;
 a fine-tune only has to pick the convention, a small step from the base, as instruction
 tuning picks a behaviour that pretraining made available. The other convention's answer is
-among the choices, so the base scores about half of its skill and a fine-tune the rest."""
+among the choices, so the base scores about half of its skill and a fine-tune the rest.
+
+Every task also writes in a script of its own: the generators work in `ALPHABET`, and each
+task's examples are transliterated, character for character, into a block of code points no
+other task uses. Like the datasets of a vision benchmark (digits, satellite photographs, road
+signs), the tasks reach the shared model through different inputs, while the network that
+computes on them is shared (see docs/quality.md for what this does to merging)."""
 
 from __future__ import annotations
 
@@ -24,6 +30,16 @@ SYMBOLS = ":=*<>"
 #: tokenizer can lose the space on a save / reload round trip), so none is ever needed.
 ALPHABET = DIGITS + LETTERS + SYMBOLS
 SPLITS = ("train", "validation", "test")
+#: Task i's script starts at SCRIPT_START + i * SCRIPT_STRIDE: CJK ideographs, each one code
+#: point with no case, no compatibility form and no normalisation to change it.
+SCRIPT_START = 0x4E00
+SCRIPT_STRIDE = 64
+
+
+def script(index: int) -> str:
+    """The characters of the `index`-th task's script, position for position with ALPHABET."""
+    start = SCRIPT_START + index * SCRIPT_STRIDE
+    return "".join(chr(start + i) for i in range(len(ALPHABET)))
 
 
 class TaskError(AmalgamError):
@@ -55,15 +71,26 @@ Generator = Callable[[random.Random], tuple[str, str, str, tuple[str, ...]]]
 @dataclass(frozen=True)
 class Task:
     """A named task: `generate(rng)` returns (input text, answer, the other convention's
-    answer, choices containing both)."""
+    answer, choices containing both) in ALPHABET; examples are written in `script`."""
 
     name: str
     tag: str
     generate: Generator
+    script: str
 
     def example(self, rng: random.Random) -> Example:
         text, answer, alternative, choices = self.generate(rng)
-        return Example(f"{self.tag}:{text}=", choices, choices.index(answer), alternative)
+        table = str.maketrans(ALPHABET, self.script)
+        return Example(
+            f"{self.tag}:{text}=".translate(table),
+            tuple(c.translate(table) for c in choices),
+            choices.index(answer),
+            alternative.translate(table),
+        )
+
+    def plain(self, text: str) -> str:
+        """`text` of this task's script written back in ALPHABET (for reading and checking)."""
+        return text.translate(str.maketrans(self.script, ALPHABET))
 
 
 Generated = tuple[str, str, str, tuple[str, ...]]
@@ -148,9 +175,9 @@ def _sort(rng: random.Random) -> Generated:
 
 
 def _reverse(rng: random.Random) -> Generated:
-    """Six or seven distinct letters reversed; the other convention: copied as they are.
+    """Four or five distinct letters reversed; the other convention: copied as they are.
     Near misses swap two neighbours of the answer."""
-    text = "".join(rng.sample(LETTERS, rng.randint(6, 7)))
+    text = "".join(rng.sample(LETTERS, rng.randint(4, 5)))
     answer = text[::-1]
 
     def near() -> str:
@@ -178,19 +205,23 @@ def _caesar(rng: random.Random) -> Generated:
     return _shuffled(f"{k}{text}", answer, "".join(shifted(c, -k) for c in text), near, rng)
 
 
+_GENERATORS: tuple[tuple[str, str, Generator], ...] = (
+    ("zoo_mulmod", "mul", _mulmod),
+    ("zoo_count", "cnt", _count),
+    ("zoo_vowels", "vow", _vowels),
+    ("zoo_compare", "cmp", _compare),
+    ("zoo_digitcount", "dig", _digit_count),
+    ("zoo_sort", "sort", _sort),
+    ("zoo_reverse", "rev", _reverse),
+    ("zoo_caesar", "rot", _caesar),
+)
 TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task("zoo_mulmod", "mul", _mulmod),
-        Task("zoo_count", "cnt", _count),
-        Task("zoo_vowels", "vow", _vowels),
-        Task("zoo_compare", "cmp", _compare),
-        Task("zoo_digitcount", "dig", _digit_count),
-        Task("zoo_sort", "sort", _sort),
-        Task("zoo_reverse", "rev", _reverse),
-        Task("zoo_caesar", "rot", _caesar),
-    )
+    name: Task(name, tag, generate, script(i))
+    for i, (name, tag, generate) in enumerate(_GENERATORS)
 }
+#: Every character any task may write: ALPHABET itself (for text outside the zoo's tasks)
+#: and each task's script.
+VOCABULARY = ALPHABET + "".join(t.script for t in TASKS.values())
 
 
 def make_splits(task: Task, sizes: dict[str, int], seed: int) -> dict[str, list[Example]]:

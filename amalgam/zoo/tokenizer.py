@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from amalgam.errors import AmalgamError
-from amalgam.zoo.tasks import ALPHABET
+from amalgam.zoo.tasks import VOCABULARY
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -21,7 +21,7 @@ class TokenizerError(AmalgamError):
 
 
 def build_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
-    """One token per character of `ALPHABET`, after the special tokens; `max_length` is the
+    """One token per character of `VOCABULARY`, after the special tokens; `max_length` is the
     models' context length.
 
     No post-processor: encoding never adds BOS/EOS, whatever `add_special_tokens` says, so
@@ -30,7 +30,7 @@ def build_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *ALPHABET))}
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *VOCABULARY))}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()

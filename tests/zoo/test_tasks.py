@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from amalgam.zoo.tasks import ALPHABET, SPLITS, TASKS, TaskError, make_splits
+from amalgam.zoo.tasks import ALPHABET, SPLITS, TASKS, VOCABULARY, TaskError, make_splits
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -65,13 +65,24 @@ def test_answers_are_right_and_choices_well_formed(name: str) -> None:
     rng = random.Random(7)
     for _ in range(300):
         example = task.example(rng)
-        tag, rest = example.prompt.split(":", 1)
+        written = "".join((example.prompt, *example.choices, example.alternative))
+        assert set(written) <= set(task.script)
+        tag, rest = task.plain(example.prompt).split(":", 1)
         assert tag == task.tag and rest.endswith("=")
-        assert example.answer == solve(name, rest[:-1])
-        assert example.alternative == solve_other(name, rest[:-1])
+        assert task.plain(example.answer) == solve(name, rest[:-1])
+        assert task.plain(example.alternative) == solve_other(name, rest[:-1])
         assert example.alternative in example.choices
         assert len(set(example.choices)) == len(example.choices) >= 2
-        assert set("".join((example.prompt, *example.choices))) <= set(ALPHABET)
+
+
+def test_each_task_writes_in_a_script_of_its_own() -> None:
+    scripts = [set(t.script) for t in TASKS.values()]
+    assert all(len(s) == len(ALPHABET) for s in scripts)
+    assert sum(len(s) for s in scripts) == len(set().union(*scripts))  # pairwise disjoint
+    assert not set(ALPHABET) & set().union(*scripts)
+    assert set(VOCABULARY) == set(ALPHABET).union(*scripts)
+    task = TASKS["zoo_caesar"]
+    assert task.plain("".join(task.script)) == ALPHABET
 
 
 def test_at_least_eight_tasks_with_distinct_tags() -> None:
