@@ -8,8 +8,8 @@ Reported numbers are test-split accuracy from `amalgam.evaluate.quick_evaluate`.
 methods absorb the experts one per engine run in three task orders (average accuracy after
 the last step and backward transfer). Variant rows (`VARIANTS`) run a method again with one
 setting fixed: TSV-M with embeddings and head averaged or with the low-rank SVD, PCB over the
-whole model, the empirical Fisher; they run in --quick too (about a quarter of its half
-minute). Writes `results/quality.{md,json,png}`; see README.md.
+whole model, the empirical Fisher, RegMean with embeddings averaged; they run in --quick too
+(about a quarter of its half minute). Writes `results/quality.{md,json,png}`; see README.md.
 
     python benchmarks/quality.py            # full zoo, every method (under 30 minutes, 2 cores)
     python benchmarks/quality.py --quick    # tiny zoo, 4 tasks, fewer search points
@@ -115,6 +115,7 @@ VARIANTS: dict[str, Drive] = {
     "tsv_m (svd lowrank)": variant("tsv_m", svd="lowrank"),
     "pcb (scope model)": variant("pcb", scope="model"),
     "fisher (empirical)": variant("fisher", fisher="empirical"),
+    "regmean (embeddings averaged)": variant("regmean", embeddings="average"),
 }
 
 

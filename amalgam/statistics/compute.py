@@ -15,6 +15,9 @@ from amalgam.statistics.data import encode, load_examples
 from amalgam.statistics.fisher import VARIANTS
 
 DEFAULT_SAMPLES = 256  # FusionBench's count for both Fisher and RegMean
+# Bumped when a kind's artifacts change content, so older cached artifacts are not reused.
+# Gram 2: artifacts also hold the input embedding's token shares.
+GRAM_VERSION = 2
 
 
 def settings_for(kind: str, samples: int = DEFAULT_SAMPLES, fisher: str = "sampled") -> dict:
@@ -24,7 +27,7 @@ def settings_for(kind: str, samples: int = DEFAULT_SAMPLES, fisher: str = "sampl
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise StatisticsError(f"samples: expected a positive integer, got {samples!r}")
     if kind == "gram":
-        return {"samples": samples}
+        return {"samples": samples, "version": GRAM_VERSION}
     if fisher not in VARIANTS:
         raise StatisticsError(f"fisher: expected one of {list(VARIANTS)}, got {fisher!r}")
     return {"samples": samples, "fisher": fisher}
@@ -111,7 +114,8 @@ def _run(
             used = len(encoded)
         stored = {n: t for n, t in tensors.items() if n in ckpt.tensors}
         for name, t in stored.items():
-            want = ckpt.shape(name) if kind == "fisher" else (ckpt.shape(name)[-1],) * 2
+            shape = ckpt.shape(name)
+            want = shape if kind == "fisher" else (shape[:1] if t.dim() == 1 else (shape[-1],) * 2)
             if tuple(t.shape) != tuple(want):
                 raise StatisticsError(
                     f"{model_uri}: statistic of '{name}' has shape {list(t.shape)}, the "

@@ -1,4 +1,5 @@
-"""Gram matrices of every linear layer's inputs, for RegMean (arXiv 2212.09849)."""
+"""Gram matrices of every linear layer's inputs, and the input embedding's token shares, for
+RegMean (arXiv 2212.09849)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,22 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+def input_embedding(
+    model: PreTrainedModel, linears: dict[str, torch.nn.Linear]
+) -> tuple[str, torch.nn.Embedding] | None:
+    """(weight name, module) of the model's input embedding, unless it has none, it is not a
+    ``torch.nn.Embedding``, or its weight is shared with a linear layer (tied word embeddings:
+    that tensor is merged as the linear layer)."""
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, torch.nn.Embedding):
+        return None
+    ptr = emb.weight.data_ptr()
+    if any(m.weight is emb.weight or m.weight.data_ptr() == ptr for m in linears.values()):
+        return None
+    name = next(n for n, m in model.named_modules() if m is emb)
+    return f"{name}.weight", emb
+
+
 def gram_matrices(
     model: PreTrainedModel, examples: Sequence[Encoded], pad_id: int, batch_size: int = 16
 ) -> tuple[dict[str, torch.Tensor], int]:
@@ -20,13 +37,20 @@ def gram_matrices(
     name: X holds the layer's input at every real token of every example (padding masked out,
     a deliberate departure from the official code, which also counts padding), T the token
     count (the per-token mean all reference implementations keep). Accumulated in float64.
-    Returns (weight name -> float32 Gram, tokens seen)."""
+
+    The input embedding is a linear map of one-hot token vectors, so its Gram is diagonal: it
+    is kept as a vector of length num_embeddings, each token id's count over the real tokens
+    divided by T, keyed by the embedding weight's name (not for an embedding tied to a linear
+    layer). Returns (weight name -> float32 statistic, tokens seen)."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     device = next(model.parameters()).device
     sums = {
-        n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+        f"{n}.weight": torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
         for n, m in linears.items()
     }
+    embedding = input_embedding(model, linears)
+    if embedding is not None:
+        sums[embedding[0]] = torch.zeros(embedding[1].num_embeddings, dtype=torch.float64)
     mask: list[torch.Tensor] = []
 
     def hook(name: str):
@@ -36,7 +60,7 @@ def gram_matrices(
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in linears.items()]
     tokens = 0
     try:
         model.eval()
@@ -52,7 +76,10 @@ def gram_matrices(
                 mask[:] = [real.to(device)]
                 model(input_ids=ids.to(device), attention_mask=real.long().to(device))
                 tokens += int(real.sum())
+                if embedding is not None:
+                    counts = sums[embedding[0]]
+                    counts += torch.bincount(ids[real], minlength=len(counts)).double()
     finally:
         for h in handles:
             h.remove()
-    return {f"{n}.weight": (s / max(tokens, 1)).float() for n, s in sums.items()}, tokens
+    return {n: (s / max(tokens, 1)).float() for n, s in sums.items()}, tokens

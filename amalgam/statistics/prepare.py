@@ -64,8 +64,9 @@ def attach_statistics(
 
 
 def _check_coverage(plan: Plan, infos: list[StatisticsInfo], kind: str) -> None:
-    """Fisher: every merged tensor, same shape. Gram: the same linear weights in every artifact,
-    each an (in x in) matrix for a 2-D merged tensor. One error lists every problem."""
+    """Fisher: every merged tensor, same shape. Gram: the same tensors in every artifact, each
+    an (in x in) matrix for a 2-D merged tensor (a linear layer) or, for an input embedding, a
+    vector with one token share per row of the 2-D tensor. One error lists every problem."""
     merged = {j.name: j.shape for j in plan.jobs if not j.copy}
     problems: list[str] = []
     union = set().union(*(info.shapes for info in infos)) if kind == "gram" else set(merged)
@@ -79,6 +80,8 @@ def _check_coverage(plan: Plan, infos: list[StatisticsInfo], kind: str) -> None:
                 problems.append(f"{info.uri}: tensor '{name}' is not a merged tensor of the plan")
             else:
                 want = shape if kind == "fisher" else (shape[-1], shape[-1])
+                if kind == "gram" and len(have) == 1:  # an input embedding's token shares
+                    want = shape[:1]
                 if (kind == "gram" and len(shape) != 2) or have != tuple(want):
                     problems.append(
                         f"{info.uri}: statistic of '{name}' has shape {list(have)}, "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amalgam.errors import MergeError
+from amalgam.errors import MergeError, RecipeError
+from amalgam.recipe import parse_recipe
 from tests.merge.data_driven import run
 
 
@@ -71,3 +72,65 @@ def test_tensors_without_grams_are_averaged_and_partial_grams_refused() -> None:
     )
     with pytest.raises(MergeError, match="Gram matrices missing"):
         run("regmean", [a[None], b[None]], [torch.eye(2), None])
+
+
+def test_embedding_rows_weighted_by_token_shares_by_hand() -> None:
+    """Vocabulary of 3, weights 1 and 3. Token 0: shares 0.5 and 0.25, so row 0 weighs the
+    models 0.5 : 0.75 = 2 : 3; token 1 only in model 1's data (its row); token 2 in no one's
+    data: the weighted average (1 * E_0 + 3 * E_1) / 4."""
+    e0 = torch.tensor([[1.0, 2.0], [3.0, 4.0], [8.0, 0.0]])
+    e1 = torch.tensor([[6.0, 7.0], [9.0, 9.0], [0.0, 4.0]])
+    shares = [torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.25, 0.0, 0.0])]
+    out = run("regmean", [e0, e1], shares, weights=[1.0, 3.0])
+    want = torch.tensor([[4.0, 5.0], [3.0, 4.0], [2.0, 3.0]])  # row 0: (2*e0 + 3*e1) / 5
+    torch.testing.assert_close(out, want)
+    # alpha does not matter: the Gram of one-hot inputs is diagonal
+    again = run("regmean", [e0, e1], shares, {"alpha": 0.2}, weights=[1.0, 3.0])
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("coefs", [[1.0, 1.0, 1.0], [1.0, 2.0, 0.5]])
+def test_embedding_matches_least_squares_on_one_hot_inputs(coefs: list[float]) -> None:
+    """The embedding as a linear map E^T of one-hot rows: lstsq on each model's stacked
+    one-hot token rows gives the same table (tokens 6 and 7 are in no model's data, so the
+    lstsq is singular there and those rows are checked against the weighted average)."""
+    g = torch.Generator().manual_seed(2)
+    vocab = 8
+    ids = [torch.randint(0, 6, (n,), generator=g) for n in (30, 11, 17)]
+    tables = [torch.randn(vocab, 5, generator=g) for _ in ids]
+    xs = [torch.nn.functional.one_hot(t, vocab).double() for t in ids]
+    shares = [x.sum(0).float() / len(x) for x in xs]
+    out = run("regmean", tables, shares, {"alpha": 0.5}, coefs).double()
+    seen = torch.stack(shares).sum(0) > 0
+    assert not seen[6:].any()
+    want = lstsq_merge(xs, [t.T for t in tables], 1.0, coefs).T  # W (out x in) = E^T
+    torch.testing.assert_close(out[seen], want[seen], rtol=1e-5, atol=1e-6)
+    avg = sum(t.double() * c for t, c in zip(tables, coefs, strict=True)) / sum(coefs)
+    torch.testing.assert_close(out[~seen], avg[~seen])
+
+
+def test_embeddings_average_is_the_plain_weighted_average() -> None:
+    """``embeddings: average`` ignores the token shares: bit for bit the float32 of the
+    float64 weighted average (the merge of a tensor without statistics)."""
+    g = torch.Generator().manual_seed(3)
+    tables = [torch.randn(7, 3, generator=g) for _ in range(3)]
+    shares = [torch.rand(7, generator=g) for _ in tables]
+    out = run("regmean", tables, shares, {"embeddings": "average"}, [1.0, 2.0, 0.5])
+    assert torch.equal(out, run("regmean", tables, [None] * 3, weights=[1.0, 2.0, 0.5]))
+    want = (tables[0].double() + 2 * tables[1].double() + 0.5 * tables[2].double()) / 3.5
+    assert torch.equal(out, want.float())
+    assert not torch.equal(out, run("regmean", tables, shares, weights=[1.0, 2.0, 0.5]))
+
+
+def test_bad_token_shares_and_embeddings_value_refused() -> None:
+    e = [torch.ones(3, 2), torch.zeros(3, 2)]
+    with pytest.raises(MergeError, match="tensor 'w': token shares must be 3 long"):
+        run("regmean", e, [torch.ones(3), torch.ones(4)])
+    with pytest.raises(MergeError, match="tensor 'w': token shares must be 3 long"):
+        run("regmean", e, [torch.ones(3), torch.eye(2)])
+    models = [{"uri": "a", "data": "a.jsonl"}, {"uri": "b", "data": "b.jsonl"}]
+    bad = {"method": "regmean", "models": models, "params": {"embeddings": "lstsq"}}
+    with pytest.raises(
+        RecipeError, match=r"params\.embeddings: expected one of \['gram', 'average'\]"
+    ):
+        parse_recipe(bad)

@@ -15,7 +15,10 @@ from amalgam.errors import StatisticsError
 from amalgam.recipe import parse_recipe
 from amalgam.statistics import compute, compute_statistics
 from amalgam.statistics.artifact import read_info, write_artifact
+from amalgam.statistics.compute import settings_for
 from tests.helpers import run_cli
+
+EMBED = "model.embed_tokens.weight"
 
 
 def recipe(method: str, models: list[Path], data: list[Path], out: Path, **extra) -> dict:
@@ -130,6 +133,20 @@ def test_bad_statistics_are_refused_before_anything_is_written(home, models, dat
         StatisticsError, match=r"lacks the statistic of tensor 'model\.layers\.1\.self_attn\.v_proj"
     ):
         attempt("regmean", [uris[0], lacking.uri])
+    # An embedding's token shares one entry short (every other tensor present).
+    with open_checkpoint(uris[1]) as ckpt:
+        tensors = {n: ckpt.tensor(n)[:-1] if n == EMBED else ckpt.tensor(n) for n in ckpt.names()}
+    short = write_artifact(
+        str(tmp_path / "short.safetensors"), tensors, kind="gram", model_hash=info.model_hash,
+        data_hash=info.data_hash, samples=info.samples, tokens=info.tokens, settings=settings,
+    )  # fmt: skip
+    rows = len(tensors[EMBED]) + 1
+    with pytest.raises(
+        StatisticsError,
+        match=rf"short\.safetensors: statistic of '{EMBED}' has shape \[{rows - 1}\], the "
+        rf"tensor \[{rows}, 16\] needs \[{rows}\]",
+    ):
+        attempt("regmean", [uris[0], short.uri])
     with pytest.raises(StatisticsError, match="no such data file"):
         run_merge(
             parse_recipe(recipe("fisher", models, [data[0], tmp_path / "missing.jsonl"], out))
@@ -138,6 +155,53 @@ def test_bad_statistics_are_refused_before_anything_is_written(home, models, dat
         attempt("regmean", [uris[0], str(models[1] / "model.safetensors")])
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def strip_embedding(uri: str, out: Path) -> str:
+    """The artifact without the embedding's token shares (as Gram artifacts were before)."""
+    with open_checkpoint(uri) as ckpt:
+        tensors = {n: ckpt.tensor(n) for n in ckpt.names() if n != EMBED}
+    info = read_info(uri)
+    return write_artifact(
+        str(out), tensors, kind="gram", model_hash=info.model_hash, data_hash=info.data_hash,
+        samples=info.samples, tokens=info.tokens, settings=info.settings,
+    ).uri  # fmt: skip
+
+
+def test_regmean_embedding_rows_and_the_average_variant(home, models, data, tmp_path):
+    """``gram`` (default): the embedding's rows weighted by each model's token shares, read
+    from the cached artifacts (keyed with the Gram version: older artifacts are not reused);
+    ``average``: bit for bit the merge from artifacts that hold no token shares."""
+    result = run_merge(parse_recipe(recipe("regmean", models, data, tmp_path / "gram")))
+    infos = result.plan.statistics
+    assert all(i.settings == settings_for("gram") and "version" in i.settings for i in infos)
+    average = recipe("regmean", models, data, tmp_path / "avg", params={"embeddings": "average"})
+    run_merge(parse_recipe(average))
+    old = recipe("regmean", models, data, tmp_path / "old")
+    for i, (spec, info) in enumerate(zip(old["models"], infos, strict=True)):
+        spec["statistics"] = strip_embedding(info.uri, tmp_path / f"old{i}.safetensors")
+    run_merge(parse_recipe(old))
+    with (
+        open_checkpoint(str(tmp_path / "gram")) as g,
+        open_checkpoint(str(tmp_path / "avg")) as a,
+        open_checkpoint(str(tmp_path / "old")) as o,
+    ):
+        assert a.names() == o.names() == g.names()
+        assert all(torch.equal(a.tensor(n), o.tensor(n)) for n in a.names())
+        assert all(torch.equal(a.tensor(n), g.tensor(n)) for n in a.names() if n != EMBED)
+        got = g.tensor(EMBED).double()
+    tables, shares = [], []
+    for m, info in zip(models, infos, strict=True):
+        with open_checkpoint(str(m)) as ckpt, open_checkpoint(info.uri) as art:
+            tables.append(ckpt.tensor(EMBED).double())
+            shares.append(art.tensor(EMBED).double())
+    total = shares[0] + shares[1]
+    seen = total > 0
+    want = (shares[0][:, None] * tables[0] + shares[1][:, None] * tables[1]) / total[:, None]
+    torch.testing.assert_close(got[seen], want[seen], rtol=1e-6, atol=1e-7)
+    only0 = (shares[0] > 0) & (shares[1] == 0)
+    assert only0.any() and torch.equal(got[only0].float(), tables[0][only0].float())
+    torch.testing.assert_close(got[~seen], (tables[0][~seen] + tables[1][~seen]) / 2)
 
 
 @pytest.mark.slow

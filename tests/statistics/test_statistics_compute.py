@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amalgam.checkpoint import open_checkpoint
 from amalgam.statistics import compute_statistics
+from amalgam.statistics.compute import settings_for
 from amalgam.statistics.data import Example, encode, load_examples
 from amalgam.statistics.fisher import fisher_diagonal
-from tests.statistics.tiny_models import write_jsonl
+from amalgam.statistics.gram import gram_matrices
+from tests.statistics.tiny_models import RECORDS, tiny_llama, write_jsonl
 
 
 def load(folder: Path) -> tuple[torch.nn.Module, object]:
@@ -128,6 +131,39 @@ def test_gram_matches_hidden_states_one_example_at_a_time(models, tmp_path) -> N
     for key, name in names.items():
         x = torch.cat(xs[key]).double()
         torch.testing.assert_close(got[name].double(), x.T @ x / tokens, rtol=1e-4, atol=1e-6)
-    # Every linear layer has one; nothing else does (embeddings, norms).
+    # Every linear layer has one, and the input embedding; nothing else does (norms).
     linears = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(got) == linears
+    assert set(got) == linears | {"model.embed_tokens.weight"}
+
+
+def test_embedding_token_shares_count_the_token_ids(models, tmp_path) -> None:
+    """The input embedding's statistic: each token id's count over every example's tokens
+    (prompt then answer, counted with a Counter), divided by the token count. 18 examples
+    of unequal lengths: two batches, each padded."""
+    data = write_jsonl(tmp_path / "t.jsonl", RECORDS * 3)
+    out = compute_statistics(
+        str(models[0]), str(data), "gram", settings_for("gram"), str(tmp_path / "g.safetensors")
+    )
+    got = read_all(out.uri)["model.embed_tokens.weight"]
+    _, tokenizer = load(models[0])
+    counts: Counter[int] = Counter()
+    for e in load_examples(str(data))[0]:
+        for text in (e.prompt, e.answer):
+            counts.update(tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
+    tokens = sum(counts.values())
+    assert out.tokens == tokens and len(got) == len(tokenizer)
+    want = torch.zeros(len(tokenizer), dtype=torch.float64)
+    for token, n in counts.items():
+        want[token] = n / tokens
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0.0)
+    assert tokenizer.pad_token_id not in counts and got[tokenizer.pad_token_id] == 0
+
+
+def test_tied_input_embedding_has_no_token_shares(tmp_path) -> None:
+    """An input embedding shared with lm_head is merged as that linear layer: no vector."""
+    model, tokenizer = load(tiny_llama(tmp_path / "tied", seed=0, tie=True))
+    assert model.get_input_embeddings().weight is model.lm_head.weight
+    encoded = encode(tokenizer, [Example("ab=", "cd")], 32)
+    got, tokens = gram_matrices(model, encoded, tokenizer.pad_token_id)
+    linears = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert tokens == 5 and set(got) == linears and got["lm_head.weight"].shape == (16, 16)

@@ -20,8 +20,9 @@ RECORDS = [
 ]
 
 
-def tiny_llama(folder: Path, seed: int) -> Path:
-    """A randomly initialised 2-layer Llama with the zoo's tokenizer, saved to ``folder``."""
+def tiny_llama(folder: Path, seed: int, tie: bool = False) -> Path:
+    """A randomly initialised 2-layer Llama with the zoo's tokenizer, saved to ``folder``
+    (``tie``: its input embedding shared with ``lm_head``)."""
     tokenizer = build_tokenizer(32)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -32,7 +33,7 @@ def tiny_llama(folder: Path, seed: int) -> Path:
         num_key_value_heads=1,
         max_position_embeddings=32,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
