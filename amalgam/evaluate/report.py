@@ -194,8 +194,8 @@ def _text_nll(
 ) -> tuple[float, int]:
     from amalgam.evaluate.perplexity import sequence_nll, task_texts, token_ids
 
-    texts = task_texts(Path(spec.tasks_dir), tasks, spec.split, spec.limit)
-    return sequence_nll(model, token_ids(tokenizer, texts), batch_size=spec.batch_size)
+    pairs = task_texts(Path(spec.tasks_dir), tasks, spec.split, spec.limit)
+    return sequence_nll(model, token_ids(tokenizer, pairs), batch_size=spec.batch_size)
 
 
 def spec_tasks(spec: EvaluateSpec) -> list[str]:

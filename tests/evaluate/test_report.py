@@ -32,15 +32,19 @@ def spec(zoo: Zoo, **kw) -> EvaluateSpec:
     )
 
 
-def hf_nll(folder: Path, texts: list[str]) -> float:
-    """Summed NLL through transformers' own loss (mean over predicted tokens per text)."""
+def hf_nll(folder: Path, pairs: list[tuple[str, str]]) -> float:
+    """Summed NLL of each continuation after its prompt through transformers' own loss (the
+    mean over the labelled tokens; prompt positions labelled -100)."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     total = 0.0
     with torch.inference_mode():
-        for text in texts:
-            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+        for prompt, answer in pairs:
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([p + a])
+            labels = torch.tensor([[-100] * len(p) + a])
+            total += float(model(input_ids=ids, labels=labels).loss) * len(a)
     return total
 
 
@@ -69,9 +73,9 @@ def test_candidate_report_on_the_zoo(zoo_tiny: Zoo, tmp_path: Path) -> None:
         assert len(new) == LIMIT
         assert report.flips[t].negative == [i for i in range(LIMIT) if old[i] and not new[i]]
     # perplexity against transformers' own loss
-    texts = task_texts(zoo_tiny.tasks_dir, [t0, t1], "test", LIMIT)
-    assert report.candidate.nll == pytest.approx(hf_nll(candidate, texts), rel=1e-4)
-    assert report.base.nll == pytest.approx(hf_nll(zoo_tiny.base, texts), rel=1e-4)
+    pairs = task_texts(zoo_tiny.tasks_dir, [t0, t1], "test", LIMIT)
+    assert report.candidate.nll == pytest.approx(hf_nll(candidate, pairs), rel=1e-4)
+    assert report.base.nll == pytest.approx(hf_nll(zoo_tiny.base, pairs), rel=1e-4)
     assert report.perplexity_ratio == pytest.approx(report.perplexity / report.base_perplexity)
     assert report.champion_version == "3"
 
