@@ -68,14 +68,16 @@ def compute_statistics(
     *,
     device: str = "auto",
     threads: int | None = None,
+    loaded: tuple[list, str] | None = None,
     **storage_options: Any,
 ) -> StatisticsInfo:
     """Run the model on (up to ``settings['samples']`` of) the examples of ``data`` and write
     ``kind`` statistics to ``output``, keyed by the names of the model's own tensors.
-    ``threads``: torch compute threads (default: all cores but one, as for merges)."""
+    ``threads``: torch compute threads (default: all cores but one, as for merges);
+    ``loaded``: ``load_examples(data)``'s result when the caller has it already."""
     from amalgam.engine.execute import compute_threads
 
-    examples, data_hash = load_examples(data, **storage_options)
+    examples, data_hash = loaded or load_examples(data, **storage_options)
     with compute_threads(threads):
         tensors, used, tokens, model_hash = _run(model_uri, data, examples, kind, settings, device)
     return write_artifact(
@@ -136,7 +138,8 @@ def cached_statistics(
 ) -> tuple[StatisticsInfo, bool]:
     """The statistics of (model, data, kind, settings) from the cache, computed on a miss.
     Returns (info, whether they were computed now). ``storage_options`` serve the data."""
-    _, data_hash = load_examples(data, **storage_options)
+    loaded = load_examples(data, **storage_options)
+    data_hash = loaded[1]
     with open_checkpoint(model_uri) as ckpt:
         model_hash = ckpt.content_hash()
     path = cache_path(model_hash, data_hash, kind, settings)
@@ -150,6 +153,7 @@ def cached_statistics(
         str(path),
         device=device,
         threads=threads,
+        loaded=loaded,
         **storage_options,
     )
     return info, True

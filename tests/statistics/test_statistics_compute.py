@@ -167,3 +167,27 @@ def test_tied_input_embedding_has_no_token_shares(tmp_path) -> None:
     got, tokens = gram_matrices(model, encoded, tokenizer.pad_token_id)
     linears = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert tokens == 5 and set(got) == linears and got["lm_head.weight"].shape == (16, 16)
+
+
+def test_a_cache_miss_reads_the_data_once_and_a_hit_computes_nothing(
+    models, data, home, monkeypatch
+) -> None:
+    import amalgam.statistics.compute as compute
+
+    reads: list[str] = []
+    real = compute.load_examples
+
+    def counted(path: str, **options):
+        reads.append(path)
+        return real(path, **options)
+
+    monkeypatch.setattr(compute, "load_examples", counted)
+    settings = settings_for("gram", samples=8)
+    info, computed = compute.cached_statistics(str(models[0]), str(data[0]), "gram", settings)
+    assert computed and reads == [str(data[0])]
+    direct = compute_statistics(
+        str(models[0]), str(data[0]), "gram", settings, str(home / "direct.safetensors")
+    )
+    assert info.content_hash == direct.content_hash
+    again, computed = compute.cached_statistics(str(models[0]), str(data[0]), "gram", settings)
+    assert not computed and again.content_hash == info.content_hash
