@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,15 @@ def settings_for(kind: str, samples: int = DEFAULT_SAMPLES, fisher: str = "sampl
     if fisher not in VARIANTS:
         raise StatisticsError(f"fisher: expected one of {list(VARIANTS)}, got {fisher!r}")
     return {"samples": samples, "fisher": fisher}
+
+
+def statistic_shape(kind: str, tensor_shape: Sequence[int], ndim: int) -> tuple[int, ...]:
+    """The shape a ``kind`` statistic of ``ndim`` dimensions must have for a tensor of
+    ``tensor_shape``: Fisher the tensor's own; Gram (in x in) for a linear layer, or one token
+    share per row (a vector) for an input embedding."""
+    if kind == "fisher":
+        return tuple(tensor_shape)
+    return tuple(tensor_shape[:1]) if ndim == 1 else (tensor_shape[-1],) * 2
 
 
 def cache_path(model_hash: str, data_hash: str, kind: str, settings: dict) -> Path:
@@ -116,9 +126,8 @@ def _run(
             used = len(encoded)
         stored = {n: t for n, t in tensors.items() if n in ckpt.tensors}
         for name, t in stored.items():
-            shape = ckpt.shape(name)
-            want = shape if kind == "fisher" else (shape[:1] if t.dim() == 1 else (shape[-1],) * 2)
-            if tuple(t.shape) != tuple(want):
+            want = statistic_shape(kind, ckpt.shape(name), t.dim())
+            if tuple(t.shape) != want:
                 raise StatisticsError(
                     f"{model_uri}: statistic of '{name}' has shape {list(t.shape)}, the "
                     f"checkpoint's tensor implies {list(want)}"

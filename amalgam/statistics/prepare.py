@@ -10,7 +10,7 @@ from amalgam.errors import StatisticsError
 from amalgam.merge.base import get_method
 from amalgam.merge.params import resolve_params
 from amalgam.statistics.artifact import StatisticsInfo, read_info
-from amalgam.statistics.compute import cached_statistics
+from amalgam.statistics.compute import cached_statistics, statistic_shape
 from amalgam.statistics.data import load_examples
 
 
@@ -79,10 +79,8 @@ def _check_coverage(plan: Plan, infos: list[StatisticsInfo], kind: str) -> None:
             elif shape is None:
                 problems.append(f"{info.uri}: tensor '{name}' is not a merged tensor of the plan")
             else:
-                want = shape if kind == "fisher" else (shape[-1], shape[-1])
-                if kind == "gram" and len(have) == 1:  # an input embedding's token shares
-                    want = shape[:1]
-                if (kind == "gram" and len(shape) != 2) or have != tuple(want):
+                want = statistic_shape(kind, shape, len(have))
+                if (kind == "gram" and len(shape) != 2) or tuple(have) != want:
                     problems.append(
                         f"{info.uri}: statistic of '{name}' has shape {list(have)}, "
                         f"the tensor {list(shape)} needs {list(want)}"
