@@ -34,11 +34,13 @@ def token_ids(
     tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]
 ) -> list[tuple[list[int], int]]:
     """(prompt + continuation ids, index of the first continuation token) of each pair."""
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    return [(ids(p) + ids(c), len(ids(p))) for p, c in pairs]
+    sequences = []
+    for prompt, continuation in pairs:
+        head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        sequences.append(
+            (head + tokenizer(continuation, add_special_tokens=False)["input_ids"], len(head))
+        )
+    return sequences
 
 
 def sequence_nll(

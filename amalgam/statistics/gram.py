@@ -24,7 +24,7 @@ def input_embedding(
     if not isinstance(emb, torch.nn.Embedding):
         return None
     ptr = emb.weight.data_ptr()
-    if any(m.weight is emb.weight or m.weight.data_ptr() == ptr for m in linears.values()):
+    if any(m.weight.data_ptr() == ptr for m in linears.values()):
         return None
     name = next(n for n, m in model.named_modules() if m is emb)
     return f"{name}.weight", emb
