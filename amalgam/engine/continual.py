@@ -107,9 +107,9 @@ def absorbed_hashes(uri: str, **storage_options: Any) -> list[str]:
     return [m.content_hash for m in read_state(uri, **storage_options).models]
 
 
-def shared_params(recipe: Recipe, method: Method) -> dict[str, ParamValue]:
-    """The recipe's parameter values with the method's defaults filled in."""
-    return {p.name: recipe.params.get(p.name, p.default) for p in method.params}
+def shared_params(values: dict[str, Any], method: Method) -> dict[str, ParamValue]:
+    """Parameter values with the method's defaults filled in."""
+    return {p.name: values.get(p.name, p.default) for p in method.params}
 
 
 def check_continuation(
@@ -125,11 +125,12 @@ def check_continuation(
             f"{state.base.uri} ({state.base.content_hash})"
         )
     elif state.method == recipe.method:
-        for key in sorted(set(params) | set(state.params)):
-            if params.get(key) != state.params.get(key):
+        # A parameter the method gained after the state was written ran at its default there.
+        recorded = {**state.params, **shared_params(state.params, recipe.method_spec)}
+        for key in sorted(set(params) | set(recorded)):
+            if params.get(key) != recorded.get(key):
                 problems.append(
-                    f"params.{key}: {params.get(key)!r} here but "
-                    f"{state.params.get(key)!r} in the state"
+                    f"params.{key}: {params.get(key)!r} here but {recorded.get(key)!r} in the state"
                 )
     if problems:
         raise RecipeError(
@@ -146,12 +147,14 @@ def run_continual(
     method = recipe.method_spec
     output = output_of(recipe, options)
     so = recipe.storage_options
-    params = shared_params(recipe, method)
+    params = shared_params(recipe.params, method)
     merged = options.continue_from
     state, base_hash = _check_all(recipe, options, output, params)
     if state is None:
         base = Absorbed(label="base", uri=recipe.base, content_hash=base_hash)
         state = ContinualState(method=recipe.method, params=params, base=base)
+    else:  # the same values, with the defaults of parameters newer than the state written out
+        state = state.model_copy(update={"params": params})
     fs, path = storage.resolve(output, **so)
     p = PurePosixPath(path)
     scratch = str(p.parent / f".{p.name}.steps-{uuid.uuid4().hex[:12]}")

@@ -12,7 +12,8 @@ merged model M = W0 + D, with the divisor lambda_{t-1} in the continual state):
    tau' with m x k and n x k factors instead of m x m and n x n. (The paper's text projects
    onto the complement of the top-rho block alone; the code, followed here, also removes
    every diagonal coefficient.) Other tensors (norms, biases, embeddings) take tau unprojected.
-   A layer whose D is zero is not projected.
+   A layer whose D is zero is not projected. ``projection: false`` skips this step (the
+   rescaling alone, the paper's ablation: what the projection adds on a given family).
 2. S_t = lambda_{t-1} D + tau' (the un-normalised running sum), and
    lambda_t = ||S_t|| / mean_j ||tau_j||, both norms over the whole model: the engine measures
    ||S_t|| and ||tau_t|| in a first streaming pass (``unscaled`` below), then writes
@@ -69,7 +70,7 @@ def opcm_unscaled(
     if len(inputs) == 1:
         return tau
     merged = torch.sub(inputs[0].float(), b)
-    if projects(ctx.name, tau):
+    if p.shared["projection"] and projects(ctx.name, tau):
         tau = project_out(tau, merged, p.shared["alpha"])
     return merged.mul_(step_of(ctx).prev_scale).add_(tau)
 
@@ -92,6 +93,14 @@ continual(
             "clear of new task vectors",
             low=0.0,
             high=1.0,
+        ),
+        Param(
+            "projection",
+            True,
+            "project new task vectors at all (false: the adaptive rescaling alone, to measure "
+            "what the projection adds)",
+            kind=bool,
+            gradient=False,
         ),
     ),
     "project each new task vector off the merge's dominant singular directions, rescale to "

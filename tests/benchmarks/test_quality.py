@@ -7,8 +7,11 @@ from pathlib import Path
 from statistics import mean
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from amalgam.evaluate.quick import quick_evaluate
 from amalgam.merge.base import REGISTRY, get_method
+from amalgam.zoo import Zoo, default_zoo_dir
 from tests.helpers import load_benchmark
 
 
@@ -32,7 +35,7 @@ def test_quick_run_reports_every_method(tmp_path: Path) -> None:
     for label, drive in quality.VARIANTS.items():  # each ran its method with its setting
         row = full["methods"][label]
         assert row["method"] == drive.method and row["overrides"] == list(drive.overrides)
-        assert row["default"]["params"] == drive.defaults
+        assert row.get("default", row)["params"] == drive.defaults
     for name, row in full["methods"].items():
         assert "failed" not in row, f"{name}: {row.get('failed')}"
         assert f"| {name} |" in markdown or f"| {name} " in markdown
@@ -63,6 +66,20 @@ def test_quick_run_reports_every_method(tmp_path: Path) -> None:
     base, own = reference["base"], full["own"]
     assert mean(own.values()) > mean(base[t] for t in tasks) + 0.05
     assert any(own[t] > base[t] for t in tasks)
+    # each expert alone at lambda: base + lambda * task vector, formed here and scored directly
+    alone = full["scaled_alone"]
+    task = tasks[0]
+    assert set(alone["test"]) == set(tasks) and alone["lambda"] == 0.3
+    zoo = Zoo.load(default_zoo_dir() / result["zoo"])
+    model = AutoModelForCausalLM.from_pretrained(zoo.experts[task])
+    base_state = AutoModelForCausalLM.from_pretrained(zoo.base).state_dict()
+    lam, expert = alone["lambda"], model.state_dict()
+    model.load_state_dict({k: b + lam * (expert[k] - b) for k, b in base_state.items()})
+    scored = quick_evaluate(
+        model, AutoTokenizer.from_pretrained(zoo.base), zoo.tasks_dir, [task], limit=result["limit"]
+    )
+    assert alone["test"][task] == pytest.approx(scored[task])
+    assert f"each expert alone, task vector x {alone['lambda']}" in markdown
     # merging the LoRA experts after merge_and_unload reports the same methods
     lora = result["experts"]["lora"]
     one_shot = {n for n, r in full["methods"].items() if r["kind"] != "continual"}

@@ -39,8 +39,11 @@ def whole_norm(model: Model) -> float:
     return float(torch.cat([t.reshape(-1) for t in model.values()]).norm())
 
 
-def opcm(base: Model, models: list[Model], alpha: float) -> tuple[Model, list[float], float]:
-    """Merged model, task-vector norms and final lambda after absorbing ``models`` in order."""
+def opcm(
+    base: Model, models: list[Model], alpha: float, projection: bool = True
+) -> tuple[Model, list[float], float]:
+    """Merged model, task-vector norms and final lambda after absorbing ``models`` in order
+    (without ``projection``: task vectors summed as they are, then rescaled)."""
     taus = [{k: m[k] - base[k] for k in base} for m in models]
     norms = [whole_norm(taus[0])]
     merged = {k: v.clone() for k, v in taus[0].items()}  # the merged task vector
@@ -49,7 +52,8 @@ def opcm(base: Model, models: list[Model], alpha: float) -> tuple[Model, list[fl
         norms.append(whole_norm(tau))
         running = {}
         for k in base:
-            add = rotated_projection(tau[k], merged[k], alpha) if is_linear(k) else tau[k]
+            project = projection and is_linear(k)
+            add = rotated_projection(tau[k], merged[k], alpha) if project else tau[k]
             running[k] = lam * merged[k] + add
         lam = whole_norm(running) / (sum(norms) / len(norms))
         merged = {k: v / lam for k, v in running.items()}

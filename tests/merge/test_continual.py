@@ -160,6 +160,20 @@ def test_continuing_with_other_params_names_the_field(tmp_path, merged_once) -> 
         continue_with(tmp_path, first, base, experts[1:], params={"alpha": 0.3})
 
 
+def test_state_without_a_newer_parameter_continues_at_its_default(tmp_path, merged_once) -> None:
+    """A state written before OPCM had `projection` ran with it on."""
+    base, experts, first = merged_once
+    state = json.loads((first / STATE_NAME).read_text())
+    del state["params"]["projection"]
+    (first / STATE_NAME).write_text(json.dumps(state))
+    with pytest.raises(RecipeError, match=r"params\.projection: False here but True in the state"):
+        continue_with(tmp_path, first, base, experts[1:], params={"projection": False})
+    out = tmp_path / "continued"
+    recipe = parse_recipe(recipe_dict(base, experts[1:2], "opcm", out))
+    run_merge(recipe, MergeOptions(continue_from=str(first)))
+    assert read_state(str(out)).params == {"alpha": 0.5, "projection": True}
+
+
 def test_continuing_from_another_base_names_the_field(tmp_path, merged_once) -> None:
     _, experts, first = merged_once
     other = write_model(tmp_path / "other_base", llama_tensors(5))

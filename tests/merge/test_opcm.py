@@ -110,19 +110,22 @@ def floats(t: dict) -> dict:
     return {k: v.double() for k, v in t.items() if v.is_floating_point()}
 
 
-@pytest.mark.parametrize("alpha", [0.5, 0.2])
-def test_opcm_merge_matches_naive_whole_model(tmp_path: Path, alpha: float) -> None:
+@pytest.mark.parametrize(("alpha", "projection"), [(0.5, True), (0.2, True), (0.5, False)])
+def test_opcm_merge_matches_naive_whole_model(
+    tmp_path: Path, alpha: float, projection: bool
+) -> None:
     base_dir, experts, base, tensors = float32_family(tmp_path / "in", 4)
     out = tmp_path / "out"
-    data = recipe_dict(base_dir, experts, "opcm", out, params={"alpha": alpha})
-    run_merge(parse_recipe(data), MergeOptions(device="cpu"))
-    want, norms, lam = naive.opcm(floats(base), [floats(t) for t in tensors], alpha)
+    params = {"alpha": alpha, "projection": projection}
+    recipe = parse_recipe(recipe_dict(base_dir, experts, "opcm", out, params=params))
+    run_merge(recipe, MergeOptions(device="cpu"))
+    want, norms, lam = naive.opcm(floats(base), [floats(t) for t in tensors], alpha, projection)
     got = load_file(str(out / "model.safetensors"))
     for k, v in want.items():
         assert torch.allclose(got[k].double(), v, atol=2e-6), k
     assert torch.equal(got["model.rotary.inv_freq_ids"], base["model.rotary.inv_freq_ids"])
     state = read_state(str(out))
-    assert state.step == 4 and state.params == {"alpha": alpha}
+    assert state.step == 4 and state.params == params
     assert state.norms == pytest.approx(norms, rel=1e-6)
     assert state.scale == pytest.approx(lam, rel=1e-5)
     assert 1.0 < state.scale < 4.0
