@@ -8,8 +8,10 @@ Reported numbers are test-split accuracy from `amalgam.evaluate.quick_evaluate`.
 methods absorb the experts one per engine run in three task orders (average accuracy after
 the last step and backward transfer). Variant rows (`VARIANTS`) run a method again with one
 setting fixed: TSV-M with embeddings and head averaged or with the low-rank SVD, PCB over the
-whole model, the empirical Fisher, RegMean with embeddings averaged; they run in --quick too
-(about a quarter of its half minute). Writes `results/quality.{md,json,png}`; see README.md.
+whole model, the empirical Fisher, RegMean with embeddings averaged, OPCM without its
+projection (the rescaling alone); they run in --quick too. A reference row scores each expert's
+task vector alone at task arithmetic's default lambda, which splits task arithmetic's loss into
+scaling and interference. Writes `results/quality.{md,json,png}`; see README.md.
 
     python benchmarks/quality.py            # full zoo, every method (under 30 minutes, 2 cores)
     python benchmarks/quality.py --quick    # tiny zoo, 4 tasks, fewer search points
@@ -116,6 +118,7 @@ VARIANTS: dict[str, Drive] = {
     "pcb (scope model)": variant("pcb", scope="model"),
     "fisher (empirical)": variant("fisher", fisher="empirical"),
     "regmean (embeddings averaged)": variant("regmean", embeddings="average"),
+    "opcm (no projection)": variant("opcm", projection=False),
 }
 
 
@@ -231,6 +234,16 @@ class Bench:
         step = (len(drive.grid) - 1) / (QUICK_POINTS - 1)
         return tuple(drive.grid[round(i * step)] for i in range(QUICK_POINTS))
 
+    def scaled_alone(self, models: dict[str, Path], scale: float) -> dict[str, float]:
+        """Each expert's task vector times `scale`, alone, on its own task: what task
+        arithmetic at that lambda would score if the tasks did not interfere at all."""
+        out = self.work / "merge"
+        scores = {}
+        for task, folder in models.items():
+            self.merge("task_arithmetic", {task: folder}, {"lambda": scale}, out)
+            scores[task] = self.scorer.score(out, "test", [task])[task]
+        return scores
+
     def one_shot(
         self, name: str, drive: Drive, models: dict[str, Path], own: dict[str, float]
     ) -> dict[str, Any]:
@@ -281,6 +294,7 @@ class Bench:
         """Absorb the experts one engine run at a time in each order; after each step score
         the task just absorbed, after the last every task."""
         start = time.perf_counter()
+        method = drive.method or name
         runs = {}
         for label, order in self.orders().items():
             just_absorbed: dict[str, float] = {}
@@ -289,7 +303,7 @@ class Bench:
             for step, task in enumerate(order):
                 out = self.work / f"step-{step % 2}"
                 opts = {"continue_from": str(previous)} if previous else {}
-                merge_s += self.merge(name, {task: models[task]}, drive.defaults, out, **opts)
+                merge_s += self.merge(method, {task: models[task]}, drive.defaults, out, **opts)
                 just_absorbed[task] = self.scorer.score(out, "test", [task])[task]
                 previous = out
             final = self.scorer.score(self.work / f"step-{(len(order) - 1) % 2}", "test")
@@ -305,6 +319,8 @@ class Bench:
             }
         return {
             "kind": "continual",
+            "method": method,
+            "overrides": list(drive.overrides),
             "params": drive.defaults,
             "orders": runs,
             "average": mean(r["average"] for r in runs.values()),
@@ -376,7 +392,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         for task in tasks:
             reference[f"expert:{task}"] = scorer.score(models[task], "test")
         own = {t: reference[f"expert:{t}"][t] for t in tasks}
-        section: dict[str, Any] = {"reference": reference, "own": own, "methods": {}}
+        scale = DRIVES["task_arithmetic"].defaults["lambda"]
+        section: dict[str, Any] = {
+            "reference": reference,
+            "own": own,
+            "scaled_alone": {"lambda": scale, "test": bench.scaled_alone(models, scale)},
+            "methods": {},
+        }
         for name, drive in drives.items():
             if drive.skip:
                 section["methods"][name] = {"kind": drive.kind, "skipped": drive.skip}
@@ -422,6 +444,15 @@ def one_shot_rows(section: dict[str, Any], tasks: list[str]) -> list[list[str]]:
     ]
     rows[0][-2] = pct(normalized(base, own))
     rows[1] += ["100.0", ""]
+    alone = section["scaled_alone"]["test"]
+    rows.append(
+        [
+            f"each expert alone, task vector x {section['scaled_alone']['lambda']}",
+            "no interference",
+            *map(pct, (*(alone[t] for t in tasks), mean(alone.values()), normalized(alone, own))),
+            "",
+        ]
+    )
     for name, row in section["methods"].items():
         if row.get("kind") == "continual":
             continue
@@ -466,7 +497,10 @@ def render(result: dict[str, Any]) -> str:
         "Accuracy in %. *norm.*: mean over tasks of merged accuracy / the task's expert "
         "accuracy. *val-tuned*: the method's scalar chosen on the validation split from a "
         "small grid (see `validation_curve` in quality.json). *merge s*: the default run "
-        "in the engine; *total s*: default run, search and scoring.\n",
+        "in the engine; *total s*: default run, search and scoring. *each expert alone*: "
+        "base + lambda x one task vector on its own task, with task arithmetic's default "
+        "lambda; the gap between it and task arithmetic is what interference between tasks "
+        "costs, the gap between it and the experts what the scaling costs.\n",
     ]
     for kind, title in (("full", "Full fine-tunes"), ("lora", "LoRA experts (merge_and_unload)")):
         if kind not in result["experts"]:
