@@ -75,7 +75,8 @@ def run_stages(recipe: Recipe, options: MergeOptions, *, stage: bool = False) ->
     report = None
     if recipe.evaluate is not None:
         champion, version = current_champion(recipe)
-        report = evaluate(recipe, candidate, champion, version)
+        packed = compressed["output"] if compressed else None
+        report = evaluate(recipe, candidate, champion, version, compressed=packed)
     registered = None
     if recipe.register is not None:
         registered = register(recipe, merged, inputs, report, compressed).as_dict()

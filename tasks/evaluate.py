@@ -21,6 +21,9 @@ from tasks.retry import RETRIES
 if TYPE_CHECKING:
     from amalgam.evaluate.report import EvalReport, ModelResult
 
+#: Written last into a decompressed copy: the folder is complete.
+DECOMPRESSED_FROM = "decompressed_from.txt"
+
 
 def tasks_of(spec: EvaluateSpec) -> list[str]:
     from amalgam.evaluate.report import spec_tasks
@@ -126,8 +129,10 @@ def compare(
     champion: str | None,
     champion_version: str | None,
     precomputed: dict[str, ModelResult],
+    compressed: ModelResult | None = None,
 ) -> tuple[EvalReport, Path]:
-    """The candidate's report from scores (missing ones are measured), written to its folder."""
+    """The candidate's report from scores (missing ones are measured), with the compressed
+    copy's results when given, written to its folder."""
     from amalgam.evaluate.report import evaluate_candidate, write_report
 
     spec = spec_of(recipe)
@@ -141,6 +146,8 @@ def compare(
         precomputed=precomputed,
         **recipe.storage_options,
     )
+    if compressed is not None:
+        report = report.model_copy(update={"compressed": compressed})
     out = report_dir(model_hash(candidate, recipe.storage_options))
     write_report(report, out)
     return report, out
@@ -152,15 +159,37 @@ def evaluate(
     candidate: str,
     champion: str | None = None,
     champion_version: str | None = None,
+    compressed: str | None = None,
 ) -> EvalReport:
     """Evaluate ``candidate`` as the recipe's ``evaluate`` section says, against its base, the
-    experts it names and ``champion`` (default: the section's ``champion``); publishes the
-    report as Prefect artifacts."""
-    champion = champion or spec_of(recipe).champion
-    scores = score_all(recipe, wanted(recipe, spec_of(recipe), champion, candidate))
-    report, out = compare(recipe, candidate, champion, champion_version, scores)
+    experts it names and ``champion`` (default: the section's ``champion``), and the
+    ``compressed`` copy of it when given; publishes the report as Prefect artifacts."""
+    spec = spec_of(recipe)
+    champion = champion or spec.champion
+    scores = score_all(recipe, wanted(recipe, spec, champion, candidate))
+    packed = None
+    if compressed is not None:
+        dense, tasks = decompressed(recipe, compressed), tasks_of(spec)
+        data = data_hash(spec, tasks)
+        packed = score(dense, model_hash(dense, {}), spec, tasks, False, data, {})
+    report, out = compare(recipe, candidate, champion, champion_version, scores, packed)
     publish(report, out)
     return report
+
+
+def decompressed(recipe: Recipe, compressed: str) -> str:
+    """A local dense copy of the ComPEFT folder ``compressed``, kept under
+    ``$AMALGAM_HOME/decompressed`` by the hash of its manifest (rebuilt only when it changes)."""
+    from amalgam.compress.stage import decompress_model, read_manifest
+
+    so = recipe.storage_options
+    manifest = json.dumps(read_manifest(compressed, **so), sort_keys=True).encode()
+    out = amalgam_home() / "decompressed" / hashlib.sha256(manifest).hexdigest()[:16]
+    done = out / DECOMPRESSED_FROM
+    if not done.is_file():
+        decompress_model(compressed, recipe.base, str(out), overwrite=True, **so)
+        done.write_text(compressed + "\n")
+    return str(out)
 
 
 def report_dir(content_hash: str) -> Path:
@@ -171,6 +200,7 @@ def report_dir(content_hash: str) -> Path:
 def publish(report: EvalReport, out: Path) -> None:
     """The report as Prefect artifacts: a per-task table and a markdown summary."""
     nfr = report.negative_flip_rates() or {}
+    packed = report.metrics().get("compressed.mean_accuracy")
     create_table_artifact(
         key="evaluation",
         table=[
@@ -191,6 +221,7 @@ def publish(report: EvalReport, out: Path) -> None:
         f"- mean normalized accuracy: {_round(report.mean_normalized_accuracy)}",
         f"- negative flip rate vs champion: {_round(report.negative_flip_rate)}",
         f"- perplexity ratio vs base: {_round(report.perplexity_ratio)}",
+        f"- compressed copy, mean accuracy: {_round(packed)}",
         f"- report and plots: `{out}`",
     ]
     create_markdown_artifact(key="evaluation-summary", markdown="\n".join(lines))

@@ -86,6 +86,7 @@ class EvalReport(BaseModel):
     perplexity: float | None = None
     base_perplexity: float | None = None
     perplexity_ratio: float | None = None
+    compressed: ModelResult | None = None  # the compress stage's copy, decompressed
 
     def negative_flip_rates(self) -> dict[str, float] | None:
         if self.flips is None:
@@ -107,6 +108,10 @@ class EvalReport(BaseModel):
             if self.flips is not None:
                 out[f"negative_flip_rate.{task}"] = self.flips[task].negative_flip_rate
                 out[f"positive_flip_rate.{task}"] = self.flips[task].positive_flip_rate
+        if self.compressed is not None:
+            scores = [self.compressed.tasks[t].accuracy for t in self.tasks]
+            out["compressed.mean_accuracy"] = sum(scores) / len(scores)
+            out |= {f"compressed.accuracy.{t}": a for t, a in zip(self.tasks, scores, strict=True)}
         return {k: float(v) for k, v in out.items() if v is not None}
 
     @classmethod

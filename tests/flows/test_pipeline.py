@@ -6,12 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipes import evaluate_section, register_section
+from recipes import TASKS, evaluate_section, register_section
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from amalgam.compress.stage import decompress_model
+from amalgam.evaluate.quick import quick_evaluate
+from amalgam.evaluate.report import REPORT_FILE, EvalReport
 from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
 from flows.pipeline import merge_pipeline
+from tasks.evaluate import DECOMPRESSED_FROM, report_dir
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -70,6 +75,47 @@ def test_pipeline_registers_with_lineage_and_reruns_idempotently(
     assert (tmp_path / "merged" / "model.safetensors").stat().st_mtime_ns == stamp
     assert second.registered["version"] == version and not second.registered["created"]
     assert len(registry.client.search_model_versions("name = 'pipe'")) == 1
+
+
+@pytest.mark.slow
+def test_a_compressed_merge_is_scored_as_decompressed(
+    zoo_tiny, tmp_path: Path, mlflow_server: str
+) -> None:
+    recipe = parse_recipe(
+        ta_recipe(
+            zoo_tiny,
+            tmp_path / "merged",
+            TASKS,
+            0.5,
+            compress={"density": 0.3, "output": str(tmp_path / "packed")},
+            evaluate=evaluate_section(zoo_tiny),
+            register=register_section(mlflow_server, "packed"),
+        )
+    )
+    result = merge_pipeline(recipe)
+    assert result.compressed["output"] == str(tmp_path / "packed")
+    # scored independently: decompress here, then the quick scorer on the same examples
+    dense = decompress_model(str(tmp_path / "packed"), str(zoo_tiny.base), str(tmp_path / "d"))
+    model = AutoModelForCausalLM.from_pretrained(dense)
+    scores = quick_evaluate(
+        model, AutoTokenizer.from_pretrained(dense), zoo_tiny.tasks_dir, TASKS, limit=24
+    )
+    for task in TASKS:
+        assert result.report[f"compressed.accuracy.{task}"] == pytest.approx(scores[task])
+    expected = sum(scores.values()) / len(TASKS)
+    assert result.report["compressed.mean_accuracy"] == pytest.approx(expected)
+    # the report scored the stage's own decompressed copy, which is not the merge itself
+    report = EvalReport.read(report_dir(result.content_hash) / REPORT_FILE)
+    copy = Path(report.compressed.uri)
+    assert (copy / DECOMPRESSED_FROM).read_text().strip() == str(tmp_path / "packed")
+    ours, theirs = (load_file(Path(f, "model.safetensors")) for f in (dense, copy))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not all(torch.equal(ours[k], merged[k]) for k in ours)
+    # the uncompressed merge is still the candidate, and MLflow has both
+    assert report.candidate.uri == str(tmp_path / "merged")
+    lineage = Registry(mlflow_server).lineage("packed", result.registered["version"])
+    assert lineage.metrics["compressed.mean_accuracy"] == pytest.approx(expected)
 
 
 @pytest.mark.slow
