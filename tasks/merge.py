@@ -58,11 +58,10 @@ def _continual_matches(
     except CheckpointError:
         return False
     hashes = {m.label: m.content_hash for m in inputs}
-    spec = recipe.method_spec
     expected = [m.content_hash for m in before] + [hashes[m.label] for m in recipe.models]
     return (
         state.method == recipe.method
-        and shared_params(state.params, spec) == shared_params(recipe.params, spec)
+        and state.params == shared_params(recipe.params, recipe.method_spec)
         and state.base.content_hash == hashes.get("base")
         and [m.content_hash for m in state.models] == expected
     )

@@ -43,7 +43,7 @@ from amalgam.engine.execute import (
 )
 from amalgam.engine.plan import Plan, build_plan
 from amalgam.errors import CheckpointError, RecipeError
-from amalgam.merge.base import STEP_KEY, MergeFn, Method, Step
+from amalgam.merge.base import STEP_KEY, MergeFn, Method, Step, get_method
 from amalgam.recipe import ModelSpec, ParamValue, Recipe
 from amalgam.writer import remove_folder
 
@@ -99,7 +99,14 @@ def read_state(uri: str, **storage_options: Any) -> ContinualState:
         raise CheckpointError(f"{where}: format {state.format} is not {STATE_FORMAT}")
     if state.step != len(state.models):
         raise CheckpointError(f"{where}: step {state.step} but {len(state.models)} models")
-    return state
+    try:
+        method = get_method(state.method)
+    except RecipeError:  # an unknown method: continuing names the mismatch, reading works
+        return state
+    # A parameter the method gained after the state was written ran at its default there.
+    return state.model_copy(
+        update={"params": {**state.params, **shared_params(state.params, method)}}
+    )
 
 
 def absorbed_hashes(uri: str, **storage_options: Any) -> list[str]:
@@ -125,12 +132,11 @@ def check_continuation(
             f"{state.base.uri} ({state.base.content_hash})"
         )
     elif state.method == recipe.method:
-        # A parameter the method gained after the state was written ran at its default there.
-        recorded = {**state.params, **shared_params(state.params, recipe.method_spec)}
-        for key in sorted(set(params) | set(recorded)):
-            if params.get(key) != recorded.get(key):
+        for key in sorted(set(params) | set(state.params)):
+            if params.get(key) != state.params.get(key):
                 problems.append(
-                    f"params.{key}: {params.get(key)!r} here but {recorded.get(key)!r} in the state"
+                    f"params.{key}: {params.get(key)!r} here but "
+                    f"{state.params.get(key)!r} in the state"
                 )
     if problems:
         raise RecipeError(
@@ -153,8 +159,6 @@ def run_continual(
     if state is None:
         base = Absorbed(label="base", uri=recipe.base, content_hash=base_hash)
         state = ContinualState(method=recipe.method, params=params, base=base)
-    else:  # the same values, with the defaults of parameters newer than the state written out
-        state = state.model_copy(update={"params": params})
     fs, path = storage.resolve(output, **so)
     p = PurePosixPath(path)
     scratch = str(p.parent / f".{p.name}.steps-{uuid.uuid4().hex[:12]}")

@@ -166,6 +166,7 @@ def test_state_without_a_newer_parameter_continues_at_its_default(tmp_path, merg
     state = json.loads((first / STATE_NAME).read_text())
     del state["params"]["projection"]
     (first / STATE_NAME).write_text(json.dumps(state))
+    assert read_state(str(first)).params == {"alpha": 0.5, "projection": True}
     with pytest.raises(RecipeError, match=r"params\.projection: False here but True in the state"):
         continue_with(tmp_path, first, base, experts[1:], params={"projection": False})
     out = tmp_path / "continued"
