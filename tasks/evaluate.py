@@ -166,12 +166,12 @@ def evaluate(
     ``compressed`` copy of it when given; publishes the report as Prefect artifacts."""
     spec = spec_of(recipe)
     champion = champion or spec.champion
-    scores = score_all(recipe, wanted(recipe, spec, champion, candidate))
-    packed = None
-    if compressed is not None:
-        dense, tasks = decompressed(recipe, compressed), tasks_of(spec)
-        data = data_hash(spec, tasks)
-        packed = score(dense, model_hash(dense, {}), spec, tasks, False, data, {})
+    models = wanted(recipe, spec, champion, candidate)
+    dense = decompressed(recipe, compressed) if compressed is not None else None
+    if dense is not None:
+        models[dense] = (tasks_of(spec), False)
+    scores = score_all(recipe, models)
+    packed = scores[dense] if dense is not None else None
     report, out = compare(recipe, candidate, champion, champion_version, scores, packed)
     publish(report, out)
     return report
