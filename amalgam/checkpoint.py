@@ -89,10 +89,26 @@ class TensorInfo:
         return self.torch_dtype.is_floating_point
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object hook: a key given twice is an error (json.loads would keep the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def parse_header(raw_len: bytes, read_json: Any, file: str, file_size: int) -> tuple[dict, int]:
     """Validate a safetensors header; return (entries, absolute data start).
 
-    ``read_json(n)`` returns the n header bytes following the 8-byte length.
+    ``read_json(n)`` returns the n header bytes following the 8-byte length. The rules are the
+    ``safetensors`` library's: a bounded length, a UTF-8 JSON object (trailing spaces allowed),
+    no key given twice, ``__metadata__`` a string-to-string map.
     """
     if len(raw_len) < 8:
         raise CheckpointError(f"{file}: truncated safetensors file (shorter than 8 bytes)")
@@ -101,35 +117,75 @@ def parse_header(raw_len: bytes, read_json: Any, file: str, file_size: int) -> t
         raise CheckpointError(
             f"{file}: corrupt safetensors header (declared length {n}, file size {file_size})"
         )
+    raw = read_json(n)
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
     try:
-        header = json.loads(read_json(n))
+        header = json.loads(raw, object_pairs_hook=_unique)
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{file}: corrupt safetensors header (key {exc} twice)") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: corrupt safetensors header (nested too deeply)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{file}: corrupt safetensors header ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(
+            f"{file}: corrupt safetensors header (__metadata__ must map strings to strings)"
+        )
     return header, 8 + n
 
 
+def _naturals(value: Any) -> bool:
+    """A JSON list of non-negative integers (booleans are not integers here)."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
 def _tensor_infos(header: dict, file: str, data_start: int, file_size: int) -> list[TensorInfo]:
+    """Every tensor entry checked, and the entries together: sorted by offset they must tile
+    the data from its start to the end of the file, without gap, overlap or trailing bytes."""
     infos = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (a, b) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{file}: tensor '{name}' has a malformed entry") from exc
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise CheckpointError(f"{file}: tensor '{name}' has a malformed entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not _naturals(shape) or not _naturals(offsets) or len(offsets) != 2:
+            raise CheckpointError(
+                f"{file}: tensor '{name}' has a malformed entry (shape and data_offsets must "
+                f"be lists of non-negative integers, got {shape!r} and {offsets!r})"
+            )
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {dtype!r}")
+        a, b = offsets
         info = TensorInfo(
-            name, dtype, shape, PurePosixPath(file).name, data_start + a, data_start + b
+            name, dtype, tuple(shape), PurePosixPath(file).name, data_start + a, data_start + b
         )
-        if b < a or info.nbytes != tensor_nbytes(dtype, shape) or info.end > file_size:
+        if b < a or info.nbytes != tensor_nbytes(dtype, info.shape) or info.end > file_size:
             raise CheckpointError(
                 f"{file}: tensor '{name}' has byte range [{a}, {b}) that does not fit its "
                 f"shape {list(shape)} {dtype} or the file ({file_size} bytes): truncated or corrupt"
             )
         infos.append(info)
+    end = data_start
+    for info in sorted(infos, key=lambda i: (i.start, i.end)):
+        if info.start != end:
+            what = "overlaps the tensor before it" if info.start < end else "leaves a gap before it"
+            raise CheckpointError(
+                f"{file}: tensor '{info.name}' starts at data offset {info.start - data_start}, "
+                f"which {what} (ends at {end - data_start}): corrupt"
+            )
+        end = info.end
+    if end != file_size:
+        raise CheckpointError(
+            f"{file}: {file_size} bytes on storage but the header describes {end}; "
+            "the file has trailing bytes after its last tensor"
+        )
     return infos
 
 

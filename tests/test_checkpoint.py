@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import torch as safetensors_torch
 
 from amalgam.checkpoint import open_checkpoint
 from amalgam.errors import CheckpointError
@@ -320,3 +322,67 @@ class Touch:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+# -- the safetensors library's header rules, each broken by one crafted file ------------------
+
+
+def f32_entry(a: int, b: int) -> dict:
+    return {"dtype": "F32", "shape": [(b - a) // 4], "data_offsets": [a, b]}
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        (b'{"w": ' + json.dumps(f32_entry(0, 4)).encode() + b', "w": '
+         + json.dumps(f32_entry(4, 8)).encode() + b"}", 8, "key w twice"),
+        ({"a": f32_entry(0, 8), "b": f32_entry(0, 8)}, 8, "offset 0, which overlaps"),
+        ({"a": f32_entry(0, 4), "b": f32_entry(8, 12)}, 12, "offset 8, which leaves a gap"),
+        ({"a": f32_entry(4, 8)}, 8, "offset 4, which leaves a gap"),
+        ({"a": f32_entry(0, 4)}, 12, "the file has trailing bytes"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-8, -4]}}, 4, "non-negative"),
+        ({"a": {"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}}, 4, "non-negative"),
+        ({"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, 4, "non-negative"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4]}}, 4, "non-negative"),
+        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4, "non-negative"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}, 4, "non-negative"),
+        ({"a": {"dtype": 7, "shape": [1], "data_offsets": [0, 4]}}, 4, "unsupported dtype"),
+        ({"a": [0, 4]}, 4, "'a' has a malformed entry"),
+        ({"__metadata__": ["x"], "a": f32_entry(0, 4)}, 4, "__metadata__ must map strings"),
+        ({"__metadata__": {"k": 1}, "a": f32_entry(0, 4)}, 4, "__metadata__ must map strings"),
+        (b'  {"a": 1}', 4, "not a JSON object"),
+        (b"{" * 100_000 + b"}" * 100_000, 4, "corrupt safetensors header"),
+    ],
+    ids=[
+        "duplicate-name", "overlap", "gap", "gap-at-start", "trailing-bytes", "negative-offsets",
+        "string-shape", "float-shape", "float-offset", "bool-shape", "three-offsets",
+        "dtype-not-string", "entry-not-object", "metadata-not-object", "metadata-not-strings",
+        "leading-space", "deeply-nested",
+    ],
+)  # fmt: skip
+def test_header_rules_of_the_safetensors_library(tmp_path, header, data, message):
+    """Each file here is refused by ``safetensors`` itself; opening it must fail naming the
+    file, and never read header bytes or another tensor's bytes as weights."""
+    path = write_raw_safetensors(tmp_path / "bad.safetensors", header, b"\0" * data)
+    with pytest.raises(CheckpointError, match=re.escape(message)) as err:
+        open_checkpoint(str(path))
+    assert str(path) in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(Exception):  # noqa: B017  (the library raises its own error types)
+        safetensors_torch.load_file(str(path))
+
+
+def test_header_padding_and_empty_tensors_are_valid(tmp_path):
+    """What the library accepts stays accepted: trailing spaces after the JSON object (the
+    8-byte alignment padding) and zero-size tensors sharing an offset."""
+    header = {
+        "__metadata__": {"format": "pt"},
+        "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
+        "z": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+        "a": f32_entry(0, 8),
+    }
+    raw = json.dumps(header).encode() + b"   "
+    path = write_raw_safetensors(tmp_path / "ok.safetensors", raw, b"\0" * 8)
+    with open_checkpoint(str(path)) as ckpt:
+        assert ckpt.shape("a") == (2,) and ckpt.shape("e") == (0, 3)
+    safetensors_torch.load_file(str(path))  # the reference library agrees
