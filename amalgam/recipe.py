@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from amalgam.config_file import load_yaml
 from amalgam.errors import RecipeError
 from amalgam.merge.base import Method, get_method
 
@@ -254,16 +253,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe YAML file (an amalgam recipe or a mergekit config, detected by its keys).
 
-    ``${VAR}`` in the file is replaced from the environment; relative paths are relative to the
-    working directory.
+    ``${VAR}`` (or ``${VAR:-default}``) in a value is replaced from the environment; relative
+    paths are relative to the working directory.
     """
-    p = Path(path)
-    try:
-        text = os.path.expandvars(p.read_text())
-    except OSError as exc:
-        raise RecipeError(f"{p}: cannot read recipe ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{p}: not valid YAML ({exc})") from None
-    return parse_recipe(data, str(p))
+    return parse_recipe(load_yaml(path, "recipe"), str(path))
