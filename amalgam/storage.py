@@ -38,11 +38,28 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def is_inside(
     fs_a: fsspec.AbstractFileSystem, a: str, fs_b: fsspec.AbstractFileSystem, b: str
 ) -> bool:
-    """True when ``a`` equals ``b`` or lies beneath it on the same store."""
+    """True when ``a`` is ``b`` or lies beneath it on the same store, however either is
+    spelled: local paths are compared after resolving symlinks, ``.``, ``..`` and repeated
+    slashes, and by inode where a path exists (case-folding filesystems, bind mounts); object
+    store keys after collapsing repeated slashes."""
     if fs_a.protocol != fs_b.protocol:
         return False
-    a, b = a.rstrip("/"), b.rstrip("/")
-    return a == b or a.startswith(b + "/")
+    if not is_local(fs_a):
+        a, b = _key(a), _key(b)
+        return a == b or a.startswith(b + "/")
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    if a == b or a.startswith(b.rstrip("/") + "/"):
+        return True
+    if not os.path.exists(b):
+        return False
+    for parent in (a, *Path(a).parents):
+        if os.path.exists(parent) and os.path.samefile(parent, b):
+            return True
+    return False
+
+
+def _key(path: str) -> str:
+    return "/".join(part for part in path.split("/") if part)
 
 
 def amalgam_home() -> Path:

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
 import json
+import os
+import re
+import shutil
+import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
 import torch
 
-from amalgam import storage
-from amalgam.checkpoint import DTYPE_NAMES, tensor_nbytes
+from amalgam import __version__, storage
+from amalgam.checkpoint import DTYPE_NAMES, file_hash, tensor_nbytes
 from amalgam.errors import OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
+COMMIT_RECORD = "amalgam-commit.json"  # written last: the output's files, sizes and sha256
+RECORD_FORMAT = 1
 
 
 def shard_header(
@@ -34,7 +44,8 @@ def shard_header(
 
 
 class ShardWriter:
-    """Writes one safetensors file whose layout is fixed up front; tensors arrive in order."""
+    """Writes one safetensors file whose layout is fixed up front; tensors arrive in order.
+    The file's sha256 is computed on the way (``digest`` once closed)."""
 
     def __init__(
         self,
@@ -46,8 +57,16 @@ class ShardWriter:
         self.path = path
         self._fs = fs
         self._pending = list(entries)
+        self._hash = hashlib.sha256()
+        self.nbytes = 0
+        self.digest: str | None = None
         self._fh = fs.open(path, "wb")
-        self._fh.write(shard_header(entries, metadata))
+        self._append(shard_header(entries, metadata))
+
+    def _append(self, data: Any) -> None:
+        self._fh.write(data)
+        self._hash.update(data)
+        self.nbytes += len(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Append ``tensor``: the next planned tensor, with the planned dtype and shape."""
@@ -59,7 +78,7 @@ class ShardWriter:
                 f"got {name} {got_dtype}{list(tensor.shape)}"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(memoryview(data))
+        self._append(memoryview(data))
         return data.nbytes
 
     def discard(self) -> None:
@@ -74,13 +93,17 @@ class ShardWriter:
         self._fh.close()
         if self._pending:
             raise OutputError(f"{self.path}: {len(self._pending)} planned tensors never written")
+        self.digest = self._hash.hexdigest()
 
 
 class CheckpointWriter:
     """A model folder written into a hidden staging folder and moved into place by ``commit``.
 
-    A crash leaves only the staging folder (named ``.<name>.partial-*``), never something
-    that looks like a finished model.
+    A crash leaves only the staging folder (``.<name>.partial-<host>-<pid>-*``, removed by the
+    next writer of the same output once that process is gone), never something that looks
+    like a finished model. ``commit`` writes :data:`COMMIT_RECORD` last: every file of the
+    output with its size and sha256, so a later run can tell a complete, unchanged output from
+    anything else, and ``overwrite`` replaces only folders amalgam wrote.
     """
 
     def __init__(
@@ -95,11 +118,15 @@ class CheckpointWriter:
         self.storage_options = storage_options
         self.fs, self.path = storage.resolve(self.uri, **storage_options)
         self.overwrite = overwrite
-        if self.fs.exists(self.path) and not overwrite:
-            raise OutputError(f"{self.uri}: output exists (pass --overwrite to replace it)")
+        if self.fs.exists(self.path):
+            if not overwrite:
+                raise OutputError(f"{self.uri}: output exists (pass --overwrite to replace it)")
+            check_replaceable(self.fs, self.path, self.uri)
         p = PurePosixPath(self.path)
-        self.staging = staging or str(p.parent / f".{p.name}.partial-{uuid.uuid4().hex[:12]}")
+        remove_stale_staging(self.fs, str(p.parent), p.name)
+        self.staging = staging or str(p.parent / f"{staging_prefix(p.name)}{uuid.uuid4().hex[:12]}")
         self.fs.makedirs(self.staging, exist_ok=True)
+        self._shards: list[ShardWriter] = []
 
     @property
     def staging_uri(self) -> str:
@@ -111,7 +138,9 @@ class CheckpointWriter:
         entries: Sequence[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str],
     ) -> ShardWriter:
-        return ShardWriter(self.fs, storage.join(self.staging, filename), entries, metadata)
+        shard = ShardWriter(self.fs, storage.join(self.staging, filename), entries, metadata)
+        self._shards.append(shard)
+        return shard
 
     def write_json(self, filename: str, obj: Any) -> None:
         with self.fs.open(storage.join(self.staging, filename), "w") as fh:
@@ -126,39 +155,212 @@ class CheckpointWriter:
                 dst.write(chunk)
 
     def commit(self) -> None:
-        """Move the staged folder into place; the index (if any) lands last. Without
-        ``overwrite``, an output that appeared since the writer opened (a concurrent run) is
-        an error, not replaced."""
-        if not self.overwrite and self.fs.exists(self.path):
-            raise OutputError(f"{self.uri}: output appeared while writing (another run wrote it)")
+        """Put the staged folder in place, :data:`COMMIT_RECORD` last. Without ``overwrite``,
+        an output that appeared since the writer opened (a concurrent run) is an error, not
+        replaced. Locally the folder is renamed into place under a lock on the parent folder
+        (an existing output is swapped out atomically where the kernel can, and kept until the
+        new one is in place); on object stores the files are copied, the record last."""
+        record = self._record()
         if storage.is_local(self.fs):
-            old = None
-            if self.fs.exists(self.path):
-                old = f"{self.staging}.old"
-                self.fs.mv(self.path, old, recursive=True)
-            self.fs.mv(self.staging, self.path, recursive=True)
-            if old:
-                self.fs.rm(old, recursive=True)
+            self.write_json(COMMIT_RECORD, record)
+            with _folder_lock(str(PurePosixPath(self.path).parent)):
+                self._check_free()
+                _replace_local(self.staging, self.path)
             return
+        self._check_free()
         if self.fs.exists(self.path):
-            self._remove(self.path)
-        files = sorted(self.fs.ls(self.staging, detail=False), key=lambda f: f.endswith(INDEX_NAME))
-        for f in files:
-            self.fs.copy(f, storage.join(self.path, PurePosixPath(f).name))
-        self._remove(self.staging)
+            remove_folder(self.fs, storage.join(self.path, COMMIT_RECORD), folder=False)
+        for name in sorted(record["files"], key=lambda f: f == INDEX_NAME):
+            self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
+        stale = set(self._names(self.path)) - set(record["files"]) if self.overwrite else set()
+        for name in stale:
+            self.fs.rm_file(storage.join(self.path, name))
+        with self.fs.open(storage.join(self.path, COMMIT_RECORD), "w") as fh:
+            json.dump(record, fh, indent=2, sort_keys=True)
+        remove_folder(self.fs, self.staging)
+
+    def _check_free(self) -> None:
+        if self.fs.exists(self.path):
+            if not self.overwrite:
+                raise OutputError(
+                    f"{self.uri}: output appeared while writing (another run wrote it)"
+                )
+            check_replaceable(self.fs, self.path, self.uri)
+
+    def _names(self, folder: str) -> list[str]:
+        self.fs.invalidate_cache(folder)
+        return [PurePosixPath(f).name for f in self.fs.ls(folder, detail=False)]
+
+    def _record(self) -> dict[str, Any]:
+        """Every staged file's size and sha256 (shards hashed while written; other files, and
+        shards written elsewhere such as on Ray workers, read back once)."""
+        known = {PurePosixPath(s.path).name: s for s in self._shards if s.digest}
+        files = {}
+        for name in sorted(self._names(self.staging)):
+            if name in known:
+                files[name] = {"bytes": known[name].nbytes, "sha256": known[name].digest}
+                continue
+            h = hashlib.sha256()
+            with self.fs.open(storage.join(self.staging, name), "rb") as fh:
+                while chunk := fh.read(16 << 20):
+                    h.update(chunk)
+            files[name] = {
+                "bytes": self.fs.size(storage.join(self.staging, name)),
+                "sha256": h.hexdigest(),
+            }
+        return {"format": RECORD_FORMAT, "amalgam_version": __version__, "files": files}
 
     def abort(self) -> None:
-        self._remove(self.staging)
-
-    def _remove(self, path: str) -> None:
-        remove_folder(self.fs, path)
+        remove_folder(self.fs, self.staging)
 
 
-def remove_folder(fs: Any, path: str) -> None:
-    """Delete a folder if present; on object stores also its folder marker (some keep one)."""
+def staging_prefix(name: str) -> str:
+    """Staging folders of output ``name`` written by this process start with this."""
+    return f".{name}.partial-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_staging(fs: Any, parent: str, name: str) -> None:
+    """Remove staging folders of output ``name`` left by processes of this host that are gone
+    (a killed run); another host's are left alone (their owner cannot be checked from here)."""
+    host = socket.gethostname()
+    try:
+        siblings = fs.ls(parent, detail=False)
+    except FileNotFoundError:
+        return
+    pattern = re.compile(rf"\.{re.escape(name)}\.partial-{re.escape(host)}-(\d+)-")
+    for path in siblings:
+        found = pattern.match(PurePosixPath(path).name)
+        if found and not _alive(int(found.group(1))):
+            remove_folder(fs, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_record(fs: Any, path: str) -> dict[str, Any] | None:
+    """The commit record of the output folder at ``path``, or None (none, or unreadable)."""
+    try:
+        with fs.open(storage.join(path, COMMIT_RECORD), "rb") as fh:
+            record = json.loads(fh.read())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def intact(fs: Any, path: str) -> bool:
+    """True when the output folder at ``path`` is complete and unchanged since its commit:
+    every file of its record with the recorded size and sha256 (hashes cached by file stamp,
+    so an unchanged output is not read again), and no weight file the record does not list."""
+    record = read_record(fs, path)
+    if record is None:
+        return False
+    try:
+        names = {PurePosixPath(f).name for f in fs.ls(path, detail=False)}
+        for name, entry in record["files"].items():
+            where = storage.join(path, name)
+            if name not in names or fs.size(where) != entry.get("bytes"):
+                return False
+            if file_hash(fs, where) != entry.get("sha256"):
+                return False
+    except (OSError, TypeError, AttributeError):
+        return False
+    weights = {n for n in names if n.endswith(".safetensors") or n == INDEX_NAME}
+    return weights <= set(record["files"])
+
+
+def check_replaceable(fs: Any, path: str, uri: str) -> None:
+    """``--overwrite`` replaces an empty folder or one amalgam wrote (a commit record, or the
+    amalgam metadata of outputs from before records); anything else is refused."""
+    if not fs.isdir(path):
+        raise OutputError(
+            f"{uri}: exists and is not a folder; --overwrite replaces only outputs amalgam wrote"
+        )
+    names = [PurePosixPath(f).name for f in fs.ls(path, detail=False)]
+    if not names or COMMIT_RECORD in names or _legacy_output(fs, path, names):
+        return
+    raise OutputError(
+        f"{uri}: exists and holds no amalgam output (no {COMMIT_RECORD}); --overwrite replaces "
+        "only outputs amalgam wrote: remove it yourself or choose another output"
+    )
+
+
+def _legacy_output(fs: Any, path: str, names: list[str]) -> bool:
+    """An output written before commit records: amalgam's marks in its first shard's header."""
+    shards = sorted(n for n in names if n.endswith(".safetensors"))
+    if not shards:
+        return False
+    try:
+        with fs.open(storage.join(path, shards[0]), "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n <= 1 << 26 else {}
+    except (OSError, ValueError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and (
+        "amalgam_version" in meta
+        or "amalgam.decompressed_from" in meta
+        or meta.get("format") == "amalgam-compeft"
+    )
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """An exclusive lock on a local folder (flock on its descriptor) for a commit's renames."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _replace_local(staging: str, path: str) -> None:
+    """Rename ``staging`` to ``path``; an existing ``path`` is exchanged with it atomically
+    (renameat2 RENAME_EXCHANGE) where the kernel and filesystem allow, else renamed aside
+    first, and removed once the new folder is in place. Never moves one folder into another."""
+    if not os.path.lexists(path):
+        try:
+            os.rename(staging, path)
+        except OSError as exc:  # appeared meanwhile, outside amalgam's lock
+            raise OutputError(f"{path}: cannot put the output in place ({exc})") from None
+        return
+    if not _exchange(staging, path):
+        old = f"{staging}.old"
+        os.rename(path, old)
+        os.rename(staging, path)
+        staging = old
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def remove_folder(fs: Any, path: str, folder: bool = True) -> None:
+    """Delete a folder (or with ``folder=False`` a file) if present; on object stores also the
+    folder marker some keep."""
     with contextlib.suppress(FileNotFoundError):
-        fs.rm(path, recursive=True)
+        fs.rm(path, recursive=folder)
     if not storage.is_local(fs):
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(path + "/")
+        if folder:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path + "/")
         fs.invalidate_cache(path)

@@ -152,7 +152,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, models, tmp_path, monkey
 
 def test_existing_output_needs_overwrite(models, tmp_path, monkeypatch, capsys) -> None:
     base, experts = models
-    out = write_model(tmp_path / "out", {"x": torch.zeros(1)})
+    out = tmp_path / "out"
+    first = write_recipe(tmp_path / "r1.yaml", recipe_dict(base, experts, "linear", out))
+    assert run_cli(["merge", str(first)], monkeypatch, capsys)[0] == 0
     before = (out / "model.safetensors").read_bytes()
     cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "ties", out))
     code, _, err = run_cli(["merge", str(cfg)], monkeypatch, capsys)
@@ -160,7 +162,65 @@ def test_existing_output_needs_overwrite(models, tmp_path, monkeypatch, capsys) 
     assert (out / "model.safetensors").read_bytes() == before
     code, _, _ = run_cli(["merge", str(cfg), "--overwrite"], monkeypatch, capsys)
     assert code == 0
+    assert (out / "model.safetensors").read_bytes() != before
     assert set(load_file(str(out / "model.safetensors"))) == set(llama_tensors(0))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("kind", ["user-model", "user-folder", "file", "cwd"])
+def test_overwrite_replaces_only_what_amalgam_wrote(
+    models, tmp_path, monkeypatch, capsys, kind
+) -> None:
+    """A model amalgam did not write, a user's folder, a file or the working directory is
+    never replaced: --overwrite is refused naming the path, and nothing is touched."""
+    base, experts = models
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = {
+        "user-model": lambda: write_model(tmp_path / "out", {"x": torch.zeros(1)}),
+        "user-folder": lambda: _thesis(tmp_path / "out"),
+        "file": lambda: _thesis(tmp_path) / "thesis.tex",
+        "cwd": lambda: _thesis(work) and Path("."),
+    }[kind]()
+    cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "ties", out))
+    before = _snapshot(tmp_path)
+    code, _, err = run_cli(["merge", str(cfg), "--overwrite"], monkeypatch, capsys)
+    assert_one_error(code, err, "--overwrite replaces only")
+    assert _snapshot(tmp_path) == before
+
+
+def _thesis(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "thesis.tex").write_text("years of work")
+    return folder
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` but amalgam's own caches (``.amalgam``)."""
+    files = (p for p in sorted(root.rglob("*")) if ".amalgam" not in p.parts)
+    return {str(p): p.read_bytes() for p in files if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "spelling", ["{base}/./", "{base}//", "{parent}/../{parent_name}/base", "link"]
+)
+def test_output_spelled_as_an_input_is_refused(
+    models, tmp_path, monkeypatch, capsys, spelling
+) -> None:
+    """However the output names an input (dots, double slashes, a symlink), --overwrite never
+    replaces it."""
+    base, experts = models
+    if spelling == "link":
+        out = tmp_path / "link"
+        out.symlink_to(base)
+    else:
+        out = spelling.format(base=base, parent=base.parent, parent_name=base.parent.name)
+    before = _snapshot(base)
+    cfg = write_recipe(tmp_path / "r.yaml", recipe_dict(base, experts, "ties", out))
+    code, _, err = run_cli(["merge", str(cfg), "--overwrite"], monkeypatch, capsys)
+    assert_one_error(code, err, "overlaps input 'base'")
+    assert _snapshot(base) == before
 
 
 def test_output_inside_input_is_refused(models, tmp_path, monkeypatch, capsys) -> None:
