@@ -470,8 +470,8 @@ def main() -> None:
     """Entry point: bad input is one 'error:' line on stderr and exit code 2."""
     try:
         app(standalone_mode=False)
-    except AmalgamError as exc:
-        first, *rest = str(exc).splitlines()
+    except (AmalgamError, OSError) as exc:  # bad input, or the system refused (disk full)
+        first, *rest = str(exc).splitlines() or [type(exc).__name__]
         print(
             "error: " + " ".join([first, "; ".join(r.strip() for r in rest)]).strip(),
             file=sys.stderr,

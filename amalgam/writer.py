@@ -43,6 +43,16 @@ def shard_header(
     return len(raw).to_bytes(8, "little") + raw
 
 
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """A failed write (full disk, read-only or vanished folder, the store refusing) is an
+    OutputError naming the file; the cause stays chained, so storage retries still see it."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
 class ShardWriter:
     """Writes one safetensors file whose layout is fixed up front; tensors arrive in order.
     The file's sha256 is computed on the way (``digest`` once closed)."""
@@ -60,11 +70,13 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self.nbytes = 0
         self.digest: str | None = None
-        self._fh = fs.open(path, "wb")
+        with writing(path):
+            self._fh = fs.open(path, "wb")
         self._append(shard_header(entries, metadata))
 
     def _append(self, data: Any) -> None:
-        self._fh.write(data)
+        with writing(self.path):
+            self._fh.write(data)
         self._hash.update(data)
         self.nbytes += len(data)
 
@@ -84,13 +96,17 @@ class ShardWriter:
     def discard(self) -> None:
         """Drop a shard that failed midway (an unfinished upload is cancelled)."""
         if storage.is_local(self._fs):
-            self._fh.close()  # the staging folder is removed by the checkpoint writer
+            # the staging folder is removed by the checkpoint writer; a close that fails too
+            # (a full disk flushing its buffer) must not hide the first error
+            with contextlib.suppress(OSError):
+                self._fh.close()
         else:
             self._fh.discard()
             self._fh.closed = True  # fsspec would otherwise try to flush it when collected
 
     def close(self) -> None:
-        self._fh.close()
+        with writing(self.path):
+            self._fh.close()
         if self._pending:
             raise OutputError(f"{self.path}: {len(self._pending)} planned tensors never written")
         self.digest = self._hash.hexdigest()
@@ -125,7 +141,8 @@ class CheckpointWriter:
         p = PurePosixPath(self.path)
         remove_stale_staging(self.fs, str(p.parent), p.name)
         self.staging = staging or str(p.parent / f"{staging_prefix(p.name)}{uuid.uuid4().hex[:12]}")
-        self.fs.makedirs(self.staging, exist_ok=True)
+        with writing(self.staging):
+            self.fs.makedirs(self.staging, exist_ok=True)
         self._shards: list[ShardWriter] = []
 
     @property
@@ -143,13 +160,16 @@ class CheckpointWriter:
         return shard
 
     def write_json(self, filename: str, obj: Any) -> None:
-        with self.fs.open(storage.join(self.staging, filename), "w") as fh:
+        path = storage.join(self.staging, filename)
+        with writing(path), self.fs.open(path, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True)
 
     def copy_in(self, src_fs: Any, src_path: str, filename: str) -> None:
+        path = storage.join(self.staging, filename)
         with (
+            writing(path),
             src_fs.open(src_path, "rb") as src,
-            self.fs.open(storage.join(self.staging, filename), "wb") as dst,
+            self.fs.open(path, "wb") as dst,
         ):
             while chunk := src.read(16 << 20):
                 dst.write(chunk)
