@@ -397,27 +397,36 @@ class Checkpoint:
         raise TypeError("Checkpoint is not picklable: pass its URI to workers instead")
 
 
-def file_hash(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """sha256 of one file, streamed once and then cached on disk under ``$AMALGAM_HOME/hashes``
-    by (store, path, size, modification stamp: inode and mtime in ns locally, ETag remotely)."""
+def file_stamp(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """What changes whenever the file's content does: inode, mtime (ns) and size locally; on a
+    store its ETag, or the content hash or blob id it reports (hf://), with the size. None
+    when the store reports none of these: such a file is hashed every time, never cached."""
     if storage.is_local(fs):
         st = os.stat(path)
-        stamp = f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
-    else:
-        info = fs.info(path)
-        stamp = f"{info.get('ETag') or info.get('LastModified') or ''}:{info.get('size')}"
+        return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+    info = fs.info(path)
+    lfs = info.get("lfs") if isinstance(info.get("lfs"), dict) else {}
+    tag = info.get("ETag") or info.get("etag") or lfs.get("sha256") or info.get("blob_id")
+    return f"{tag}:{info.get('size')}" if tag else None
+
+
+def file_hash(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """sha256 of one file, streamed once and then cached on disk under ``$AMALGAM_HOME/hashes``
+    by (store, path, :func:`file_stamp`)."""
+    stamp = file_stamp(fs, path)
     key = hashlib.sha256(f"{fs.protocol}\0{path}\0{stamp}".encode()).hexdigest()
     cached = storage.amalgam_home() / "hashes" / key
-    if cached.is_file():
+    if stamp is not None and cached.is_file():
         return cached.read_text()
     h = hashlib.sha256()
     with fs.open(path, "rb") as fh:
         while chunk := fh.read(16 << 20):
             h.update(chunk)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(h.hexdigest())
-    tmp.replace(cached)  # atomic: concurrent writers agree on the content
+    if stamp is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(h.hexdigest())
+        tmp.replace(cached)  # atomic: concurrent writers agree on the content
     return h.hexdigest()
 
 

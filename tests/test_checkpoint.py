@@ -7,11 +7,12 @@ import re
 import struct
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 from safetensors import torch as safetensors_torch
 
-from amalgam.checkpoint import open_checkpoint
+from amalgam.checkpoint import file_hash, file_stamp, open_checkpoint
 from amalgam.errors import CheckpointError
 
 
@@ -156,6 +157,18 @@ def test_content_hash_stable_and_sensitive_to_one_byte(tmp_path, save_checkpoint
     data[-1] ^= 0x01  # last byte of the last tensor: same size, header untouched
     shard.write_bytes(bytes(data))
     assert open_checkpoint(str(folder)).content_hash() != first
+
+
+def test_a_store_without_etags_is_hashed_every_time() -> None:
+    """A file on a store that reports no ETag, content hash or blob id (memory:// here) is
+    never served from the hash cache: a same-size rewrite is seen."""
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/stampless/w.bin", b"a" * 64)
+    first = file_hash(fs, "/stampless/w.bin")
+    assert file_stamp(fs, "/stampless/w.bin") is None
+    fs.pipe_file("/stampless/w.bin", b"b" * 64)
+    assert file_hash(fs, "/stampless/w.bin") != first
+    fs.rm("/stampless", recursive=True)
 
 
 # -- bad input ----------------------------------------------------------------------------------
