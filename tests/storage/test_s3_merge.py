@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.errors import MergeError
 from amalgam.recipe import parse_recipe
+from amalgam.writer import COMMIT_RECORD, INDEX_NAME, intact
 from tests.helpers import family
 
 
@@ -108,3 +110,27 @@ def test_cli_inspect_over_s3(s3, remote_family, monkeypatch, capsys) -> None:
     assert report["uri"] == base_uri
     assert report["parameters"] == local.num_params
     assert report["content_hash"] == local.content_hash()
+
+
+def test_overwrite_on_s3_leaves_exactly_the_new_output(s3, remote_family) -> None:
+    """A sharded output replaced by a single-file merge: the old shards and index are gone,
+    the commit record (written last) lists exactly the new files, and the output is intact."""
+    base_uri, expert_uris, _ = remote_family
+    opts = s3.storage_options()
+    out_uri = f"{base_uri.rsplit('/', 1)[0]}/replaced"
+    data = {"base": base_uri, "models": [{"uri": u} for u in expert_uris], "output": out_uri}
+    common = {"storage_options": opts, **data}
+    run_merge(parse_recipe({**common, "method": "ties", "max_shard_size": 700}))
+    fs = s3.filesystem()
+    path = out_uri.removeprefix("s3://")
+    assert INDEX_NAME in {p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False)}
+    run_merge(parse_recipe({**common, "method": "task_arithmetic"}), MergeOptions(overwrite=True))
+    fs.invalidate_cache()
+    names = {p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False)}
+    record = json.loads(fs.cat_file(f"{path}/{COMMIT_RECORD}"))
+    assert names == {*record["files"], COMMIT_RECORD}
+    assert "model.safetensors" in names and INDEX_NAME not in names
+    assert intact(fs, path)
+    assert open_checkpoint(out_uri, **opts).metadata["model.safetensors"]["method"] == (
+        "task_arithmetic"
+    )
