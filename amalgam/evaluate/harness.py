@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from amalgam.device import pick_device
 from amalgam.evaluate.taskdir import EvaluationError, check_tasks, list_tasks
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -36,15 +37,6 @@ def quiet_custom_dataset_notice() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(notice_filter)
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def model_args(model: Path) -> dict[str, str]:
@@ -127,7 +119,7 @@ def _simple_evaluate(
             model_args=args,
             tasks=names,
             task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-            device=resolve_device(device),
+            device=str(pick_device(device)),
             batch_size=batch_size,
             limit=limit,
             log_samples=log_samples,
