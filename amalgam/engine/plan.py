@@ -84,7 +84,10 @@ class WholeModelPass:
     collectors: Callable[[TensorParams], list[Collector]] = field(compare=False, repr=False)
 
     def describe(self) -> str:
-        return f"whole-model statistics: {', '.join(self.keys)} ({self.passes} streaming passes)"
+        plural = "es" if self.passes != 1 else ""
+        return (
+            f"whole-model statistics: {', '.join(self.keys)} ({self.passes} streaming pass{plural})"
+        )
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ def _simple_evaluate(
     args = model_args(model)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    # lazy: lm-eval takes seconds to import and must see the offline settings above first
     import lm_eval
     from lm_eval.tasks import TaskManager
 
