@@ -13,15 +13,8 @@ import torch
 from amalgam import __version__
 from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
 from amalgam.errors import PlanError
-from amalgam.merge.base import (
-    Collector,
-    DataStatistics,
-    MergeFn,
-    Method,
-    RunningState,
-    TensorParams,
-    WholeModelStatistic,
-)
+from amalgam.merge.base import MergeFn, Method, TensorParams
+from amalgam.merge.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
 from amalgam.merge.params import layer_index, resolve_params
 from amalgam.recipe import Recipe
 

@@ -28,11 +28,11 @@ from amalgam.merge.base import (
     MergeFn,
     Method,
     Param,
-    RunningState,
     Step,
     TensorParams,
     register,
 )
+from amalgam.merge.needs import RunningState
 from amalgam.merge.sparsify import trim_magnitude
 from amalgam.merge.task_vectors import combine
 

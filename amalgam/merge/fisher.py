@@ -7,14 +7,8 @@ from typing import Any
 import torch
 
 from amalgam.errors import MergeError
-from amalgam.merge.base import (
-    DataStatistics,
-    MergeContext,
-    Method,
-    Param,
-    TensorParams,
-    register,
-)
+from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.merge.needs import DataStatistics
 from amalgam.merge.params import recipe_wide
 from amalgam.statistics.settings import DEFAULT_SAMPLES, VARIANTS
 

@@ -23,14 +23,8 @@ from collections.abc import Iterable
 
 import torch
 
-from amalgam.merge.base import (
-    MergeContext,
-    Method,
-    Param,
-    TensorParams,
-    WholeModelStatistic,
-    register,
-)
+from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.merge.needs import WholeModelStatistic
 from amalgam.merge.params import recipe_wide
 from amalgam.merge.stats import OrderStatistics
 from amalgam.merge.task_vectors import LAMBDA, WEIGHT

@@ -8,15 +8,9 @@ from typing import Any
 import torch
 
 from amalgam.errors import MergeError
-from amalgam.merge.base import (
-    DataStatistics,
-    MergeContext,
-    Method,
-    Param,
-    TensorParams,
-    register,
-)
+from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
 from amalgam.merge.fisher import SAMPLES, model_weights
+from amalgam.merge.needs import DataStatistics
 from amalgam.merge.params import recipe_wide
 from amalgam.statistics.settings import settings_for
 

@@ -14,14 +14,8 @@ from functools import partial
 
 import torch
 
-from amalgam.merge.base import (
-    MergeContext,
-    Method,
-    Param,
-    TensorParams,
-    WholeModelStatistic,
-    register,
-)
+from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.merge.needs import WholeModelStatistic
 from amalgam.merge.params import recipe_wide
 from amalgam.merge.sparsify import at_least, trim_threshold
 from amalgam.merge.stats import MagnitudeThreshold

@@ -17,15 +17,8 @@ from safetensors.torch import load_file
 
 from amalgam.engine import MergeOptions, plan_recipe, run_merge
 from amalgam.merge import REGISTRY
-from amalgam.merge.base import (
-    MergeContext,
-    Method,
-    Param,
-    TensorParams,
-    WholeModelStatistic,
-    register,
-    unregister,
-)
+from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register, unregister
+from amalgam.merge.needs import WholeModelStatistic
 from amalgam.recipe import parse_recipe
 from tests.helpers import family, recipe_dict
 
