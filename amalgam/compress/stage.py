@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+import amalgam.compress.codec as codec
 from amalgam import __version__, storage
 from amalgam.align.compatibility import check_compatibility
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
-from amalgam.compress import codec
 from amalgam.compress.compeft import compeft
 from amalgam.engine.inputs import check_output
 from amalgam.engine.plan import TensorJob, shard_jobs

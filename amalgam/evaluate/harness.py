@@ -105,6 +105,7 @@ def _simple_evaluate(
 ) -> tuple[dict, dict[str, str]]:
     """lm-eval's results and the task -> lm-eval task name map."""
     model, tasks_dir = Path(model), Path(tasks_dir)
+    target = str(pick_device(device))
     tasks = list_tasks(tasks_dir) if tasks is None else list(tasks)
     names = check_tasks(tasks_dir, tasks, split)
     args = model_args(model)
@@ -120,7 +121,7 @@ def _simple_evaluate(
             model_args=args,
             tasks=names,
             task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-            device=str(pick_device(device)),
+            device=target,
             batch_size=batch_size,
             limit=limit,
             log_samples=log_samples,
