@@ -59,7 +59,7 @@ def load_causal_lm(folder: str | Path, device: str) -> tuple[Any, Any]:
     model folder, to run it (statistics, evaluation)."""
     # lazy: torch and transformers take seconds to import, and only running a model needs them
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: as above
 
     target = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -226,18 +226,24 @@ def _absorb(
         for pass_ in step.passes:
             if isinstance(pass_, NormPass):
                 merged_sq, task_sq = run_norm_pass(ctx, pass_, list(inputs.values()))
-                norms = [*state.norms, math.sqrt(task_sq)]
-                mean, norm = sum(norms) / len(norms), math.sqrt(merged_sq)
-                scale = norm / mean if norm > 0 and mean > 0 else 1.0
-                continue
-            new_hash = inputs["new"].content_hash()
-            entry = Absorbed(label=model.label, uri=model.uri, content_hash=new_hash)
-            update = {"step": index, "scale": scale, "norms": norms}
-            state = state.model_copy(update={**update, "models": [*state.models, entry]})
-            ctx = replace(ctx, stats={STEP_KEY: Step(index, prev_scale, scale)})
-            extra = {STATE_NAME: state.model_dump(mode="json")}
-            read = write_output(ctx, inputs, options, extra)
+                norms, scale = _rescale(state.norms, merged_sq, task_sq)
+            else:  # the tensor pass: this step's merge, with the state it leaves
+                new_hash = inputs["new"].content_hash()
+                entry = Absorbed(label=model.label, uri=model.uri, content_hash=new_hash)
+                update = {"step": index, "scale": scale, "norms": norms}
+                state = state.model_copy(update={**update, "models": [*state.models, entry]})
+                ctx = replace(ctx, stats={STEP_KEY: Step(index, prev_scale, scale)})
+                extra = {STATE_NAME: state.model_dump(mode="json")}
+                read = write_output(ctx, inputs, options, extra)
     finally:
         for c in inputs.values():
             c.close()
     return state, plan, read
+
+
+def _rescale(norms: list[float], merged_sq: float, task_sq: float) -> tuple[list[float], float]:
+    """The absorbed task vectors' norms with the new one's, and the step's divisor:
+    ||unscaled merge|| / their mean (1 where either is zero)."""
+    norms = [*norms, math.sqrt(task_sq)]
+    mean, norm = sum(norms) / len(norms), math.sqrt(merged_sq)
+    return norms, norm / mean if norm > 0 and mean > 0 else 1.0

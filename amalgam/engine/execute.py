@@ -50,6 +50,7 @@ class JobContext:
 def open_inputs(
     plan: Plan, allow_pickle: bool, storage_options: dict[str, Any]
 ) -> list[Checkpoint]:
+    """The plan's inputs in plan order, opened lazily (headers only)."""
     return [open_checkpoint(u, allow_pickle=allow_pickle, **storage_options) for u in plan.uris]
 
 

@@ -113,7 +113,7 @@ def _simple_evaluate(
         os.environ.setdefault(key, value)
     # lazy: lm-eval takes seconds to import and must see the offline settings above first
     import lm_eval
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: as above
 
     with quiet_custom_dataset_notice():
         results = lm_eval.simple_evaluate(
