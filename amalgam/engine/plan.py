@@ -91,7 +91,7 @@ class NormPass:
     unscaled: MergeFn = field(compare=False, repr=False)
 
     def describe(self) -> str:
-        return "norms: the step's unscaled merge and the new task vector, whole model"
+        return "norms of the unscaled merge and the new task vector"
 
 
 @dataclass(frozen=True)
