@@ -55,8 +55,8 @@ import torch
 from safetensors.torch import save_file
 
 from amalgam.checkpoint import open_checkpoint
+from amalgam.device import pick_device
 from amalgam.engine import MergeOptions, run_merge
-from amalgam.engine.execute import pick_device
 from amalgam.errors import MergeError
 from amalgam.merge import REGISTRY
 from amalgam.recipe import Recipe, parse_recipe

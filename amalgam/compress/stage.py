@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+import amalgam.compress.codec as codec
 from amalgam import __version__, storage
 from amalgam.align.compatibility import check_compatibility
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
-from amalgam.compress import codec
 from amalgam.compress.compeft import compeft
-from amalgam.engine import check_output
-from amalgam.engine.plan import TensorJob, _shards
+from amalgam.engine.inputs import check_output
+from amalgam.engine.plan import TensorJob, shard_jobs
 from amalgam.errors import AmalgamError
 from amalgam.recipe import CompressSpec
 from amalgam.writer import INDEX_NAME, CheckpointWriter, shard_header
@@ -266,7 +266,7 @@ def decompress_model(
         TensorJob(name, tuple(t["shape"]), t["dtype"], copy=True, layer=None)
         for name, t in tensors.items()
     ]
-    units = _shards(jobs, max_shard_size)
+    units = shard_jobs(jobs, max_shard_size)
     with (
         open_checkpoint(compressed_uri, **storage_options) as packed,
         open_checkpoint(base_uri, **storage_options) as base,

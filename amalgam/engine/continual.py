@@ -14,7 +14,6 @@ import math
 import resource
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
@@ -23,27 +22,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from amalgam import storage
-from amalgam.checkpoint import Checkpoint, open_checkpoint
-from amalgam.engine import (
-    MergeOptions,
-    MergeResult,
-    _plan,
-    check_output,
-    open_recipe_inputs,
-    output_of,
-    write_output,
-)
-from amalgam.engine.execute import (
-    PREFETCH_BYTES,
-    Progress,
-    apply_method,
-    compute_threads,
-    pick_device,
-    prefetched,
-)
-from amalgam.engine.plan import Plan, build_plan
+from amalgam.checkpoint import open_checkpoint
+from amalgam.device import compute_threads, pick_device
+from amalgam.engine.execute import Progress, run_norm_pass
+from amalgam.engine.inputs import check_output, open_recipe_inputs, plan_inputs
+from amalgam.engine.options import MergeOptions, MergeResult, job_context, output_of
+from amalgam.engine.plan import AbsorbStep, NormPass, Plan, build_plan
+from amalgam.engine.write import write_output
 from amalgam.errors import CheckpointError, RecipeError
-from amalgam.merge.base import STEP_KEY, MergeFn, Method, Step, get_method
+from amalgam.merge.base import STEP_KEY, Method, Step, get_method
 from amalgam.recipe import ModelSpec, ParamValue, Recipe
 from amalgam.writer import remove_folder
 
@@ -148,14 +135,15 @@ def check_continuation(
 def run_continual(
     recipe: Recipe, options: MergeOptions, progress: Progress | None = None
 ) -> MergeResult:
-    """Absorb ``recipe.models`` in order into the base (or into ``options.continue_from``)."""
+    """Absorb ``recipe.models`` in order into the base (or into ``options.continue_from``),
+    one plan step per model."""
     start = time.perf_counter()
     method = recipe.method_spec
     output = output_of(recipe, options)
     so = recipe.storage_options
     params = shared_params(recipe.params, method)
     merged = options.continue_from
-    state, base_hash = _check_all(recipe, options, output, params)
+    state, base_hash, steps = _check_all(recipe, options, output, params)
     if state is None:
         base = Absorbed(label="base", uri=recipe.base, content_hash=base_hash)
         state = ContinualState(method=recipe.method, params=params, base=base)
@@ -166,15 +154,15 @@ def run_continual(
     read = 0
     try:
         with compute_threads(options.threads):
-            for i, model in enumerate(recipe.models):
+            for i, (model, step) in enumerate(zip(recipe.models, steps, strict=True)):
                 last = i == len(recipe.models) - 1
-                step = storage.full_uri(fs, storage.join(scratch, f"step-{i + 1}"))
-                out = output if last else step
+                step_uri = storage.full_uri(fs, storage.join(scratch, f"step-{i + 1}"))
+                out = output if last else step_uri
                 step_options = options.model_copy(
                     update={"output": out, "overwrite": options.overwrite and last}
                 )
                 state, plan, n = _absorb(
-                    recipe, method, model, merged, state, step_options, device, progress
+                    recipe, step, model, merged, state, step_options, device, progress
                 )
                 read += n
                 if merged is not None and merged != options.continue_from:
@@ -188,9 +176,10 @@ def run_continual(
 
 def _check_all(
     recipe: Recipe, options: MergeOptions, output: str, params: dict[str, Any]
-) -> tuple[ContinualState | None, str]:
+) -> tuple[ContinualState | None, str, tuple[AbsorbStep, ...]]:
     """Before any work: the state fits the recipe, every input fits the base, the output is
-    free. Returns the state to continue (None: start from the base) and the base's hash."""
+    free. Returns the state to continue (None: start from the base), the base's hash and the
+    plan's steps."""
     inputs = open_recipe_inputs(recipe, options.allow_pickle)
     try:
         base_hash = inputs["base"].content_hash()
@@ -202,8 +191,8 @@ def _check_all(
                 options.continue_from, allow_pickle=False, **recipe.storage_options
             )
         check_output(output, inputs, options.overwrite, recipe.storage_options)
-        build_plan(recipe, inputs, {})
-        return state, base_hash
+        steps = build_plan(recipe, inputs, {}).passes
+        return state, base_hash, tuple(s for s in steps if isinstance(s, AbsorbStep))
     finally:
         for c in inputs.values():
             c.close()
@@ -211,7 +200,7 @@ def _check_all(
 
 def _absorb(
     recipe: Recipe,
-    method: Method,
+    step: AbsorbStep,
     model: ModelSpec,
     merged: str | None,
     state: ContinualState,
@@ -219,55 +208,42 @@ def _absorb(
     device: torch.device,
     progress: Progress | None,
 ) -> tuple[ContinualState, Plan, int]:
-    """One step: base, running merge (none on the first step) and one model -> the next merge."""
+    """One step: base, running merge (none on the first step) and one model -> the next merge,
+    by the step's passes (a norm pass fixes the step's divisor, the tensor pass writes)."""
     inputs_spec = [ModelSpec(uri=merged, name="merged")] if merged else []
     step_recipe = recipe.model_copy(
         update={"models": [*inputs_spec, ModelSpec(uri=model.uri, name="new")]}
     )
     inputs = open_recipe_inputs(step_recipe, options.allow_pickle)
     try:
-        plan = _plan(step_recipe, inputs, options)
+        plan = plan_inputs(step_recipe, inputs, options)
         # provenance names the user's recipe, not the step's (whose inputs include a scratch path)
-        plan = replace(plan, metadata={**plan.metadata, "recipe_hash": recipe.hash()})
+        metadata = {**plan.metadata, "recipe_hash": recipe.hash()}
+        plan = replace(plan, metadata=metadata, passes=step.passes)
         index, prev_scale = state.step + 1, state.scale
         norms, scale = state.norms, 1.0
-        if method.unscaled is not None:
-            step = Step(index, prev_scale)
-            merged_sq, task_sq = _norm_pass(plan, inputs, method, method.unscaled, step, device)
-            norms = [*state.norms, math.sqrt(task_sq)]
-            mean, norm = sum(norms) / len(norms), math.sqrt(merged_sq)
-            scale = norm / mean if norm > 0 and mean > 0 else 1.0
-        new_hash = inputs["new"].content_hash()
-        entry = Absorbed(label=model.label, uri=model.uri, content_hash=new_hash)
-        state = state.model_copy(
-            update={"step": index, "scale": scale, "norms": norms, "models": [*state.models, entry]}
-        )
-        stats = {STEP_KEY: Step(index, prev_scale, scale)}
-        extra = {STATE_NAME: state.model_dump(mode="json")}
-        read = write_output(plan, inputs, stats, options, device, progress, extra)
+        ctx = job_context(plan, options, device, progress, {STEP_KEY: Step(index, prev_scale)})
+        for pass_ in step.passes:
+            if isinstance(pass_, NormPass):
+                merged_sq, task_sq = run_norm_pass(ctx, pass_, list(inputs.values()))
+                norms, scale = _rescale(state.norms, merged_sq, task_sq)
+            else:  # the tensor pass: this step's merge, with the state it leaves
+                new_hash = inputs["new"].content_hash()
+                entry = Absorbed(label=model.label, uri=model.uri, content_hash=new_hash)
+                update = {"step": index, "scale": scale, "norms": norms}
+                state = state.model_copy(update={**update, "models": [*state.models, entry]})
+                ctx = replace(ctx, stats={STEP_KEY: Step(index, prev_scale, scale)})
+                extra = {STATE_NAME: state.model_dump(mode="json")}
+                read = write_output(ctx, inputs, options, extra)
     finally:
         for c in inputs.values():
             c.close()
     return state, plan, read
 
 
-def _norm_pass(
-    plan: Plan,
-    inputs: dict[str, Checkpoint],
-    method: Method,
-    unscaled: MergeFn,
-    step: Step,
-    device: torch.device,
-) -> tuple[float, float]:
-    """Squared whole-model norms of the step's unscaled merged task vector and of the new
-    model's task vector, streamed tensor by tensor (float64 sums in plan order)."""
-    merged_sq = task_sq = 0.0
-    sources = list(inputs.values())
-    jobs = [j for j in plan.jobs if not j.copy]
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-norms") as pool:
-        for job, (raw, _) in prefetched(plan, sources, jobs, PREFETCH_BYTES, pool):
-            s = apply_method(plan, method, unscaled, job, raw, {STEP_KEY: step}, device)
-            tau = torch.sub(raw[-1].to(device).float(), raw[0].to(device).float())
-            merged_sq += float(torch.linalg.vector_norm(s, dtype=torch.float64)) ** 2
-            task_sq += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
-    return merged_sq, task_sq
+def _rescale(norms: list[float], merged_sq: float, task_sq: float) -> tuple[list[float], float]:
+    """The absorbed task vectors' norms with the new one's, and the step's divisor:
+    ||unscaled merge|| / their mean (1 where either is zero)."""
+    norms = [*norms, math.sqrt(task_sq)]
+    mean, norm = sum(norms) / len(norms), math.sqrt(merged_sq)
+    return norms, norm / mean if norm > 0 and mean > 0 else 1.0

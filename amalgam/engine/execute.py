@@ -1,20 +1,20 @@
-"""Run a plan: read inputs ahead on threads, merge tensor by tensor, stream into shards."""
+"""Run a plan's passes over tensors: read inputs ahead on threads, merge tensor by tensor,
+stream into shards; and the streaming whole-model passes (statistics, norms)."""
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
-from amalgam.engine.plan import Plan, TensorJob, WorkUnit
+from amalgam.engine.plan import NormPass, Plan, TensorJob, WholeModelPass, WorkUnit
 from amalgam.errors import MergeError
-from amalgam.merge.base import MergeContext, MergeFn, Method, get_method
+from amalgam.merge.base import MergeContext, MergeFn, Method, TensorParams
 from amalgam.merge.params import resolve_params
 from amalgam.writer import ShardWriter
 
@@ -22,29 +22,35 @@ Progress = Callable[[int, int], None]  # (input bytes, tensors) done since the l
 PREFETCH_BYTES = 1 << 28  # inputs read ahead of the tensor being merged
 
 
-@contextmanager
-def compute_threads(threads: int | None) -> Iterator[None]:
-    """torch's compute threads for one run: ``threads``, by default all cores but one (left to
-    reads and writes); the caller's setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+@dataclass(frozen=True)
+class JobContext:
+    """What every pass of one merge (or one continual step) runs with, besides the tensors:
+    the plan, the method whose math it runs, the device, and the results of earlier passes
+    (``stats``: whole-model statistics and the continual step, as ``ctx.stats``). It travels
+    to Ray workers (without ``progress``), so a worker needs no registry lookup."""
 
+    plan: Plan
+    method: Method
+    device: torch.device
+    device_name: str = "auto"  # as requested: each Ray worker resolves it on its own machine
+    allow_pickle: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+    prefetch_bytes: int = PREFETCH_BYTES
+    progress: Progress | None = None
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MergeError("device: cuda requested but no CUDA device is available")
-    return torch.device(device)
+    def params(self, name: str | None) -> TensorParams:
+        """The parameter values for tensor ``name`` (None: the recipe-wide values)."""
+        return resolve_params(self.plan.recipe, self.method, name, self.plan.num_layers)
+
+    def report(self, nbytes: int, tensors: int) -> None:
+        if self.progress:
+            self.progress(nbytes, tensors)
 
 
 def open_inputs(
     plan: Plan, allow_pickle: bool, storage_options: dict[str, Any]
 ) -> list[Checkpoint]:
+    """The plan's inputs in plan order, opened lazily (headers only)."""
     return [open_checkpoint(u, allow_pickle=allow_pickle, **storage_options) for u in plan.uris]
 
 
@@ -122,64 +128,53 @@ def check_finite(plan: Plan, job: TensorJob, raw: list[torch.Tensor]) -> None:
 
 
 def merge_tensor(
-    plan: Plan,
-    method: Method,
+    ctx: JobContext,
     job: TensorJob,
     raw: list[torch.Tensor],
-    stats: dict[str, Any],
-    device: torch.device,
     model_stats: tuple[torch.Tensor | None, ...] = (),
 ) -> torch.Tensor:
-    """One output tensor: inputs in their stored dtype on ``device``, math in float32 inside the
-    method, result cast to the planned dtype."""
+    """One output tensor: inputs in their stored dtype on the device, math in float32 inside
+    the method, result cast to the planned dtype."""
     if job.copy:
         return raw[0]
-    out = apply_method(plan, method, method.fn, job, raw, stats, device, model_stats)
+    out = apply_method(ctx, ctx.method.fn, job, raw, model_stats)
     return out.to(SAFETENSORS_DTYPES[job.dtype]).cpu()
 
 
 def apply_method(
-    plan: Plan,
-    method: Method,
+    ctx: JobContext,
     fn: MergeFn,
     job: TensorJob,
     raw: list[torch.Tensor],
-    stats: dict[str, Any],
-    device: torch.device,
     model_stats: tuple[torch.Tensor | None, ...] = (),
 ) -> torch.Tensor:
-    """``fn`` (the method's math, or a part of it) on one job's inputs moved to ``device``,
+    """``fn`` (the method's math, or a part of it) on one job's inputs moved to the device,
     with the job's resolved parameters and context (``model_stats``: each model's statistic
     tensor for this job, for data-driven methods)."""
+    plan, device = ctx.plan, ctx.device
     tensors = [t.to(device) for t in raw]
     base, inputs = (tensors[0], tensors[1:]) if plan.has_base else (None, tensors)
-    params = resolve_params(plan.recipe, method, job.name, plan.num_layers)
-    ctx = MergeContext(
+    merge_ctx = MergeContext(
         job.name,
         job.layer,
         plan.recipe.seed,
         device,
-        stats,
+        ctx.stats,
         statistics=plan.statistics,
         model_stats=tuple(None if t is None else t.to(device) for t in model_stats),
     )
-    return fn(base, inputs, params, ctx)
+    return fn(base, inputs, ctx.params(job.name), merge_ctx)
 
 
 def run_unit(
-    plan: Plan,
+    ctx: JobContext,
     unit: WorkUnit,
     sources: Sequence[Checkpoint],
     shard: ShardWriter,
-    stats: dict[str, Any],
-    device: torch.device,
-    progress: Progress | None = None,
-    prefetch_bytes: int = PREFETCH_BYTES,
     statistics: Sequence[Checkpoint] = (),
 ) -> int:
     """Merge one shard's tensors in order into ``shard``; returns the input bytes read.
     ``statistics``: the plan's statistics artifacts, opened, read tensor by tensor."""
-    method = get_method(plan.recipe.method)
     read = 0
     try:
         with (
@@ -187,17 +182,16 @@ def run_unit(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="amalgam-write") as writer,
         ):
             writes: deque = deque()  # at most two merged tensors wait for the disk
-            jobs = prefetched(plan, sources, unit.jobs, prefetch_bytes, pool, statistics)
+            jobs = prefetched(ctx.plan, sources, unit.jobs, ctx.prefetch_bytes, pool, statistics)
             for job, (raw, model_stats) in jobs:
                 n = sum(t.numel() * t.element_size() for t in raw)
-                out = merge_tensor(plan, method, job, raw, stats, device, model_stats)
+                out = merge_tensor(ctx, job, raw, model_stats)
                 del raw, model_stats
                 writes.append(writer.submit(shard.write, job.name, out))
                 if len(writes) > 2:
                     writes.popleft().result()
                 read += n
-                if progress:
-                    progress(n, 1)
+                ctx.report(n, 1)
             while writes:
                 writes.popleft().result()
     except BaseException:
@@ -207,28 +201,47 @@ def run_unit(
     return read
 
 
-def gather_stats(
-    plan: Plan,
-    sources: Sequence[Checkpoint],
-    device: torch.device,
-    progress: Progress | None = None,
+def merged_inputs(
+    ctx: JobContext, sources: Sequence[Checkpoint], pool: ThreadPoolExecutor
+) -> Iterator[tuple[TensorJob, list[torch.Tensor]]]:
+    """Every merged (not copied) tensor's inputs, in plan order, read ahead on ``pool``."""
+    jobs = [j for j in ctx.plan.jobs if not j.copy]
+    for job, (raw, _) in prefetched(ctx.plan, sources, jobs, PREFETCH_BYTES, pool):
+        yield job, raw
+
+
+def run_whole_model_pass(
+    ctx: JobContext, pass_: WholeModelPass, sources: Sequence[Checkpoint]
 ) -> dict[str, Any]:
-    """Run the method's whole-model statistics passes (streaming) and return their results."""
-    method = get_method(plan.recipe.method)
-    if method.global_stats is None:
-        return {}
-    collectors = method.global_stats(resolve_params(plan.recipe, method, None, plan.num_layers))
-    jobs = [j for j in plan.jobs if not j.copy]
+    """Stream every merged tensor's task vectors through the pass's collectors (one streaming
+    pass per collector pass) and return their results by key."""
+    plan, device = ctx.plan, ctx.device
     results: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-stats") as pool:
-        for c in collectors:
-            for pass_ in range(c.passes):
-                for _job, (raw, _) in prefetched(plan, sources, jobs, PREFETCH_BYTES, pool):
+        for c in pass_.collectors(ctx.params(None)):
+            for i in range(c.passes):
+                for _job, raw in merged_inputs(ctx, sources, pool):
                     floats = [t.to(device, torch.float32) for t in raw]
                     base = floats[0] if plan.has_base else torch.zeros_like(floats[0])
-                    c.update(pass_, [x - base for x in floats[1 if plan.has_base else 0 :]])
-                    if progress:
-                        progress(0, 0)
-                c.end_pass(pass_)
+                    c.update(i, [x - base for x in floats[1 if plan.has_base else 0 :]])
+                    ctx.report(0, 0)
+                c.end_pass(i)
             results[c.key] = c.result()
     return results
+
+
+def run_norm_pass(
+    ctx: JobContext, pass_: NormPass, sources: Sequence[Checkpoint]
+) -> tuple[float, float]:
+    """Squared whole-model norms of the step's unscaled merge and of the new model's task
+    vector (the last input minus the base), streamed tensor by tensor (float64 sums in plan
+    order)."""
+    merged_sq = task_sq = 0.0
+    device = ctx.device
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-norms") as pool:
+        for job, raw in merged_inputs(ctx, sources, pool):
+            s = apply_method(ctx, pass_.unscaled, job, raw)
+            tau = torch.sub(raw[-1].to(device).float(), raw[0].to(device).float())
+            merged_sq += float(torch.linalg.vector_norm(s, dtype=torch.float64)) ** 2
+            task_sq += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+    return merged_sq, task_sq

@@ -1,7 +1,10 @@
-"""The merge plan: every output tensor, its inputs checked, grouped into shards. Reads no tensor."""
+"""The merge plan: every output tensor, its inputs checked, grouped into shards, and the passes
+that run it (what the method needs, turned into steps an executor runs). Reads no tensor."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -10,7 +13,9 @@ import torch
 from amalgam import __version__
 from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
 from amalgam.errors import PlanError
-from amalgam.merge.params import layer_index
+from amalgam.merge.base import MergeFn, Method, TensorParams
+from amalgam.merge.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
+from amalgam.merge.params import layer_index, resolve_params
 from amalgam.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -50,6 +55,91 @@ class WorkUnit:
 
 
 @dataclass(frozen=True)
+class DataStatisticsPass:
+    """Find each model's statistics artifact (computed on its data where the recipe names data
+    and the cache has none) and check it against the plan."""
+
+    kind: str
+    settings: str  # the settings as canonical JSON
+
+    def describe(self) -> str:
+        return f"data statistics: {self.kind} {self.settings} for each model"
+
+
+@dataclass(frozen=True)
+class WholeModelPass:
+    """Stream every merged tensor's task vectors through ``collectors`` (built from the
+    recipe-wide parameter values) ``passes`` times; their results reach the tensor pass in
+    ``ctx.stats`` under ``keys``."""
+
+    keys: tuple[str, ...]
+    passes: int
+    collectors: Callable[[TensorParams], list[Collector]] = field(compare=False, repr=False)
+
+    def describe(self) -> str:
+        plural = "es" if self.passes != 1 else ""
+        return (
+            f"whole-model statistics: {', '.join(self.keys)} ({self.passes} streaming pass{plural})"
+        )
+
+
+@dataclass(frozen=True)
+class NormPass:
+    """Stream the whole-model norms of ``unscaled`` (the step's merge before its rescale) and
+    of the new model's task vector; they fix the step's divisor."""
+
+    unscaled: MergeFn = field(compare=False, repr=False)
+
+    def describe(self) -> str:
+        return "norms of the unscaled merge and the new task vector"
+
+
+@dataclass(frozen=True)
+class TensorPass:
+    """Merge every tensor and stream it into the output's shards (local threads or Ray)."""
+
+    def describe(self) -> str:
+        return "tensors: merge each tensor into its shard"
+
+
+@dataclass(frozen=True)
+class AbsorbStep:
+    """One continual step: absorb ``model`` into the running merge by its own passes."""
+
+    model: str
+    passes: tuple[NormPass | TensorPass, ...]
+
+    def describe(self) -> str:
+        return f"absorb '{self.model}': " + "; then ".join(p.describe() for p in self.passes)
+
+
+Pass = DataStatisticsPass | WholeModelPass | NormPass | TensorPass | AbsorbStep
+
+
+def plan_passes(recipe: Recipe, method: Method) -> tuple[Pass, ...]:
+    """The passes that run ``recipe``: one per need the method declares, then the tensor pass;
+    for a running state, one step per model, each with its own passes. Reads nothing."""
+    running = method.need(RunningState)
+    if running is not None:
+        norms = () if running.unscaled is None else (NormPass(running.unscaled),)
+        return tuple(AbsorbStep(m.label, (*norms, TensorPass())) for m in recipe.models)
+    # recipe-wide values: gradients take their first value, overrides do not apply
+    shared = resolve_params(recipe, method, None, 1)
+    passes: list[Pass] = []
+    data = method.need(DataStatistics)
+    if data is not None:
+        kind, settings = data.settings(shared.shared)
+        passes.append(DataStatisticsPass(kind, json.dumps(settings, sort_keys=True)))
+    whole = method.need(WholeModelStatistic)
+    collectors = whole.collectors(shared) if whole is not None else []
+    if whole is not None and collectors:
+        keys = tuple(c.key for c in collectors)
+        count = sum(c.passes for c in collectors)
+        passes.append(WholeModelPass(keys, count, whole.collectors))
+    return (*passes, TensorPass())
+
+
+@dataclass(frozen=True)
 class Plan:
     """Inputs (base first when there is one), shards, and provenance for the output."""
 
@@ -62,6 +152,7 @@ class Plan:
     metadata: dict[str, str] = field(default_factory=dict)
     # Data-driven methods: one statistics artifact per model (not base), in model order.
     statistics: tuple[StatisticsInfo, ...] = ()
+    passes: tuple[Pass, ...] = (TensorPass(),)
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -82,6 +173,8 @@ class Plan:
         lines = [f"method {self.recipe.method}; inputs: {', '.join(self.labels)}"]
         for u in self.units:
             lines.append(f"  {u.file}: {len(u.jobs)} tensors, {u.nbytes / 1e6:.1f} MB")
+        lines.append("passes:")
+        lines += [f"  {i}. {p.describe()}" for i, p in enumerate(self.passes, 1)]
         return "\n".join(lines)
 
 
@@ -138,9 +231,10 @@ def build_plan(
         tuple(labels),
         tuple(c.uri for c in inputs.values()),
         recipe.base is not None,
-        _shards(jobs, recipe.max_shard_size),
+        shard_jobs(jobs, recipe.max_shard_size),
         num_layers,
         metadata,
+        passes=plan_passes(recipe, recipe.method_spec),
     )
 
 
@@ -149,7 +243,9 @@ def _num_layers(ref: Checkpoint, layers: list[int]) -> int:
     return int(configured) if configured else (max(layers) + 1 if layers else 1)
 
 
-def _shards(jobs: list[TensorJob], max_bytes: int) -> tuple[WorkUnit, ...]:
+def shard_jobs(jobs: list[TensorJob], max_bytes: int) -> tuple[WorkUnit, ...]:
+    """Group ``jobs`` (in order) into output shards of at most ``max_bytes`` each (a larger
+    tensor gets a shard of its own)."""
     groups: list[list[TensorJob]] = [[]]
     size = 0
     for j in jobs:

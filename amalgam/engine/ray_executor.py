@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from amalgam import storage
-from amalgam.engine.execute import Progress, open_inputs, open_statistics, pick_device, run_unit
-from amalgam.engine.plan import Plan
+from amalgam.device import pick_device
+from amalgam.engine.execute import JobContext, open_inputs, open_statistics, run_unit
 from amalgam.errors import AmalgamError
 from amalgam.writer import ShardWriter
 
@@ -23,6 +24,7 @@ def ensure_ray(home: Path) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray on loopback (once per process)."""
     for k, v in LOOPBACK_ENV.items():
         os.environ.setdefault(k, v)
+    # lazy: Ray takes seconds to import and only the Ray executor needs it
     import ray
 
     if ray.is_initialized():
@@ -37,49 +39,33 @@ def ensure_ray(home: Path) -> None:
     )
 
 
-def _unit_task(
-    plan: Plan,
-    index: int,
-    staging_uri: str,
-    stats: dict[str, Any],
-    device: str,
-    allow_pickle: bool,
-    storage_options: dict[str, Any],
-) -> int:
+def _unit_task(ctx: JobContext, index: int, staging_uri: str) -> int:
+    ctx = replace(ctx, device=pick_device(ctx.device_name))
+    plan = ctx.plan
     unit = plan.units[index]
-    sources = open_inputs(plan, allow_pickle, storage_options)
+    storage_options = plan.recipe.storage_options
+    sources = open_inputs(plan, ctx.allow_pickle, storage_options)
     statistics = open_statistics(plan, storage_options)
     fs, folder = storage.resolve(staging_uri, **storage_options)
     shard = ShardWriter(fs, storage.join(folder, unit.file), unit.entries(), plan.metadata)
     try:
-        return run_unit(
-            plan, unit, sources, shard, stats, pick_device(device), statistics=statistics
-        )
+        return run_unit(ctx, unit, sources, shard, statistics)
     finally:
         for s in sources + statistics:
             s.close()
 
 
-def run_units_ray(
-    plan: Plan,
-    staging_uri: str,
-    stats: dict[str, Any],
-    device: str,
-    allow_pickle: bool,
-    storage_options: dict[str, Any],
-    home: Path,
-    progress: Progress | None = None,
-) -> int:
-    """Run every shard as a Ray task; returns input bytes read."""
-    ensure_ray(home)
+def run_units_ray(ctx: JobContext, staging_uri: str) -> int:
+    """Run every shard of ``ctx.plan`` as a Ray task writing into ``staging_uri``; returns the
+    input bytes read."""
+    ensure_ray(storage.amalgam_home())
+    # lazy: Ray takes seconds to import and only this executor needs it
     import ray
 
-    gpus = 1 if device in ("cuda", "auto") and _cluster_has_gpu(ray) else 0
+    gpus = 1 if ctx.device_name in ("cuda", "auto") and _cluster_has_gpu(ray) else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_unit_task)
-    pending = {
-        task.remote(plan, i, staging_uri, stats, device, allow_pickle, storage_options): i
-        for i in range(len(plan.units))
-    }
+    shipped = replace(ctx, progress=None)
+    pending = {task.remote(shipped, i, staging_uri): i for i in range(len(ctx.plan.units))}
     total = 0
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -91,8 +77,7 @@ def run_units_ray(
                 ray.cancel(ref)
             raise (exc.cause if isinstance(exc.cause, AmalgamError) else exc) from None
         total += n
-        if progress:
-            progress(n, len(plan.units[i].jobs))
+        ctx.report(n, len(ctx.plan.units[i].jobs))
     return total
 
 

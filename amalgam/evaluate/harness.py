@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from amalgam.device import pick_device
 from amalgam.evaluate.taskdir import EvaluationError, check_tasks, list_tasks
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -36,15 +37,6 @@ def quiet_custom_dataset_notice() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(notice_filter)
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def model_args(model: Path) -> dict[str, str]:
@@ -113,13 +105,15 @@ def _simple_evaluate(
 ) -> tuple[dict, dict[str, str]]:
     """lm-eval's results and the task -> lm-eval task name map."""
     model, tasks_dir = Path(model), Path(tasks_dir)
+    target = str(pick_device(device))
     tasks = list_tasks(tasks_dir) if tasks is None else list(tasks)
     names = check_tasks(tasks_dir, tasks, split)
     args = model_args(model)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    # lazy: lm-eval takes seconds to import and must see the offline settings above first
     import lm_eval
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: as above
 
     with quiet_custom_dataset_notice():
         results = lm_eval.simple_evaluate(
@@ -127,7 +121,7 @@ def _simple_evaluate(
             model_args=args,
             tasks=names,
             task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-            device=resolve_device(device),
+            device=target,
             batch_size=batch_size,
             limit=limit,
             log_samples=log_samples,

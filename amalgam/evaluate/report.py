@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field, computed_field
 
 from amalgam import storage
+from amalgam.device import load_causal_lm
 from amalgam.evaluate import metrics as metric
 from amalgam.evaluate.taskdir import EvaluationError, check_tasks, list_tasks
 
@@ -159,25 +160,14 @@ def score_model(
             )
             model = tokenizer = None
         else:
-            model, tokenizer = _load(folder, spec.device)
+            model, tokenizer = load_causal_lm(folder, spec.device)
             correct = _quick_correct(model, tokenizer, spec, tasks)
         result = ModelResult.from_correct(uri, correct)
         if perplexity:
             if model is None:
-                model, tokenizer = _load(folder, spec.device)
+                model, tokenizer = load_causal_lm(folder, spec.device)
             result.nll, result.tokens = _text_nll(model, tokenizer, spec, tasks)
     return result
-
-
-def _load(folder: Path, device: str) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from amalgam.evaluate.harness import resolve_device
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.to(resolve_device(device)).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def _quick_correct(

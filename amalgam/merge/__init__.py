@@ -1,21 +1,15 @@
-"""Merge methods, one module per family, registered by name."""
+"""Merge methods, one module per family, registered by name.
 
-from amalgam.merge import (  # noqa: F401  (importing a module registers its methods)
-    breadcrumbs,
-    consensus,
-    continual,
-    dare,
-    fisher,
-    linear,
-    model_stock,
-    opcm,
-    pcb,
-    regmean,
-    slerp,
-    task_arithmetic,
-    ties,
-    tsv,
-)
+Importing the package imports every module in it, and each method module registers its methods:
+a new method is one new file here.
+"""
+
+import importlib
+import pkgutil
+
 from amalgam.merge.base import REGISTRY, Method, get_method
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["REGISTRY", "Method", "get_method"]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from amalgam.errors import RecipeError
+from amalgam.merge.needs import DataStatistics, N, Need, RunningState
 
 if TYPE_CHECKING:
     from amalgam.statistics.artifact import StatisticsInfo
@@ -121,7 +122,10 @@ MergeFn = Callable[
 
 @dataclass(frozen=True)
 class Method:
-    """A registered merge method: its math plus the contract the planner validates up front."""
+    """A registered merge method: its math plus the contract the planner validates up front.
+
+    ``needs`` declares what the method reads besides each tensor's inputs; the planner turns
+    each need into passes of the plan (none: one tensor pass)."""
 
     name: str
     fn: MergeFn
@@ -131,22 +135,27 @@ class Method:
     needs_base: bool = True
     min_models: int = 1
     max_models: int | None = None
-    # Returns the whole-model statistics this recipe needs before the per-tensor pass, if any.
-    global_stats: Callable[[TensorParams], list[Any]] | None = None
     # Extra recipe checks beyond each parameter's range: returns problems (field: message).
     check_recipe: Callable[[Any], list[str]] | None = None
-    # Shape 2 (continual): ``fn`` absorbs one model into the running merge. Its inputs are
-    # [model] on the first step and [merged, model] after; ``ctx.stats[STEP_KEY]`` is the Step.
-    continual: bool = False
-    # For a continual method that rescales by a whole-model norm (OPCM): the step's merged task
-    # vector before that rescale; the engine sums its squared norm in a first streaming pass.
-    unscaled: MergeFn | None = None
-    # Data-driven methods: the per-model statistics they read, as (kind, settings) from the
-    # shared parameter values; every model then names its data or a statistics artifact.
-    statistics: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]] | None = None
+    needs: tuple[Need, ...] = ()
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def need(self, kind: type[N]) -> N | None:
+        """The method's need of type ``kind``, if it declares one."""
+        return next((n for n in self.needs if isinstance(n, kind)), None)
+
+    @property
+    def continual(self) -> bool:
+        """Whether the method absorbs models one at a time (a RunningState)."""
+        return self.need(RunningState) is not None
+
+    @property
+    def statistics(self) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]]] | None:
+        """The data statistics' (kind, settings) of the shared parameters, if any are read."""
+        need = self.need(DataStatistics)
+        return None if need is None else need.settings
 
 
 REGISTRY: dict[str, Method] = {}
@@ -157,9 +166,13 @@ def register(method: Method) -> Method:
     return method
 
 
-def get_method(name: str) -> Method:
-    from amalgam import merge  # noqa: F401  (imports every method module, filling REGISTRY)
+def unregister(name: str) -> None:
+    """Forget a method (tests register throwaway methods)."""
+    REGISTRY.pop(name, None)
 
+
+def get_method(name: str) -> Method:
+    """The registered method ``name`` (importing ``amalgam.merge`` registers every method)."""
     try:
         return REGISTRY[name]
     except KeyError:

@@ -30,7 +30,7 @@ from amalgam.merge.task_vectors import (
     normalize_param,
     task_vector_merge,
 )
-from amalgam.merge.ties import TRIM, check_model_trim, model_trim_stats, trim
+from amalgam.merge.ties import MODEL_TRIM, TRIM, check_model_trim, trim
 
 MASK_LAMBDA = Param(
     "mask_lambda",
@@ -99,7 +99,7 @@ register(
         ),
         summary="TIES (agreeing entries summed), restricted to entries k TALL masks agree on",
         paper="arXiv 2405.07813",
-        global_stats=model_trim_stats,
         check_recipe=check_consensus_ties,
+        needs=(MODEL_TRIM,),
     )
 )

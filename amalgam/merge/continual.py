@@ -32,6 +32,7 @@ from amalgam.merge.base import (
     TensorParams,
     register,
 )
+from amalgam.merge.needs import RunningState
 from amalgam.merge.sparsify import trim_magnitude
 from amalgam.merge.task_vectors import combine
 
@@ -83,9 +84,10 @@ def check_continual(recipe: Any) -> list[str]:
 
 
 def continual(
-    name: str, fn: MergeFn, params: tuple[Param, ...], summary: str, **extra: Any
+    name: str, fn: MergeFn, params: tuple[Param, ...], summary: str, unscaled: MergeFn | None = None
 ) -> Method:
-    """Register a continual method (a base is required; shared parameters only)."""
+    """Register a continual method (a base is required; shared parameters only); ``unscaled``:
+    see ``RunningState``."""
     return register(
         Method(
             name=name,
@@ -94,8 +96,7 @@ def continual(
             summary=summary,
             paper="arXiv 2501.09522",
             check_recipe=check_continual,
-            continual=True,
-            **extra,
+            needs=(RunningState(unscaled),),
         )
     )
 

@@ -8,8 +8,9 @@ import torch
 
 from amalgam.errors import MergeError
 from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
-from amalgam.statistics.compute import DEFAULT_SAMPLES
-from amalgam.statistics.fisher import VARIANTS
+from amalgam.merge.needs import DataStatistics
+from amalgam.merge.params import recipe_wide
+from amalgam.statistics.settings import DEFAULT_SAMPLES, VARIANTS
 
 SAMPLES = Param(
     "samples", DEFAULT_SAMPLES, "examples of each model's data used for its statistics",
@@ -61,16 +62,6 @@ def fisher_statistics(shared: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "fisher", {"samples": int(shared["samples"]), "fisher": shared["fisher"]}
 
 
-def check_statistics_params(recipe: Any) -> list[str]:
-    """Statistics settings are per recipe: an override cannot change them for some tensors."""
-    return [
-        f"overrides[{j}].params.{key}: set for the whole recipe, not per tensor"
-        for j, o in enumerate(recipe.overrides)
-        for key in o.params
-        if key in ("samples", "fisher")
-    ]
-
-
 register(
     Method(
         name="fisher",
@@ -98,7 +89,7 @@ register(
         summary="element-wise average weighted by each model's diagonal Fisher on its data",
         paper="arXiv 2111.09832",
         needs_base=False,
-        statistics=fisher_statistics,
-        check_recipe=check_statistics_params,
+        check_recipe=recipe_wide(("samples", "fisher")),
+        needs=(DataStatistics(fisher_statistics),),
     )
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from amalgam.merge.base import Method, TensorParams
@@ -56,3 +57,34 @@ def resolve_params(
         return {k: interpolate(v, layer, num_layers) for k, v in values.items()}
 
     return TensorParams(at_layer(shared), tuple(at_layer(v) for v in per_model))
+
+
+def recipe_wide(names: tuple[str, ...], when: tuple[str, str] | None = None) -> Callable:
+    """A ``check_recipe`` for parameters that take one value for the whole recipe (read by a
+    whole-model or data pass): no layer gradient, no per-tensor override. ``when``: only while
+    the shared parameter ``when[0]`` has the value ``when[1]`` (``("trim", "model")``)."""
+    because = f" with {when[0]}: {when[1]}" if when else ""
+
+    def check(recipe: Any) -> list[str]:
+        if when is not None and recipe.params.get(when[0]) != when[1]:
+            return []
+        places = [("params", recipe.params)] + [
+            (f"models[{i}].params", m.params) for i, m in enumerate(recipe.models)
+        ]
+        for j, o in enumerate(recipe.overrides):
+            places.append((f"overrides[{j}].params", o.params))
+            places += [(f"overrides[{j}].models.{k}", v) for k, v in o.models.items()]
+        problems = []
+        for where, values in places:
+            for name in names:
+                if name not in values:
+                    continue
+                if where.startswith("overrides"):
+                    problems.append(f"{where}.{name}: one value for the whole recipe{because}")
+                elif isinstance(values[name], list):
+                    problems.append(
+                        f"{where}.{name}: one value for the whole recipe{because}, not a gradient"
+                    )
+        return problems
+
+    return check

@@ -20,11 +20,12 @@ The official code searches per-model lambda_i in [0.8, 1.3]; here ``weight`` pla
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 
 from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.merge.needs import WholeModelStatistic
+from amalgam.merge.params import recipe_wide
 from amalgam.merge.stats import OrderStatistics
 from amalgam.merge.task_vectors import LAMBDA, WEIGHT
 
@@ -172,25 +173,6 @@ def model_scope_stats(p: TensorParams) -> list[PCBStatistics]:
     return [PCBStatistics(p.each("density"), p.shared["clamp"])]
 
 
-def check_model_scope(recipe: Any) -> list[str]:
-    """``scope: model`` takes one density per model and one clamp: no overrides or gradients."""
-    if recipe.params.get("scope") != "model":
-        return []
-    problems = []
-    places = [("params", recipe.params)] + [
-        (f"models[{i}].params", m.params) for i, m in enumerate(recipe.models)
-    ]
-    for where, values in places:
-        for name in ("density", "clamp"):
-            if isinstance(values.get(name), list):
-                problems.append(f"{where}.{name}: scope: model takes one value, not a gradient")
-    for j, o in enumerate(recipe.overrides):
-        names = set(o.params) | {k for v in o.models.values() for k in v}
-        for name in sorted(names & {"density", "clamp"}):
-            problems.append(f"overrides[{j}]: scope: model takes no per-tensor '{name}'")
-    return problems
-
-
 register(
     Method(
         name="pcb",
@@ -198,7 +180,7 @@ register(
         params=PARAMS,
         summary="weight task-vector entries by intra- and inter-task balancing, keep the top ratio",
         paper="arXiv 2410.02396",
-        global_stats=model_scope_stats,
-        check_recipe=check_model_scope,
+        check_recipe=recipe_wide(("density", "clamp"), when=("scope", "model")),
+        needs=(WholeModelStatistic(model_scope_stats),),
     )
 )

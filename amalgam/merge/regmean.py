@@ -9,8 +9,10 @@ import torch
 
 from amalgam.errors import MergeError
 from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
-from amalgam.merge.fisher import SAMPLES, check_statistics_params, model_weights
-from amalgam.statistics.compute import settings_for
+from amalgam.merge.fisher import SAMPLES, model_weights
+from amalgam.merge.needs import DataStatistics
+from amalgam.merge.params import recipe_wide
+from amalgam.statistics.settings import settings_for
 
 
 def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,7 @@ register(
         "outputs on its data; other tensors averaged",
         paper="arXiv 2212.09849",
         needs_base=False,
-        statistics=gram_statistics,
-        check_recipe=check_statistics_params,
+        check_recipe=recipe_wide(("samples",)),
+        needs=(DataStatistics(gram_statistics),),
     )
 )

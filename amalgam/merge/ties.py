@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import torch
 
 from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.merge.needs import WholeModelStatistic
+from amalgam.merge.params import recipe_wide
 from amalgam.merge.sparsify import at_least, trim_threshold
 from amalgam.merge.stats import MagnitudeThreshold
 from amalgam.merge.task_vectors import (
@@ -57,25 +58,9 @@ def model_trim_stats(p: TensorParams) -> list[MagnitudeThreshold]:
     return [MagnitudeThreshold(p.each("density"))] if p.shared["trim"] == "model" else []
 
 
-def check_model_trim(recipe: Any) -> list[str]:
-    """``trim: model`` takes one density per model: no overrides, no layer gradients."""
-    if recipe.params.get("trim") != "model":
-        return []
-    problems = []
-    places = [("params", recipe.params)] + [
-        (f"models[{i}].params", m.params) for i, m in enumerate(recipe.models)
-    ]
-    for where, values in places:
-        if isinstance(values.get("density"), list):
-            problems.append(f"{where}.density: trim: model takes one density, not a gradient")
-    for j, o in enumerate(recipe.overrides):
-        if "density" in o.params or any("density" in v for v in o.models.values()):
-            problems.append(
-                f"overrides[{j}]: trim: model takes one density per model, "
-                "not a per-tensor override"
-            )
-    return problems
-
+# ``trim: model`` takes one density per model, and a whole-model pass finds each threshold.
+check_model_trim = recipe_wide(("density",), when=("trim", "model"))
+MODEL_TRIM = WholeModelStatistic(model_trim_stats)
 
 register(
     Method(
@@ -84,7 +69,7 @@ register(
         params=(WEIGHT, DENSITY, LAMBDA, normalize_param(True), CONSENSUS, TRIM),
         summary="trim each task vector to its top-density entries, elect a sign, average agreeing",
         paper="arXiv 2306.01708",
-        global_stats=model_trim_stats,
         check_recipe=check_model_trim,
+        needs=(MODEL_TRIM,),
     )
 )

@@ -14,9 +14,9 @@ import torch
 from amalgam import __version__, storage
 from amalgam.checkpoint import file_hash, open_checkpoint
 from amalgam.errors import CheckpointError, StatisticsError
+from amalgam.statistics.settings import KINDS
 from amalgam.writer import shard_header
 
-KINDS = ("fisher", "gram")
 MARKER = "amalgam_statistics"  # metadata key naming the kind
 
 

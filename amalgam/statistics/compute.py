@@ -4,43 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from amalgam import storage
 from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.device import compute_threads, load_causal_lm
 from amalgam.errors import StatisticsError
-from amalgam.statistics.artifact import KINDS, StatisticsInfo, read_info, write_artifact
+from amalgam.statistics.artifact import StatisticsInfo, read_info, write_artifact
 from amalgam.statistics.data import encode, load_examples
-from amalgam.statistics.fisher import VARIANTS
+from amalgam.statistics.fisher import fisher_diagonal
+from amalgam.statistics.gram import gram_matrices
+from amalgam.statistics.settings import settings_for, statistic_shape
 
-DEFAULT_SAMPLES = 256  # FusionBench's count for both Fisher and RegMean
-# Bumped when a kind's artifacts change content, so older cached artifacts are not reused.
-# Gram 2: artifacts also hold the input embedding's token shares.
-GRAM_VERSION = 2
-
-
-def settings_for(kind: str, samples: int = DEFAULT_SAMPLES, fisher: str = "sampled") -> dict:
-    """The settings that change a statistic's value (part of its cache key), checked."""
-    if kind not in KINDS:
-        raise StatisticsError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise StatisticsError(f"samples: expected a positive integer, got {samples!r}")
-    if kind == "gram":
-        return {"samples": samples, "version": GRAM_VERSION}
-    if fisher not in VARIANTS:
-        raise StatisticsError(f"fisher: expected one of {list(VARIANTS)}, got {fisher!r}")
-    return {"samples": samples, "fisher": fisher}
-
-
-def statistic_shape(kind: str, tensor_shape: Sequence[int], ndim: int) -> tuple[int, ...]:
-    """The shape a ``kind`` statistic of ``ndim`` dimensions must have for a tensor of
-    ``tensor_shape``: Fisher the tensor's own; Gram (in x in) for a linear layer, or one token
-    share per row (a vector) for an input embedding."""
-    if kind == "fisher":
-        return tuple(tensor_shape)
-    return tuple(tensor_shape[:1]) if ndim == 1 else (tensor_shape[-1],) * 2
+__all__ = [
+    "cache_path",
+    "cached_statistics",
+    "compute_statistics",
+    "settings_for",  # the CLI's import path for it
+]
 
 
 def cache_path(model_hash: str, data_hash: str, kind: str, settings: dict) -> Path:
@@ -56,17 +38,10 @@ def _load_model(ckpt: Checkpoint, device: str) -> tuple[Any, Any]:
             f"{ckpt.uri}: statistics need a local Hugging Face model folder (config.json, "
             "weights and tokenizer) to run the model"
         )
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from amalgam.engine.execute import pick_device
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ckpt.root)
-        model = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=torch.float32)
+        return load_causal_lm(ckpt.root, device)
     except (OSError, ValueError) as exc:
         raise StatisticsError(f"{ckpt.uri}: cannot load the model to run it ({exc})") from None
-    return model.to(pick_device(device)), tokenizer
 
 
 def compute_statistics(
@@ -85,8 +60,6 @@ def compute_statistics(
     ``kind`` statistics to ``output``, keyed by the names of the model's own tensors.
     ``threads``: torch compute threads (default: all cores but one, as for merges);
     ``loaded``: ``load_examples(data)``'s result when the caller has it already."""
-    from amalgam.engine.execute import compute_threads
-
     examples, data_hash = loaded or load_examples(data, **storage_options)
     with compute_threads(threads):
         tensors, used, tokens, model_hash = _run(model_uri, data, examples, kind, settings, device)
@@ -112,15 +85,11 @@ def _run(
         max_length = int((ckpt.config or {}).get("max_position_embeddings") or 2048)
         encoded = encode(tokenizer, examples[: settings["samples"]], max_length)
         if kind == "fisher":
-            from amalgam.statistics.fisher import fisher_diagonal
-
             tensors, used = fisher_diagonal(model, encoded, settings["fisher"])
             tokens = sum(len(e.ids) - e.start for e in encoded if e.start < len(e.ids))
             if not used:
                 raise StatisticsError(f"{data}: no example has a token to score")
         else:
-            from amalgam.statistics.gram import gram_matrices
-
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             tensors, tokens = gram_matrices(model, encoded, pad)
             used = len(encoded)

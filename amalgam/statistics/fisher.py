@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from amalgam.statistics.data import Encoded
+from amalgam.statistics.settings import VARIANTS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-VARIANTS = ("sampled", "empirical")
 
 
 def fisher_diagonal(

@@ -145,7 +145,7 @@ def test_consensus_ties_model_trim_reads_thresholds(merge):
         (
             "consensus_ties",
             {"params": {"trim": "model", "density": [0.1, 0.2]}},
-            "params.density: trim: model takes one density",
+            "params.density: one value for the whole recipe with trim: model, not a gradient",
         ),
         ("consensus_ties", {"params": {"consensus": "max"}}, "params.consensus: expected one of"),
     ],

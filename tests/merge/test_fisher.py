@@ -85,7 +85,10 @@ SAMPLES_OVERRIDE = [{"match": "x", "params": {"samples": 4}}]
         (recipe("fisher", params={"samples": 0}), "params.samples: must be in"),
         (recipe("fisher", params={"fisher": "exact"}), "params.fisher: expected one of"),
         (recipe("fisher", params={"epsilon": -1}), "params.epsilon: must be in"),
-        (recipe("fisher", overrides=SAMPLES_OVERRIDE), r"overrides\[0\]\.params\.samples: set for"),
+        (
+            recipe("fisher", overrides=SAMPLES_OVERRIDE),
+            r"overrides\[0\]\.params\.samples: one value for the whole recipe",
+        ),
         (recipe("regmean", params={"alpha": 1.5}), "params.alpha: must be in"),
         (recipe("regmean", models=PER_MODEL_SAMPLES), "a shared parameter"),
     ],

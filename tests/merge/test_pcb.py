@@ -134,14 +134,20 @@ def test_per_model_density_error_names_the_model():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"params": {"scope": "model", "density": [0.1, 0.2]}}, "params.density: scope: model"),
-        ({"params": {"scope": "model", "clamp": [0.0, 0.1]}}, "params.clamp: scope: model"),
+        (
+            {"params": {"scope": "model", "density": [0.1, 0.2]}},
+            "params.density: one value for the whole recipe with scope: model",
+        ),
+        (
+            {"params": {"scope": "model", "clamp": [0.0, 0.1]}},
+            "params.clamp: one value for the whole recipe with scope: model",
+        ),
         (
             {
                 "params": {"scope": "model"},
                 "overrides": [{"match": "mlp", "models": {"m0": {"density": 0.5}}}],
             },
-            r"overrides\[0\]: scope: model takes no per-tensor 'density'",
+            r"overrides\[0\].models.m0.density: one value for the whole recipe with scope: model",
         ),
         ({"params": {"scope": "layer"}}, "params.scope: expected one of"),
     ],

@@ -1,32 +1,26 @@
-"""Resolve each recipe model's statistics artifact before a data-driven merge, and check it."""
+"""The data statistics pass: resolve each recipe model's statistics artifact, and check it."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from amalgam.checkpoint import Checkpoint
-from amalgam.engine.plan import MAX_LISTED, Plan
+from amalgam.engine.plan import MAX_LISTED, DataStatisticsPass, Plan
 from amalgam.errors import StatisticsError
-from amalgam.merge.base import get_method
-from amalgam.merge.params import resolve_params
 from amalgam.statistics.artifact import StatisticsInfo, read_info
-from amalgam.statistics.compute import cached_statistics, statistic_shape
+from amalgam.statistics.compute import cached_statistics
 from amalgam.statistics.data import load_examples
+from amalgam.statistics.settings import statistic_shape
 
 
 def attach_statistics(
-    plan: Plan,
-    inputs: dict[str, Checkpoint],
-    device: str = "auto",
+    plan: Plan, inputs: dict[str, Checkpoint], pass_: DataStatisticsPass, device: str = "auto"
 ) -> Plan:
     """The plan with one checked statistics artifact per model (computed and cached where the
     recipe names data but no artifact); their content hashes join the output's provenance."""
     recipe = plan.recipe
-    method = get_method(recipe.method)
-    if method.statistics is None:
-        return plan
-    shared = resolve_params(recipe, method, None, plan.num_layers).shared
-    kind, settings = method.statistics(shared)
+    method, kind, settings = recipe.method, pass_.kind, json.loads(pass_.settings)
     infos = []
     for i, m in enumerate(recipe.models):
         where = f"models[{i}] ({m.label})"
@@ -35,7 +29,7 @@ def attach_statistics(
             if info.kind != kind:
                 raise StatisticsError(
                     f"{where}.statistics: {m.statistics} holds {info.kind} statistics, "
-                    f"method '{method.name}' reads {kind}"
+                    f"method '{method}' reads {kind}"
                 )
             model_hash = inputs[m.label].content_hash()
             if info.model_hash != model_hash:
@@ -52,7 +46,7 @@ def attach_statistics(
                 m.uri, m.data, kind, settings, device=device, **recipe.storage_options
             )
         else:
-            raise StatisticsError(f"{where}: give data: or statistics: for '{method.name}'")
+            raise StatisticsError(f"{where}: give data: or statistics: for '{method}'")
         infos.append(info)
     _check_coverage(plan, infos, kind)
     provenance = ";".join(

@@ -1,0 +1,73 @@
+"""How to run a merge (the CLI's flags mirror these fields), what a run reports, where it goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from amalgam.engine.execute import PREFETCH_BYTES, JobContext, Progress
+from amalgam.engine.plan import Plan
+from amalgam.errors import OutputError
+from amalgam.recipe import Recipe
+
+
+class MergeOptions(BaseModel):
+    """How to run a recipe (the CLI's flags mirror these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: str | None = None
+    executor: Literal["local", "ray"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    overwrite: bool = False
+    allow_pickle: bool = False
+    prefetch_bytes: int = PREFETCH_BYTES
+    # Compute threads; default: all cores but one, which is left to reads and writes.
+    threads: int | None = Field(default=None, ge=1)
+    # Continual methods: the output of an earlier continual merge to absorb the models into.
+    continue_from: str | None = None
+
+
+@dataclass
+class MergeResult:
+    output: str
+    plan: Plan
+    seconds: float
+    input_bytes: int
+    peak_rss_bytes: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.input_bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+def output_of(recipe: Recipe, options: MergeOptions) -> str:
+    """Where the merge goes: ``--output``, else the recipe's ``output``."""
+    output = options.output or recipe.output
+    if not output:
+        raise OutputError("output: no output given (set output: in the recipe or pass --output)")
+    return output
+
+
+def job_context(
+    plan: Plan,
+    options: MergeOptions,
+    device: torch.device,
+    progress: Progress | None = None,
+    stats: dict[str, Any] | None = None,
+) -> JobContext:
+    """The context the passes of ``plan`` run with, as ``options`` say (``device``: the
+    resolved ``options.device``)."""
+    return JobContext(
+        plan=plan,
+        method=plan.recipe.method_spec,
+        device=device,
+        device_name=options.device,
+        allow_pickle=options.allow_pickle,
+        stats=stats or {},
+        prefetch_bytes=options.prefetch_bytes,
+        progress=progress,
+    )

@@ -1,0 +1,86 @@
+"""Run a recipe: plan it, then run the plan's passes in order on the chosen executor."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from amalgam.checkpoint import Checkpoint
+from amalgam.device import compute_threads, pick_device
+from amalgam.engine.continual import run_continual
+from amalgam.engine.data_statistics import attach_statistics
+from amalgam.engine.execute import JobContext, Progress, run_whole_model_pass
+from amalgam.engine.inputs import open_recipe_inputs, plan_inputs
+from amalgam.engine.options import MergeOptions, MergeResult, job_context, output_of
+from amalgam.engine.plan import (
+    AbsorbStep,
+    DataStatisticsPass,
+    Pass,
+    TensorPass,
+    WholeModelPass,
+    plan_passes,
+)
+from amalgam.engine.write import write_output
+from amalgam.errors import RecipeError
+from amalgam.recipe import Recipe
+
+# A pass runner: (pass, context, opened inputs, options) -> (context for the next pass, bytes read)
+Runner = Callable[[Pass, JobContext, dict[str, Checkpoint], MergeOptions], tuple[JobContext, int]]
+
+
+def run_merge(
+    recipe: Recipe, options: MergeOptions | None = None, progress: Progress | None = None
+) -> MergeResult:
+    """Merge ``recipe`` into its output folder; nothing is left at the output on failure."""
+    options = options or MergeOptions()
+    if any(isinstance(p, AbsorbStep) for p in plan_passes(recipe, recipe.method_spec)):
+        # steps absorb one model each, carrying the running state from one to the next
+        return run_continual(recipe, options, progress)
+    if options.continue_from:
+        raise RecipeError(f"continue_from: method '{recipe.method}' is not a continual method")
+    start = time.perf_counter()
+    inputs = open_recipe_inputs(recipe, options.allow_pickle)
+    read = 0
+    try:
+        with compute_threads(options.threads):
+            plan = plan_inputs(recipe, inputs, options)
+            ctx = job_context(plan, options, pick_device(options.device), progress)
+            for pass_ in plan.passes:
+                ctx, n = RUNNERS[type(pass_)](pass_, ctx, inputs, options)
+                read += n
+    finally:
+        for c in inputs.values():
+            c.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return MergeResult(
+        output_of(recipe, options), ctx.plan, time.perf_counter() - start, read, peak
+    )
+
+
+def _data_statistics(
+    pass_: DataStatisticsPass, ctx: JobContext, inputs: dict[str, Checkpoint], options: MergeOptions
+) -> tuple[JobContext, int]:
+    plan = attach_statistics(ctx.plan, inputs, pass_, options.device)
+    return replace(ctx, plan=plan), 0
+
+
+def _whole_model(
+    pass_: WholeModelPass, ctx: JobContext, inputs: dict[str, Checkpoint], options: MergeOptions
+) -> tuple[JobContext, int]:
+    stats = run_whole_model_pass(ctx, pass_, list(inputs.values()))
+    return replace(ctx, stats={**ctx.stats, **stats}), 0
+
+
+def _tensors(
+    pass_: TensorPass, ctx: JobContext, inputs: dict[str, Checkpoint], options: MergeOptions
+) -> tuple[JobContext, int]:
+    return ctx, write_output(ctx, inputs, options)
+
+
+RUNNERS: dict[type, Runner] = {
+    DataStatisticsPass: _data_statistics,
+    WholeModelPass: _whole_model,
+    TensorPass: _tensors,
+}

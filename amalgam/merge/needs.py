@@ -1,0 +1,61 @@
+"""What a method needs besides each tensor's inputs; the planner turns each need into passes.
+
+A method lists its needs in ``Method.needs`` (none: one tensor pass). See docs/methods.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+
+class Collector(Protocol):
+    """Reduces per-tensor summaries of every model's task vectors into a small whole-model
+    statistic over ``passes`` streaming passes; the tensor pass reads ``result()`` from
+    ``ctx.stats[key]``."""
+
+    key: str
+    passes: int
+
+    def update(self, pass_: int, deltas: list[torch.Tensor]) -> None: ...
+
+    def end_pass(self, pass_: int) -> None: ...
+
+    def result(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class WholeModelStatistic:
+    """Need: whole-model statistics, streamed over every merged tensor before the tensor pass
+    (TIES's global top-k threshold, PCB's whole-model order statistics). ``collectors`` gets
+    the recipe-wide parameter values and returns the collectors this recipe needs (none: no
+    pass)."""
+
+    collectors: Callable[[Any], list[Collector]]  # (TensorParams) -> collectors
+
+
+@dataclass(frozen=True)
+class DataStatistics:
+    """Need: per-model statistics from running each model on its data, one artifact per model
+    (Fisher diagonals, Gram matrices). ``settings`` maps the shared parameter values to
+    (kind, settings); the tensor pass reads ``ctx.statistics`` and ``ctx.model_stats``."""
+
+    settings: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class RunningState:
+    """Need: a running merge that absorbs one model per step (DESIGN shape 2). ``fn`` gets
+    [model] on the first step and [merged, model] after, with ``ctx.stats[STEP_KEY]`` the Step.
+    With ``unscaled`` (the step's merged task vector before a whole-model rescale), each step
+    first streams the squared norms of that and of the new task vector; the step's divisor is
+    then ||unscaled|| / mean_j ||tau_j|| over the absorbed models (OPCM's lambda_t)."""
+
+    unscaled: Callable[..., Any] | None = None  # a MergeFn
+
+
+Need = WholeModelStatistic | DataStatistics | RunningState
+N = TypeVar("N", WholeModelStatistic, DataStatistics, RunningState)

@@ -1,0 +1,39 @@
+"""What names a statistic: its kind and the settings that change its value (no I/O, no model).
+
+Methods import this to declare the statistics they read; computing them lives in ``compute``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from amalgam.errors import StatisticsError
+
+KINDS = ("fisher", "gram")
+VARIANTS = ("sampled", "empirical")  # Fisher targets: drawn from the model, or the data's own
+DEFAULT_SAMPLES = 256  # FusionBench's count for both Fisher and RegMean
+# Bumped when a kind's artifacts change content, so older cached artifacts are not reused.
+# Gram 2: artifacts also hold the input embedding's token shares.
+GRAM_VERSION = 2
+
+
+def settings_for(kind: str, samples: int = DEFAULT_SAMPLES, fisher: str = "sampled") -> dict:
+    """The settings that change a statistic's value (part of its cache key), checked."""
+    if kind not in KINDS:
+        raise StatisticsError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise StatisticsError(f"samples: expected a positive integer, got {samples!r}")
+    if kind == "gram":
+        return {"samples": samples, "version": GRAM_VERSION}
+    if fisher not in VARIANTS:
+        raise StatisticsError(f"fisher: expected one of {list(VARIANTS)}, got {fisher!r}")
+    return {"samples": samples, "fisher": fisher}
+
+
+def statistic_shape(kind: str, tensor_shape: Sequence[int], ndim: int) -> tuple[int, ...]:
+    """The shape a ``kind`` statistic of ``ndim`` dimensions must have for a tensor of
+    ``tensor_shape``: Fisher the tensor's own; Gram (in x in) for a linear layer, or one token
+    share per row (a vector) for an input embedding."""
+    if kind == "fisher":
+        return tuple(tensor_shape)
+    return tuple(tensor_shape[:1]) if ndim == 1 else (tensor_shape[-1],) * 2
