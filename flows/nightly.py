@@ -1,6 +1,9 @@
-"""nightly: the library's nightly run (:func:`amalgam.nightly.run_nightly`) as a flow."""
+"""nightly: the library's nightly run (:func:`amalgam.nightly.run_nightly`) as a flow.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: ``amalgam serve`` loads this file by its
+entrypoint and Prefect hands the flow to each run's process by value, where the annotations
+must already be types (a string would name a class the pickled function cannot resolve).
+"""
 
 from prefect import flow
 
