@@ -19,22 +19,7 @@ from amalgam.engine.continual import absorbed_hashes
 from amalgam.fetch import FetchedModel
 from amalgam.pipeline_config import NightlyConfig, load_nightly_config
 from amalgam.registry import CHAMPION, PromotionRefused, Registry
-from amalgam.stages import (
-    DiscoverInput,
-    DiscoverStage,
-    EvaluateInput,
-    EvaluateStage,
-    FetchInput,
-    FetchStage,
-    MergeInput,
-    MergeStage,
-    RegisterInput,
-    RegisterStage,
-    Runner,
-    StageReport,
-    execute,
-    registry_for,
-)
+from amalgam.stages import base, discover, evaluate, fetch, merge, register
 from amalgam.storage import amalgam_home
 
 log = logging.getLogger(__name__)
@@ -56,8 +41,10 @@ class NightlyResult:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def report(self) -> StageReport:
-        return StageReport(markdown={"nightly": f"### nightly: {self.status}\n\n{self.message}"})
+    def report(self) -> base.StageReport:
+        return base.StageReport(
+            markdown={"nightly": f"### nightly: {self.status}\n\n{self.message}"}
+        )
 
 
 @dataclass(frozen=True)
@@ -95,16 +82,20 @@ def new_experts(found: list[FetchedModel], champion: Champion) -> list[FetchedMo
     return [m for m in found if m.content_hash not in champion.absorbed]
 
 
-def run_nightly(config: NightlyConfig | str | Path, runner: Runner = execute) -> NightlyResult:
+def run_nightly(
+    config: NightlyConfig | str | Path, runner: base.Runner = base.execute
+) -> NightlyResult:
     """Find experts the champion has not absorbed, absorb them with the recipe's continual
     method, evaluate against the champion, register as candidate, and promote only when every
     gate passes (under the registry's lock, against the champion it was measured with)."""
     config = config if isinstance(config, NightlyConfig) else load_nightly_config(config)
     name = config.model_name
     spec = config.template.register
-    registry = registry_for(spec)
+    registry = register.registry_for(spec)
     champion = Champion.of(registry, name)
-    found = runner(DiscoverStage(), DiscoverInput(config.experts, config.expert_options))
+    found = runner(
+        discover.DiscoverStage(), discover.DiscoverInput(config.experts, config.expert_options)
+    )
     new = new_experts(found, champion)
     if not new:
         return said(
@@ -117,10 +108,10 @@ def run_nightly(config: NightlyConfig | str | Path, runner: Runner = execute) ->
         )
     recipe = config.recipe_for([{"uri": m.uri, "name": m.label} for m in new])
     output = workdir(config) / candidate_key(champion.content_hash, recipe.hash(), new)
-    fetched = runner(FetchStage(), FetchInput(recipe))
+    fetched = runner(fetch.FetchStage(), fetch.FetchInput(recipe))
     recipe, inputs = fetched.recipe, fetched.models
     options = MergeOptions(output=str(output), continue_from=champion.uri, executor=config.executor)
-    merged = runner(MergeStage(), MergeInput(recipe, options, inputs))
+    merged = runner(merge.MergeStage(), merge.MergeInput(recipe, options, inputs))
     labels = [m.label for m in new]
     seen = registry.find_version(name, merged.content_hash)
     if seen is not None:
@@ -139,11 +130,11 @@ def run_nightly(config: NightlyConfig | str | Path, runner: Runner = execute) ->
                     outcome.reason.split("; "),
                 )
             )
-    evaluate = EvaluateInput(recipe, merged.output, champion.uri, champion.version)
-    report = runner(EvaluateStage(runner), evaluate)
+    job = evaluate.EvaluateInput(recipe, merged.output, champion.uri, champion.version)
+    report = runner(evaluate.EvaluateStage(runner), job)
     extra = {"champion": (champion.uri, champion.content_hash)} if champion.uri else {}
-    entry = RegisterInput(recipe, merged, inputs, report, extra_parents=extra)
-    registered = runner(RegisterStage(), entry)
+    entry = register.RegisterInput(recipe, merged, inputs, report, extra_parents=extra)
+    registered = runner(register.RegisterStage(), entry)
     try:
         result = registry.promote(name, registered.version, spec.gates, report=report)
     except PromotionRefused as refused:

@@ -14,22 +14,13 @@ from pathlib import Path
 from amalgam.engine import MergeOptions
 from amalgam.recipe import Recipe, load_recipe
 from amalgam.registry import CHAMPION
-from amalgam.stages import (
-    AlignStage,
-    CompressInput,
-    CompressStage,
-    EvaluateInput,
-    EvaluateStage,
-    FetchInput,
-    FetchStage,
-    MergeInput,
-    MergeStage,
-    RegisterInput,
-    RegisterStage,
-    Runner,
-    execute,
-    registry_for,
-)
+from amalgam.stages.align import AlignStage
+from amalgam.stages.base import Runner, execute
+from amalgam.stages.compress import CompressInput, CompressStage
+from amalgam.stages.evaluate import EvaluateInput, EvaluateStage
+from amalgam.stages.fetch import FetchInput, FetchStage
+from amalgam.stages.merge import MergeInput, MergeStage
+from amalgam.stages.register import RegisterInput, RegisterStage, registry_for
 from amalgam.storage import amalgam_home
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stage_recipes import ta_recipe
 
 from amalgam.registry import CONTENT_TAG, Registry
 
@@ -22,23 +23,20 @@ TASKS = ["zoo_mulmod", "zoo_compare"]
 def test_notebook_pipeline_has_lineage_and_skips_every_stage_on_rerun(
     zoo_tiny, tmp_path: Path, tracking_uri: str
 ) -> None:
-    recipe = {
-        "method": "task_arithmetic",
-        "base": str(zoo_tiny.base),
-        "models": [{"uri": str(zoo_tiny.experts[e])} for e in TASKS],
-        "params": {"lambda": 0.5},
-        "dtype": "float32",
-        "output": str(tmp_path / "merged"),
-        "compress": {"density": 0.3, "output": str(tmp_path / "packed")},
-        "evaluate": {
+    recipe = ta_recipe(
+        zoo_tiny,
+        tmp_path / "merged",
+        TASKS,
+        compress={"density": 0.3, "output": str(tmp_path / "packed")},
+        evaluate={
             "tasks_dir": str(zoo_tiny.tasks_dir),
             "tasks": TASKS,
             "limit": 24,
             "engine": "quick",
             "device": "cpu",
         },
-        "register": {"tracking_uri": tracking_uri, "model_name": "nb", "gates": {}},
-    }
+        register={"tracking_uri": tracking_uri, "model_name": "nb", "gates": {}},
+    )
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"recipe": recipe}))
     # a fresh process: this session's flow tests may have imported Prefect already

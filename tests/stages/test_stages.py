@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from stage_recipes import ta_recipe
 
 import amalgam.stages.evaluate as evaluate
 from amalgam.engine import MergeOptions
@@ -32,16 +33,7 @@ EXPERTS = ["zoo_count", "zoo_compare"]
 
 
 def recipe_of(zoo, output: Path, **changes):
-    data = {
-        "method": "task_arithmetic",
-        "base": str(zoo.base),
-        "models": [{"uri": str(zoo.experts[e])} for e in EXPERTS],
-        "params": {"lambda": 0.5},
-        "dtype": "float32",
-        "output": str(output),
-        **changes,
-    }
-    return parse_recipe(data)
+    return parse_recipe(ta_recipe(zoo, output, EXPERTS, **changes))
 
 
 def fake_inputs(recipe) -> list[FetchedModel]:
