@@ -454,7 +454,7 @@ class Registry:
 
     def find_version(self, name: str, content_hash: str) -> Registered | None:
         """The first version of ``name`` whose model has ``content_hash``, if one exists."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # lazy: mlflow takes 1.5 s to import
 
         try:
             found = self.client.search_model_versions(
