@@ -348,7 +348,7 @@ def nightly(
 ) -> None:
     """Absorb new expert checkpoints into the champion; promote only if every gate passes."""
     _flows_env()
-    from flows.config import load_nightly_config
+    from amalgam.pipeline_config import load_nightly_config
 
     parsed = load_nightly_config(config)
     from flows.nightly import nightly as nightly_flow
@@ -364,8 +364,8 @@ def sweep(
 ) -> None:
     """Merge and evaluate every grid point in parallel; log a leaderboard; register the best."""
     _flows_env()
+    from amalgam.pipeline_config import load_grid
     from amalgam.recipe import load_recipe
-    from flows.config import load_grid
 
     parsed, grid_spec = load_recipe(recipe), load_grid(grid)
     from flows.sweep import run_sweep
@@ -397,7 +397,7 @@ def serve(
 ) -> None:
     """Serve the nightly flow on a cron schedule from this process (Ctrl-C stops it)."""
     _flows_env()
-    from flows.config import load_nightly_config
+    from amalgam.pipeline_config import load_nightly_config
 
     load_nightly_config(config)  # refuse a bad config before serving it every night
     from flows.serve import serve_nightly

@@ -7,6 +7,7 @@ from typing import Any
 
 from amalgam import storage
 from amalgam.checkpoint import INDEX_FILES, SINGLE_FILES
+from amalgam.fetch import FetchedModel, fetch_model
 
 
 def discover_checkpoints(prefix: str, **storage_options: Any) -> list[tuple[str, str]]:
@@ -37,3 +38,15 @@ def _shards_present(fs: Any, folder: str, files: set[str]) -> bool:
     with fs.open(storage.join(folder, index), "rb") as fh:
         weight_map = json.loads(fh.read()).get("weight_map") or {}
     return bool(weight_map) and set(weight_map.values()) <= files
+
+
+def discover_models(prefix: str, **storage_options: Any) -> list[FetchedModel]:
+    """Every checkpoint under ``prefix`` (see :func:`discover_checkpoints`), verified and
+    hashed; one per content (the first by name), in name order."""
+    found, seen = [], set()
+    for name, uri in discover_checkpoints(prefix, **storage_options):
+        model = fetch_model(name, uri, **storage_options)
+        if model.content_hash not in seen:
+            seen.add(model.content_hash)
+            found.append(model)
+    return found

@@ -28,24 +28,29 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from amalgam import storage
-from amalgam.errors import AmalgamError
+from amalgam.errors import AmalgamError, RecipeError
+from amalgam.recipe import Gates
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from amalgam.evaluate.report import EvalReport
-    from amalgam.recipe import Gates, Recipe
+    from amalgam.recipe import Recipe
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG = "amalgam."
 PARENT_TAG = TAG + "parent."
+CONTENT_TAG = TAG + "content_hash"  # on a run and its version: the model's content hash
+COMPRESSED_TAG = TAG + "compressed."
+PROMOTION_TAG = TAG + "promotion"
+SWEEP_TAG = TAG + "sweep"
 RECIPE_ARTIFACT = "recipe/recipe.yaml"
 REPORT_DIR = "report"
 REPORT_ARTIFACT = f"{REPORT_DIR}/report.json"
@@ -91,6 +96,15 @@ class Lineage:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
+    def gates(self) -> Gates:
+        """The gates recorded with the version's recipe (``register.gates``)."""
+        register = self.recipe.get("register")
+        if not register:
+            raise RecipeError(
+                f"{self.name} version {self.version}: its recipe has no register section"
+            )
+        return Gates.model_validate(register.get("gates") or {})
+
 
 @dataclass(frozen=True)
 class PromotionResult:
@@ -98,6 +112,27 @@ class PromotionResult:
     version: str
     alias: str
     previous: str | None  # the version that held the alias before, if any
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The last promotion outcome recorded on a run: ``promoted`` or ``refused``, and why."""
+
+    outcome: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered version: name, version, its run, and whether this call created it."""
+
+    name: str
+    version: str
+    run_id: str
+    created: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def default_tracking_uri() -> str:
@@ -291,6 +326,71 @@ class Registry:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
+    def register_merge(
+        self,
+        recipe: Recipe,
+        *,
+        model_name: str,
+        content_hash: str,
+        parents: Mapping[str, tuple[str, str]],
+        merged_uri: str,
+        report: EvalReport | None = None,
+        artifacts: Sequence[str | Path] = (),
+        compressed: Mapping[str, Any] | None = None,
+        experiment: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Registered:
+        """Log one pipeline run (see :meth:`log_pipeline_run`) tagged with the model's content
+        hash (and ``compressed``'s summary) and register it as a ``candidate`` version."""
+        tags = {CONTENT_TAG: content_hash}
+        tags |= {f"{COMPRESSED_TAG}{k}": str(v) for k, v in (compressed or {}).items()}
+        run_id = self.log_pipeline_run(
+            recipe,
+            parents=parents,
+            merged_uri=merged_uri,
+            report=report,
+            artifacts=artifacts,
+            tags=tags,
+            experiment=experiment,
+            storage_options=storage_options,
+        )
+        return Registered(model_name, self.register_version(run_id, model_name), run_id, True)
+
+    def log_leaderboard(
+        self,
+        experiment: str,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        metric: str,
+        grid: Mapping[str, Any],
+    ) -> str:
+        """One run for a sweep: the leaderboard (``rows``, best first) as ``leaderboard.json``,
+        the ``grid`` (as ``grid.json``) and its hash, each row's metrics by rank, the best's
+        name; returns the run id."""
+        run = self.client.create_run(
+            self.experiment_id(experiment),
+            run_name="sweep",
+            tags={SWEEP_TAG: "true", SWEEP_TAG + ".metric": metric},
+        )
+        run_id = run.info.run_id
+        try:
+            table = {k: [r[k] for r in rows] for k in rows[0]}
+            self.client.log_table(run_id, table, "leaderboard.json")
+            self.client.log_text(run_id, json.dumps(grid, indent=1), "grid.json")
+            for i, row in enumerate(rows):
+                for key in ("mean_accuracy", "mean_normalized_accuracy", "perplexity_ratio"):
+                    if row.get(key) is not None:
+                        self.client.log_metric(run_id, key, row[key], step=i)
+            self.client.log_param(run_id, "best", rows[0]["candidate"])
+            compact = json.dumps(grid, separators=(",", ":"), ensure_ascii=False)
+            grid_hash = hashlib.sha256(compact.encode()).hexdigest()[:16]
+            self.client.log_param(run_id, "grid_hash", grid_hash)
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
     # -- versions and aliases ---------------------------------------------------------------
     def register_version(
         self,
@@ -351,6 +451,21 @@ class Registry:
             return str(self.client.get_model_version_by_alias(name, alias).version)
         except MlflowException:
             return None
+
+    def find_version(self, name: str, content_hash: str) -> Registered | None:
+        """The first version of ``name`` whose model has ``content_hash``, if one exists."""
+        from mlflow.exceptions import MlflowException  # lazy: mlflow takes 1.5 s to import
+
+        try:
+            found = self.client.search_model_versions(
+                f"name = '{name}' and tags.`{CONTENT_TAG}` = '{content_hash}'"
+            )
+        except MlflowException:
+            return None
+        if not found:
+            return None
+        mv = min(found, key=lambda v: int(v.version))
+        return Registered(name, str(mv.version), mv.run_id, created=False)
 
     def _version(self, name: str, version_or_alias: str | int) -> Any:
         from mlflow.exceptions import MlflowException
@@ -428,6 +543,13 @@ class Registry:
         )
 
     # -- promotion --------------------------------------------------------------------------
+    def promotion(self, run_id: str) -> Promotion | None:
+        """The promotion outcome last recorded on ``run_id`` (None: never tried)."""
+        tags = self.client.get_run(run_id).data.tags
+        if PROMOTION_TAG not in tags:
+            return None
+        return Promotion(tags[PROMOTION_TAG], tags.get(PROMOTION_TAG + ".reason", ""))
+
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float = 120.0) -> Iterator[None]:
         """An exclusive lock on promotions of ``name`` in this tracking store, across
@@ -497,5 +619,5 @@ class Registry:
         return PromotionResult(name, version, alias, current)
 
     def _record(self, run_id: str, outcome: str, reason: str) -> None:
-        self.client.set_tag(run_id, TAG + "promotion", outcome)
-        self.client.set_tag(run_id, TAG + "promotion.reason", reason[:MAX_TAG_CHARS])
+        self.client.set_tag(run_id, PROMOTION_TAG, outcome)
+        self.client.set_tag(run_id, PROMOTION_TAG + ".reason", reason[:MAX_TAG_CHARS])

@@ -96,6 +96,9 @@ def serve_nightly(config: Path, cron: str, port: int = 4200) -> None:
 
 
 def _serve(config: Path, cron: str) -> None:
-    from flows.nightly import nightly  # Prefect reads PREFECT_API_URL when first imported
+    # Prefect reads PREFECT_API_URL when first imported. The nightly flow is loaded from its
+    # entrypoint (as a deployment names it), not imported: flows do not import flows.
+    from prefect.flows import load_flow_from_entrypoint
 
+    nightly = load_flow_from_entrypoint(f"{Path(__file__).with_name('nightly.py')}:nightly")
     nightly.serve(name="nightly", cron=cron, parameters={"config": str(Path(config).resolve())})

@@ -1,1 +1,1 @@
-"""Prefect tasks: one thin wrapper per pipeline stage over the plain amalgam functions."""
+"""Prefect tasks: one generic wrapper (``tasks/stage.py``) over the library's stages."""

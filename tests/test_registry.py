@@ -19,6 +19,7 @@ from amalgam.evaluate.report import EvalReport, ModelResult, build_report, write
 from amalgam.recipe import Gates, Recipe, parse_recipe
 from amalgam.registry import (
     PromotionRefused,
+    Registered,
     Registry,
     RegistryError,
     check_gates,
@@ -147,6 +148,47 @@ def test_gates_refuse_a_regressing_candidate_and_the_reason_is_on_the_run(
     assert registry.alias_version(name, "champion") == third
     tags = registry.client.get_run(registry.lineage(name, third).run_id).data.tags
     assert tags["amalgam.promotion"] == "promoted"
+    assert registry.promotion(registry.lineage(name, first).run_id).outcome == "promoted"
+    refused = registry.promotion(registry.lineage(name, second).run_id)
+    assert refused.outcome == "refused" and "task_floor: task sort" in refused.reason
+    assert registry.lineage(name, third).gates() == GATES
+
+
+def test_register_merge_tags_the_content_and_find_version_reads_it_back(
+    registry: Registry, merged, name: str
+) -> None:
+    recipe, folder, parents = merged
+    assert registry.find_version(name, "sha256:abc") is None  # no such model yet
+    registered = registry.register_merge(
+        recipe,
+        model_name=name,
+        content_hash="sha256:abc",
+        parents=parents,
+        merged_uri=str(folder),
+        compressed={"ratio": 9.5},
+    )
+    assert registered.created and registry.promotion(registered.run_id) is None
+    found = registry.find_version(name, "sha256:abc")
+    assert found == Registered(name, registered.version, registered.run_id, created=False)
+    assert registry.find_version(name, "sha256:other") is None
+    tags = registry.lineage(name, registered.version).tags
+    assert tags["amalgam.compressed.ratio"] == "9.5"
+
+
+def test_log_leaderboard_records_rows_grid_and_best(registry: Registry) -> None:
+    rows = [
+        {"candidate": "a", "mean_accuracy": 0.9, "mean_normalized_accuracy": None},
+        {"candidate": "b", "mean_accuracy": 0.5, "mean_normalized_accuracy": 0.4},
+    ]
+    run_id = registry.log_leaderboard(
+        "sweeps", rows, metric="mean_accuracy", grid={"methods": {"linear": {}}}
+    )
+    run = registry.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["best"] == "a"
+    paths = {a.path for a in registry.client.list_artifacts(run_id)}
+    assert {"leaderboard.json", "grid.json"} <= paths
+    history = registry.client.get_metric_history(run_id, "mean_accuracy")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0.9, 0.5]
 
 
 def test_check_gates_names_gate_task_and_values() -> None:

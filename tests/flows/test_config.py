@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from amalgam.errors import CheckpointError, RecipeError
-from flows.config import Grid, load_grid, load_nightly_config
-from tasks.retry import is_transient
+from amalgam.pipeline_config import Grid, load_grid, load_nightly_config
+from tasks.stage import is_transient
 from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]

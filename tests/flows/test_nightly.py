@@ -11,9 +11,9 @@ from recipes import nightly_config
 
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions, run_merge
+from amalgam.pipeline_config import NightlyConfig
 from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
-from flows.config import NightlyConfig
 from flows.nightly import nightly
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from recipes import evaluate_section, register_section
 
+from amalgam.pipeline_config import Grid
 from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
-from flows.config import Grid
 from flows.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -1,4 +1,4 @@
-"""Config files of the flows: the nightly config and the sweep grid (pydantic, YAML)."""
+"""Config files of the nightly run and the sweep: pydantic models read from YAML."""
 
 from __future__ import annotations
 

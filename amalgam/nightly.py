@@ -1,0 +1,180 @@
+"""nightly: absorb new expert checkpoints into the champion, evaluate, register, maybe promote.
+
+Idempotent by content: experts are recognised by content hash (the champion's continual state
+lists those it absorbed), the candidate's folder is named by what goes into it, a finished
+merge is never recomputed, and a model already registered is not registered again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from amalgam.checkpoint import open_checkpoint
+from amalgam.engine import MergeOptions
+from amalgam.engine.continual import absorbed_hashes
+from amalgam.fetch import FetchedModel
+from amalgam.pipeline_config import NightlyConfig, load_nightly_config
+from amalgam.registry import CHAMPION, PromotionRefused, Registry
+from amalgam.stages import base, discover, evaluate, fetch, merge, register
+from amalgam.storage import amalgam_home
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NightlyResult:
+    """What a nightly run did: ``status`` is nothing-new, promoted or held (a gate failed;
+    ``failures`` names each)."""
+
+    status: str
+    message: str
+    new: list[str] = field(default_factory=list)
+    candidate: str | None = None
+    version: str | None = None
+    champion: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def report(self) -> base.StageReport:
+        return base.StageReport(
+            markdown={"nightly": f"### nightly: {self.status}\n\n{self.message}"}
+        )
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registered champion a night starts from (all None before the first promotion)."""
+
+    version: str | None = None
+    uri: str | None = None
+    content_hash: str | None = None
+    absorbed: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, registry: Registry, name: str) -> Champion:
+        version = registry.alias_version(name, CHAMPION)
+        if version is None:
+            return cls()
+        uri = registry.model_path(name, version)
+        with open_checkpoint(uri) as ckpt:
+            digest = ckpt.content_hash()
+        return cls(version, uri, digest, tuple(absorbed_hashes(uri)))
+
+
+def workdir(config: NightlyConfig) -> Path:
+    return Path(config.workdir or amalgam_home() / "nightly" / config.model_name)
+
+
+def candidate_key(champion_hash: str | None, recipe_hash: str, new: list[FetchedModel]) -> str:
+    """The candidate's folder name: a hash of everything that determines its bytes."""
+    body = [champion_hash, recipe_hash, [m.content_hash for m in new]]
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
+
+
+def new_experts(found: list[FetchedModel], champion: Champion) -> list[FetchedModel]:
+    """What is new tonight: the experts the champion has not absorbed (by content hash)."""
+    return [m for m in found if m.content_hash not in champion.absorbed]
+
+
+def run_nightly(
+    config: NightlyConfig | str | Path, runner: base.Runner = base.execute
+) -> NightlyResult:
+    """Find experts the champion has not absorbed, absorb them with the recipe's continual
+    method, evaluate against the champion, register as candidate, and promote only when every
+    gate passes (under the registry's lock, against the champion it was measured with)."""
+    config = config if isinstance(config, NightlyConfig) else load_nightly_config(config)
+    name = config.model_name
+    spec = config.template.register
+    registry = register.registry_for(spec)
+    champion = Champion.of(registry, name)
+    found = runner(
+        discover.DiscoverStage(), discover.DiscoverInput(config.experts, config.expert_options)
+    )
+    new = new_experts(found, champion)
+    if not new:
+        return said(
+            NightlyResult(
+                "nothing-new",
+                f"no new expert under {config.experts} ({len(found)} found, all absorbed into "
+                f"champion version {champion.version or '(none)'}): nothing to do",
+                champion=champion.version,
+            )
+        )
+    recipe = config.recipe_for([{"uri": m.uri, "name": m.label} for m in new])
+    output = workdir(config) / candidate_key(champion.content_hash, recipe.hash(), new)
+    fetched = runner(fetch.FetchStage(), fetch.FetchInput(recipe))
+    recipe, inputs = fetched.recipe, fetched.models
+    options = MergeOptions(output=str(output), continue_from=champion.uri, executor=config.executor)
+    merged = runner(merge.MergeStage(), merge.MergeInput(recipe, options, inputs))
+    labels = [m.label for m in new]
+    seen = registry.find_version(name, merged.content_hash)
+    if seen is not None:
+        outcome = registry.promotion(seen.run_id)
+        refused = outcome is not None and outcome.outcome == "refused"
+        if refused and registry.alias_version(name, CHAMPION) == champion.version:
+            return said(
+                NightlyResult(
+                    "nothing-new",
+                    f"{', '.join(labels)} were already absorbed into version {seen.version}, "
+                    f"which was not promoted ({outcome.reason}); nothing to do",
+                    labels,
+                    merged.output,
+                    seen.version,
+                    champion.version,
+                    outcome.reason.split("; "),
+                )
+            )
+    job = evaluate.EvaluateInput(recipe, merged.output, champion.uri, champion.version)
+    report = runner(evaluate.EvaluateStage(runner), job)
+    extra = {"champion": (champion.uri, champion.content_hash)} if champion.uri else {}
+    entry = register.RegisterInput(recipe, merged, inputs, report, extra_parents=extra)
+    registered = runner(register.RegisterStage(), entry)
+    try:
+        result = registry.promote(name, registered.version, spec.gates, report=report)
+    except PromotionRefused as refused:
+        return said(
+            NightlyResult(
+                "held",
+                f"absorbed {', '.join(labels)} into version {registered.version}, not promoted: "
+                + "; ".join(refused.failures),
+                labels,
+                merged.output,
+                registered.version,
+                champion.version,
+                refused.failures,
+            )
+        )
+    if result.previous == result.version:  # a concurrent run with the same experts promoted it
+        return said(
+            NightlyResult(
+                "nothing-new",
+                f"version {result.version} with {', '.join(labels)} is already champion "
+                "(promoted by a concurrent run): nothing to do",
+                labels,
+                merged.output,
+                result.version,
+                result.version,
+            )
+        )
+    return said(
+        NightlyResult(
+            "promoted",
+            f"absorbed {', '.join(labels)} into version {result.version}, now champion "
+            f"(was {result.previous or 'none'})",
+            labels,
+            merged.output,
+            result.version,
+            result.version,
+        )
+    )
+
+
+def said(result: NightlyResult) -> NightlyResult:
+    log.info("%s: %s", result.status, result.message)
+    return result

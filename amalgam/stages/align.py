@@ -1,0 +1,26 @@
+"""The align stage: check (and, with aligning methods, re-align) the inputs before merging."""
+
+from __future__ import annotations
+
+from amalgam.align import run_align
+from amalgam.fetch import recipe_inputs, with_inputs
+from amalgam.recipe import AlignSpec
+from amalgam.stages.base import Stage, content_key
+from amalgam.stages.fetch import Fetched
+
+
+class AlignStage(Stage[Fetched, Fetched]):
+    """The recipe's align section (a compatibility check when it has none); the output's
+    recipe reads whatever the align stage hands on."""
+
+    name = "align"
+
+    def key(self, inp: Fetched) -> str:
+        spec = inp.recipe.align or AlignSpec()
+        return content_key(self.name, [spec.model_dump(mode="json"), inp.hashes()])
+
+    def run(self, inp: Fetched) -> Fetched:
+        recipe = inp.recipe
+        inputs = dict(recipe_inputs(recipe))
+        uris = run_align(recipe.align or AlignSpec(), inputs, **recipe.storage_options)
+        return inp if uris == inputs else Fetched(with_inputs(recipe, uris), inp.models)

@@ -1,0 +1,102 @@
+"""The compress stage: ComPEFT-compress the merge when the recipe asks; skip what is done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from amalgam.compress.stage import compress_model, read_manifest
+from amalgam.errors import AmalgamError
+from amalgam.fetch import FetchedModel
+from amalgam.recipe import CompressSpec, Recipe
+from amalgam.stages.base import Stage, StageReport, content_key
+from amalgam.stages.merge import Merged
+
+
+@dataclass(frozen=True)
+class CompressInput:
+    recipe: Recipe
+    merged: Merged
+    inputs: list[FetchedModel] = field(default_factory=list)  # for the base's content hash
+
+    @property
+    def spec(self) -> CompressSpec:
+        if self.recipe.compress is None or self.recipe.base is None:
+            raise AmalgamError("compress: the recipe needs a compress section and a base")
+        return self.recipe.compress
+
+    @property
+    def output(self) -> str:
+        return self.spec.output or self.merged.output.rstrip("/") + "-compressed"
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """Where the compressed copy is and whether this run wrote it; ``details``: the size
+    summary of :meth:`amalgam.compress.stage.CompressResult.summary` (a skip: ``model_hash``)."""
+
+    output: str
+    skipped: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"output": self.output, **self.details, "skipped": self.skipped}
+
+
+def settings(spec: CompressSpec) -> dict[str, Any]:
+    """What decides the compressed bytes (not where they go or how they are sharded)."""
+    return spec.model_dump(mode="json", exclude={"output", "max_shard_size"})
+
+
+def already_compressed(uri: str, spec: CompressSpec, merged: Merged, storage_options: dict) -> bool:
+    """``uri`` holds this merge compressed with these settings (by its manifest)."""
+    try:
+        manifest = read_manifest(uri, **storage_options)
+    except AmalgamError:
+        return False
+    return manifest["model"]["hash"] == merged.content_hash and manifest["settings"] == settings(
+        spec
+    )
+
+
+class CompressStage(Stage[CompressInput, Compressed]):
+    """Compress the merged model against the recipe's base."""
+
+    name = "compress"
+
+    def key(self, inp: CompressInput) -> str:
+        base = next((m.content_hash for m in inp.inputs if m.label == "base"), None)
+        body = [settings(inp.spec), inp.merged.content_hash, base or inp.recipe.base]
+        return content_key(self.name, body)
+
+    def done(self, inp: CompressInput) -> Compressed | None:
+        so = inp.recipe.storage_options
+        if not already_compressed(inp.output, inp.spec, inp.merged, so):
+            return None
+        manifest = read_manifest(inp.output, **so)
+        return Compressed(inp.output, True, {"model_hash": manifest["model"]["hash"]})
+
+    def skip_reason(self, inp: CompressInput, out: Compressed) -> str:
+        return f"{out.output} already holds this compression"
+
+    def run(self, inp: CompressInput) -> Compressed:
+        so = inp.recipe.storage_options
+        result = compress_model(
+            inp.merged.output, inp.recipe.base, inp.output, inp.spec, overwrite=True, **so
+        )
+        summary = result.summary()
+        return Compressed(summary.pop("output"), False, summary)
+
+    def report(self, inp: CompressInput, out: Compressed) -> StageReport | None:
+        if out.skipped:
+            return None
+        d = out.details
+        return StageReport(
+            markdown={
+                "compression": (
+                    f"### ComPEFT compression\n\n{d['dense_bytes']:,} dense bytes -> "
+                    f"{d['compressed_bytes']:,} bytes (x{d['ratio']:.1f}); kept "
+                    f"{d['kept']:,} of {d['parameters']:,} parameters\n\n`{out.output}`"
+                )
+            }
+        )

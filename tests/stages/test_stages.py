@@ -1,0 +1,205 @@
+"""Each stage's content key and store check, without an orchestrator."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from stage_recipes import ta_recipe
+
+import amalgam.stages.evaluate as evaluate
+from amalgam.engine import MergeOptions
+from amalgam.evaluate.report import ModelResult
+from amalgam.fetch import FetchedModel
+from amalgam.recipe import EvaluateSpec, parse_recipe
+from amalgam.stages import (
+    CompressInput,
+    CompressStage,
+    FetchInput,
+    FetchStage,
+    MergeInput,
+    MergeStage,
+    RegisterInput,
+    RegisterStage,
+    ScoreInput,
+    ScoreStage,
+    Stage,
+    execute,
+)
+
+EXPERTS = ["zoo_count", "zoo_compare"]
+
+
+def recipe_of(zoo, output: Path, **changes):
+    return parse_recipe(ta_recipe(zoo, output, EXPERTS, **changes))
+
+
+def fake_inputs(recipe) -> list[FetchedModel]:
+    labels = ["base", *(m.label for m in recipe.models)]
+    return [
+        FetchedModel(lb, f"/x/{lb}", f"sha256:{lb}", 1, ("model.safetensors",), "model")
+        for lb in labels
+    ]
+
+
+def test_merge_key_is_content_not_location_or_credentials(zoo_tiny, tmp_path: Path) -> None:
+    stage = MergeStage()
+    recipe = recipe_of(zoo_tiny, tmp_path / "a")
+    key = stage.key(MergeInput(recipe, MergeOptions(), fake_inputs(recipe)))
+    moved = recipe.model_copy(
+        update={"output": str(tmp_path / "b"), "storage_options": {"key": "secret"}}
+    )
+    assert stage.key(MergeInput(moved, MergeOptions(threads=1), fake_inputs(recipe))) == key
+    # the same content read from elsewhere: other URIs, same labels and hashes
+    copies = [
+        m.model_copy(update={"uri": f"/copy/{m.label}", "name": m.label}) for m in recipe.models
+    ]
+    elsewhere = recipe.model_copy(update={"models": copies, "base": "/copy/base"})
+    assert stage.key(MergeInput(elsewhere, MergeOptions(), fake_inputs(recipe))) == key
+    # later stages' sections do not change the merge
+    evaluated = recipe.model_copy(update={"evaluate": EvaluateSpec(tasks_dir="/t")})
+    assert stage.key(MergeInput(evaluated, MergeOptions(), fake_inputs(recipe))) == key
+    other = recipe_of(zoo_tiny, tmp_path / "a", params={"lambda": 0.7})
+    assert stage.key(MergeInput(other, MergeOptions(), fake_inputs(recipe))) != key
+    changed = [
+        *fake_inputs(recipe)[:-1],
+        FetchedModel("zoo_compare", "/x", "sha256:new", 1, ("model.safetensors",), "model"),
+    ]
+    assert stage.key(MergeInput(recipe, MergeOptions(), changed)) != key
+
+
+@pytest.mark.slow
+def test_merge_and_compress_done_read_the_store(zoo_tiny, tmp_path: Path, home: Path) -> None:
+    recipe = recipe_of(
+        zoo_tiny, tmp_path / "merged", compress={"density": 0.3, "output": str(tmp_path / "c")}
+    )
+    inputs = execute(FetchStage(), FetchInput(recipe)).models
+    job = MergeInput(recipe, MergeOptions(), inputs)
+    merge = MergeStage()
+    assert merge.done(job) is None
+    merged = execute(merge, job)
+    assert not merged.skipped
+    assert merge.done(job) == merged.__class__(merged.output, merged.content_hash, True)
+    other = recipe_of(zoo_tiny, tmp_path / "merged", params={"lambda": 0.7})
+    assert merge.done(MergeInput(other, MergeOptions(), inputs)) is None
+
+    compress = CompressStage()
+    packed = CompressInput(recipe, merged, inputs)
+    assert compress.done(packed) is None
+    assert not execute(compress, packed).skipped
+    assert compress.done(packed).skipped
+    denser = recipe.model_copy(
+        update={"compress": recipe.compress.model_copy(update={"density": 0.5})}
+    )
+    assert compress.done(CompressInput(denser, merged, inputs)) is None
+    assert compress.key(CompressInput(denser, merged, inputs)) != compress.key(packed)
+
+    shutil.rmtree(tmp_path / "c")
+    assert compress.done(packed) is None
+    shutil.rmtree(tmp_path / "merged")
+    assert merge.done(job) is None  # a deleted output is work to do again
+
+
+def score_input(tmp_path: Path, **changes) -> ScoreInput:
+    spec = EvaluateSpec(tasks_dir=str(tmp_path), tasks=["t"], device="cpu")
+    values = {
+        "uri": "/models/a",
+        "content_hash": "sha256:aaa",
+        "spec": spec,
+        "tasks": ["t"],
+        "perplexity": False,
+        "data": "sha256:data",
+        "storage_options": {},
+        **changes,
+    }
+    return ScoreInput(**values)
+
+
+def test_score_key_ignores_location_device_and_credentials(tmp_path: Path) -> None:
+    stage = ScoreStage()
+    key = stage.key(score_input(tmp_path))
+    gpu = EvaluateSpec(tasks_dir=str(tmp_path), tasks=["t"], device="cuda")
+    same = score_input(tmp_path, uri="s3://b/a", spec=gpu, storage_options={"secret": "x"})
+    assert stage.key(same) == key
+    assert stage.key(score_input(tmp_path, content_hash="sha256:bbb")) != key
+    assert stage.key(score_input(tmp_path, data="sha256:new")) != key
+    assert stage.key(score_input(tmp_path, perplexity=True)) != key
+
+
+def test_scores_are_cached_on_disk_and_a_bad_cache_file_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def score_model(uri, spec, tasks, perplexity=False, **so) -> ModelResult:
+        calls.append(uri)
+        return ModelResult.from_correct(uri, {"t": [True, False]})
+
+    monkeypatch.setattr(evaluate, "score_model", score_model)
+    stage = ScoreStage(tmp_path / "scores")
+    job = score_input(tmp_path)
+    first = execute(stage, job)
+    again = execute(stage, score_input(tmp_path, uri="/elsewhere/a"))  # same weights
+    assert calls == ["/models/a"]
+    assert again.uri == "/elsewhere/a" and again.tasks == first.tasks
+    assert [p.name for p in (tmp_path / "scores").iterdir()] == [f"{stage.key(job)}.json"]
+    stage.path(job).write_text('{"uri": "/models/a", "tasks": {')  # a partial write
+    assert stage.done(job) is None
+    assert execute(stage, job) == first
+    assert calls == ["/models/a", "/models/a"]
+
+
+@pytest.mark.slow
+def test_register_done_finds_the_version_by_content(
+    zoo_tiny, tmp_path: Path, home: Path, tracking_uri: str
+) -> None:
+    recipe = recipe_of(
+        zoo_tiny,
+        tmp_path / "merged",
+        register={"tracking_uri": tracking_uri, "model_name": "r", "gates": {}},
+    )
+    inputs = execute(FetchStage(), FetchInput(recipe)).models
+    merged = execute(MergeStage(), MergeInput(recipe, MergeOptions(), inputs))
+    stage = RegisterStage()
+    job = RegisterInput(recipe, merged, inputs)
+    assert stage.done(job) is None
+    registered = execute(stage, job)
+    assert registered.created
+    assert stage.done(job) == registered.__class__(
+        "r", registered.version, registered.run_id, created=False
+    )
+    other = RegisterInput(recipe, merged.__class__("x", "sha256:other", False), inputs)
+    assert stage.done(other) is None
+    assert stage.key(other) != stage.key(job)
+
+
+class Counting(Stage[int, int]):
+    name = "counting"
+
+    def __init__(self, stored: dict[int, int]):
+        self.stored, self.runs = stored, 0
+
+    def key(self, inp: int) -> str:
+        return str(inp)
+
+    def done(self, inp: int) -> int | None:
+        return self.stored.get(inp)
+
+    def skip_reason(self, inp: int, out: int) -> str:
+        return f"{inp} is stored"
+
+    def run(self, inp: int) -> int:
+        self.runs += 1
+        self.stored[inp] = inp * 2
+        return inp * 2
+
+
+def test_execute_runs_only_what_is_not_done(caplog: pytest.LogCaptureFixture) -> None:
+    stage = Counting({})
+    with caplog.at_level(logging.INFO, logger="amalgam"):
+        assert execute(stage, 2) == 4
+        assert execute(stage, 2) == 4
+    assert stage.runs == 1
+    assert "counting skipped: 2 is stored" in caplog.messages
