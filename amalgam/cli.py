@@ -1,15 +1,17 @@
-"""The amalgam command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-and the pipeline commands run, nightly, sweep, promote, serve (Prefect flows, imported when
-called)."""
+"""The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
+decompress. The orchestration layer adds the pipeline commands (run, nightly, sweep, promote,
+serve) to this ``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -60,6 +62,7 @@ def inspect(
     storage_options: StorageOpt = None,
 ) -> None:
     """List a checkpoint's tensors, size, architecture, shards and content hash."""
+    # lazy: torch; `amalgam --help` and typos stay fast
     from amalgam.checkpoint import open_checkpoint
 
     with open_checkpoint(uri, allow_pickle=allow_pickle, **_storage(storage_options)) as ckpt:
@@ -119,6 +122,7 @@ def merge(
     ] = None,
 ) -> None:
     """Merge the models of a recipe into a Hugging Face model folder."""
+    # lazy: the command's modules import torch; `amalgam --help` stays fast
     from pydantic import ValidationError
     from rich.progress import (
         BarColumn,
@@ -129,6 +133,7 @@ def merge(
         TransferSpeedColumn,
     )
 
+    # lazy: torch
     from amalgam.engine import MergeOptions, run_merge
     from amalgam.recipe import load_recipe
 
@@ -147,6 +152,7 @@ def merge(
         bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
         raise AmalgamError(bad) from None
     if plan_only:
+        # lazy: torch
         from amalgam.engine import plan_recipe
 
         console.print(plan_recipe(recipe, options).describe())
@@ -182,7 +188,8 @@ def merge(
 @app.command()
 def methods() -> None:
     """List the merge methods and their parameters."""
-    from amalgam.merge import REGISTRY
+    # lazy: torch
+    from amalgam.methods import REGISTRY
 
     table = Table("method", "parameters (default)", "what it does", "paper")
     for name in sorted(REGISTRY):
@@ -207,8 +214,7 @@ def stats(
     storage_options: StorageOpt = None,
 ) -> None:
     """Compute a model's Fisher diagonals or linear-layer input Grams on data (cached)."""
-    import time
-
+    # lazy: torch
     from amalgam.statistics import cached_statistics, compute_statistics
     from amalgam.statistics.compute import settings_for
 
@@ -238,6 +244,7 @@ def zoo_build(
 ) -> None:
     """Build (or reuse) the benchmark zoo: base, experts, LoRA adapters, MoE, tasks; prints
     its folder on stdout (progress goes to stderr)."""
+    # lazy: torch
     from amalgam.zoo.build import build_zoo
 
     progress = Console(stderr=True)  # stdout carries only the zoo folder, for scripts
@@ -257,10 +264,12 @@ def evaluate(
 ) -> None:
     """Run lm-eval offline on model folders; print per-task accuracy."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request progress bars
+    # lazy: the zoo build and lm-eval behind it
     from amalgam.evaluate.harness import evaluate_model
     from amalgam.evaluate.table import render_table
 
     if tasks_dir is None:
+        # lazy: torch
         from amalgam.zoo.build import build_zoo
 
         tasks_dir = build_zoo(log=lambda m: None).tasks_dir
@@ -272,137 +281,6 @@ def evaluate(
         )
     task_names = names or sorted({t for r in rows.values() for t in r})
     Console(width=max(console.width, 120)).print(render_table(rows, task_names))
-
-
-def _flows_env() -> None:
-    """Prefect defaults for a command-line run: no telemetry, a patient ephemeral server."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-
-
-def _print_result(title: str, result: dict) -> None:
-    console.print(f"[bold]{title}[/]")
-    print(json.dumps(result, indent=2, default=str))
-
-
-@app.command()
-def run(
-    recipe: Annotated[Path, typer.Argument(help="recipe YAML (with evaluate/register sections)")],
-    output: Annotated[str | None, typer.Option(help="output folder or URI")] = None,
-    executor: Annotated[str | None, typer.Option(help="local | ray")] = None,
-    stage: Annotated[bool, typer.Option(help="copy every input to the local cache first")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace an output from another recipe")] = False,
-) -> None:
-    """Run the whole pipeline (fetch, align, merge, compress, evaluate, register) as a flow."""
-    _flows_env()
-    from amalgam.recipe import load_recipe
-
-    parsed = load_recipe(recipe)  # bad input fails here, before Prefect starts
-    from flows.pipeline import merge_pipeline
-
-    result = merge_pipeline(parsed, output, executor, stage, overwrite)
-    summary = {k: v for k, v in result.as_dict().items() if k not in ("inputs", "report")}
-    _print_result("pipeline finished", summary)
-    if result.report:
-        _print_report(result.report)
-    if result.registered:
-        _print_where_to_look(parsed.register.tracking_uri, result.registered)
-
-
-def _print_report(metrics: dict[str, float]) -> None:
-    tasks = sorted(k.split(".", 1)[1] for k in metrics if k.startswith("accuracy."))
-    table = Table("task", "accuracy", "normalized accuracy", title="candidate")
-    for t in tasks:
-        norm = metrics.get(f"normalized_accuracy.{t}")
-        table.add_row(t, f"{metrics[f'accuracy.{t}']:.3f}", "-" if norm is None else f"{norm:.3f}")
-    mean_norm = metrics.get("mean_normalized_accuracy")
-    table.add_row(
-        "mean",
-        f"{metrics['mean_accuracy']:.3f}",
-        "-" if mean_norm is None else f"{mean_norm:.3f}",
-    )
-    console.print(table)
-
-
-def _print_where_to_look(tracking_uri: str | None, registered: dict) -> None:
-    from amalgam.registry import default_tracking_uri
-
-    uri = tracking_uri or default_tracking_uri()
-    prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
-    console.print(
-        f"[bold]registered[/] {registered['name']} version {registered['version']} "
-        f"(alias candidate; promote with `amalgam promote {registered['name']} "
-        f"{registered['version']}`)\n"
-        f"MLflow (runs, metrics, lineage, model):  mlflow ui --backend-store-uri {uri}\n"
-        f"Prefect (flow runs, task runs, artifacts):  PREFECT_HOME={prefect_home} "
-        "prefect server start",
-        soft_wrap=True,
-    )
-
-
-@app.command()
-def nightly(
-    config: Annotated[Path, typer.Argument(help="nightly config YAML")],
-) -> None:
-    """Absorb new expert checkpoints into the champion; promote only if every gate passes."""
-    _flows_env()
-    from amalgam.pipeline_config import load_nightly_config
-
-    parsed = load_nightly_config(config)
-    from flows.nightly import nightly as nightly_flow
-
-    _print_result("nightly finished", nightly_flow(parsed).as_dict())
-
-
-@app.command()
-def sweep(
-    recipe: Annotated[Path, typer.Argument(help="base recipe YAML")],
-    grid: Annotated[Path, typer.Option(help="grid YAML: methods and parameter values")],
-    executor: Annotated[str, typer.Option(help="where candidates run: ray | local")] = "ray",
-) -> None:
-    """Merge and evaluate every grid point in parallel; log a leaderboard; register the best."""
-    _flows_env()
-    from amalgam.pipeline_config import load_grid
-    from amalgam.recipe import load_recipe
-
-    parsed, grid_spec = load_recipe(recipe), load_grid(grid)
-    from flows.sweep import run_sweep
-
-    _print_result("sweep finished", run_sweep(parsed, grid_spec, executor).as_dict())
-
-
-@app.command()
-def promote(
-    name: Annotated[str, typer.Argument(help="registered model name")],
-    version: Annotated[str, typer.Argument(help="model version to promote to champion")],
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default: SQLite under .amalgam)")
-    ] = None,
-) -> None:
-    """Check the version's gates and move the champion alias, or refuse naming the gate."""
-    _flows_env()
-    from flows.promote import promote as promote_flow
-
-    _print_result("promoted", promote_flow(name, version, tracking_uri))
-
-
-@app.command()
-def serve(
-    config: Annotated[Path, typer.Option(help="nightly config YAML")] = Path(
-        "configs/nightly.yaml"
-    ),
-    cron: Annotated[str, typer.Option(help="cron schedule of the nightly run")] = "0 2 * * *",
-) -> None:
-    """Serve the nightly flow on a cron schedule from this process (Ctrl-C stops it)."""
-    _flows_env()
-    from amalgam.pipeline_config import load_nightly_config
-
-    load_nightly_config(config)  # refuse a bad config before serving it every night
-    from flows.serve import serve_nightly
-
-    serve_nightly(config, cron)
 
 
 @app.command()
@@ -421,8 +299,10 @@ def compress(
     storage_options: StorageOpt = None,
 ) -> None:
     """Compress a fine-tune against its base (ComPEFT: top-k task vector as sign x scale)."""
+    # lazy: the command's modules import torch; `amalgam --help` stays fast
     from pydantic import ValidationError
 
+    # lazy: torch
     from amalgam.compress import compress_model
     from amalgam.recipe import CompressSpec
 
@@ -458,6 +338,7 @@ def decompress(
     storage_options: StorageOpt = None,
 ) -> None:
     """Rebuild a dense Hugging Face model folder from a compressed model and its base."""
+    # lazy: torch
     from amalgam.compress import decompress_model
 
     out = decompress_model(
@@ -478,8 +359,6 @@ def main() -> None:
         )
         sys.exit(2)
     except Exception as exc:
-        import click
-
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             sys.exit(exc.exit_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -32,8 +33,6 @@ def discover_checkpoints(prefix: str, **storage_options: Any) -> list[tuple[str,
 
 
 def _shards_present(fs: Any, folder: str, files: set[str]) -> bool:
-    import json
-
     index = next(f for f in INDEX_FILES if f in files)
     with fs.open(storage.join(folder, index), "rb") as fh:
         weight_map = json.loads(fh.read()).get("weight_map") or {}

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from amalgam.config_file import load_yaml
 from amalgam.errors import RecipeError
-from amalgam.merge.base import Method, get_method
+from amalgam.mergekit_compat import translate
+from amalgam.methods.base import Method, get_method
 
 ParamValue = bool | int | float | str | list[float]
 DTYPES = ("float32", "float16", "bfloat16")
@@ -232,8 +233,6 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping at the top level")
     if "merge_method" in data:
-        from amalgam.mergekit_compat import translate
-
         data = translate(data, source)
     try:
         recipe = Recipe.model_validate(data)

@@ -31,17 +31,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 import yaml
 
 from amalgam import storage
 from amalgam.errors import AmalgamError, RecipeError
+from amalgam.evaluate.report import EvalReport
+from amalgam.evaluate.score import local_model
 from amalgam.recipe import Gates
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from amalgam.evaluate.report import EvalReport
     from amalgam.recipe import Recipe
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -232,6 +234,7 @@ class Registry:
     """An MLflow tracking store and model registry (default: SQLite under $AMALGAM_HOME)."""
 
     def __init__(self, tracking_uri: str | None = None, *, artifact_root: str | None = None):
+        # lazy: mlflow takes over a second to import
         from mlflow import MlflowClient
 
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -278,6 +281,7 @@ class Registry:
         ``artifacts`` (report files, plots) go under ``report/``. ``storage_options`` reach a
         remote merged model (they are not recorded).
         """
+        # lazy: mlflow takes over a second to import
         from mlflow.entities import Metric, Param, RunTag
 
         exp = experiment or (recipe.register.experiment if recipe.register else "amalgam")
@@ -316,8 +320,6 @@ class Registry:
                 if report is None or Path(path).name != Path(REPORT_ARTIFACT).name:
                     self.client.log_artifact(run_id, str(path), REPORT_DIR)
             if log_model and merged_uri:
-                from amalgam.evaluate.report import local_model
-
                 with local_model(merged_uri, **dict(storage_options or {})) as folder:
                     self.client.log_artifacts(run_id, str(folder), MODEL_DIR)
         except BaseException:
@@ -402,6 +404,7 @@ class Registry:
     ) -> str:
         """Create a version of ``model_name`` from the run's ``artifact_path`` and point
         ``alias`` at it; returns the version. On any failure nothing registered remains."""
+        # lazy: mlflow takes over a second to import
         from mlflow.exceptions import MlflowException
 
         run = self.client.get_run(run_id)
@@ -445,6 +448,7 @@ class Registry:
 
     def alias_version(self, name: str, alias: str) -> str | None:
         """The version ``alias`` points at, or None (also when the model does not exist)."""
+        # lazy: mlflow takes over a second to import
         from mlflow.exceptions import MlflowException
 
         try:
@@ -468,6 +472,7 @@ class Registry:
         return Registered(name, str(mv.version), mv.run_id, created=False)
 
     def _version(self, name: str, version_or_alias: str | int) -> Any:
+        # lazy: mlflow takes over a second to import
         from mlflow.exceptions import MlflowException
 
         ref = str(version_or_alias)
@@ -483,9 +488,8 @@ class Registry:
         remote; ``dst`` picks where)."""
         mv = self._version(name, version_or_alias)
         if mv.source.startswith("file://"):
-            from urllib.parse import unquote, urlparse
-
             return unquote(urlparse(mv.source).path)
+        # lazy: mlflow takes over a second to import
         from mlflow.artifacts import download_artifacts
 
         return download_artifacts(
@@ -495,6 +499,7 @@ class Registry:
     # -- lineage ----------------------------------------------------------------------------
     def run_text(self, run_id: str, path: str) -> str | None:
         """An artifact of a run as text, or None when the run has no such artifact."""
+        # lazy: mlflow takes over a second to import
         from mlflow.artifacts import download_artifacts
         from mlflow.exceptions import MlflowException
 
@@ -508,8 +513,6 @@ class Registry:
             return Path(local).read_text()
 
     def report(self, run_id: str) -> EvalReport | None:
-        from amalgam.evaluate.report import EvalReport
-
         text = self.run_text(run_id, REPORT_ARTIFACT)
         return None if text is None else EvalReport.model_validate_json(text)
 

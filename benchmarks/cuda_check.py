@@ -58,7 +58,7 @@ from amalgam.checkpoint import open_checkpoint
 from amalgam.device import pick_device
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.errors import MergeError
-from amalgam.merge import REGISTRY
+from amalgam.methods import REGISTRY
 from amalgam.recipe import Recipe, parse_recipe
 
 MAX_ULPS = 1.0  # merged models: at most one ulp of their dtype per entry

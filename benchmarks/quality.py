@@ -1,6 +1,6 @@
 """Quality benchmark: every registered merge method on the zoo, scored per task.
 
-Each method in `amalgam.merge.base.REGISTRY` is run through the engine (`run_merge` with a
+Each method in `amalgam.methods.base.REGISTRY` is run through the engine (`run_merge` with a
 `Recipe`) on the zoo's full fine-tunes and on its LoRA experts (merged into full models with
 `merge_and_unload`), once with the authors' default hyper-parameters and once with the best
 value of its one scalar (lambda / scaling) from a small grid scored on the validation split.
@@ -207,7 +207,7 @@ class Bench:
         """Run one recipe through the engine; its in-engine seconds. Models of a data-driven
         method name their task folder as `data` (statistics from its validation split)."""
         from amalgam.engine import MergeOptions, run_merge
-        from amalgam.merge.base import get_method
+        from amalgam.methods.base import get_method
         from amalgam.recipe import ModelSpec, Recipe
 
         data = getattr(get_method(method), "statistics", None) is not None
@@ -357,7 +357,7 @@ def lora_experts(zoo: Any, tasks: list[str], work: Path) -> dict[str, Path]:
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole benchmark; returns what quality.json holds."""
-    from amalgam.merge.base import REGISTRY, get_method
+    from amalgam.methods.base import REGISTRY, get_method
     from amalgam.zoo import build_zoo, default_zoo_dir
 
     get_method("linear")  # fills the registry

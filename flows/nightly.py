@@ -9,7 +9,7 @@ from prefect import flow
 
 from amalgam.nightly import NightlyResult, run_nightly
 from amalgam.pipeline_config import NightlyConfig
-from tasks.stage import prefect_runner, publish
+from amalgam_stage_tasks.stage import prefect_runner, publish
 
 
 @flow(name="nightly")

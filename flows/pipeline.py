@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from amalgam.engine import MergeOptions
 from amalgam.pipeline import PipelineResult, as_recipe, run_pipeline
 from amalgam.recipe import Recipe
-from tasks.stage import prefect_runner
+from amalgam_stage_tasks.stage import prefect_runner
 
 
 @flow(name="merge-pipeline", log_prints=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from amalgam.stages import run_promote
-from tasks.stage import prefect_runner
+from amalgam_stage_tasks.stage import prefect_runner
 
 
 @flow(name="promote")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,8 +75,6 @@ def prefect_server(port: int = 4200, timeout: float = 120.0) -> Iterator[str]:
 
 def free_port(preferred: int) -> int:
     """``preferred`` when nothing listens on it on loopback, else a free port."""
-    import socket
-
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))
@@ -98,7 +97,7 @@ def serve_nightly(config: Path, cron: str, port: int = 4200) -> None:
 def _serve(config: Path, cron: str) -> None:
     # Prefect reads PREFECT_API_URL when first imported. The nightly flow is loaded from its
     # entrypoint (as a deployment names it), not imported: flows do not import flows.
-    from prefect.flows import load_flow_from_entrypoint
+    from prefect.flows import load_flow_from_entrypoint  # lazy: after PREFECT_API_URL is set
 
     nightly = load_flow_from_entrypoint(f"{Path(__file__).with_name('nightly.py')}:nightly")
     nightly.serve(name="nightly", cron=cron, parameters={"config": str(Path(config).resolve())})

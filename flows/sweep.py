@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from amalgam.errors import RecipeError
 from amalgam.pipeline_config import Grid
@@ -13,7 +14,7 @@ from amalgam.recipe import Recipe
 from amalgam.storage import amalgam_home
 from amalgam.sweep import SweepResult
 from amalgam.sweep import run_sweep as sweep_points
-from tasks.stage import prefect_mapper, prefect_runner, publish
+from amalgam_stage_tasks.stage import prefect_mapper, prefect_runner, publish
 
 
 @flow(name="sweep")
@@ -29,11 +30,10 @@ def task_runner(executor: str) -> Any:
     """Ray: the one Ray this process is connected to (``RAY_ADDRESS``, else a local Ray started
     once per process and reused by every flow run); local: threads."""
     if executor == "local":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
         return ThreadPoolTaskRunner(max_workers=2)
     if executor != "ray":
         raise RecipeError(f"executor: {executor!r} is neither ray nor local")
+    # lazy: Ray takes seconds to import and is needed by the ray executor only
     from prefect_ray import RayTaskRunner
 
     from amalgam.engine.ray_executor import ensure_ray

@@ -73,7 +73,7 @@ def recipe_dict(base: Path | None, experts: list[Path], method: str, out: Path, 
 
 def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str, str]:
     """Run `amalgam ARGS` in process: (exit code, stdout, stderr)."""
-    from amalgam.cli import main
+    from amalgam_flows.cli import main
 
     monkeypatch.setattr(sys, "argv", ["amalgam", *args])
     try:

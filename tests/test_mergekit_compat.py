@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.errors import RecipeError
-from amalgam.merge.base import get_method
-from amalgam.merge.params import layer_index, resolve_params
 from amalgam.mergekit_compat import METHODS, translate
+from amalgam.methods.base import get_method
+from amalgam.methods.params import layer_index, resolve_params
 from amalgam.recipe import Recipe, load_recipe, parse_recipe
 
 SOURCE = "cfg.yml"

@@ -15,7 +15,8 @@ import pytest
 
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import run_merge
-from amalgam.evaluate.report import EvalReport, ModelResult, build_report, write_report
+from amalgam.evaluate.report import EvalReport, build_report, write_report
+from amalgam.evaluate.score import ModelResult
 from amalgam.recipe import Gates, Recipe, parse_recipe
 from amalgam.registry import (
     PromotionRefused,

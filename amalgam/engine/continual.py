@@ -30,7 +30,7 @@ from amalgam.engine.options import MergeOptions, MergeResult, job_context, outpu
 from amalgam.engine.plan import AbsorbStep, NormPass, Plan, build_plan
 from amalgam.engine.write import write_output
 from amalgam.errors import CheckpointError, RecipeError
-from amalgam.merge.base import STEP_KEY, Method, Step, get_method
+from amalgam.methods.base import STEP_KEY, Method, Step, get_method
 from amalgam.recipe import ModelSpec, ParamValue, Recipe
 from amalgam.writer import remove_folder
 

@@ -14,8 +14,8 @@ import torch
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.engine.plan import NormPass, Plan, TensorJob, WholeModelPass, WorkUnit
 from amalgam.errors import MergeError
-from amalgam.merge.base import MergeContext, MergeFn, Method, TensorParams
-from amalgam.merge.params import resolve_params
+from amalgam.methods.base import MergeContext, MergeFn, Method, TensorParams
+from amalgam.methods.params import resolve_params
 from amalgam.writer import ShardWriter
 
 Progress = Callable[[int, int], None]  # (input bytes, tensors) done since the last call

@@ -13,9 +13,9 @@ import torch
 from amalgam import __version__
 from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
 from amalgam.errors import PlanError
-from amalgam.merge.base import MergeFn, Method, TensorParams
-from amalgam.merge.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
-from amalgam.merge.params import layer_index, resolve_params
+from amalgam.methods.base import MergeFn, Method, TensorParams
+from amalgam.methods.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
+from amalgam.methods.params import layer_index, resolve_params
 from amalgam.recipe import Recipe
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ def sequence_nll(
     """(summed negative log-likelihood in nats, number of scored tokens) over (ids, start)
     sequences: the tokens from index ``start`` on (at least 1) are scored, each predicted
     from the tokens before it."""
-    import torch
+    import torch  # lazy: importing amalgam.evaluate must not load torch (tested)
 
     device = next(model.parameters()).device
     total, count = 0.0, 0

@@ -10,10 +10,10 @@ if TYPE_CHECKING:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib, only when a report is written
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend
 
     return plt
 

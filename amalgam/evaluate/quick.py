@@ -39,7 +39,7 @@ def choice_correct(
     batch_size: int = 512,
 ) -> list[bool]:
     """Per record: does its `label` choice have the highest log-likelihood after `prompt`?"""
-    import torch
+    import torch  # lazy: importing amalgam.evaluate must not load torch (tested)
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -26,7 +26,7 @@ def table_cells(rows: dict[str, dict[str, float]], tasks: list[str]) -> list[lis
 
 def render_table(rows: dict[str, dict[str, float]], tasks: list[str]) -> Table:
     """A rich table: one row per label, one column per task (accuracy in %), then the average."""
-    from rich.table import Table
+    from rich.table import Table  # lazy: the markdown renderer does not need rich
 
     table = Table(title="accuracy (%)")
     table.add_column("model", no_wrap=True)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from amalgam import storage
 from amalgam.compress.stage import compress_model, read_manifest
 from amalgam.errors import AmalgamError
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import CompressSpec, Recipe
 from amalgam.stages.base import Stage, StageReport, content_key
 from amalgam.stages.merge import Merged
+from amalgam.writer import intact
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,10 @@ def already_compressed(uri: str, spec: CompressSpec, merged: Merged, storage_opt
         manifest = read_manifest(uri, **storage_options)
     except AmalgamError:
         return False
-    return manifest["model"]["hash"] == merged.content_hash and manifest["settings"] == settings(
+    same = manifest["model"]["hash"] == merged.content_hash and manifest["settings"] == settings(
         spec
     )
+    return same and intact(*storage.resolve(uri, **storage_options))
 
 
 class CompressStage(Stage[CompressInput, Compressed]):

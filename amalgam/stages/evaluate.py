@@ -26,13 +26,12 @@ from amalgam.compress.stage import decompress_model, read_manifest
 from amalgam.errors import RecipeError
 from amalgam.evaluate.report import (
     EvalReport,
-    ModelResult,
     evaluate_candidate,
     experts_for,
-    score_model,
     spec_tasks,
     write_report,
 )
+from amalgam.evaluate.score import ModelResult, score_model
 from amalgam.recipe import EvaluateSpec, Recipe
 from amalgam.stages.base import Runner, Stage, StageReport, content_key, execute
 from amalgam.storage import amalgam_home, resolve

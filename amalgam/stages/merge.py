@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from amalgam import storage
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions, output_of, run_merge
 from amalgam.engine.continual import read_state, shared_params
@@ -13,6 +14,7 @@ from amalgam.errors import CheckpointError, OutputError
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import Recipe
 from amalgam.stages.base import Stage, content_key
+from amalgam.writer import intact
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +118,32 @@ class MergeStage(Stage[MergeInput, Merged]):
         return content_key(self.name, body)
 
     def done(self, inp: MergeInput) -> Merged | None:
-        if not provenance_matches(inp.output, inp.recipe, inp.inputs, inp.options.continue_from):
+        """The output, when its provenance names this recipe and these inputs and its files
+        are the ones its commit recorded (a changed or half-copied output is merged again)."""
+        if not self._provenance(inp) or not self._intact(inp):
             return None
         return Merged(inp.output, content_hash(inp.output, inp.recipe.storage_options), True)
+
+    def _provenance(self, inp: MergeInput) -> bool:
+        return provenance_matches(inp.output, inp.recipe, inp.inputs, inp.options.continue_from)
+
+    def _intact(self, inp: MergeInput) -> bool:
+        return intact(*storage.resolve(inp.output, **inp.recipe.storage_options))
 
     def skip_reason(self, inp: MergeInput, out: Merged) -> str:
         return f"{out.output} already holds this merge (same recipe and input hashes)"
 
     def run(self, inp: MergeInput) -> Merged:
-        recipe = inp.recipe
+        recipe, options = inp.recipe, inp.options
+        if self._provenance(inp):  # done() found it changed since its commit
+            log.warning(
+                "%s holds this merge but its files differ from its commit record (changed, "
+                "or written before records): merging again",
+                inp.output,
+            )
+            options = options.model_copy(update={"overwrite": True})
         try:
-            result = run_merge(recipe, inp.options)
+            result = run_merge(recipe, options)
         except OutputError:
             found = self.done(inp)
             if found is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from amalgam.engine import MergeOptions
-from amalgam.evaluate.report import EvalReport, ModelResult
+from amalgam.evaluate.report import EvalReport
+from amalgam.evaluate.score import ModelResult
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import Recipe
 from amalgam.stages.base import Stage, content_key, execute

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -14,7 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amalgam.errors import AmalgamError
+from amalgam.evaluate import quick, taskdir
+from amalgam.evaluate.quick import quick_evaluate
+from amalgam.zoo.lm_tasks import write_tasks
 from amalgam.zoo.profiles import PROFILES, Profile
+from amalgam.zoo.report import write_report
+from amalgam.zoo.tasks import TASKS, make_splits
+from amalgam.zoo.tokenizer import build_tokenizer, check_round_trip
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -85,8 +92,6 @@ def get_profile(name: str) -> Profile:
 
 def source_files() -> list[Path]:
     """The code whose bytes decide a build: the zoo package and the scorer of its report."""
-    from amalgam.evaluate import quick, taskdir
-
     zoo_files = sorted(Path(__file__).parent.glob("*.py"))
     return [*zoo_files, Path(quick.__file__), Path(taskdir.__file__)]
 
@@ -124,6 +129,7 @@ def build_zoo(
     if (root / MANIFEST).is_file() and not force:
         log(f"zoo {root.name}: cached at {root}")
         return Zoo.load(root)
+    # lazy: torch and transformers, which a cached zoo does not need
     from amalgam.zoo.train import deterministic_torch
 
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
@@ -152,8 +158,7 @@ def prepare_data(
     config: Profile,
 ) -> tuple[PreTrainedTokenizerFast, dict[str, dict[str, list[Example]]], dict[str, list[Encoded]]]:
     """The tokenizer, every task's splits, and the encoded train split of each task."""
-    from amalgam.zoo.tasks import TASKS, make_splits
-    from amalgam.zoo.tokenizer import build_tokenizer
+    # lazy: torch and transformers, which a cached zoo does not need
     from amalgam.zoo.train import encode_examples
 
     tokenizer = build_tokenizer(config.base.max_positions)
@@ -175,6 +180,7 @@ def train_base(
 ) -> PreTrainedModel:
     """The base model: a Llama pretrained on the mixture of every task's train split, each
     prompt with the answers of both conventions (see `amalgam.zoo.tasks`)."""
+    # lazy: torch and transformers, which a cached zoo does not need
     from amalgam.zoo.train import deterministic_torch, encode_examples, new_model, train
 
     pools = [encode_examples(tokenizer, s["train"], both=True) for s in splits.values()]
@@ -209,12 +215,7 @@ def build_into(
     tmp: Path, config: Profile, *, final_root: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Every artifact of a build into `tmp` (to be renamed to `final_root`); the manifest."""
-    import copy
-
-    from amalgam.evaluate.quick import quick_evaluate
-    from amalgam.zoo.lm_tasks import write_tasks
-    from amalgam.zoo.report import write_report
-    from amalgam.zoo.tokenizer import check_round_trip
+    # lazy: torch and transformers, which a cached zoo does not need
     from amalgam.zoo.train import new_model, train, with_lora
 
     started = time.perf_counter()

@@ -27,6 +27,7 @@ def build_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
     No post-processor: encoding never adds BOS/EOS, whatever `add_special_tokens` says, so
     lm-eval (which may or may not ask for special tokens) sees exactly the ids used in
     training."""
+    # lazy: tokenizers and transformers, which a cached zoo does not need
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +53,7 @@ def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
 def check_round_trip(built: PreTrainedTokenizerFast, saved_dir: Path, texts: Iterable[str]) -> None:
     """Reload `saved_dir` with AutoTokenizer and raise unless it encodes every text (with and
     without special tokens) to the ids `built` gives."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers, as above
 
     reloaded = AutoTokenizer.from_pretrained(saved_dir)
     for text in texts:

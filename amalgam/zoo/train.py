@@ -89,7 +89,7 @@ def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int) 
 
 def with_lora(model: PreTrainedModel, rank: int, seed: int) -> PeftModel:
     """`model` wrapped with a fresh LoRA adapter (alpha = 2 x rank) on every linear layer."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # lazy: peft takes seconds; only LoRA stages
 
     torch.manual_seed(seed)
     config = LoraConfig(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from amalgam.merge import REGISTRY
+from amalgam.methods import REGISTRY
 from tests.helpers import load_benchmark
 
 TINY = ["--layers", "1", "--hidden", "32", "--llama-layers", "1", "--llama-hidden", "32"]

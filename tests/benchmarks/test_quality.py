@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amalgam.evaluate.quick import quick_evaluate
-from amalgam.merge.base import REGISTRY, get_method
+from amalgam.methods.base import REGISTRY, get_method
 from amalgam.zoo import Zoo, default_zoo_dir
 from tests.helpers import load_benchmark
 

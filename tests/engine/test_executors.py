@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions, run_merge
-from amalgam.merge import REGISTRY
+from amalgam.methods import REGISTRY
 from amalgam.recipe import parse_recipe
 from tests.helpers import family, recipe_dict
 

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from amalgam.engine import MergeOptions, plan_recipe, run_merge
-from amalgam.merge import REGISTRY
-from amalgam.merge.base import MergeContext, Method, Param, TensorParams, register, unregister
-from amalgam.merge.needs import WholeModelStatistic
+from amalgam.methods import REGISTRY
+from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register, unregister
+from amalgam.methods.needs import WholeModelStatistic
 from amalgam.recipe import parse_recipe
 from tests.helpers import family, recipe_dict
 

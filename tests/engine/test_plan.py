@@ -15,7 +15,7 @@ from amalgam.engine.plan import (
     WholeModelPass,
     plan_passes,
 )
-from amalgam.merge import REGISTRY
+from amalgam.methods import REGISTRY
 from amalgam.recipe import parse_recipe
 from tests.helpers import family, recipe_dict
 

@@ -10,7 +10,7 @@ import yaml
 
 from amalgam.errors import CheckpointError, RecipeError
 from amalgam.pipeline_config import Grid, load_grid, load_nightly_config
-from tasks.stage import is_transient
+from amalgam_stage_tasks.stage import is_transient
 from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[2]

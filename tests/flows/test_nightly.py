@@ -14,7 +14,7 @@ from amalgam.engine import MergeOptions, run_merge
 from amalgam.pipeline_config import NightlyConfig
 from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
-from flows.nightly import nightly
+from amalgam_flows.nightly import nightly
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 

@@ -54,7 +54,7 @@ def start(config: Path, home: Path, prefect_home: Path) -> subprocess.Popen:
     env = {**os.environ, **FLOW_ENV, "PREFECT_HOME": str(prefect_home), "AMALGAM_HOME": str(home)}
     prefect_home.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
-        [sys.executable, "-m", "amalgam.cli", "nightly", str(config)],
+        [sys.executable, "-m", "amalgam_flows.cli", "nightly", str(config)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -16,7 +16,7 @@ from amalgam.evaluate.report import REPORT_FILE, EvalReport
 from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
 from amalgam.stages.evaluate import DECOMPRESSED_FROM, report_dir
-from flows.pipeline import merge_pipeline
+from amalgam_flows.pipeline import merge_pipeline
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

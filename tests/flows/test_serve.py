@@ -36,7 +36,7 @@ def test_serve_runs_nightly_on_its_schedule_and_stops_cleanly(zoo_tiny, tmp_path
         [
             sys.executable,
             "-m",
-            "amalgam.cli",
+            "amalgam_flows.cli",
             "serve",
             "--config",
             str(config),

@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from amalgam.stages import MergeStage, ScoreStage, Stage, StageReport
-from tasks.stage import as_task, prefect_runner, retry_storage_errors
+from amalgam_stage_tasks.stage import as_task, prefect_runner, retry_storage_errors
 
 
 def test_only_cacheable_stages_get_a_cache_key_and_every_stage_retries_storage_errors() -> None:

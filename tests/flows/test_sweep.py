@@ -9,7 +9,7 @@ from recipes import evaluate_section, register_section
 from amalgam.pipeline_config import Grid
 from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
-from flows.sweep import run_sweep
+from amalgam_flows.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -41,7 +41,7 @@ def test_sweep_on_ray_ranks_and_registers_the_best(zoo_tiny, tracking_uri: str) 
     scores = [row["mean_accuracy"] for row in board]
     assert scores == sorted(scores, reverse=True)
     # lambda 0 is the base itself: its accuracy is the base's, measured independently here
-    from amalgam.evaluate.report import score_model
+    from amalgam.evaluate.score import score_model
 
     base = score_model(str(zoo_tiny.base), recipe.evaluate, recipe.evaluate.tasks)
     zero = next(r for r in board if r["params"] == '{"lambda": 0.0}')

@@ -7,11 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from stage_recipes import ta_recipe
 
 import amalgam.stages.evaluate as evaluate
 from amalgam.engine import MergeOptions
-from amalgam.evaluate.report import ModelResult
+from amalgam.evaluate.score import ModelResult
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import EvaluateSpec, parse_recipe
 from amalgam.stages import (
@@ -100,6 +103,26 @@ def test_merge_and_compress_done_read_the_store(zoo_tiny, tmp_path: Path, home: 
     assert compress.done(packed) is None
     shutil.rmtree(tmp_path / "merged")
     assert merge.done(job) is None  # a deleted output is work to do again
+
+
+def test_a_changed_output_is_merged_again_not_trusted(
+    zoo_tiny, tmp_path: Path, home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One matrix zeroed in a finished merge (same size, provenance untouched): the next run
+    does not skip it, says why, and writes the merge's true bytes back."""
+    recipe = recipe_of(zoo_tiny, tmp_path / "merged")
+    inputs = execute(FetchStage(), FetchInput(recipe)).models
+    job = MergeInput(recipe, MergeOptions(), inputs)
+    first = execute(MergeStage(), job)
+    shard = tmp_path / "merged" / "model.safetensors"
+    tensors, meta = load_file(str(shard)), safe_open(str(shard), "pt").metadata()
+    name = next(n for n in sorted(tensors) if tensors[n].ndim == 2)
+    save_file({**tensors, name: torch.zeros_like(tensors[name])}, str(shard), meta)
+    assert MergeStage().done(job) is None
+    with caplog.at_level(logging.WARNING, logger="amalgam"):
+        again = execute(MergeStage(), job)
+    assert not again.skipped and again.content_hash == first.content_hash
+    assert "differ from its commit record" in caplog.text
 
 
 def score_input(tmp_path: Path, **changes) -> ScoreInput:

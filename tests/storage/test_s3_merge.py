@@ -97,7 +97,7 @@ def test_cli_inspect_over_s3(s3, remote_family, monkeypatch, capsys) -> None:
     import json
     import sys
 
-    from amalgam.cli import main
+    from amalgam_flows.cli import main
 
     base_uri, _, base_dir = remote_family
     options = json.dumps(s3.storage_options())
