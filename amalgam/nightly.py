@@ -87,7 +87,8 @@ def run_nightly(
 ) -> NightlyResult:
     """Find experts the champion has not absorbed, absorb them with the recipe's continual
     method, evaluate against the champion, register as candidate, and promote only when every
-    gate passes (under the registry's lock, against the champion it was measured with)."""
+    gate of the registry's policy passes (under the registry's lock, against the champion it was
+    measured with); the template recipe's gates only seed the policy of a new model."""
     config = config if isinstance(config, NightlyConfig) else load_nightly_config(config)
     name = config.model_name
     spec = config.template.register
@@ -136,7 +137,7 @@ def run_nightly(
     entry = register.RegisterInput(recipe, merged, inputs, report, extra_parents=extra)
     registered = runner(register.RegisterStage(), entry)
     try:
-        result = registry.promote(name, registered.version, spec.gates, report=report)
+        result = registry.promote(name, registered.version, report=report)
     except PromotionRefused as refused:
         return said(
             NightlyResult(
