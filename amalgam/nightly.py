@@ -118,12 +118,15 @@ def run_nightly(
     if seen is not None:
         outcome = registry.promotion(seen.run_id)
         refused = outcome is not None and outcome.outcome == "refused"
-        if refused and registry.alias_version(name, CHAMPION) == champion.version:
+        policy = registry.policy(name)
+        same_policy = outcome is not None and outcome.policy == (policy.key if policy else None)
+        if refused and same_policy and registry.alias_version(name, CHAMPION) == champion.version:
             return said(
                 NightlyResult(
                     "nothing-new",
                     f"{', '.join(labels)} were already absorbed into version {seen.version}, "
-                    f"which was not promoted ({outcome.reason}); nothing to do",
+                    f"which was not promoted ({outcome.reason}) under the same champion and "
+                    "registry policy; nothing to do",
                     labels,
                     merged.output,
                     seen.version,

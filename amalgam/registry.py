@@ -98,6 +98,11 @@ class Policy:
     def as_dict(self) -> dict[str, Any]:
         return {"gates": gates_record(self.gates), "source": self.source}
 
+    @property
+    def key(self) -> str:
+        """The gates as canonical JSON: two policies with equal keys decide alike."""
+        return json.dumps(gates_record(self.gates), sort_keys=True, separators=(",", ":"))
+
 
 def gates_record(gates: Gates) -> dict[str, Any]:
     """The gates as stored in a policy: only the fields that are set, plus the floor metric."""
@@ -147,10 +152,12 @@ class PromotionResult:
 
 @dataclass(frozen=True)
 class Promotion:
-    """The last promotion outcome recorded on a run: ``promoted`` or ``refused``, and why."""
+    """The last promotion outcome recorded on a run: ``promoted`` or ``refused``, why, and the
+    policy that decided (:attr:`Policy.key`; None when there was none)."""
 
     outcome: str
     reason: str
+    policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -624,7 +631,7 @@ class Registry:
 
     @staticmethod
     def _policy_tags(name: str, policy: Policy) -> dict[str, str]:
-        text = json.dumps(gates_record(policy.gates), sort_keys=True, separators=(",", ":"))
+        text = policy.key
         if len(text) > MAX_TAG_CHARS:
             raise RegistryError(f"{name}: the policy's gates take over {MAX_TAG_CHARS} characters")
         return {POLICY_TAG: text, POLICY_SOURCE_TAG: policy.source[:MAX_TAG_CHARS]}
@@ -658,7 +665,12 @@ class Registry:
         tags = self.client.get_run(run_id).data.tags
         if PROMOTION_TAG not in tags:
             return None
-        return Promotion(tags[PROMOTION_TAG], tags.get(PROMOTION_TAG + ".reason", ""))
+        policy = tags.get(PROMOTION_TAG + ".policy", "none")
+        return Promotion(
+            tags[PROMOTION_TAG],
+            tags.get(PROMOTION_TAG + ".reason", ""),
+            None if policy == "none" else policy,
+        )
 
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float = 120.0) -> Iterator[None]:
@@ -732,13 +744,15 @@ class Registry:
             if note:
                 log.warning("%s version %s: %s", name, version, note)
             if failures:
-                self._record(mv.run_id, "refused", "; ".join(failures + ([note] if note else [])))
+                reason = "; ".join(failures + ([note] if note else []))
+                self._record(mv.run_id, "refused", reason, policy)
                 raise PromotionRefused(name, version, failures)
             self.set_alias(name, alias, version)
             reason = f"{alias} {current or 'none'} -> {version}" + (f"; {note}" if note else "")
-            self._record(mv.run_id, "promoted", reason)
+            self._record(mv.run_id, "promoted", reason, policy)
         return PromotionResult(name, version, alias, current)
 
-    def _record(self, run_id: str, outcome: str, reason: str) -> None:
+    def _record(self, run_id: str, outcome: str, reason: str, policy: Policy | None) -> None:
         self.client.set_tag(run_id, PROMOTION_TAG, outcome)
         self.client.set_tag(run_id, PROMOTION_TAG + ".reason", reason[:MAX_TAG_CHARS])
+        self.client.set_tag(run_id, PROMOTION_TAG + ".policy", policy.key if policy else "none")

@@ -204,6 +204,7 @@ def test_the_registry_policy_decides_and_a_candidate_recipe_cannot_weaken_it(
     assert registry.alias_version(name, "champion") == first
     refused = registry.promotion(registry.lineage(name, lax).run_id)
     assert "(registry policy)" in refused.reason and "were ignored" in refused.reason
+    assert refused.policy == policy.key  # the policy that decided is recorded with the outcome
     # stricter recipe gates do not decide either: the policy alone does
     strict = register(registry, merged, floor_only, name, {"task_floor": 0.99})
     assert registry.policy(name) == policy
