@@ -644,7 +644,7 @@ class Registry:
             return policy
         try:
             gates = self.lineage(name, champion).gates()
-        except RecipeError:  # a champion registered without a register section
+        except (RecipeError, ValueError):  # no register section, or gates that do not parse
             return None
         return self.set_policy(name, gates, source=f"recipe of champion version {champion}")
 
@@ -654,10 +654,14 @@ class Registry:
         register = (yaml.safe_load(text) or {}).get("register") if text else None
         if not register:
             return None
-        asked = gates_record(Gates.model_validate(register.get("gates") or {}))
+        try:
+            asked = gates_record(Gates.model_validate(register.get("gates") or {}))
+        except ValueError:  # recorded by another version of amalgam: shown as written
+            asked = register.get("gates")
         if asked == gates_record(policy.gates):
             return None
-        return f"the candidate recipe's gates {json.dumps(asked)} were ignored: the policy decides"
+        shown = json.dumps(asked, default=str)
+        return f"the candidate recipe's gates {shown} were ignored: the policy decides"
 
     # -- promotion --------------------------------------------------------------------------
     def promotion(self, run_id: str) -> Promotion | None:
