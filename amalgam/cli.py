@@ -1,6 +1,7 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-decompress. The orchestration layer adds the pipeline commands (run, nightly, sweep, promote,
-serve) to this ``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
+decompress, policy (the registry's promotion gates). The orchestration layer adds the pipeline
+commands (run, nightly, sweep, promote, serve) to this ``app`` in ``flows/cli.py``, the
+``amalgam`` entry point."""
 
 from __future__ import annotations
 
@@ -345,6 +346,45 @@ def decompress(
         compressed, base, output, overwrite=overwrite, **_storage(storage_options)
     )
     console.print(f"[bold]decompressed[/] {compressed} -> {out}", soft_wrap=True)
+
+
+@app.command()
+def policy(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    gates: Annotated[
+        Path | None,
+        typer.Option(help="YAML of the gates (task_floor, max_negative_flip_rate, ...) to set"),
+    ] = None,
+    show: Annotated[bool, typer.Option("--show", help="print the policy in force")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+) -> None:
+    """Set (--gates) or print (--show) the registry's promotion policy for a model: the gates
+    that decide every promotion of NAME, whatever a candidate's recipe says."""
+    # lazy: pydantic and mlflow; `amalgam --help` stays fast
+    from pydantic import ValidationError
+
+    # lazy: the registry imports mlflow, which takes over a second
+    from amalgam.config_file import load_yaml
+    from amalgam.recipe import Gates
+    from amalgam.registry import Registry
+
+    if (gates is None) == (not show):
+        raise AmalgamError("policy: give either --gates FILE (to set it) or --show")
+    registry = Registry(tracking_uri)
+    if gates is not None:
+        try:
+            wanted = Gates.model_validate(load_yaml(gates, "gates file") or {})
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise AmalgamError(f"{gates}: {bad}") from None
+        found = registry.set_policy(
+            name, wanted, source=f"operator (amalgam policy --gates {gates})"
+        )
+    else:
+        found = registry.policy(name)
+        if found is None:
+            raise AmalgamError(f"{name}: no promotion policy in the registry")
+    print(json.dumps({"name": name, **found.as_dict()}, indent=2))
 
 
 def main() -> None:

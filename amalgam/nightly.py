@@ -87,7 +87,8 @@ def run_nightly(
 ) -> NightlyResult:
     """Find experts the champion has not absorbed, absorb them with the recipe's continual
     method, evaluate against the champion, register as candidate, and promote only when every
-    gate passes (under the registry's lock, against the champion it was measured with)."""
+    gate of the registry's policy passes (under the registry's lock, against the champion it was
+    measured with); the template recipe's gates only seed the policy of a new model."""
     config = config if isinstance(config, NightlyConfig) else load_nightly_config(config)
     name = config.model_name
     spec = config.template.register
@@ -117,12 +118,15 @@ def run_nightly(
     if seen is not None:
         outcome = registry.promotion(seen.run_id)
         refused = outcome is not None and outcome.outcome == "refused"
-        if refused and registry.alias_version(name, CHAMPION) == champion.version:
+        policy = registry.policy(name)
+        same_policy = outcome is not None and outcome.policy == (policy.key if policy else None)
+        if refused and same_policy and registry.alias_version(name, CHAMPION) == champion.version:
             return said(
                 NightlyResult(
                     "nothing-new",
                     f"{', '.join(labels)} were already absorbed into version {seen.version}, "
-                    f"which was not promoted ({outcome.reason}); nothing to do",
+                    f"which was not promoted ({outcome.reason}) under the same champion and "
+                    "registry policy; nothing to do",
                     labels,
                     merged.output,
                     seen.version,
@@ -136,7 +140,7 @@ def run_nightly(
     entry = register.RegisterInput(recipe, merged, inputs, report, extra_parents=extra)
     registered = runner(register.RegisterStage(), entry)
     try:
-        result = registry.promote(name, registered.version, spec.gates, report=report)
+        result = registry.promote(name, registered.version, report=report)
     except PromotionRefused as refused:
         return said(
             NightlyResult(

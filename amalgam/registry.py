@@ -6,6 +6,13 @@ and ``.hash``), the evaluation metrics, the report and plots (``report/``) and t
 (``model/``). A registered model version is created from that artifact location and gets the
 alias ``candidate``; ``promote`` moves ``champion`` only when the gates pass.
 
+Which gates: the registry's promotion policy for the model name, never the candidate's recipe.
+The policy is a tag on the registered model (``amalgam.policy``, the gates as JSON, with
+``amalgam.policy.source`` saying where it came from). An operator sets it (``set_policy``,
+``amalgam policy NAME --gates FILE``); otherwise the registration that creates the model records
+its recipe's gates as the policy, once. A later candidate's recipe gates change nothing: when
+they differ from the policy, promotion says so and ignores them.
+
 Concurrent promotions: ``promote`` holds an exclusive file lock per (tracking store, model name)
 while it reads the champion, checks the gates and moves the alias, and it refuses a candidate
 whose report was measured against another champion than the current one (compare-and-set on
@@ -22,6 +29,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -52,6 +60,8 @@ PARENT_TAG = TAG + "parent."
 CONTENT_TAG = TAG + "content_hash"  # on a run and its version: the model's content hash
 COMPRESSED_TAG = TAG + "compressed."
 PROMOTION_TAG = TAG + "promotion"
+POLICY_TAG = TAG + "policy"  # on a registered model: the gates that decide its promotions
+POLICY_SOURCE_TAG = POLICY_TAG + ".source"
 SWEEP_TAG = TAG + "sweep"
 RECIPE_ARTIFACT = "recipe/recipe.yaml"
 REPORT_DIR = "report"
@@ -61,6 +71,7 @@ MAX_TAG_CHARS = 5000
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 _HELD = threading.local()  # lock files this thread holds
+log = logging.getLogger(__name__)
 
 
 class RegistryError(AmalgamError):
@@ -74,6 +85,28 @@ class PromotionRefused(RegistryError):
         self.name, self.version, self.failures = name, version, failures
         self.gates = sorted({f.split(":", 1)[0] for f in failures})
         super().__init__(f"{name} version {version} not promoted:\n  " + "\n  ".join(failures))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The gates that decide every promotion of a registered model, and where they came from
+    (an operator, or the recipe of the registration that created the model)."""
+
+    gates: Gates
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"gates": gates_record(self.gates), "source": self.source}
+
+    @property
+    def key(self) -> str:
+        """The gates as canonical JSON: two policies with equal keys decide alike."""
+        return json.dumps(gates_record(self.gates), sort_keys=True, separators=(",", ":"))
+
+
+def gates_record(gates: Gates) -> dict[str, Any]:
+    """The gates as stored in a policy: only the fields that are set, plus the floor metric."""
+    return gates.model_dump(mode="json", exclude_none=True)
 
 
 @dataclass(frozen=True)
@@ -99,7 +132,8 @@ class Lineage:
     tags: dict[str, str] = field(default_factory=dict)
 
     def gates(self) -> Gates:
-        """The gates recorded with the version's recipe (``register.gates``)."""
+        """The gates recorded with the version's recipe (``register.gates``): what its author
+        asked for. Promotion is decided by the registry's policy (:meth:`Registry.policy`)."""
         register = self.recipe.get("register")
         if not register:
             raise RecipeError(
@@ -118,10 +152,12 @@ class PromotionResult:
 
 @dataclass(frozen=True)
 class Promotion:
-    """The last promotion outcome recorded on a run: ``promoted`` or ``refused``, and why."""
+    """The last promotion outcome recorded on a run: ``promoted`` or ``refused``, why, and the
+    policy that decided (:attr:`Policy.key`; None when there was none)."""
 
     outcome: str
     reason: str
+    policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -356,7 +392,9 @@ class Registry:
             experiment=experiment,
             storage_options=storage_options,
         )
-        return Registered(model_name, self.register_version(run_id, model_name), run_id, True)
+        gates = recipe.register.gates if recipe.register else None
+        version = self.register_version(run_id, model_name, policy=gates)
+        return Registered(model_name, version, run_id, True)
 
     def log_leaderboard(
         self,
@@ -401,9 +439,13 @@ class Registry:
         artifact_path: str = MODEL_DIR,
         *,
         alias: str | None = CANDIDATE,
+        policy: Gates | None = None,
     ) -> str:
         """Create a version of ``model_name`` from the run's ``artifact_path`` and point
-        ``alias`` at it; returns the version. On any failure nothing registered remains."""
+        ``alias`` at it; returns the version. On any failure nothing registered remains.
+
+        ``policy``: the recipe's gates, which become the model's promotion policy only when
+        this call creates the registered model (first come); an existing model keeps its own."""
         # lazy: mlflow takes over a second to import
         from mlflow.exceptions import MlflowException
 
@@ -411,8 +453,12 @@ class Registry:
         if not self.client.list_artifacts(run_id, artifact_path):
             raise RegistryError(f"run {run_id}: no artifacts under {artifact_path!r} to register")
         created_model = False
+        tags = {}
+        if policy is not None:
+            source = f"recipe of run {run_id}, the registration that created {model_name}"
+            tags = self._policy_tags(model_name, Policy(policy, source))
         try:
-            self.client.create_registered_model(model_name)
+            self.client.create_registered_model(model_name, tags=tags)
             created_model = True
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -545,13 +591,90 @@ class Registry:
             tags=tags,
         )
 
+    # -- promotion policy -------------------------------------------------------------------
+    def policy(self, name: str) -> Policy | None:
+        """The promotion policy recorded on the registered model ``name`` (None: none yet)."""
+        # lazy: mlflow takes over a second to import
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tags = self.client.get_registered_model(name).tags
+        except MlflowException:
+            return None
+        if POLICY_TAG not in tags:
+            return None
+        try:
+            gates = Gates.model_validate_json(tags[POLICY_TAG])
+        except ValueError as exc:
+            raise RegistryError(f"{name}: the registry policy is not valid gates ({exc})") from None
+        return Policy(gates, tags.get(POLICY_SOURCE_TAG, "unknown"))
+
+    def set_policy(self, name: str, gates: Gates, *, source: str = "operator") -> Policy:
+        """Record ``gates`` as the promotion policy of ``name`` (the registered model is created
+        when it does not exist yet), under the promotion lock; returns the policy."""
+        # lazy: mlflow takes over a second to import
+        from mlflow.exceptions import MlflowException
+
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        policy = Policy(gates, f"{source}, {stamp}")
+        tags = self._policy_tags(name, policy)
+        with self.lock(name):
+            try:
+                self.client.create_registered_model(name, tags=tags)
+                return policy
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise RegistryError(f"{name}: cannot create ({exc.message})") from None
+            for key, value in tags.items():
+                self.client.set_registered_model_tag(name, key, value)
+        return policy
+
+    @staticmethod
+    def _policy_tags(name: str, policy: Policy) -> dict[str, str]:
+        text = policy.key
+        if len(text) > MAX_TAG_CHARS:
+            raise RegistryError(f"{name}: the policy's gates take over {MAX_TAG_CHARS} characters")
+        return {POLICY_TAG: text, POLICY_SOURCE_TAG: policy.source[:MAX_TAG_CHARS]}
+
+    def _deciding_policy(self, name: str, champion: str | None) -> Policy | None:
+        """The policy, or for a model registered before policies existed, the gates recorded
+        with its champion's recipe (then recorded as its policy); None when neither exists."""
+        policy = self.policy(name)
+        if policy is not None or champion is None:
+            return policy
+        try:
+            gates = self.lineage(name, champion).gates()
+        except (RecipeError, ValueError):  # no register section, or gates that do not parse
+            return None
+        return self.set_policy(name, gates, source=f"recipe of champion version {champion}")
+
+    def _ignored_gates(self, run_id: str, policy: Policy) -> str | None:
+        """A note when the run's recipe asks for other gates than the policy (None: the same)."""
+        text = self.run_text(run_id, RECIPE_ARTIFACT)
+        register = (yaml.safe_load(text) or {}).get("register") if text else None
+        if not register:
+            return None
+        try:
+            asked = gates_record(Gates.model_validate(register.get("gates") or {}))
+        except ValueError:  # recorded by another version of amalgam: shown as written
+            asked = register.get("gates")
+        if asked == gates_record(policy.gates):
+            return None
+        shown = json.dumps(asked, default=str)
+        return f"the candidate recipe's gates {shown} were ignored: the policy decides"
+
     # -- promotion --------------------------------------------------------------------------
     def promotion(self, run_id: str) -> Promotion | None:
         """The promotion outcome last recorded on ``run_id`` (None: never tried)."""
         tags = self.client.get_run(run_id).data.tags
         if PROMOTION_TAG not in tags:
             return None
-        return Promotion(tags[PROMOTION_TAG], tags.get(PROMOTION_TAG + ".reason", ""))
+        policy = tags.get(PROMOTION_TAG + ".policy", "none")
+        return Promotion(
+            tags[PROMOTION_TAG],
+            tags.get(PROMOTION_TAG + ".reason", ""),
+            None if policy == "none" else policy,
+        )
 
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float = 120.0) -> Iterator[None]:
@@ -588,39 +711,52 @@ class Registry:
         self,
         name: str,
         version: str | int,
-        gates: Gates,
         *,
         report: EvalReport | None = None,
         alias: str = CHAMPION,
     ) -> PromotionResult:
-        """Move ``alias`` to ``version`` if its report passes ``gates`` and was measured
-        against the current champion; otherwise raise :class:`PromotionRefused`. Either way the
-        outcome and reason are recorded as tags on the version's run."""
-        version = str(version)
+        """Move ``alias`` to ``version`` (a number or an alias) if its report passes the gates
+        of the registry's policy for ``name`` (:meth:`policy`; never the candidate recipe's
+        own) and was measured against the current champion; otherwise raise
+        :class:`PromotionRefused`. Either way the outcome and reason are recorded as tags on the
+        version's run. Without a policy nothing is promoted."""
         with self.lock(name):
             mv = self._version(name, version)
+            version = str(mv.version)
             current = self.alias_version(name, alias)
             if current == version:
                 return PromotionResult(name, version, alias, current)
+            policy = self._deciding_policy(name, current)
             report = report or self.report(mv.run_id)
+            failures: list[str] = []
+            if policy is None:
+                failures.append(
+                    f"policy: {name} has no promotion policy in the registry; an operator sets "
+                    f"one with `amalgam policy {name} --gates FILE`"
+                )
             if report is None:
-                failures = [f"report: run {mv.run_id} has no {REPORT_ARTIFACT}"]
-            else:
-                failures = []
-                if report.champion_version != current:
-                    failures.append(
-                        f"champion: the report compares against champion "
-                        f"{report.champion_version or 'none'}, but {alias} is now "
-                        f"{current or 'none'}; evaluate again against it"
-                    )
-                failures += check_gates(report, gates)
+                failures.append(f"report: run {mv.run_id} has no {REPORT_ARTIFACT}")
+            elif report.champion_version != current:
+                failures.append(
+                    f"champion: the report compares against champion "
+                    f"{report.champion_version or 'none'}, but {alias} is now "
+                    f"{current or 'none'}; evaluate again against it"
+                )
+            if report is not None and policy is not None:
+                failures += [f"{f} (registry policy)" for f in check_gates(report, policy.gates)]
+            note = self._ignored_gates(mv.run_id, policy) if policy is not None else None
+            if note:
+                log.warning("%s version %s: %s", name, version, note)
             if failures:
-                self._record(mv.run_id, "refused", "; ".join(failures))
+                reason = "; ".join(failures + ([note] if note else []))
+                self._record(mv.run_id, "refused", reason, policy)
                 raise PromotionRefused(name, version, failures)
             self.set_alias(name, alias, version)
-            self._record(mv.run_id, "promoted", f"{alias} {current or 'none'} -> {version}")
+            reason = f"{alias} {current or 'none'} -> {version}" + (f"; {note}" if note else "")
+            self._record(mv.run_id, "promoted", reason, policy)
         return PromotionResult(name, version, alias, current)
 
-    def _record(self, run_id: str, outcome: str, reason: str) -> None:
+    def _record(self, run_id: str, outcome: str, reason: str, policy: Policy | None) -> None:
         self.client.set_tag(run_id, PROMOTION_TAG, outcome)
         self.client.set_tag(run_id, PROMOTION_TAG + ".reason", reason[:MAX_TAG_CHARS])
+        self.client.set_tag(run_id, PROMOTION_TAG + ".policy", policy.key if policy else "none")

@@ -124,7 +124,8 @@ def promote(
         str | None, typer.Option(help="MLflow tracking URI (default: SQLite under .amalgam)")
     ] = None,
 ) -> None:
-    """Check the version's gates and move the champion alias, or refuse naming the gate."""
+    """Check the version against the registry's policy (amalgam policy NAME --show) and move
+    the champion alias, or refuse naming the gate."""
     _flows_env()
     from amalgam_flows.promote import promote as promote_flow  # lazy: Prefect
 

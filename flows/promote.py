@@ -1,4 +1,5 @@
-"""promote: check a version's gates and move the ``champion`` alias, or refuse naming the gate."""
+"""promote: check a version against the registry's policy and move the ``champion`` alias, or
+refuse naming the gate."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from amalgam_stage_tasks.stage import prefect_runner
 
 @flow(name="promote")
 def promote(name: str, version: str, tracking_uri: str | None = None) -> dict:
-    """Check the gates of ``name`` ``version`` and make it champion, or raise
+    """Check ``name`` ``version`` against the registry's policy and make it champion, or raise
     :class:`amalgam.registry.PromotionRefused` naming every failing gate (the refusal is
     recorded on the version's run and as a Prefect artifact)."""
     return run_promote(name, version, tracking_uri, runner=prefect_runner).as_dict()

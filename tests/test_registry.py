@@ -1,8 +1,9 @@
-"""MLflow registry: runs, versions, lineage, gates and promotion on a real SQLite store and a
-real `mlflow server`."""
+"""MLflow registry: runs, versions, lineage, the promotion policy, gates and promotion on a real
+SQLite store and a real `mlflow server`."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from amalgam.evaluate.report import EvalReport, build_report, write_report
 from amalgam.evaluate.score import ModelResult
 from amalgam.recipe import Gates, Recipe, parse_recipe
 from amalgam.registry import (
+    Policy,
     PromotionRefused,
     Registered,
     Registry,
@@ -26,7 +28,7 @@ from amalgam.registry import (
     check_gates,
     recipe_record,
 )
-from tests.helpers import family, recipe_dict
+from tests.helpers import family, recipe_dict, run_cli
 
 T, F = True, False
 REPO = Path(__file__).resolve().parents[1]
@@ -128,12 +130,13 @@ def test_gates_refuse_a_regressing_candidate_and_the_reason_is_on_the_run(
     registry: Registry, merged, tmp_path: Path, name: str
 ) -> None:
     first = log(registry, merged, report(GOOD), tmp_path, name)
-    assert registry.promote(name, first, GATES).previous is None
+    registry.set_policy(name, GATES)
+    assert registry.promote(name, first).previous is None
     # regresses 'sort': 2 of 4 right (below the 0.7 floor), 2 negative flips (rate 0.5 > 0.2)
     worse = report({"sort": [T, F, T, F], "count": [T, T, T, T]}, champion=GOOD, version=first)
     second = log(registry, merged, worse, tmp_path, name)
     with pytest.raises(PromotionRefused) as err:
-        registry.promote(name, second, GATES)
+        registry.promote(name, second)
     assert err.value.gates == ["max_negative_flip_rate", "task_floor"]
     assert "task_floor: task sort normalized_accuracy 0.5000 < floor 0.7" in str(err.value)
     assert "max_negative_flip_rate: task sort negative flip rate 0.5000 > 0.2" in str(err.value)
@@ -144,7 +147,7 @@ def test_gates_refuse_a_regressing_candidate_and_the_reason_is_on_the_run(
 
     better = report({"sort": [T, T, T, T], "count": [T, T, T, T]}, champion=GOOD, version=first)
     third = log(registry, merged, better, tmp_path, name)
-    result = registry.promote(name, third, GATES)
+    result = registry.promote(name, third)
     assert (result.version, result.previous) == (third, first)
     assert registry.alias_version(name, "champion") == third
     tags = registry.client.get_run(registry.lineage(name, third).run_id).data.tags
@@ -153,6 +156,113 @@ def test_gates_refuse_a_regressing_candidate_and_the_reason_is_on_the_run(
     refused = registry.promotion(registry.lineage(name, second).run_id)
     assert refused.outcome == "refused" and "task_floor: task sort" in refused.reason
     assert registry.lineage(name, third).gates() == GATES
+
+
+def register(registry: Registry, merged, rep: EvalReport, name: str, gates: dict) -> str:
+    """Register the merge as a new version of ``name`` (a new content hash each time) whose
+    recipe asks for ``gates``."""
+    recipe, folder, parents = merged
+    data = recipe_record(recipe) | {"register": {"model_name": name, "gates": gates}}
+    return registry.register_merge(
+        parse_recipe(data),
+        model_name=name,
+        content_hash=f"sha256:{time.monotonic_ns()}",
+        parents=parents,
+        merged_uri=str(folder),
+        report=rep,
+    ).version
+
+
+def test_the_registry_policy_decides_and_a_candidate_recipe_cannot_weaken_it(
+    registry: Registry, merged, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the registration that creates the model records its recipe's gates as the policy
+    first = register(registry, merged, report(GOOD), name, GATES.model_dump())
+    policy = registry.policy(name)
+    assert policy.gates == GATES and "the registration that created" in policy.source
+    assert registry.promote(name, first).previous is None
+    # a candidate whose recipe says `gates: {}` and whose report misses the 0.7 floor on sort
+    # (2 of 4 where the expert gets 4; the champion got the same wrong, so no flips)
+    floor_only = report(
+        {"sort": [T, T, F, F], "count": [T, T, T, T]},
+        champion={"sort": [T, T, F, F], "count": [T, T, T, F]},
+        version=first,
+    )
+    lax = register(registry, merged, floor_only, name, {})
+    assert registry.lineage(name, lax).gates() == Gates()
+    assert registry.policy(name) == policy  # a later registration does not replace it
+    with (
+        caplog.at_level("WARNING", logger="amalgam.registry"),
+        pytest.raises(PromotionRefused) as err,
+    ):
+        registry.promote(name, lax)
+    assert err.value.gates == ["task_floor"]
+    assert err.value.failures == [
+        "task_floor: task sort normalized_accuracy 0.5000 < floor 0.7 (registry policy)"
+    ]
+    assert "were ignored: the policy decides" in caplog.text
+    assert registry.alias_version(name, "champion") == first
+    refused = registry.promotion(registry.lineage(name, lax).run_id)
+    assert "(registry policy)" in refused.reason and "were ignored" in refused.reason
+    assert refused.policy == policy.key  # the policy that decided is recorded with the outcome
+    # stricter recipe gates do not decide either: the policy alone does
+    strict = register(registry, merged, floor_only, name, {"task_floor": 0.99})
+    assert registry.policy(name) == policy
+    # an operator changes the policy explicitly, and that changes the outcome
+    lowered = registry.set_policy(name, Gates(task_floor=0.4), source="operator")
+    assert registry.policy(name) == lowered and lowered.source.startswith("operator, ")
+    result = registry.promote(name, strict)
+    assert (result.version, result.previous) == (strict, first)
+    assert registry.alias_version(name, "champion") == strict
+
+
+def test_no_policy_no_promotion_and_an_old_model_takes_its_champion_gates(
+    registry: Registry, merged, tmp_path: Path, name: str
+) -> None:
+    # registered without a policy (register_version alone) and no champion: nothing decides
+    first = log(registry, merged, report(GOOD), tmp_path, name)
+    assert registry.policy(name) is None
+    with pytest.raises(PromotionRefused) as err:
+        registry.promote(name, first)
+    assert err.value.gates == ["policy"]
+    assert f"`amalgam policy {name} --gates FILE`" in str(err.value)
+    # a model registered before policies existed: its champion's recorded gates decide
+    registry.set_alias(name, "champion", first)
+    worse = report({"sort": [T, F, T, F], "count": [T, T, T, T]}, champion=GOOD, version=first)
+    second = log(registry, merged, worse, tmp_path, name)
+    with pytest.raises(PromotionRefused) as err:
+        registry.promote(name, second)
+    assert err.value.gates == ["max_negative_flip_rate", "task_floor"]
+    policy = registry.policy(name)
+    assert policy.gates == GATES and policy.source.startswith(f"recipe of champion version {first}")
+    assert policy == Policy(GATES, policy.source)
+
+
+def test_the_policy_command_sets_and_shows_the_gates(
+    registry: Registry, tmp_path: Path, name: str, monkeypatch, capsys
+) -> None:
+    uri = ["--tracking-uri", registry.tracking_uri]
+    code, _, err = run_cli(["policy", name, "--show", *uri], monkeypatch, capsys)
+    assert code == 2 and f"error: {name}: no promotion policy in the registry" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task_flor: 0.5\n")
+    code, _, err = run_cli(["policy", name, "--gates", str(bad), *uri], monkeypatch, capsys)
+    assert code == 2 and "task_flor: Extra inputs are not permitted" in err
+    assert registry.policy(name) is None
+    good = tmp_path / "gates.yaml"
+    good.write_text("task_floor: {sort: 0.8}\nmax_negative_flip_rate: 0.1\n")
+    code, out, err = run_cli(["policy", name, "--gates", str(good), *uri], monkeypatch, capsys)
+    assert code == 0, err
+    wanted = Gates(task_floor={"sort": 0.8}, max_negative_flip_rate=0.1)
+    assert registry.policy(name).gates == wanted
+    code, shown, _ = run_cli(["policy", name, "--show", *uri], monkeypatch, capsys)
+    assert code == 0 and json.loads(shown) == json.loads(out)
+    assert json.loads(shown)["gates"] == {
+        "task_floor": {"sort": 0.8},
+        "floor_metric": "normalized_accuracy",
+        "max_negative_flip_rate": 0.1,
+    }
+    assert json.loads(shown)["source"].startswith(f"operator (amalgam policy --gates {good})")
 
 
 def test_register_merge_tags_the_content_and_find_version_reads_it_back(
@@ -216,14 +326,13 @@ def test_check_gates_names_gate_task_and_values() -> None:
 PROMOTE = """
 import sys, time
 from pathlib import Path
-from amalgam.recipe import Gates
 from amalgam.registry import PromotionRefused, Registry
 uri, name, version, go = sys.argv[1:5]
 registry = Registry(uri)
 while not Path(go).exists():
     time.sleep(0.01)
 try:
-    registry.promote(name, version, Gates(task_floor=0.5))
+    registry.promote(name, version)
     print("promoted")
 except PromotionRefused as exc:
     print("refused", ",".join(exc.gates))
@@ -235,7 +344,8 @@ def test_two_promotions_at_once_cannot_both_win(
     registry: Registry, merged, tmp_path: Path, name: str
 ) -> None:
     first = log(registry, merged, report(GOOD), tmp_path, name)
-    registry.promote(name, first, GATES)
+    registry.set_policy(name, Gates(task_floor=0.5))
+    registry.promote(name, first)
     a = log(registry, merged, report(GOOD, champion=GOOD, version=first), tmp_path, name)
     b = log(registry, merged, report(GOOD, champion=GOOD, version=first), tmp_path, name)
     go = tmp_path / "go"
@@ -343,7 +453,9 @@ def test_through_a_real_mlflow_server(merged, tmp_path: Path, name: str) -> None
         assert lineage.version == version
         assert {label: (p.uri, p.hash) for label, p in lineage.parents.items()} == parents
         assert lineage.recipe == recipe_record(recipe)
-        registry.promote(name, version, GATES)
+        registry.set_policy(name, GATES)
+        assert registry.policy(name).gates == GATES
+        registry.promote(name, version)
         assert registry.alias_version(name, "champion") == version
         local = Path(registry.model_path(name, "champion", dst=str(tmp_path / "dl")))
         assert (local / "model.safetensors").read_bytes() == (

@@ -1,4 +1,5 @@
-"""The promote stage: check a version's recorded gates and move ``champion``, or say why not."""
+"""The promote stage: check a version against the registry's policy and move ``champion``, or
+say why not."""
 
 from __future__ import annotations
 
@@ -48,11 +49,10 @@ class PromoteStage(Stage[PromoteInput, Promoted]):
 
     def run(self, inp: PromoteInput) -> Promoted:
         registry = Registry(inp.tracking_uri)
-        lineage = registry.lineage(inp.name, inp.version)
         try:
-            result = registry.promote(inp.name, lineage.version, lineage.gates())
+            result = registry.promote(inp.name, inp.version)
         except PromotionRefused as refused:
-            return Promoted(inp.name, lineage.version, failures=refused.failures)
+            return Promoted(inp.name, refused.version, failures=refused.failures)
         return Promoted(inp.name, result.version, result.previous)
 
     def report(self, inp: PromoteInput, out: Promoted) -> StageReport:
@@ -70,8 +70,9 @@ class PromoteStage(Stage[PromoteInput, Promoted]):
 def run_promote(
     name: str, version: str, tracking_uri: str | None = None, runner: Runner = execute
 ) -> Promoted:
-    """Check the gates of ``name`` ``version`` and make it champion, or raise
-    :class:`PromotionRefused` naming every failing gate (after ``runner`` reported it)."""
+    """Check ``name`` ``version`` against the gates of the registry's policy for ``name`` (not
+    its recipe's) and make it champion, or raise :class:`PromotionRefused` naming every failing
+    gate (after ``runner`` reported it)."""
     out = runner(PromoteStage(), PromoteInput(name, version, tracking_uri))
     out.raise_refusal()
     log.info("%s: champion %s -> %s", name, out.previous or "none", out.version)

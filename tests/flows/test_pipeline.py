@@ -133,14 +133,16 @@ def test_a_candidate_that_regresses_a_task_is_not_promoted(
     )
     assert code == 0, err
 
-    # lambda 0 gives back the base, which loses the compare expert's gains
-    worse = ta_recipe(zoo_tiny, tmp_path / "worse", ["zoo_compare"], 0.0, **sections)
+    # lambda 0 gives back the base, which loses the compare expert's gains; its recipe asks for
+    # no gates at all, but the registry's policy (the first registration's gates) decides
+    lax = sections | {"register": register_section(tracking_uri, "gated")}
+    worse = ta_recipe(zoo_tiny, tmp_path / "worse", ["zoo_compare"], 0.0, **lax)
     v2 = merge_pipeline(parse_recipe(worse)).registered["version"]
     code, _, err = run_cli(
         ["promote", "gated", v2, "--tracking-uri", tracking_uri], monkeypatch, capsys
     )
     assert code == 2
-    assert "max_negative_flip_rate: task zoo_compare" in err
+    assert "max_negative_flip_rate: task zoo_compare" in err and "(registry policy)" in err
     registry = Registry(tracking_uri)
     assert registry.alias_version("gated", "champion") == v1
     tags = registry.client.get_run(registry.lineage("gated", v2).run_id).data.tags
