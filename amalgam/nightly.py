@@ -16,8 +16,10 @@ from pathlib import Path
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions
 from amalgam.engine.continual import absorbed_hashes
+from amalgam.evaluate.report import EvalReport
 from amalgam.fetch import FetchedModel
 from amalgam.pipeline_config import NightlyConfig, load_nightly_config
+from amalgam.recipe import Recipe
 from amalgam.registry import CHAMPION, PromotionRefused, Registry
 from amalgam.stages import base, discover, evaluate, fetch, merge, register
 from amalgam.storage import amalgam_home
@@ -91,8 +93,7 @@ def run_nightly(
     measured with); the template recipe's gates only seed the policy of a new model."""
     config = config if isinstance(config, NightlyConfig) else load_nightly_config(config)
     name = config.model_name
-    spec = config.template.register
-    registry = register.registry_for(spec)
+    registry = register.registry_for(config.template.register)
     champion = Champion.of(registry, name)
     found = runner(
         discover.DiscoverStage(), discover.DiscoverInput(config.experts, config.expert_options)
@@ -107,75 +108,103 @@ def run_nightly(
                 champion=champion.version,
             )
         )
-    recipe = config.recipe_for([{"uri": m.uri, "name": m.label} for m in new])
-    output = workdir(config) / candidate_key(champion.content_hash, recipe.hash(), new)
-    fetched = runner(fetch.FetchStage(), fetch.FetchInput(recipe))
-    recipe, inputs = fetched.recipe, fetched.models
-    options = MergeOptions(output=str(output), continue_from=champion.uri, executor=config.executor)
-    merged = runner(merge.MergeStage(), merge.MergeInput(recipe, options, inputs))
     labels = [m.label for m in new]
-    seen = registry.find_version(name, merged.content_hash)
-    if seen is not None:
-        outcome = registry.promotion(seen.run_id)
-        refused = outcome is not None and outcome.outcome == "refused"
-        policy = registry.policy(name)
-        same_policy = outcome is not None and outcome.policy == (policy.key if policy else None)
-        if refused and same_policy and registry.alias_version(name, CHAMPION) == champion.version:
-            return said(
-                NightlyResult(
-                    "nothing-new",
-                    f"{', '.join(labels)} were already absorbed into version {seen.version}, "
-                    f"which was not promoted ({outcome.reason}) under the same champion and "
-                    "registry policy; nothing to do",
-                    labels,
-                    merged.output,
-                    seen.version,
-                    champion.version,
-                    outcome.reason.split("; "),
-                )
-            )
+    recipe, inputs, merged = absorb(config, new, champion, runner)
+    unchanged = refused_before(registry, name, merged, champion, labels)
+    if unchanged is not None:
+        return said(unchanged)
     job = evaluate.EvaluateInput(recipe, merged.output, champion.uri, champion.version)
     report = runner(evaluate.EvaluateStage(runner), job)
     extra = {"champion": (champion.uri, champion.content_hash)} if champion.uri else {}
     entry = register.RegisterInput(recipe, merged, inputs, report, extra_parents=extra)
     registered = runner(register.RegisterStage(), entry)
+    return said(promoted(registry, name, registered.version, report, labels, merged, champion))
+
+
+def absorb(
+    config: NightlyConfig, new: list[FetchedModel], champion: Champion, runner: base.Runner
+) -> tuple[Recipe, list[FetchedModel], merge.Merged]:
+    """The new experts absorbed into the champion (or the base) in a folder named by what goes
+    into it; returns the fetched recipe, its inputs and the merge."""
+    recipe = config.recipe_for([{"uri": m.uri, "name": m.label} for m in new])
+    output = workdir(config) / candidate_key(champion.content_hash, recipe.hash(), new)
+    fetched = runner(fetch.FetchStage(), fetch.FetchInput(recipe))
+    options = MergeOptions(output=str(output), continue_from=champion.uri, executor=config.executor)
+    merged = runner(merge.MergeStage(), merge.MergeInput(fetched.recipe, options, fetched.models))
+    return fetched.recipe, fetched.models, merged
+
+
+def refused_before(
+    registry: Registry, name: str, merged: merge.Merged, champion: Champion, labels: list[str]
+) -> NightlyResult | None:
+    """The result when this merge was registered and refused before, with the same champion
+    and registry policy as now (nothing to do); None when it must be evaluated."""
+    seen = registry.find_version(name, merged.content_hash)
+    if seen is None:
+        return None
+    outcome = registry.promotion(seen.run_id)
+    if outcome is None or outcome.outcome != "refused":
+        return None
+    policy = registry.policy(name)
+    same_policy = outcome.policy == (policy.key if policy else None)
+    if not same_policy or registry.alias_version(name, CHAMPION) != champion.version:
+        return None
+    return NightlyResult(
+        "nothing-new",
+        f"{', '.join(labels)} were already absorbed into version {seen.version}, which was not "
+        f"promoted ({outcome.reason}) under the same champion and registry policy; "
+        "nothing to do",
+        labels,
+        merged.output,
+        seen.version,
+        champion.version,
+        outcome.reason.split("; "),
+    )
+
+
+def promoted(
+    registry: Registry,
+    name: str,
+    version: str,
+    report: EvalReport,
+    labels: list[str],
+    merged: merge.Merged,
+    champion: Champion,
+) -> NightlyResult:
+    """Promote ``version`` if the registry's policy passes: promoted, held (a gate failed) or
+    nothing-new (a concurrent run with the same experts promoted it first)."""
+    absorbed = ", ".join(labels)
     try:
-        result = registry.promote(name, registered.version, report=report)
+        result = registry.promote(name, version, report=report)
     except PromotionRefused as refused:
-        return said(
-            NightlyResult(
-                "held",
-                f"absorbed {', '.join(labels)} into version {registered.version}, not promoted: "
-                + "; ".join(refused.failures),
-                labels,
-                merged.output,
-                registered.version,
-                champion.version,
-                refused.failures,
-            )
+        return NightlyResult(
+            "held",
+            f"absorbed {absorbed} into version {version}, not promoted: "
+            + "; ".join(refused.failures),
+            labels,
+            merged.output,
+            version,
+            champion.version,
+            refused.failures,
         )
-    if result.previous == result.version:  # a concurrent run with the same experts promoted it
-        return said(
-            NightlyResult(
-                "nothing-new",
-                f"version {result.version} with {', '.join(labels)} is already champion "
-                "(promoted by a concurrent run): nothing to do",
-                labels,
-                merged.output,
-                result.version,
-                result.version,
-            )
-        )
-    return said(
-        NightlyResult(
-            "promoted",
-            f"absorbed {', '.join(labels)} into version {result.version}, now champion "
-            f"(was {result.previous or 'none'})",
+    if result.previous == result.version:
+        return NightlyResult(
+            "nothing-new",
+            f"version {result.version} with {absorbed} is already champion "
+            "(promoted by a concurrent run): nothing to do",
             labels,
             merged.output,
             result.version,
             result.version,
         )
+    return NightlyResult(
+        "promoted",
+        f"absorbed {absorbed} into version {result.version}, now champion "
+        f"(was {result.previous or 'none'})",
+        labels,
+        merged.output,
+        result.version,
+        result.version,
     )
 
 
