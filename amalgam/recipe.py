@@ -6,10 +6,18 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+)
 
 from amalgam.config_file import load_yaml
 from amalgam.errors import RecipeError
@@ -21,6 +29,18 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 STAGE_SECTIONS = ("align", "compress", "evaluate", "register")
+REDACTED = "<redacted>"
+
+
+def redact_options(options: Mapping[str, Any]) -> dict[str, str]:
+    """Storage options as they may be shown or stored: the option names, never the values."""
+    return {name: REDACTED for name in options}
+
+
+# Storage options (credentials) as a field: kept in memory and in a pickle (Ray workers, the
+# stages read them), redacted in every JSON form (``model_dump(mode="json")``,
+# ``model_dump_json``: Prefect's flow parameters, reports, logs) and left out of ``repr``.
+StorageOptions = Annotated[dict[str, Any], PlainSerializer(redact_options, when_used="json")]
 
 
 def _regex(v: str) -> str:
@@ -145,13 +165,24 @@ class Recipe(_Strict):
     max_shard_size: int = Field(default=5 * 10**9, gt=0)
     files_from: str | None = None
     allow_nonfinite: bool = False
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: StorageOptions = Field(default_factory=dict, repr=False)
     # Where the merge runs when the caller does not say (outputs are identical either way).
     executor: Literal["local", "ray"] | None = None
     align: AlignSpec | None = None
     compress: CompressSpec | None = None
     evaluate: EvaluateSpec | None = None
     register: RegisterSpec | None = None
+
+    @field_validator("storage_options")
+    @classmethod
+    def _not_redacted(cls, v: dict[str, Any]) -> dict[str, Any]:
+        redacted = sorted(k for k, value in v.items() if value == REDACTED)
+        if redacted:
+            raise ValueError(
+                f"{', '.join(redacted)}: {REDACTED} is a stored copy's placeholder, not a value "
+                "(run from the recipe file, or write the value as ${VAR})"
+            )
+        return v
 
     @property
     def method_spec(self) -> Method:
