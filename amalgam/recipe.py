@@ -37,6 +37,14 @@ def redact_options(options: Mapping[str, Any]) -> dict[str, str]:
     return {name: REDACTED for name in options}
 
 
+PASSWORD_IN_URI = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """A URI as it may be shown or stored: a password in it (``scheme://user:pw@host``) hidden."""
+    return None if uri is None else PASSWORD_IN_URI.sub(rf"\1:{REDACTED}@", uri)
+
+
 # Storage options (credentials) as a field: kept in memory and in a pickle (Ray workers, the
 # stages read them), redacted in every JSON form (``model_dump(mode="json")``,
 # ``model_dump_json``: Prefect's flow parameters, reports, logs) and left out of ``repr``.
@@ -138,12 +146,22 @@ class Gates(_Strict):
 
 
 class RegisterSpec(_Strict):
-    """The register stage: MLflow tracking store, experiment, model name and promotion gates."""
+    """The register stage: MLflow tracking store, experiment, model name and promotion gates.
+    A password in ``tracking_uri`` is redacted in its JSON forms (like storage options)."""
 
-    tracking_uri: str | None = None
+    tracking_uri: Annotated[str | None, PlainSerializer(redact_uri, when_used="json")] = Field(
+        default=None, repr=False
+    )
     experiment: str = "amalgam"
     model_name: str
     gates: Gates = Field(default_factory=Gates)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _not_redacted(cls, v: str | None) -> str | None:
+        if v is not None and REDACTED in v:
+            raise ValueError(f"{REDACTED} is a stored copy's placeholder (use the recipe file)")
+        return v
 
 
 # pydantic warns that the field `register` shadows ABCMeta.register on the model class;

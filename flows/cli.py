@@ -72,9 +72,10 @@ def _print_report(metrics: dict[str, float]) -> None:
 
 
 def _print_where_to_look(tracking_uri: str | None, registered: dict) -> None:
+    from amalgam.recipe import redact_uri  # lazy: torch
     from amalgam.registry import default_tracking_uri  # lazy: MLflow
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = redact_uri(tracking_uri) or default_tracking_uri()
     prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
     console.print(
         f"[bold]registered[/] {registered['name']} version {registered['version']} "
