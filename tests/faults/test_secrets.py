@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import pickle
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -245,7 +246,21 @@ def test_no_store_holds_the_s3_secret_after_run_nightly_and_sweep(
     assert fs.exists(f"{bucket}/run/compressed/amalgam-commit.json")
     stores = {p.name for p in work.iterdir()}
     assert {"prefect", "home", "mlflow", "nightly"} <= stores, stores
-    assert any((work / "prefect").rglob("prefect.db")), "no Prefect database was written"
+    # ... into the stores searched below: Prefect's runs (with their parameters and logs),
+    # MLflow's recipe artifacts, the score cache and reports
+    with sqlite3.connect(f"file:{work / 'prefect' / 'prefect.db'}?mode=ro", uri=True) as db:
+        params = [json.loads(p) for (p,) in db.execute("SELECT parameters FROM flow_run")]
+        logged = db.execute("SELECT count(*) FROM log").fetchone()[0]
+    assert {"recipe": str(inputs / "run.yaml")} in [
+        {k: v for k, v in p.items() if k == "recipe"} for p in params
+    ], params
+    assert {"config": str(inputs / "nightly.yaml")} in params, params
+    grid_path = str(inputs / "grid.yaml")
+    assert {"recipe": str(inputs / "sweep.yaml"), "grid": grid_path} in params, params
+    assert logged > 0
+    assert len(list((work / "mlflow").rglob("recipe.yaml"))) >= 3
+    assert any((work / "home" / "scores").iterdir())
+    assert any((work / "home" / "reports").iterdir())
     # ... and no store, output or log holds the secret
     fs.get(f"{bucket}/run/", str(work / "bucket-copy") + "/", recursive=True)
     leaked = holders(work, secret)
