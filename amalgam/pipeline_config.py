@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
 
+from amalgam.config_file import load_yaml
 from amalgam.errors import RecipeError
-from amalgam.recipe import ParamValue, Recipe, parse_recipe
+from amalgam.recipe import ParamValue, Recipe, StorageOptions, parse_recipe, redact_options
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _redact_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    options = recipe.get("storage_options")
+    if not isinstance(options, dict):
+        return recipe
+    return {**recipe, "storage_options": redact_options(options)}
 
 
 class NightlyConfig(_Strict):
@@ -27,10 +33,13 @@ class NightlyConfig(_Strict):
     """
 
     experts: str
-    recipe: dict[str, Any]
+    # the recipe's storage options, like ``storage_options``, never in a JSON form or repr
+    recipe: Annotated[dict[str, Any], PlainSerializer(_redact_recipe, when_used="json")] = Field(
+        repr=False
+    )
     workdir: str | None = None
     executor: Literal["local", "ray"] = "local"
-    storage_options: dict[str, Any] | None = None
+    storage_options: StorageOptions | None = Field(default=None, repr=False)
 
     def recipe_for(self, models: list[dict[str, Any]]) -> Recipe:
         """The nightly recipe with ``models`` filled in (validated like any recipe)."""
@@ -81,13 +90,9 @@ class Grid(_Strict):
 
 
 def _load_yaml(path: str | Path) -> Any:
-    p = Path(path)
-    try:
-        return yaml.safe_load(os.path.expandvars(p.read_text()))
-    except OSError as exc:
-        raise RecipeError(f"{p}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{p}: not valid YAML ({exc})") from None
+    """The config's YAML, read like a recipe: size limits, ``${VAR}`` from the environment
+    (an unset one is an error), so that keys can stay out of the file."""
+    return load_yaml(path, "config")
 
 
 def _validate(model: type[BaseModel], data: Any, source: str) -> Any:

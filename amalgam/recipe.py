@@ -6,10 +6,18 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+)
 
 from amalgam.config_file import load_yaml
 from amalgam.errors import RecipeError
@@ -21,6 +29,26 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 STAGE_SECTIONS = ("align", "compress", "evaluate", "register")
+REDACTED = "<redacted>"
+
+
+def redact_options(options: Mapping[str, Any]) -> dict[str, str]:
+    """Storage options as they may be shown or stored: the option names, never the values."""
+    return {name: REDACTED for name in options}
+
+
+PASSWORD_IN_URI = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """A URI as it may be shown or stored: a password in it (``scheme://user:pw@host``) hidden."""
+    return None if uri is None else PASSWORD_IN_URI.sub(rf"\1:{REDACTED}@", uri)
+
+
+# Storage options (credentials) as a field: kept in memory and in a pickle (Ray workers, the
+# stages read them), redacted in every JSON form (``model_dump(mode="json")``,
+# ``model_dump_json``: Prefect's flow parameters, reports, logs) and left out of ``repr``.
+StorageOptions = Annotated[dict[str, Any], PlainSerializer(redact_options, when_used="json")]
 
 
 def _regex(v: str) -> str:
@@ -118,12 +146,22 @@ class Gates(_Strict):
 
 
 class RegisterSpec(_Strict):
-    """The register stage: MLflow tracking store, experiment, model name and promotion gates."""
+    """The register stage: MLflow tracking store, experiment, model name and promotion gates.
+    A password in ``tracking_uri`` is redacted in its JSON forms (like storage options)."""
 
-    tracking_uri: str | None = None
+    tracking_uri: Annotated[str | None, PlainSerializer(redact_uri, when_used="json")] = Field(
+        default=None, repr=False
+    )
     experiment: str = "amalgam"
     model_name: str
     gates: Gates = Field(default_factory=Gates)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _not_redacted(cls, v: str | None) -> str | None:
+        if v is not None and REDACTED in v:
+            raise ValueError(f"{REDACTED} is a stored copy's placeholder (use the recipe file)")
+        return v
 
 
 # pydantic warns that the field `register` shadows ABCMeta.register on the model class;
@@ -145,13 +183,24 @@ class Recipe(_Strict):
     max_shard_size: int = Field(default=5 * 10**9, gt=0)
     files_from: str | None = None
     allow_nonfinite: bool = False
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: StorageOptions = Field(default_factory=dict, repr=False)
     # Where the merge runs when the caller does not say (outputs are identical either way).
     executor: Literal["local", "ray"] | None = None
     align: AlignSpec | None = None
     compress: CompressSpec | None = None
     evaluate: EvaluateSpec | None = None
     register: RegisterSpec | None = None
+
+    @field_validator("storage_options")
+    @classmethod
+    def _not_redacted(cls, v: dict[str, Any]) -> dict[str, Any]:
+        redacted = sorted(k for k, value in v.items() if value == REDACTED)
+        if redacted:
+            raise ValueError(
+                f"{', '.join(redacted)}: {REDACTED} is a stored copy's placeholder, not a value "
+                "(run from the recipe file, or write the value as ${VAR})"
+            )
+        return v
 
     @property
     def method_spec(self) -> Method:

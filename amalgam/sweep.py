@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from amalgam.pipeline import current_champion
-from amalgam.pipeline_config import Grid, GridPoint
+from amalgam.pipeline import as_recipe, current_champion
+from amalgam.pipeline_config import Grid, GridPoint, load_grid
 from amalgam.recipe import Recipe, parse_recipe
 from amalgam.stages import (
     FetchInput,
@@ -52,7 +53,8 @@ def point_recipe(recipe: Recipe, point: GridPoint) -> Recipe:
     """``recipe`` with the point's method and parameters (shared ones kept when the method is
     the recipe's own), written to a folder named by its hash; validated like any recipe."""
     params = {**(recipe.params if point.method == recipe.method else {}), **point.params}
-    data = recipe.model_dump(mode="json", exclude={"output"}, exclude_none=True)
+    # python mode: the JSON form redacts the storage options, which the point needs
+    data = recipe.model_dump(exclude={"output"}, exclude_none=True)
     data.update(method=point.method, params=params, overrides=[])
     candidate = parse_recipe(data, f"sweep point {point.label}")
     digest = candidate.hash().removeprefix("sha256:")[:16]
@@ -80,12 +82,18 @@ def leaderboard_row(point: GridPoint, outcome: Point) -> dict:
 
 
 def run_sweep(
-    recipe: Recipe, grid: Grid, runner: Runner = execute, mapper: Mapper | None = None
+    recipe: Recipe | str | Path,
+    grid: Grid | str | Path,
+    runner: Runner = execute,
+    mapper: Mapper | None = None,
 ) -> SweepResult:
     """Every grid point merged and evaluated (``mapper`` runs the points, side by side when
     it can; default: one after another through ``runner``), ranked by ``grid.metric``; the
     leaderboard is logged to the recipe's registry and the best registered as candidate.
-    Base, expert and champion scores are measured once, before the points."""
+    Base, expert and champion scores are measured once, before the points. ``recipe`` and
+    ``grid`` are objects or the paths of their YAML files."""
+    recipe = as_recipe(recipe)
+    grid = grid if isinstance(grid, Grid) else load_grid(grid)
     spec = spec_of(recipe)
     points = grid.points()
     recipes = [point_recipe(recipe, p) for p in points]

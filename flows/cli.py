@@ -45,7 +45,9 @@ def run(
     parsed = load_recipe(recipe)  # bad input fails here, before Prefect starts
     from amalgam_flows.pipeline import merge_pipeline  # lazy: Prefect, for this command only
 
-    result = merge_pipeline(parsed, output, executor, stage, overwrite)
+    # the flow's parameter is the file, read again inside the run: its storage options (keys)
+    # never reach Prefect's database
+    result = merge_pipeline(str(recipe.resolve()), output, executor, stage, overwrite)
     summary = {k: v for k, v in result.as_dict().items() if k not in ("inputs", "report")}
     _print_result("pipeline finished", summary)
     if result.report:
@@ -70,9 +72,10 @@ def _print_report(metrics: dict[str, float]) -> None:
 
 
 def _print_where_to_look(tracking_uri: str | None, registered: dict) -> None:
+    from amalgam.recipe import redact_uri  # lazy: torch
     from amalgam.registry import default_tracking_uri  # lazy: MLflow
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = redact_uri(tracking_uri) or default_tracking_uri()
     prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
     console.print(
         f"[bold]registered[/] {registered['name']} version {registered['version']} "
@@ -93,10 +96,11 @@ def nightly(
     _flows_env()
     from amalgam.pipeline_config import load_nightly_config  # lazy: torch
 
-    parsed = load_nightly_config(config)
+    load_nightly_config(config)  # bad input fails here, before Prefect starts
     from amalgam_flows.nightly import nightly as nightly_flow  # lazy: Prefect
 
-    _print_result("nightly finished", nightly_flow(parsed).as_dict())
+    # the flow's parameter is the file (read inside the run): no key reaches Prefect
+    _print_result("nightly finished", nightly_flow(str(config.resolve())).as_dict())
 
 
 @app.command()
@@ -110,10 +114,12 @@ def sweep(
     from amalgam.pipeline_config import load_grid  # lazy: torch
     from amalgam.recipe import load_recipe  # lazy: torch
 
-    parsed, grid_spec = load_recipe(recipe), load_grid(grid)
+    load_recipe(recipe), load_grid(grid)  # bad input fails here, before Prefect starts
     from amalgam_flows.sweep import run_sweep  # lazy: Prefect and Ray
 
-    _print_result("sweep finished", run_sweep(parsed, grid_spec, executor).as_dict())
+    # the flow's parameters are the files (read inside the run): no key reaches Prefect
+    result = run_sweep(str(recipe.resolve()), str(grid.resolve()), executor)
+    _print_result("sweep finished", result.as_dict())
 
 
 @app.command()

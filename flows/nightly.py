@@ -16,7 +16,9 @@ from amalgam_stage_tasks.stage import prefect_runner, publish
 def nightly(config: NightlyConfig | str) -> NightlyResult:
     """Find experts the champion has not absorbed, absorb them with the recipe's continual
     method, evaluate against the champion, register as candidate, and promote only when every
-    gate passes (under the registry's lock, against the champion it was measured with)."""
+    gate passes (under the registry's lock, against the champion it was measured with).
+    ``config``: a NightlyConfig, or the path of its file, read inside the run (as a parameter,
+    a config's storage options are stored redacted)."""
     result = run_nightly(config, runner=prefect_runner)
     publish(result.report())
     return result

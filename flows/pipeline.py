@@ -20,7 +20,9 @@ def merge_pipeline(
     overwrite: bool = False,
 ) -> PipelineResult:
     """Run a recipe end to end: the merge on ``executor`` (local threads, or ray: one task per
-    shard); ``stage`` copies every input to the local cache before merging."""
+    shard); ``stage`` copies every input to the local cache before merging. ``recipe``: a
+    Recipe, or the path of its file, read inside the run (as a parameter, a Recipe's storage
+    options are stored redacted)."""
     recipe = as_recipe(recipe)
     options = MergeOptions(
         output=output, executor=executor or recipe.executor or "local", overwrite=overwrite

@@ -18,9 +18,11 @@ from amalgam_stage_tasks.stage import prefect_mapper, prefect_runner, publish
 
 
 @flow(name="sweep")
-def sweep(recipe: Recipe, grid: Grid) -> SweepResult:
+def sweep(recipe: Recipe | str, grid: Grid | str) -> SweepResult:
     """Every grid point merged and evaluated side by side on the flow's task runner (see
-    :func:`run_sweep`), ranked by ``grid.metric``; the best is registered as candidate."""
+    :func:`run_sweep`), ranked by ``grid.metric``; the best is registered as candidate.
+    ``recipe`` and ``grid``: objects, or the paths of their files (read inside the run; as
+    parameters, storage options are stored redacted)."""
     result = sweep_points(recipe, grid, runner=prefect_runner, mapper=prefect_mapper)
     publish(result.report())
     return result
@@ -42,6 +44,6 @@ def task_runner(executor: str) -> Any:
     return RayTaskRunner()
 
 
-def run_sweep(recipe: Recipe, grid: Grid, executor: str = "ray") -> SweepResult:
+def run_sweep(recipe: Recipe | str, grid: Grid | str, executor: str = "ray") -> SweepResult:
     """The sweep flow on ``executor``'s task runner."""
     return sweep.with_options(task_runner=task_runner(executor))(recipe, grid)

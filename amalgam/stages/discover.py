@@ -13,7 +13,7 @@ from amalgam.stages.base import Stage, content_key
 @dataclass(frozen=True)
 class DiscoverInput:
     prefix: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class DiscoverStage(Stage[DiscoverInput, list[FetchedModel]]):

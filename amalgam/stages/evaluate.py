@@ -117,7 +117,7 @@ class ScoreInput:
     tasks: list[str]
     perplexity: bool
     data: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class ScoreStage(Stage[ScoreInput, ModelResult]):
