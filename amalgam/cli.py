@@ -198,6 +198,12 @@ def methods() -> None:
         table.add_row(name, params, m.summary, m.paper)
     console.print(table)
     console.print("* settable per model; numeric values may be lists (layer gradients)")
+    console.print(
+        "every method: a tensor only some inputs hold is an error, unless the recipe sets "
+        "extra_tensors: keep_from_first (copied unmerged from the first input that has it) or "
+        "drop (left out); the base's non-float buffers are copied",
+        soft_wrap=True,
+    )
 
 
 @app.command()
