@@ -183,6 +183,12 @@ def merge(
         f"peak RSS {_human(result.peak_rss_bytes)}",
         soft_wrap=True,
     )
+    # tensors only some inputs hold (the recipe's extra_tensors)
+    if plan.kept:
+        kept = ", ".join(f"{n} (from {label})" for n, label in plan.kept.items())
+        console.print(f"copied unmerged: {kept}", soft_wrap=True)
+    if plan.dropped:
+        console.print(f"left out: {', '.join(plan.dropped)}", soft_wrap=True)
 
 
 @app.command()

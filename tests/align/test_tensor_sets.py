@@ -154,6 +154,13 @@ def test_the_cli_refuses_with_one_line_naming_tensor_and_model(
     assert f"missing tensor '{LM_HEAD}'" in lines[0] and "model 'expert1' has it" in lines[0]
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+    data = {**recipe_dict(models[0], models[1:], "ties", out), "extra_tensors": "drop"}
+    cfg.write_text(yaml.safe_dump(data))
+    code, stdout, _ = run_cli(["merge", str(cfg), "--plan"], monkeypatch, capsys)
+    assert code == 0 and f"{LM_HEAD}: left out" in stdout and not out.exists()
+    code, stdout, _ = run_cli(["merge", str(cfg)], monkeypatch, capsys)
+    assert code == 0 and f"left out: {LM_HEAD}" in stdout
+    assert LM_HEAD not in _tensors(out)
 
 
 def test_the_align_report_names_the_model(tmp_path: Path) -> None:
