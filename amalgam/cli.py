@@ -184,6 +184,12 @@ def merge(
         f"peak RSS {_human(result.peak_rss_bytes)}",
         soft_wrap=True,
     )
+    # tensors only some inputs hold (the recipe's extra_tensors)
+    if plan.kept:
+        kept = ", ".join(f"{n} (from {label})" for n, label in plan.kept.items())
+        console.print(f"copied unmerged: {kept}", soft_wrap=True)
+    if plan.dropped:
+        console.print(f"left out: {', '.join(plan.dropped)}", soft_wrap=True)
 
 
 @app.command()
@@ -199,6 +205,12 @@ def methods() -> None:
         table.add_row(name, params, m.summary, m.paper)
     console.print(table)
     console.print("* settable per model; numeric values may be lists (layer gradients)")
+    console.print(
+        "every method: a tensor only some inputs hold is an error, unless the recipe sets "
+        "extra_tensors: keep_from_first (copied unmerged from the first input that has it) or "
+        "drop (left out); the base's non-float buffers are copied",
+        soft_wrap=True,
+    )
 
 
 @app.command()

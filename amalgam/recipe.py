@@ -183,6 +183,9 @@ class Recipe(_Strict):
     max_shard_size: int = Field(default=5 * 10**9, gt=0)
     files_from: str | None = None
     allow_nonfinite: bool = False
+    # Tensors only some inputs hold (besides non-float buffers of the base): see
+    # amalgam/align/tensor_sets.py, the rule the align check and the merge plan share.
+    extra_tensors: Literal["error", "keep_from_first", "drop"] = "error"
     storage_options: StorageOptions = Field(default_factory=dict, repr=False)
     # Where the merge runs when the caller does not say (outputs are identical either way).
     executor: Literal["local", "ray"] | None = None
@@ -208,11 +211,14 @@ class Recipe(_Strict):
 
     def hash(self) -> str:
         """sha256 of the recipe's canonical JSON, output location excluded (stage sections
-        count only when present, so a recipe without them hashes as it always did)."""
+        count only when present, and ``extra_tensors`` only when not ``error``, so a recipe
+        without them hashes as it always did)."""
         body = self.model_dump(mode="json", exclude={"output", "storage_options", "executor"})
         for section in STAGE_SECTIONS:
             if body[section] is None:
                 del body[section]
+        if body["extra_tensors"] == "error":
+            del body["extra_tensors"]
         return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def validate_method(self) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from amalgam import storage
+from amalgam.align.tensor_sets import ExtraTensors, TensorSetProblem, tensor_sources
 from amalgam.checkpoint import Checkpoint, open_checkpoint
 from amalgam.errors import AmalgamError
 
@@ -21,13 +22,19 @@ if TYPE_CHECKING:
     from amalgam.recipe import AlignSpec
 
 MAX_LISTED = 5  # differences listed per model and kind before "... and N more"
+KINDS = ("missing_tensor", "extra_tensor", "shape", "dtype", "stepwise", "vocab_size", "vocabulary")
+EXTRA_HINT = (
+    "  (a recipe's extra_tensors: keep_from_first copies a tensor only some models hold from "
+    "the first that has it; drop leaves it out)"
+)
 
 
 class CompatibilityError(AmalgamError):
-    """Inputs differ in tensor names, shapes or vocabulary; the message names each difference."""
+    """Inputs differ in tensor names, shapes or vocabulary; the message names each difference
+    (and ends with ``hint`` when given)."""
 
-    def __init__(self, report: CompatibilityReport):
-        super().__init__(report.describe())
+    def __init__(self, report: CompatibilityReport, hint: str = ""):
+        super().__init__(report.describe() + (f"\n{hint}" if hint else ""))
         self.report = report
 
 
@@ -36,15 +43,18 @@ class Problem:
     """One difference between a model and the reference: kind, what, and the two sides."""
 
     model: str
-    kind: str  # missing_tensor | extra_tensor | shape | vocab_size | vocabulary
+    kind: str  # missing_tensor | extra_tensor | shape | dtype | stepwise | vocab_size | vocabulary
     item: str  # tensor name, config file or token
     detail: str  # the model's value vs the reference's (shapes, ids, sizes)
 
     def __str__(self) -> str:
         what = {
-            "missing_tensor": f"lacks tensor {self.item}",
+            "missing_tensor": f"lacks tensor {self.item}"
+            + (f" ({self.detail} have it)" if self.detail else ""),
             "extra_tensor": f"has tensor {self.item}, which the reference lacks",
             "shape": f"tensor {self.item} has shape {self.detail}",
+            "dtype": f"tensor {self.item} is {self.detail} (float in one, not in the other)",
+            "stepwise": f"tensor {self.item}: {self.detail}",
             "vocab_size": f"{self.item} vocab_size is {self.detail}",
             "vocabulary": f"token {self.item} has {self.detail}",
         }[self.kind]
@@ -78,7 +88,7 @@ class CompatibilityReport:
             + ":"
         ]
         for model in self.models:
-            for kind in ("missing_tensor", "extra_tensor", "shape", "vocab_size", "vocabulary"):
+            for kind in KINDS:
                 found = [p for p in self.problems if p.model == model and p.kind == kind]
                 lines += [f"  {p}" for p in found[:MAX_LISTED]]
                 if len(found) > MAX_LISTED:
@@ -96,27 +106,36 @@ class CompatibilityReport:
         }
 
 
-def tensor_problems(label: str, ref: Checkpoint, other: Checkpoint) -> list[Problem]:
-    """Tensors missing from ``other``, extra in it, or shaped differently (dtype may differ)."""
-    problems = [
-        Problem(label, "missing_tensor", name, "")
-        for name in ref.tensors
-        if name not in other.tensors
-    ]
-    problems += [
-        Problem(label, "extra_tensor", name, "")
-        for name in other.tensors
-        if name not in ref.tensors
-    ]
-    for name, info in ref.tensors.items():
-        theirs = other.tensors.get(name)
-        if theirs is not None and theirs.shape != info.shape:
-            problems.append(
-                Problem(
-                    label, "shape", name, f"{list(theirs.shape)}, the reference {list(info.shape)}"
-                )
-            )
-    return problems
+def tensor_problems(
+    label: str,
+    ref: Checkpoint,
+    other: Checkpoint,
+    extra_tensors: ExtraTensors = "error",
+    *,
+    ref_label: str = "reference",
+) -> list[Problem]:
+    """What keeps ``other`` from merging with ``ref`` under the inputs' tensor rule
+    (:func:`amalgam.align.tensor_sets.tensor_sources`): a tensor one lacks, shapes, dtypes."""
+    sets = tensor_sources({ref_label: ref.tensors, label: other.tensors}, extra_tensors)
+    return as_problems(sets.problems, ref_label)
+
+
+def as_problems(found: tuple[TensorSetProblem, ...], reference: str) -> list[Problem]:
+    """The tensor rule's problems, each told per model against the reference."""
+    out = []
+    for p in found:
+        if p.kind == "missing" and reference in p.others:
+            held = ", ".join(p.others)
+            out += [Problem(m, "missing_tensor", p.tensor, held) for m in p.models]
+        elif p.kind == "missing":
+            out += [Problem(m, "extra_tensor", p.tensor, "") for m in p.others]
+        elif p.kind == "stepwise":
+            out.append(Problem(p.models[0], p.kind, p.tensor, str(p.detail)))
+        else:
+            theirs, ours = p.detail
+            against = "the reference" if p.others[0] == reference else p.others[0]
+            out.append(Problem(p.models[0], p.kind, p.tensor, f"{theirs}, {against} {ours}"))
+    return out
 
 
 def _vocabulary(ckpt: Checkpoint) -> dict[str, int] | None:
@@ -164,13 +183,17 @@ def check_compatibility(
     *,
     vocabulary: bool = True,
     raise_on_error: bool = True,
+    extra_tensors: ExtraTensors = "error",
+    stepwise: bool = False,
     **storage_options: Any,
 ) -> CompatibilityReport:
     """Compare every model with the first one (the base, when the caller puts it first).
 
-    ``models`` maps labels to URIs or open checkpoints (a list is labelled by URI). Raises
-    :class:`CompatibilityError` naming each model and tensor or token that differs, unless
-    ``raise_on_error`` is false; then the report's ``ok`` and ``problems`` say it.
+    ``models`` maps labels to URIs or open checkpoints (a list is labelled by URI). Tensors
+    only some models hold follow the merge plan's rule, ``extra_tensors`` and ``stepwise``
+    as in :func:`amalgam.align.tensor_sets.tensor_sources`. Raises :class:`CompatibilityError`
+    naming each model and tensor or token that differs, unless ``raise_on_error`` is false;
+    then the report's ``ok`` and ``problems`` say it.
     """
     if not isinstance(models, Mapping):
         models = {(m.uri if isinstance(m, Checkpoint) else str(m)): m for m in models}
@@ -192,9 +215,11 @@ def check_compatibility(
             len(ref.tensors),
             uris={label: c.uri for label, c in ckpts.items()},
         )
-        for label, ckpt in others:
-            report.problems += tensor_problems(label, ref, ckpt)
-            if vocabulary:
+        tables = {label: c.tensors for label, c in ckpts.items()}
+        found = tensor_sources(tables, extra_tensors, stepwise=stepwise).problems
+        report.problems += as_problems(found, ref_label)
+        if vocabulary:
+            for label, ckpt in others:
                 report.problems += vocabulary_problems(label, ref, ckpt)
     finally:
         for c in opened:
@@ -204,10 +229,29 @@ def check_compatibility(
     return report
 
 
-def run_align(spec: AlignSpec, inputs: Mapping[str, str], **storage_options: Any) -> dict[str, str]:
+def run_align(
+    spec: AlignSpec,
+    inputs: Mapping[str, str],
+    *,
+    extra_tensors: ExtraTensors = "error",
+    stepwise: bool = False,
+    **storage_options: Any,
+) -> dict[str, str]:
     """The align stage: labelled input URIs in (base first), labelled URIs to merge out.
 
-    ``check`` raises :class:`CompatibilityError` on any difference and passes the inputs on.
+    ``check`` raises :class:`CompatibilityError` on any difference and passes the inputs on;
+    tensors only some inputs hold follow the recipe's ``extra_tensors`` (``stepwise`` for a
+    continual method), the rule the merge plan applies.
     """
-    check_compatibility(inputs, vocabulary=spec.vocabulary, **storage_options)
+    report = check_compatibility(
+        inputs,
+        vocabulary=spec.vocabulary,
+        raise_on_error=False,
+        extra_tensors=extra_tensors,
+        stepwise=stepwise,
+        **storage_options,
+    )
+    if not report.ok:
+        gaps = any(p.kind in ("missing_tensor", "extra_tensor") for p in report.problems)
+        raise CompatibilityError(report, EXTRA_HINT if gaps else "")
     return dict(inputs)

@@ -187,9 +187,13 @@ def _check_all(
         if options.continue_from:
             state = read_state(options.continue_from, **recipe.storage_options)
             check_continuation(state, recipe, params, base_hash, options.continue_from)
-            inputs["continue_from"] = open_checkpoint(
+            running = open_checkpoint(
                 options.continue_from, allow_pickle=False, **recipe.storage_options
             )
+            # in step order (base, running merge, models): the inputs' tensor rule then holds
+            # for every step as it does for the whole (extra_tensors, tensor_sets.py)
+            base = inputs.pop("base")
+            inputs = {"base": base, "continue_from": running, **inputs}
         check_output(output, inputs, options.overwrite, recipe.storage_options)
         steps = build_plan(recipe, inputs, {}).passes
         return state, base_hash, tuple(s for s in steps if isinstance(s, AbsorbStep))

@@ -68,11 +68,14 @@ def read_job(
     job: TensorJob,
     statistics: Sequence[Checkpoint] = (),
 ) -> Read:
-    """The job's input tensors: the reference's alone for a copy, else every input's, checked
+    """The job's input tensors: its source's alone for a copy, else every input's, checked
     finite (on the reading thread, so the check overlaps the merge of the previous tensor);
     and each model's statistic tensor of the same name, where its artifact holds one."""
     if job.copy:
-        return [sources[0].tensor(job.name)], ()
+        raw = [sources[job.source].tensor(job.name)]
+        if raw[0].is_floating_point():  # a float tensor kept unmerged (extra_tensors)
+            check_finite(plan, job, raw, (plan.labels[job.source],))
+        return raw, ()
     raw = [s.tensor(job.name) for s in sources]
     check_finite(plan, job, raw)
     stats = tuple(s.tensor(job.name) if job.name in s.tensors else None for s in statistics)
@@ -96,7 +99,7 @@ def prefetched(
 
     def cost(job: TensorJob) -> int:
         if job.copy:
-            return sources[0].info(job.name).nbytes
+            return sources[job.source].info(job.name).nbytes
         return sum(s.info(job.name).nbytes for s in sources) + sum(
             s.info(job.name).nbytes for s in statistics if job.name in s.tensors
         )
@@ -111,15 +114,18 @@ def prefetched(
         yield job, fut.result()
 
 
-def check_finite(plan: Plan, job: TensorJob, raw: list[torch.Tensor]) -> None:
-    """NaN/Inf in an input is an error naming the tensor and model, unless the recipe allows it.
+def check_finite(
+    plan: Plan, job: TensorJob, raw: list[torch.Tensor], labels: Sequence[str] | None = None
+) -> None:
+    """NaN/Inf in an input (``raw``, read from the models ``labels``, default: all the plan's)
+    is an error naming the tensor and model, unless the recipe allows it.
 
     A finite sum proves the tensor finite (the sum in the stored dtype is vectorised and ~25x
     faster than one in float32; should it overflow, as fp16 can, every entry is checked).
     """
     if plan.recipe.allow_nonfinite:
         return
-    for label, x in zip(plan.labels, raw, strict=True):
+    for label, x in zip(plan.labels if labels is None else labels, raw, strict=True):
         if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             raise MergeError(
                 f"tensor '{job.name}' of model '{label}' holds NaN or Inf "
@@ -135,8 +141,8 @@ def merge_tensor(
 ) -> torch.Tensor:
     """One output tensor: inputs in their stored dtype on the device, math in float32 inside
     the method, result cast to the planned dtype."""
-    if job.copy:
-        return raw[0]
+    if job.copy:  # as stored, or cast to the output dtype (a float tensor kept unmerged)
+        return raw[0].to(SAFETENSORS_DTYPES[job.dtype])
     out = apply_method(ctx, ctx.method.fn, job, raw, model_stats)
     return out.to(SAFETENSORS_DTYPES[job.dtype]).cpu()
 

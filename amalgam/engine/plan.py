@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from amalgam import __version__
+from amalgam.align.tensor_sets import TensorSets, tensor_sources
 from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
 from amalgam.errors import PlanError
 from amalgam.methods.base import MergeFn, Method, TensorParams
@@ -26,13 +27,15 @@ MAX_LISTED = 20
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: merged from every input, or copied from the reference model."""
+    """One output tensor: merged from every input, or copied from one (``source``: its index
+    among the plan's inputs; 0, the reference, for non-float buffers)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     copy: bool
     layer: int | None
+    source: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -153,6 +156,10 @@ class Plan:
     # Data-driven methods: one statistics artifact per model (not base), in model order.
     statistics: tuple[StatisticsInfo, ...] = ()
     passes: tuple[Pass, ...] = (TensorPass(),)
+    # Tensors only some inputs hold (extra_tensors): name -> the input it is copied from
+    # unmerged (keep_from_first), and the names left out of the output (drop).
+    kept: dict[str, str] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -173,6 +180,10 @@ class Plan:
         lines = [f"method {self.recipe.method}; inputs: {', '.join(self.labels)}"]
         for u in self.units:
             lines.append(f"  {u.file}: {len(u.jobs)} tensors, {u.nbytes / 1e6:.1f} MB")
+        for name, label in self.kept.items():
+            lines.append(f"  {name}: copied unmerged from '{label}' (extra_tensors)")
+        for name in self.dropped:
+            lines.append(f"  {name}: left out, not in every input (extra_tensors: drop)")
         lines.append("passes:")
         lines += [f"  {i}. {p.describe()}" for i, p in enumerate(self.passes, 1)]
         return "\n".join(lines)
@@ -181,41 +192,30 @@ class Plan:
 def build_plan(
     recipe: Recipe, inputs: dict[str, Checkpoint], parent_hashes: dict[str, str]
 ) -> Plan:
-    """Check every input against the reference (base, else first model); one error lists all.
+    """Check every input against the reference (base, else first model) by the inputs' tensor
+    rule (:func:`amalgam.align.tensor_sets.tensor_sources`, which the align check applies
+    too); one error lists every problem.
 
     ``inputs`` maps labels to open checkpoints, base first under the label ``base``.
     """
     labels = list(inputs)
     ref = inputs[labels[0]]
-    problems: list[str] = []
-    jobs: list[TensorJob] = []
-    out_dtype = DTYPE_NAMES[getattr(torch, recipe.dtype)] if recipe.dtype else None
-    for name, info in ref.tensors.items():
-        copy = not info.is_float
-        for label in labels[1:]:
-            other = inputs[label].tensors.get(name)
-            if other is None:
-                if not copy:
-                    problems.append(
-                        f"model '{label}' ({inputs[label].uri}): missing tensor '{name}'"
-                    )
-            elif other.shape != info.shape:
-                problems.append(
-                    f"tensor '{name}': shape {list(other.shape)} in model '{label}' "
-                    f"({inputs[label].uri}) but {list(info.shape)} in '{labels[0]}'"
-                )
-            elif other.is_float != info.is_float:
-                problems.append(
-                    f"tensor '{name}': dtype {other.dtype} in model '{label}' "
-                    f"but {info.dtype} in '{labels[0]}'"
-                )
-        dtype = info.dtype if copy or out_dtype is None else out_dtype
-        jobs.append(TensorJob(name, info.shape, dtype, copy, layer_index(name)))
-    if problems:
+    sets = plan_tensors(recipe, inputs)
+    if sets.problems:
+        problems = [str(p) for p in sets.problems]
         shown = problems[:MAX_LISTED]
         more = len(problems) - len(shown)
         tail = [f"... and {more} more"] if more else []
         raise PlanError("inputs do not fit together:\n  " + "\n  ".join(shown + tail))
+    out_dtype = DTYPE_NAMES[getattr(torch, recipe.dtype)] if recipe.dtype else None
+    jobs: list[TensorJob] = []
+    for s in sets.sources:
+        if s.origin == "drop":
+            continue
+        info = s.info  # a float tensor (merged, or kept unmerged) takes the output dtype
+        dtype = out_dtype if out_dtype is not None and info.is_float else info.dtype
+        copy, source = s.origin != "merge", labels.index(s.source)
+        jobs.append(TensorJob(s.name, info.shape, dtype, copy, layer_index(s.name), source))
     jobs.sort(key=lambda j: j.name)
     layers = [j.layer for j in jobs if j.layer is not None]
     num_layers = _num_layers(ref, layers)
@@ -235,7 +235,15 @@ def build_plan(
         num_layers,
         metadata,
         passes=plan_passes(recipe, recipe.method_spec),
+        kept={s.name: s.source for s in sets.taken("keep")},
+        dropped=tuple(s.name for s in sets.taken("drop")),
     )
+
+
+def plan_tensors(recipe: Recipe, inputs: dict[str, Checkpoint]) -> TensorSets:
+    """Where each output tensor of ``recipe`` over ``inputs`` comes from, by the tensor rule."""
+    tables = {label: c.tensors for label, c in inputs.items()}
+    return tensor_sources(tables, recipe.extra_tensors, stepwise=recipe.method_spec.continual)
 
 
 def _num_layers(ref: Checkpoint, layers: list[int]) -> int:

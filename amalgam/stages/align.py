@@ -17,10 +17,19 @@ class AlignStage(Stage[Fetched, Fetched]):
 
     def key(self, inp: Fetched) -> str:
         spec = inp.recipe.align or AlignSpec()
-        return content_key(self.name, [spec.model_dump(mode="json"), inp.hashes()])
+        body = [spec.model_dump(mode="json"), inp.hashes()]
+        if inp.recipe.extra_tensors != "error":  # the default keeps the keys it always had
+            body.append({"extra_tensors": inp.recipe.extra_tensors})
+        return content_key(self.name, body)
 
     def run(self, inp: Fetched) -> Fetched:
         recipe = inp.recipe
         inputs = dict(recipe_inputs(recipe))
-        uris = run_align(recipe.align or AlignSpec(), inputs, **recipe.storage_options)
+        uris = run_align(
+            recipe.align or AlignSpec(),
+            inputs,
+            extra_tensors=recipe.extra_tensors,
+            stepwise=recipe.method_spec.continual,
+            **recipe.storage_options,
+        )
         return inp if uris == inputs else Fetched(with_inputs(recipe, uris), inp.models)

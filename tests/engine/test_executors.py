@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from amalgam.checkpoint import open_checkpoint
@@ -56,6 +57,25 @@ def test_local_and_ray_outputs_are_byte_identical(tmp_path: Path) -> None:
             outputs[executor] = digest(out)
         assert len(outputs["local"]) > 2, method
         assert outputs["local"] == outputs["ray"], (method, params)
+
+
+@pytest.mark.slow
+def test_a_tensor_kept_from_one_expert_is_the_same_on_ray(tmp_path: Path) -> None:
+    """extra_tensors: keep_from_first reads the kept tensor from its own input on each worker."""
+    base, experts = family(tmp_path / "in", n=2)
+    head = torch.randn(16, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    weights = experts[1] / "model.safetensors"
+    save_file({**load_file(weights), "lm_head.weight": head}, weights)
+    outputs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        data = recipe_dict(base, experts, "ties", out)
+        recipe = parse_recipe({**data, "extra_tensors": "keep_from_first", "max_shard_size": 600})
+        run_merge(recipe, MergeOptions(executor=executor, device="cpu"))
+        outputs[executor] = digest(out)
+        with open_checkpoint(str(out)) as merged:
+            assert torch.equal(merged.tensor("lm_head.weight"), head)
+    assert len(outputs["local"]) > 2 and outputs["local"] == outputs["ray"]
 
 
 def test_same_recipe_same_bytes_and_seed_changes_dare(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from recipes import TASKS, evaluate_section, register_section
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amalgam.compress.stage import decompress_model
@@ -17,7 +18,9 @@ from amalgam.recipe import parse_recipe
 from amalgam.registry import Registry
 from amalgam.stages.evaluate import DECOMPRESSED_FROM, report_dir
 from amalgam_flows.pipeline import merge_pipeline
-from tests.helpers import run_cli
+from tests.helpers import family, recipe_dict, run_cli
+
+POSITION_IDS = "embeddings.position_ids"
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -148,3 +151,43 @@ def test_a_candidate_that_regresses_a_task_is_not_promoted(
     tags = registry.client.get_run(registry.lineage("gated", v2).run_id).data.tags
     assert tags["amalgam.promotion"] == "refused"
     assert "max_negative_flip_rate: task zoo_compare" in tags["amalgam.promotion.reason"]
+
+
+@pytest.mark.slow
+def test_amalgam_run_follows_extra_tensors_as_amalgam_merge_does(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """BERT-style int64 position_ids in the base only: both commands copy it from the base. An
+    lm_head only in an expert: both refuse it, naming it and the model, unless the recipe
+    keeps it (then both write the same bytes)."""
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))
+    base, experts = family(tmp_path / "in", n=2)
+    ids = torch.arange(16)[None]
+    weights = base / "model.safetensors"
+    save_file({**load_file(weights), POSITION_IDS: ids}, weights)
+    head = torch.ones(16, 8, dtype=torch.bfloat16)
+    cfg = tmp_path / "r.yaml"
+
+    def both(tag: str, code_wanted: int, **extra) -> dict[str, bytes]:
+        written = {}
+        for command in ("merge", "run"):
+            out = tmp_path / f"{tag}-{command}"
+            data = {**recipe_dict(base, experts, "task_arithmetic", out), **extra}
+            cfg.write_text(yaml.safe_dump(data))
+            code, _, err = run_cli([command, str(cfg)], monkeypatch, capsys)
+            assert code == code_wanted, err
+            if code:
+                assert "lm_head.weight" in err and "expert1" in err, err
+                assert not out.exists()
+            else:
+                written[command] = (out / "model.safetensors").read_bytes()
+                assert torch.equal(load_file(out / "model.safetensors")[POSITION_IDS], ids)
+        assert len(set(written.values())) <= 1
+        return written
+
+    both("ids", 0)
+    expert = load_file(experts[1] / "model.safetensors")
+    save_file({**expert, "lm_head.weight": head}, experts[1] / "model.safetensors")
+    both("head", 2)
+    kept = both("kept", 0, extra_tensors="keep_from_first")
+    assert torch.equal(load(kept["run"])["lm_head.weight"], head)
