@@ -10,14 +10,26 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from amalgam.errors import AmalgamError
+
+if TYPE_CHECKING:
+    from amalgam.engine import MergeOptions, MergeResult
+    from amalgam.recipe import Recipe
 
 app = typer.Typer(
     help="amalgam: streaming, reproducible model merging.",
@@ -125,17 +137,8 @@ def merge(
     """Merge the models of a recipe into a Hugging Face model folder."""
     # lazy: the command's modules import torch; `amalgam --help` stays fast
     from pydantic import ValidationError
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeElapsedColumn,
-        TransferSpeedColumn,
-    )
 
-    # lazy: torch
-    from amalgam.engine import MergeOptions, run_merge
+    from amalgam.engine import MergeOptions, plan_recipe
     from amalgam.recipe import load_recipe
 
     recipe = load_recipe(config)
@@ -153,11 +156,16 @@ def merge(
         bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
         raise AmalgamError(bad) from None
     if plan_only:
-        # lazy: torch
-        from amalgam.engine import plan_recipe
-
         console.print(plan_recipe(recipe, options).describe())
         return
+    _print_merge(recipe, _merge_with_progress(recipe, options))
+
+
+def _merge_with_progress(recipe: Recipe, options: MergeOptions) -> MergeResult:
+    """Run the merge under a progress bar on stderr (bytes read, tensors merged)."""
+    # lazy: torch
+    from amalgam.engine import run_merge
+
     columns = (
         "[progress.description]{task.description}",
         BarColumn(),
@@ -174,7 +182,11 @@ def merge(
             tensors[0] += ntensors
             bar.update(bytes_task, advance=nbytes, description=f"merged {tensors[0]} tensors")
 
-        result = run_merge(recipe, options, progress)
+        return run_merge(recipe, options, progress)
+
+
+def _print_merge(recipe: Recipe, result: MergeResult) -> None:
+    """The merge's summary: inputs, output, sizes, speed, peak memory, unmerged tensors."""
     plan = result.plan
     console.print(
         f"[bold]merged[/] {len(plan.labels)} inputs with {recipe.method} -> {result.output}\n"
