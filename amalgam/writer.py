@@ -234,20 +234,21 @@ class CheckpointWriter:
         remove_folder(self.fs, self.staging)
 
 
-def staging_prefix(name: str) -> str:
-    """Staging folders of output ``name`` written by this process start with this."""
-    return f".{name}.partial-{socket.gethostname()}-{os.getpid()}-"
+def staging_prefix(name: str, kind: str = "partial") -> str:
+    """Hidden work folders of output ``name`` written by this process start with this
+    (``partial``: a commit's staging; ``steps``: a continual merge's intermediate steps)."""
+    return f".{name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
 
 
-def remove_stale_staging(fs: Any, parent: str, name: str) -> None:
-    """Remove staging folders of output ``name`` left by processes of this host that are gone
+def remove_stale_staging(fs: Any, parent: str, name: str, kind: str = "partial") -> None:
+    """Remove work folders of output ``name`` left by processes of this host that are gone
     (a killed run); another host's are left alone (their owner cannot be checked from here)."""
     host = socket.gethostname()
     try:
         siblings = fs.ls(parent, detail=False)
     except FileNotFoundError:
         return
-    pattern = re.compile(rf"\.{re.escape(name)}\.partial-{re.escape(host)}-(\d+)-")
+    pattern = re.compile(rf"\.{re.escape(name)}\.{kind}-{re.escape(host)}-(\d+)-")
     for path in siblings:
         found = pattern.match(PurePosixPath(path).name)
         if found and not _alive(int(found.group(1))):

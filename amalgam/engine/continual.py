@@ -32,7 +32,7 @@ from amalgam.engine.write import write_output
 from amalgam.errors import CheckpointError, RecipeError
 from amalgam.methods.base import STEP_KEY, Method, Step, get_method
 from amalgam.recipe import ModelSpec, ParamValue, Recipe
-from amalgam.writer import remove_folder
+from amalgam.writer import remove_folder, remove_stale_staging, staging_prefix
 
 STATE_NAME = "continual_state.json"
 STATE_FORMAT = 1
@@ -149,7 +149,8 @@ def run_continual(
         state = ContinualState(method=recipe.method, params=params, base=base)
     fs, path = storage.resolve(output, **so)
     p = PurePosixPath(path)
-    scratch = str(p.parent / f".{p.name}.steps-{uuid.uuid4().hex[:12]}")
+    remove_stale_staging(fs, str(p.parent), p.name, "steps")
+    scratch = str(p.parent / f"{staging_prefix(p.name, 'steps')}{uuid.uuid4().hex[:12]}")
     device = pick_device(options.device)
     read = 0
     try:

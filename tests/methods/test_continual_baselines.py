@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -324,3 +327,19 @@ def test_continual_merge_over_s3(s3, tmp_path: Path) -> None:
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(bucket, detail=False))
     assert names == ["base", "expert0", "expert1", "expert2", "first", "second"]
+
+
+def test_steps_left_by_a_killed_run_are_removed_by_the_next(tmp_path: Path) -> None:
+    """A continual merge killed between steps leaves its hidden steps folder; the next run of
+    the same output removes it once its process is gone (a live process's is kept)."""
+    base, experts = family(tmp_path / "in", 2)
+    gone = subprocess.Popen(["true"])  # a process that has exited
+    gone.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".out.steps-{host}-{gone.pid}-0123456789ab"
+    live = tmp_path / f".out.steps-{host}-{os.getpid()}-0123456789ab"
+    for folder in (stale, live):
+        (folder / "step-1").mkdir(parents=True)
+    run_merge(parse_recipe(recipe_dict(base, experts, "continual_ta", tmp_path / "out")))
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p != live) == ["in", "out"]
