@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from amalgam import storage
-from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.checkpoint import open_checkpoint
 from amalgam.errors import CheckpointError
 from amalgam.recipe import Recipe
 
@@ -36,30 +36,14 @@ def recipe_inputs(recipe: Recipe) -> list[tuple[str, str]]:
     return base + [(m.label, m.uri) for m in recipe.models]
 
 
-def verify(ckpt: Checkpoint) -> None:
-    """Every weight file ends where its last tensor ends. Opening already refuses truncated
-    files; this also refuses trailing bytes (a botched upload or concatenation)."""
-    if not ckpt.tensors:
-        raise CheckpointError(f"{ckpt.uri}: holds no tensors")
-    ends: dict[str, int] = {}
-    for info in ckpt.tensors.values():
-        ends[info.file] = max(ends.get(info.file, 0), info.end)
-    for file, end in ends.items():
-        size = ckpt.fs.size(ckpt.file_path(file))
-        if size != end:
-            raise CheckpointError(
-                f"{ckpt.uri}/{file}: {size} bytes on storage but the header describes {end}; "
-                "the file is truncated or has trailing bytes"
-            )
-
-
 def fetch_model(
     label: str, uri: str, *, allow_pickle: bool = False, **storage_options
 ) -> FetchedModel:
-    """Open ``uri`` lazily, verify its files against their headers, hash its weights."""
+    """Open ``uri`` lazily (opening checks every file against its header: truncated files and
+    trailing bytes are refused), refuse one without tensors, hash its weights."""
     with open_checkpoint(uri, allow_pickle=allow_pickle, **storage_options) as ckpt:
-        if all(f.endswith(".safetensors") for f in ckpt.files):
-            verify(ckpt)
+        if not ckpt.tensors and all(f.endswith(".safetensors") for f in ckpt.files):
+            raise CheckpointError(f"{ckpt.uri}: holds no tensors")
         try:
             digest = ckpt.content_hash()
         except OSError as exc:
