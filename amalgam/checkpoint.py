@@ -8,7 +8,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
@@ -410,24 +410,43 @@ def file_stamp(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     return f"{tag}:{info.get('size')}" if tag else None
 
 
-def file_hash(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """sha256 of one file, streamed once and then cached on disk under ``$AMALGAM_HOME/hashes``
-    by (store, path, :func:`file_stamp`)."""
-    stamp = file_stamp(fs, path)
-    key = hashlib.sha256(f"{fs.protocol}\0{path}\0{stamp}".encode()).hexdigest()
-    cached = storage.amalgam_home() / "hashes" / key
-    if stamp is not None and cached.is_file():
-        return cached.read_text()
+def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """sha256 (hex) of one file, streamed in 16 MB reads."""
     h = hashlib.sha256()
     with fs.open(path, "rb") as fh:
         while chunk := fh.read(16 << 20):
             h.update(chunk)
-    if stamp is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(h.hexdigest())
-        tmp.replace(cached)  # atomic: concurrent writers agree on the content
     return h.hexdigest()
+
+
+def _hash_cache(fs: fsspec.AbstractFileSystem, path: str, stamp: str) -> Path:
+    key = hashlib.sha256(f"{fs.protocol}\0{path}\0{stamp}".encode()).hexdigest()
+    return storage.amalgam_home() / "hashes" / key
+
+
+def remember_hash(fs: fsspec.AbstractFileSystem, path: str, digest: str) -> None:
+    """Cache ``digest`` as the sha256 of the file at ``path`` as it is now (a writer that
+    hashed what it wrote saves the next reader a full read); nothing where the store reports
+    no stamp."""
+    stamp = file_stamp(fs, path)
+    if stamp is None:
+        return
+    cached = _hash_cache(fs, path, stamp)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(digest)
+    tmp.replace(cached)  # atomic: concurrent writers agree on the content
+
+
+def file_hash(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """sha256 of one file, streamed once and then cached on disk under ``$AMALGAM_HOME/hashes``
+    by (store, path, :func:`file_stamp`)."""
+    stamp = file_stamp(fs, path)
+    if stamp is not None and (cached := _hash_cache(fs, path, stamp)).is_file():
+        return cached.read_text()
+    digest = sha256_file(fs, path)
+    remember_hash(fs, path, digest)
+    return digest
 
 
 def file_set_hash(fs: fsspec.AbstractFileSystem, root: str, files: list[str]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from amalgam import __version__, storage
-from amalgam.checkpoint import DTYPE_NAMES, file_hash, tensor_nbytes
+from amalgam.checkpoint import DTYPE_NAMES, file_hash, remember_hash, sha256_file, tensor_nbytes
 from amalgam.errors import OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -186,6 +186,7 @@ class CheckpointWriter:
             with _folder_lock(str(PurePosixPath(self.path).parent)):
                 self._check_free()
                 _replace_local(self.staging, self.path)
+            self._remember(record)
             return
         self._check_free()
         if self.fs.exists(self.path):
@@ -198,6 +199,13 @@ class CheckpointWriter:
         with self.fs.open(storage.join(self.path, COMMIT_RECORD), "w") as fh:
             json.dump(record, fh, indent=2, sort_keys=True)
         remove_folder(self.fs, self.staging)
+        self._remember(record)
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        """The committed files' hashes go to the hash cache: the output's content hash and
+        :func:`intact` then read nothing."""
+        for name, entry in record["files"].items():
+            remember_hash(self.fs, storage.join(self.path, name), entry["sha256"])
 
     def _check_free(self) -> None:
         if self.fs.exists(self.path):
@@ -220,14 +228,8 @@ class CheckpointWriter:
             if name in known:
                 files[name] = {"bytes": known[name].nbytes, "sha256": known[name].digest}
                 continue
-            h = hashlib.sha256()
-            with self.fs.open(storage.join(self.staging, name), "rb") as fh:
-                while chunk := fh.read(16 << 20):
-                    h.update(chunk)
-            files[name] = {
-                "bytes": self.fs.size(storage.join(self.staging, name)),
-                "sha256": h.hexdigest(),
-            }
+            path = storage.join(self.staging, name)
+            files[name] = {"bytes": self.fs.size(path), "sha256": sha256_file(self.fs, path)}
         return {"format": RECORD_FORMAT, "amalgam_version": __version__, "files": files}
 
     def abort(self) -> None:
