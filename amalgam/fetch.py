@@ -91,23 +91,3 @@ def stage_model(model: FetchedModel, cache_dir: Path, **storage_options) -> str:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return local
-
-
-def with_inputs(recipe: Recipe, uris: dict[str, str]) -> Recipe:
-    """``recipe`` reading its inputs from other URIs (label -> URI); labels are kept."""
-    models = [
-        m.model_copy(update={"uri": uris.get(m.label, m.uri), "name": m.label})
-        for m in recipe.models
-    ]
-    update: dict = {"models": models}
-    if recipe.base:
-        update["base"] = uris.get("base", recipe.base)
-    return recipe.model_copy(update=update)
-
-
-def staged_recipe(recipe: Recipe, local: dict[str, str]) -> Recipe:
-    """``recipe`` reading its inputs from local copies; storage options stay only when the
-    output is remote."""
-    recipe = with_inputs(recipe, local)
-    fs, _ = storage.resolve(recipe.output or ".", **recipe.storage_options)
-    return recipe if not storage.is_local(fs) else recipe.model_copy(update={"storage_options": {}})

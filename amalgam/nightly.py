@@ -130,6 +130,7 @@ def absorb(
     output = workdir(config) / candidate_key(champion.content_hash, recipe.hash(), new)
     fetched = runner(fetch.FetchStage(), fetch.FetchInput(recipe))
     options = MergeOptions(output=str(output), continue_from=champion.uri, executor=config.executor)
+    options = fetched.merge_options(options)
     merged = runner(merge.MergeStage(), merge.MergeInput(fetched.recipe, options, fetched.models))
     return fetched.recipe, fetched.models, merged
 

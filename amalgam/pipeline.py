@@ -81,7 +81,7 @@ def run_pipeline(
     fetched = runner(FetchStage(), FetchInput(recipe, stage, options.allow_pickle))
     fetched = runner(AlignStage(), fetched)
     recipe, inputs = fetched.recipe, fetched.models
-    merged = runner(MergeStage(), MergeInput(recipe, options, inputs))
+    merged = runner(MergeStage(), MergeInput(recipe, fetched.merge_options(options), inputs))
     compressed = None
     if recipe.compress is not None:
         compressed = runner(CompressStage(), CompressInput(recipe, merged, inputs)).as_dict()

@@ -181,7 +181,7 @@ def _check_all(
     """Before any work: the state fits the recipe, every input fits the base, the output is
     free. Returns the state to continue (None: start from the base), the base's hash and the
     plan's steps."""
-    inputs = open_recipe_inputs(recipe, options.allow_pickle)
+    inputs = open_recipe_inputs(recipe, options.allow_pickle, options.read_from)
     try:
         base_hash = inputs["base"].content_hash()
         state = None
@@ -216,9 +216,10 @@ def _absorb(
     """One step: base, running merge (none on the first step) and one model -> the next merge,
     by the step's passes (a norm pass fixes the step's divisor, the tensor pass writes)."""
     inputs_spec = [ModelSpec(uri=merged, name="merged")] if merged else []
-    step_recipe = recipe.model_copy(
-        update={"models": [*inputs_spec, ModelSpec(uri=model.uri, name="new")]}
-    )
+    read_from = options.read_from
+    new = ModelSpec(uri=read_from.get(model.label, model.uri), name="new")
+    base = read_from.get("base", recipe.base)
+    step_recipe = recipe.model_copy(update={"models": [*inputs_spec, new], "base": base})
     inputs = open_recipe_inputs(step_recipe, options.allow_pickle)
     try:
         plan = plan_inputs(step_recipe, inputs, options)

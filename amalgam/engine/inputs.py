@@ -10,13 +10,19 @@ from amalgam.errors import OutputError
 from amalgam.recipe import Recipe
 
 
-def open_recipe_inputs(recipe: Recipe, allow_pickle: bool) -> dict[str, Checkpoint]:
-    """Open base (labelled ``base``) and models lazily, in that order."""
+def open_recipe_inputs(
+    recipe: Recipe, allow_pickle: bool, read_from: dict[str, str] | None = None
+) -> dict[str, Checkpoint]:
+    """Open base (labelled ``base``) and models lazily, in that order; an input named in
+    ``read_from`` (label -> URI) is read from there instead of the recipe's URI."""
     uris = ([("base", recipe.base)] if recipe.base else []) + [
         (m.label, m.uri) for m in recipe.models
     ]
+    read_from = read_from or {}
     return {
-        label: open_checkpoint(uri, allow_pickle=allow_pickle, **recipe.storage_options)
+        label: open_checkpoint(
+            read_from.get(label, uri), allow_pickle=allow_pickle, **recipe.storage_options
+        )
         for label, uri in uris
     }
 
@@ -49,7 +55,7 @@ def plan_recipe(recipe: Recipe, options: MergeOptions | None = None) -> Plan:
     """Validate every input against the recipe and return the plan, reading no tensor (and
     hashing no parent: the plan's metadata then names no parent hashes)."""
     options = options or MergeOptions()
-    inputs = open_recipe_inputs(recipe, options.allow_pickle)
+    inputs = open_recipe_inputs(recipe, options.allow_pickle, options.read_from)
     try:
         return plan_inputs(recipe, inputs, options, hash_parents=False)
     finally:

@@ -29,6 +29,9 @@ class MergeOptions(BaseModel):
     threads: int | None = Field(default=None, ge=1)
     # Continual methods: the output of an earlier continual merge to absorb the models into.
     continue_from: str | None = None
+    # Label -> URI to read that input from instead of the recipe's (local copies of staged
+    # inputs, aligned copies): the recipe, its hash and the output's lineage keep its own URIs.
+    read_from: dict[str, str] = Field(default_factory=dict)
 
 
 @dataclass

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from amalgam.align import run_align
-from amalgam.fetch import recipe_inputs, with_inputs
 from amalgam.recipe import AlignSpec
 from amalgam.stages.base import Stage, content_key
 from amalgam.stages.fetch import Fetched
 
 
 class AlignStage(Stage[Fetched, Fetched]):
-    """The recipe's align section (a compatibility check when it has none); the output's
-    recipe reads whatever the align stage hands on."""
+    """The recipe's align section (a compatibility check when it has none); the merge reads
+    whatever the align stage hands on."""
 
     name = "align"
 
@@ -24,7 +23,7 @@ class AlignStage(Stage[Fetched, Fetched]):
 
     def run(self, inp: Fetched) -> Fetched:
         recipe = inp.recipe
-        inputs = dict(recipe_inputs(recipe))
+        inputs = inp.uris()
         uris = run_align(
             recipe.align or AlignSpec(),
             inputs,
@@ -32,4 +31,5 @@ class AlignStage(Stage[Fetched, Fetched]):
             stepwise=recipe.method_spec.continual,
             **recipe.storage_options,
         )
-        return inp if uris == inputs else Fetched(with_inputs(recipe, uris), inp.models)
+        changed = {label: uri for label, uri in uris.items() if uri != inputs[label]}
+        return Fetched(recipe, inp.models, {**inp.read_from, **changed}) if changed else inp

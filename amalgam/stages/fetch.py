@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from amalgam.fetch import FetchedModel, fetch_recipe, recipe_inputs, stage_model, staged_recipe
+from amalgam.engine import MergeOptions
+from amalgam.fetch import FetchedModel, fetch_recipe, recipe_inputs, stage_model
 from amalgam.recipe import Recipe
 from amalgam.stages.base import Stage, StageReport, content_key
 from amalgam.storage import amalgam_home
@@ -19,15 +20,25 @@ class FetchInput:
 
 @dataclass(frozen=True)
 class Fetched:
-    """A recipe's inputs as found in storage, and the recipe that reads them (the local copies
-    when staged)."""
+    """A recipe's inputs as found in storage, and where the merge reads them when not at the
+    recipe's URIs (label -> URI: local copies when staged, aligned copies). The recipe stays
+    as written, so its hash and the lineage do not depend on staging."""
 
     recipe: Recipe
     models: list[FetchedModel]
+    read_from: dict[str, str] = field(default_factory=dict)
 
     def hashes(self) -> dict[str, str]:
         """Label -> content hash of every input."""
         return {m.label: m.content_hash for m in self.models}
+
+    def uris(self) -> dict[str, str]:
+        """Label -> the URI each input is read from."""
+        return {label: self.read_from.get(label, uri) for label, uri in recipe_inputs(self.recipe)}
+
+    def merge_options(self, options: MergeOptions) -> MergeOptions:
+        """``options`` reading the inputs where this stage found them."""
+        return options.model_copy(update={"read_from": {**options.read_from, **self.read_from}})
 
 
 class FetchStage(Stage[FetchInput, Fetched]):
@@ -43,11 +54,11 @@ class FetchStage(Stage[FetchInput, Fetched]):
     def run(self, inp: FetchInput) -> Fetched:
         recipe = inp.recipe
         fetched = fetch_recipe(recipe, allow_pickle=inp.allow_pickle)
-        if inp.stage:
-            cache = amalgam_home() / "cache" / "models"
-            local = {m.label: stage_model(m, cache, **recipe.storage_options) for m in fetched}
-            recipe = staged_recipe(recipe, local)
-        return Fetched(recipe, fetched)
+        if not inp.stage:
+            return Fetched(recipe, fetched)
+        cache = amalgam_home() / "cache" / "models"
+        local = {m.label: stage_model(m, cache, **recipe.storage_options) for m in fetched}
+        return Fetched(recipe, fetched, local)
 
     def report(self, inp: FetchInput, out: Fetched) -> StageReport:
         rows = [

@@ -125,6 +125,25 @@ def test_a_changed_output_is_merged_again_not_trusted(
     assert "differ from its commit record" in caplog.text
 
 
+def test_staging_changes_neither_the_recipe_nor_its_merge(
+    zoo_tiny, tmp_path: Path, home: Path
+) -> None:
+    """``--stage`` reads local copies; the recipe, its hash, the output's provenance and the
+    lineage keep the recipe's URIs, so an unstaged re-run skips the staged run's merge."""
+    recipe = recipe_of(zoo_tiny, tmp_path / "merged")
+    staged = execute(FetchStage(), FetchInput(recipe, stage=True))
+    assert staged.recipe == recipe
+    assert set(staged.read_from) == {"base", *(m.label for m in recipe.models)}
+    assert all(Path(uri).is_relative_to(home) for uri in staged.read_from.values())
+    options = staged.merge_options(MergeOptions())
+    merged = execute(MergeStage(), MergeInput(recipe, options, staged.models))
+    with safe_open(str(Path(merged.output) / "model.safetensors"), "pt") as fh:
+        assert fh.metadata()["recipe_hash"] == recipe.hash()
+    plain = execute(FetchStage(), FetchInput(recipe))
+    again = execute(MergeStage(), MergeInput(recipe, MergeOptions(), plain.models))
+    assert again.skipped and again.content_hash == merged.content_hash
+
+
 def score_input(tmp_path: Path, **changes) -> ScoreInput:
     spec = EvaluateSpec(tasks_dir=str(tmp_path), tasks=["t"], device="cpu")
     values = {
