@@ -8,6 +8,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from amalgam.methods import get_method
 from amalgam.pipeline import as_recipe, current_champion
 from amalgam.pipeline_config import Grid, GridPoint, load_grid
 from amalgam.recipe import Recipe, parse_recipe
@@ -50,17 +51,36 @@ class SweepResult:
 
 
 def point_recipe(recipe: Recipe, point: GridPoint) -> Recipe:
-    """``recipe`` with the point's method and parameters (shared ones kept when the method is
-    the recipe's own), written to a folder named by its hash; validated like any recipe."""
+    """``recipe`` with the point's method and parameters, written to a folder named by its
+    hash; validated like any recipe. The recipe's shared parameters are kept when the method
+    is the recipe's own; its overrides keep the parameters the point's method knows."""
     params = {**(recipe.params if point.method == recipe.method else {}), **point.params}
     # python mode: the JSON form redacts the storage options, which the point needs
     data = recipe.model_dump(exclude={"output"}, exclude_none=True)
-    data.update(method=point.method, params=params, overrides=[])
+    data.update(method=point.method, params=params, overrides=point_overrides(recipe, point))
     candidate = parse_recipe(data, f"sweep point {point.label}")
     digest = candidate.hash().removeprefix("sha256:")[:16]
     sweep = recipe.hash().removeprefix("sha256:")[:12]
     output = str(amalgam_home() / "sweeps" / sweep / digest)
     return candidate.model_copy(update={"output": output})
+
+
+def point_overrides(recipe: Recipe, point: GridPoint) -> list[dict]:
+    """The recipe's overrides as the point's method reads them: parameters it does not know
+    left out, and an override left with none dropped (a TSV-M recipe's ``svd: none`` on the
+    vocabulary tables holds for its own points, not for a TIES point of the same sweep)."""
+    method = get_method(point.method)
+    kept = []
+    for override in recipe.overrides:
+        params = {k: v for k, v in override.params.items() if method.param(k)}
+        models = {
+            label: known
+            for label, values in override.models.items()
+            if (known := {k: v for k, v in values.items() if method.param(k)})
+        }
+        if params or models:
+            kept.append({"match": override.match, "params": params, "models": models})
+    return kept
 
 
 def leaderboard_key(row: dict, metric: str) -> float:
