@@ -1,0 +1,1 @@
+"""PEFT adapters: reading, merging, writing and extracting low-rank updates."""
