@@ -30,6 +30,7 @@ from amalgam.adapters.peft_write import AdapterTensor, adapter_config, peft_key,
 from amalgam.checkpoint import Checkpoint, open_checkpoint
 from amalgam.engine.inputs import check_output
 from amalgam.errors import AmalgamError
+from amalgam.methods.svd import numerical_rank
 
 DEFAULT_RANK = 16
 # last name components of input and output embeddings: never LoRA targets by default
@@ -84,13 +85,15 @@ def truncated_factors(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B, A, retained energy) of the rank-k truncated SVD of ``delta`` (out x in), float32,
     with B A the best rank-k approximation. k is ``rank`` (at most min(out, in)) or the
-    smallest rank whose share of sum(s^2) reaches ``energy``; at least 1. A zero delta gives
-    zero factors and energy 1."""
+    smallest rank whose share of sum(s^2) reaches ``energy``, at most the numerical rank
+    (``torch.linalg.matrix_rank``'s tolerance); at least 1. A zero delta gives zero factors
+    and energy 1."""
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     cumulative = torch.cumsum(s.square().double(), 0)
     total = float(cumulative[-1])
     if energy is not None:
-        k = int((cumulative < energy * total).sum()) + 1 if total > 0 else 1
+        # singular values below float32 rounding of the largest are noise, never kept
+        k = min(int((cumulative < energy * total).sum()) + 1, numerical_rank(s, delta.shape))
     elif rank is not None:
         k = rank
     else:
