@@ -199,3 +199,31 @@ def test_cli_extracts_and_bad_input_is_one_line_with_nothing_written(
     with pytest.raises(ExtractError, match="either a rank or an energy"):
         extract_lora(str(base), str(good), str(tmp_path / "x"), rank=2, energy=0.5)
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.slow
+def test_s3_to_s3_equals_local(s3, tmp_path: Path) -> None:
+    import uuid
+
+    base_tensors = llama_tensors(0, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    tuned = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in base_tensors.items()
+    }
+    base = write_model(tmp_path / "base", base_tensors)
+    model = write_model(tmp_path / "tuned", tuned)
+    bucket = f"extract-{uuid.uuid4().hex[:8]}"
+    s3.make_bucket(bucket)
+    fs, opts = s3.filesystem(), s3.storage_options()
+    for folder in (base, model):
+        fs.put(str(folder), f"{bucket}/{folder.name}", recursive=True)
+    remote = f"s3://{bucket}"
+    extract_lora(f"{remote}/base", f"{remote}/tuned", f"{remote}/a", energy=0.8, **opts)
+    extract_lora(str(base), str(model), str(tmp_path / "a"), energy=0.8)
+    with open_checkpoint(f"{remote}/a", **opts) as a, open_checkpoint(str(tmp_path / "a")) as b:
+        assert a.kind == "adapter" and a.names() == b.names()
+        for name in a.names():
+            assert torch.equal(a.tensor(name), b.tensor(name))
+    assert intact(*storage.resolve(f"{remote}/a", **opts))
+    assert not [p for p in fs.ls(bucket, detail=False) if ".partial-" in p]
