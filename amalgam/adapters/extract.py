@@ -124,14 +124,7 @@ def extract_lora(
     2-D weight except the embeddings. ``base_name`` goes to ``base_model_name_or_path``
     (default: the base's location). Nothing is left at ``output_uri`` on failure.
     """
-    if rank is not None and energy is not None:
-        raise ExtractError("extract: give either a rank or an energy threshold, not both")
-    if energy is None and rank is None:
-        rank = DEFAULT_RANK
-    if rank is not None and rank < 1:
-        raise ExtractError(f"extract: rank must be at least 1, got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise ExtractError(f"extract: energy must be in (0, 1], got {energy}")
+    rank = _checked_rank(rank, energy)
     with (
         open_checkpoint(base_uri, **storage_options) as base,
         open_checkpoint(model_uri, **storage_options) as model,
@@ -164,6 +157,20 @@ def extract_lora(
         output = write_adapter(output_uri, config, tensors, overwrite=overwrite, **storage_options)
     dropped = [] if save_modules else sorted(changed)
     return ExtractResult(output, reports, saved, dropped)
+
+
+def _checked_rank(rank: int | None, energy: float | None) -> int | None:
+    """The fixed rank to use (the default when neither is given), or None for ``energy``."""
+    if rank is not None and energy is not None:
+        raise ExtractError("extract: give either a rank or an energy threshold, not both")
+    if energy is not None:
+        if not 0 < energy <= 1:
+            raise ExtractError(f"extract: energy must be in (0, 1], got {energy}")
+        return None
+    rank = DEFAULT_RANK if rank is None else rank
+    if rank < 1:
+        raise ExtractError(f"extract: rank must be at least 1, got {rank}")
+    return rank
 
 
 def _check_fit(base: Checkpoint, model: Checkpoint) -> None:
