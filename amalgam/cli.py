@@ -401,6 +401,10 @@ def extract_lora(
         str | None,
         typer.Option(help="base_model_name_or_path to record (default: the base's location)"),
     ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (where the SVDs run)")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(help="compute threads (default: all cores but one)")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON, energy per module")] = False,
     storage_options: StorageOpt = None,
@@ -418,6 +422,8 @@ def extract_lora(
         targets=targets.split(",") if targets else None,
         save_modules=save_modules,
         base_name=base_name,
+        device=device,
+        threads=threads,
         overwrite=overwrite,
         **_storage(storage_options),
     )

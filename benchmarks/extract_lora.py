@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             out = work / f"{task}-r{rank}{'' if keep else '-dropped'}"
             start = time.perf_counter()
             result = extract_lora(
-                str(zoo.base), str(expert), str(out), rank=rank, save_modules=keep
+                str(zoo.base),
+                str(expert),
+                str(out),
+                rank=rank,
+                save_modules=keep,
+                device="cpu",
+                threads=args.threads,
             )
             if keep:
                 seconds.append(time.perf_counter() - start)

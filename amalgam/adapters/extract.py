@@ -28,6 +28,7 @@ import torch
 from amalgam import storage
 from amalgam.adapters.peft_write import AdapterTensor, adapter_config, peft_key, write_adapter
 from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.device import compute_threads, pick_device
 from amalgam.engine.inputs import check_output
 from amalgam.errors import AmalgamError
 from amalgam.methods.svd import numerical_rank
@@ -114,6 +115,8 @@ def extract_lora(
     targets: list[str] | None = None,
     save_modules: bool = True,
     base_name: str | None = None,
+    device: str = "auto",
+    threads: int | None = None,
     overwrite: bool = False,
     **storage_options: Any,
 ) -> ExtractResult:
@@ -122,10 +125,13 @@ def extract_lora(
     ``rank`` (default :data:`DEFAULT_RANK`) or ``energy`` (in (0, 1]) sets each module's rank.
     ``targets`` are module names or last name components (PEFT's suffix rule); by default every
     2-D weight except the embeddings. ``base_name`` goes to ``base_model_name_or_path``
-    (default: the base's location). Nothing is left at ``output_uri`` on failure.
+    (default: the base's location). The SVDs run on ``device`` (auto: CUDA when present) with
+    ``threads`` compute threads on the CPU. Nothing is left at ``output_uri`` on failure.
     """
     rank = _checked_rank(rank, energy)
+    target = pick_device(device)
     with (
+        compute_threads(threads),
         open_checkpoint(base_uri, **storage_options) as base,
         open_checkpoint(model_uri, **storage_options) as model,
     ):
@@ -141,9 +147,9 @@ def extract_lora(
         for module in modules:
             weight = module + ".weight"
             delta = _delta(base, model, weight)
-            b, a, kept = truncated_factors(delta, rank, energy)
+            b, a, kept = truncated_factors(delta.to(target), rank, energy)
             dtype = model.dtype(weight)
-            factors[module] = (b.to(dtype), a.to(dtype))
+            factors[module] = (b.to("cpu", dtype), a.to("cpu", dtype))
             reports.append(ModuleReport(module, tuple(delta.shape), a.shape[0], kept))
             del delta
         config = adapter_config(
