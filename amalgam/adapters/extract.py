@@ -35,9 +35,9 @@ from amalgam.methods.svd import numerical_rank
 
 DEFAULT_RANK = 16
 # last name components of input and output embeddings: never LoRA targets by default
-EMBEDDINGS = frozenset(
-    {"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out", "word_embeddings"}
-)
+INPUT_EMBEDDINGS = frozenset({"embed_tokens", "wte", "embed_in", "word_embeddings"})
+EMBEDDINGS = INPUT_EMBEDDINGS | {"lm_head", "wpe", "embed_out"}
+HEAD = "lm_head"  # the output embedding of Hugging Face *ForCausalLM models
 
 
 class ExtractError(AmalgamError):
@@ -142,6 +142,10 @@ def extract_lora(
         lora_bias = any(m + ".bias" in changed for m in modules)
         changed -= {m + ".bias" for m in modules}
         saved = sorted({n.rsplit(".", 1)[0] for n in changed}) if save_modules else []
+        sources = {m: m for m in saved}
+        tied = _tied_embedding(model, saved)
+        if tied:
+            sources[HEAD] = tied
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         reports = []
         for module in modules:
@@ -156,13 +160,14 @@ def extract_lora(
             base_name or storage.full_uri(base.fs, base.path),
             {r.module: r.rank for r in reports},
             _target_names(model, modules),
-            saved,
+            sorted(sources),
             lora_bias=lora_bias,
+            tie_weights=tied is not None,
         )
-        tensors = _lora_tensors(base, model, factors, lora_bias) + _saved_tensors(model, saved)
+        tensors = _lora_tensors(base, model, factors, lora_bias) + _saved_tensors(model, sources)
         output = write_adapter(output_uri, config, tensors, overwrite=overwrite, **storage_options)
     dropped = [] if save_modules else sorted(changed)
-    return ExtractResult(output, reports, saved, dropped)
+    return ExtractResult(output, reports, sorted(sources), dropped)
 
 
 def _checked_rank(rank: int | None, energy: float | None) -> int | None:
@@ -283,12 +288,24 @@ def _bias_delta(base: Checkpoint, model: Checkpoint, module: str, b: torch.Tenso
     return _delta(base, model, name).to(b.dtype)
 
 
-def _saved_tensors(model: Checkpoint, saved: list[str]) -> list[AdapterTensor]:
-    """Every parameter of the modules saved whole, read from the model when written."""
+def _tied_embedding(model: Checkpoint, saved: list[str]) -> str | None:
+    """The saved input embedding that the output head shares (no head tensor in the
+    checkpoint, and a config that does not untie them), else None. PEFT must then save the
+    head too, as a copy of it, and tie the two (``ensure_weight_tying``): a changed embedding
+    saved alone would leave the head on the base's weights."""
+    config = model.config or {}
+    if HEAD + ".weight" in model.tensors or config.get("tie_word_embeddings") is False:
+        return None
+    return next((m for m in saved if m.rsplit(".", 1)[-1] in INPUT_EMBEDDINGS), None)
+
+
+def _saved_tensors(model: Checkpoint, sources: dict[str, str]) -> list[AdapterTensor]:
+    """Every parameter of the modules saved whole (module -> the model's module that holds
+    its weights: itself, or the embedding a tied head shares), read when written."""
     out = []
-    for module in saved:
+    for module, source in sorted(sources.items()):
         for name, info in model.tensors.items():
-            if name.rsplit(".", 1)[0] == module:
+            if name.rsplit(".", 1)[0] == source:
                 part = name.rsplit(".", 1)[1]
                 out.append(
                     AdapterTensor(

@@ -50,12 +50,14 @@ def adapter_config(
     modules_to_save: Sequence[str] = (),
     *,
     lora_bias: bool = False,
+    tie_weights: bool = False,
 ) -> dict[str, Any]:
     """``adapter_config.json`` for LoRA modules of the given ranks (module name -> r, at least
     one module) at scale 1 (alpha == r everywhere). ``r`` is the most common rank; the others
     go to ``rank_pattern`` and ``alpha_pattern`` under their full module names.
     ``target_modules`` are names PEFT matches as module names or suffixes after a dot: they
-    must match exactly the modules of ``ranks``."""
+    must match exactly the modules of ``ranks``. ``tie_weights``: the saved input embedding and
+    output head share one tensor (PEFT's ``ensure_weight_tying``)."""
     common = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {name: r for name, r in sorted(ranks.items()) if r != common}
     return {
@@ -69,6 +71,7 @@ def adapter_config(
         "target_modules": sorted(target_modules),
         "modules_to_save": sorted(modules_to_save) or None,
         "lora_bias": lora_bias,
+        "ensure_weight_tying": tie_weights,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

@@ -63,8 +63,7 @@ def test_the_energy_threshold_picks_the_smallest_rank_reaching_it(energy: float,
     assert kept >= energy - 1e-6
 
 
-@pytest.fixture
-def llama(tmp_path: Path) -> tuple[Path, Path]:
+def make_llama(root: Path, tied: bool = False) -> tuple[Path, Path]:
     """A small random Llama (attention biases on) and a full fine-tune of it: every tensor
     moved, embeddings and norms included."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,17 +76,22 @@ def llama(tmp_path: Path) -> tuple[Path, Path]:
         num_attention_heads=4,
         num_key_value_heads=2,
         attention_bias=True,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(tmp_path / "base")
+    model.save_pretrained(root / "base")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(tmp_path / "tuned")
-    return tmp_path / "base", tmp_path / "tuned"
+    model.save_pretrained(root / "tuned")
+    return root / "base", root / "tuned"
+
+
+@pytest.fixture
+def llama(tmp_path: Path) -> tuple[Path, Path]:
+    return make_llama(tmp_path)
 
 
 def logits(folder: Path, ids: torch.Tensor, adapter: Path | None = None) -> torch.Tensor:
@@ -139,6 +143,16 @@ def test_peft_loads_the_adapter_and_full_rank_equals_the_fine_tune(
         assert adapter.shape(f"{q}.lora_A.weight") == (32, 32)
         assert adapter.shape(f"{q}.lora_B.bias") == (32,)
         assert "base_model.model.model.norm.weight" in adapter.tensors
+
+
+def test_a_tied_head_follows_its_saved_embedding(tmp_path: Path) -> None:
+    base, tuned = make_llama(tmp_path, tied=True)
+    out = tmp_path / "adapter"
+    result = extract_lora(str(base), str(tuned), str(out), rank=48)
+    assert "lm_head" in result.saved
+    assert json.loads((out / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(logits(base, ids, out), logits(tuned, ids), rtol=0, atol=2e-5)
 
 
 def test_low_rank_and_dropped_modules(llama: tuple[Path, Path], tmp_path: Path) -> None:
