@@ -141,33 +141,53 @@ def extract_lora(
         changed = _changed_outside(base, model, modules)
         lora_bias = any(m + ".bias" in changed for m in modules)
         changed -= {m + ".bias" for m in modules}
-        saved = sorted({n.rsplit(".", 1)[0] for n in changed}) if save_modules else []
-        sources = {m: m for m in saved}
-        tied = _tied_embedding(model, saved)
-        if tied:
-            sources[HEAD] = tied
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        reports = []
-        for module in modules:
-            weight = module + ".weight"
-            delta = _delta(base, model, weight)
-            b, a, kept = truncated_factors(delta.to(target), rank, energy)
-            dtype = model.dtype(weight)
-            factors[module] = (b.to("cpu", dtype), a.to("cpu", dtype))
-            reports.append(ModuleReport(module, tuple(delta.shape), a.shape[0], kept))
-            del delta
+        sources = _modules_to_save(model, changed) if save_modules else {}
+        factors, reports = _factorize(base, model, modules, rank, energy, target)
         config = adapter_config(
             base_name or storage.full_uri(base.fs, base.path),
             {r.module: r.rank for r in reports},
             _target_names(model, modules),
             sorted(sources),
             lora_bias=lora_bias,
-            tie_weights=tied is not None,
+            tie_weights=sources.get(HEAD, HEAD) != HEAD,
         )
         tensors = _lora_tensors(base, model, factors, lora_bias) + _saved_tensors(model, sources)
         output = write_adapter(output_uri, config, tensors, overwrite=overwrite, **storage_options)
     dropped = [] if save_modules else sorted(changed)
     return ExtractResult(output, reports, sorted(sources), dropped)
+
+
+def _factorize(
+    base: Checkpoint,
+    model: Checkpoint,
+    modules: list[str],
+    rank: int | None,
+    energy: float | None,
+    device: torch.device,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[ModuleReport]]:
+    """Each module's (B, A) in the model's dtype on the CPU, and its report; one dense delta
+    at a time, its SVD on ``device``."""
+    factors, reports = {}, []
+    for module in modules:
+        weight = module + ".weight"
+        delta = _delta(base, model, weight)
+        b, a, kept = truncated_factors(delta.to(device), rank, energy)
+        dtype = model.dtype(weight)
+        factors[module] = (b.to("cpu", dtype), a.to("cpu", dtype))
+        reports.append(ModuleReport(module, tuple(delta.shape), a.shape[0], kept))
+        del delta, b, a
+    return factors, reports
+
+
+def _modules_to_save(model: Checkpoint, changed: set[str]) -> dict[str, str]:
+    """The modules saved whole -> the model's module whose tensors they take: the owners of
+    the changed tensors, and a head tied to a changed input embedding (that embedding)."""
+    saved = sorted({n.rsplit(".", 1)[0] for n in changed})
+    sources = {m: m for m in saved}
+    tied = _tied_embedding(model, saved)
+    if tied:
+        sources[HEAD] = tied
+    return sources
 
 
 def _checked_rank(rank: int | None, energy: float | None) -> int | None:
