@@ -205,7 +205,14 @@ def _checked_rank(rank: int | None, energy: float | None) -> int | None:
 
 
 def _check_fit(base: Checkpoint, model: Checkpoint) -> None:
-    """Same tensor names, each with the same shape; the first misfit is the error."""
+    """Two full models (no adapter), the same tensor names, each with the same shape; the
+    first misfit is the error."""
+    for ckpt in (base, model):
+        if ckpt.kind == "adapter":
+            raise ExtractError(
+                f"{ckpt.uri}: a PEFT adapter, not a full model; extract-lora takes a base and a "
+                "full fine-tune or merge of it"
+            )
     for name, info in model.tensors.items():
         if name not in base.tensors:
             raise ExtractError(f"tensor '{name}': in {model.uri} but not in the base {base.uri}")

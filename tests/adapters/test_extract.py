@@ -213,6 +213,8 @@ def test_cli_extracts_and_bad_input_is_one_line_with_nothing_written(
         ["extract-lora", str(base), str(good), "--output", str(out)], monkeypatch, capsys
     )
     assert code == 2 and "output exists" in err
+    with pytest.raises(ExtractError, match="a PEFT adapter, not a full model"):
+        extract_lora(str(base), str(out), str(tmp_path / "x"))
     with pytest.raises(ExtractError, match="either a rank or an energy"):
         extract_lora(str(base), str(good), str(tmp_path / "x"), rank=2, energy=0.5)
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
