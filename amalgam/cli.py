@@ -1,7 +1,7 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-decompress, policy (the registry's promotion gates). The orchestration layer adds the pipeline
-commands (run, nightly, sweep, promote, serve) to this ``app`` in ``flows/cli.py``, the
-``amalgam`` entry point."""
+decompress, extract-lora, policy (the registry's promotion gates). The orchestration layer
+adds the pipeline commands (run, nightly, sweep, promote, serve) to this ``app`` in
+``flows/cli.py``, the ``amalgam`` entry point."""
 
 from __future__ import annotations
 
@@ -370,6 +370,75 @@ def decompress(
         compressed, base, output, overwrite=overwrite, **_storage(storage_options)
     )
     console.print(f"[bold]decompressed[/] {compressed} -> {out}", soft_wrap=True)
+
+
+@app.command("extract-lora")
+def extract_lora(
+    base: Annotated[str, typer.Argument(help="the base model folder or URI")],
+    model: Annotated[str, typer.Argument(help="the fine-tuned (or merged) model folder or URI")],
+    output: Annotated[str, typer.Option(help="adapter folder or URI to write")],
+    rank: Annotated[int | None, typer.Option(help="rank of every LoRA module (default 16)")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="instead of --rank: per module, the smallest rank keeping this share"),
+    ] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated module names or suffixes (default: all 2-D weights "
+            "but the embeddings)"
+        ),
+    ] = None,
+    save_modules: Annotated[
+        bool,
+        typer.Option(
+            "--save-modules/--drop-modules",
+            help="changed tensors outside the targets (embeddings, norms): saved whole in "
+            "modules_to_save, or left out",
+        ),
+    ] = True,
+    base_name: Annotated[
+        str | None,
+        typer.Option(help="base_model_name_or_path to record (default: the base's location)"),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (where the SVDs run)")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(help="compute threads (default: all cores but one)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON, energy per module")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Extract a PEFT LoRA adapter from MODEL - BASE by truncated SVD of each module's delta."""
+    # lazy: torch
+    from amalgam.adapters.extract import extract_lora as extract
+
+    result = extract(
+        base,
+        model,
+        output,
+        rank=rank,
+        energy=energy,
+        targets=targets.split(",") if targets else None,
+        save_modules=save_modules,
+        base_name=base_name,
+        device=device,
+        threads=threads,
+        overwrite=overwrite,
+        **_storage(storage_options),
+    )
+    summary = result.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(
+        f"[bold]extracted[/] {model} -> {result.output}\n"
+        f"{summary['modules']} LoRA modules, rank {'/'.join(map(str, summary['ranks']))}, "
+        f"energy kept min {summary['energy_min']:.4f} mean {summary['energy_mean']:.4f}\n"
+        f"saved whole: {', '.join(result.saved) or 'none'}"
+        + (f"\nleft out (changed): {', '.join(result.dropped)}" if result.dropped else ""),
+        soft_wrap=True,
+    )
 
 
 @app.command()
