@@ -3,22 +3,60 @@
 from __future__ import annotations
 
 from amalgam import storage
-from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.adapters import AdapterCheckpoint, open_input
+from amalgam.checkpoint import Checkpoint
 from amalgam.engine.options import MergeOptions, output_of
 from amalgam.engine.plan import Plan, build_plan
-from amalgam.errors import OutputError
+from amalgam.errors import OutputError, PlanError
 from amalgam.recipe import Recipe
 
 
 def open_recipe_inputs(recipe: Recipe, allow_pickle: bool) -> dict[str, Checkpoint]:
-    """Open base (labelled ``base``) and models lazily, in that order."""
+    """Open base (labelled ``base``) and models lazily, in that order. A PEFT adapter opens
+    over its base (``BASE+ADAPTER`` in its URI, else the recipe's base) as a dense model."""
     uris = ([("base", recipe.base)] if recipe.base else []) + [
         (m.label, m.uri) for m in recipe.models
     ]
-    return {
-        label: open_checkpoint(uri, allow_pickle=allow_pickle, **recipe.storage_options)
-        for label, uri in uris
+    inputs: dict[str, Checkpoint] = {}
+    try:
+        for label, uri in uris:
+            inputs[label] = open_input(
+                uri, base=recipe.base, allow_pickle=allow_pickle, **recipe.storage_options
+            )
+        check_adapters(recipe, inputs)
+    except BaseException:
+        for c in inputs.values():
+            c.close()
+        raise
+    return inputs
+
+
+def check_adapters(recipe: Recipe, inputs: dict[str, Checkpoint]) -> None:
+    """Adapters must name one base model where they name one (``base_model_name_or_path``),
+    and the method must read only tensors (a data-driven method runs each model)."""
+    adapters = {k: c for k, c in inputs.items() if isinstance(c, AdapterCheckpoint)}
+    if not adapters:
+        return
+    first, *_ = adapters
+    if recipe.method_spec.statistics is not None:
+        raise PlanError(
+            f"model '{first}' is a LoRA adapter ({adapters[first].adapter.uri}), and method "
+            f"'{recipe.method}' runs each model on data: merge the adapter into its base first "
+            "(peft merge_and_unload) and list the merged model"
+        )
+    named = {
+        k: c.adapter_config.base_model_name_or_path
+        for k, c in adapters.items()
+        if c.adapter_config.base_model_name_or_path
     }
+    (a, base_a), *rest = named.items() or [("", "")]
+    for b, base_b in rest:
+        if base_b == base_a:
+            continue
+        raise PlanError(
+            f"adapters of different bases: '{a}' was trained on {base_a} but '{b}' on {base_b} "
+            "(base_model_name_or_path in adapter_config.json)"
+        )
 
 
 def check_output(
@@ -26,11 +64,13 @@ def check_output(
 ) -> None:
     """The output may neither overlap an input nor exist (unless ``overwrite``)."""
     fs, path = storage.resolve(output, **storage_options)
-    for label, ckpt in inputs.items():
-        if storage.is_inside(fs, path, ckpt.fs, ckpt.path) or storage.is_inside(
-            ckpt.fs, ckpt.path, fs, path
-        ):
-            raise OutputError(f"{output}: output overlaps input '{label}' ({ckpt.uri})")
+    for label, opened in inputs.items():
+        parts = [opened.base, opened.adapter] if isinstance(opened, AdapterCheckpoint) else [opened]
+        for ckpt in parts:
+            if storage.is_inside(fs, path, ckpt.fs, ckpt.path) or storage.is_inside(
+                ckpt.fs, ckpt.path, fs, path
+            ):
+                raise OutputError(f"{output}: output overlaps input '{label}' ({ckpt.uri})")
     if fs.exists(path) and not overwrite:
         raise OutputError(f"{output}: output exists (pass --overwrite to replace it)")
 
