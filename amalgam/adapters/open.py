@@ -38,9 +38,12 @@ class AdapterCheckpoint(Checkpoint):
     (:func:`amalgam.adapters.dense.apply_patch`) or the adapter's whole copy
     (``modules_to_save``). ``uri`` is ``BASE+ADAPTER``, which :func:`open_input` reopens."""
 
-    def __init__(self, base: Checkpoint, adapter: Checkpoint, config: AdapterConfig):
+    def __init__(
+        self, base: Checkpoint, adapter: Checkpoint, config: AdapterConfig, base_in_uri: bool
+    ):
         # the two opened checkpoints do every read; nothing of Checkpoint's own layout is read
         self.base, self.adapter, self.adapter_config = base, adapter, config
+        self.base_in_uri = base_in_uri
         self.uri = f"{base.uri}{ADAPTER_SEP}{adapter.uri}"
         self.storage_options = base.storage_options
         self.fs, self.path, self.root, self.files = base.fs, base.path, base.root, base.files
@@ -57,7 +60,10 @@ class AdapterCheckpoint(Checkpoint):
         return w0 if patch is None else apply_patch(w0, patch, self.adapter.tensor)
 
     def content_hash(self) -> str:
-        """sha256 over the base's and the adapter's content hashes."""
+        """The adapter's own content hash (as ``amalgam fetch`` hashes the folder) when its
+        base is the recipe's, a parent of its own; for ``BASE+ADAPTER``, sha256 over both."""
+        if not self.base_in_uri:
+            return self.adapter.content_hash()
         both = f"{self.base.content_hash()}{ADAPTER_SEP}{self.adapter.content_hash()}"
         return "sha256:" + hashlib.sha256(both.encode()).hexdigest()
 
@@ -100,7 +106,7 @@ def open_input(
     try:
         if base_ckpt.kind == "adapter":
             raise PlanError(f"{uri}: its base {base_uri} is itself an adapter, not a model")
-        return AdapterCheckpoint(base_ckpt, ckpt, config)
+        return AdapterCheckpoint(base_ckpt, ckpt, config, given is not None)
     except BaseException:
         base_ckpt.close()
         ckpt.close()

@@ -37,4 +37,7 @@ def test_plan_names_adapters_and_reopens_them(tmp_path: Path) -> None:
         )
         for name in names:
             assert torch.equal(ckpt.tensor(name), again.tensor(name))
-        assert ckpt.content_hash() == again.content_hash() != ckpt.base.content_hash()
+        # over the recipe's base (a parent of its own) the adapter's hash is its folder's, as
+        # the fetch stage computes it; BASE+ADAPTER covers both
+        assert again.content_hash() == again.adapter.content_hash()
+        assert ckpt.content_hash() not in (again.content_hash(), ckpt.base.content_hash())
