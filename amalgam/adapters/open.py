@@ -94,6 +94,11 @@ def open_input(
     base_uri = given or base
     try:
         config = _adapter_config(ckpt)
+        if given is None and base == uri:
+            raise PlanError(
+                f"{uri}: the recipe's base is a LoRA adapter; give the model it adapts as the "
+                f"base, or write BASE{ADAPTER_SEP}{uri}"
+            )
         if base_uri is None:
             raise PlanError(
                 f"{uri}: a LoRA adapter with no base: give the recipe a base, or write the "

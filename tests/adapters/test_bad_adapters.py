@@ -70,6 +70,12 @@ def plus_a_model(tmp: Path, base: Path, lora: Path) -> dict:
     return out
 
 
+def adapter_as_base(tmp: Path, base: Path, lora: Path) -> dict:
+    out = recipe_dict(lora, [], "task_arithmetic", tmp / "out")
+    out["models"] = [{"uri": str(base), "name": f"m{i}"} for i in range(2)]
+    return out
+
+
 CASES: dict[str, tuple[Callable[[Path, Path, Path], dict], tuple[str, ...]]] = {
     "different bases": (other_base, ("adapters of different bases", "org/llama-a", "'b'")),
     "shapes": (wrong_shapes, ("wide does not fit its base", "mlp.up_proj", "[32, 16]")),
@@ -78,6 +84,7 @@ CASES: dict[str, tuple[Callable[[Path, Path, Path], dict], tuple[str, ...]]] = {
     "config": (bad_config, ("invalid adapter config", "r: expected a positive", "use_rslora")),
     "data-driven method": (data_driven, ("is a LoRA adapter", "'regmean'", "merge_and_unload")),
     "plus a model": (plus_a_model, ("is not a PEFT adapter", "'+'")),
+    "adapter as base": (adapter_as_base, ("the recipe's base is a LoRA adapter", "BASE+")),
 }
 
 
