@@ -32,6 +32,10 @@ UNSUPPORTED = {
     "lora_bias": "a LoRA bias (lora_B.bias)",
     "trainable_token_indices": "trainable token indices",
     "layer_replication": "layer replication",
+    "target_parameters": "LoRA on parameters rather than modules",
+    "alora_invocation_tokens": "activated LoRA (aLoRA), which PEFT cannot merge either",
+    "use_qalora": "QA-LoRA's grouped inputs",
+    "use_bdlora": "block-diagonal LoRA",
 }
 
 

@@ -44,15 +44,14 @@ def check_adapters(recipe: Recipe, inputs: dict[str, Checkpoint]) -> None:
             f"'{recipe.method}' runs each model on data: merge the adapter into its base first "
             "(peft merge_and_unload) and list the merged model"
         )
-    named = {
-        k: c.adapter_config.base_model_name_or_path
+    named = [
+        (k, c.adapter_config.base_model_name_or_path)
         for k, c in adapters.items()
         if c.adapter_config.base_model_name_or_path
-    }
-    (a, base_a), *rest = named.items() or [("", "")]
-    for b, base_b in rest:
-        if base_b == base_a:
-            continue
+    ]
+    other = next((x for x in named[1:] if x[1] != named[0][1]), None)
+    if other is not None:
+        (a, base_a), (b, base_b) = named[0], other
         raise PlanError(
             f"adapters of different bases: '{a}' was trained on {base_a} but '{b}' on {base_b} "
             "(base_model_name_or_path in adapter_config.json)"
