@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from amalgam.adapters import open_input
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.recipe import parse_recipe
 from tests.adapters.builders import adapter, base_model
@@ -45,3 +46,31 @@ def test_adapters_from_s3_with_ray_equal_local(s3, tmp_path: Path) -> None:
     got, want = tensors(tmp_path / "from-s3"), tensors(tmp_path / "local")
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+HTTP_OVERHEAD = 32 << 10  # request and response headers of a few ranged GETs
+
+
+def test_one_tensor_transfers_only_its_module(s3, s3_counted, tmp_path: Path) -> None:
+    """Reading one patched tensor downloads the base tensor and that module's A and B, never
+    the whole base or adapter: memory and traffic stay bounded by one module."""
+    base = base_model(tmp_path / "base", hidden_size=128, intermediate_size=256, vocab_size=512)
+    lora = adapter(base, tmp_path / "lora", seed=1, r=8)
+    bucket = s3.make_bucket(f"adapter-reads-{uuid.uuid4().hex[:8]}")
+    for folder in (base, lora):
+        s3.filesystem().put(str(folder), f"{bucket}/{folder.name}", recursive=True)
+    uri = f"s3://{bucket}/base+s3://{bucket}/lora"
+    proxy = s3_counted.proxy
+    name = "model.layers.1.self_attn.q_proj.weight"
+    with open_input(uri, **s3_counted.storage_options) as ckpt:
+        patch = ckpt.layout.patches[name]
+        parts = (ckpt.adapter.info(patch.a), ckpt.adapter.info(patch.b))
+        needed = ckpt.info(name).nbytes + sum(p.nbytes for p in parts)
+        proxy.reset()
+        got = ckpt.tensor(name)
+        received = proxy.received
+    with open_input(str(lora), base=str(base)) as local:
+        assert torch.equal(got, local.tensor(name))
+    whole = (base / "model.safetensors").stat().st_size
+    assert needed <= received < needed + HTTP_OVERHEAD, (received, needed)
+    assert received * 10 < whole, (received, whole)
