@@ -117,3 +117,14 @@ def test_local_and_ray_write_the_same_bytes(
         }
     assert len(outs["local"]) > 1  # several shards: several Ray tasks
     assert outs["local"] == outs["ray"]
+
+
+def test_linear_without_a_recipe_base(
+    family: tuple[Path, list[Path], list[Path]], tmp_path: Path
+) -> None:
+    """Each adapter names its base in its URI; the recipe has none."""
+    base, loras, merged = family
+    uris = [Path(f"{base}+{a}") for a in loras]
+    got = merge(recipe_dict(None, uris, "linear", tmp_path / "from-adapters"))
+    want = merge(recipe_dict(None, merged, "linear", tmp_path / "from-merged"))
+    assert_same_merge(got, want)
