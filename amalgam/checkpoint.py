@@ -375,8 +375,11 @@ class Checkpoint:
         return [f for f in SIDE_FILES if self.fs.exists(storage.join(self.root, f))]
 
     def content_hash(self) -> str:
-        """sha256 over each weight file's name and sha256, in file order (cached on disk)."""
-        return file_set_hash(self.fs, self.root, self.files)
+        """sha256 over each weight file's name and sha256, in file order (cached on disk); an
+        adapter's config too, since its scales and patterns change the model it makes."""
+        config = [] if self.kind != "adapter" else ["adapter_config.json"]
+        config = [f for f in config if self.fs.exists(storage.join(self.root, f))]
+        return file_set_hash(self.fs, self.root, [*self.files, *config])
 
     def close(self) -> None:
         with self._lock:

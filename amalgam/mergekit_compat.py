@@ -17,8 +17,9 @@ mergekit's math): density defaults to 1 (no sparsification), DARE's rescale is L
 matching (``rescale: l1``), ``normalize`` is on for linear and ties only. ``weight`` (and
 slerp's ``t``) have no default in mergekit: a config that leaves them unset is refused, as
 mergekit refuses it. Everything else (``slices``, ``modules``, ``tokenizer``, other methods,
-unknown parameters, ``model+lora`` or ``model@revision`` references, ...) is refused with a
-RecipeError that names the field and the source file.
+unknown parameters, ``model@revision`` references, ...) is refused with a RecipeError that
+names the field and the source file. A ``model+lora`` reference passes through as the model's
+URI: the merge opens the PEFT adapter over that model (``amalgam.adapters``).
 
 Known differences that remain (documented, not refused): TIES trim keeps every entry tied with
 the threshold magnitude, where mergekit's argsort keeps an arbitrary subset of the ties;
@@ -387,12 +388,6 @@ def _model_path(ref: Any, where: str, refuse: _Refuse) -> str:
         )
     if not isinstance(ref, str) or not ref.strip():
         raise refuse(where, f"expected a model path, got {ref!r}")
-    if "+" in ref:
-        raise refuse(
-            where,
-            f"{ref!r}: LoRA references (model+lora) are not supported; "
-            "merge the adapter into its model first",
-        )
     if "@" in ref:
         raise refuse(
             where,

@@ -66,6 +66,9 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """One input model: where it is, a short name, and its own parameter values.
 
+    ``uri`` may name a PEFT LoRA adapter folder, merged over the recipe's base, or be
+    ``BASE+ADAPTER`` (mergekit's syntax) to give the adapter's base (docs/adapters.md).
+
     Data-driven methods read the model's statistics: ``statistics`` names a precomputed
     artifact, else they are computed (once, then cached) by running the model on ``data``, a
     task folder (its validation split) or a jsonl of text records.

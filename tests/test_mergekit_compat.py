@@ -457,7 +457,6 @@ REFUSALS = [
     (with_("models", []), "models", "non-empty list"),
     (with_("models.0.layer_range", [0, 2]), "models[0].layer_range", "unknown key"),
     (with_("models.0", "/m/a"), "models[0]", "expected a mapping"),
-    (with_("models.0.model", "/m/a+/m/lora"), "models[0].model", "LoRA"),
     (with_("models.0.model", "org/model@main"), "models[0].model", "revision"),
     (with_("models.0.model", {"model": "/m/a", "lora": "/m/l"}), "models[0].model", "structured"),
     (with_("models.0.model", ""), "models[0].model", "expected a model path"),

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from amalgam import storage
-from amalgam.adapters.peft_write import AdapterTensor, adapter_config, peft_key, write_adapter
+from amalgam.adapters.peft_config import peft_key
+from amalgam.adapters.peft_write import AdapterTensor, adapter_config, write_adapter
 from amalgam.checkpoint import Checkpoint, open_checkpoint
 from amalgam.device import compute_threads, pick_device
 from amalgam.engine.inputs import check_output

@@ -25,13 +25,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def peft_key(module: str, part: str) -> str:
-    """The state-dict key PEFT saves for ``part`` of ``module``: ``lora_A.weight``,
-    ``lora_B.weight`` or ``lora_B.bias`` of a LoRA module, or a parameter name (``weight``,
-    ``bias``) of a module saved whole."""
-    return f"base_model.model.{module}.{part}"
-
-
 @dataclass(frozen=True)
 class AdapterTensor:
     """One tensor of the adapter file: its key, dtype and shape, and how to produce it (called

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from amalgam import storage
+from amalgam.adapters import open_input
 from amalgam.align.tensor_sets import ExtraTensors, TensorSetProblem, tensor_sources
-from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.checkpoint import Checkpoint
 from amalgam.errors import AmalgamError
 
 if TYPE_CHECKING:
@@ -193,7 +194,8 @@ def check_compatibility(
     only some models hold follow the merge plan's rule, ``extra_tensors`` and ``stepwise``
     as in :func:`amalgam.align.tensor_sets.tensor_sources`. Raises :class:`CompatibilityError`
     naming each model and tensor or token that differs, unless ``raise_on_error`` is false;
-    then the report's ``ok`` and ``problems`` say it.
+    then the report's ``ok`` and ``problems`` say it. A PEFT adapter is compared as the dense
+    model it makes over its base (``BASE+ADAPTER``, else the URI labelled ``base``).
     """
     if not isinstance(models, Mapping):
         models = {(m.uri if isinstance(m, Checkpoint) else str(m)): m for m in models}
@@ -201,12 +203,14 @@ def check_compatibility(
         raise AmalgamError("check_compatibility: no models given")
     opened: list[Checkpoint] = []
     ckpts: dict[str, Checkpoint] = {}
+    base = models.get("base")  # a PEFT adapter without BASE+ in its URI opens over it
+    base = base if isinstance(base, str) else None
     try:
         for label, m in models.items():
             if isinstance(m, Checkpoint):
                 ckpts[label] = m
             else:
-                ckpts[label] = open_checkpoint(m, **storage_options)
+                ckpts[label] = open_input(m, base=base, **storage_options)
                 opened.append(ckpts[label])
         (ref_label, ref), *others = ckpts.items()
         report = CompatibilityReport(

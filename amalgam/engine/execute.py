@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from amalgam.adapters import open_input
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.engine.plan import NormPass, Plan, TensorJob, WholeModelPass, WorkUnit
 from amalgam.errors import MergeError
@@ -50,8 +51,8 @@ class JobContext:
 def open_inputs(
     plan: Plan, allow_pickle: bool, storage_options: dict[str, Any]
 ) -> list[Checkpoint]:
-    """The plan's inputs in plan order, opened lazily (headers only)."""
-    return [open_checkpoint(u, allow_pickle=allow_pickle, **storage_options) for u in plan.uris]
+    """The plan's inputs in plan order, opened lazily (headers only; an adapter over its base)."""
+    return [open_input(u, allow_pickle=allow_pickle, **storage_options) for u in plan.uris]
 
 
 def open_statistics(plan: Plan, storage_options: dict[str, Any]) -> list[Checkpoint]:

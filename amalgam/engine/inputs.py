@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from amalgam import storage
-from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.adapters import AdapterCheckpoint, open_input
+from amalgam.checkpoint import Checkpoint
 from amalgam.engine.options import MergeOptions, output_of
 from amalgam.engine.plan import Plan, build_plan
-from amalgam.errors import OutputError
+from amalgam.errors import OutputError, PlanError
 from amalgam.recipe import Recipe
 
 
@@ -14,17 +15,56 @@ def open_recipe_inputs(
     recipe: Recipe, allow_pickle: bool, read_from: dict[str, str] | None = None
 ) -> dict[str, Checkpoint]:
     """Open base (labelled ``base``) and models lazily, in that order; an input named in
-    ``read_from`` (label -> URI) is read from there instead of the recipe's URI."""
+    ``read_from`` (label -> URI) is read from there instead of the recipe's URI. A PEFT
+    adapter opens over its base (``BASE+ADAPTER`` in its URI, else the recipe's base) as a
+    dense model."""
+    read_from = read_from or {}
     uris = ([("base", recipe.base)] if recipe.base else []) + [
         (m.label, m.uri) for m in recipe.models
     ]
-    read_from = read_from or {}
-    return {
-        label: open_checkpoint(
-            read_from.get(label, uri), allow_pickle=allow_pickle, **recipe.storage_options
+    base = read_from.get("base", recipe.base)
+    inputs: dict[str, Checkpoint] = {}
+    try:
+        for label, uri in uris:
+            inputs[label] = open_input(
+                read_from.get(label, uri),
+                base=base,
+                allow_pickle=allow_pickle,
+                **recipe.storage_options,
+            )
+        check_adapters(recipe, inputs)
+    except BaseException:
+        for c in inputs.values():
+            c.close()
+        raise
+    return inputs
+
+
+def check_adapters(recipe: Recipe, inputs: dict[str, Checkpoint]) -> None:
+    """Adapters must name one base model where they name one (``base_model_name_or_path``),
+    and the method must read only tensors (a data-driven method runs each model)."""
+    adapters = {k: c for k, c in inputs.items() if isinstance(c, AdapterCheckpoint)}
+    if not adapters:
+        return
+    first, *_ = adapters
+    if recipe.method_spec.statistics is not None:
+        raise PlanError(
+            f"model '{first}' is a LoRA adapter ({adapters[first].adapter.uri}), and method "
+            f"'{recipe.method}' runs each model on data: merge the adapter into its base first "
+            "(peft merge_and_unload) and list the merged model"
         )
-        for label, uri in uris
-    }
+    named = [
+        (k, c.adapter_config.base_model_name_or_path)
+        for k, c in adapters.items()
+        if c.adapter_config.base_model_name_or_path
+    ]
+    other = next((x for x in named[1:] if x[1] != named[0][1]), None)
+    if other is not None:
+        (a, base_a), (b, base_b) = named[0], other
+        raise PlanError(
+            f"adapters of different bases: '{a}' was trained on {base_a} but '{b}' on {base_b} "
+            "(base_model_name_or_path in adapter_config.json)"
+        )
 
 
 def check_output(
@@ -32,11 +72,13 @@ def check_output(
 ) -> None:
     """The output may neither overlap an input nor exist (unless ``overwrite``)."""
     fs, path = storage.resolve(output, **storage_options)
-    for label, ckpt in inputs.items():
-        if storage.is_inside(fs, path, ckpt.fs, ckpt.path) or storage.is_inside(
-            ckpt.fs, ckpt.path, fs, path
-        ):
-            raise OutputError(f"{output}: output overlaps input '{label}' ({ckpt.uri})")
+    for label, opened in inputs.items():
+        parts = [opened.base, opened.adapter] if isinstance(opened, AdapterCheckpoint) else [opened]
+        for ckpt in parts:
+            if storage.is_inside(fs, path, ckpt.fs, ckpt.path) or storage.is_inside(
+                ckpt.fs, ckpt.path, fs, path
+            ):
+                raise OutputError(f"{output}: output overlaps input '{label}' ({ckpt.uri})")
     if fs.exists(path) and not overwrite:
         raise OutputError(f"{output}: output exists (pass --overwrite to replace it)")
 

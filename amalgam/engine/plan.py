@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from amalgam import __version__
+from amalgam.adapters import AdapterCheckpoint
 from amalgam.align.tensor_sets import TensorSets, tensor_sources
 from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
 from amalgam.errors import PlanError
@@ -160,6 +161,9 @@ class Plan:
     # unmerged (keep_from_first), and the names left out of the output (drop).
     kept: dict[str, str] = field(default_factory=dict)
     dropped: tuple[str, ...] = ()
+    # Inputs that are PEFT adapters (read as base + adapter, tensor by tensor): label -> the
+    # adapter's URI.
+    adapters: dict[str, str] = field(default_factory=dict)
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -178,6 +182,8 @@ class Plan:
 
     def describe(self) -> str:
         lines = [f"method {self.recipe.method}; inputs: {', '.join(self.labels)}"]
+        for label, uri in self.adapters.items():
+            lines.append(f"  '{label}': LoRA adapter {uri}, merged into its base tensor by tensor")
         for u in self.units:
             lines.append(f"  {u.file}: {len(u.jobs)} tensors, {u.nbytes / 1e6:.1f} MB")
         for name, label in self.kept.items():
@@ -237,6 +243,7 @@ def build_plan(
         passes=plan_passes(recipe, recipe.method_spec),
         kept={s.name: s.source for s in sets.taken("keep")},
         dropped=tuple(s.name for s in sets.taken("drop")),
+        adapters={k: c.adapter.uri for k, c in inputs.items() if isinstance(c, AdapterCheckpoint)},
     )
 
 

@@ -1,0 +1,33 @@
+"""The pipeline takes adapters listed with the recipe's base: a re-run finds the merge done
+(the provenance's parent hash is the one the fetch stage computes), and a change to an
+adapter's config (its scale) makes the merge run again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from amalgam.engine import MergeOptions
+from amalgam.pipeline import run_pipeline
+from amalgam.recipe import parse_recipe
+from tests.adapters.builders import adapter, base_model, edit_config
+from tests.helpers import recipe_dict
+
+
+@pytest.mark.parametrize("method", ["ties", "opcm"])
+def test_rerun_skips_and_config_change_reruns(method: str, tmp_path: Path) -> None:
+    base = base_model(tmp_path / "base")
+    loras = [adapter(base, tmp_path / f"lora{i}", seed=i + 1) for i in range(2)]
+    recipe = parse_recipe(recipe_dict(base, loras, method, tmp_path / "out", align={}))
+    first = run_pipeline(recipe)
+    before = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert not first.skipped_merge
+    assert run_pipeline(recipe).skipped_merge
+    edit_config(loras[1], lora_alpha=2)
+    third = run_pipeline(recipe, MergeOptions(overwrite=True))
+    assert not third.skipped_merge and third.content_hash != first.content_hash
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not after[name].equal(before[name])
