@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from amalgam import storage
+from amalgam.adapters import open_input, split_adapter_uri
 from amalgam.checkpoint import open_checkpoint
 from amalgam.errors import CheckpointError
 from amalgam.recipe import Recipe
@@ -40,8 +41,10 @@ def fetch_model(
     label: str, uri: str, *, allow_pickle: bool = False, **storage_options
 ) -> FetchedModel:
     """Open ``uri`` lazily (opening checks every file against its header: truncated files and
-    trailing bytes are refused), refuse one without tensors, hash its weights."""
-    with open_checkpoint(uri, allow_pickle=allow_pickle, **storage_options) as ckpt:
+    trailing bytes are refused), refuse one without tensors, hash its weights. A
+    ``BASE+ADAPTER`` reference is hashed as the model it makes (both parts)."""
+    opener = open_input if split_adapter_uri(uri, **storage_options)[0] else open_checkpoint
+    with opener(uri, allow_pickle=allow_pickle, **storage_options) as ckpt:
         if not ckpt.tensors and all(f.endswith(".safetensors") for f in ckpt.files):
             raise CheckpointError(f"{ckpt.uri}: holds no tensors")
         try:
@@ -62,6 +65,11 @@ def fetch_recipe(recipe: Recipe, *, allow_pickle: bool = False) -> list[FetchedM
 def stage_model(model: FetchedModel, cache_dir: Path, **storage_options) -> str:
     """Copy a fetched model into ``cache_dir/<content hash>`` (once, atomically) and return the
     local URI. The copy is re-hashed and must match the source's content hash."""
+    if split_adapter_uri(model.uri, **storage_options)[0]:
+        raise CheckpointError(
+            f"{model.uri}: --stage copies model folders, not BASE+ADAPTER references: list the "
+            "adapter folder as a model over the recipe's base instead"
+        )
     target = Path(cache_dir) / model.content_hash.removeprefix("sha256:")[:32]
     with open_checkpoint(model.uri, allow_pickle=True, **storage_options) as ckpt:
         names = [*ckpt.files, *ckpt.side_files()]
