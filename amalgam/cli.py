@@ -164,7 +164,7 @@ def merge(
 def _merge_with_progress(recipe: Recipe, options: MergeOptions) -> MergeResult:
     """Run the merge under a progress bar on stderr (bytes read, tensors merged)."""
     # lazy: torch
-    from amalgam.engine import run_merge
+    from amalgam.adapters.adapter_output import merge_recipe
 
     columns = (
         "[progress.description]{task.description}",
@@ -182,7 +182,7 @@ def _merge_with_progress(recipe: Recipe, options: MergeOptions) -> MergeResult:
             tensors[0] += ntensors
             bar.update(bytes_task, advance=nbytes, description=f"merged {tensors[0]} tensors")
 
-        return run_merge(recipe, options, progress)
+        return merge_recipe(recipe, options, progress)
 
 
 def _print_merge(recipe: Recipe, result: MergeResult) -> None:

@@ -29,6 +29,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 STAGE_SECTIONS = ("align", "compress", "evaluate", "register")
+# methods whose merged update is a weighted sum of the inputs' updates: their adapter output
+# can be built from the factors (concat, lora_lego)
+FACTOR_METHODS = ("linear", "task_arithmetic")
 REDACTED = "<redacted>"
 
 
@@ -124,6 +127,20 @@ class CompressSpec(_Strict):
         return v if v is None else _regex(v)
 
 
+class AdapterOutputSpec(_Strict):
+    """How a merge becomes one PEFT adapter over the base (``output_format: adapter``).
+
+    ``concat``: the inputs' factors side by side (rank = sum of ranks; exact, for linear and
+    task arithmetic over adapters). ``lora_lego``: their rank-1 units clustered into ``rank``
+    units (arXiv 2409.16167; default rank: the largest input rank). ``svd``: any method's
+    merged update truncated to ``rank`` (default 16) or to the ``energy`` share per module.
+    """
+
+    method: Literal["concat", "lora_lego", "svd"] = "concat"
+    rank: int | None = Field(default=None, gt=0)
+    energy: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
 class EvaluateSpec(_Strict):
     """The evaluate stage: tasks of a local lm-eval task folder, experts per task, champion."""
 
@@ -192,6 +209,9 @@ class Recipe(_Strict):
     storage_options: StorageOptions = Field(default_factory=dict, repr=False)
     # Where the merge runs when the caller does not say (outputs are identical either way).
     executor: Literal["local", "ray"] | None = None
+    # dense: a full model; adapter: a PEFT adapter over the base (see AdapterOutputSpec)
+    output_format: Literal["dense", "adapter"] = "dense"
+    adapter_output: AdapterOutputSpec | None = None
     align: AlignSpec | None = None
     compress: CompressSpec | None = None
     evaluate: EvaluateSpec | None = None
@@ -213,15 +233,17 @@ class Recipe(_Strict):
         return get_method(self.method)
 
     def hash(self) -> str:
-        """sha256 of the recipe's canonical JSON, output location excluded (stage sections
-        count only when present, and ``extra_tensors`` only when not ``error``, so a recipe
-        without them hashes as it always did)."""
+        """sha256 of the recipe's canonical JSON, output location excluded (stage sections and
+        ``adapter_output`` count only when present, ``extra_tensors`` only when not ``error``
+        and ``output_format`` only when not ``dense``, so a recipe without them hashes as it
+        always did)."""
         body = self.model_dump(mode="json", exclude={"output", "storage_options", "executor"})
-        for section in STAGE_SECTIONS:
+        for section in (*STAGE_SECTIONS, "adapter_output"):
             if body[section] is None:
                 del body[section]
-        if body["extra_tensors"] == "error":
-            del body["extra_tensors"]
+        for field, default in (("extra_tensors", "error"), ("output_format", "dense")):
+            if body[field] == default:
+                del body[field]
         return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def validate_method(self) -> None:
@@ -282,8 +304,30 @@ class Recipe(_Strict):
             problems.extend(method.check_recipe(self))
         if self.files_from not in (None, "base", *labels):
             problems.append(f"files_from: {self.files_from!r} is neither 'base' nor a model name")
+        problems.extend(self._adapter_output_problems())
         if problems:
             raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems))
+
+    def _adapter_output_problems(self) -> list[str]:
+        spec = self.adapter_output
+        if self.output_format == "dense":
+            return ["adapter_output: set output_format: adapter to use it"] if spec else []
+        spec = spec or AdapterOutputSpec()
+        problems = []
+        if self.base is None:
+            problems.append("output_format: an adapter output needs the recipe's base")
+        if spec.method != "svd" and self.method not in FACTOR_METHODS:
+            problems.append(
+                f"adapter_output.method: {spec.method} merges adapter factors for "
+                f"{' and '.join(FACTOR_METHODS)} only; use svd for '{self.method}'"
+            )
+        if spec.method == "concat" and (spec.rank or spec.energy):
+            problems.append("adapter_output: concat keeps every rank (no rank or energy)")
+        if spec.method == "lora_lego" and spec.energy:
+            problems.append("adapter_output.energy: lora_lego takes a rank")
+        if spec.rank and spec.energy:
+            problems.append("adapter_output: give rank or energy, not both")
+        return problems
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

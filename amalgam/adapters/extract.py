@@ -119,6 +119,7 @@ def extract_lora(
     device: str = "auto",
     threads: int | None = None,
     overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
     **storage_options: Any,
 ) -> ExtractResult:
     """Extract ``model_uri - base_uri`` as a PEFT LoRA adapter folder at ``output_uri``.
@@ -126,8 +127,9 @@ def extract_lora(
     ``rank`` (default :data:`DEFAULT_RANK`) or ``energy`` (in (0, 1]) sets each module's rank.
     ``targets`` are module names or last name components (PEFT's suffix rule); by default every
     2-D weight except the embeddings. ``base_name`` goes to ``base_model_name_or_path``
-    (default: the base's location). The SVDs run on ``device`` (auto: CUDA when present) with
-    ``threads`` compute threads on the CPU. Nothing is left at ``output_uri`` on failure.
+    (default: the base's location); ``metadata`` goes to the adapter file's header. The SVDs
+    run on ``device`` (auto: CUDA when present) with ``threads`` compute threads on the CPU.
+    Nothing is left at ``output_uri`` on failure.
     """
     rank = _checked_rank(rank, energy)
     target = pick_device(device)
@@ -153,7 +155,14 @@ def extract_lora(
             tie_weights=sources.get(HEAD, HEAD) != HEAD,
         )
         tensors = _lora_tensors(base, model, factors, lora_bias) + _saved_tensors(model, sources)
-        output = write_adapter(output_uri, config, tensors, overwrite=overwrite, **storage_options)
+        output = write_adapter(
+            output_uri,
+            config,
+            tensors,
+            overwrite=overwrite,
+            metadata=metadata,
+            **storage_options,
+        )
     dropped = [] if save_modules else sorted(changed)
     return ExtractResult(output, reports, sorted(sources), dropped)
 

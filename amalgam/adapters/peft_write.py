@@ -81,15 +81,17 @@ def write_adapter(
     tensors: Sequence[AdapterTensor],
     *,
     overwrite: bool = False,
+    metadata: dict[str, str] | None = None,
     **storage_options: Any,
 ) -> str:
     """Write an adapter folder at ``uri``: the tensors in the given order, each produced only
-    when written, then the config; committed atomically, nothing left on failure. Returns the
-    output URI."""
+    when written, then the config; committed atomically, nothing left on failure.
+    ``metadata`` goes to the safetensors header (a merge's provenance). Returns the output
+    URI."""
     writer = CheckpointWriter(uri, overwrite=overwrite, **storage_options)
     try:
         entries = [(t.key, DTYPE_NAMES[t.dtype], tuple(t.shape)) for t in tensors]
-        shard = writer.shard(ADAPTER_WEIGHTS, entries, {"format": "pt"})
+        shard = writer.shard(ADAPTER_WEIGHTS, entries, {"format": "pt", **(metadata or {})})
         try:
             for t in tensors:
                 shard.write(t.key, t.load())

@@ -33,8 +33,15 @@ Runner = Callable[[Pass, JobContext, dict[str, Checkpoint], MergeOptions], tuple
 def run_merge(
     recipe: Recipe, options: MergeOptions | None = None, progress: Progress | None = None
 ) -> MergeResult:
-    """Merge ``recipe`` into its output folder; nothing is left at the output on failure."""
+    """Merge ``recipe`` into its output folder (a dense model); nothing is left at the output
+    on failure. An adapter output is
+    :func:`amalgam.adapters.adapter_output.merge_recipe`'s."""
     options = options or MergeOptions()
+    if recipe.output_format != "dense":
+        raise RecipeError(
+            "output_format: adapter outputs are written by "
+            "amalgam.adapters.adapter_output.merge_recipe"
+        )
     if any(isinstance(p, AbsorbStep) for p in plan_passes(recipe, recipe.method_spec)):
         # steps absorb one model each, carrying the running state from one to the next
         return run_continual(recipe, options, progress)

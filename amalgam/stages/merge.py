@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from amalgam import storage
+from amalgam.adapters.adapter_output import merge_recipe
 from amalgam.checkpoint import open_checkpoint
-from amalgam.engine import MergeOptions, output_of, run_merge
+from amalgam.engine import MergeOptions, output_of
 from amalgam.engine.continual import read_state, shared_params
 from amalgam.errors import CheckpointError, OutputError
 from amalgam.fetch import FetchedModel
@@ -143,7 +144,7 @@ class MergeStage(Stage[MergeInput, Merged]):
             )
             options = options.model_copy(update={"overwrite": True})
         try:
-            result = run_merge(recipe, options)
+            result = merge_recipe(recipe, options)
         except OutputError:
             found = self.done(inp)
             if found is None:
