@@ -68,7 +68,8 @@ def test_concat_is_the_dense_merge_through_peft(family, tmp_path: Path) -> None:
 
 def test_concat_folds_linear_weights(family, tmp_path: Path) -> None:
     base, loras = family
-    models = [{"uri": str(p), "params": {"weight": w}} for p, w in zip(loras, (1, 2, 5))]
+    weights = (1, 2, 5)
+    models = [{"uri": str(p), "params": {"weight": w}} for p, w in zip(loras, weights, strict=True)]
     data = {"method": "linear", "base": str(base), "models": models}
     run_merge(parse_recipe({**data, "output": str(tmp_path / "dense")}))
     merge_recipe(parse_recipe({**data, "output": str(tmp_path / "a"), "output_format": "adapter"}))
