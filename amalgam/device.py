@@ -6,6 +6,7 @@ light to import (torch is imported by the functions that need it).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,12 +57,22 @@ def compute_threads(threads: int | None) -> Iterator[None]:
 
 def load_causal_lm(folder: str | Path, device: str) -> tuple[Any, Any]:
     """(model in float32 on ``device``, in eval mode; its tokenizer) from a local Hugging Face
-    model folder, to run it (statistics, evaluation)."""
+    model folder, or a PEFT adapter folder (loaded over its base, the tokenizer the base's
+    unless the folder has its own), to run it (statistics, evaluation)."""
     # lazy: torch and transformers take seconds to import, and only running a model needs them
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: as above
 
     target = pick_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(Path(folder)))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.to(target).eval(), tokenizer
+
+
+def _tokenizer_source(folder: Path) -> Path | str:
+    """Where ``folder``'s tokenizer is: the folder, or for a PEFT adapter folder without
+    tokenizer files its base (``base_model_name_or_path``)."""
+    config = folder / "adapter_config.json"
+    if not config.is_file() or (folder / "tokenizer_config.json").is_file():
+        return folder
+    return json.loads(config.read_text()).get("base_model_name_or_path") or folder

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 from amalgam.adapters.adapter_output import merge_recipe
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.errors import AmalgamError, PlanError, RecipeError
+from amalgam.evaluate.score import score_model
 from amalgam.pipeline import run_pipeline
-from amalgam.recipe import parse_recipe
+from amalgam.recipe import EvaluateSpec, parse_recipe
 from tests.adapters.builders import adapter, base_model
 from tests.helpers import recipe_dict
 
@@ -149,3 +150,20 @@ def test_the_engine_refuses_to_write_an_adapter_output_densely(family, tmp_path)
     data = recipe_dict(base, loras, "linear", tmp_path / "out", output_format="adapter")
     with pytest.raises(RecipeError, match="merge_recipe"):
         run_merge(parse_recipe(data), MergeOptions())
+
+
+def test_an_adapter_output_scores_as_its_dense_merge(zoo_tiny, tmp_path: Path) -> None:
+    """The zoo's adapters merged by concat: both evaluation engines score the adapter folder
+    (loaded over its base, with the base's tokenizer) as they score the dense merge."""
+    loras = [zoo_tiny.loras[t] for t in ("zoo_sort", "zoo_count")]
+    data = recipe_dict(zoo_tiny.base, loras, "task_arithmetic", tmp_path / "adapter")
+    merge_recipe(parse_recipe({**data, "output_format": "adapter"}))
+    run_merge(parse_recipe(recipe_dict(zoo_tiny.base, loras, "task_arithmetic", tmp_path / "d")))
+    for engine in ("quick", "lm_eval"):
+        spec = EvaluateSpec(
+            tasks_dir=str(zoo_tiny.tasks_dir), engine=engine, device="cpu", limit=20
+        )
+        tasks = ["zoo_sort", "zoo_count"]
+        adapter_score = score_model(str(tmp_path / "adapter"), spec, tasks)
+        dense_score = score_model(str(tmp_path / "d"), spec, tasks)
+        assert adapter_score.tasks == dense_score.tasks, engine
