@@ -226,7 +226,10 @@ class CheckpointWriter:
         old = set(_ls_names(self.fs, self.path)) if self.fs.exists(self.path) else set()
         if COMMIT_RECORD in old:
             self.fs.rm_file(storage.join(self.path, COMMIT_RECORD))
-        for name in sorted(record["files"], key=lambda f: (f == INDEX_NAME, f)):
+        weights_first = sorted(
+            record["files"], key=lambda f: (f == INDEX_NAME, not f.endswith(".safetensors"), f)
+        )
+        for name in weights_first:
             self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
         for name in sorted(old - set(record["files"]) - {COMMIT_RECORD}):
             self.fs.rm_file(storage.join(self.path, name))
