@@ -239,6 +239,8 @@ class Checkpoint:
                     raise CheckpointError(f"{self.uri}/{index}: no weight_map")
                 files = sorted(set(weight_map.values()))
                 missing = [f for f in files if f not in names]
+                if missing and unfinished_commit(fs, path, names):
+                    raise self._unfinished()
                 if missing:
                     raise CheckpointError(f"{self.uri}/{index}: shard files missing: {missing}")
                 return "model", path, files
@@ -260,11 +262,13 @@ class Checkpoint:
         if self._listing is None or storage.is_local(self.fs) or COMMIT_RECORD in self._listing:
             return
         if any(amalgam_marks(meta) for meta in self.metadata.values()):
-            raise CheckpointError(
-                f"{self.uri}: unfinished amalgam output (shards without {COMMIT_RECORD}: its "
-                "commit was interrupted or is still running); run the command that writes it "
-                "again"
-            )
+            raise self._unfinished()
+
+    def _unfinished(self) -> CheckpointError:
+        return CheckpointError(
+            f"{self.uri}: unfinished amalgam output (shards without {COMMIT_RECORD}: its "
+            "commit was interrupted or is still running); run the command that writes it again"
+        )
 
     def _load_pickle(self, root: str, files: list[str], allow: bool) -> tuple[str, str, list[str]]:
         if not allow:

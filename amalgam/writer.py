@@ -196,17 +196,20 @@ class CheckpointWriter:
         An object store has no rename, so the guarantee there is this. Every new file is
         fully written in the staging folder before the output is touched: until then an old
         output stays complete and readable, record included. The commit then removes the old
-        record, copies the new files in (weights first, the index after them), removes files
-        the new output does not have, and writes the new record last. From the removal of the
-        old record until the new one is written, the folder holds amalgam's shards without a
-        record: readers refuse it (:func:`amalgam.checkpoint.open_checkpoint`,
+        record, copies the new files in (weights first, the index last), removes files the
+        new output does not have (an old index first), and writes the new record last. From
+        the removal of the old record until the new one is written, the folder holds
+        amalgam's shards without a record: readers refuse it
+        (:func:`amalgam.checkpoint.open_checkpoint`,
         :func:`amalgam.discover.discover_checkpoints`) and ``intact`` is false, so it never
         reads as a finished mix of old and new files. A run killed at any point of this
-        leaves such an unfinished folder (or the old output, or the new one); the next writer
-        of the output replaces an unfinished folder, with or without ``overwrite``, and ends
-        with a complete output. A commit that fails midway (the store refusing after its
-        retries) is an :class:`OutputError` naming the output, which then reads as
-        unfinished."""
+        leaves the old output, nothing, such an unfinished folder, or the new output; the
+        next writer of the output replaces an unfinished folder, with or without
+        ``overwrite``, and ends with a complete output. A commit that fails midway (the
+        store refusing after its retries) is an :class:`OutputError` naming the output,
+        which then reads as unfinished. Two runs committing one output at the same moment
+        are not serialised there (a store offers no lock): their files may interleave, and
+        the folder is complete only when its record matches its files (``intact``)."""
         record = self._record()
         if storage.is_local(self.fs):
             self.write_json(COMMIT_RECORD, record)
@@ -217,7 +220,7 @@ class CheckpointWriter:
             self._check_free()
             with writing(self.uri):
                 self._copy_into_place(record)
-            remove_folder(self.fs, self.staging)
+            self.abort()  # the staging folder; left to the next writer if the store refuses
         self._remember(record)
 
     def _copy_into_place(self, record: dict[str, Any]) -> None:
@@ -231,7 +234,8 @@ class CheckpointWriter:
         )
         for name in weights_first:
             self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
-        for name in sorted(old - set(record["files"]) - {COMMIT_RECORD}):
+        stale = old - set(record["files"]) - {COMMIT_RECORD}
+        for name in sorted(stale, key=lambda f: (f != INDEX_NAME, f)):  # an old index first
             self.fs.rm_file(storage.join(self.path, name))
         self.fs.pipe_file(
             storage.join(self.path, COMMIT_RECORD),
