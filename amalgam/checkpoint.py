@@ -516,12 +516,13 @@ def amalgam_marks(metadata: dict[str, str]) -> bool:
 
 def written_by_amalgam(fs: fsspec.AbstractFileSystem, folder: str, names: Collection[str]) -> bool:
     """True when the first shard (by name) among ``names`` in ``folder`` carries amalgam's
-    marks; only its header is read."""
+    marks; only its header is read (False when it cannot be read)."""
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     if not shards:
         return False
+    path = storage.join(folder, shards[0])
     try:
-        with fs.open(storage.join(folder, shards[0]), "rb") as fh:
+        with storage.store_errors(path), fs.open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(n)) if 0 < n <= MAX_HEADER_BYTES else {}
     except (OSError, ValueError):
