@@ -206,7 +206,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._listing: set[str] | None = None  # the folder's file names, when it is one
         try:
-            with storage.store_errors(self.uri):
+            with storage.store_errors():
                 self.kind, self.root, self.files = self._layout(allow_pickle)
                 if self._pickled is None:
                     for f in self.files:
@@ -380,7 +380,7 @@ class Checkpoint:
         got = 0
         for _ in range(READ_ATTEMPTS):
             try:
-                with storage.store_errors(where):
+                with storage.store_errors():
                     data = self.fs.cat_file(
                         self.file_path(info.file), start=info.start, end=info.end
                     )

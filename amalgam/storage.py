@@ -70,10 +70,10 @@ CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
 
 
 @contextlib.contextmanager
-def store_errors(what: str) -> Iterator[None]:
+def store_errors(what: str = "") -> Iterator[None]:
     """A failure of a store client's transport inside the block becomes a ConnectionError (an
-    OSError) naming ``what``, the client's error chained: callers then handle one kind of
-    storage failure, and retry rules that look for OSError see it."""
+    OSError; its message names ``what`` when given), the client's error chained: callers then
+    handle one kind of storage failure, and retry rules that look for OSError see it."""
     try:
         yield
     except OSError:
@@ -81,7 +81,8 @@ def store_errors(what: str) -> Iterator[None]:
     except Exception as exc:
         if type(exc).__module__.split(".")[0] not in CLIENT_MODULES:
             raise
-        raise ConnectionError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        prefix = f"{what}: " if what else ""
+        raise ConnectionError(f"{prefix}{type(exc).__name__}: {exc}") from exc
 
 
 def amalgam_home() -> Path:

@@ -57,7 +57,7 @@ def writing(path: str) -> Iterator[None]:
     connection failing) is an OutputError naming the file; the cause stays chained, so storage
     retries still see it."""
     try:
-        with storage.store_errors(path):
+        with storage.store_errors():
             yield
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
