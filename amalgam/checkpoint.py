@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -33,6 +34,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
+READ_ATTEMPTS = 3  # ranged reads that come back short, on top of the store client's retries
+COMMIT_RECORD = "amalgam-commit.json"  # written last by amalgam's writer (writer.py)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_FILES = ("model.safetensors.index.json",)
 SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors")
@@ -201,14 +204,17 @@ class Checkpoint:
         self._pickled: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self._listing: set[str] | None = None  # the folder's file names, when it is one
         try:
-            self.kind, self.root, self.files = self._layout(allow_pickle)
-            if self._pickled is None:
-                for f in self.files:
-                    self._read_header(f)
-            self.config: dict | None = self._json_or_none("config.json") or self._json_or_none(
-                "adapter_config.json"
-            )
+            with storage.store_errors():
+                self.kind, self.root, self.files = self._layout(allow_pickle)
+                if self._pickled is None:
+                    for f in self.files:
+                        self._read_header(f)
+                self._check_finished()
+                self.config: dict | None = self._json_or_none("config.json") or self._json_or_none(
+                    "adapter_config.json"
+                )
         except OSError as exc:  # the store refused (credentials, network, permissions)
             raise CheckpointError(f"{self.uri}: cannot read ({exc})") from exc
 
@@ -225,6 +231,7 @@ class Checkpoint:
                 raise CheckpointError(f"{self.uri}: not a .safetensors file or model folder")
             return "file", root, [name]
         names = {PurePosixPath(p).name for p in fs.ls(path, detail=False)}
+        self._listing = names
         for index in INDEX_FILES:
             if index in names:
                 weight_map = self._read_json(storage.join(path, index)).get("weight_map")
@@ -232,6 +239,8 @@ class Checkpoint:
                     raise CheckpointError(f"{self.uri}/{index}: no weight_map")
                 files = sorted(set(weight_map.values()))
                 missing = [f for f in files if f not in names]
+                if missing and unfinished_commit(fs, path, names):
+                    raise self._unfinished()
                 if missing:
                     raise CheckpointError(f"{self.uri}/{index}: shard files missing: {missing}")
                 return "model", path, files
@@ -245,6 +254,21 @@ class Checkpoint:
         if pickles:
             return self._load_pickle(path, pickles, allow_pickle)
         raise CheckpointError(f"{self.uri}: folder holds no .safetensors weights")
+
+    def _check_finished(self) -> None:
+        """On an object store, a folder whose shards amalgam wrote but that holds no commit
+        record is a commit that was interrupted or is still running: refused (files are
+        copied one by one there, so it may mix old and new files)."""
+        if self._listing is None or storage.is_local(self.fs) or COMMIT_RECORD in self._listing:
+            return
+        if any(amalgam_marks(meta) for meta in self.metadata.values()):
+            raise self._unfinished()
+
+    def _unfinished(self) -> CheckpointError:
+        return CheckpointError(
+            f"{self.uri}: unfinished amalgam output (shards without {COMMIT_RECORD}: its "
+            "commit was interrupted or is still running); run the command that writes it again"
+        )
 
     def _load_pickle(self, root: str, files: list[str], allow: bool) -> tuple[str, str, list[str]]:
         if not allow:
@@ -292,7 +316,14 @@ class Checkpoint:
         label = storage.full_uri(self.fs, path)
         size = self.fs.size(path)
         with self.fs.open(path, "rb", block_size=0 if storage.is_local(self.fs) else 1 << 16) as fh:
-            header, data_start = parse_header(fh.read(8), fh.read, label, size)
+
+            def read_json(n: int) -> bytes:
+                data = fh.read(n)
+                if len(data) != n:
+                    raise CheckpointError(f"{label}: short read of the header ({len(data)} of {n})")
+                return data
+
+            header, data_start = parse_header(fh.read(8), read_json, label, size)
         meta = header.get("__metadata__") or {}
         self.metadata[file] = {str(k): str(v) for k, v in meta.items()}
         for info in _tensor_infos(header, label, data_start, size):
@@ -338,19 +369,30 @@ class Checkpoint:
             if storage.is_local(self.fs):
                 self._pread(info, buf)
             else:
-                data = self._cat(info)
-                if len(data) != info.nbytes:
-                    raise CheckpointError(f"{self.uri}/{info.file}: short read of '{name}'")
-                buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                buf.copy_(torch.frombuffer(bytearray(self._cat(info)), dtype=torch.uint8))
         return buf.view(info.torch_dtype).reshape(info.shape)
 
     def _cat(self, info: TensorInfo) -> bytes:
-        try:
-            return self.fs.cat_file(self.file_path(info.file), start=info.start, end=info.end)
-        except OSError as exc:
-            raise CheckpointError(
-                f"{self.uri}/{info.file}: cannot read '{info.name}' ({exc})"
-            ) from exc
+        """The tensor's byte range from a store, exactly: a read that comes back short is
+        tried again (:data:`READ_ATTEMPTS` in all); the store client has already retried
+        errors and bodies cut short before their Content-Length."""
+        where = f"{self.uri}/{info.file}"
+        got = 0
+        for _ in range(READ_ATTEMPTS):
+            try:
+                with storage.store_errors():
+                    data = self.fs.cat_file(
+                        self.file_path(info.file), start=info.start, end=info.end
+                    )
+            except OSError as exc:
+                raise CheckpointError(f"{where}: cannot read '{info.name}' ({exc})") from exc
+            if len(data) == info.nbytes:
+                return data
+            got = len(data)
+        raise CheckpointError(
+            f"{where}: short read of '{info.name}' ({got} of {info.nbytes} bytes, "
+            f"{READ_ATTEMPTS} attempts)"
+        )
 
     def _pread(self, info: TensorInfo, buf: torch.Tensor) -> None:
         fd = self._fd(info.file)
@@ -414,11 +456,17 @@ def file_stamp(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
 
 
 def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """sha256 (hex) of one file, streamed in 16 MB reads."""
+    """sha256 (hex) of one file, streamed in 16 MB reads; on a store, the bytes read must add
+    up to the size it reported."""
     h = hashlib.sha256()
-    with fs.open(path, "rb") as fh:
+    n = 0
+    with storage.store_errors(storage.full_uri(fs, path)), fs.open(path, "rb") as fh:
         while chunk := fh.read(16 << 20):
             h.update(chunk)
+            n += len(chunk)
+        expected = getattr(fh, "size", None)
+    if not storage.is_local(fs) and expected is not None and n != expected:
+        raise OSError(f"{storage.full_uri(fs, path)}: read {n} of its {expected} bytes")
     return h.hexdigest()
 
 
@@ -457,6 +505,43 @@ def file_set_hash(fs: fsspec.AbstractFileSystem, root: str, files: list[str]) ->
     for f in files:
         h.update(f"{f}\0{file_hash(fs, storage.join(root, f))}\n".encode())
     return "sha256:" + h.hexdigest()
+
+
+def amalgam_marks(metadata: dict[str, str]) -> bool:
+    """True when a shard's safetensors metadata says amalgam wrote it (merge, decompression,
+    compression)."""
+    return (
+        "amalgam_version" in metadata
+        or "amalgam.decompressed_from" in metadata
+        or metadata.get("format") == "amalgam-compeft"
+    )
+
+
+def written_by_amalgam(fs: fsspec.AbstractFileSystem, folder: str, names: Collection[str]) -> bool:
+    """True when the first shard (by name) among ``names`` in ``folder`` carries amalgam's
+    marks; only its header is read (False when it cannot be read)."""
+    shards = sorted(n for n in names if n.endswith(".safetensors"))
+    if not shards:
+        return False
+    path = storage.join(folder, shards[0])
+    try:
+        with storage.store_errors(path), fs.open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n <= MAX_HEADER_BYTES else {}
+    except (OSError, ValueError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and amalgam_marks(meta)
+
+
+def unfinished_commit(fs: fsspec.AbstractFileSystem, folder: str, names: Collection[str]) -> bool:
+    """True for a folder on an object store that amalgam was writing (its shards carry
+    amalgam's marks) and whose commit record is not there: not a finished model."""
+    return (
+        not storage.is_local(fs)
+        and COMMIT_RECORD not in names
+        and written_by_amalgam(fs, folder, names)
+    )
 
 
 def open_checkpoint(uri: str, *, allow_pickle: bool = False, **storage_options: Any) -> Checkpoint:

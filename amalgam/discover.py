@@ -7,14 +7,15 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from amalgam import storage
-from amalgam.checkpoint import INDEX_FILES, SINGLE_FILES
+from amalgam.checkpoint import INDEX_FILES, SINGLE_FILES, unfinished_commit
 from amalgam.fetch import FetchedModel, fetch_model
 
 
 def discover_checkpoints(prefix: str, **storage_options: Any) -> list[tuple[str, str]]:
     """(name, URI) of every direct subfolder of ``prefix`` that holds safetensors weights (a
     single file, or shards with their index), sorted by name. Folders still being written
-    (a hidden name, or an index whose shards are not all there yet) are left out."""
+    are left out: a hidden name, an index whose shards are not all there yet, and on object
+    stores a folder amalgam is committing (its shards, no commit record yet)."""
     fs, root = storage.resolve(prefix, **storage_options)
     fs.invalidate_cache(root)
     if not fs.exists(root):
@@ -25,9 +26,10 @@ def discover_checkpoints(prefix: str, **storage_options: Any) -> list[tuple[str,
         if entry["type"] != "directory" or name.startswith((".", "_")):
             continue
         files = {PurePosixPath(p).name for p in fs.ls(entry["name"], detail=False)}
-        if files & set(SINGLE_FILES) or (
+        complete = files & set(SINGLE_FILES) or (
             files & set(INDEX_FILES) and _shards_present(fs, entry["name"], files)
-        ):
+        )
+        if complete and not unfinished_commit(fs, entry["name"], files):
             found.append((name, storage.full_uri(fs, entry["name"].rstrip("/"))))
     return sorted(found)
 

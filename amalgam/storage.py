@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,27 @@ def is_inside(
 
 def _key(path: str) -> str:
     return "/".join(part for part in path.split("/") if part)
+
+
+# Store client libraries whose transport failures (a reset connection, a body cut short after
+# their retries) are not OSError: matched by module, so that none is imported for local work.
+CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
+
+
+@contextlib.contextmanager
+def store_errors(what: str = "") -> Iterator[None]:
+    """A failure of a store client's transport inside the block becomes a ConnectionError (an
+    OSError; its message names ``what`` when given), the client's error chained: callers then
+    handle one kind of storage failure, and retry rules that look for OSError see it."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in CLIENT_MODULES:
+            raise
+        prefix = f"{what}: " if what else ""
+        raise ConnectionError(f"{prefix}{type(exc).__name__}: {exc}") from exc
 
 
 def amalgam_home() -> Path:

@@ -20,11 +20,19 @@ from typing import Any
 import torch
 
 from amalgam import __version__, storage
-from amalgam.checkpoint import DTYPE_NAMES, file_hash, remember_hash, sha256_file, tensor_nbytes
+from amalgam.checkpoint import (
+    COMMIT_RECORD,
+    DTYPE_NAMES,
+    file_hash,
+    remember_hash,
+    sha256_file,
+    tensor_nbytes,
+    unfinished_commit,
+    written_by_amalgam,
+)
 from amalgam.errors import OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
-COMMIT_RECORD = "amalgam-commit.json"  # written last: the output's files, sizes and sha256
 RECORD_FORMAT = 1
 
 
@@ -45,10 +53,12 @@ def shard_header(
 
 @contextlib.contextmanager
 def writing(path: str) -> Iterator[None]:
-    """A failed write (full disk, read-only or vanished folder, the store refusing) is an
-    OutputError naming the file; the cause stays chained, so storage retries still see it."""
+    """A failed write (full disk, read-only or vanished folder, the store refusing or its
+    connection failing) is an OutputError naming the file; the cause stays chained, so storage
+    retries still see it."""
     try:
-        yield
+        with storage.store_errors():
+            yield
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
@@ -134,7 +144,7 @@ class CheckpointWriter:
         self.storage_options = storage_options
         self.fs, self.path = storage.resolve(self.uri, **storage_options)
         self.overwrite = overwrite
-        if self.fs.exists(self.path):
+        if output_taken(self.fs, self.path):
             if not overwrite:
                 raise OutputError(f"{self.uri}: output exists (pass --overwrite to replace it)")
             check_replaceable(self.fs, self.path, self.uri)
@@ -177,29 +187,61 @@ class CheckpointWriter:
     def commit(self) -> None:
         """Put the staged folder in place, :data:`COMMIT_RECORD` last. Without ``overwrite``,
         an output that appeared since the writer opened (a concurrent run) is an error, not
-        replaced. Locally the folder is renamed into place under a lock on the parent folder
-        (an existing output is swapped out atomically where the kernel can, and kept until the
-        new one is in place); on object stores the files are copied, the record last."""
+        replaced.
+
+        Locally the folder is renamed into place under a lock on the parent folder (an
+        existing output is swapped out atomically where the kernel can, and kept until the new
+        one is in place).
+
+        An object store has no rename, so the guarantee there is this. Every new file is
+        fully written in the staging folder before the output is touched: until then an old
+        output stays complete and readable, record included. The commit then removes the old
+        record, copies the new files in (weights first, the index last), removes files the
+        new output does not have (an old index first), and writes the new record last. From
+        the removal of the old record until the new one is written, the folder holds
+        amalgam's shards without a record: readers refuse it
+        (:func:`amalgam.checkpoint.open_checkpoint`,
+        :func:`amalgam.discover.discover_checkpoints`) and ``intact`` is false, so it never
+        reads as a finished mix of old and new files. A run killed at any point of this
+        leaves the old output, nothing, such an unfinished folder, or the new output; the
+        next writer of the output replaces an unfinished folder, with or without
+        ``overwrite``, and ends with a complete output. A commit that fails midway (the
+        store refusing after its retries) is an :class:`OutputError` naming the output,
+        which then reads as unfinished. Two runs committing one output at the same moment
+        are not serialised there (a store offers no lock): their files may interleave, and
+        the folder is complete only when its record matches its files (``intact``)."""
         record = self._record()
         if storage.is_local(self.fs):
             self.write_json(COMMIT_RECORD, record)
             with _folder_lock(str(PurePosixPath(self.path).parent)):
                 self._check_free()
                 _replace_local(self.staging, self.path)
-            self._remember(record)
-            return
-        self._check_free()
-        if self.fs.exists(self.path):
-            remove_folder(self.fs, storage.join(self.path, COMMIT_RECORD), folder=False)
-        for name in sorted(record["files"], key=lambda f: f == INDEX_NAME):
-            self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
-        stale = set(self._names(self.path)) - set(record["files"]) if self.overwrite else set()
-        for name in stale:
-            self.fs.rm_file(storage.join(self.path, name))
-        with self.fs.open(storage.join(self.path, COMMIT_RECORD), "w") as fh:
-            json.dump(record, fh, indent=2, sort_keys=True)
-        remove_folder(self.fs, self.staging)
+        else:
+            self._check_free()
+            with writing(self.uri):
+                self._copy_into_place(record)
+            self.abort()  # the staging folder; left to the next writer if the store refuses
         self._remember(record)
+
+    def _copy_into_place(self, record: dict[str, Any]) -> None:
+        """The object-store commit (see :meth:`commit`): old record out, files in, stale
+        files out, new record in."""
+        old = set(_ls_names(self.fs, self.path)) if self.fs.exists(self.path) else set()
+        if COMMIT_RECORD in old:
+            self.fs.rm_file(storage.join(self.path, COMMIT_RECORD))
+        weights_first = sorted(
+            record["files"], key=lambda f: (f == INDEX_NAME, not f.endswith(".safetensors"), f)
+        )
+        for name in weights_first:
+            self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
+        stale = old - set(record["files"]) - {COMMIT_RECORD}
+        for name in sorted(stale, key=lambda f: (f != INDEX_NAME, f)):  # an old index first
+            self.fs.rm_file(storage.join(self.path, name))
+        self.fs.pipe_file(
+            storage.join(self.path, COMMIT_RECORD),
+            json.dumps(record, indent=2, sort_keys=True).encode(),
+        )
+        self.fs.invalidate_cache(self.path)
 
     def _remember(self, record: dict[str, Any]) -> None:
         """The committed files' hashes go to the hash cache: the output's content hash and
@@ -208,23 +250,19 @@ class CheckpointWriter:
             remember_hash(self.fs, storage.join(self.path, name), entry["sha256"])
 
     def _check_free(self) -> None:
-        if self.fs.exists(self.path):
+        if output_taken(self.fs, self.path):
             if not self.overwrite:
                 raise OutputError(
                     f"{self.uri}: output appeared while writing (another run wrote it)"
                 )
             check_replaceable(self.fs, self.path, self.uri)
 
-    def _names(self, folder: str) -> list[str]:
-        self.fs.invalidate_cache(folder)
-        return [PurePosixPath(f).name for f in self.fs.ls(folder, detail=False)]
-
     def _record(self) -> dict[str, Any]:
         """Every staged file's size and sha256 (shards hashed while written; other files, and
         shards written elsewhere such as on Ray workers, read back once)."""
         known = {PurePosixPath(s.path).name: s for s in self._shards if s.digest}
         files = {}
-        for name in sorted(self._names(self.staging)):
+        for name in sorted(_ls_names(self.fs, self.staging)):
             if name in known:
                 files[name] = {"bytes": known[name].nbytes, "sha256": known[name].digest}
                 continue
@@ -233,7 +271,10 @@ class CheckpointWriter:
         return {"format": RECORD_FORMAT, "amalgam_version": __version__, "files": files}
 
     def abort(self) -> None:
-        remove_folder(self.fs, self.staging)
+        """Remove the staging folder. A store that refuses leaves it to the next writer of
+        the output, and the error that caused the abort stays the one reported."""
+        with contextlib.suppress(OSError), storage.store_errors(self.staging_uri):
+            remove_folder(self.fs, self.staging)
 
 
 def staging_prefix(name: str, kind: str = "partial") -> str:
@@ -298,6 +339,22 @@ def intact(fs: Any, path: str) -> bool:
     return weights <= set(record["files"])
 
 
+def output_taken(fs: Any, path: str) -> bool:
+    """True when something is at ``path``; an unfinished amalgam commit on an object store
+    (shards without a commit record: a run killed or failed while committing) does not count,
+    since it holds no finished model and the next writer of the output replaces it."""
+    if not fs.exists(path):
+        return False
+    if storage.is_local(fs) or not fs.isdir(path):
+        return True
+    return not unfinished_commit(fs, path, set(_ls_names(fs, path)))
+
+
+def _ls_names(fs: Any, path: str) -> list[str]:
+    fs.invalidate_cache(path)
+    return [PurePosixPath(f).name for f in fs.ls(path, detail=False)]
+
+
 def check_replaceable(fs: Any, path: str, uri: str) -> None:
     """``--overwrite`` replaces an empty folder or one amalgam wrote (a commit record, or the
     amalgam metadata of outputs from before records); anything else is refused."""
@@ -306,30 +363,11 @@ def check_replaceable(fs: Any, path: str, uri: str) -> None:
             f"{uri}: exists and is not a folder; --overwrite replaces only outputs amalgam wrote"
         )
     names = [PurePosixPath(f).name for f in fs.ls(path, detail=False)]
-    if not names or COMMIT_RECORD in names or _legacy_output(fs, path, names):
+    if not names or COMMIT_RECORD in names or written_by_amalgam(fs, path, names):
         return
     raise OutputError(
         f"{uri}: exists and holds no amalgam output (no {COMMIT_RECORD}); --overwrite replaces "
         "only outputs amalgam wrote: remove it yourself or choose another output"
-    )
-
-
-def _legacy_output(fs: Any, path: str, names: list[str]) -> bool:
-    """An output written before commit records: amalgam's marks in its first shard's header."""
-    shards = sorted(n for n in names if n.endswith(".safetensors"))
-    if not shards:
-        return False
-    try:
-        with fs.open(storage.join(path, shards[0]), "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n)) if 0 < n <= 1 << 26 else {}
-    except (OSError, ValueError):
-        return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and (
-        "amalgam_version" in meta
-        or "amalgam.decompressed_from" in meta
-        or meta.get("format") == "amalgam-compeft"
     )
 
 

@@ -9,6 +9,7 @@ from amalgam.engine.options import MergeOptions, output_of
 from amalgam.engine.plan import Plan, build_plan
 from amalgam.errors import OutputError, PlanError
 from amalgam.recipe import Recipe
+from amalgam.writer import output_taken
 
 
 def open_recipe_inputs(
@@ -79,7 +80,7 @@ def check_output(
                 ckpt.fs, ckpt.path, fs, path
             ):
                 raise OutputError(f"{output}: output overlaps input '{label}' ({ckpt.uri})")
-    if fs.exists(path) and not overwrite:
+    if output_taken(fs, path) and not overwrite:
         raise OutputError(f"{output}: output exists (pass --overwrite to replace it)")
 
 
