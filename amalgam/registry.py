@@ -191,12 +191,18 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a SQLite store (None for any other store)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///"))
+    return None
+
+
 def sqlite_artifact_root(tracking_uri: str) -> str | None:
     """With a SQLite store, artifacts go next to its database file (MLflow's own default is
     ./mlruns under whatever folder the run started in); a server decides for itself."""
-    if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts")
-    return None
+    db = sqlite_file(tracking_uri)
+    return None if db is None else str(db.parent / "artifacts")
 
 
 def resolve_tracking_uri(uri: str | None) -> str | None:
@@ -370,6 +376,14 @@ class Registry:
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.tracking_uri = resolve_tracking_uri(tracking_uri) or default_tracking_uri()
         self.store = redact_uri(self.tracking_uri) or ""  # as it may be shown or stored
+        db = sqlite_file(self.tracking_uri)
+        if db is not None and not db.parent.is_dir():
+            # MLflow would create an empty store there: a deleted or unmounted store's runs
+            # and versions would go on in a new one, cut off from their lineage
+            raise StoreUnavailable(
+                f"MLflow store {self.store}: its folder {db.parent} does not exist (a new "
+                "SQLite store needs its folder created first)"
+            )
         self.artifact_root = artifact_root or sqlite_artifact_root(self.tracking_uri)
         self.client: MlflowClient = StoreClient(  # type: ignore[assignment]
             MlflowClient(self.tracking_uri, self.tracking_uri), self.store
