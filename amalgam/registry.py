@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ from amalgam import storage
 from amalgam.errors import AmalgamError, RecipeError
 from amalgam.evaluate.report import EvalReport
 from amalgam.evaluate.score import local_model
-from amalgam.recipe import Gates
+from amalgam.recipe import REDACTED, Gates, redact_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -60,6 +61,7 @@ PARENT_TAG = TAG + "parent."
 CONTENT_TAG = TAG + "content_hash"  # on a run and its version: the model's content hash
 COMPRESSED_TAG = TAG + "compressed."
 PROMOTION_TAG = TAG + "promotion"
+FAILURE_TAG = TAG + "failure"  # on a FAILED run: why it failed
 POLICY_TAG = TAG + "policy"  # on a registered model: the gates that decide its promotions
 POLICY_SOURCE_TAG = POLICY_TAG + ".source"
 SWEEP_TAG = TAG + "sweep"
@@ -76,6 +78,15 @@ log = logging.getLogger(__name__)
 
 class RegistryError(AmalgamError):
     """The tracking store refused an operation, or a run or version lacks what it needs."""
+
+
+class StoreUnavailable(RegistryError):
+    """The tracking store cannot be reached or written (read-only, deleted, server down)."""
+
+
+# MLflow's error codes for a store that failed, as opposed to a request it refused
+STORE_FAILURE_CODES = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR"}
+TRACKING_URI_ENV = "AMALGAM_TRACKING_URI"
 
 
 class PromotionRefused(RegistryError):
@@ -180,12 +191,79 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a SQLite store (None for any other store)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///"))
+    return None
+
+
 def sqlite_artifact_root(tracking_uri: str) -> str | None:
     """With a SQLite store, artifacts go next to its database file (MLflow's own default is
     ./mlruns under whatever folder the run started in); a server decides for itself."""
-    if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts")
-    return None
+    db = sqlite_file(tracking_uri)
+    return None if db is None else str(db.parent / "artifacts")
+
+
+def resolve_tracking_uri(uri: str | None) -> str | None:
+    """``uri``, or when its password is redacted (a flow parameter, a stored record), the same
+    URI with its password from ``$AMALGAM_TRACKING_URI`` (where the command line puts it for
+    its own process, or a deployment from a secret): credentials are never flow parameters."""
+    if uri is None or f":{REDACTED}@" not in uri:
+        return uri
+    full = os.environ.get(TRACKING_URI_ENV)
+    if full is None or redact_uri(full) != uri:
+        raise RegistryError(
+            f"tracking URI {uri}: its password is redacted; set {TRACKING_URI_ENV} to the URI "
+            "with its password"
+        )
+    return full
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost error behind ``exc`` (passwords in URIs redacted)."""
+    seen = 0
+    while (inner := exc.__cause__ or exc.__context__) is not None and seen < 10:
+        exc, seen = inner, seen + 1
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return redact_uri(text[:300]) or ""
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """True when ``exc`` says the store failed (unreachable, read-only, gone), not that it
+    refused a request (no such model, name taken)."""
+    # lazy: mlflow takes over a second to import
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in STORE_FAILURE_CODES
+    return isinstance(exc, OSError) or type(exc).__module__.startswith("sqlalchemy")
+
+
+class StoreClient:
+    """An ``MlflowClient`` whose calls raise :class:`StoreUnavailable` naming the store (its
+    URI, password redacted) when the store fails; a refused request raises as before."""
+
+    def __init__(self, client: MlflowClient, store: str):
+        self._client, self.store = client, store
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                if isinstance(exc, RegistryError) or not is_store_failure(exc):
+                    raise
+                raise StoreUnavailable(
+                    f"MLflow store {self.store} failed ({name}: {_root_cause(exc)})"
+                ) from exc
+
+        return call
 
 
 def _key(text: str) -> str:
@@ -207,9 +285,23 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def redact_all(value: Any) -> Any:
+    """``value`` with a password in every URI it holds redacted (mappings and lists walked)."""
+    if isinstance(value, str):
+        return redact_uri(value)
+    if isinstance(value, Mapping):
+        return {k: redact_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_all(v) for v in value]
+    return value
+
+
 def recipe_record(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as stored in the tracking store: storage options (credentials) left out."""
-    return recipe.model_dump(mode="json", exclude={"storage_options"}, exclude_none=True)
+    """The recipe as stored in the tracking store: storage options (credentials) left out,
+    passwords in its URIs redacted."""
+    return redact_all(
+        recipe.model_dump(mode="json", exclude={"storage_options"}, exclude_none=True)
+    )
 
 
 def check_gates(report: EvalReport, gates: Gates) -> list[str]:
@@ -275,9 +367,27 @@ class Registry:
 
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        self.tracking_uri = tracking_uri or default_tracking_uri()
+        # a tracking server that does not answer fails in seconds, not after MLflow's default
+        # of 7 retries (about 4 minutes); set the variables to wait longer
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        # MLflow logs each database error with its traceback before raising it; the error is
+        # raised to the caller as StoreUnavailable, so the log is left out
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        self.tracking_uri = resolve_tracking_uri(tracking_uri) or default_tracking_uri()
+        self.store = redact_uri(self.tracking_uri) or ""  # as it may be shown or stored
+        db = sqlite_file(self.tracking_uri)
+        if db is not None and not db.parent.is_dir():
+            # MLflow would create an empty store there: a deleted or unmounted store's runs
+            # and versions would go on in a new one, cut off from their lineage
+            raise StoreUnavailable(
+                f"MLflow store {self.store}: its folder {db.parent} does not exist (a new "
+                "SQLite store needs its folder created first)"
+            )
         self.artifact_root = artifact_root or sqlite_artifact_root(self.tracking_uri)
-        self.client: MlflowClient = MlflowClient(self.tracking_uri, self.tracking_uri)
+        self.client: MlflowClient = StoreClient(  # type: ignore[assignment]
+            MlflowClient(self.tracking_uri, self.tracking_uri), self.store
+        )
 
     # -- runs -----------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
@@ -329,6 +439,7 @@ class Registry:
             **({TAG + "merged_uri": merged_uri} if merged_uri else {}),
             **dict(tags or {}),
         }
+        all_tags = {k: redact_uri(str(v)) for k, v in all_tags.items()}
         if report is not None and report.champion_version is not None:
             all_tags[TAG + "champion_version"] = report.champion_version
         run = self.client.create_run(self.experiment_id(exp), run_name=run_name)
@@ -358,11 +469,20 @@ class Registry:
             if log_model and merged_uri:
                 with local_model(merged_uri, **dict(storage_options or {})) as folder:
                     self.client.log_artifacts(run_id, str(folder), MODEL_DIR)
-        except BaseException:
-            self.client.set_terminated(run_id, "FAILED")
+            self.client.set_terminated(run_id, "FINISHED")
+        except BaseException as exc:
+            self.fail_run(run_id, exc)
             raise
-        self.client.set_terminated(run_id, "FINISHED")
         return run_id
+
+    def fail_run(self, run_id: str, exc: BaseException) -> None:
+        """Mark ``run_id`` FAILED with the reason in its ``amalgam.failure`` tag, as far as the
+        store lets it: the tag is written first, so no run is FAILED without a reason (a store
+        that takes neither leaves the run as it was)."""
+        reason = redact_uri(f"{type(exc).__name__}: {exc}")[:MAX_TAG_CHARS]
+        with contextlib.suppress(Exception):
+            self.client.set_tag(run_id, FAILURE_TAG, reason)
+            self.client.set_terminated(run_id, "FAILED")
 
     def register_merge(
         self,
@@ -393,7 +513,11 @@ class Registry:
             storage_options=storage_options,
         )
         gates = recipe.register.gates if recipe.register else None
-        version = self.register_version(run_id, model_name, policy=gates)
+        try:  # nothing in the registry until the run holds everything it needs
+            version = self.register_version(run_id, model_name, policy=gates)
+        except BaseException as exc:
+            self.fail_run(run_id, exc)
+            raise
         return Registered(model_name, version, run_id, True)
 
     def log_leaderboard(
@@ -425,10 +549,10 @@ class Registry:
             compact = json.dumps(grid, separators=(",", ":"), ensure_ascii=False)
             grid_hash = hashlib.sha256(compact.encode()).hexdigest()[:16]
             self.client.log_param(run_id, "grid_hash", grid_hash)
-        except BaseException:
-            self.client.set_terminated(run_id, "FAILED")
+            self.client.set_terminated(run_id, "FINISHED")
+        except BaseException as exc:
+            self.fail_run(run_id, exc)
             raise
-        self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
     # -- versions and aliases ---------------------------------------------------------------
@@ -527,7 +651,9 @@ class Registry:
                 return self.client.get_model_version(name, ref)
             return self.client.get_model_version_by_alias(name, ref)
         except MlflowException as exc:
-            raise RegistryError(f"{name}@{ref}: no such model version ({exc.message})") from None
+            raise RegistryError(
+                f"{name}@{ref}: no such model version in {self.store} ({exc.message})"
+            ) from None
 
     def model_path(self, name: str, version_or_alias: str | int, dst: str | None = None) -> str:
         """A local folder holding the version's model files (downloaded if the store is

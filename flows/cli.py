@@ -5,6 +5,7 @@ one module of the orchestration layer that calls flows: the library never import
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -13,16 +14,47 @@ import typer
 from rich.table import Table
 
 from amalgam.cli import app, console, main
+from amalgam.errors import AmalgamError
 
 __all__ = ["app", "main"]
 
 
 def _flows_env() -> None:
-    """Prefect defaults for a command-line run: no telemetry, a patient ephemeral server."""
+    """Prefect defaults for a command-line run: no telemetry, a patient ephemeral server, and
+    its home folder (``$PREFECT_HOME``) created, which Prefect's server needs before it starts
+    (it waits for its start-up timeout otherwise)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AmalgamError(f"PREFECT_HOME {home}: cannot create it ({exc.strerror})") from None
+    _one_line_errors()
+
+
+class _NoTraceback(logging.Filter):
+    """Drops the traceback of an error that the command reports as its ``error:`` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], AmalgamError | OSError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _one_line_errors() -> None:
+    """Prefect's console shows a failed run's error without its traceback when ``main`` prints
+    it as one ``error:`` line (the runs' logs in Prefect keep it)."""
+    # lazy: Prefect's logging is configured when it is first imported
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+                handler.addFilter(_NoTraceback())
 
 
 def _print_result(title: str, result: dict) -> None:
@@ -133,9 +165,15 @@ def promote(
     """Check the version against the registry's policy (amalgam policy NAME --show) and move
     the champion alias, or refuse naming the gate."""
     _flows_env()
+    from amalgam.recipe import redact_uri  # lazy: torch
+    from amalgam.registry import TRACKING_URI_ENV  # lazy: torch
     from amalgam_flows.promote import promote as promote_flow  # lazy: Prefect
 
-    _print_result("promoted", promote_flow(name, version, tracking_uri))
+    # the flow's parameter is the URI without its password (Prefect stores parameters); the
+    # registry takes the password from this process's environment
+    if tracking_uri is not None and redact_uri(tracking_uri) != tracking_uri:
+        os.environ[TRACKING_URI_ENV] = tracking_uri
+    _print_result("promoted", promote_flow(name, version, redact_uri(tracking_uri)))
 
 
 @app.command()

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
+from amalgam.registry import RegistryError
 from amalgam.stages import Stage, StageReport, execute
 
 # Exception type names from the storage clients (s3fs/aiobotocore/botocore, fsspec's HTTP and
@@ -39,9 +40,12 @@ TRANSIENT_NAMES = {
 
 def is_transient(exc: BaseException | None) -> bool:
     """True when ``exc`` or any exception in its cause chain is a storage or network failure
-    (OSError other than a missing file, or a storage client error), which a retry may cure."""
+    (OSError other than a missing file, or a storage client error), which a retry may cure.
+    A tracking store's failure is final here: MLflow's client has retried it already."""
     seen = 0
     while exc is not None and seen < 10:
+        if isinstance(exc, RegistryError):
+            return False
         if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
             return False
         if isinstance(exc, OSError | TimeoutError | ConnectionError):

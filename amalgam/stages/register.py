@@ -9,8 +9,8 @@ from typing import Any
 from amalgam.errors import RecipeError
 from amalgam.evaluate.report import EvalReport
 from amalgam.fetch import FetchedModel
-from amalgam.recipe import Recipe, RegisterSpec
-from amalgam.registry import CANDIDATE, CHAMPION, Registered, Registry
+from amalgam.recipe import Recipe, RegisterSpec, redact_uri
+from amalgam.registry import CANDIDATE, CHAMPION, Registered, Registry, StoreUnavailable
 from amalgam.stages.base import Stage, content_key
 from amalgam.stages.evaluate import report_dir
 from amalgam.stages.merge import Merged
@@ -73,18 +73,25 @@ class RegisterStage(Stage[RegisterInput, Registered]):
                 return found
             parents = {m.label: (m.uri, m.content_hash) for m in inp.inputs}
             files = sorted(report_dir(inp.merged.content_hash).glob("*")) if inp.report else []
-            registered = registry.register_merge(
-                inp.recipe,
-                model_name=spec.model_name,
-                content_hash=inp.merged.content_hash,
-                parents=parents | dict(inp.extra_parents),
-                merged_uri=inp.merged.output,
-                report=inp.report,
-                artifacts=files,
-                compressed=inp.compressed,
-                experiment=spec.experiment,
-                storage_options=inp.recipe.storage_options,
-            )
+            try:
+                registered = registry.register_merge(
+                    inp.recipe,
+                    model_name=spec.model_name,
+                    content_hash=inp.merged.content_hash,
+                    parents=parents | dict(inp.extra_parents),
+                    merged_uri=inp.merged.output,
+                    report=inp.report,
+                    artifacts=files,
+                    compressed=inp.compressed,
+                    experiment=spec.experiment,
+                    storage_options=inp.recipe.storage_options,
+                )
+            except StoreUnavailable as exc:
+                raise StoreUnavailable(
+                    f"{exc}; nothing was registered, and the merged model "
+                    f"{redact_uri(inp.merged.output)} is complete: run again once the store is "
+                    "back (the merge is skipped)"
+                ) from exc
         log.info(
             "registered %s version %s (run %s) as candidate",
             registered.name,

@@ -46,47 +46,12 @@ def tracking_uri(tmp_path: Path) -> str:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``mlflow server`` on loopback (SQLite backend, artifacts served by the server)."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
+    from mlflowserver import start_mlflow_server
     from s3server import free_ports
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    (port,) = free_ports(1)
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed after the server stops
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            "--workers=1",
-            f"--backend-store-uri=sqlite:///{root / 'mlflow.db'}",
-            f"--artifacts-destination={root / 'artifacts'}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server not healthy after 120 s")
-            time.sleep(0.3)
-        yield url
-    finally:
-        os.killpg(process.pid, 15)
-        process.wait(30)
-        log.close()
+        server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), *free_ports(1))
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server.url
+    server.stop()

@@ -1,0 +1,244 @@
+"""Faults of the services the pipeline talks to: the MLflow store during register (a SQLite
+store on a file system remounted read-only, a store deleted mid-run, a real ``mlflow server``
+killed before register) and a Prefect home that does not exist yet.
+
+Each store fault: ``amalgam run`` and ``amalgam promote`` end in one ``error:`` line naming the
+store, exit 2, no traceback; the store holds no run left RUNNING, no FAILED run without a
+reason tag and no new version; the merged output stays, complete; and once the store is back a
+re-run skips the merge and registers exactly one version."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflowserver import MlflowServer, start_mlflow_server
+from s3server import free_ports
+from zoo.conftest import zoo_tiny
+
+from amalgam import storage
+from amalgam.registry import FAILURE_TAG, Registry
+from amalgam.writer import COMMIT_RECORD, intact
+from tests.faults.cli import amalgam_process, error_line, printed_result
+from tests.faults.test_disk import mount
+
+__all__ = ["mount", "zoo_tiny"]
+
+pytestmark = pytest.mark.slow
+MODEL = "services"
+
+
+def recipe(zoo, output: Path, tracking_uri: str, lam: float) -> dict:
+    return {
+        "method": "task_arithmetic",
+        "base": str(zoo.base),
+        "models": [{"uri": str(zoo.experts[e])} for e in ("zoo_mulmod", "zoo_compare")],
+        "params": {"lambda": lam},
+        "dtype": "float32",
+        "output": str(output),
+        "evaluate": {
+            "tasks_dir": str(zoo.tasks_dir),
+            "tasks": ["zoo_mulmod", "zoo_compare"],
+            "limit": 8,
+            "engine": "quick",
+            "device": "cpu",
+            "perplexity": False,
+        },
+        "register": {"tracking_uri": tracking_uri, "model_name": MODEL},
+    }
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A store (``store/mlflow.db`` and its artifacts) holding version 1 of the model."""
+
+    root: Path
+    store: Path
+
+
+@pytest.fixture(scope="module")
+def baseline(zoo_tiny, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
+    root = tmp_path_factory.mktemp("services")
+    store = root / "store"
+    store.mkdir()
+    path = root / "recipe.yaml"
+    path.write_text(
+        yaml.safe_dump(recipe(zoo_tiny, root / "merged", f"sqlite:///{store}/mlflow.db", 0.5))
+    )
+    done = amalgam_process(["run", str(path)], root / "work")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert printed_result(done.stdout)["registered"]["version"] == "1"
+    return Baseline(root, store)
+
+
+def after_merge(output: Path, action: Callable[[], None]) -> threading.Thread:
+    """Run ``action`` in a thread as soon as the merge's commit record appears at ``output``
+    (the merge is complete; evaluation and register are still to come)."""
+
+    def wait() -> None:
+        deadline = time.monotonic() + 300
+        while not (output / COMMIT_RECORD).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        action()
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
+
+
+def check_store(tracking_uri: str, versions: int) -> None:
+    """No run RUNNING, every FAILED run with its reason, ``versions`` versions of the model."""
+    registry = Registry(tracking_uri)
+    experiments = [e.experiment_id for e in registry.client.search_experiments()]
+    runs = registry.client.search_runs(experiments)
+    assert runs
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+    for run in runs:
+        if run.info.status == "FAILED":
+            assert run.data.tags.get(FAILURE_TAG), run.info.run_id
+    assert len(registry.client.search_model_versions(f"name = '{MODEL}'")) == versions
+
+
+def fault_and_recovery(
+    zoo,
+    case: Path,
+    tracking_uri: str,
+    store: str,
+    *,
+    breaks: Callable[[Path], threading.Thread | None],
+    restores: Callable[[], None],
+) -> None:
+    """A candidate merged while the store fails (``breaks(output)``, before or during the run),
+    then promote; both end in one error line naming ``store``. After ``restores()``: the store
+    is as it was, and a re-run registers the kept merge once."""
+    case.mkdir(exist_ok=True)
+    output = case / "merged"
+    path = case / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(zoo, output, tracking_uri, 0.7)))
+    work = case / "work"
+    thread = breaks(output)
+    failed = amalgam_process(["run", str(path)], work)
+    if thread is not None:
+        thread.join(5)
+    assert store in error_line(failed)
+    refused = amalgam_process(["promote", MODEL, "1", "--tracking-uri", tracking_uri], work)
+    assert store in error_line(refused)
+    # the merge is complete and stays; nothing half-written next to it
+    fs, where = storage.resolve(str(output))
+    assert intact(fs, where)
+    assert sorted(p.name for p in case.iterdir() if p.name.startswith(".")) == []
+
+    restores()
+    check_store(tracking_uri, versions=1)
+    rerun = amalgam_process(["run", str(path)], work)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = printed_result(rerun.stdout)
+    assert result["skipped_merge"]
+    assert result["registered"]["created"] and result["registered"]["version"] == "2"
+    check_store(tracking_uri, versions=2)
+    found = Registry(tracking_uri).find_version(MODEL, result["content_hash"])
+    assert found is not None and found.version == "2"
+
+
+def test_a_read_only_store(zoo_tiny, baseline: Baseline, mount, tmp_path: Path) -> None:
+    disk = mount("size=64m")
+    shutil.copytree(baseline.store, disk, dirs_exist_ok=True)
+    uri = f"sqlite:///{disk}/mlflow.db"
+
+    def remount(mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
+
+    fault_and_recovery(
+        zoo_tiny,
+        tmp_path,
+        uri,
+        uri,
+        breaks=lambda _: remount("ro"),
+        restores=lambda: remount("rw"),
+    )
+
+
+def test_a_store_deleted_mid_run(zoo_tiny, baseline: Baseline, tmp_path: Path) -> None:
+    store, backup = tmp_path / "store", tmp_path / "backup"
+    shutil.copytree(baseline.store, store)
+    shutil.copytree(baseline.store, backup)
+    uri = f"sqlite:///{store}/mlflow.db"
+    fault_and_recovery(
+        zoo_tiny,
+        tmp_path / "case",
+        uri,
+        uri,
+        breaks=lambda output: after_merge(output, lambda: shutil.rmtree(store)),
+        restores=lambda: shutil.copytree(backup, store),
+    )
+
+
+class ServerStore:
+    """An ``mlflow server`` over a copy of the baseline store, started again on the same port
+    after it is killed."""
+
+    def __init__(self, root: Path):
+        self.root, (self.port,) = root, free_ports(1)
+        self.started: list[MlflowServer] = []
+
+    def start(self) -> str:
+        self.started.append(start_mlflow_server(self.root, self.port))
+        return self.started[-1].url
+
+    def kill(self) -> None:
+        self.started[-1].stop()
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
+@pytest.fixture
+def server_store(baseline: Baseline, tmp_path: Path) -> Iterator[ServerStore]:
+    shutil.copytree(baseline.store, tmp_path / "server")
+    servers = ServerStore(tmp_path / "server")
+    yield servers
+    servers.stop_all()
+
+
+def test_a_tracking_server_killed_before_register(
+    zoo_tiny, server_store: ServerStore, tmp_path: Path
+) -> None:
+    url = server_store.start()
+    fault_and_recovery(
+        zoo_tiny,
+        tmp_path / "case",
+        url,
+        url,
+        breaks=lambda output: after_merge(output, server_store.kill),
+        restores=lambda: server_store.start() and None,
+    )
+
+
+def test_a_fresh_home_that_does_not_exist_yet(baseline: Baseline, tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"  # neither AMALGAM_HOME nor PREFECT_HOME exists
+    started = time.monotonic()
+    done = amalgam_process(["run", str(baseline.root / "recipe.yaml")], fresh)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - started < 100  # Prefect's start-up timeout is 120 s
+    result = printed_result(done.stdout)
+    assert result["skipped_merge"] and not result["registered"]["created"]
+    assert (fresh / "prefect" / "prefect.db").exists()
+
+
+def test_a_prefect_home_that_cannot_be_created(baseline: Baseline, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    home = tmp_path / "file" / "prefect"
+    started = time.monotonic()
+    done = amalgam_process(
+        ["run", str(baseline.root / "recipe.yaml")], tmp_path, {"PREFECT_HOME": str(home)}
+    )
+    assert f"PREFECT_HOME {home}" in error_line(done)
+    assert time.monotonic() - started < 60
