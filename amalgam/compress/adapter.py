@@ -22,8 +22,8 @@ from amalgam.checkpoint import Checkpoint
 from amalgam.compress.errors import CompressError
 
 PREFIX = "base_model.model."
-FACTOR = re.compile(r"\.lora_(?:embedding_)?([AB])(?:\.default)?(?:\.weight|\.bias)?$")
-KEEP_DENSE = re.compile(r"\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$")
+FACTOR = re.compile(r"\.lora_(?:embedding_)?([AB])(?:\.weight|\.bias)?$")
+KEEP_DENSE = re.compile(r"\.lora_magnitude_vector(?:\.weight)?$")
 
 
 def base_name(key: str) -> str:

@@ -185,6 +185,29 @@ def test_bad_bases_and_kinds_fail_in_one_line_and_write_nothing(
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_an_adapter_on_s3_round_trips_as_it_does_locally(s3, zoo_tiny, tmp_path: Path) -> None:
+    import uuid
+
+    bucket = f"compress-adapter-{uuid.uuid4().hex[:8]}"
+    s3.make_bucket(bucket)
+    fs, opts = s3.filesystem(), s3.storage_options()
+    adapter = with_head(zoo_tiny, tmp_path / "a")
+    fs.put(str(adapter), f"{bucket}/a", recursive=True)
+    fs.put(str(zoo_tiny.base), f"{bucket}/base", recursive=True)
+    remote, spec = f"s3://{bucket}", CompressSpec(density=0.3)
+    compress_model(f"{remote}/a", f"{remote}/base", f"{remote}/c", spec, **opts)
+    decompress_model(f"{remote}/c", None, f"{remote}/d", **opts)
+    compress_model(str(adapter), str(zoo_tiny.base), str(tmp_path / "c"), spec)
+    decompress_model(str(tmp_path / "c"), None, str(tmp_path / "d"))
+    assert fs.cat_file(f"{bucket}/d/{CONFIG}") == (tmp_path / "d" / CONFIG).read_bytes()
+    with open_checkpoint(f"{remote}/d", **opts) as a, open_checkpoint(str(tmp_path / "d")) as b:
+        assert a.kind == b.kind == "adapter" and a.names() == b.names()
+        for name in a.names():
+            assert torch.equal(a.tensor(name), b.tensor(name)), name
+    assert not [p for p in fs.ls(bucket, detail=False) if ".partial-" in p]
+
+
 def test_the_compress_stage_compresses_an_adapter_merge(zoo_tiny, tmp_path: Path) -> None:
     adapter = str(zoo_tiny.loras[TASK])
     recipe = parse_recipe(
