@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from amalgam.checkpoint import open_checkpoint
 from amalgam.compress import CompressError, compress_model, decompress_model, read_manifest
+from amalgam.compress.adapter import references
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import CompressSpec, parse_recipe
 from amalgam.stages import CompressInput, CompressStage, execute
@@ -128,6 +129,41 @@ def test_without_a_base_every_tensor_is_taken_against_zero(zoo_tiny, tmp_path: P
     torch.testing.assert_close(
         load_file(str(Path(out) / WEIGHTS))[HEAD], naive_compeft(head, 0.5), rtol=0, atol=1e-6
     )
+
+
+def test_each_factor_kind_is_checked_against_the_axis_it_shares_with_the_base(
+    zoo_tiny, tmp_path: Path
+) -> None:
+    """Embedding factors (r x num, dim x r), a LoRA bias and a DoRA magnitude, on the zoo
+    base (embedding 373 x 64, up_proj 160 x 64); each factor transposed is refused."""
+    up, embed = "model.model.layers.0.mlp.up_proj", "model.model.embed_tokens"
+    tensors = {
+        f"base_model.{embed}.lora_embedding_A": torch.randn(2, 373),
+        f"base_model.{embed}.lora_embedding_B": torch.randn(64, 2),
+        f"base_model.{up}.lora_A.weight": torch.randn(2, 64),
+        f"base_model.{up}.lora_B.weight": torch.randn(160, 2),
+        f"base_model.{up}.lora_B.bias": torch.randn(160),
+        f"base_model.{up}.lora_magnitude_vector": torch.rand(160),
+    }
+
+    def refs_of(adapter: dict[str, torch.Tensor]) -> dict[str, str | None]:
+        folder = tmp_path / f"a{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        save_file(adapter, str(folder / WEIGHTS))
+        (folder / CONFIG).write_text((zoo_tiny.loras[TASK] / CONFIG).read_text())
+        with open_checkpoint(str(folder)) as a, open_checkpoint(str(zoo_tiny.base)) as b:
+            return references(a, b)
+
+    magnitude = f"base_model.{up}.lora_magnitude_vector"
+    assert refs_of(tensors) == {k: None for k in tensors if k != magnitude}
+    for key in tensors:
+        if key != magnitude and tensors[key].dim() == 2:
+            turned = {**tensors, key: tensors[key].T.contiguous()}
+            with pytest.raises(CompressError, match=f"'{key}' has shape"):
+                refs_of(turned)
+    bias = f"base_model.{up}.lora_B.bias"
+    with pytest.raises(CompressError, match=f"'{bias}' has shape \\[159\\]"):
+        refs_of({**tensors, bias: torch.randn(159)})
 
 
 def test_bad_bases_and_kinds_fail_in_one_line_and_write_nothing(
