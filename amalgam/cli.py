@@ -310,9 +310,12 @@ def evaluate(
 
 @app.command()
 def compress(
-    model: Annotated[str, typer.Argument(help="fine-tuned model folder or URI")],
-    base: Annotated[str, typer.Option(help="the base it was fine-tuned from")],
+    model: Annotated[str, typer.Argument(help="fine-tuned model or PEFT adapter folder or URI")],
     output: Annotated[str, typer.Option(help="compressed model folder or URI")],
+    base: Annotated[
+        str | None,
+        typer.Option(help="the base it was fine-tuned from (optional for an adapter)"),
+    ] = None,
     density: Annotated[float, typer.Option(help="share of each task vector kept")] = 0.1,
     scale: Annotated[str, typer.Option(help="mean | std (ComPEFT's alpha * std)")] = "mean",
     alpha: Annotated[float, typer.Option(help="multiplier of the scale")] = 1.0,
@@ -323,7 +326,8 @@ def compress(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Compress a fine-tune against its base (ComPEFT: top-k task vector as sign x scale)."""
+    """Compress a fine-tune against its base, or an adapter's tensors (ComPEFT: top-k task
+    vector as sign x scale)."""
     # lazy: the command's modules import torch; `amalgam --help` stays fast
     from pydantic import ValidationError
 
@@ -355,14 +359,15 @@ def compress(
 @app.command()
 def decompress(
     compressed: Annotated[str, typer.Argument(help="compressed model folder or URI")],
-    output: Annotated[str, typer.Option(help="dense model folder or URI")],
+    output: Annotated[str, typer.Option(help="model or adapter folder or URI to write")],
     base: Annotated[
         str | None, typer.Option(help="the base (default: the one recorded at compression)")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     storage_options: StorageOpt = None,
 ) -> None:
-    """Rebuild a dense Hugging Face model folder from a compressed model and its base."""
+    """Rebuild a dense Hugging Face model folder (or a PEFT adapter folder) from a compressed
+    model and its base."""
     # lazy: torch
     from amalgam.compress import decompress_model
 

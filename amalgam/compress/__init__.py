@@ -1,8 +1,8 @@
 """The compress stage: ComPEFT task-vector compression with exact sizes, and decompression."""
 
 from amalgam.compress.compeft import TernaryTensor, compeft
+from amalgam.compress.errors import CompressError
 from amalgam.compress.stage import (
-    CompressError,
     CompressResult,
     TensorReport,
     compress_model,

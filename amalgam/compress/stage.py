@@ -1,15 +1,19 @@
 """Compress a fine-tuned model against its base, tensor by tensor, and decompress it back.
 
-A compressed model is a folder: ``compression.json`` (method, settings, base and model hashes,
-and per tensor its shape, dtype, encoding, kept count and file), the compressed shards
-``compressed-NNNNN.safetensors`` (see :mod:`amalgam.compress.codec`) and the model's config
-and tokenizer files, so that :func:`decompress_model` can rebuild a loadable model folder.
+A compressed model is a folder: ``compression.json`` (method, settings, ``kind`` (``model`` or
+``adapter``), base and model hashes, and per tensor its shape, dtype, encoding, kept count,
+file and ``base_tensor``, the base tensor its task vector was taken against, null for zero),
+the compressed shards ``compressed-NNNNN.safetensors`` (see :mod:`amalgam.compress.codec`) and
+the model's config and tokenizer files (or ``adapter_config.json``), so that
+:func:`decompress_model` can rebuild a loadable model or adapter folder. A PEFT adapter's
+tensors are compressed as :mod:`amalgam.compress.adapter` says; its base is optional.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,22 +21,20 @@ import torch
 
 import amalgam.compress.codec as codec
 from amalgam import __version__, storage
+from amalgam.adapters.peft_write import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from amalgam.align.compatibility import check_compatibility
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
+from amalgam.compress.adapter import references
 from amalgam.compress.compeft import compeft
+from amalgam.compress.errors import CompressError
 from amalgam.engine.inputs import check_output
-from amalgam.engine.plan import TensorJob, shard_jobs
-from amalgam.errors import AmalgamError
+from amalgam.engine.plan import TensorJob, WorkUnit, shard_jobs
 from amalgam.recipe import CompressSpec
 from amalgam.writer import INDEX_NAME, CheckpointWriter, shard_header
 
 MANIFEST = "compression.json"
 FORMAT = 1
 PAPER = "arXiv:2311.13171"
-
-
-class CompressError(AmalgamError):
-    """A model cannot be compressed or decompressed (base mismatch, bad manifest, ...)."""
 
 
 @dataclass(frozen=True)
@@ -114,45 +116,41 @@ class _ShardSpool:
 
 def compress_model(
     model_uri: str,
-    base_uri: str,
+    base_uri: str | None,
     output_uri: str,
     spec: CompressSpec | None = None,
     *,
     overwrite: bool = False,
     **storage_options: Any,
 ) -> CompressResult:
-    """Compress ``model_uri`` (a fine-tune of ``base_uri``) with ComPEFT into ``output_uri``.
+    """Compress ``model_uri`` (a fine-tune of ``base_uri``, or a PEFT adapter folder, whose
+    base is optional) with ComPEFT into ``output_uri``.
 
     ``spec`` is a :class:`amalgam.recipe.CompressSpec` (default settings when None). Reads one
     tensor pair at a time; nothing is left at ``output_uri`` on failure.
     """
     spec = spec or CompressSpec()
     keep_dense = re.compile(spec.keep_dense) if spec.keep_dense else None
-    with (
-        open_checkpoint(model_uri, **storage_options) as model,
-        open_checkpoint(base_uri, **storage_options) as base,
-    ):
-        fit = check_compatibility(
-            {"base": base, "model": model}, vocabulary=False, raise_on_error=False
-        )
-        if not fit.ok:
-            raise CompressError(
-                f"{model_uri}: cannot compress against {base_uri}\n{fit.describe()}"
-            )
+    with ExitStack() as stack:
+        model = stack.enter_context(open_checkpoint(model_uri, **storage_options))
+        base = _open_base(stack, base_uri, storage_options)
+        refs = _references(model, base)
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "method": spec.method,
             "paper": PAPER,
+            "kind": _kind(model),
             "settings": spec.model_dump(mode="json", exclude={"output", "max_shard_size"}),
-            "base": {"uri": base.uri, "hash": base.content_hash()},
+            "base": {"uri": base.uri, "hash": base.content_hash()} if base else None,
             "model": {"uri": model.uri, "hash": model.content_hash()},
             "amalgam": __version__,
             "tensors": {},
         }
-        check_output(output_uri, {"model": model, "base": base}, overwrite, storage_options)
+        inputs = {"model": model} | ({"base": base} if base else {})
+        check_output(output_uri, inputs, overwrite, storage_options)
         writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
         try:
-            result = _compress(model, base, writer, spec, keep_dense, manifest)
+            result = _compress(model, base, refs, writer, spec, keep_dense, manifest)
             result.side_bytes = _copy_side_files(model, writer)
             writer.commit()
         except BaseException:
@@ -161,9 +159,40 @@ def compress_model(
     return result
 
 
+def _kind(ckpt: Checkpoint) -> str:
+    return "adapter" if ckpt.kind == "adapter" else "model"
+
+
+def _open_base(stack: ExitStack, uri: str | None, storage_options: dict) -> Checkpoint | None:
+    """The dense base (None when ``uri`` is None); an adapter folder given as base is refused."""
+    if uri is None:
+        return None
+    base = stack.enter_context(open_checkpoint(uri, **storage_options))
+    if base.kind == "adapter":
+        raise CompressError(
+            f"{uri}: the base is an adapter folder; give the dense model it was trained on"
+        )
+    return base
+
+
+def _references(model: Checkpoint, base: Checkpoint | None) -> dict[str, str | None]:
+    """For each tensor to compress, the base tensor its task vector is taken against (None:
+    zero); the tensors left out are stored as they are."""
+    if model.kind == "adapter":
+        return references(model, base)
+    if base is None:
+        raise CompressError(f"{model.uri}: a dense model is compressed against its base (--base)")
+    pair = {"base": base, "model": model}
+    fit = check_compatibility(pair, vocabulary=False, raise_on_error=False)
+    if not fit.ok:
+        raise CompressError(f"{model.uri}: cannot compress against {base.uri}\n{fit.describe()}")
+    return {name: name for name, info in model.tensors.items() if info.is_float}
+
+
 def _compress(
     model: Checkpoint,
-    base: Checkpoint,
+    base: Checkpoint | None,
+    refs: dict[str, str | None],
     writer: CheckpointWriter,
     spec: CompressSpec,
     keep_dense: re.Pattern | None,
@@ -173,25 +202,22 @@ def _compress(
     reports = []
     for name, info in model.tensors.items():
         weights = model.tensor(name)
-        if not info.is_float or (keep_dense and keep_dense.search(name)):
+        entry: dict[str, Any] = {"shape": list(info.shape), "dtype": info.dtype}
+        if name not in refs or (keep_dense and keep_dense.search(name)):
             stored, kind, kept = [(name, weights)], "dense", info.numel
         else:
-            tau = weights.to(torch.float32) - base.tensor(name).to(torch.float32)
+            ref = refs[name]
+            zero = ref is None or base is None
+            tau = weights.to(torch.float32) - (0.0 if zero else base.tensor(ref).float())
             if not bool(torch.isfinite(tau).all()):
-                raise CompressError(
-                    f"tensor '{name}': NaN or Inf in {model.uri} or its base {base.uri}"
-                )
+                where = "" if zero else f" or its base {base.uri}"
+                raise CompressError(f"tensor '{name}': NaN or Inf in {model.uri}{where}")
             ternary = compeft(tau, spec.density, spec.scale, spec.alpha)
             stored, kept = codec.encode(name, ternary), ternary.positions.numel()
             kind = codec.encoding(info.numel, kept)
+            entry["base_tensor"] = ref
         file = spool.add(stored)
-        manifest["tensors"][name] = {
-            "shape": list(info.shape),
-            "dtype": info.dtype,
-            "encoding": kind,
-            "kept": kept,
-            "file": file,
-        }
+        manifest["tensors"][name] = {**entry, "encoding": kind, "kept": kept, "file": file}
         reports.append(
             TensorReport(
                 name,
@@ -254,30 +280,45 @@ def decompress_model(
     max_shard_size: int = 5 * 10**9,
     **storage_options: Any,
 ) -> str:
-    """Rebuild a dense Hugging Face model folder: base + scale * sign at the kept positions.
+    """Rebuild what was compressed: a dense Hugging Face model folder, or a PEFT adapter folder
+    (one ``adapter_model.safetensors`` and the adapter config): reference + scale * sign at the
+    kept positions, in each tensor's dtype.
 
     ``base_uri`` defaults to the base recorded at compression; its content hash must match the
-    recorded one. Returns the output URI.
+    recorded one. An adapter whose tensors were all compressed against zero needs no base.
+    Returns the output URI.
     """
     manifest = read_manifest(compressed_uri, **storage_options)
-    base_uri = base_uri or manifest["base"]["uri"]
+    kind = manifest.get("kind", "model")
     tensors: dict[str, dict[str, Any]] = manifest["tensors"]
+    needs_base = any(_reference(n, t) for n, t in tensors.items() if t["encoding"] != "dense")
+    recorded = manifest.get("base")
+    base_uri = base_uri or (recorded["uri"] if recorded and needs_base else None)
+    if needs_base and base_uri is None:
+        raise CompressError(f"{compressed_uri}: compressed against a base; give it (--base)")
     jobs = [
         TensorJob(name, tuple(t["shape"]), t["dtype"], copy=True, layer=None)
         for name, t in tensors.items()
     ]
-    units = shard_jobs(jobs, max_shard_size)
-    with (
-        open_checkpoint(compressed_uri, **storage_options) as packed,
-        open_checkpoint(base_uri, **storage_options) as base,
-    ):
-        if base.content_hash() != manifest["base"]["hash"]:
+    units = (
+        (WorkUnit(ADAPTER_WEIGHTS, tuple(jobs)),)
+        if kind == "adapter"
+        else shard_jobs(jobs, max_shard_size)
+    )
+    with ExitStack() as stack:
+        packed = stack.enter_context(open_checkpoint(compressed_uri, **storage_options))
+        base = _open_base(stack, base_uri, storage_options)
+        _check_kind(packed, kind)
+        if base is not None and recorded and base.content_hash() != recorded["hash"]:
             raise CompressError(
                 f"{base_uri}: content hash {base.content_hash()} is not the base this model was "
-                f"compressed against ({manifest['base']['uri']}, {manifest['base']['hash']})"
+                f"compressed against ({recorded['uri']}, {recorded['hash']})"
             )
         metadata = {"amalgam.decompressed_from": manifest["model"]["hash"]}
-        check_output(output_uri, {"compressed": packed, "base": base}, overwrite, storage_options)
+        if kind == "adapter":
+            metadata["format"] = "pt"
+        inputs = {"compressed": packed} | ({"base": base} if base else {})
+        check_output(output_uri, inputs, overwrite, storage_options)
         writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
         try:
             for unit in units:
@@ -303,7 +344,25 @@ def decompress_model(
     return storage.full_uri(writer.fs, writer.path)
 
 
-def _dense(name: str, entry: dict[str, Any], packed: Checkpoint, base: Checkpoint) -> torch.Tensor:
+def _reference(name: str, entry: dict[str, Any]) -> str | None:
+    """The base tensor ``name``'s task vector was taken against (None: zero); manifests written
+    before adapters were supported name none, and meant the tensor of the same name."""
+    return entry.get("base_tensor", name)
+
+
+def _check_kind(packed: Checkpoint, kind: str) -> None:
+    """The manifest's kind is known, and an adapter's config was compressed alongside it."""
+    if kind not in ("model", "adapter"):
+        raise CompressError(f"{packed.uri}/{MANIFEST}: unknown kind {kind!r}")
+    if kind == "adapter" and ADAPTER_CONFIG not in packed.side_files():
+        raise CompressError(
+            f"{packed.uri}: a compressed adapter without its {ADAPTER_CONFIG}; cannot restore it"
+        )
+
+
+def _dense(
+    name: str, entry: dict[str, Any], packed: Checkpoint, base: Checkpoint | None
+) -> torch.Tensor:
     dtype = SAFETENSORS_DTYPES[entry["dtype"]]
     if entry["encoding"] == "dense":
         return packed.tensor(name)
@@ -314,4 +373,9 @@ def _dense(name: str, entry: dict[str, Any], packed: Checkpoint, base: Checkpoin
         packed.tensor(name + codec.SIGNS),
         float(packed.tensor(name + codec.SCALE)),
     )
-    return (base.tensor(name).to(torch.float32) + ternary.delta()).to(dtype)
+    ref = _reference(name, entry)
+    delta = ternary.delta()
+    if ref is None:
+        return delta.to(dtype)
+    assert base is not None  # decompress_model opens the base whenever a tensor names one
+    return (base.tensor(ref).to(torch.float32) + delta).to(dtype)
