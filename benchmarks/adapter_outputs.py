@@ -36,10 +36,10 @@ def size(folder: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from amalgam.adapters.adapter_output import merge_recipe
-    from amalgam.recipe import parse_recipe
     from transformers.utils import logging
 
+    from amalgam.adapters.adapter_output import merge_recipe
+    from amalgam.recipe import parse_recipe
     from amalgam.zoo import build_zoo, default_zoo_dir
 
     logging.disable_progress_bar()
