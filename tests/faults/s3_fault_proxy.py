@@ -25,8 +25,10 @@ from urllib.parse import urlparse
 
 HOST = "127.0.0.1"
 Kind = Literal["status", "reset-request", "reset-response", "delay", "truncate", "short"]
-S3_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
-             503: ("SlowDown", "Please reduce your request rate.")}  # fmt: skip
+S3_ERRORS = {  # status -> (S3 error code, message), as S3 words them
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+    503: ("SlowDown", "Please reduce your request rate."),
+}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
 
@@ -38,7 +40,8 @@ class Rule:
     0) get the fault.
 
     ``status`` is the HTTP code of a ``status`` fault (500 InternalError or 503 SlowDown);
-    ``seconds`` the wait of a ``delay``."""
+    ``seconds`` the wait of a ``delay``. ``seen`` and ``fired`` count the matching requests
+    and the faults injected."""
 
     kind: Kind
     path: str = ""
@@ -128,7 +131,8 @@ class FaultProxy:
                 method, target, headers = head
                 rule = self._rule_for(method, target)
                 if rule is not None and rule.kind == "reset-request":
-                    return _reset(client)  # the body, if any, is still on its way
+                    _reset(client)  # the body, if any, is still on its way
+                    return
                 if headers.pop("expect", "").lower() == "100-continue":
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 if "transfer-encoding" in headers:
@@ -147,7 +151,9 @@ class FaultProxy:
                 out = _response_head(resp, None if method == "HEAD" else len(data))
                 if rule is not None and rule.kind in ("reset-response", "truncate"):
                     client.sendall(out + data[: len(data) // 2])
-                    return _reset(client) if rule.kind == "reset-response" else None
+                    if rule.kind == "reset-response":
+                        _reset(client)
+                    return  # a truncated body ends with an orderly close
                 client.sendall(out + data)
         except OSError:
             pass

@@ -15,7 +15,7 @@ import yaml
 
 from amalgam.checkpoint import COMMIT_RECORD, open_checkpoint
 from amalgam.discover import discover_checkpoints
-from amalgam.engine import run_merge
+from amalgam.engine import MergeOptions, run_merge
 from amalgam.errors import CheckpointError
 from amalgam.recipe import parse_recipe
 from amalgam.writer import intact
@@ -176,5 +176,20 @@ def test_fault_past_the_retry_budget_fails_cleanly(
     fault_proxy.reset()  # the same command again, the store healthy: complete and identical
     code, _, err = merge(s3, fault_proxy, bucket, out, tmp_path, monkeypatch, capsys)
     assert code == 0, err
+    assert file_hashes(s3, f"{bucket}/{out}") == reference
+    assert no_staging(s3, case_dir)
+
+
+def test_faults_on_ray_workers_retried(s3, bucket, reference, fault_proxy: FaultProxy) -> None:
+    """The same faults where Ray workers read the inputs and write the shards: a body cut
+    short mid-read and a SlowDown on the staged shard are retried, and the output is
+    byte-identical to the local executor's fault-free merge."""
+    read = Rule("reset-response", READ, "GET", skip=3)
+    write = Rule("status", STAGE, "PUT", status=503)
+    fault_proxy.reset(read, write)
+    case_dir = f"{bucket}/{uuid.uuid4().hex[:8]}"
+    out = f"{case_dir.split('/', 1)[1]}/out"
+    run_merge(parse_recipe(recipe(s3, fault_proxy, bucket, out)), MergeOptions(executor="ray"))
+    assert read.fired == 1 and write.fired == 1
     assert file_hashes(s3, f"{bucket}/{out}") == reference
     assert no_staging(s3, case_dir)

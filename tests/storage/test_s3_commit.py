@@ -4,6 +4,7 @@ reads as finished, and the next commit of the output completes it."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ from amalgam.errors import CheckpointError, OutputError
 from amalgam.recipe import parse_recipe
 from amalgam.writer import INDEX_NAME, CheckpointWriter, intact
 from tests.faults.s3_fault_proxy import FaultProxy, Rule, fault_proxy_for
-from tests.helpers import family
+from tests.helpers import family, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,9 @@ def copy_without_record(fs, src: str, dst: str, only: set[str] | None = None) ->
             fs.copy(f"{src}/{name}", f"{dst}/{name}")
 
 
-def test_unfinished_commit_refused_and_not_discovered(s3, folder, tmp_path) -> None:
+def test_unfinished_commit_refused_and_not_discovered(
+    s3, folder, tmp_path, monkeypatch, capsys
+) -> None:
     opts = s3.storage_options(skip_instance_cache=True)
     fs = s3.filesystem(skip_instance_cache=True)
     run_merge(merge_recipe(s3, folder, "models/single", "task_arithmetic"))
@@ -97,6 +100,13 @@ def test_unfinished_commit_refused_and_not_discovered(s3, folder, tmp_path) -> N
             open_checkpoint(uri, **opts)
         assert str(info.value).startswith(f"{uri}: ")
         assert not intact(fs, f"{folder}/models/{unfinished}")
+    code, _, err = run_cli(
+        ["inspect", uri, "--storage-options", json.dumps(s3.storage_options())],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2 and err.startswith(f"error: {uri}: unfinished amalgam output")
+    assert len(err.strip().splitlines()) == 1
     found = [name for name, _ in discover_checkpoints(f"s3://{folder}/models", **opts)]
     assert found == ["sharded", "single", "trained"]
     assert open_checkpoint(f"s3://{folder}/models/trained", **opts).names()
