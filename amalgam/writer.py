@@ -139,7 +139,7 @@ class CheckpointWriter:
                 raise OutputError(f"{self.uri}: output exists (pass --overwrite to replace it)")
             check_replaceable(self.fs, self.path, self.uri)
         p = PurePosixPath(self.path)
-        remove_stale_staging(self.fs, str(p.parent), p.name)
+        remove_leftovers(self.fs, self.path)
         self.staging = staging or str(p.parent / f"{staging_prefix(p.name)}{uuid.uuid4().hex[:12]}")
         with writing(self.staging):
             self.fs.makedirs(self.staging, exist_ok=True)
@@ -255,6 +255,15 @@ def remove_stale_staging(fs: Any, parent: str, name: str, kind: str = "partial")
         found = pattern.match(PurePosixPath(path).name)
         if found and not _alive(int(found.group(1))):
             remove_folder(fs, path)
+
+
+def remove_leftovers(fs: Any, path: str) -> None:
+    """Remove what killed processes of this host left next to the output at ``path``: their
+    staging folders, and an old output that a commit swapped out but did not get to delete.
+    A writer calls it when it opens; a run that finds the output finished and skips it calls
+    it too (nothing else would)."""
+    p = PurePosixPath(path)
+    remove_stale_staging(fs, str(p.parent), p.name)
 
 
 def _alive(pid: int) -> bool:
