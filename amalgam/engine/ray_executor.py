@@ -100,6 +100,5 @@ def _unit_error(ray: Any, exc: Exception, file: str) -> Exception:
             return exc.cause
         return exc
     return MergeError(
-        f"{file}: its Ray worker was lost {UNIT_RETRIES + 1} times "
-        f"({type(exc).__name__}); nothing was written"
+        f"{file}: its Ray worker was lost {UNIT_RETRIES + 1} times ({type(exc).__name__})"
     )
