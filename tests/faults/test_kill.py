@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import random
 import shutil
+import socket
 import sqlite3
+import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from zoo.conftest import zoo_tiny
 
 from amalgam import storage
 from amalgam.errors import OutputError
+from amalgam.writer import CheckpointWriter, intact
 from tests.faults.kills import (
     KILLED,
     Place,
@@ -302,3 +305,24 @@ def test_a_merge_killed_inside_reruns_to_the_same_model(
             f"discover lists {listed}, files copied without their commit record: the "
             "object-store commit's completion marker, which readers require, is not in yet"
         )
+
+
+def test_a_commit_killed_between_the_fallback_renames_gets_the_old_output_back(
+    tmp_path: Path,
+) -> None:
+    """Where the kernel cannot exchange two folders, a commit renames the old output aside,
+    then the new one in; what a kill between the two leaves (made here by hand: this
+    machine's kernel exchanges) is repaired by the next writer of the output."""
+    out = tmp_path / "merged"
+    writer = CheckpointWriter(str(out))
+    writer.write_json("config.json", {"hidden_size": 8})
+    writer.commit()
+    gone = subprocess.Popen(["true"])  # its pid names a writer that is no longer running
+    gone.wait()
+    staging = tmp_path / f".merged.partial-{socket.gethostname()}-{gone.pid}-0123456789ab"
+    out.rename(f"{staging}.old")
+    shutil.copytree(f"{staging}.old", staging)  # the new output, complete, not yet in place
+    with pytest.raises(OutputError, match="output exists"):
+        CheckpointWriter(str(out))  # the old output is back in place, and not replaced
+    assert intact(*storage.resolve(str(out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
