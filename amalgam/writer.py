@@ -144,12 +144,12 @@ class CheckpointWriter:
         self.storage_options = storage_options
         self.fs, self.path = storage.resolve(self.uri, **storage_options)
         self.overwrite = overwrite
+        remove_leftovers(self.fs, self.path)
         if output_taken(self.fs, self.path):
             if not overwrite:
                 raise OutputError(f"{self.uri}: output exists (pass --overwrite to replace it)")
             check_replaceable(self.fs, self.path, self.uri)
         p = PurePosixPath(self.path)
-        remove_stale_staging(self.fs, str(p.parent), p.name)
         self.staging = staging or str(p.parent / f"{staging_prefix(p.name)}{uuid.uuid4().hex[:12]}")
         with writing(self.staging):
             self.fs.makedirs(self.staging, exist_ok=True)
@@ -286,16 +286,36 @@ def staging_prefix(name: str, kind: str = "partial") -> str:
 def remove_stale_staging(fs: Any, parent: str, name: str, kind: str = "partial") -> None:
     """Remove work folders of output ``name`` left by processes of this host that are gone
     (a killed run); another host's are left alone (their owner cannot be checked from here)."""
+    for path in _dead_work(fs, parent, name, kind):
+        remove_folder(fs, path)
+
+
+def _dead_work(fs: Any, parent: str, name: str, kind: str) -> list[str]:
+    """Paths of the work folders of output ``name`` whose process (of this host) is gone."""
     host = socket.gethostname()
     try:
         siblings = fs.ls(parent, detail=False)
     except FileNotFoundError:
-        return
+        return []
     pattern = re.compile(rf"\.{re.escape(name)}\.{kind}-{re.escape(host)}-(\d+)-")
-    for path in siblings:
-        found = pattern.match(PurePosixPath(path).name)
-        if found and not _alive(int(found.group(1))):
-            remove_folder(fs, path)
+    found = [(p, pattern.match(PurePosixPath(p).name)) for p in siblings]
+    return [p for p, m in found if m and not _alive(int(m.group(1)))]
+
+
+def remove_leftovers(fs: Any, path: str) -> None:
+    """Remove what killed processes of this host left next to the output at ``path``: their
+    staging folders, and an old output that a commit swapped out but did not get to delete.
+    A commit killed between the two renames of :func:`_replace_local`'s fallback left no
+    output at all: the old one is put back. A writer calls it when it opens; a run that finds
+    the output finished and skips it calls it too (nothing else would)."""
+    p = PurePosixPath(path)
+    dead = _dead_work(fs, str(p.parent), p.name, "partial")
+    aside = [d for d in dead if d.endswith(".old")]
+    if aside and storage.is_local(fs) and not os.path.lexists(path):
+        os.rename(aside[0], path)
+        dead.remove(aside[0])
+    for folder in dead:
+        remove_folder(fs, folder)
 
 
 def _alive(pid: int) -> bool:

@@ -1,4 +1,9 @@
-"""Ray executor: one task per shard; each worker reads its inputs and writes its shard itself."""
+"""Ray executor: one task per shard; each worker reads its inputs and writes its shard itself.
+
+A worker that dies (killed, out of memory, its node lost) has its task run again by Ray, up to
+:data:`UNIT_RETRIES` times: the shard is written again from its start (opening it for writing
+truncates what the dead worker wrote), and the commit record hashes the shards as they end
+up. An error raised by the merge itself is not retried."""
 
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ from typing import Any
 from amalgam import storage
 from amalgam.device import pick_device
 from amalgam.engine.execute import JobContext, open_inputs, open_statistics, run_unit
-from amalgam.errors import AmalgamError
+from amalgam.errors import AmalgamError, MergeError
 from amalgam.writer import ShardWriter
+
+UNIT_RETRIES = 3  # runs of a shard's task after the first, when its worker dies
 
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -63,7 +70,7 @@ def run_units_ray(ctx: JobContext, staging_uri: str) -> int:
     import ray
 
     gpus = 1 if ctx.device_name in ("cuda", "auto") and _cluster_has_gpu(ray) else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(_unit_task)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=UNIT_RETRIES)(_unit_task)
     shipped = replace(ctx, progress=None)
     pending = {task.remote(shipped, i, staging_uri): i for i in range(len(ctx.plan.units))}
     total = 0
@@ -72,10 +79,10 @@ def run_units_ray(ctx: JobContext, staging_uri: str) -> int:
         i = pending.pop(done[0])
         try:
             n = ray.get(done[0])
-        except ray.exceptions.RayTaskError as exc:
+        except ray.exceptions.RayError as exc:
             for ref in pending:
                 ray.cancel(ref)
-            raise (exc.cause if isinstance(exc.cause, AmalgamError) else exc) from None
+            raise _unit_error(ray, exc, ctx.plan.units[i].file) from None
         total += n
         ctx.report(n, len(ctx.plan.units[i].jobs))
     return total
@@ -83,3 +90,15 @@ def run_units_ray(ctx: JobContext, staging_uri: str) -> int:
 
 def _cluster_has_gpu(ray: Any) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _unit_error(ray: Any, exc: Exception, file: str) -> Exception:
+    """The merge's own error when the task raised one; else what Ray reports (a worker that
+    died on every run), as one line naming the shard."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        if isinstance(exc.cause, AmalgamError):
+            return exc.cause
+        return exc
+    return MergeError(
+        f"{file}: its Ray worker was lost {UNIT_RETRIES + 1} times ({type(exc).__name__})"
+    )

@@ -12,7 +12,7 @@ from amalgam.fetch import FetchedModel
 from amalgam.recipe import CompressSpec, Recipe
 from amalgam.stages.base import Stage, StageReport, content_key
 from amalgam.stages.merge import Merged
-from amalgam.writer import intact
+from amalgam.writer import intact, remove_leftovers
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,11 @@ def already_compressed(uri: str, spec: CompressSpec, merged: Merged, storage_opt
     same = manifest["model"]["hash"] == merged.content_hash and manifest["settings"] == settings(
         spec
     )
-    return same and intact(*storage.resolve(uri, **storage_options))
+    if not same:
+        return False
+    fs, path = storage.resolve(uri, **storage_options)
+    remove_leftovers(fs, path)  # a killed run's staging, also when this run skips
+    return intact(fs, path)
 
 
 class CompressStage(Stage[CompressInput, Compressed]):

@@ -15,7 +15,7 @@ from amalgam.errors import CheckpointError, OutputError
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import Recipe
 from amalgam.stages.base import Stage, content_key
-from amalgam.writer import intact
+from amalgam.writer import intact, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,9 @@ class MergeStage(Stage[MergeInput, Merged]):
         return provenance_matches(inp.output, inp.recipe, inp.inputs, inp.options.continue_from)
 
     def _intact(self, inp: MergeInput) -> bool:
-        return intact(*storage.resolve(inp.output, **inp.recipe.storage_options))
+        fs, path = storage.resolve(inp.output, **inp.recipe.storage_options)
+        remove_leftovers(fs, path)  # a killed run's staging, also when this run skips
+        return intact(fs, path)
 
     def skip_reason(self, inp: MergeInput, out: Merged) -> str:
         return f"{out.output} already holds this merge (same recipe and input hashes)"
