@@ -48,7 +48,7 @@ from amalgam import storage
 from amalgam.errors import AmalgamError, RecipeError
 from amalgam.evaluate.report import EvalReport
 from amalgam.evaluate.score import local_model
-from amalgam.recipe import REDACTED, Gates, redact_uri
+from amalgam.recipe import REDACTED, Gates, redact_uri, redact_uris
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -285,21 +285,10 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def redact_all(value: Any) -> Any:
-    """``value`` with a password in every URI it holds redacted (mappings and lists walked)."""
-    if isinstance(value, str):
-        return redact_uri(value)
-    if isinstance(value, Mapping):
-        return {k: redact_all(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_all(v) for v in value]
-    return value
-
-
 def recipe_record(recipe: Recipe) -> dict[str, Any]:
     """The recipe as stored in the tracking store: storage options (credentials) left out,
     passwords in its URIs redacted."""
-    return redact_all(
+    return redact_uris(
         recipe.model_dump(mode="json", exclude={"storage_options"}, exclude_none=True)
     )
 
@@ -376,6 +365,8 @@ class Registry:
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.tracking_uri = resolve_tracking_uri(tracking_uri) or default_tracking_uri()
         self.store = redact_uri(self.tracking_uri) or ""  # as it may be shown or stored
+        if self.store != self.tracking_uri:  # MLflow would print run links with the password
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         db = sqlite_file(self.tracking_uri)
         if db is not None and not db.parent.is_dir():
             # MLflow would create an empty store there: a deleted or unmounted store's runs
