@@ -6,6 +6,13 @@ and ``.hash``), the evaluation metrics, the report and plots (``report/``) and t
 (``model/``). A registered model version is created from that artifact location and gets the
 alias ``candidate``; ``promote`` moves ``champion`` only when the gates pass.
 
+Order and failures: a run is FINISHED only once everything is logged, and a version is created
+only from a FINISHED run, so nothing is in the registry before everything it needs is. A failure
+tags the run with its reason (``amalgam.failure``) before marking it FAILED, and rolls back a
+version or registered model the call created. A store that cannot be reached or written
+(read-only, deleted, a server down) raises :class:`StoreUnavailable` naming the store, its
+password redacted; a SQLite store whose folder is gone is refused, not recreated empty.
+
 Which gates: the registry's promotion policy for the model name, never the candidate's recipe.
 The policy is a tag on the registered model (``amalgam.policy``, the gates as JSON, with
 ``amalgam.policy.source`` saying where it came from). An operator sets it (``set_policy``,

@@ -2,7 +2,9 @@
 whose secret key is a random token, written into the recipe and config files. After the
 commands, no file that the pipeline wrote (Prefect's database, WAL and result storage, MLflow's
 database and artifacts, ``$AMALGAM_HOME``, the outputs on disk and in the bucket) and none of
-the commands' output holds the token, in plain text, base64 or hex."""
+the commands' output holds the token, in plain text, base64 or hex. The same for a password in
+URIs: ``amalgam run`` with a model on a real HTTP server and a real ``mlflow server``, both
+addressed as ``http://user:password@...``, then ``amalgam promote --tracking-uri`` with it."""
 
 from __future__ import annotations
 
