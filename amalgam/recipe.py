@@ -40,12 +40,34 @@ def redact_options(options: Mapping[str, Any]) -> dict[str, str]:
     return {name: REDACTED for name in options}
 
 
-PASSWORD_IN_URI = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+PASSWORD_IN_URI = re.compile(r"(?<=://)([^/@:\s]*):[^/@\s]*@")
+# a query parameter that carries a credential (presigned URLs, SAS tokens, API keys)
+SECRET_IN_QUERY = re.compile(
+    r"([?&][^=&#\s]*(?:secret|password|passwd|token|signature|sig|credential|key)[^=&#\s]*=)"
+    r"[^&#\s]*",
+    re.IGNORECASE,
+)
 
 
 def redact_uri(uri: str | None) -> str | None:
-    """A URI as it may be shown or stored: a password in it (``scheme://user:pw@host``) hidden."""
-    return None if uri is None else PASSWORD_IN_URI.sub(rf"\1:{REDACTED}@", uri)
+    """A URI (or a text holding URIs) as it may be shown or stored: a password
+    (``scheme://user:pw@host``) and credential query parameters (``?X-Amz-Signature=``,
+    ``&token=``) hidden. The one redaction for URIs: records, reports, logs, errors."""
+    if uri is None:
+        return None
+    return SECRET_IN_QUERY.sub(rf"\1{REDACTED}", PASSWORD_IN_URI.sub(rf"\1:{REDACTED}@", uri))
+
+
+def redact_uris(value: Any) -> Any:
+    """``value`` with :func:`redact_uri` applied to every text in it (mappings and lists
+    walked): a record, report or table as it may be stored."""
+    if isinstance(value, str):
+        return redact_uri(value)
+    if isinstance(value, Mapping):
+        return {k: redact_uris(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_uris(v) for v in value]
+    return value
 
 
 # Storage options (credentials) as a field: kept in memory and in a pickle (Ray workers, the

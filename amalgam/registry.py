@@ -6,6 +6,13 @@ and ``.hash``), the evaluation metrics, the report and plots (``report/``) and t
 (``model/``). A registered model version is created from that artifact location and gets the
 alias ``candidate``; ``promote`` moves ``champion`` only when the gates pass.
 
+Order and failures: a run is FINISHED only once everything is logged, and a version is created
+only from a FINISHED run, so nothing is in the registry before everything it needs is. A failure
+tags the run with its reason (``amalgam.failure``) before marking it FAILED, and rolls back a
+version or registered model the call created. A store that cannot be reached or written
+(read-only, deleted, a server down) raises :class:`StoreUnavailable` naming the store, its
+password redacted; a SQLite store whose folder is gone is refused, not recreated empty.
+
 Which gates: the registry's promotion policy for the model name, never the candidate's recipe.
 The policy is a tag on the registered model (``amalgam.policy``, the gates as JSON, with
 ``amalgam.policy.source`` saying where it came from). An operator sets it (``set_policy``,
@@ -48,7 +55,7 @@ from amalgam import storage
 from amalgam.errors import AmalgamError, RecipeError
 from amalgam.evaluate.report import EvalReport
 from amalgam.evaluate.score import local_model
-from amalgam.recipe import REDACTED, Gates, redact_uri
+from amalgam.recipe import REDACTED, Gates, redact_uri, redact_uris
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -285,21 +292,10 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def redact_all(value: Any) -> Any:
-    """``value`` with a password in every URI it holds redacted (mappings and lists walked)."""
-    if isinstance(value, str):
-        return redact_uri(value)
-    if isinstance(value, Mapping):
-        return {k: redact_all(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_all(v) for v in value]
-    return value
-
-
 def recipe_record(recipe: Recipe) -> dict[str, Any]:
     """The recipe as stored in the tracking store: storage options (credentials) left out,
     passwords in its URIs redacted."""
-    return redact_all(
+    return redact_uris(
         recipe.model_dump(mode="json", exclude={"storage_options"}, exclude_none=True)
     )
 
@@ -376,6 +372,8 @@ class Registry:
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.tracking_uri = resolve_tracking_uri(tracking_uri) or default_tracking_uri()
         self.store = redact_uri(self.tracking_uri) or ""  # as it may be shown or stored
+        if self.store != self.tracking_uri:  # MLflow would print run links with the password
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         db = sqlite_file(self.tracking_uri)
         if db is not None and not db.parent.is_dir():
             # MLflow would create an empty store there: a deleted or unmounted store's runs

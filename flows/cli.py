@@ -19,10 +19,11 @@ from amalgam.errors import AmalgamError
 __all__ = ["app", "main"]
 
 
-def _flows_env() -> None:
+def _flows_env(one_line_errors: bool = True) -> None:
     """Prefect defaults for a command-line run: no telemetry, a patient ephemeral server, and
     its home folder (``$PREFECT_HOME``) created, which Prefect's server needs before it starts
-    (it waits for its start-up timeout otherwise)."""
+    (it waits for its start-up timeout otherwise). ``one_line_errors`` imports Prefect now (see
+    :func:`_one_line_errors`); ``serve`` sets its API URL first and passes False."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -32,7 +33,8 @@ def _flows_env() -> None:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AmalgamError(f"PREFECT_HOME {home}: cannot create it ({exc.strerror})") from None
-    _one_line_errors()
+    if one_line_errors:
+        _one_line_errors()
 
 
 class _NoTraceback(logging.Filter):
@@ -184,7 +186,7 @@ def serve(
     cron: Annotated[str, typer.Option(help="cron schedule of the nightly run")] = "0 2 * * *",
 ) -> None:
     """Serve the nightly flow on a cron schedule from this process (Ctrl-C stops it)."""
-    _flows_env()
+    _flows_env(one_line_errors=False)
     from amalgam.pipeline_config import load_nightly_config  # lazy: torch
 
     load_nightly_config(config)  # refuse a bad config before serving it every night

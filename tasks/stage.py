@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
+from amalgam.recipe import redact_uri, redact_uris
 from amalgam.registry import RegistryError
 from amalgam.stages import Stage, StageReport, execute
 
@@ -73,6 +74,18 @@ RETRIES = {
 }
 
 
+class _RedactUris(logging.Filter):
+    """A log record's message with the passwords in its URIs redacted, for every handler after
+    this one (the run's logs in Prefect, the console)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_uri(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
 class _RunLogs(APILogHandler):
     """The library's log records, sent to the logs of the flow or task run they happen in."""
 
@@ -84,7 +97,9 @@ class _RunLogs(APILogHandler):
 def _library_logs() -> None:
     library = logging.getLogger("amalgam")
     if not any(isinstance(h, _RunLogs) for h in library.handlers):
-        library.addHandler(_RunLogs())
+        handler = _RunLogs()
+        handler.addFilter(_RedactUris())
+        library.addHandler(handler)
     if library.level == logging.NOTSET:
         library.setLevel(logging.INFO)
 
@@ -93,21 +108,40 @@ _library_logs()
 
 
 def publish(report: StageReport | None) -> None:
-    """A stage report as Prefect artifacts: each markdown text and table under its key."""
+    """A stage report as Prefect artifacts: each markdown text and table under its key, with
+    the passwords in its URIs redacted."""
     if report is None:
         return
     for key, rows in report.tables.items():
-        create_table_artifact(key=key, table=rows, description=report.description)
+        create_table_artifact(
+            key=key, table=redact_uris(rows), description=redact_uri(report.description)
+        )
     for key, text in report.markdown.items():
-        create_markdown_artifact(key=key, markdown=text)
+        create_markdown_artifact(key=key, markdown=redact_uri(text))
 
 
 def _stage_key(context: Any, parameters: dict[str, Any]) -> str:
     return parameters["stage"].key(parameters["inp"])
 
 
+def redact_error(exc: BaseException) -> None:
+    """Passwords in the URIs an error names, redacted in place: Prefect stores a failed run's
+    error in its state and logs, and the command line prints it."""
+
+    def redact(value: Any) -> Any:
+        return redact_uri(value) if isinstance(value, str) else value
+
+    exc.args = tuple(map(redact, exc.args))
+    if isinstance(exc, OSError):
+        exc.filename, exc.filename2 = redact(exc.filename), redact(exc.filename2)
+
+
 def _run(stage: Stage[Any, Any], inp: Any) -> Any:
-    out = execute(stage, inp)
+    try:
+        out = execute(stage, inp)
+    except Exception as exc:
+        redact_error(exc)
+        raise
     publish(stage.report(inp, out))
     return out
 

@@ -31,6 +31,7 @@ class MlflowServer:
 def start_mlflow_server(root: Path, port: int, db: Path | None = None) -> MlflowServer:
     """``mlflow server`` on 127.0.0.1:``port`` over ``db`` (default ``root/mlflow.db``),
     artifacts served from ``root/artifacts``; healthy when returned (RuntimeError otherwise)."""
+    root.mkdir(parents=True, exist_ok=True)
     db = db or root / "mlflow.db"
     log_path = root / f"server-{port}.log"
     with log_path.open("ab") as log:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,13 +20,16 @@ from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import run_merge
 from amalgam.evaluate.report import EvalReport, build_report, write_report
 from amalgam.evaluate.score import ModelResult
-from amalgam.recipe import Gates, Recipe, parse_recipe
+from amalgam.recipe import REDACTED, Gates, Recipe, parse_recipe
 from amalgam.registry import (
+    CONTENT_TAG,
+    FAILURE_TAG,
     Policy,
     PromotionRefused,
     Registered,
     Registry,
     RegistryError,
+    StoreUnavailable,
     check_gates,
     recipe_record,
 )
@@ -489,3 +494,45 @@ def test_the_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(
     t.start()
     t.join()
     assert len(errors) == 1
+
+
+def test_a_run_that_cannot_be_registered_is_failed_with_its_reason(
+    registry: Registry, merged, tmp_path: Path
+) -> None:
+    recipe, _, parents = merged
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RegistryError, match="no artifacts under 'model'"):
+        registry.register_merge(
+            recipe,
+            model_name="never",
+            content_hash="sha256:never",
+            parents=parents,
+            merged_uri=str(empty),
+        )
+    assert registry.find_version("never", "sha256:never") is None
+    runs = registry.client.search_runs(
+        [registry.experiment_id(recipe.register.experiment)],
+        f"tags.`{CONTENT_TAG}` = 'sha256:never'",
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "no artifacts under 'model'" in runs[0].data.tags[FAILURE_TAG]
+
+
+def test_a_failing_store_is_named_and_a_deleted_one_is_not_recreated(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store}/mlflow.db"
+    registry = Registry(uri)
+    registry.experiment_id("before")
+    assert registry.alias_version("none", "champion") is None  # a refusal, not a failure
+    shutil.rmtree(store)
+    with pytest.raises(StoreUnavailable, match=re.escape(f"MLflow store {uri} failed")):
+        registry.client.create_experiment("after")
+    with pytest.raises(StoreUnavailable, match="does not exist"):
+        Registry(uri)
+    assert not store.exists()
+    down = Registry(f"http://amalgam:hunter2@127.0.0.1:{free_port()}")
+    with pytest.raises(StoreUnavailable, match="Connection refused") as refused:
+        down.alias_version("m", "champion")
+    assert "hunter2" not in str(refused.value) and REDACTED in str(refused.value)

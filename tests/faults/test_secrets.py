@@ -2,28 +2,38 @@
 whose secret key is a random token, written into the recipe and config files. After the
 commands, no file that the pipeline wrote (Prefect's database, WAL and result storage, MLflow's
 database and artifacts, ``$AMALGAM_HOME``, the outputs on disk and in the bucket) and none of
-the commands' output holds the token, in plain text, base64 or hex."""
+the commands' output holds the token, in plain text, base64 or hex. The same for a password in
+URIs: ``amalgam run`` with a model on a real HTTP server and a real ``mlflow server``, both
+addressed as ``http://user:password@...``, then ``amalgam promote --tracking-uri`` with it."""
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import pickle
+import secrets
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from httpserver import http_folder
+from mlflowserver import start_mlflow_server
+from s3server import free_ports
 from zoo.conftest import zoo_tiny
 
 from amalgam.errors import RecipeError
 from amalgam.pipeline_config import Grid, NightlyConfig, load_nightly_config
 from amalgam.recipe import REDACTED, parse_recipe, redact_uri
-from amalgam.registry import recipe_record
+from amalgam.registry import (
+    TRACKING_URI_ENV,
+    Registry,
+    RegistryError,
+    recipe_record,
+    resolve_tracking_uri,
+)
 from amalgam.sweep import point_recipe
+from tests.faults.cli import amalgam_process, printed_result
 
 __all__ = ["zoo_tiny"]
 
@@ -71,6 +81,29 @@ def test_a_password_in_the_tracking_uri_is_redacted() -> None:
         parse_recipe(recipe.model_dump(mode="json"))
     assert redact_uri("sqlite:////tmp/a@b/mlflow.db") == "sqlite:////tmp/a@b/mlflow.db"
     assert redact_uri("http://user@host/x") == "http://user@host/x"
+    signed = "https://h/m/model.safetensors?v=2&X-Amz-Signature={}&sig={}"
+    assert redact_uri(signed.format(PLANTED, PLANTED)) == signed.format(REDACTED, REDACTED)
+
+
+def test_a_model_uri_password_is_redacted_in_the_registry_record(monkeypatch) -> None:
+    model = f"https://amalgam:{PLANTED}@models.internal/expert"
+    recipe = parse_recipe(small_recipe(models=[{"uri": model}, {"uri": "b"}]))
+    assert recipe.models[0].uri == model  # the run reads it whole
+    assert PLANTED not in json.dumps(recipe_record(recipe))
+    assert recipe_record(recipe)["models"][0]["uri"] == redact_uri(model)
+
+
+def test_a_redacted_tracking_uri_takes_its_password_from_the_environment(monkeypatch) -> None:
+    full = f"http://amalgam:{PLANTED}@127.0.0.1:5000"
+    monkeypatch.delenv(TRACKING_URI_ENV, raising=False)
+    with pytest.raises(RegistryError, match=TRACKING_URI_ENV):
+        resolve_tracking_uri(redact_uri(full))
+    monkeypatch.setenv(TRACKING_URI_ENV, full)
+    assert resolve_tracking_uri(redact_uri(full)) == full
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    other = f"http://amalgam:{REDACTED}@10.0.0.1:5000"  # another server: never its password
+    with pytest.raises(RegistryError, match="redacted"):
+        resolve_tracking_uri(other)
 
 
 def test_a_nightly_config_hides_both_its_storage_options(tmp_path: Path, monkeypatch) -> None:
@@ -134,36 +167,11 @@ def holders(root: Path, secret: str) -> list[str]:
     return found
 
 
-def amalgam(args: list[str], tmp: Path, extra_env: dict[str, str]) -> tuple[str, str]:
-    """``amalgam ARGS`` in a process of its own: (stdout, stderr)."""
-    env = {
-        **os.environ,
-        "AMALGAM_HOME": str(tmp / "home"),
-        "PREFECT_HOME": str(tmp / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        "PREFECT_LOGGING_TO_API_ENABLED": "true",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "TQDM_DISABLE": "1",
-        **extra_env,
-    }
-    (tmp / "prefect").mkdir(exist_ok=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "amalgam_flows.cli", *args],
-        cwd=tmp / "cwd",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def amalgam(args: list[str], work: Path, extra_env: dict[str, str]) -> tuple[str, str]:
+    """``amalgam ARGS`` in a process of its own, which must succeed: (stdout, stderr)."""
+    done = amalgam_process(args, work, extra_env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout, done.stderr
-
-
-def printed_result(out: str) -> dict:
-    lines = out.splitlines()
-    first = lines.index("{")
-    return json.loads("\n".join(lines[first : lines.index("}", first) + 1]))
 
 
 @pytest.mark.slow
@@ -268,3 +276,59 @@ def test_no_store_holds_the_s3_secret_after_run_nightly_and_sweep(
         if any(n in (out + err).encode() for n in forms(secret)):
             leaked.append(f"output of `amalgam {command}`")
     assert leaked == [], f"the S3 secret is stored in: {leaked}"
+
+
+@pytest.mark.slow
+def test_no_store_holds_a_password_from_a_tracking_or_a_model_uri(zoo_tiny, tmp_path: Path) -> None:
+    password = "pw-" + secrets.token_hex(16)
+    work = tmp_path / "work"
+    server = start_mlflow_server(tmp_path / "server", *free_ports(1))
+    try:
+        # the server and the HTTP file server do not check the password: the clients send it
+        tracking = server.url.replace("http://", f"http://amalgam:{password}@")
+        with http_folder(zoo_tiny.experts[EXPERTS[0]].parent) as url:
+            remote = url.replace("http://", f"http://amalgam:{password}@")
+            recipe = {
+                "method": "task_arithmetic",
+                "base": str(zoo_tiny.base),
+                "models": [
+                    {"uri": f"{remote}/{EXPERTS[0]}"},
+                    {"uri": str(zoo_tiny.experts[EXPERTS[1]])},
+                ],
+                "params": {"lambda": 0.5},
+                "dtype": "float32",
+                "output": str(tmp_path / "merged"),
+                "evaluate": {
+                    "tasks_dir": str(zoo_tiny.tasks_dir),
+                    "tasks": TASKS,
+                    "limit": 8,
+                    "engine": "quick",
+                    "device": "cpu",
+                    "perplexity": False,
+                    # scored from the local copy: an HTTP folder cannot be copied for scoring
+                    "experts": {e: str(zoo_tiny.experts[e]) for e in EXPERTS},
+                },
+                "register": {"tracking_uri": tracking, "model_name": "leak-uri"},
+            }
+            (tmp_path / "run.yaml").write_text(yaml.safe_dump(recipe))
+            logs = [amalgam(["run", str(tmp_path / "run.yaml")], work, {})]
+            promote = ["promote", "leak-uri", "1", "--tracking-uri", tracking]
+            logs.append(amalgam(promote, work, {}))
+        # the password reached MLflow's records only redacted
+        lineage = Registry(server.url).lineage("leak-uri", "1")
+        assert f"amalgam:{REDACTED}@" in lineage.parents[EXPERTS[0]].uri
+    finally:
+        server.stop()
+    assert printed_result(logs[0][0])["registered"]["version"] == "1"
+    assert printed_result(logs[1][0])["version"] == "1"
+    # the flow parameters hold the tracking URI without its password
+    with sqlite3.connect(f"file:{work / 'prefect' / 'prefect.db'}?mode=ro", uri=True) as db:
+        params = [json.loads(p) for (p,) in db.execute("SELECT parameters FROM flow_run")]
+    assert {"name": "leak-uri", "version": "1", "tracking_uri": redact_uri(tracking)} in params
+    # no store holds the password
+    leaked = [f"{w}: {p}" for w in (work, tmp_path / "server") for p in holders(w, password)]
+    leaked += holders(tmp_path / "merged", password)
+    for command, (out, err) in zip(["run", "promote"], logs, strict=True):
+        if any(n in (out + err).encode() for n in forms(password)):
+            leaked.append(f"output of `amalgam {command}`")
+    assert leaked == [], f"the password is stored in: {leaked}"

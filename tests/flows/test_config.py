@@ -10,6 +10,7 @@ import yaml
 
 from amalgam.errors import CheckpointError, RecipeError
 from amalgam.pipeline_config import Grid, load_grid, load_nightly_config
+from amalgam.registry import StoreUnavailable
 from amalgam_stage_tasks.stage import is_transient
 from tests.helpers import run_cli
 
@@ -68,6 +69,11 @@ def test_retries_storage_failures_not_bad_input() -> None:
     assert not is_transient(CheckpointError("m: no such checkpoint"))
     assert not is_transient(FileNotFoundError("m"))
     assert is_transient(TimeoutError("read timed out"))
+    # a tracking store's failure: MLflow's client retried it already
+    try:
+        raise StoreUnavailable("MLflow store http://x failed") from ConnectionRefusedError()
+    except StoreUnavailable as exc:
+        assert not is_transient(exc)
 
 
 def test_cli_refuses_bad_files_before_starting_prefect(tmp_path: Path, monkeypatch, capsys) -> None:
