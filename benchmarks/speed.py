@@ -643,39 +643,61 @@ print("BENCH_RESULT " + json.dumps({"merge_s": time.perf_counter() - start - imp
 """
 
 
-def _lora_deltas(adapters: list[Path]) -> dict[str, list[torch.Tensor]]:
-    """Per base tensor name, each adapter's dense delta alpha/r x B @ A (float32)."""
-    deltas: dict[str, list[torch.Tensor]] = {}
+def _lora_factors(adapters: list[Path]) -> dict[str, list[tuple[float, Path, str]]]:
+    """Per base tensor name, each adapter's (alpha/r, adapter file, lora_A key)."""
+    factors: dict[str, list[tuple[float, Path, str]]] = {}
     for folder in adapters:
         cfg = json.loads((folder / "adapter_config.json").read_text())
-        scale = cfg["lora_alpha"] / cfg["r"]
-        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
+        file = folder / "adapter_model.safetensors"
+        with safe_open(str(file), "pt") as fh:
             for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if ".lora_A." in key:
-                    a, b = fh.get_tensor(key), fh.get_tensor(key.replace(".lora_A.", ".lora_B."))
                     name = key.removeprefix("base_model.model.").replace(".lora_A", "")
-                    deltas.setdefault(name, []).append(scale * (b.float() @ a.float()))
-    return deltas
+                    factors.setdefault(name, []).append((cfg["lora_alpha"] / cfg["r"], file, key))
+    return factors
 
 
-def reference_gaps(base: Path, adapters: list[Path], weight: float, outs: dict[str, Path]):
-    """max |output - reference| per output, against two references computed here:
-    ``exact``, bf16(W0 + weight x sum of deltas), and ``rounded``, the same sum over each
-    adapter's dense model rounded to bf16 first (what merge_and_unload of each adapter, then
-    task arithmetic, gives)."""
-    deltas = _lora_deltas(adapters)
+def _delta(scale: float, file: Path, a_key: str) -> torch.Tensor:
+    with safe_open(str(file), "pt") as fh:
+        a, b = fh.get_tensor(a_key), fh.get_tensor(a_key.replace(".lora_A.", ".lora_B."))
+    return scale * (b.float() @ a.float())
+
+
+def _index(folder: Path) -> dict[str, Path]:
+    """Which weight file of ``folder`` holds each tensor."""
+    index = {}
+    for f in weight_files(folder):
+        with safe_open(str(f), "pt") as fh:
+            index |= dict.fromkeys(fh.keys(), f)
+    return index
+
+
+def _tensor(index: dict[str, Path], name: str) -> torch.Tensor:
+    with safe_open(str(index[name]), "pt") as fh:
+        return fh.get_tensor(name)
+
+
+def reference_gaps(
+    base: Path, adapters: list[Path], weight: float, outs: dict[str, Path]
+) -> dict[str, float]:
+    """max |output - reference| per output, against two references computed here one tensor
+    at a time: ``exact``, bf16(W0 + weight x sum of deltas), and ``rounded``, the same sum over
+    each adapter's dense model rounded to bf16 first (what merge_and_unload of each adapter,
+    then task arithmetic, gives)."""
+    factors = _lora_factors(adapters)
     gaps = {f"{out}_vs_{ref}": 0.0 for out in outs for ref in ("exact", "rounded")}
-    merged = {label: dict(_tensors(folder)) for label, folder in outs.items()}
+    indexes = {label: _index(folder) for label, folder in outs.items()}
     for name, w0 in _tensors(base):
         w0 = w0.float()
-        parts = deltas.get(name, [])
-        refs = {
-            "exact": w0 + weight * sum(parts, torch.zeros_like(w0)),
-            "rounded": w0
-            + weight * sum(((w0 + d).bfloat16().float() - w0 for d in parts), torch.zeros_like(w0)),
-        }
-        for label, tensors in merged.items():
-            got = tensors.pop(name).float()
+        exact, rounded = torch.zeros_like(w0), torch.zeros_like(w0)
+        for factor in factors.get(name, []):
+            d = _delta(*factor)
+            exact += d
+            rounded += (w0 + d).bfloat16().float() - w0
+            del d
+        refs = {"exact": w0 + weight * exact, "rounded": w0 + weight * rounded}
+        for label, index in indexes.items():
+            got = _tensor(index, name).float()
             for ref, value in refs.items():
                 gap = (got - value.bfloat16().float()).abs().max().item()
                 gaps[f"{label}_vs_{ref}"] = max(gaps[f"{label}_vs_{ref}"], gap)
