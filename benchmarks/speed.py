@@ -581,7 +581,12 @@ def build_adapters(base: Path, count: int, rank: int) -> list[Path]:
     A ~ N(0, 0.01) and B ~ N(0, 0.0125), seeded per adapter and tensor, so each adapter's
     delta (2 x B @ A) has entries of about 1e-3, like the experts of ``build_family``.
     """
-    spec = {"rank": rank, "count": count, "targets": ADAPTER_TARGETS, "version": ADAPTER_VERSION}
+    spec = {
+        "rank": rank,
+        "count": count,
+        "targets": list(ADAPTER_TARGETS),
+        "version": ADAPTER_VERSION,
+    }
     root = base.parent / f"adapters-r{rank}-{count}x"
     folders = [root / f"adapter{i + 1}" for i in range(count)]
     marker = root / "spec.json"
