@@ -148,6 +148,16 @@ def drive_for(name: str, method: Any) -> Drive:
 # -- scoring -------------------------------------------------------------------------------
 
 
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a merged folder's safetensors shards."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
 class Scorer:
     """Loads merged folders into one reusable model and scores them with the quick scorer."""
 
@@ -160,12 +170,7 @@ class Scorer:
         self.seconds = 0.0
 
     def load(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            state.update(load_file(shard))
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(load_state(folder))
 
     def score(self, folder: Path, split: str, tasks: list[str] | None = None) -> dict[str, float]:
         from amalgam.evaluate.quick import quick_evaluate
@@ -375,15 +380,7 @@ def expert_folders(kind: str, zoo: Any, tasks: list[str], work: Path) -> dict[st
 
 def tensor_gap(a: Path, b: Path) -> float:
     """max |a - b| over every tensor of two merged folders, in float32."""
-    from safetensors.torch import load_file
-
-    def tensors(folder: Path) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            state.update(load_file(shard))
-        return state
-
-    left, right = tensors(a), tensors(b)
+    left, right = load_state(a), load_state(b)
     if set(left) != set(right):
         raise SystemExit(f"error: {a} and {b} hold different tensors")
     return max((left[k].float() - right[k].float()).abs().max().item() for k in left)
