@@ -578,7 +578,7 @@ def equality_text(equality: dict[str, Any]) -> str:
                     "yes" if r["same_params"] else "no",
                 ]
             )
-    head = ["method", "max accuracy difference over tasks (points)", "same tuned setting"]
+    head = ["method", "max accuracy difference over tasks (points)", "same setting"]
     return "\n".join(
         [
             "## Adapters through the engine against merge_and_unload\n",
