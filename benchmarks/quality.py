@@ -13,8 +13,14 @@ projection (the rescaling alone); they run in --quick too. A reference row score
 task vector alone at task arithmetic's default lambda, which splits task arithmetic's loss into
 scaling and interference. Writes `results/quality.{md,json,png}`; see README.md.
 
+`--adapters` runs the per-tensor methods twice on the LoRA experts instead: after
+`merge_and_unload` (as above) and on the adapter folders themselves, which the engine
+materialises over the recipe's base; it reports both and how far they differ
+(`results/quality-adapters.{md,json,png}`).
+
     python benchmarks/quality.py            # full zoo, every method (under 30 minutes, 2 cores)
     python benchmarks/quality.py --quick    # tiny zoo, 4 tasks, fewer search points
+    python benchmarks/quality.py --adapters # adapters through the engine vs merge_and_unload
 """
 
 from __future__ import annotations
@@ -142,6 +148,16 @@ def drive_for(name: str, method: Any) -> Drive:
 # -- scoring -------------------------------------------------------------------------------
 
 
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a merged folder's safetensors shards."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
 class Scorer:
     """Loads merged folders into one reusable model and scores them with the quick scorer."""
 
@@ -154,12 +170,7 @@ class Scorer:
         self.seconds = 0.0
 
     def load(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            state.update(load_file(shard))
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(load_state(folder))
 
     def score(self, folder: Path, split: str, tasks: list[str] | None = None) -> dict[str, float]:
         from amalgam.evaluate.quick import quick_evaluate
@@ -355,6 +366,58 @@ def lora_experts(zoo: Any, tasks: list[str], work: Path) -> dict[str, Path]:
     return folders
 
 
+def expert_folders(kind: str, zoo: Any, tasks: list[str], work: Path) -> dict[str, Path]:
+    """The experts a section merges: `full` fine-tunes, `lora` adapters after
+    merge_and_unload, or the `adapter` folders themselves (over the recipe's base)."""
+    if kind == "full":
+        folders = zoo.experts
+    elif kind == "lora":
+        folders = lora_experts(zoo, tasks, work)
+    else:
+        folders = zoo.loras
+    return {t: Path(folders[t]) for t in tasks}
+
+
+def tensor_gap(a: Path, b: Path) -> float:
+    """max |a - b| over every tensor of two merged folders, in float32."""
+    left, right = load_state(a), load_state(b)
+    if set(left) != set(right):
+        raise SystemExit(f"error: {a} and {b} hold different tensors")
+    return max((left[k].float() - right[k].float()).abs().max().item() for k in left)
+
+
+def adapter_equality(bench: Bench, sections: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    """How far the adapter rows are from the merge_and_unload rows: per method and run, the
+    largest accuracy difference over tasks and whether the tuned scalar agrees; and the max
+    tensor difference of one merge (task arithmetic at its default) made both ways."""
+    lora, adapter = sections["lora"]["methods"], sections["adapter"]["methods"]
+    methods = {}
+    for name, row in adapter.items():
+        other = lora.get(name, {})
+        runs = {}
+        for label in ("default", "tuned"):
+            if label in row and label in other:
+                a, b = row[label], other[label]
+                runs[label] = {
+                    "max_accuracy_diff": max(abs(a["test"][t] - b["test"][t]) for t in tasks),
+                    "same_params": a["params"] == b["params"],
+                }
+        if runs:
+            methods[name] = runs
+    params = DRIVES["task_arithmetic"].defaults
+    outs = {kind: bench.work / f"equality-{kind}" for kind in ("lora", "adapter")}
+    for kind, out in outs.items():
+        bench.merge("task_arithmetic", sections[kind]["models"], params, out)
+    return {
+        "methods": methods,
+        "tensor_check": {
+            "method": "task_arithmetic",
+            "params": params,
+            "max_abs_diff": tensor_gap(outs["lora"], outs["adapter"]),
+        },
+    }
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole benchmark; returns what quality.json holds."""
     from amalgam.methods.base import REGISTRY, get_method
@@ -373,6 +436,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     for name in names:
         drives[name] = drive_for(name, REGISTRY[name])
         drives.update((label, d) for label, d in VARIANTS.items() if d.method == name)
+    if args.adapters:  # data-driven methods refuse adapters; continual ones run on full only
+        drives = {n: d for n, d in drives.items() if d.kind == "per_tensor"}
     result: dict[str, Any] = {
         "zoo": zoo.root.name,
         "tasks": tasks,
@@ -382,18 +447,22 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         f"torch {torch.__version__}, {args.threads} merge thread(s)",
         "experts": {},
     }
-    for kind, experts in (("full", zoo.experts), ("lora", None)):
-        if kind == "lora" and args.skip_lora:
-            continue
-        models = lora_experts(zoo, tasks, work) if experts is None else experts
-        models = {t: Path(models[t]) for t in tasks}
-        log(f"[{kind}] scoring base and experts")
-        reference = {"base": scorer.score(zoo.base, "test")}
-        for task in tasks:
-            reference[f"expert:{task}"] = scorer.score(models[task], "test")
+    kinds = ["lora", "adapter"] if args.adapters else ["full", "lora"]
+    if args.skip_lora and not args.adapters:
+        kinds.remove("lora")
+    for kind in kinds:
+        models = expert_folders(kind, zoo, tasks, work)
+        if kind == "adapter":  # the same experts as the lora section: their scores hold
+            reference = result["experts"]["lora"]["reference"]
+        else:
+            log(f"[{kind}] scoring base and experts")
+            reference = {"base": scorer.score(zoo.base, "test")}
+            for task in tasks:
+                reference[f"expert:{task}"] = scorer.score(models[task], "test")
         own = {t: reference[f"expert:{t}"][t] for t in tasks}
         scale = DRIVES["task_arithmetic"].defaults["lambda"]
         section: dict[str, Any] = {
+            "models": models,
             "reference": reference,
             "own": own,
             "scaled_alone": {"lambda": scale, "test": bench.scaled_alone(models, scale)},
@@ -403,7 +472,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             if drive.skip:
                 section["methods"][name] = {"kind": drive.kind, "skipped": drive.skip}
                 continue
-            if kind == "lora" and drive.kind == "continual":
+            if kind != "full" and drive.kind == "continual":
                 continue
             log(f"[{kind}] {name}")
             try:
@@ -413,6 +482,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                 section["methods"][name] = {"kind": drive.kind, "failed": f"{exc}"[:300]}
                 log(f"  failed: {exc}")
         result["experts"][kind] = section
+    if args.adapters:
+        log("[adapter] against merge_and_unload")
+        result["adapter_equality"] = adapter_equality(bench, result["experts"], tasks)
     result["scoring_seconds"] = scorer.seconds
     result["seconds"] = time.perf_counter() - started
     return result
@@ -486,6 +558,39 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *cells]) + "\n"
 
 
+SECTION_TITLES = {
+    "full": "Full fine-tunes",
+    "lora": "LoRA experts (merge_and_unload)",
+    "adapter": "LoRA adapters through the engine (base = zoo base, models = adapter folders)",
+}
+
+
+def equality_text(equality: dict[str, Any]) -> str:
+    """The adapter rows against the merge_and_unload rows, as a section."""
+    check = equality["tensor_check"]
+    rows = []
+    for name, runs in equality["methods"].items():
+        for label, r in runs.items():
+            rows.append(
+                [
+                    name if label == "default" else f"{name} (val-tuned)",
+                    pct(r["max_accuracy_diff"]),
+                    "yes" if r["same_params"] else "no",
+                ]
+            )
+    head = ["method", "max accuracy difference over tasks (points)", "same setting"]
+    return "\n".join(
+        [
+            "## Adapters through the engine against merge_and_unload\n",
+            "Each method's rows above, adapters against the same adapters after "
+            "`merge_and_unload`. One merge made both ways "
+            f"({check['method']}, {setting(check['params'])}): max |difference| over every "
+            f"tensor {check['max_abs_diff']:.3g} (float32).\n",
+            markdown_table(head, rows),
+        ]
+    )
+
+
 def render(result: dict[str, Any]) -> str:
     tasks = result["tasks"]
     head = ["method", "setting", *map(short, tasks), "avg", "norm.", "merge s / total s"]
@@ -502,14 +607,16 @@ def render(result: dict[str, Any]) -> str:
         "lambda; the gap between it and task arithmetic is what interference between tasks "
         "costs, the gap between it and the experts what the scaling costs.\n",
     ]
-    for kind, title in (("full", "Full fine-tunes"), ("lora", "LoRA experts (merge_and_unload)")):
+    for kind, title in SECTION_TITLES.items():
         if kind not in result["experts"]:
             continue
         section = result["experts"][kind]
         text += [f"## {title}\n", markdown_table(head, one_shot_rows(section, tasks))]
+    if "adapter_equality" in result:
+        text.append(equality_text(result["adapter_equality"]))
     continual = {
         n: r
-        for n, r in result["experts"]["full"]["methods"].items()
+        for n, r in result["experts"].get("full", {}).get("methods", {}).items()
         if r.get("kind") == "continual"
     }
     if continual:
@@ -542,14 +649,16 @@ def render(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Per-task test accuracy by method (full fine-tunes; tuned where searched) as a heatmap."""
+    """Per-task test accuracy by method (the first section's experts; tuned where searched) as
+    a heatmap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = result["tasks"]
-    section = result["experts"]["full"]
+    kind = next(iter(result["experts"]))
+    section = result["experts"][kind]
     rows = {"base": section["reference"]["base"], "experts (own)": section["own"]}
     for name, row in section["methods"].items():
         if "tuned" in row:
@@ -575,7 +684,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 color="white" if value < 60 else "black",
             )
     fig.colorbar(image, ax=ax, label="test accuracy (%)")
-    ax.set_title(f"Per-task accuracy by method, zoo {result['zoo']}")
+    ax.set_title(f"Per-task accuracy by method ({kind} experts), zoo {result['zoo']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -589,6 +698,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=None, help="use the first N zoo tasks")
     parser.add_argument("--limit", type=int, default=None, help="examples per task and split")
     parser.add_argument("--skip-lora", action="store_true")
+    parser.add_argument(
+        "--adapters",
+        action="store_true",
+        help="per-tensor methods on the LoRA adapters, through the engine and after "
+        "merge_and_unload (results/quality-adapters.*)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (merge and scoring)")
     parser.add_argument("--results", default=str(RESULTS), help="folder for quality.{md,json,png}")
     parser.add_argument("--work", default=str(WORK), help="scratch folder for merged models")
@@ -602,7 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    stem = "quality-quick" if args.quick else "quality"
+    stem = "quality-adapters" if args.adapters else "quality"
+    stem += "-quick" if args.quick else ""
     (results / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     plot(result, results / f"{stem}.png")
     (results / f"{stem}.md").write_text(render(result) + f"\n![per-task accuracy]({stem}.png)\n")

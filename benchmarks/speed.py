@@ -7,6 +7,7 @@ process (wall time and peak RSS of that process), and compares the outputs. See 
 
     python benchmarks/speed.py                     # about 0.5B parameters, base + 3
     python benchmarks/speed.py --quick --skip-mergekit   # a smoke run, under a minute
+    python benchmarks/speed.py --adapters          # 8 LoRA adapters: amalgam against PEFT
 """
 
 from __future__ import annotations
@@ -296,11 +297,13 @@ def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> R
     usage = json.loads(report.read_text())
     info = {}
     for line in text.splitlines():
-        if line.startswith("AMALGAM_RESULT "):
-            info = json.loads(line.removeprefix("AMALGAM_RESULT "))
+        if line.startswith(RESULT_LINE):
+            info = json.loads(line.removeprefix(RESULT_LINE))
     return Run(usage["wall_s"], usage["maxrss_kb"] * 1024, usage["returncode"], text[-2000:], info)
 
 
+#: A measured child reports what it timed inside itself on one stdout line with this prefix.
+RESULT_LINE = "BENCH_RESULT "
 AMALGAM_CHILD = """
 import json, sys, time
 start = time.perf_counter()
@@ -310,7 +313,7 @@ recipe = load_recipe(sys.argv[1])
 imported = time.perf_counter() - start
 result = run_merge(recipe, MergeOptions(output=sys.argv[2], overwrite=True, device="cpu"))
 status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
-print("AMALGAM_RESULT " + json.dumps({"merge_s": result.seconds, "input_bytes": result.input_bytes,
+print("BENCH_RESULT " + json.dumps({"merge_s": result.seconds, "input_bytes": result.input_bytes,
       "startup_s": imported, "vmhwm_bytes": int(status) * 1024}))
 """
 
@@ -565,6 +568,245 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}"
 
 
+# -- LoRA adapters: amalgam's dense path against PEFT ----------------------------------------
+
+ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_VERSION = 1  # bump when the synthetic adapters change
+
+
+def build_adapters(base: Path, count: int, rank: int) -> list[Path]:
+    """``count`` PEFT LoRA folders over ``base`` (r=``rank``, alpha 2r, every attention and MLP
+    projection), written by PEFT's own ``save_pretrained``; cached next to the base by spec.
+
+    A ~ N(0, 0.01) and B ~ N(0, 0.0125), seeded per adapter and tensor, so each adapter's
+    delta (2 x B @ A) has entries of about 1e-3, like the experts of ``build_family``.
+    """
+    spec = {
+        "rank": rank,
+        "count": count,
+        "targets": list(ADAPTER_TARGETS),
+        "version": ADAPTER_VERSION,
+    }
+    root = base.parent / f"adapters-r{rank}-{count}x"
+    folders = [root / f"adapter{i + 1}" for i in range(count)]
+    marker = root / "spec.json"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return folders
+    shutil.rmtree(root, ignore_errors=True)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(ADAPTER_TARGETS))
+    model = get_peft_model(model, config)
+    lora = [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+    for i, folder in enumerate(folders):
+        with torch.no_grad():
+            for t_index, (name, param) in enumerate(lora):
+                std = 0.01 if ".lora_A." in name else 0.0125
+                param.copy_(std * torch.randn(param.shape, generator=_seeded(3, i, t_index)))
+        model.save_pretrained(folder)
+    del model, lora
+    marker.write_text(json.dumps(spec))
+    print(f"built {count} adapters in {time.perf_counter() - started:.0f}s: {root}", flush=True)
+    return folders
+
+
+def adapter_recipe(base: Path, adapters: list[Path], weight: float) -> dict[str, Any]:
+    """task_arithmetic over the adapters, each listed as a model over the recipe's base."""
+    return {
+        "method": "task_arithmetic",
+        "base": str(base),
+        "models": [{"uri": str(a)} for a in adapters],
+        "params": {"lambda": weight},
+        "dtype": "bfloat16",
+    }
+
+
+# PEFT's way to the same model: cat keeps every adapter's B @ A exactly (PEFT's linear mixes the
+# A and B factors separately, which is not task arithmetic), each scaled by weight x alpha/r.
+PEFT_CHILD = """
+import json, sys, time
+start = time.perf_counter()
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, out, weight, adapters = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
+imported = time.perf_counter() - start
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+names = [f"a{i}" for i in range(len(adapters))]
+model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+for name, folder in zip(names[1:], adapters[1:]):
+    model.load_adapter(folder, adapter_name=name)
+model.add_weighted_adapter(names, [weight] * len(names), "merged", combination_type="cat")
+model.set_adapter("merged")
+model.merge_and_unload().save_pretrained(out)
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+print("BENCH_RESULT " + json.dumps({"merge_s": time.perf_counter() - start - imported,
+      "startup_s": imported, "vmhwm_bytes": int(status) * 1024}))
+"""
+
+
+def _lora_factors(adapters: list[Path]) -> dict[str, list[tuple[float, Path, str]]]:
+    """Per base tensor name, each adapter's (alpha/r, adapter file, lora_A key)."""
+    factors: dict[str, list[tuple[float, Path, str]]] = {}
+    for folder in adapters:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        file = folder / "adapter_model.safetensors"
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if ".lora_A." in key:
+                    name = key.removeprefix("base_model.model.").replace(".lora_A", "")
+                    factors.setdefault(name, []).append((cfg["lora_alpha"] / cfg["r"], file, key))
+    return factors
+
+
+def _delta(scale: float, file: Path, a_key: str) -> torch.Tensor:
+    with safe_open(str(file), "pt") as fh:
+        a, b = fh.get_tensor(a_key), fh.get_tensor(a_key.replace(".lora_A.", ".lora_B."))
+    return scale * (b.float() @ a.float())
+
+
+def _index(folder: Path) -> dict[str, Path]:
+    """Which weight file of ``folder`` holds each tensor."""
+    index = {}
+    for f in weight_files(folder):
+        with safe_open(str(f), "pt") as fh:
+            index |= dict.fromkeys(fh.keys(), f)
+    return index
+
+
+def _tensor(index: dict[str, Path], name: str) -> torch.Tensor:
+    with safe_open(str(index[name]), "pt") as fh:
+        return fh.get_tensor(name)
+
+
+def reference_gaps(
+    base: Path, adapters: list[Path], weight: float, outs: dict[str, Path]
+) -> dict[str, float]:
+    """max |output - reference| per output, against two references computed here one tensor
+    at a time: ``exact``, bf16(W0 + weight x sum of deltas), and ``rounded``, the same sum over
+    each adapter's dense model rounded to bf16 first (what merge_and_unload of each adapter,
+    then task arithmetic, gives)."""
+    factors = _lora_factors(adapters)
+    gaps = {f"{out}_vs_{ref}": 0.0 for out in outs for ref in ("exact", "rounded")}
+    indexes = {label: _index(folder) for label, folder in outs.items()}
+    for name, w0 in _tensors(base):
+        w0 = w0.float()
+        exact, rounded = torch.zeros_like(w0), torch.zeros_like(w0)
+        for factor in factors.get(name, []):
+            d = _delta(*factor)
+            exact += d
+            rounded += (w0 + d).bfloat16().float() - w0
+            del d
+        refs = {"exact": w0 + weight * exact, "rounded": w0 + weight * rounded}
+        for label, index in indexes.items():
+            got = _tensor(index, name).float()
+            for ref, value in refs.items():
+                gap = (got - value.bfloat16().float()).abs().max().item()
+                gaps[f"{label}_vs_{ref}"] = max(gaps[f"{label}_vs_{ref}"], gap)
+    return gaps
+
+
+def run_adapters(args: argparse.Namespace, params: float) -> int:
+    """Merge ``--adapters`` LoRAs with task_arithmetic through amalgam and through PEFT, each
+    in a fresh process; wall time, peak RSS and the largest difference between the outputs."""
+    shape = llama_shape(params)
+    base = build_family(shape, 0, args.work)["base"]
+    adapters = build_adapters(base, args.adapters, args.rank)
+    runs = args.work / "runs"
+    runs.mkdir(exist_ok=True)
+    weight = 0.5
+    cfg_path = runs / "adapters-task_arithmetic.yml"
+    cfg_path.write_text(yaml.safe_dump(adapter_recipe(base, adapters, weight), sort_keys=False))
+    am_out, peft_out = runs / "adapters-amalgam", runs / "adapters-peft"
+    state = source_state()
+    am = run_amalgam(cfg_path, am_out, runs / "adapters-amalgam.log")
+    if am.returncode:
+        raise SystemExit(f"amalgam adapter merge failed:\n{am.output}")
+    print(f"amalgam: {am.wall_s:.2f}s, {am.peak_rss / 1e9:.2f} GB", flush=True)
+    shutil.rmtree(peft_out, ignore_errors=True)
+    cmd = [sys.executable, "-c", PEFT_CHILD, str(base), str(peft_out), str(weight)]
+    pf = run_child([*cmd, *map(str, adapters)], runs / "adapters-peft.log")
+    if pf.returncode:
+        raise SystemExit(f"PEFT adapter merge failed:\n{pf.output}")
+    print(f"PEFT: {pf.wall_s:.2f}s, {pf.peak_rss / 1e9:.2f} GB", flush=True)
+    agreement = compare(am_out, peft_out)
+    gaps = reference_gaps(base, adapters, weight, {"amalgam": am_out, "peft": peft_out})
+    shutil.rmtree(am_out, ignore_errors=True)
+    shutil.rmtree(peft_out, ignore_errors=True)
+    adapter_bytes = sum(f.stat().st_size for a in adapters for f in weight_files(a))
+    result = {
+        "params": shape.params,
+        "shape": asdict(shape),
+        "adapters": args.adapters,
+        "rank": args.rank,
+        "targets": ADAPTER_TARGETS,
+        "weight": weight,
+        "base_bytes": sum(f.stat().st_size for f in weight_files(base)),
+        "adapter_bytes": adapter_bytes,
+        "machine": machine(),
+        "amalgam_source": state,
+        "amalgam": {"wall_s": am.wall_s, "peak_rss": am.peak_rss, **am.info},
+        "peft": {"wall_s": pf.wall_s, "peak_rss": pf.peak_rss, **pf.info},
+        "compare": agreement,
+        "reference_gaps": gaps,
+    }
+    table = adapters_markdown(result)
+    stem = "speed-adapters-quick" if args.quick else "speed-adapters"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+def adapters_markdown(result: dict[str, Any]) -> str:
+    am, pf, cmp_ = result["amalgam"], result["peft"], result["compare"]
+    gaps, shape, rank = result["reference_gaps"], result["shape"], result["rank"]
+    rss_ok = am["peak_rss"] <= TARGET_RSS
+    missing = cmp_["only_in_amalgam"] + cmp_["only_in_mergekit"]
+    lines = [
+        f"{result['adapters']} LoRA adapters (r={rank}, alpha {2 * rank}, "
+        f"{', '.join(result['targets'])}; {result['adapter_bytes'] / 1e6:.0f} MB in all) over a "
+        f"synthetic bf16 Llama of {result['params'] / 1e6:.0f}M parameters ({shape['layers']} "
+        f"layers, hidden {shape['hidden']}, {result['base_bytes'] / 1e6:.0f} MB), merged into a "
+        f"dense bf16 model with task_arithmetic (lambda {result['weight']}); "
+        f"{result['machine']}; amalgam {result['amalgam_source']['commit']}.",
+        "",
+        "| merge | wall s | merge s | peak RSS GB |",
+        "|---|---:|---:|---:|",
+    ]
+    for tool, r in (("amalgam (`run_merge`)", am), ("PEFT (cat + merge_and_unload)", pf)):
+        lines.append(
+            f"| {tool} | {r['wall_s']:.1f} | {r['merge_s']:.1f} | {r['peak_rss'] / 1e9:.2f} |"
+        )
+    lines += [
+        "",
+        f"PEFT / amalgam: wall time {pf['wall_s'] / am['wall_s']:.1f}x, peak RSS "
+        f"{pf['peak_rss'] / am['peak_rss']:.1f}x. Target: amalgam's peak RSS "
+        f"{am['peak_rss'] / 1e9:.2f} GB {'<=' if rss_ok else '>'} 1.5 GB.",
+        f"Outputs: max |amalgam - PEFT| over every tensor (float32) {cmp_['max_abs_diff']:.3g}; "
+        f"{cmp_['frac_over_1ulp']:.2e} of {cmp_['elements']} elements more than one bf16 ulp "
+        f"apart; tensors in one output only: {', '.join(missing) or 'none'}.",
+        f"Against references computed here: max |amalgam - rounded| "
+        f"{gaps['amalgam_vs_rounded']:.3g}, |amalgam - exact| {gaps['amalgam_vs_exact']:.3g}; "
+        f"|PEFT - exact| {gaps['peft_vs_exact']:.3g}, |PEFT - rounded| "
+        f"{gaps['peft_vs_rounded']:.3g}.",
+        "",
+        "*exact*: bf16(W0 + lambda x sum of alpha/r x B @ A), in float32. *rounded*: the same "
+        "with each adapter's dense model rounded to bf16 first, which is merge_and_unload of "
+        "each adapter, then task arithmetic. amalgam materialises each adapter as "
+        "merge_and_unload does (rounded to the base's dtype); PEFT's cat sums the exact "
+        "products; the two outputs differ by that rounding. wall s: the whole process as a "
+        "user sees it (start-up, imports, reads and writes). merge s: amalgam's run_merge "
+        "alone; for PEFT, loading the base and the adapters, add_weighted_adapter, "
+        "merge_and_unload and save_pretrained (imports excluded). Peak RSS: the process's own "
+        "ru_maxrss.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -586,6 +828,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run each amalgam merge under py-spy; summaries in results/profile-*.txt",
     )
+    ap.add_argument(
+        "--adapters",
+        type=int,
+        nargs="?",
+        const=8,
+        default=0,
+        help="merge this many LoRA adapters (default 8) with amalgam and with PEFT instead",
+    )
+    ap.add_argument("--rank", type=int, default=16, help="the adapters' rank (--adapters)")
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--update-readme", action="store_true", help="put the table in README.md")
     args = ap.parse_args(argv)
@@ -597,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.adapters:
+        return run_adapters(args, params)
     mk_exe = None if args.skip_mergekit else ensure_mergekit(args.work)
     shape = llama_shape(params)
     paths = build_family(shape, args.experts, args.work)

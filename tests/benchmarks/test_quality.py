@@ -85,3 +85,33 @@ def test_quick_run_reports_every_method(tmp_path: Path) -> None:
     one_shot = {n for n, r in full["methods"].items() if r["kind"] != "continual"}
     assert set(lora["methods"]) == one_shot
     assert accuracies_ok(lora["reference"]["base"], tasks) and base == lora["reference"]["base"]
+
+
+@pytest.mark.slow
+def test_adapter_rows_equal_merge_and_unload_rows(tmp_path: Path) -> None:
+    quality = load_benchmark("quality")
+    argv = ["--quick", "--adapters", "--methods", "task_arithmetic,ties,fisher", "--tasks", "2"]
+    argv += ["--results", str(tmp_path), "--work", str(tmp_path / "w")]
+    assert quality.main(argv) == 0
+    result = json.loads((tmp_path / "quality-adapters-quick.json").read_text())
+    lora, adapter = result["experts"]["lora"], result["experts"]["adapter"]
+    # fisher runs each model on data, which an adapter cannot: not a row of either section
+    assert set(lora["methods"]) == set(adapter["methods"]) == {"task_arithmetic", "ties"}
+    zoo = Zoo.load(default_zoo_dir() / result["zoo"])
+    tasks = result["tasks"]
+    assert adapter["models"] == {t: str(zoo.loras[t]) for t in tasks}  # the folders themselves
+    assert lora["models"] != adapter["models"]
+    for name, row in adapter["methods"].items():
+        other = lora["methods"][name]
+        for label in ("default", "tuned"):
+            assert accuracies_ok(row[label]["test"], tasks)
+            assert row[label]["test"] == other[label]["test"], (name, label)
+            assert row[label]["params"] == other[label]["params"]
+    equality = result["adapter_equality"]
+    assert set(equality["methods"]) == {"task_arithmetic", "ties"}
+    for runs in equality["methods"].values():
+        assert all(r["max_accuracy_diff"] == 0 and r["same_params"] for r in runs.values())
+    assert 0 <= equality["tensor_check"]["max_abs_diff"] < 1e-5  # float32 rounding
+    markdown = (tmp_path / "quality-adapters-quick.md").read_text()
+    assert "## LoRA adapters through the engine" in markdown
+    assert "## Adapters through the engine against merge_and_unload" in markdown
