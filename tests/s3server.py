@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 HOST = "127.0.0.1"
 # Every port `weed mini` would otherwise take at its default (8333, 9333, ...): set them all,
@@ -229,17 +229,12 @@ def _probe_write(server: S3Server) -> None:
 
 
 @dataclass
-class CountingProxy:
-    """A threaded TCP proxy on loopback that counts the bytes crossing it in each direction.
-
-    ``received`` counts bytes sent by the upstream server to clients (what a client downloads),
-    ``sent`` the bytes clients sent upstream.
-    """
+class LoopbackProxy:
+    """A threaded TCP proxy on loopback in front of ``upstream``: ``start()``, point the client
+    at ``url``, ``stop()`` (closes every open connection). Subclasses serve each accepted
+    client connection (:meth:`_connected`)."""
 
     upstream: tuple[str, int]
-    received: int = 0
-    sent: int = 0
-    connections: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _listener: socket.socket | None = field(default=None, repr=False)
     _open: set[socket.socket] = field(default_factory=set, repr=False)
@@ -255,14 +250,11 @@ class CountingProxy:
         host, port = self.address
         return f"http://{host}:{port}"
 
-    def start(self) -> CountingProxy:
+    def start(self) -> Self:
         self._listener = socket.create_server((HOST, 0))
-        threading.Thread(target=self._accept, name="counting-proxy", daemon=True).start()
+        name = type(self).__name__
+        threading.Thread(target=self._accept, name=name, daemon=True).start()
         return self
-
-    def reset(self) -> None:
-        with self._lock:
-            self.received = self.sent = self.connections = 0
 
     def stop(self) -> None:
         self._stopping = True
@@ -281,19 +273,42 @@ class CountingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            try:
-                server = socket.create_connection(self.upstream, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            with self._lock:
-                self.connections += 1
-                self._open.update((client, server))
-            pumps_left = [2]  # the pump that finishes second closes both sockets
-            for src, dst, down in ((server, client, True), (client, server, False)):
-                args = (src, dst, down, pumps_left)
-                threading.Thread(target=self._pump, args=args, daemon=True).start()
+            self._connected(client)
+
+    def _connected(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class CountingProxy(LoopbackProxy):
+    """A proxy that counts the bytes crossing it in each direction.
+
+    ``received`` counts bytes sent by the upstream server to clients (what a client downloads),
+    ``sent`` the bytes clients sent upstream.
+    """
+
+    received: int = 0
+    sent: int = 0
+    connections: int = 0
+
+    def reset(self) -> None:
+        with self._lock:
+            self.received = self.sent = self.connections = 0
+
+    def _connected(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            client.close()
+            return
+        server.settimeout(None)
+        with self._lock:
+            self.connections += 1
+            self._open.update((client, server))
+        pumps_left = [2]  # the pump that finishes second closes both sockets
+        for src, dst, down in ((server, client, True), (client, server, False)):
+            args = (src, dst, down, pumps_left)
+            threading.Thread(target=self._pump, args=args, daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, down: bool, left: list[int]) -> None:
         try:

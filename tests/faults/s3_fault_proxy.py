@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlparse
 
-HOST = "127.0.0.1"
+from s3server import LoopbackProxy
+
 Kind = Literal["status", "reset-request", "reset-response", "delay", "truncate", "short"]
 S3_ERRORS = {  # status -> (S3 error code, message), as S3 words them
     500: ("InternalError", "We encountered an internal error. Please try again."),
@@ -64,27 +65,12 @@ class Rule:
 
 
 @dataclass
-class FaultProxy:
+class FaultProxy(LoopbackProxy):
     """The proxy: ``start()``, set ``rules``, point s3fs at ``url``; ``log`` lists every
     request as (method, target, fault kind or None)."""
 
-    upstream: tuple[str, int]
     rules: list[Rule] = field(default_factory=list)
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _listener: socket.socket | None = field(default=None, repr=False)
-    _open: set[socket.socket] = field(default_factory=set, repr=False)
-
-    @property
-    def url(self) -> str:
-        assert self._listener is not None, "proxy not started"
-        host, port = self._listener.getsockname()
-        return f"http://{host}:{port}"
-
-    def start(self) -> FaultProxy:
-        self._listener = socket.create_server((HOST, 0))
-        threading.Thread(target=self._accept, name="s3-fault-proxy", daemon=True).start()
-        return self
 
     def reset(self, *rules: Rule) -> None:
         """Replace the rules (none: a plain proxy) and clear the log."""
@@ -96,25 +82,10 @@ class FaultProxy:
         with self._lock:
             return [entry for entry in self.log if entry[2]]  # type: ignore[misc]
 
-    def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
+    def _connected(self, client: socket.socket) -> None:
         with self._lock:
-            conns, self._open = list(self._open), set()
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def _accept(self) -> None:
-        assert self._listener is not None
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._open.add(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            self._open.add(client)
+        threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _rule_for(self, method: str, target: str) -> Rule | None:
         with self._lock:
