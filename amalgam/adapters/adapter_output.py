@@ -7,6 +7,7 @@ extracts the merged update per module (:func:`amalgam.adapters.extract.extract_l
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 import uuid
@@ -29,6 +30,8 @@ from amalgam.errors import PlanError
 from amalgam.methods.params import resolve_params
 from amalgam.recipe import AdapterOutputSpec, Recipe
 from amalgam.writer import remove_folder, remove_stale_staging, staging_prefix
+
+log = logging.getLogger(__name__)
 
 SCRATCH = "dense"  # the hidden folder of an svd output's dense merge (see staging_prefix)
 
@@ -213,7 +216,7 @@ def _svd(
         result = run_merge(dense, at_scratch, progress)
         metadata = {**result.plan.metadata, "recipe_hash": recipe.hash()}
         base = options.read_from.get("base", recipe.base)
-        extract_lora(
+        extracted = extract_lora(
             base,
             scratch_uri,
             output,
@@ -228,4 +231,16 @@ def _svd(
         )
     finally:
         remove_folder(fs, scratch)
+    summary = extracted.summary()
+    log.info(
+        "%s: %d modules at rank %s, energy kept min %.4f mean %.4f",
+        output,
+        summary["modules"],
+        "/".join(map(str, summary["ranks"])),
+        summary["energy_min"],
+        summary["energy_mean"],
+    )
+    for m in extracted.modules:
+        kept = "%s: rank %d keeps %.4f of its merged update's energy"
+        log.debug(kept, m.module, m.rank, m.energy)
     return result.plan, result.input_bytes
