@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -56,6 +57,7 @@ from amalgam.errors import AmalgamError, RecipeError
 from amalgam.evaluate.report import EvalReport
 from amalgam.evaluate.score import local_model
 from amalgam.recipe import REDACTED, Gates, redact_uri, redact_uris
+from amalgam.writer import process_alive
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -68,7 +70,8 @@ PARENT_TAG = TAG + "parent."
 CONTENT_TAG = TAG + "content_hash"  # on a run and its version: the model's content hash
 COMPRESSED_TAG = TAG + "compressed."
 PROMOTION_TAG = TAG + "promotion"
-FAILURE_TAG = TAG + "failure"  # on a FAILED run: why it failed
+FAILURE_TAG = TAG + "failure"  # on a FAILED or KILLED run: why it failed
+OWNER_TAG = TAG + "owner"  # on a run: host:pid of the process logging it
 POLICY_TAG = TAG + "policy"  # on a registered model: the gates that decide its promotions
 POLICY_SOURCE_TAG = POLICY_TAG + ".source"
 SWEEP_TAG = TAG + "sweep"
@@ -440,7 +443,10 @@ class Registry:
         all_tags = {k: redact_uri(str(v)) for k, v in all_tags.items()}
         if report is not None and report.champion_version is not None:
             all_tags[TAG + "champion_version"] = report.champion_version
-        run = self.client.create_run(self.experiment_id(exp), run_name=run_name)
+        experiment_id = self.experiment_id(exp)
+        self.close_dead_runs(experiment_id)
+        owner = {OWNER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=owner)
         run_id = run.info.run_id
         try:
             params = [
@@ -472,6 +478,19 @@ class Registry:
             self.fail_run(run_id, exc)
             raise
         return run_id
+
+    def close_dead_runs(self, experiment_id: str) -> None:
+        """Mark KILLED, with the reason, the RUNNING runs whose logging process (of this host)
+        is gone: a process killed while logging cannot close its run, so the next one does.
+        Another host's runs are left alone (their owner cannot be checked from here)."""
+        host = socket.gethostname()
+        for run in self.client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+            owner_host, _, pid = run.data.tags.get(OWNER_TAG, "").rpartition(":")
+            if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
+                reason = f"its process ({host}:{pid}) was killed while logging"
+                with contextlib.suppress(Exception):
+                    self.client.set_tag(run.info.run_id, FAILURE_TAG, reason)
+                    self.client.set_terminated(run.info.run_id, "KILLED")
 
     def fail_run(self, run_id: str, exc: BaseException) -> None:
         """Mark ``run_id`` FAILED with the reason in its ``amalgam.failure`` tag, as far as the

@@ -299,7 +299,7 @@ def _dead_work(fs: Any, parent: str, name: str, kind: str) -> list[str]:
         return []
     pattern = re.compile(rf"\.{re.escape(name)}\.{kind}-{re.escape(host)}-(\d+)-")
     found = [(p, pattern.match(PurePosixPath(p).name)) for p in siblings]
-    return [p for p, m in found if m and not _alive(int(m.group(1)))]
+    return [p for p, m in found if m and not process_alive(int(m.group(1)))]
 
 
 def remove_leftovers(fs: Any, path: str) -> None:
@@ -318,7 +318,8 @@ def remove_leftovers(fs: Any, path: str) -> None:
         remove_folder(fs, folder)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

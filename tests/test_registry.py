@@ -24,6 +24,7 @@ from amalgam.recipe import REDACTED, Gates, Recipe, parse_recipe
 from amalgam.registry import (
     CONTENT_TAG,
     FAILURE_TAG,
+    OWNER_TAG,
     Policy,
     PromotionRefused,
     Registered,
@@ -536,3 +537,33 @@ def test_a_failing_store_is_named_and_a_deleted_one_is_not_recreated(tmp_path: P
     with pytest.raises(StoreUnavailable, match="Connection refused") as refused:
         down.alias_version("m", "champion")
     assert "hunter2" not in str(refused.value) and REDACTED in str(refused.value)
+
+
+def test_a_run_whose_process_died_is_closed_by_the_next_run(
+    registry: Registry, merged, tmp_path: Path
+) -> None:
+    """A run left RUNNING by a process that died (on this host) is marked KILLED, with why, when
+    the next run is logged; a RUNNING run whose process lives, or of another host, is kept."""
+    recipe, folder, parents = merged
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True).stdout.strip()  # fmt: skip
+    exp = registry.experiment_id("amalgam")
+    host = socket.gethostname()
+    owners = {
+        "dead": f"{host}:{dead}",
+        "alive": f"{host}:{os.getpid()}",
+        "away": f"elsewhere:{dead}",
+    }
+    left = {
+        k: registry.client.create_run(exp, tags={OWNER_TAG: v}).info.run_id
+        for k, v in owners.items()
+    }
+    new = registry.log_pipeline_run(recipe, parents=parents, merged_uri=str(folder))
+    runs = {k: registry.client.get_run(run_id) for k, run_id in left.items()}
+    assert runs["dead"].info.status == "KILLED"
+    assert f"{host}:{dead}" in runs["dead"].data.tags[FAILURE_TAG]
+    assert runs["alive"].info.status == runs["away"].info.status == "RUNNING"
+    assert registry.client.get_run(new).info.status == "FINISHED"
+    assert registry.client.get_run(new).data.tags[OWNER_TAG] == f"{host}:{os.getpid()}"
+    for k in ("alive", "away"):
+        registry.client.set_terminated(left[k], "FINISHED")

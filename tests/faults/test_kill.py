@@ -167,8 +167,9 @@ def test_a_run_killed_after_a_stage_reruns_to_the_same_model(
 #: What a kill inside the register stage leaves in MLflow, and after the re-run: (run states,
 #: versions, the candidate alias's version).
 REGISTER_KILLS = {
-    # the run is created and logging: it stays RUNNING, nothing is registered
-    "mlflow.tracking.client:MlflowClient.log_batch:1": (["RUNNING"], 0, ["FINISHED", "RUNNING"]),
+    # the run is created and logging: it stays RUNNING, nothing is registered; the re-run
+    # marks it KILLED (its process is gone) and registers from a run of its own
+    "mlflow.tracking.client:MlflowClient.log_batch:1": (["RUNNING"], 0, ["FINISHED", "KILLED"]),
     # the version exists, its alias not yet: the re-run finds it by content and names it
     "mlflow.tracking.client:MlflowClient.create_model_version:1:after": (
         ["FINISHED"],
@@ -193,7 +194,7 @@ def test_a_run_killed_inside_register_reruns_to_one_version(
 
     result = rerun(path, tmp_path / "home", monkeypatch)
     assert result.skipped_merge
-    assert run_states(tmp_path) == after  # a killed run stays RUNNING: MLflow cannot tell
+    assert run_states(tmp_path) == after  # no run left RUNNING
     (version,) = versions(tmp_path)  # registered once
     assert candidate(tmp_path) == [str(version.version)] == [result.registered["version"]]
     assert weights(place.uri("merged")) == reference.full
