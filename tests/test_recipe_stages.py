@@ -68,12 +68,15 @@ def test_the_hash_changes_only_when_a_section_is_present() -> None:
     plain = parse_recipe(BASIC)
     body_without = plain.model_dump(mode="json", exclude={"output", "storage_options", "executor"})
     assert all(body_without[s] is None for s in STAGE_SECTIONS)
-    # the hash recipes had before the sections (and before extra_tensors, counted when set)
-    before = {k: v for k, v in body_without.items() if k not in (*STAGE_SECTIONS, "extra_tensors")}
+    # the hash recipes had before the sections (and before extra_tensors and the adapter
+    # output fields, counted when set)
+    later = (*STAGE_SECTIONS, "extra_tensors", "output_format", "adapter_output")
+    before = {k: v for k, v in body_without.items() if k not in later}
     digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     assert plain.hash() == "sha256:" + digest
     assert plain.hash() == "sha256:8ccf14ad69b21ea8fd7373e19712e80b588ed704b0f731b3527791f8c8b88648"
     assert parse_recipe({**BASIC, "extra_tensors": "error"}).hash() == plain.hash()
+    assert parse_recipe({**BASIC, "output_format": "dense"}).hash() == plain.hash()
     kept = parse_recipe({**BASIC, "extra_tensors": "keep_from_first"})
     assert kept.hash() != plain.hash() != parse_recipe({**BASIC, "extra_tensors": "drop"}).hash()
     with_compress = parse_recipe({**BASIC, "compress": {}})
