@@ -80,10 +80,10 @@ def test_the_cli_refuses_an_unset_variable_in_one_line_and_writes_nothing(
 )
 def test_hostile_files_are_refused_in_milliseconds(tmp_path, text, message) -> None:
     path = write(tmp_path, text)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a loaded machine may not schedule the test
     with pytest.raises(RecipeError, match=message) as err:
         load_yaml(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
 
 
