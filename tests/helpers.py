@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -95,3 +96,12 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def upload_family(s3: Any, root: Path, dest: str) -> None:
+    """A :func:`family` (base and three experts) built under ``root`` and uploaded to ``dest``
+    (``bucket/prefix``), one folder per model, straight to the store."""
+    base, experts = family(root)
+    fs = s3.filesystem()
+    for folder in (base, *experts):
+        fs.put(str(folder), f"{dest}/{folder.name}", recursive=True)

@@ -20,7 +20,7 @@ from amalgam.errors import CheckpointError
 from amalgam.recipe import parse_recipe
 from amalgam.writer import intact
 from tests.faults.s3_fault_proxy import FaultProxy, Rule, fault_proxy_for
-from tests.helpers import family, run_cli
+from tests.helpers import run_cli, upload_family
 
 pytestmark = pytest.mark.slow
 
@@ -73,10 +73,7 @@ def fault_proxy(proxy: FaultProxy) -> Iterator[FaultProxy]:
 def bucket(s3, tmp_path_factory) -> str:
     """A bucket holding a base and three experts (uploaded directly, not through the proxy)."""
     name = s3.make_bucket(f"faults-{uuid.uuid4().hex[:8]}")
-    base, experts = family(tmp_path_factory.mktemp("family"))
-    fs = s3.filesystem()
-    for folder in (base, *experts):
-        fs.put(str(folder), f"{name}/{folder.name}", recursive=True)
+    upload_family(s3, tmp_path_factory.mktemp("family"), name)
     return name
 
 

@@ -17,7 +17,7 @@ from amalgam.errors import CheckpointError, OutputError
 from amalgam.recipe import parse_recipe
 from amalgam.writer import INDEX_NAME, CheckpointWriter, intact
 from tests.faults.s3_fault_proxy import FaultProxy, Rule, fault_proxy_for
-from tests.helpers import family, run_cli
+from tests.helpers import run_cli, upload_family
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,7 @@ def proxy(s3) -> Iterator[FaultProxy]:
 def folder(s3, tmp_path_factory) -> str:
     """A bucket whose ``inputs/`` hold a base and three experts as a training job wrote them."""
     bucket = s3.make_bucket(f"commit-{uuid.uuid4().hex[:8]}")
-    base, experts = family(tmp_path_factory.mktemp("family"))
-    fs = s3.filesystem()
-    for src in (base, *experts):
-        fs.put(str(src), f"{bucket}/inputs/{src.name}", recursive=True)
+    upload_family(s3, tmp_path_factory.mktemp("family"), f"{bucket}/inputs")
     return bucket
 
 
