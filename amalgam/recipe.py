@@ -123,12 +123,29 @@ class Override(_Strict):
         return _regex(v)
 
 
+class TokenizerSpec(_Strict):
+    """The vocabulary of the merged model (``align.method: vocab``; mergekit's
+    ``tokenizer_source`` / ``tokenizer:`` section translate to it)."""
+
+    source: str = "union"  # union | base | model:<label>
+
+
+class PermutationSpec(_Strict):
+    """Permutation alignment (``align.method: weight_matching | activation_matching | pleas``)."""
+
+    data: str | None = None  # task folder or text the activation-driven methods run on
+
+
 class AlignSpec(_Strict):
     """The align stage. ``check``: refuse inputs whose tensor names, shapes or vocabularies
-    differ (the stage's only method for now; aligning methods will be further values)."""
+    differ. ``vocab``: remap every input's embedding rows into one vocabulary (``tokenizer``).
+    ``weight_matching`` / ``activation_matching`` / ``pleas``: permute the hidden units of each
+    model onto the reference's (``permutation``)."""
 
-    method: Literal["check"] = "check"
+    method: Literal["check", "vocab", "weight_matching", "activation_matching", "pleas"] = "check"
     vocabulary: bool = True
+    tokenizer: TokenizerSpec | None = None
+    permutation: PermutationSpec | None = None
 
 
 class CompressSpec(_Strict):

@@ -1,9 +1,6 @@
 """Can these checkpoints be merged tensor by tensor? Same tensor names and shapes, same vocabulary.
 
-The align stage's interface: ``run_align(spec, inputs)`` takes the recipe's ``align`` section and
-the labelled inputs (base first) and returns what the merge should read. The only method so far,
-``check``, returns the inputs unchanged once they pass; aligning methods (vocabulary union,
-permutation matching) will return re-aligned copies through the same call.
+``check_inputs`` is the align stage's ``check`` method (see :mod:`amalgam.align.run`).
 """
 
 from __future__ import annotations
@@ -233,7 +230,7 @@ def check_compatibility(
     return report
 
 
-def run_align(
+def check_inputs(
     spec: AlignSpec,
     inputs: Mapping[str, str],
     *,
@@ -241,9 +238,9 @@ def run_align(
     stepwise: bool = False,
     **storage_options: Any,
 ) -> dict[str, str]:
-    """The align stage: labelled input URIs in (base first), labelled URIs to merge out.
+    """The ``check`` method: labelled input URIs in (base first), the same out.
 
-    ``check`` raises :class:`CompatibilityError` on any difference and passes the inputs on;
+    Raises :class:`CompatibilityError` on any difference and passes the inputs on;
     tensors only some inputs hold follow the recipe's ``extra_tensors`` (``stepwise`` for a
     continual method), the rule the merge plan applies.
     """

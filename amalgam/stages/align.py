@@ -6,6 +6,7 @@ from amalgam.align import run_align
 from amalgam.recipe import AlignSpec
 from amalgam.stages.base import Stage, content_key
 from amalgam.stages.fetch import Fetched
+from amalgam.storage import amalgam_home
 
 
 class AlignStage(Stage[Fetched, Fetched]):
@@ -27,6 +28,7 @@ class AlignStage(Stage[Fetched, Fetched]):
         uris = run_align(
             recipe.align or AlignSpec(),
             inputs,
+            workdir=str(amalgam_home() / "cache" / "aligned" / self.key(inp)),
             extra_tensors=recipe.extra_tensors,
             stepwise=recipe.method_spec.continual,
             **recipe.storage_options,

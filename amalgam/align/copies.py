@@ -1,0 +1,89 @@
+"""Aligned copies: a checkpoint rewritten tensor by tensor (rows remapped, units permuted) into
+a committed folder the merge reads instead of the input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from amalgam import storage
+from amalgam.checkpoint import Checkpoint, tensor_nbytes
+from amalgam.writer import INDEX_NAME, CheckpointWriter, intact
+
+#: (name, tensor as stored) -> the aligned tensor (same dtype; its shape as ``shapes`` says).
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+SHARD_BYTES = 2 * 10**9
+
+
+def aligned_copy_done(uri: str, **storage_options: Any) -> bool:
+    """Whether ``uri`` holds a complete aligned copy (a re-run reuses it)."""
+    fs, path = storage.resolve(uri, **storage_options)
+    return intact(fs, path)
+
+
+def write_aligned_copy(
+    src: Checkpoint,
+    output_uri: str,
+    transform: Transform,
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    side_json: Mapping[str, Any] | None = None,
+    skip_side: tuple[str, ...] = (),
+    max_shard_bytes: int = SHARD_BYTES,
+    **storage_options: Any,
+) -> str:
+    """Write ``transform`` of every tensor of ``src`` to ``output_uri`` (replacing an earlier
+    copy), with ``src``'s side files (less ``skip_side``) and ``side_json`` files; one tensor in
+    memory at a time. ``shapes``: output shapes of the tensors whose shape changes."""
+    shapes = dict(shapes or {})
+    entries = [
+        (name, src.info(name).dtype, tuple(shapes.get(name, src.shape(name))))
+        for name in src.names()
+    ]
+    units: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = tensor_nbytes(entry[1], entry[2])
+        if units[-1] and size + nbytes > max_shard_bytes:
+            units.append([])
+            size = 0
+        units[-1].append(entry)
+        size += nbytes
+    files = (
+        ["model.safetensors"]
+        if len(units) == 1
+        else [f"model-{i + 1:05d}-of-{len(units):05d}.safetensors" for i in range(len(units))]
+    )
+    metadata = {"format": "pt", "amalgam": "aligned"}
+    writer = CheckpointWriter(output_uri, overwrite=True, **storage_options)
+    try:
+        for file, unit in zip(files, units, strict=True):
+            shard = writer.shard(file, unit, metadata)
+            try:
+                for name, _, _ in unit:
+                    shard.write(name, transform(name, src.tensor(name)).contiguous())
+            except BaseException:
+                shard.discard()
+                raise
+            shard.close()
+        if len(units) > 1:
+            weight_map = {
+                name: file for file, unit in zip(files, units, strict=True) for name, _, _ in unit
+            }
+            total = sum(tensor_nbytes(d, s) for _, d, s in entries)
+            writer.write_json(
+                INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
+        side_json = dict(side_json or {})
+        for name in src.side_files():
+            if name not in side_json and name not in skip_side:
+                writer.copy_in(src.fs, storage.join(src.root, name), name)
+        for name, obj in side_json.items():
+            writer.write_json(name, obj)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return output_uri
