@@ -140,6 +140,7 @@ def merge(
 
     from amalgam.engine import MergeOptions, plan_recipe
     from amalgam.recipe import load_recipe
+    from amalgam.stages.align import aligned_options
 
     recipe = load_recipe(config)
     try:
@@ -155,6 +156,8 @@ def merge(
     except ValidationError as exc:
         bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
         raise AmalgamError(bad) from None
+    if recipe.align is not None and recipe.align.method != "check":
+        options = aligned_options(recipe, options)
     if plan_only:
         console.print(plan_recipe(recipe, options).describe())
         return

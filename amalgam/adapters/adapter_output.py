@@ -80,7 +80,7 @@ def _factor_merge(
     """concat / lora_lego: every model an adapter over the base; each module's factors merged
     with the method's coefficients folded into ``B``; modules the adapters save whole
     (``modules_to_save``) merged densely and saved whole."""
-    inputs = open_recipe_inputs(recipe, options.allow_pickle, options.read_from)
+    inputs = open_recipe_inputs(recipe, options)
     try:
         plan = plan_inputs(recipe, inputs, options)
         adapters = _adapters(recipe, inputs, spec)

@@ -181,7 +181,7 @@ def _check_all(
     """Before any work: the state fits the recipe, every input fits the base, the output is
     free. Returns the state to continue (None: start from the base), the base's hash and the
     plan's steps."""
-    inputs = open_recipe_inputs(recipe, options.allow_pickle, options.read_from)
+    inputs = open_recipe_inputs(recipe, options)
     try:
         base_hash = inputs["base"].content_hash()
         state = None
@@ -220,7 +220,7 @@ def _absorb(
     new = ModelSpec(uri=read_from.get(model.label, model.uri), name="new")
     base = read_from.get("base", recipe.base)
     step_recipe = recipe.model_copy(update={"models": [*inputs_spec, new], "base": base})
-    inputs = open_recipe_inputs(step_recipe, options.allow_pickle)
+    inputs = open_recipe_inputs(step_recipe, options.model_copy(update={"read_from": {}}))
     try:
         plan = plan_inputs(step_recipe, inputs, options)
         # provenance names the user's recipe, not the step's (whose inputs include a scratch path)

@@ -7,19 +7,18 @@ from amalgam.adapters import AdapterCheckpoint, open_input
 from amalgam.checkpoint import Checkpoint
 from amalgam.engine.options import MergeOptions, output_of
 from amalgam.engine.plan import Plan, build_plan
-from amalgam.errors import OutputError, PlanError
+from amalgam.errors import OutputError, PlanError, RecipeError
 from amalgam.recipe import Recipe
 from amalgam.writer import output_taken
 
 
-def open_recipe_inputs(
-    recipe: Recipe, allow_pickle: bool, read_from: dict[str, str] | None = None
-) -> dict[str, Checkpoint]:
+def open_recipe_inputs(recipe: Recipe, options: MergeOptions) -> dict[str, Checkpoint]:
     """Open base (labelled ``base``) and models lazily, in that order; an input named in
-    ``read_from`` (label -> URI) is read from there instead of the recipe's URI. A PEFT
+    ``options.read_from`` (label -> URI) is read from there instead of the recipe's URI. A PEFT
     adapter opens over its base (``BASE+ADAPTER`` in its URI, else the recipe's base) as a
     dense model."""
-    read_from = read_from or {}
+    check_aligned(recipe, options)
+    read_from, allow_pickle = options.read_from, options.allow_pickle
     uris = ([("base", recipe.base)] if recipe.base else []) + [
         (m.label, m.uri) for m in recipe.models
     ]
@@ -39,6 +38,17 @@ def open_recipe_inputs(
             c.close()
         raise
     return inputs
+
+
+def check_aligned(recipe: Recipe, options: MergeOptions) -> None:
+    """A recipe whose align method rewrites the inputs merges only what that stage handed on
+    (``options.aligned``): the plain inputs would merge into a silently wrong model."""
+    align = recipe.align
+    if align is not None and align.method != "check" and not options.aligned:
+        raise RecipeError(
+            f"align.method: {align.method} rewrites the inputs before they merge: run the recipe "
+            "through `amalgam merge` or `amalgam run`, which run the align stage first"
+        )
 
 
 def check_adapters(recipe: Recipe, inputs: dict[str, Checkpoint]) -> None:
@@ -98,7 +108,7 @@ def plan_recipe(recipe: Recipe, options: MergeOptions | None = None) -> Plan:
     """Validate every input against the recipe and return the plan, reading no tensor (and
     hashing no parent: the plan's metadata then names no parent hashes)."""
     options = options or MergeOptions()
-    inputs = open_recipe_inputs(recipe, options.allow_pickle, options.read_from)
+    inputs = open_recipe_inputs(recipe, options)
     try:
         return plan_inputs(recipe, inputs, options, hash_parents=False)
     finally:

@@ -32,6 +32,8 @@ class MergeOptions(BaseModel):
     # Label -> URI to read that input from instead of the recipe's (local copies of staged
     # inputs, aligned copies): the recipe, its hash and the output's lineage keep its own URIs.
     read_from: dict[str, str] = Field(default_factory=dict)
+    # The align stage ran (a recipe whose align method rewrites the inputs needs it).
+    aligned: bool = False
 
 
 @dataclass

@@ -48,7 +48,7 @@ def run_merge(
     if options.continue_from:
         raise RecipeError(f"continue_from: method '{recipe.method}' is not a continual method")
     start = time.perf_counter()
-    inputs = open_recipe_inputs(recipe, options.allow_pickle, options.read_from)
+    inputs = open_recipe_inputs(recipe, options)
     read = 0
     try:
         with compute_threads(options.threads):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from amalgam.align import run_align
-from amalgam.recipe import AlignSpec
-from amalgam.stages.base import Stage, content_key
-from amalgam.stages.fetch import Fetched
+from amalgam.engine import MergeOptions
+from amalgam.recipe import AlignSpec, Recipe
+from amalgam.stages.base import Stage, content_key, execute
+from amalgam.stages.fetch import Fetched, FetchInput, FetchStage
 from amalgam.storage import amalgam_home
 
 
@@ -34,4 +35,11 @@ class AlignStage(Stage[Fetched, Fetched]):
             **recipe.storage_options,
         )
         changed = {label: uri for label, uri in uris.items() if uri != inputs[label]}
-        return Fetched(recipe, inp.models, {**inp.read_from, **changed}) if changed else inp
+        return Fetched(recipe, inp.models, {**inp.read_from, **changed}, aligned=True)
+
+
+def aligned_options(recipe: Recipe, options: MergeOptions, *, stage: bool = False) -> MergeOptions:
+    """``options`` reading the recipe's inputs as its align stage hands them on (the fetch and
+    align stages run first, reusing aligned copies a former run wrote)."""
+    fetched = execute(FetchStage(), FetchInput(recipe, stage, options.allow_pickle))
+    return execute(AlignStage(), fetched).merge_options(options)

@@ -27,6 +27,7 @@ class Fetched:
     recipe: Recipe
     models: list[FetchedModel]
     read_from: dict[str, str] = field(default_factory=dict)
+    aligned: bool = False  # the align stage handed these on
 
     def hashes(self) -> dict[str, str]:
         """Label -> content hash of every input."""
@@ -38,7 +39,8 @@ class Fetched:
 
     def merge_options(self, options: MergeOptions) -> MergeOptions:
         """``options`` reading the inputs where this stage found them."""
-        return options.model_copy(update={"read_from": {**options.read_from, **self.read_from}})
+        read_from = {**options.read_from, **self.read_from}
+        return options.model_copy(update={"read_from": read_from, "aligned": self.aligned})
 
 
 class FetchStage(Stage[FetchInput, Fetched]):
