@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 from amalgam.align import run_align
 from amalgam.align.permutation.apply import permuted_copy
 from amalgam.errors import PlanError
-from amalgam.recipe import AlignSpec
+from amalgam.pipeline import run_pipeline
+from amalgam.recipe import AlignSpec, parse_recipe
 from tests.align.permutation_models import bert_model, tensors_equal, tiny_zoo
+from tests.helpers import recipe_dict
 
 
 def align(method: str, inputs: dict[str, Path], workdir: Path, **permutation) -> dict[str, str]:
@@ -104,3 +106,21 @@ def test_bad_input_is_named(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="architectures differ: base is llama, encoder is bert"):
         align("weight_matching", {"base": zoo.base, "encoder": bert}, tmp_path / "d")
     assert not (tmp_path / "d" / "models").exists()
+
+
+def test_the_pipeline_merges_the_aligned_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Averaging the base with a permuted copy of itself gives the base back once the align
+    stage has matched the copy, and something else without alignment."""
+    zoo = tiny_zoo()
+    permuted = Path(permuted_copy(str(zoo.base), str(tmp_path / "p"), 6))
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))
+    merged = {}
+    for method in ("check", "weight_matching"):
+        out = tmp_path / f"merged-{method}"
+        recipe = recipe_dict(None, [zoo.base, permuted], "linear", out, align={"method": method})
+        merged[method] = Path(run_pipeline(parse_recipe(recipe)).output)
+    assert tensors_equal(zoo.base, merged["weight_matching"]) == []
+    assert tensors_equal(zoo.base, merged["check"])
+    assert list((tmp_path / "home" / "cache" / "aligned").glob("*/models/*/model.safetensors"))
