@@ -6,7 +6,7 @@ Which activations: for every linear layer whose input columns a group permutes (
 ``down_proj``: act(gate) * up; attention ``o_proj``: the heads' outputs), the layer's input;
 for groups only a layer's output shows (BERT query/key head dims), the layer's output; with
 ``residual: true`` every hidden state too. Each is standardised per unit over the data's
-tokens (one example per forward pass, so no padding): inner products are correlations, solved
+tokens (padding dropped): inner products are correlations, solved
 by the same coordinate descent as weight matching.
 
 API (stable): ``read_texts(data, samples)``, ``feature_axes(spec)``,
@@ -26,12 +26,13 @@ import torch
 from amalgam.align.permutation.apply import Perms
 from amalgam.align.permutation.matching import coordinate_descent
 from amalgam.align.permutation.spec import RESIDUAL, AxisMap, Level, PermSpec
-from amalgam.device import pick_device
+from amalgam.device import compute_threads, pick_device
 from amalgam.errors import PlanError
 
 if TYPE_CHECKING:
     from amalgam.recipe import PermutationSpec
 
+BATCH = 32  # examples per forward pass
 HIDDEN = "hidden_states"  # feature name prefix of the residual stream's states
 IN, OUT = ":input", ":output"
 
@@ -110,8 +111,8 @@ def _load(folder: str, architecture: str, tensor_names: list[str]) -> torch.nn.M
 def capture(
     folder: str, spec: PermSpec, texts: list[str], max_length: int, tokenizer_folder: str
 ) -> dict[str, torch.Tensor]:
-    """feature -> (tokens, units) activations of the model at ``folder`` on ``texts``,
-    standardised per unit (float64, on the CPU)."""
+    """feature -> (tokens, units) activations of the model at ``folder`` on ``texts`` (in
+    batches of ``BATCH``, padding dropped), standardised per unit (float64, on the CPU)."""
     # lazy: as in _load
     from transformers import AutoTokenizer
 
@@ -119,43 +120,52 @@ def capture(
     device = pick_device("auto")
     model = _load(folder, spec.architecture, list(spec.shapes)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch: dict[str, list[torch.Tensor]] = {name: [] for name in features}
     grabbed: dict[str, list[torch.Tensor]] = {name: [] for name in features}
 
     def hook(name: str, output: bool) -> Callable[..., None]:
         def grab(_module: torch.nn.Module, args: tuple, result: object = None) -> None:
-            grabbed[name].append((result if output else args[0]).detach())
+            batch[name].append((result if output else args[0]).detach())
 
         return grab
 
-    handles = []
-    for name in features:
-        if name == HIDDEN:
-            continue
-        module = model.get_submodule(name.rsplit(":", 1)[0])
-        handles.append(
-            module.register_forward_hook(hook(name, True))
-            if name.endswith(OUT)
-            else module.register_forward_pre_hook(hook(name, False))
-        )
+    handles = [
+        module.register_forward_hook(hook(name, True))
+        if name.endswith(OUT)
+        else module.register_forward_pre_hook(hook(name, False))
+        for name in features
+        if name != HIDDEN
+        for module in [model.get_submodule(name.rsplit(":", 1)[0])]
+    ]
     try:
-        with torch.inference_mode():
-            for text in texts:
-                ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.inference_mode(), compute_threads(None):
+            for first in range(0, len(texts), BATCH):
+                ids = tokenizer(
+                    texts[first : first + BATCH],
+                    truncation=True,
+                    max_length=max_length,
+                    padding=True,
+                    return_tensors="pt",
+                ).to(device)
                 result = model(
-                    input_ids=ids["input_ids"].to(device),
-                    attention_mask=ids["attention_mask"].to(device),
+                    input_ids=ids["input_ids"],
+                    attention_mask=ids["attention_mask"],
                     output_hidden_states=HIDDEN in features,
                 )
                 if HIDDEN in features:
-                    grabbed[HIDDEN].extend(result.hidden_states)
+                    batch[HIDDEN].extend(result.hidden_states)
+                real = ids["attention_mask"].reshape(-1).bool()
+                for name, chunks in batch.items():
+                    grabbed[name] += [
+                        c.reshape(-1, c.shape[-1])[real].double().cpu() for c in chunks
+                    ]
+                    chunks.clear()
     finally:
         for handle in handles:
             handle.remove()
-    out = {}
-    for name, chunks in grabbed.items():
-        rows = torch.cat([c.reshape(-1, c.shape[-1]).double().cpu() for c in chunks])
-        out[name] = _standardise(rows)
-    return out
+    return {name: _standardise(torch.cat(chunks)) for name, chunks in grabbed.items()}
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
