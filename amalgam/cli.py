@@ -1,5 +1,5 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-decompress, extract-lora, policy (the registry's promotion gates). The orchestration layer
+decompress, permute, extract-lora, policy (the registry's promotion gates). The orchestration layer
 adds the pipeline commands (run, nightly, sweep, promote, serve) to this ``app`` in
 ``flows/cli.py``, the ``amalgam`` entry point."""
 
@@ -375,6 +375,29 @@ def decompress(
         compressed, base, output, overwrite=overwrite, **_storage(storage_options)
     )
     console.print(f"[bold]decompressed[/] {compressed} -> {out}", soft_wrap=True)
+
+
+@app.command()
+def permute(
+    model: Annotated[str, typer.Argument(help="model folder or URI")],
+    output: Annotated[str, typer.Argument(help="folder or URI to write the permuted copy to")],
+    seed: Annotated[int, typer.Option(help="seed of the random permutation")] = 0,
+    residual: Annotated[bool, typer.Option(help="permute the residual stream too")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Write a copy of MODEL with its hidden units randomly permuted: the same function in
+    another basis (docs/align-permutation.md)."""
+    # lazy: torch
+    from amalgam import storage
+    from amalgam.align.permutation.apply import permuted_copy
+
+    options = _storage(storage_options)
+    fs, path = storage.resolve(output, **options)
+    if fs.exists(path) and not overwrite:
+        raise AmalgamError(f"{output}: exists; pass --overwrite to replace it")
+    permuted_copy(model, output, seed, residual=residual, **options)
+    console.print(f"[bold]permuted[/] {model} -> {output} (seed {seed})", soft_wrap=True)
 
 
 @app.command("extract-lora")
