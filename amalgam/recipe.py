@@ -146,12 +146,11 @@ class PermutationSpec(_Strict):
 class PleasSpec(_Strict):
     """PLeaS's layer fits (``align.method: pleas``, amalgam/align/permutation/pleas.py):
     ``budget``, the share of MLP units per layer kept unmerged (the merged MLP grows from ``I``
-    to ``I + round(budget * I)`` units); ``ridge``, relative to the mean feature energy;
-    ``samples``, records per task of ``permutation.data``."""
+    to ``I + round(budget * I)`` units); ``ridge``, relative to the mean feature energy. The
+    data is ``permutation.data`` (``samples`` records per task, ``max_length`` tokens each)."""
 
     budget: float = Field(default=0.0, ge=0.0, lt=1.0)
     ridge: float = Field(default=1e-4, ge=0.0)
-    samples: int = Field(default=64, gt=0)
 
 
 class AlignSpec(_Strict):

@@ -122,8 +122,8 @@ def _recipe(zoo: Zoo, out: Path, **changes) -> dict:
         "output": str(out),
         "align": {
             "method": "pleas",
-            "permutation": {"data": str(zoo.tasks_dir)},
-            "pleas": {"budget": 0.25, "samples": 16},
+            "permutation": {"data": str(zoo.tasks_dir), "samples": 16},
+            "pleas": {"budget": 0.25},
         },
     }
     return {**data, **changes}

@@ -93,13 +93,18 @@ def least_squares_terms(
 
 
 def token_batches(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, batch_size: int = 32
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int = 64,
+    batch_size: int = 32,
 ) -> list[Batch]:
-    """The texts tokenized and padded into batches (``input_ids``, ``attention_mask``)."""
+    """The texts tokenized (the first ``max_length`` tokens) and padded into batches
+    (``input_ids``, ``attention_mask``)."""
     batches = []
     for first in range(0, len(texts), batch_size):
         chunk = [
-            tokenizer(t, add_special_tokens=False)["input_ids"]
+            tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
             for t in texts[first : first + batch_size]
         ]
         width = max(len(ids) for ids in chunk)

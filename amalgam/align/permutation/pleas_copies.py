@@ -19,7 +19,7 @@ from amalgam.align.copies import aligned_copy_done, write_aligned_copy
 from amalgam.checkpoint import open_checkpoint
 from amalgam.errors import AmalgamError
 from amalgam.evaluate.perplexity import task_texts
-from amalgam.recipe import PleasSpec
+from amalgam.recipe import PermutationSpec, PleasSpec
 
 if TYPE_CHECKING:
     from amalgam.align.permutation.pleas import Matching
@@ -76,8 +76,8 @@ def align_pleas(
 
     if len(inputs) != 2:
         raise PleasError(f"align.method pleas merges two models, not {len(inputs)}")
-    data = spec.permutation.data if spec.permutation else None
-    if data is None:
+    permutation = spec.permutation or PermutationSpec()
+    if permutation.data is None:
         raise PleasError("align.permutation.data: pleas fits its layers on data; name it")
     settings = spec.pleas or PleasSpec()
     outputs = {label: storage.join(workdir, label) for label in inputs}
@@ -90,7 +90,8 @@ def align_pleas(
             raise PleasError(f"{label}: {uri}: pleas loads models with transformers (local only)")
         folders.append(path)
     (model_a, tokenizer), (model_b, _) = (load_causal_lm(path, "cpu") for path in folders)
-    batches = token_batches(tokenizer, calibration_texts(data, settings.samples))
+    texts = calibration_texts(permutation.data, permutation.samples)
+    batches = token_batches(tokenizer, texts, max_length=permutation.max_length)
     merged, widened, matching = pleas_merge(
         model_a, model_b, batches, budget=settings.budget, ridge=settings.ridge
     )
