@@ -12,7 +12,7 @@ basin, large when averaging them breaks both.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,8 +180,14 @@ def curves_markdown(curves: Sequence[Curve]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(curves: Sequence[Curve], path: Path, title: str) -> Path:
-    """Loss (left) and accuracy (right) against t, one line per curve, as a PNG."""
+def plot_curves(
+    curves: Sequence[Curve],
+    path: Path,
+    title: str,
+    merged: Mapping[str, PathPoint] | None = None,
+) -> Path:
+    """Loss (left) and accuracy (right) against t, one line per curve, and each ``merged``
+    model (one that is on no path, like a PLeaS merge) as a marker at its ``t``, as a PNG."""
     from amalgam.evaluate.plots import pyplot  # lazy: matplotlib, only when plotting
 
     plt = pyplot()
@@ -190,6 +196,11 @@ def plot_curves(curves: Sequence[Curve], path: Path, title: str) -> Path:
         ts = [p.t for p in c.points]
         left.plot(ts, [p.loss for p in c.points], marker="o", label=f"{c.label} ({c.barrier:.2f})")
         right.plot(ts, [p.accuracy for p in c.points], marker="o", label=c.label)
+    for label, point in (merged or {}).items():
+        left.plot([point.t], [point.loss], marker="*", markersize=12, linestyle="", label=label)
+        right.plot(
+            [point.t], [point.accuracy], marker="*", markersize=12, linestyle="", label=label
+        )
     left.set(xlabel="t  ((1-t) A + t B)", ylabel="answer-token NLL (nats)", title="loss (barrier)")
     right.set(xlabel="t  ((1-t) A + t B)", ylabel="mean task accuracy", title="accuracy")
     left.legend(fontsize="small")
