@@ -212,6 +212,42 @@ def plot_curves(
     return path
 
 
+def connectivity_report(
+    model_a: str,
+    model_b: str,
+    out_dir: Path,
+    tasks_dir: Path,
+    tasks: Sequence[str],
+    *,
+    align: str | None = None,
+    data: str | None = None,
+    residual: bool = False,
+    limit: int | None = None,
+    device: str = "cpu",
+) -> tuple[list[Curve], list[Path]]:
+    """The path from A to B, and with ``align`` (a permutation aligner) also from A to B
+    aligned onto A (written under ``out_dir/aligned``); the report's files in ``out_dir``."""
+    from amalgam.align.run import ALIGNERS, run_align  # lazy: the aligners import torch
+    from amalgam.recipe import AlignSpec, PermutationSpec  # lazy: recipe imports the methods
+
+    if align is not None and (align == "pleas" or align not in ALIGNERS):
+        known = ", ".join(sorted(set(ALIGNERS) - {"pleas"})) or "none on this install"
+        raise ConnectivityError(
+            f"--align {align}: not a permutation aligner that writes an aligned B (known: {known})"
+        )
+    curves = [linear_path(model_a, model_b, tasks_dir, tasks, limit=limit, device=device)]
+    if align is not None:
+        spec = AlignSpec(method=align, permutation=PermutationSpec(data=data, residual=residual))
+        inputs = {"a": model_a, "b": model_b}
+        aligned = run_align(spec, inputs, workdir=str(out_dir / "aligned"))["b"]
+        curves.append(
+            linear_path(model_a, aligned, tasks_dir, tasks, label=align, limit=limit, device=device)
+        )
+    title = f"{Path(model_a).name} -> {Path(model_b).name}"
+    context = {"a": model_a, "b": model_b, "tasks": list(tasks), "limit": limit}
+    return curves, write_report(curves, out_dir, title=title, **context)
+
+
 def write_report(
     curves: Sequence[Curve], out_dir: Path, *, title: str, **context: Any
 ) -> list[Path]:

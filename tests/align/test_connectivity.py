@@ -24,7 +24,7 @@ from amalgam.checkpoint import open_checkpoint
 from amalgam.device import load_causal_lm
 from amalgam.evaluate.perplexity import sequence_nll, task_texts, token_ids
 from amalgam.zoo import Zoo, build_zoo
-from tests.helpers import llama_tensors, write_model
+from tests.helpers import llama_tensors, run_cli, write_model
 from tests.zoo.conftest import zoo_home
 
 TASKS = ["zoo_caesar", "zoo_sort"]
@@ -112,3 +112,34 @@ def test_different_shapes_are_refused_naming_the_tensor(tmp_path: Path):
         check_interpolable(
             open_checkpoint(str(tmp_path / "a")), open_checkpoint(str(tmp_path / "b"))
         )
+
+
+def test_cli_writes_the_report(zoo: Zoo, tmp_path: Path, monkeypatch, capsys):
+    permuted = permute_mlp(zoo.base, tmp_path / "permuted")
+    out = tmp_path / "report"
+    args = ["align", str(zoo.base), str(permuted), "--report", str(out)]
+    args += ["--tasks-dir", str(zoo.tasks_dir), "--tasks", "zoo_sort", "--limit", "8"]
+    code, stdout, _ = run_cli(args, monkeypatch, capsys)
+    assert code == 0
+    data = json.loads((out / "connectivity.json").read_text())
+    assert data["tasks"] == ["zoo_sort"] and data["limit"] == 8
+    assert f"naive: barrier {data['curves'][0]['barrier']:.3f} nats" in stdout
+    assert (out / "connectivity.png").is_file()
+
+
+def test_cli_refuses_an_aligner_that_writes_no_aligned_b(
+    zoo: Zoo, tmp_path: Path, monkeypatch, capsys
+):
+    args = [
+        "align",
+        str(zoo.base),
+        str(zoo.base),
+        "--report",
+        str(tmp_path / "r"),
+        "--align",
+        "pleas",
+    ]
+    code, _, stderr = run_cli([*args, "--tasks-dir", str(zoo.tasks_dir)], monkeypatch, capsys)
+    assert code == 2
+    assert stderr.startswith("error: --align pleas: not a permutation aligner")
+    assert not (tmp_path / "r").exists()
