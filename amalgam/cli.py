@@ -266,9 +266,13 @@ def zoo_build(
     out: Annotated[Path | None, typer.Option(help="zoo folder (default .amalgam/zoo)")] = None,
     profile: Annotated[str, typer.Option(help="full | tiny")] = "full",
     force: Annotated[bool, typer.Option(help="rebuild even when cached")] = False,
+    variants: Annotated[
+        bool, typer.Option(help="also build the alignment variants (docs/zoo.md)")
+    ] = False,
 ) -> None:
     """Build (or reuse) the benchmark zoo: base, experts, LoRA adapters, MoE, tasks; prints
-    its folder on stdout (progress goes to stderr)."""
+    its folder on stdout (progress goes to stderr). With --variants, also the alignment
+    variants beside it, whose folder is printed on a second line."""
     # lazy: torch
     from amalgam.zoo.build import build_zoo
 
@@ -276,6 +280,13 @@ def zoo_build(
     zoo = build_zoo(out, profile=profile, force=force, log=lambda m: progress.print(m))
     progress.print(f"zoo ready at {zoo.root}")
     print(zoo.root)
+    if variants:
+        # lazy: torch, as above
+        from amalgam.zoo.variants import build_variants
+
+        built = build_variants(zoo, force=force, log=lambda m: progress.print(m))
+        progress.print(f"variants ready at {built.root}")
+        print(built.root)
 
 
 @app.command()
