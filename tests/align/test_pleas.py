@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from amalgam.align import run_align
+from amalgam.align.permutation.activation_matching import read_texts
+from amalgam.align.permutation.aligner import align_activation_matching
 from amalgam.align.permutation.pleas import pleas_layer, pleas_merge, token_batches, wider_model
-from amalgam.align.permutation.pleas_copies import PleasError, calibration_texts
 from amalgam.device import load_causal_lm
 from amalgam.engine import MergeOptions
-from amalgam.errors import RecipeError
+from amalgam.errors import PlanError, RecipeError
 from amalgam.evaluate.perplexity import sequence_nll, task_texts, token_ids
 from amalgam.pipeline import run_pipeline
 from amalgam.recipe import AlignSpec, parse_recipe
@@ -95,7 +96,7 @@ def _permuted(model: torch.nn.Module, seed: int) -> tuple[torch.nn.Module, list[
 def test_model_and_its_permuted_copy_merge_back_to_the_model(zoo: Zoo, budget: float):
     model, tokenizer = load_causal_lm(zoo.base, "cpu")
     permuted, perms = _permuted(model, seed=3)
-    texts = calibration_texts(str(zoo.tasks_dir), 16)
+    texts = read_texts(str(zoo.tasks_dir), 128)
     merged, widened, matching = pleas_merge(
         model, permuted, token_batches(tokenizer, texts), budget=budget
     )
@@ -139,26 +140,26 @@ def test_pipeline_merges_the_aligned_copies_into_the_pleas_solution(
     config = json.loads((Path(result.output) / "config.json").read_text())
     assert config["intermediate_size"] == 160 + 40
 
-    # independently: PLeaS on the two experts, in memory
-    a, tokenizer = load_causal_lm(zoo.experts["zoo_caesar"], "cpu")
-    b, _ = load_causal_lm(zoo.experts["zoo_sort"], "cpu")
-    batches = token_batches(tokenizer, calibration_texts(str(zoo.tasks_dir), 16))
+    # independently: PLeaS, in memory, on what activation matching hands on (saved, reused)
+    workdir = next((tmp_path / "home" / "cache" / "aligned").iterdir())
+    inputs = {m.label: m.uri for m in recipe.models}
+    matched = align_activation_matching(recipe.align, inputs, str(workdir / "matched"))
+    a, tokenizer = load_causal_lm(matched[recipe.models[0].label], "cpu")
+    b, _ = load_causal_lm(matched[recipe.models[1].label], "cpu")
+    batches = token_batches(tokenizer, read_texts(str(zoo.tasks_dir), 16))
     expected, _, matching = pleas_merge(a, b, batches, budget=0.25)
     assert set(merged) == set(expected)
     for name, tensor in expected.items():
         assert torch.allclose(merged[name], tensor, atol=1e-5), name
 
     # the permutations are an artifact of the align stage's key, reused by a re-run
-    copies = sorted((tmp_path / "home" / "cache" / "aligned").glob("*/*/pleas.json"))
+    copies = sorted(workdir.glob("*/pleas.json"))
     assert len(copies) == 2
     record = json.loads(copies[0].read_text())
     assert record["extra_units"] == 40 and record["layers"][0]["perm"] == matching.perm[0].tolist()
     stamps = [p.stat().st_mtime_ns for p in copies]
-    spec = recipe.align
-    workdir = str(copies[0].parents[1])
-    inputs = {m.label: m.uri for m in recipe.models}
-    assert run_align(spec, inputs, workdir=workdir) == {
-        label: str(Path(workdir) / label) for label in inputs
+    assert run_align(recipe.align, inputs, workdir=str(workdir)) == {
+        label: str(workdir / label) for label in inputs
     }
     assert [p.stat().st_mtime_ns for p in copies] == stamps
 
@@ -189,9 +190,9 @@ def test_recipe_must_be_the_plain_average(
 
 def test_missing_data_is_refused_naming_the_field(zoo: Zoo, tmp_path: Path):
     inputs = {"a": str(zoo.base), "b": str(zoo.experts["zoo_sort"])}
-    with pytest.raises(PleasError, match=r"align\.permutation\.data"):
+    with pytest.raises(PlanError, match=r"align\.permutation\.data: activation matching needs"):
         run_align(AlignSpec(method="pleas"), inputs, workdir=str(tmp_path))
     spec = AlignSpec(method="pleas", permutation={"data": str(tmp_path / "nothing")})
-    with pytest.raises(PleasError, match=r"nothing is neither a task folder nor a text file"):
+    with pytest.raises(PlanError, match=r"nothing does not exist"):
         run_align(spec, inputs, workdir=str(tmp_path))
     assert not list(tmp_path.iterdir())

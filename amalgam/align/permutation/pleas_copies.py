@@ -1,24 +1,25 @@
 """``align.method: pleas`` in the pipeline: the PLeaS merge handed on as two aligned copies.
 
-The merge stage averages what align hands on (the recipe must be ``method: linear`` over the
-two models with equal weights: ``recipe.pleas_problems``). Each copy is its model in the
-merged layout plus the same correction, ``copy_i = widened_i + (W_pleas - mean_j widened_j)``,
-so their average is the PLeaS solution (exactly in float32; to the inputs' dtype rounding
-otherwise), and each copy still differs from the other as the models do. With a ``budget``,
-the copies' MLPs are wider and their ``config.json`` says so. ``pleas.json`` beside the
-tensors records the matching. Models are loaded whole (small models; local folders).
+Activation matching (``align_activation_matching``, with ``align.permutation``'s settings)
+first permutes B onto A; PLeaS then matches B's MLP units again (partially, with its
+budget) and fits the layers. The merge stage averages what align hands on (the recipe must
+be ``method: linear`` over the two models with equal weights: ``recipe.pleas_problems``).
+Each copy is its model in the merged layout plus one shared correction,
+``copy_i = widened_i + (W_pleas - mean_j widened_j)``, so their average is the PLeaS
+solution (exactly in float32; to the inputs' dtype rounding otherwise) while each copy still
+differs from the other as the models do. With a ``budget``, the copies' MLPs are wider and
+their ``config.json`` says so. ``pleas.json`` beside the tensors records the matching.
+Models are loaded whole (small models; local folders).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amalgam import storage
 from amalgam.align.copies import aligned_copy_done, write_aligned_copy
 from amalgam.checkpoint import open_checkpoint
 from amalgam.errors import AmalgamError
-from amalgam.evaluate.perplexity import task_texts
 from amalgam.recipe import PermutationSpec, PleasSpec
 
 if TYPE_CHECKING:
@@ -28,23 +29,6 @@ if TYPE_CHECKING:
 
 class PleasError(AmalgamError):
     """The inputs or the data of a PLeaS alignment are not usable."""
-
-
-def calibration_texts(data: str, samples: int) -> list[str]:
-    """The texts PLeaS fits on: a task folder's train records (prompt + correct answer, the
-    first ``samples`` of each task), or a text file's non-empty lines (the first ``samples``)."""
-    path = Path(data)
-    if path.is_dir():
-        tasks = sorted(p.name for p in path.iterdir() if (p / "train.jsonl").is_file())
-        if not tasks:
-            raise PleasError(f"align.permutation.data: {data} holds no task with train.jsonl")
-        return [prompt + answer for prompt, answer in task_texts(path, tasks, "train", samples)]
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        if lines:
-            return lines[:samples]
-        raise PleasError(f"align.permutation.data: {data} has no text")
-    raise PleasError(f"align.permutation.data: {data} is neither a task folder nor a text file")
 
 
 def matching_record(matching: Matching, spec: dict[str, Any]) -> dict[str, Any]:
@@ -71,26 +55,30 @@ def align_pleas(
 ) -> dict[str, str]:
     """The aligner of ``align.method: pleas`` (``run_align``): two copies under ``workdir``
     whose average is the PLeaS merge of the two inputs; reused when already there."""
-    from amalgam.align.permutation.pleas import pleas_merge, token_batches  # lazy: torch
-    from amalgam.device import load_causal_lm  # lazy: transformers
+    # lazy: torch, transformers and scipy load only when this method runs
+    from amalgam.align.permutation.activation_matching import read_texts
+    from amalgam.align.permutation.aligner import align_activation_matching
+    from amalgam.align.permutation.pleas import pleas_merge, token_batches
+    from amalgam.device import load_causal_lm
 
     if len(inputs) != 2:
         raise PleasError(f"align.method pleas merges two models, not {len(inputs)}")
     permutation = spec.permutation or PermutationSpec()
-    if permutation.data is None:
-        raise PleasError("align.permutation.data: pleas fits its layers on data; name it")
+    texts = read_texts(permutation.data, permutation.samples)  # no data: fails before work
     settings = spec.pleas or PleasSpec()
     outputs = {label: storage.join(workdir, label) for label in inputs}
     if all(aligned_copy_done(uri, **storage_options) for uri in outputs.values()):
         return outputs
+    matched = align_activation_matching(
+        spec, inputs, storage.join(workdir, "matched"), **storage_options
+    )
     folders = []
-    for label, uri in inputs.items():
+    for label, uri in matched.items():
         fs, path = storage.resolve(uri, **storage_options)
         if not storage.is_local(fs):
             raise PleasError(f"{label}: {uri}: pleas loads models with transformers (local only)")
         folders.append(path)
     (model_a, tokenizer), (model_b, _) = (load_causal_lm(path, "cpu") for path in folders)
-    texts = calibration_texts(permutation.data, permutation.samples)
     batches = token_batches(tokenizer, texts, max_length=permutation.max_length)
     merged, widened, matching = pleas_merge(
         model_a, model_b, batches, budget=settings.budget, ridge=settings.ridge
@@ -98,7 +86,7 @@ def align_pleas(
     config = model_a.config.to_dict()
     config["intermediate_size"] = model_a.config.intermediate_size + matching.extra
     record = matching_record(matching, settings.model_dump(mode="json"))
-    for (label, uri), own in zip(inputs.items(), widened, strict=True):
+    for (label, uri), own in zip(matched.items(), widened, strict=True):
         copy = {k: own[k] + (merged[k] - (widened[0][k] + widened[1][k]) / 2) for k in merged}
         src = open_checkpoint(uri, **storage_options)
         try:
