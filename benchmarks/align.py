@@ -1,13 +1,13 @@
 """Merging unrelated models: naive average vs weight matching vs activation matching vs PLeaS.
 
-Model A is the zoo's base. Model B is a model that does not share A's basis: the zoo's second
-base (trained from another seed, ``amalgam.zoo.variants``) when this branch has it, otherwise
-A with every permutation group and the residual stream randomly permuted plus Gaussian noise
-(``--noise`` times each tensor's standard deviation), which the report says. For each
-alignment, B is aligned onto A and the linear path (1-t) A + t B is scored at 11 points
-(answer-token NLL and mean accuracy on the zoo's test splits, ``amalgam.align.connectivity``).
-PLeaS (``amalgam.align.permutation.pleas``) merges A and the best aligned B into one model
-(at each ``--budget``), scored at t = 0.5. Writes ``results/align.{md,json,png}``.
+Model A is the zoo's base, model B its second base (``amalgam.zoo.variants``: trained from
+another seed on the same data, so it shares no basis with A). The alignment data is the
+tasks' train splits (the report scores test splits). For weight matching and activation
+matching (the align stage's aligners, residual stream included), B is aligned onto A and
+the linear path (1-t) A + t B is scored at 11 points (answer-token NLL and mean accuracy on
+the zoo's test splits, ``amalgam.align.connectivity``). PLeaS
+(``amalgam.align.permutation.pleas``) merges A and the activation-matched B into one model
+at each ``--budget``, scored at t = 0.5. Writes ``results/align.{md,json,png}``.
 
     python benchmarks/align.py            # full zoo
     python benchmarks/align.py --quick    # tiny zoo, 4 tasks, 32 records each
@@ -16,9 +16,9 @@ PLeaS (``amalgam.align.permutation.pleas``) merges A and the best aligned B into
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -26,17 +26,13 @@ from pathlib import Path
 import torch
 
 from amalgam.align.connectivity import Curve, PathPoint, curves_json, linear_path, path_point
-from amalgam.align.copies import write_aligned_copy
-from amalgam.align.permutation.apply import permuted_copy, write_permuted
+from amalgam.align.permutation.activation_matching import read_texts
 from amalgam.align.permutation.pleas import pleas_merge, token_batches, wider_model
-from amalgam.align.permutation.pleas_copies import calibration_texts
-from amalgam.align.permutation.spec import derive_spec
-from amalgam.align.permutation.weight_matching import match_weights
-from amalgam.align.run import ALIGNERS, run_align
-from amalgam.checkpoint import open_checkpoint
+from amalgam.align.run import run_align
 from amalgam.device import load_causal_lm
 from amalgam.recipe import AlignSpec, PermutationSpec
 from amalgam.zoo import Zoo, build_zoo
+from amalgam.zoo.variants import build_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,65 +47,34 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def noisy_permuted(zoo: Zoo, noise: float, seed: int) -> Path:
-    """A with every group and the residual stream permuted, plus relative Gaussian noise."""
-    permuted = WORK / f"permuted-{seed}"
-    permuted_copy(str(zoo.base), str(permuted), seed, residual=True)
-    out = WORK / f"permuted-{seed}-noise-{noise}"
-    generator = torch.Generator().manual_seed(seed)
-
-    def add_noise(_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        x = tensor.float()
-        scale = noise * float(x.std()) if x.numel() > 1 else 0.0
-        return (x + scale * torch.randn(x.shape, generator=generator)).to(tensor.dtype)
-
-    write_aligned_copy(open_checkpoint(str(permuted)), str(out), add_noise)
+def train_only(tasks_dir: Path, tasks: list[str]) -> Path:
+    """A task folder holding only the tasks' train splits: the alignment data (never the
+    test records the report scores)."""
+    out = WORK / "data"
+    for task in tasks:
+        (out / task).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tasks_dir / task / "train.jsonl", out / task / "train.jsonl")
     return out
 
 
-def model_b(zoo: Zoo, noise: float) -> tuple[Path, str]:
-    """(B, how it was made): the second base when the variants exist here, else a copy."""
-    if importlib.util.find_spec("amalgam.zoo.variants") is not None:
-        from amalgam.zoo.variants import build_variants  # lazy: only on branches that have it
-
-        return build_variants(zoo).second_base, "the zoo's second base (another seed)"
-    return (
-        noisy_permuted(zoo, noise, seed=1),
-        f"a copy of the base, every group and the residual stream permuted, plus noise"
-        f" {noise} x each tensor's std (the second base is not on this branch)",
-    )
-
-
-def weight_matched(a: Path, b: Path) -> tuple[Path, float]:
-    """(B permuted onto A by weight matching with the residual stream, seconds)."""
+def aligned_b(method: str, a: Path, b: Path, data: Path, samples: int) -> tuple[Path, float]:
+    """(B aligned onto A by the align stage's ``method``, residual stream included, seconds)."""
     start = time.perf_counter()
-    ref, model = open_checkpoint(str(a)), open_checkpoint(str(b))
-    spec = derive_spec(model, residual=True)
-    perms, _ = match_weights(spec, ref, model)
-    out = WORK / "weight_matching" / "b"
-    write_permuted(model, str(out), spec, perms)
-    return out, time.perf_counter() - start
-
-
-def aligner_output(method: str, a: Path, b: Path, data: Path) -> tuple[Path, float] | None:
-    """(B aligned by ``method``'s aligner in the align stage, seconds), or None when this
-    branch has no such aligner."""
-    if method not in ALIGNERS:
-        return None
-    start = time.perf_counter()
-    spec = AlignSpec(method=method, permutation=PermutationSpec(data=str(data), residual=True))
-    uris = run_align(spec, {"a": str(a), "b": str(b)}, workdir=str(WORK / method))
+    permutation = PermutationSpec(data=str(data), residual=True, samples=samples)
+    spec = AlignSpec(method=method, permutation=permutation)
+    workdir = WORK / f"{method}-{b.parent.name}-{samples}"
+    uris = run_align(spec, {"a": str(a), "b": str(b)}, workdir=str(workdir))
     return Path(uris["b"]), time.perf_counter() - start
 
 
 def pleas_point(
-    a: Path, b: Path, zoo: Zoo, tasks: list[str], limit: int, budget: float, samples: int
+    a: Path, b: Path, zoo: Zoo, tasks: list[str], limit: int, budget: float, texts: list[str]
 ) -> tuple[PathPoint, float, int]:
     """(the PLeaS merge of A and B scored at t = 0.5, seconds, its extra MLP units)."""
     start = time.perf_counter()
     model_a, tokenizer = load_causal_lm(a, "cpu")
     model_b_, _ = load_causal_lm(b, "cpu")
-    batches = token_batches(tokenizer, calibration_texts(str(zoo.tasks_dir), samples))
+    batches = token_batches(tokenizer, texts)
     merged, _, matching = pleas_merge(model_a, model_b_, batches, budget=budget)
     seconds = time.perf_counter() - start
     model = wider_model(model_a, merged, matching.extra)
@@ -138,7 +103,8 @@ def markdown(meta: dict, rows: list[dict], curves: list[Curve]) -> str:
     lines = [
         "# Merging unrelated models",
         "",
-        f"A: {meta['a']}. B: {meta['b_made']}. Zoo profile `{meta['profile']}`, tasks"
+        f"A: the zoo's base (`{meta['a']}`). B: the zoo's second base, trained from another"
+        f" seed on the same data (`{meta['b']}`). Zoo profile `{meta['profile']}`, tasks"
         f" {', '.join(meta['tasks'])} ({meta['limit']} test records each); PLeaS and activation"
         f" matching fit on {meta['samples']} train records per task. CPU: {meta['cpu']}"
         f" ({meta['threads']} torch threads). Command: `{meta['command']}`.",
@@ -157,8 +123,6 @@ def markdown(meta: dict, rows: list[dict], curves: list[Curve]) -> str:
             f"| {r['method']} | {r['barrier']:.3f} | {r['barrier_removed']:.0%} | {r['loss']:.3f}"
             f" | {r['accuracy']:.3f} | {r['normalized_accuracy']:.3f} | {r.get('seconds', 0):.1f} |"
         )
-    for note in meta["notes"]:
-        lines += ["", note]
     return "\n".join(lines) + "\n\n## The paths\n\n" + curves_markdown(curves)
 
 
@@ -167,7 +131,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny zoo, 4 tasks")
     parser.add_argument("--limit", type=int, default=None, help="test records per task")
     parser.add_argument("--samples", type=int, default=64, help="train records per task (data)")
-    parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--budget", type=float, nargs="+", default=[0.0, 0.25])
     args = parser.parse_args()
     from amalgam.align.connectivity import plot_curves  # lazy: matplotlib
@@ -176,31 +139,29 @@ def main() -> None:
     tasks = zoo.task_names[:4] if args.quick else zoo.task_names
     limit = args.limit or (32 if args.quick else 100)
     WORK.mkdir(parents=True, exist_ok=True)
-    a = zoo.base
-    b, made = model_b(zoo, args.noise)
-    notes = []
+    a, b = zoo.base, build_variants(zoo, log=lambda _: None).second_base
+    data = train_only(zoo.tasks_dir, tasks)
+    samples = args.samples * len(tasks)
     curves = [linear_path(str(a), str(b), zoo.tasks_dir, tasks, label="naive", limit=limit)]
     seconds = {"naive": 0.0}
-    wm, seconds["weight matching"] = weight_matched(a, b)
-    aligned = {"weight matching": wm}
-    act = aligner_output("activation_matching", a, b, zoo.tasks_dir)
-    if act is None:
-        notes.append("Activation matching: no aligner on this branch yet; not measured.")
-    else:
-        aligned["activation matching"], seconds["activation matching"] = act
-    for label, path in aligned.items():
+    aligned = {}
+    for method in ("weight_matching", "activation_matching"):
+        label = method.replace("_", " ")
+        aligned[label], seconds[label] = aligned_b(method, a, b, data, samples)
         curves.append(
-            linear_path(str(a), str(path), zoo.tasks_dir, tasks, label=label, limit=limit)
+            linear_path(str(a), str(aligned[label]), zoo.tasks_dir, tasks, label=label, limit=limit)
         )
     ends = (curves[0].points[0], curves[0].points[-1])
     rows = [
         {**row(c.label, c.barrier, c.midpoint, ends), "seconds": seconds[c.label]} for c in curves
     ]
-    basis = "activation matching" if "activation matching" in aligned else "weight matching"
+    texts = read_texts(str(data), samples)
     merged = {}
     for budget in args.budget:
-        point, took, extra = pleas_point(a, aligned[basis], zoo, tasks, limit, budget, args.samples)
-        label = f"PLeaS after {basis}, budget {budget} (+{extra} MLP units)"
+        point, took, extra = pleas_point(
+            a, aligned["activation matching"], zoo, tasks, limit, budget, texts
+        )
+        label = f"PLeaS after activation matching, budget {budget} (+{extra} MLP units)"
         merged[label] = point
         rise = point.loss - (ends[0].loss + ends[1].loss) / 2
         rows.append({**row(label, rise, point, ends), "seconds": took})
@@ -208,7 +169,7 @@ def main() -> None:
         r["barrier_removed"] = 1 - r["barrier"] / curves[0].barrier
     meta = {
         "a": str(a.relative_to(zoo.root)),
-        "b_made": made,
+        "b": str(b.relative_to(b.parents[1])),
         "profile": zoo.profile,
         "tasks": tasks,
         "limit": limit,
@@ -216,14 +177,14 @@ def main() -> None:
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "command": "python benchmarks/align.py" + (" --quick" if args.quick else ""),
-        "notes": notes,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "align.json").write_text(
         json.dumps({**meta, "rows": rows, **curves_json(curves)}, indent=2) + "\n"
     )
     (RESULTS / "align.md").write_text(markdown(meta, rows, curves))
-    plot_curves(curves, RESULTS / "align.png", f"A: zoo base, B: {made.split(',')[0]}", merged)
+    title = f"zoo base (A) vs second base (B), {zoo.profile} profile"
+    plot_curves(curves, RESULTS / "align.png", title, merged)
     print((RESULTS / "align.md").read_text())
 
 
