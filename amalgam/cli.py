@@ -1,7 +1,7 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-decompress, permute, extract-lora, policy (the registry's promotion gates). The orchestration layer
-adds the pipeline commands (run, nightly, sweep, promote, serve) to this ``app`` in
-``flows/cli.py``, the ``amalgam`` entry point."""
+decompress, permute, align (connectivity report), extract-lora, policy (the registry's promotion
+gates). The orchestration layer adds the pipeline commands (run, nightly, sweep, promote,
+serve) to this ``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
 
 from __future__ import annotations
 
@@ -412,6 +412,52 @@ def permute(
         raise AmalgamError(f"{output}: exists; pass --overwrite to replace it")
     permuted_copy(model, output, seed, residual=residual, **options)
     console.print(f"[bold]permuted[/] {model} -> {output} (seed {seed})", soft_wrap=True)
+
+
+@app.command()
+def align(
+    model_a: Annotated[str, typer.Argument(help="model folder (t = 0)")],
+    model_b: Annotated[str, typer.Argument(help="model folder (t = 1), same architecture")],
+    report: Annotated[Path, typer.Option(help="folder for connectivity.{json,md,png}")],
+    method: Annotated[
+        str | None,
+        typer.Option("--align", help="also after aligning B onto A: weight_matching | ..."),
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="activation data (task folder)")] = None,
+    residual: Annotated[bool, typer.Option(help="align the residual stream too")] = False,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated task names")] = None,
+    tasks_dir: Annotated[Path | None, typer.Option(help="zoo-style task folder")] = None,
+    limit: Annotated[int | None, typer.Option(help="test records per task")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "cpu",
+) -> None:
+    """Linear mode connectivity of two models: loss and task accuracy at 11 points of the path
+    (1-t) A + t B, and the barrier height (docs/align-connectivity.md)."""
+    # lazy: torch and the zoo
+    from amalgam.align.connectivity import connectivity_report
+    from amalgam.zoo.build import build_zoo
+
+    if tasks_dir is None:
+        tasks_dir = build_zoo(log=lambda m: None).tasks_dir
+    names = (
+        tasks.split(",")
+        if tasks
+        else sorted(p.name for p in tasks_dir.iterdir() if (p / "test.jsonl").is_file())
+    )
+    curves, files = connectivity_report(
+        model_a,
+        model_b,
+        report,
+        tasks_dir,
+        names,
+        align=method,
+        data=data,
+        residual=residual,
+        limit=limit,
+        device=device,
+    )
+    for curve in curves:
+        console.print(f"[bold]{curve.label}[/]: barrier {curve.barrier:.3f} nats", soft_wrap=True)
+    console.print("report: " + ", ".join(str(f) for f in files), soft_wrap=True)
 
 
 @app.command("extract-lora")

@@ -143,6 +143,16 @@ class PermutationSpec(_Strict):
     max_length: int = Field(default=64, gt=0)  # activation data: tokens per example
 
 
+class PleasSpec(_Strict):
+    """PLeaS's layer fits (``align.method: pleas``, amalgam/align/permutation/pleas.py):
+    ``budget``, the share of MLP units per layer kept unmerged (the merged MLP grows from ``I``
+    to ``I + round(budget * I)`` units); ``ridge``, relative to the mean feature energy. The
+    data is ``permutation.data`` (``samples`` records per task, ``max_length`` tokens each)."""
+
+    budget: float = Field(default=0.0, ge=0.0, lt=1.0)
+    ridge: float = Field(default=1e-4, ge=0.0)
+
+
 class AlignSpec(_Strict):
     """The align stage. ``check``: refuse inputs whose tensor names, shapes or vocabularies
     differ. ``vocab``: remap every input's embedding rows into one vocabulary (``tokenizer``).
@@ -153,6 +163,7 @@ class AlignSpec(_Strict):
     vocabulary: bool = True
     tokenizer: TokenizerSpec | None = None
     permutation: PermutationSpec | None = None
+    pleas: PleasSpec | None = None
 
 
 class CompressSpec(_Strict):
@@ -329,6 +340,8 @@ class Recipe(_Strict):
                     except RecipeError as exc:
                         problems.append(str(exc))
 
+        if self.align is not None and self.align.method == "pleas":
+            problems += pleas_problems(self)
         check(self.params, "params", False)
         for i, m in enumerate(self.models):
             check(m.params, f"models[{i}].params", True)
@@ -374,6 +387,28 @@ class Recipe(_Strict):
         if spec.rank and spec.energy:
             problems.append("adapter_output: give rank or energy, not both")
         return problems
+
+
+def pleas_problems(recipe: Recipe) -> list[str]:
+    """``align.method: pleas`` hands on copies whose plain average is the PLeaS merge of two
+    models, so the merge must be that average: ``method: linear`` over two models, no base,
+    equal weights, ``normalize`` on."""
+    if recipe.method != "linear":
+        return [
+            f"method: align.method pleas needs method: linear (the average), not {recipe.method}"
+        ]
+    problems = []
+    if len(recipe.models) != 2 or recipe.base is not None:
+        problems.append("models: align.method pleas merges exactly two models and no base")
+    weights = {m.params.get("weight", recipe.params.get("weight", 1.0)) for m in recipe.models}
+    if len(weights) > 1:
+        problems.append(
+            f"models[*].params.weight: align.method pleas needs equal weights,"
+            f" not {sorted(weights)}"
+        )
+    if recipe.params.get("normalize", True) is not True:
+        problems.append("params.normalize: align.method pleas needs the normalized average")
+    return problems
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

@@ -22,6 +22,7 @@ Aligner = Callable[..., dict[str, str]]
 ALIGNERS: dict[str, str] = {
     "weight_matching": "amalgam.align.permutation.aligner:align_weight_matching",
     "activation_matching": "amalgam.align.permutation.aligner:align_activation_matching",
+    "pleas": "amalgam.align.permutation.pleas_copies:align_pleas",
 }
 
 

@@ -9,7 +9,8 @@ if TYPE_CHECKING:
     from amalgam.evaluate.report import EvalReport
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib  # lazy: matplotlib, only when a report is written
 
     matplotlib.use("Agg")
@@ -26,7 +27,7 @@ def _short(tasks: list[str]) -> list[str]:
 
 
 def _bars(path: Path, tasks: list[str], series: dict[str, list[float]], title: str, ylabel: str):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) + 2), 4))
     width = 0.8 / max(1, len(series))
     for i, (label, values) in enumerate(series.items()):
