@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 #: (spec, labelled input URIs (base first), workdir, storage options) -> labelled URIs.
 Aligner = Callable[..., dict[str, str]]
 #: method -> "module:function" of its aligner, imported on use (torch, scipy).
-ALIGNERS: dict[str, str] = {}
+ALIGNERS: dict[str, str] = {
+    "vocab": "amalgam.align.vocab.aligner:align_vocab",
+}
 
 
 def run_align(
