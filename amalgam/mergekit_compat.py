@@ -16,7 +16,9 @@ mergekit's defaults replace amalgam's wherever they differ (a mergekit config mu
 mergekit's math): density defaults to 1 (no sparsification), DARE's rescale is L1-norm
 matching (``rescale: l1``), ``normalize`` is on for linear and ties only. ``weight`` (and
 slerp's ``t``) have no default in mergekit: a config that leaves them unset is refused, as
-mergekit refuses it. Everything else (``slices``, ``modules``, ``tokenizer``, other methods,
+mergekit refuses it. ``tokenizer_source`` and the ``tokenizer:`` section's ``source`` become
+``align: {method: vocab, tokenizer: ...}`` (docs/align-vocab.md; its ``tokens`` and
+``pad_to_multiple_of`` are refused). Everything else (``slices``, ``modules``, other methods,
 unknown parameters, ``model@revision`` references, ...) is refused with a RecipeError that
 names the field and the source file. A ``model+lora`` reference passes through as the model's
 URI: the merge opens the PEFT adapter over that model (``amalgam.adapters``).
@@ -48,12 +50,12 @@ _TOP_LEVEL = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
     "chat_template",
 }
 _REFUSED_TOP_LEVEL = {
     "slices": "layer slices are not supported; merge whole models with 'models'",
     "modules": "per-module definitions are not supported; merge whole models with 'models'",
-    "tokenizer": "tokenizer merging is not supported (amalgam copies the base's tokenizer)",
 }
 _DTYPES = {"float32", "float16", "bfloat16"}
 _BOOL_STRINGS = {
@@ -263,6 +265,9 @@ def translate(data: dict, source: str = "recipe") -> dict:
     files_from = _files_from(data, method, base_path, inputs, refuse)
     if files_from is not None:
         recipe["files_from"] = files_from
+    tokenizer = _tokenizer(data, files_from, base_path, inputs, refuse)
+    if tokenizer is not None:
+        recipe["align"] = {"method": "vocab", "tokenizer": tokenizer}
     return recipe
 
 
@@ -580,15 +585,45 @@ def _files_from(
     """Where config and tokenizer come from: mergekit copies them from the base_model."""
     if data.get("chat_template") is not None:
         raise refuse("chat_template", "setting a chat template is not supported")
-    tokenizer = data.get("tokenizer_source")
-    if tokenizer is not None and (tokenizer != "base" or base_path is None):
-        raise refuse(
-            "tokenizer_source",
-            f"{tokenizer!r} is not supported: only 'base' (with a base_model), which amalgam "
-            "copies as it is",
-        )
     if base_path is None:
         return None
     if method.base == "required":
         return "base"
     return next(inp.label for inp in inputs if inp.path == base_path)
+
+
+def _tokenizer(
+    data: dict, files_from: str | None, base_path: str | None, inputs: list[_Input], refuse: _Refuse
+) -> dict[str, Any] | None:
+    """``tokenizer_source`` or the ``tokenizer:`` section as amalgam's ``align.tokenizer``
+    (``align.method: vocab``); None when the config has neither. mergekit's ``base`` is the
+    base_model (else the first model); a model is named by its path (``model:`` optional)."""
+    legacy, section = data.get("tokenizer_source"), data.get("tokenizer")
+    if legacy is not None and section is not None:
+        raise refuse("tokenizer", "give tokenizer_source or a tokenizer section, not both")
+    field = "tokenizer_source"
+    if section is not None:
+        if not isinstance(section, dict):
+            raise refuse("tokenizer", "expected a mapping")
+        for key in section:
+            if key != "source":
+                raise refuse(f"tokenizer.{key}", "is not supported (only tokenizer.source)")
+        legacy, field = section.get("source", "union"), "tokenizer.source"
+    if legacy is None:
+        return None
+    # files_from names the base_model when the recipe takes it as one of its models
+    base = "base" if files_from in (None, "base") else f"model:{files_from}"
+    if legacy == "union":
+        source = "union"
+    elif legacy == "base" or (
+        base_path is not None and legacy in (base_path, f"model:{base_path}")
+    ):
+        source = base
+    else:
+        path = legacy.removeprefix("model:") if isinstance(legacy, str) else None
+        label = next((inp.label for inp in inputs if inp.path == path), None)
+        if label is None:
+            raise refuse(field, f"{legacy!r} is not 'union', 'base' or one of the models")
+        source = f"model:{label}"
+    # mergekit remaps rows by token whatever their ids, and takes special tokens from the base
+    return {"source": source, "special_tokens": base, "allow_remap": True}
