@@ -1,0 +1,102 @@
+"""mergekit's tokenizer_source and tokenizer section: translated to align.method vocab, and a
+mergekit YAML merges to the same bytes as the native recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from amalgam.engine.options import MergeOptions
+from amalgam.errors import RecipeError
+from amalgam.pipeline import run_pipeline
+from amalgam.recipe import Recipe, load_recipe, parse_recipe
+from tests.align.test_vocab import family, zoo  # noqa: F401  (module fixtures)
+
+
+def mergekit_cfg(paths: dict[str, Path], **tokenizer: object) -> dict:
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(paths["base"]),
+        "models": [
+            {"model": str(paths["a"]), "parameters": {"weight": 0.7}},
+            {"model": str(paths["b"]), "parameters": {"weight": 0.4}},
+        ],
+        **tokenizer,
+    }
+
+
+def test_mergekit_union_gives_the_native_recipes_bytes(family, tmp_path):  # noqa: F811
+    path = tmp_path / "mergekit.yml"
+    path.write_text(yaml.safe_dump(mergekit_cfg(family, tokenizer_source="union")))
+    native = Recipe.model_validate(
+        {
+            "method": "task_arithmetic",
+            "base": str(family["base"]),
+            "models": [
+                {"uri": str(family["a"]), "name": "a", "params": {"weight": 0.7}},
+                {"uri": str(family["b"]), "name": "b", "params": {"weight": 0.4}},
+            ],
+            "params": {"normalize": False, "lambda": 1.0},
+            "files_from": "base",
+            "align": {"method": "vocab", "tokenizer": {"source": "union", "allow_remap": True}},
+        }
+    )
+    outputs = {}
+    for name, recipe in (("mergekit", load_recipe(path)), ("native", native)):
+        out = tmp_path / name
+        run_pipeline(recipe, MergeOptions(output=str(out)))
+        outputs[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert outputs["mergekit"] == outputs["native"]
+    assert "tokenizer.json" in outputs["native"]
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "source"),
+    [
+        ({"tokenizer_source": "union"}, "union"),
+        ({"tokenizer_source": "base"}, "base"),
+        ({"tokenizer": {"source": "union"}}, "union"),
+        ({"tokenizer": {"source": "base"}}, "base"),
+        ({"tokenizer_source": "/m/b"}, "model:b"),
+        ({"tokenizer_source": "model:/m/b"}, "model:b"),
+        ({"tokenizer": {"source": "model:/m/b"}}, "model:b"),
+    ],
+)
+def test_mergekit_tokenizer_forms_translate(tokenizer, source):
+    paths = {"base": Path("/m/base"), "a": Path("/m/a"), "b": Path("/m/b")}
+    spec = parse_recipe(mergekit_cfg(paths, **tokenizer)).align
+    assert spec.method == "vocab"
+    assert spec.tokenizer.source == source
+    assert spec.tokenizer.allow_remap  # mergekit remaps rows by token, whatever their ids
+
+
+def test_mergekit_base_in_the_models_is_named_by_label():
+    data = {
+        "merge_method": "linear",
+        "base_model": "/m/base",
+        "models": [{"model": "/m/a"}, {"model": "/m/base"}],
+        "parameters": {"weight": 1.0},
+        "tokenizer_source": "base",
+    }
+    spec = parse_recipe(data).align.tokenizer
+    assert (spec.source, spec.special_tokens) == ("model:base-2", "model:base-2")
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "field"),
+    [
+        ({"tokenizer_source": "/m/nope"}, "tokenizer_source"),
+        ({"tokenizer": {"source": "/m/nope"}}, "tokenizer.source"),
+        (
+            {"tokenizer": {"source": "union", "pad_to_multiple_of": 8}},
+            "tokenizer.pad_to_multiple_of",
+        ),
+        ({"tokenizer": {"source": "union"}, "tokenizer_source": "union"}, "tokenizer"),
+    ],
+)
+def test_mergekit_tokenizer_refusals_name_the_field(tokenizer, field):
+    paths = {"base": Path("/m/base"), "a": Path("/m/a"), "b": Path("/m/b")}
+    with pytest.raises(RecipeError, match=f"merge.yml: {field}"):
+        parse_recipe(mergekit_cfg(paths, **tokenizer), "merge.yml")
