@@ -79,9 +79,10 @@ def family(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     }
 
 
-def vocab_recipe(family: dict[str, Path], out: Path, **align: object) -> Recipe:
+def vocab_recipe(family: dict[str, Path], out: Path, **extra: object) -> Recipe:
     return Recipe.model_validate(
         {
+            **extra,
             "method": "task_arithmetic",
             "base": str(family["base"]),
             "models": [
@@ -89,7 +90,7 @@ def vocab_recipe(family: dict[str, Path], out: Path, **align: object) -> Recipe:
                 {"uri": str(family["b"]), "params": {"weight": 0.4}},
             ],
             "output": str(out),
-            "align": {"method": "vocab", **align},
+            "align": {"method": "vocab"},
         }
     )
 
@@ -263,3 +264,17 @@ def test_chat_template_and_special_tokens_follow_the_recipe(family, tmp_path):
     assert tok.chat_template == template
     assert tok.eos_token == "</s>"
     assert json.loads((Path(uris["base"]) / "config.json").read_text())["eos_token_id"] == 3
+
+
+@pytest.mark.slow
+def test_row_groups_merge_the_same_on_ray(family, tmp_path):
+    recipe = vocab_recipe(family, tmp_path / "x", max_shard_size=60_000)
+    inputs = {"base": recipe.base, **{m.label: m.uri for m in recipe.models}}
+    uris = run_align(recipe.align, inputs, workdir=str(tmp_path / "work"))
+    outputs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        run_merge(recipe, MergeOptions(read_from=uris, output=str(out), executor=executor))
+        outputs[executor] = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sum(n.endswith(".safetensors") for n in outputs["local"]) > 2
+    assert outputs["local"] == outputs["ray"]
