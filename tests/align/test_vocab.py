@@ -278,3 +278,39 @@ def test_row_groups_merge_the_same_on_ray(family, tmp_path):
         outputs[executor] = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sum(n.endswith(".safetensors") for n in outputs["local"]) > 2
     assert outputs["local"] == outputs["ray"]
+
+
+def test_a_changed_tokenizer_rewrites_the_reused_copies(family, tmp_path):
+    inputs = {k: str(v) for k, v in family.items()}
+    spec = AlignSpec(method="vocab")
+    first = run_align(spec, inputs, workdir=str(tmp_path / "work"))
+    renamed = tmp_path / "b2"
+    shutil.copytree(family["b"], renamed)  # the same weights, <call> renamed to <ask>
+    data = (renamed / "tokenizer.json").read_text().replace("<call>", "<ask>")
+    (renamed / "tokenizer.json").write_text(data)
+    again = run_align(spec, {**inputs, "b": str(renamed)}, workdir=str(tmp_path / "work"))
+    assert again == first
+    tok = AutoTokenizer.from_pretrained(again["a"])
+    assert tok.convert_ids_to_tokens(BASE_TOKENS + 2) == "<ask>"
+
+
+def test_inputs_on_s3(family, s3, tmp_path):
+    fs = s3.filesystem()
+    bucket = s3.make_bucket("vocab-inputs")
+    for label, folder in family.items():
+        fs.put(str(folder), f"{bucket}/{label}", recursive=True)
+    remote = {label: f"s3://{bucket}/{label}" for label in family}
+    local = run_align(
+        AlignSpec(method="vocab"),
+        {k: str(v) for k, v in family.items()},
+        workdir=str(tmp_path / "local"),
+    )
+    uris = run_align(
+        AlignSpec(method="vocab"), remote, workdir=str(tmp_path / "s3"), **s3.storage_options()
+    )
+    for label in family:
+        mine = {p.name: p.read_bytes() for p in Path(uris[label]).iterdir()}
+        theirs = {p.name: p.read_bytes() for p in Path(local[label]).iterdir()}
+        assert mine.keys() == theirs.keys()
+        assert mine["model.safetensors"] == theirs["model.safetensors"]
+        assert mine["tokenizer.json"] == theirs["tokenizer.json"]

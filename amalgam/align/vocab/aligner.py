@@ -3,6 +3,9 @@ with the output tokenizer and an ownership sidecar), or passed on where nothing 
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,80 +31,119 @@ def align_vocab(
     spec: AlignSpec, inputs: dict[str, str], workdir: str, **storage_options: Any
 ) -> dict[str, str]:
     """What the merge reads for each input label: its aligned copy under ``workdir`` (reused
-    when complete), or the input itself when its rows and the tokenizer need no change."""
-    tspec = spec.tokenizer or TokenizerSpec()
+    when complete and made from the same tokenizers), or the input itself when its rows and
+    the tokenizer need no change."""
     ckpts: dict[str, Checkpoint] = {}
     try:
         for label, uri in inputs.items():
             ckpts[label] = open_input(uri, **storage_options)
-        toks = {label: load_tokenizer(label, c) for label, c in ckpts.items()}
-        out = output_tokenizer(tspec, toks)
-        vocabs = {label: vocabulary(t) for label, t in toks.items()}
-        maps = {label: row_map(vocabs[label], out.vocab) for label in ckpts}
-        tables = {label: vocab_tensors(label, c, len(vocabs[label])) for label, c in ckpts.items()}
-        identity = torch.arange(len(out.vocab))
-        base = "base" if "base" in inputs else None
-        uris: dict[str, str] = {}
-        donors: dict[str, torch.Tensor] = {}
-        missing = torch.zeros(len(out.vocab), dtype=torch.bool)
-        for index in maps.values():
-            missing |= index < 0
-        rows = torch.nonzero(missing).flatten()
-        for label, ckpt in ckpts.items():
-            index, names = maps[label], tables[label]
-            same = torch.equal(index, identity)
-            if not out.changed and same and all(ckpt.shape(n)[0] == len(index) for n in names):
+        remap = VocabRemap.of(spec.tokenizer or TokenizerSpec(), ckpts)
+        uris = {}
+        for label in ckpts:
+            if not remap.changes(label):
                 uris[label] = inputs[label]
                 continue
-            uri = storage.join(workdir, label)
-            if not aligned_copy_done(uri, **storage_options):
-                for name in names:
-                    if tspec.init == "auto" and name not in donors and bool((index < 0).any()):
-                        donors[name] = donor_rows(name, rows, maps, ckpts, base)
-                _write(ckpt, uri, out, index, names, tspec.init, donors, rows, storage_options)
-            uris[label] = uri
+            uris[label] = storage.join(workdir, label)
+            side = remap.side_json(label)
+            if not _current(uris[label], side, storage_options):
+                remap.write(label, uris[label], side, storage_options)
         return uris
     finally:
         for c in ckpts.values():
             c.close()
 
 
-def _write(
-    ckpt: Checkpoint,
-    uri: str,
-    out: OutputTokenizer,
-    index: torch.Tensor,
-    names: list[str],
-    init: str,
-    donors: dict[str, torch.Tensor],
-    rows: torch.Tensor,
-    storage_options: dict[str, Any],
-) -> None:
-    """One input's aligned copy: vocabulary tensors remapped, the output tokenizer, config.json
-    sized to it, and which rows the model owns."""
-    lacking = index[rows] < 0  # the model's missing rows among the rows some input lacks
-    targets = set(names)
+@dataclass
+class VocabRemap:
+    """The output tokenizer and, per input, its row map (output id -> its id, or -1) and its
+    vocabulary tensors."""
 
-    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name not in targets:
-            return tensor
-        donor = donors.get(name)
-        return remap_rows(tensor, index, init, None if donor is None else donor[lacking])
+    init: str
+    ckpts: dict[str, Checkpoint]
+    out: OutputTokenizer
+    maps: dict[str, torch.Tensor]
+    tables: dict[str, list[str]]
+    digest: str  # of every input's vocabulary: a reused copy must come from the same ones
+    donors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    files = out.files()
-    config = dict(ckpt.config or {})
-    config["vocab_size"] = len(out.vocab)
-    for attr in SPECIAL:
-        token = getattr(out.tokenizer, attr)
-        if f"{attr}_id" in config and token is not None:
-            config[f"{attr}_id"] = out.vocab[token]
-    owned = ownership_of(index >= 0, names)
-    write_aligned_copy(
-        ckpt,
-        uri,
-        transform,
-        shapes={n: (len(index), *ckpt.shape(n)[1:]) for n in names},
-        side_json={**files, "config.json": config, ROWS_FILE: owned.as_json()},
-        skip_side=tuple(f for f in TOKENIZER_FILES if f not in files),
-        **storage_options,
-    )
+    @classmethod
+    def of(cls, spec: TokenizerSpec, ckpts: dict[str, Checkpoint]) -> VocabRemap:
+        toks = {label: load_tokenizer(label, c) for label, c in ckpts.items()}
+        out = output_tokenizer(spec, toks)
+        vocabs = {label: vocabulary(t) for label, t in toks.items()}
+        maps = {label: row_map(vocabs[label], out.vocab) for label in ckpts}
+        tables = {label: vocab_tensors(label, c, len(vocabs[label])) for label, c in ckpts.items()}
+        blob = json.dumps(vocabs, sort_keys=True, ensure_ascii=False).encode()
+        return cls(spec.init, ckpts, out, maps, tables, hashlib.sha256(blob).hexdigest())
+
+    @property
+    def base(self) -> str | None:
+        return "base" if "base" in self.ckpts else None
+
+    @property
+    def lacking(self) -> torch.Tensor:
+        """Output rows some input lacks (the rows a fill may be needed for)."""
+        missing = torch.stack([index < 0 for index in self.maps.values()]).any(0)
+        return torch.nonzero(missing).flatten()
+
+    def changes(self, label: str) -> bool:
+        """Whether the input needs an aligned copy: new tokenizer, or rows that move."""
+        index, ckpt = self.maps[label], self.ckpts[label]
+        same = torch.equal(index, torch.arange(len(index)))
+        rows = all(ckpt.shape(n)[0] == len(index) for n in self.tables[label])
+        return self.out.changed or not (same and rows)
+
+    def side_json(self, label: str) -> dict[str, Any]:
+        """The copy's JSON files: output tokenizer, config.json sized to it, ownership."""
+        ckpt, index = self.ckpts[label], self.maps[label]
+        config = dict(ckpt.config or {})
+        config["vocab_size"] = len(self.out.vocab)
+        for attr in SPECIAL:
+            token = getattr(self.out.tokenizer, attr)
+            if f"{attr}_id" in config and token is not None:
+                config[f"{attr}_id"] = self.out.vocab[token]
+        owned = ownership_of(index >= 0, self.tables[label]).as_json()
+        rows = {**owned, "vocabularies": self.digest}
+        return {**self.out.files(), "config.json": config, ROWS_FILE: rows}
+
+    def write(
+        self, label: str, uri: str, side: dict[str, Any], storage_options: dict[str, Any]
+    ) -> None:
+        """The aligned copy of ``label``: vocabulary tensors remapped, the rest passed on."""
+        ckpt, index, names = self.ckpts[label], self.maps[label], set(self.tables[label])
+        lacking = self.lacking
+        mine = index[lacking] < 0  # this input's missing rows among the rows some input lacks
+        if self.init == "auto" and bool(mine.any()):
+            for name in names - set(self.donors):
+                self.donors[name] = donor_rows(name, lacking, self.maps, self.ckpts, self.base)
+
+        def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            if name not in names:
+                return tensor
+            donor = self.donors.get(name)
+            return remap_rows(tensor, index, self.init, None if donor is None else donor[mine])
+
+        write_aligned_copy(
+            ckpt,
+            uri,
+            transform,
+            shapes={n: (len(index), *ckpt.shape(n)[1:]) for n in names},
+            side_json=side,
+            skip_side=tuple(f for f in TOKENIZER_FILES if f not in side),
+            **storage_options,
+        )
+
+
+def _current(uri: str, side: dict[str, Any], storage_options: dict[str, Any]) -> bool:
+    """Whether ``uri`` holds a complete copy with exactly these JSON files."""
+    if not aligned_copy_done(uri, **storage_options):
+        return False
+    fs, path = storage.resolve(uri, **storage_options)
+    for name, obj in side.items():
+        file = storage.join(path, name)
+        if not fs.exists(file):
+            return False
+        with fs.open(file, "rb") as fh:
+            if json.loads(fh.read()) != obj:
+                return False
+    return True
