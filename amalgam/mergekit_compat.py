@@ -16,12 +16,13 @@ mergekit's defaults replace amalgam's wherever they differ (a mergekit config mu
 mergekit's math): density defaults to 1 (no sparsification), DARE's rescale is L1-norm
 matching (``rescale: l1``), ``normalize`` is on for linear and ties only. ``weight`` (and
 slerp's ``t``) have no default in mergekit: a config that leaves them unset is refused, as
-mergekit refuses it. ``tokenizer_source`` and the ``tokenizer:`` section's ``source`` become
-``align: {method: vocab, tokenizer: ...}`` (docs/align-vocab.md; its ``tokens`` and
-``pad_to_multiple_of`` are refused). Everything else (``slices``, ``modules``, other methods,
-unknown parameters, ``model@revision`` references, ...) is refused with a RecipeError that
-names the field and the source file. A ``model+lora`` reference passes through as the model's
-URI: the merge opens the PEFT adapter over that model (``amalgam.adapters``).
+mergekit refuses it. ``tokenizer_source`` and the ``tokenizer:`` section (``source``,
+``tokens``) become ``align: {method: vocab, tokenizer: ...}`` (docs/align-vocab.md;
+``pad_to_multiple_of`` and ``kind: model_token`` sources are refused). Everything else
+(``slices``, ``modules``, other methods, unknown parameters, ``model@revision`` references,
+...) is refused with a RecipeError that names the field and the source file. A ``model+lora``
+reference passes through as the model's URI: the merge opens the PEFT adapter over that model
+(``amalgam.adapters``).
 
 Known differences that remain (documented, not refused): TIES trim keeps every entry tied with
 the threshold magnitude, where mergekit's argsort keeps an arbitrary subset of the ties;
@@ -601,29 +602,54 @@ def _tokenizer(
     legacy, section = data.get("tokenizer_source"), data.get("tokenizer")
     if legacy is not None and section is not None:
         raise refuse("tokenizer", "give tokenizer_source or a tokenizer section, not both")
-    field = "tokenizer_source"
+    # files_from names the base_model when the recipe takes it as one of its models
+    base = "base" if files_from in (None, "base") else f"model:{files_from}"
+
+    def model(value: Any, where: str) -> str:
+        if value == "base" or (
+            base_path is not None and value in (base_path, f"model:{base_path}")
+        ):
+            return base
+        path = value.removeprefix("model:") if isinstance(value, str) else None
+        label = next((inp.label for inp in inputs if inp.path == path), None)
+        if label is None:
+            raise refuse(where, f"{value!r} is not 'base' or one of the models")
+        return f"model:{label}"
+
+    out: dict[str, Any] = {"special_tokens": base, "allow_remap": True}
     if section is not None:
         if not isinstance(section, dict):
             raise refuse("tokenizer", "expected a mapping")
         for key in section:
-            if key != "source":
-                raise refuse(f"tokenizer.{key}", "is not supported (only tokenizer.source)")
-        legacy, field = section.get("source", "union"), "tokenizer.source"
+            if key not in ("source", "tokens"):
+                raise refuse(f"tokenizer.{key}", "is not supported (tokenizer.source, tokens)")
+        legacy = section.get("source", "union")
+        out["tokens"] = _token_rows(section.get("tokens") or {}, model, refuse)
     if legacy is None:
         return None
-    # files_from names the base_model when the recipe takes it as one of its models
-    base = "base" if files_from in (None, "base") else f"model:{files_from}"
-    if legacy == "union":
-        source = "union"
-    elif legacy == "base" or (
-        base_path is not None and legacy in (base_path, f"model:{base_path}")
-    ):
-        source = base
-    else:
-        path = legacy.removeprefix("model:") if isinstance(legacy, str) else None
-        label = next((inp.label for inp in inputs if inp.path == path), None)
-        if label is None:
-            raise refuse(field, f"{legacy!r} is not 'union', 'base' or one of the models")
-        source = f"model:{label}"
+    field = "tokenizer.source" if section is not None else "tokenizer_source"
     # mergekit remaps rows by token whatever their ids, and takes special tokens from the base
-    return {"source": source, "special_tokens": base, "allow_remap": True}
+    return {"source": "union" if legacy == "union" else model(legacy, field), **out}
+
+
+def _token_rows(
+    tokens: Any, model: Callable[[Any, str], str], refuse: _Refuse
+) -> dict[str, dict[str, Any]]:
+    """mergekit's ``tokenizer.tokens`` as ``align.tokenizer.tokens``: a source model or
+    ``{kind: zero}``, and ``force``."""
+    if not isinstance(tokens, dict):
+        raise refuse("tokenizer.tokens", "expected a mapping of token -> settings")
+    out = {}
+    for token, settings in tokens.items():
+        where = f"tokenizer.tokens.{token}"
+        if not isinstance(settings, dict) or set(settings) - {"source", "force"}:
+            raise refuse(where, "expected {source: <model> | {kind: zero}, force: <bool>}")
+        source = settings.get("source")
+        if isinstance(source, dict):
+            if source != {"kind": "zero"}:
+                raise refuse(f"{where}.source", "only a model or {kind: zero} is supported")
+            row = "zero"
+        else:
+            row = model(source, f"{where}.source")
+        out[str(token)] = {"source": row, "force": bool(settings.get("force", False))}
+    return out

@@ -123,6 +123,20 @@ class Override(_Strict):
         return _regex(v)
 
 
+class TokenRowSpec(_Strict):
+    """One token's embedding rows (``align.tokenizer.tokens``): ``source`` (``base``,
+    ``model:<label>``: that input's row for the token; ``zero``) fills the inputs that lack the
+    token, or every input with ``force``. A token no input has is added to the vocabulary."""
+
+    source: str
+    force: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return v if v == "zero" else _model_choice(v, "zero, ")
+
+
 class TokenizerSpec(_Strict):
     """The vocabulary of the merged model (``align.method: vocab``; mergekit's
     ``tokenizer_source`` / ``tokenizer:`` section translate to it)."""
@@ -138,6 +152,7 @@ class TokenizerSpec(_Strict):
     # base / model:<label>: a token another input holds under a different id is an error
     # unless remapping it to the output's id is allowed
     allow_remap: bool = False
+    tokens: dict[str, TokenRowSpec] = Field(default_factory=dict)
 
     @field_validator("source")
     @classmethod

@@ -314,3 +314,35 @@ def test_inputs_on_s3(family, s3, tmp_path):
         assert mine.keys() == theirs.keys()
         assert mine["model.safetensors"] == theirs["model.safetensors"]
         assert mine["tokenizer.json"] == theirs["tokenizer.json"]
+
+
+def test_configured_token_rows(family, tmp_path):
+    tokens = {
+        "Ω": {"source": "model:a", "force": True},  # every input takes a's row; only a owns it
+        "<call>": {"source": "zero"},  # the inputs that lack it get zeros
+        "<new>": {"source": "zero"},  # no input has it: added to the vocabulary
+    }
+    recipe = vocab_recipe(family, tmp_path / "out")
+    align = AlignSpec(method="vocab", tokenizer=TokenizerSpec.model_validate({"tokens": tokens}))
+    recipe = recipe.model_copy(update={"align": align})
+    uris, out = aligned_merge(recipe, tmp_path / "work")
+    a, b = (load_file(family[k] / "model.safetensors") for k in ("a", "b"))
+    omega, call, new = BASE_TOKENS + 1, BASE_TOKENS + 2, BASE_TOKENS + 3
+    merged = load_file(out / "model.safetensors")
+    for name in VOCAB:
+        copies = {k: load_file(Path(u) / "model.safetensors")[name] for k, u in uris.items()}
+        assert all(torch.equal(c[omega], a[name][374]) for c in copies.values())
+        assert torch.equal(merged[name][omega], a[name][374])
+        assert not copies["a"][call].any() and not copies["base"][call].any()
+        assert torch.equal(copies["b"][call], b[name][374])
+        assert all(not c[new].any() for c in copies.values())
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_ids_to_tokens(new) == "<new>"
+
+
+def test_configured_token_source_must_have_the_token(family, tmp_path):
+    spec = TokenizerSpec.model_validate({"tokens": {"<tool>": {"source": "model:b"}}})
+    inputs = {k: str(v) for k, v in family.items()}
+    with pytest.raises(VocabError, match=r"align.tokenizer.tokens.<tool>.source: 'b' has no"):
+        run_align(AlignSpec(method="vocab", tokenizer=spec), inputs, workdir=str(tmp_path))
+    assert not any(tmp_path.iterdir())

@@ -100,3 +100,28 @@ def test_mergekit_tokenizer_refusals_name_the_field(tokenizer, field):
     paths = {"base": Path("/m/base"), "a": Path("/m/a"), "b": Path("/m/b")}
     with pytest.raises(RecipeError, match=f"merge.yml: {field}"):
         parse_recipe(mergekit_cfg(paths, **tokenizer), "merge.yml")
+
+
+def test_mergekit_token_sources_translate():
+    paths = {"base": Path("/m/base"), "a": Path("/m/a"), "b": Path("/m/b")}
+    tokens = {
+        "<|im_start|>": {"source": "/m/a"},
+        "<|eot|>": {"source": "/m/b", "force": True},
+        "<pad>": {"source": {"kind": "zero"}},
+    }
+    spec = parse_recipe(mergekit_cfg(paths, tokenizer={"tokens": tokens})).align.tokenizer
+    assert spec.source == "union"
+    got = {t: (r.source, r.force) for t, r in spec.tokens.items()}
+    assert got == {
+        "<|im_start|>": ("model:a", False),
+        "<|eot|>": ("model:b", True),
+        "<pad>": ("zero", False),
+    }
+
+
+def test_mergekit_model_token_source_is_refused():
+    paths = {"base": Path("/m/base"), "a": Path("/m/a"), "b": Path("/m/b")}
+    source = {"kind": "model_token", "model": "/m/a", "token": "<x>"}
+    cfg = mergekit_cfg(paths, tokenizer={"tokens": {"<y>": {"source": source}}})
+    with pytest.raises(RecipeError, match=r"merge.yml: tokenizer.tokens.<y>.source: only a model"):
+        parse_recipe(cfg, "merge.yml")

@@ -19,6 +19,8 @@ from amalgam.align.vocab.tokenizers import (
     SPECIAL,
     TOKENIZER_FILES,
     OutputTokenizer,
+    VocabError,
+    chosen,
     load_tokenizer,
     output_tokenizer,
     vocabulary,
@@ -64,6 +66,8 @@ class VocabRemap:
     maps: dict[str, torch.Tensor]
     tables: dict[str, list[str]]
     digest: str  # of every input's vocabulary: a reused copy must come from the same ones
+    # align.tokenizer.tokens: output id -> (the input whose row it takes, None: zeros; force)
+    configured: dict[int, tuple[str | None, bool]] = field(default_factory=dict)
     donors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -74,7 +78,9 @@ class VocabRemap:
         maps = {label: row_map(vocabs[label], out.vocab) for label in ckpts}
         tables = {label: vocab_tensors(label, c, len(vocabs[label])) for label, c in ckpts.items()}
         blob = json.dumps(vocabs, sort_keys=True, ensure_ascii=False).encode()
-        return cls(spec.init, ckpts, out, maps, tables, hashlib.sha256(blob).hexdigest())
+        digest = hashlib.sha256(blob).hexdigest()
+        configured = _configured(spec, out.vocab, maps)
+        return cls(spec.init, ckpts, out, maps, tables, digest, configured)
 
     @property
     def base(self) -> str | None:
@@ -91,18 +97,40 @@ class VocabRemap:
         index, ckpt = self.maps[label], self.ckpts[label]
         same = torch.equal(index, torch.arange(len(index)))
         rows = all(ckpt.shape(n)[0] == len(index) for n in self.tables[label])
-        return self.out.changed or not (same and rows)
+        return self.out.changed or bool(self.configured) or not (same and rows)
+
+    def owned(self, label: str) -> torch.Tensor:
+        """The output rows ``label`` owns: its tokens' rows; a forced token's row only for the
+        input it comes from (every input for zeros)."""
+        mask = self.maps[label] >= 0
+        for row, (source, force) in self.configured.items():
+            if force:
+                mask[row] = source is None or source == label
+        return mask
+
+    def token_rows(self, name: str) -> dict[int, torch.Tensor]:
+        """Output id -> the configured row of tensor ``name`` (each source read once)."""
+        rows: dict[int, torch.Tensor] = {}
+        for source in {s for s, _ in self.configured.values() if s is not None}:
+            ckpt = self.ckpts[source]
+            if name not in ckpt.tensors:
+                raise VocabError(f"align.tokenizer.tokens: '{source}' has no tensor '{name}'")
+            tensor = ckpt.tensor(name)
+            for row, (s, _) in self.configured.items():
+                if s == source:
+                    rows[row] = tensor[self.maps[source][row]].clone()
+            del tensor
+        return rows
 
     def side_json(self, label: str) -> dict[str, Any]:
         """The copy's JSON files: output tokenizer, config.json sized to it, ownership."""
-        ckpt, index = self.ckpts[label], self.maps[label]
-        config = dict(ckpt.config or {})
+        config = dict(self.ckpts[label].config or {})
         config["vocab_size"] = len(self.out.vocab)
         for attr in SPECIAL:
             token = getattr(self.out.tokenizer, attr)
             if f"{attr}_id" in config and token is not None:
                 config[f"{attr}_id"] = self.out.vocab[token]
-        owned = ownership_of(index >= 0, self.tables[label]).as_json()
+        owned = ownership_of(self.owned(label), self.tables[label]).as_json()
         rows = {**owned, "vocabularies": self.digest}
         return {**self.out.files(), "config.json": config, ROWS_FILE: rows}
 
@@ -121,7 +149,13 @@ class VocabRemap:
             if name not in names:
                 return tensor
             donor = self.donors.get(name)
-            return remap_rows(tensor, index, self.init, None if donor is None else donor[mine])
+            out = remap_rows(tensor, index, self.init, None if donor is None else donor[mine])
+            if self.configured:
+                values = self.token_rows(name)
+                for row, (_, force) in self.configured.items():
+                    if force or index[row] < 0:
+                        out[row] = values.get(row, 0)
+            return out
 
         write_aligned_copy(
             ckpt,
@@ -147,3 +181,20 @@ def _current(uri: str, side: dict[str, Any], storage_options: dict[str, Any]) ->
             if json.loads(fh.read()) != obj:
                 return False
     return True
+
+
+def _configured(
+    spec: TokenizerSpec, vocab: dict[str, int], maps: dict[str, torch.Tensor]
+) -> dict[int, tuple[str | None, bool]]:
+    """``spec.tokens`` by output id, each source resolved to an input that has the token."""
+    labels = list(maps)
+    out: dict[int, tuple[str | None, bool]] = {}
+    for token, row_spec in spec.tokens.items():
+        row, source = vocab[token], None
+        if row_spec.source != "zero":
+            field = f"align.tokenizer.tokens.{token}.source"
+            source = chosen(row_spec.source, labels, field)
+            if maps[source][row] < 0:
+                raise VocabError(f"{field}: '{source}' has no token {token!r}")
+        out[row] = (source, row_spec.force)
+    return out

@@ -119,6 +119,10 @@ def output_tokenizer(
         if not spec.allow_remap:
             _same_ids(source, vocabs)
         out, changed = _copy(toks[source]), source != labels[0]
+    absent = [t for t in spec.tokens if t not in vocabulary(out)]
+    if absent:  # a token the recipe configures and no input has
+        _add(out, absent, set())
+        changed = True
     vocab = vocabulary(out)
     for attr in SPECIAL:
         token = getattr(toks[special_from], attr)
@@ -152,9 +156,6 @@ def _union(
 ) -> PreTrainedTokenizerBase:
     """The reference's tokenizer plus, in input order, each input's tokens it lacks (in that
     input's id order), added as tokens of their own (special where they are special)."""
-    # lazy: tokenizers comes with transformers, as in load_tokenizer
-    from tokenizers import AddedToken
-
     labels = list(toks)
     out = _copy(toks[labels[0]])
     ref = vocabs[labels[0]]
@@ -167,12 +168,20 @@ def _union(
         new = [t for t in sorted(vocabs[label], key=vocabs[label].__getitem__) if t not in seen]
         seen.update(new)
         order += new
-        if new:
-            out.add_tokens([AddedToken(t, normalized=False, special=t in special) for t in new])
+        _add(out, new, special)
     vocab = vocabulary(out)
     if [vocab.get(t) for t in order] != list(range(len(order))) or len(vocab) != len(order):
         raise VocabError("the union tokenizer did not give the new tokens the ids in order")
     return out
+
+
+def _add(tok: PreTrainedTokenizerBase, tokens: list[str], special: set[str]) -> None:
+    """Append ``tokens`` to ``tok`` as tokens of their own, in order."""
+    # lazy: tokenizers comes with transformers, as in load_tokenizer
+    from tokenizers import AddedToken
+
+    if tokens:
+        tok.add_tokens([AddedToken(t, normalized=False, special=t in special) for t in tokens])
 
 
 def _same_ids(source: str, vocabs: dict[str, dict[str, int]]) -> None:
