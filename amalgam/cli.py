@@ -1,5 +1,5 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-decompress, extract-lora, policy (the registry's promotion gates). The orchestration layer
+decompress, permute, extract-lora, policy (the registry's promotion gates). The orchestration layer
 adds the pipeline commands (run, nightly, sweep, promote, serve) to this ``app`` in
 ``flows/cli.py``, the ``amalgam`` entry point."""
 
@@ -266,9 +266,13 @@ def zoo_build(
     out: Annotated[Path | None, typer.Option(help="zoo folder (default .amalgam/zoo)")] = None,
     profile: Annotated[str, typer.Option(help="full | tiny")] = "full",
     force: Annotated[bool, typer.Option(help="rebuild even when cached")] = False,
+    variants: Annotated[
+        bool, typer.Option(help="also build the alignment variants (docs/zoo.md)")
+    ] = False,
 ) -> None:
     """Build (or reuse) the benchmark zoo: base, experts, LoRA adapters, MoE, tasks; prints
-    its folder on stdout (progress goes to stderr)."""
+    its folder on stdout (progress goes to stderr). With --variants, also the alignment
+    variants beside it, whose folder is printed on a second line."""
     # lazy: torch
     from amalgam.zoo.build import build_zoo
 
@@ -276,6 +280,13 @@ def zoo_build(
     zoo = build_zoo(out, profile=profile, force=force, log=lambda m: progress.print(m))
     progress.print(f"zoo ready at {zoo.root}")
     print(zoo.root)
+    if variants:
+        # lazy: torch, as above
+        from amalgam.zoo.variants import build_variants
+
+        built = build_variants(zoo, force=force, log=lambda m: progress.print(m))
+        progress.print(f"variants ready at {built.root}")
+        print(built.root)
 
 
 @app.command()
@@ -375,6 +386,29 @@ def decompress(
         compressed, base, output, overwrite=overwrite, **_storage(storage_options)
     )
     console.print(f"[bold]decompressed[/] {compressed} -> {out}", soft_wrap=True)
+
+
+@app.command()
+def permute(
+    model: Annotated[str, typer.Argument(help="model folder or URI")],
+    output: Annotated[str, typer.Argument(help="folder or URI to write the permuted copy to")],
+    seed: Annotated[int, typer.Option(help="seed of the random permutation")] = 0,
+    residual: Annotated[bool, typer.Option(help="permute the residual stream too")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Write a copy of MODEL with its hidden units randomly permuted: the same function in
+    another basis (docs/align-permutation.md)."""
+    # lazy: torch
+    from amalgam import storage
+    from amalgam.align.permutation.apply import permuted_copy
+
+    options = _storage(storage_options)
+    fs, path = storage.resolve(output, **options)
+    if fs.exists(path) and not overwrite:
+        raise AmalgamError(f"{output}: exists; pass --overwrite to replace it")
+    permuted_copy(model, output, seed, residual=residual, **options)
+    console.print(f"[bold]permuted[/] {model} -> {output} (seed {seed})", soft_wrap=True)
 
 
 @app.command("extract-lora")

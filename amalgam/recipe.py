@@ -172,9 +172,16 @@ def _model_choice(v: str, also: str) -> str:
 
 
 class PermutationSpec(_Strict):
-    """Permutation alignment (``align.method: weight_matching | activation_matching | pleas``)."""
+    """Permutation alignment (``align.method: weight_matching | activation_matching | pleas``):
+    every input's hidden units are permuted onto ``reference``'s (docs/align-permutation.md)."""
 
     data: str | None = None  # task folder or text the activation-driven methods run on
+    reference: str | None = None  # input label; default: the first input (the base if any)
+    residual: bool = False  # also permute the residual stream (one permutation, whole model)
+    seed: int = 0  # order of the coordinate descent over groups
+    max_iter: int = Field(default=100, gt=0)  # coordinate-descent passes at most
+    samples: int = Field(default=64, gt=0)  # activation data: examples (lines) used
+    max_length: int = Field(default=64, gt=0)  # activation data: tokens per example
 
 
 class AlignSpec(_Strict):
