@@ -155,10 +155,21 @@ def merge(
     except ValidationError as exc:
         bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
         raise AmalgamError(bad) from None
+    if recipe.align is not None and recipe.align.method != "check":
+        options = _aligned(recipe, options)
     if plan_only:
         console.print(plan_recipe(recipe, options).describe())
         return
     _print_merge(recipe, _merge_with_progress(recipe, options))
+
+
+def _aligned(recipe: Recipe, options: MergeOptions) -> MergeOptions:
+    """``options`` reading the inputs the recipe's align stage hands on (aligned copies)."""
+    # lazy: the stages import torch
+    from amalgam.stages import AlignStage, FetchInput, FetchStage, execute
+
+    fetched = execute(FetchStage(), FetchInput(recipe, False, options.allow_pickle))
+    return execute(AlignStage(), fetched).merge_options(options)
 
 
 def _merge_with_progress(recipe: Recipe, options: MergeOptions) -> MergeResult:

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from amalgam.engine.options import MergeOptions
 from amalgam.errors import RecipeError
 from amalgam.pipeline import run_pipeline
 from amalgam.recipe import Recipe, load_recipe, parse_recipe
-from tests.align.test_vocab import family, zoo  # noqa: F401  (module fixtures)
+from tests.align.test_vocab import family, swapped, zoo  # noqa: F401  (module fixtures)
+from tests.helpers import run_cli
 
 
 def mergekit_cfg(paths: dict[str, Path], **tokenizer: object) -> dict:
@@ -125,3 +127,32 @@ def test_mergekit_model_token_source_is_refused():
     cfg = mergekit_cfg(paths, tokenizer={"tokens": {"<y>": {"source": source}}})
     with pytest.raises(RecipeError, match=r"merge.yml: tokenizer.tokens.<y>.source: only a model"):
         parse_recipe(cfg, "merge.yml")
+
+
+def test_amalgam_merge_runs_the_vocab_union(family, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(mergekit_cfg(family, tokenizer_source="union")))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["merge", str(path), "--output", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    assert AutoTokenizer.from_pretrained(out).convert_ids_to_tokens(375) == "<call>"
+
+
+def test_amalgam_merge_refuses_a_token_under_another_id(zoo, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))
+    moved = swapped(zoo.experts["zoo_caesar"], tmp_path / "moved", "<pad>", "<unk>")
+    recipe = {
+        "method": "task_arithmetic",
+        "base": str(zoo.base),
+        "models": [{"uri": str(moved)}],
+        "output": str(tmp_path / "out"),
+        "align": {"method": "vocab", "tokenizer": {"source": "base"}},
+    }
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, err = run_cli(["merge", str(path)], monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith("error: token '<unk>' has id 0 in 'moved' but 1 in 'base'")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
