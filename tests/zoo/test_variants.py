@@ -45,6 +45,7 @@ def test_layout_and_manifest(zoo_tiny: Zoo, variants: Variants) -> None:
     assert set(variants.token_experts) == set(variants.token_reference) == set(KNOBS.token_tasks)
     models = [
         variants.second_base,
+        variants.permuted_base,
         *variants.second_experts.values(),
         *variants.token_experts.values(),
         *variants.token_reference.values(),
@@ -104,6 +105,23 @@ def test_the_second_base_is_independent_of_the_first(zoo_tiny: Zoo, variants: Va
     accuracy = found["accuracy"]["main"]
     gains = {t: accuracy[f"second_expert:{t}"][t] - accuracy["second_base"][t] for t in TASKS}
     assert sum(gains.values()) / len(gains) > 0.05, gains
+
+
+def test_the_permuted_base_is_the_base_in_another_basis(zoo_tiny: Zoo, variants: Variants) -> None:
+    base = load_file(zoo_tiny.base / "model.safetensors")
+    permuted = load_file(variants.permuted_base / "model.safetensors")
+    changed = {k for k in base if not torch.equal(base[k], permuted[k])}
+    assert any(".mlp." in k for k in changed) and any(".self_attn." in k for k in changed)
+    assert "model.embed_tokens.weight" not in changed  # the residual stream stays in place
+    prompts = [r["prompt"] for r in read_split(zoo_tiny.tasks_dir, zoo_tiny.task_names[0], "test")]
+    tokenizer = AutoTokenizer.from_pretrained(variants.permuted_base)
+    ids = tokenizer(prompts[:8], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        want = AutoModelForCausalLM.from_pretrained(zoo_tiny.base)(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(variants.permuted_base)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    accuracy = report(variants)["accuracy"]["main"]
+    assert accuracy["permuted_base"] == accuracy["base"]
 
 
 def test_barrier_is_zero_on_the_same_model(zoo_tiny: Zoo) -> None:

@@ -32,6 +32,7 @@ class Variants:
     token_reference: dict[str, Path]
     token_tasks: dict[str, str]
     tasks_dir: Path
+    permuted_base: Path
 
     @classmethod
     def load(cls, root: Path) -> Variants:
@@ -56,12 +57,22 @@ class Variants:
             token_reference=under(paths["token_reference"]),
             token_tasks=dict(manifest["token_tasks"]),
             tasks_dir=root / paths["tasks"],
+            permuted_base=root / paths["permuted_base"],
         )
 
 
+#: The permutation code a permuted copy runs: which permutation a seed draws, how it is applied.
+PERMUTATION_SOURCES = ("spec.py", "apply.py")
+
+
 def source_files() -> list[Path]:
-    """This package's sources: with the main zoo's hash, they decide a variants build."""
-    return sorted(Path(__file__).parent.glob("*.py"))
+    """The code that, with the main zoo's hash, decides a variants build: this package and the
+    permutation code behind `permuted_base`."""
+    permutation = Path(__file__).parents[2] / "align" / "permutation"
+    return [
+        *sorted(Path(__file__).parent.glob("*.py")),
+        *(permutation / name for name in PERMUTATION_SOURCES),
+    ]
 
 
 def variants_hash(zoo: Zoo, knobs: Knobs = KNOBS) -> str:
@@ -81,9 +92,9 @@ def build_variants(
     zoo: Zoo, *, log: Callable[[str], None] = print, force: bool = False
 ) -> Variants:
     """Build the variants of `zoo` (second base and experts, token experts and their
-    reference) and return them; a finished build with the same hash is returned as is unless
-    `force`. Built in a temporary sibling folder renamed into place once its manifest is
-    written, so an interrupted build never looks finished."""
+    reference, a permuted copy of the base) and return them; a finished build with the same
+    hash is returned as is unless `force`. Built in a temporary sibling folder renamed into
+    place once its manifest is written, so an interrupted build never looks finished."""
     root = variants_root(zoo)
     if (root / MANIFEST).is_file() and not force:
         log(f"variants {root.name}: cached at {root}")

@@ -1,4 +1,5 @@
-"""Trains and saves every model of the variants, scores them and writes their report."""
+"""Trains (or permutes) and saves every model of the variants, scores them and writes their
+report."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from amalgam.align.permutation.apply import permuted_copy
 from amalgam.evaluate.quick import quick_evaluate
 from amalgam.evaluate.table import render_markdown
 from amalgam.evaluate.taskdir import read_split
@@ -40,7 +42,8 @@ def build_into(
     returns the manifest's paths and token tasks."""
     tokenizer, splits, pools = prepare_data(config)
     tasks = list(splits)
-    accuracy: dict[str, dict[str, float]] = {}
+    base = AutoModelForCausalLM.from_pretrained(zoo.base, dtype="float32")
+    accuracy = {"base": quick_evaluate(base, tokenizer, zoo.tasks_dir, tasks)}
 
     second = second_profile(config, knobs)
     second_base = train_base(second, tokenizer, splits, log)
@@ -60,11 +63,12 @@ def build_into(
         save_model(expert, tokenizer, tmp / "second_experts" / task)
         accuracy[f"second_expert:{task}"] = quick_evaluate(expert, tokenizer, zoo.tasks_dir, tasks)
 
-    base = AutoModelForCausalLM.from_pretrained(zoo.base, dtype="float32")
-    accuracy["base"] = quick_evaluate(base, tokenizer, zoo.tasks_dir, tasks)
     validation = [encode_examples(tokenizer, s["validation"]) for s in splits.values()]
     connectivity = barrier(base, second_base, validation, tokenizer.pad_token_id)
     log(f"variants: base vs second base, barrier {connectivity['barrier']}")
+    permuted_copy(str(zoo.base), str(tmp / "permuted_base"), seed_for(config, "permuted-base"))
+    permuted = AutoModelForCausalLM.from_pretrained(tmp / "permuted_base", dtype="float32")
+    accuracy["permuted_base"] = quick_evaluate(permuted, tokenizer, zoo.tasks_dir, tasks)
     midpoint = interpolate(base, second_base, 0.5)
     accuracy["average of the bases"] = quick_evaluate(midpoint, tokenizer, zoo.tasks_dir, tasks)
 
@@ -105,6 +109,7 @@ def build_into(
             "token_experts": {key: f"token_experts/{key}" for key in knobs.token_tasks},
             "token_reference": {key: f"token_reference/{key}" for key in knobs.token_tasks},
             "tasks": "tasks",
+            "permuted_base": "permuted_base",
         },
         "token_tasks": token_tasks,
     }
@@ -163,7 +168,8 @@ def write_report(
     (root / "report.json").write_text(json.dumps(report | {"barrier": connectivity}, indent=2))
     text = [f"# amalgam zoo variants, profile `{config.name}`\n"]
     text += ["Test-split accuracy (%), scored like lm-eval `acc`.\n"]
-    for part, title in (("main", "Second base and its experts"), ("token", "Token experts")):
+    titles = {"main": "Second base, its experts, the permuted base", "token": "Token experts"}
+    for part, title in titles.items():
         columns = list(dict.fromkeys(task for row in accuracy[part].values() for task in row))
         text += [f"## {title}\n", render_markdown(accuracy[part], columns)]
     text += [
