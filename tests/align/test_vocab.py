@@ -17,6 +17,7 @@ from amalgam.align import run_align
 from amalgam.align.vocab.tokenizers import VocabError
 from amalgam.engine.options import MergeOptions
 from amalgam.engine.run import run_merge
+from amalgam.errors import PlanError
 from amalgam.pipeline import run_pipeline
 from amalgam.recipe import AlignSpec, Recipe, TokenizerSpec
 from amalgam.zoo import Zoo, build_zoo
@@ -346,3 +347,21 @@ def test_configured_token_source_must_have_the_token(family, tmp_path):
     with pytest.raises(VocabError, match=r"align.tokenizer.tokens.<tool>.source: 'b' has no"):
         run_align(AlignSpec(method="vocab", tokenizer=spec), inputs, workdir=str(tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_data_statistics_methods_refuse_partly_owned_rows(family, tmp_path):
+    uris = run_align(
+        AlignSpec(method="vocab"),
+        {k: str(v) for k, v in family.items()},
+        workdir=str(tmp_path / "work"),
+    )
+    recipe = Recipe.model_validate(
+        {
+            "method": "fisher",
+            "models": [{"uri": str(family[k]), "data": "x.jsonl"} for k in ("a", "b")],
+            "output": str(tmp_path / "out"),
+        }
+    )
+    with pytest.raises(PlanError, match=r"fisher needs data statistics per model.*embed_tokens"):
+        run_merge(recipe, MergeOptions(read_from=uris))
+    assert not (tmp_path / "out").exists()
