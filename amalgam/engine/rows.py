@@ -25,8 +25,18 @@ class RowGroup:
     owners: tuple[int, ...]
     ranges: tuple[tuple[int, int], ...]
 
-    def index(self) -> torch.Tensor:
-        return torch.cat([torch.arange(a, b) for a, b in self.ranges])
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The group's rows of ``t`` (a view when they are one range)."""
+        if len(self.ranges) == 1:
+            return t[self.ranges[0][0] : self.ranges[0][1]]
+        return t.index_select(0, torch.cat([torch.arange(a, b) for a, b in self.ranges]))
+
+    def put(self, out: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write ``rows`` into the group's rows of ``out``."""
+        start = 0
+        for a, b in self.ranges:
+            out[a:b] = rows[start : start + b - a]
+            start += b - a
 
 
 def row_groups(inputs: dict[str, Checkpoint], has_base: bool) -> dict[str, tuple[RowGroup, ...]]:
@@ -62,12 +72,10 @@ def merge_by_rows(
     models = raw[1:] if has_base else raw
     out = torch.empty(raw[0].shape, dtype=torch.float32)
     for g in groups:
-        idx = g.index()
         if len(g.owners) == 1:
-            part = models[g.owners[0]].index_select(0, idx)
+            part = g.take(models[g.owners[0]])
         else:
-            blocks = [models[i].index_select(0, idx) for i in g.owners]
-            base = [raw[0].index_select(0, idx)] if has_base else []
-            part = merge(base + blocks, g.owners)
-        out.index_copy_(0, idx, part.float().cpu())
+            base = [g.take(raw[0])] if has_base else []
+            part = merge(base + [g.take(models[i]) for i in g.owners], g.owners)
+        g.put(out, part.float().cpu())
     return out

@@ -85,10 +85,12 @@ def remap_rows(
     take ``donor`` (``init: auto``, rows in output order of the missing ones), the mean of the
     model's own rows (``mean``) or zeros (``zero``)."""
     have = index >= 0
-    out = torch.zeros((len(index), *tensor.shape[1:]), dtype=tensor.dtype)
-    out[have] = tensor[index[have]]
+    out = tensor.index_select(0, index.clamp(min=0))  # the one copy: rows in output order
     missing = ~have
-    if not bool(missing.any()) or init == "zero":
+    if not bool(missing.any()):
+        return out
+    out[missing] = 0
+    if init == "zero":
         return out
     if init == "mean":
         out[missing] = tensor[index[have]].float().mean(0).to(tensor.dtype)
