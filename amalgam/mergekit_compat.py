@@ -16,10 +16,13 @@ mergekit's defaults replace amalgam's wherever they differ (a mergekit config mu
 mergekit's math): density defaults to 1 (no sparsification), DARE's rescale is L1-norm
 matching (``rescale: l1``), ``normalize`` is on for linear and ties only. ``weight`` (and
 slerp's ``t``) have no default in mergekit: a config that leaves them unset is refused, as
-mergekit refuses it. Everything else (``slices``, ``modules``, ``tokenizer``, other methods,
-unknown parameters, ``model@revision`` references, ...) is refused with a RecipeError that
-names the field and the source file. A ``model+lora`` reference passes through as the model's
-URI: the merge opens the PEFT adapter over that model (``amalgam.adapters``).
+mergekit refuses it. ``tokenizer_source`` and the ``tokenizer:`` section (``source``,
+``tokens``) become ``align: {method: vocab, tokenizer: ...}`` (docs/align-vocab.md;
+``pad_to_multiple_of`` and ``kind: model_token`` sources are refused). Everything else
+(``slices``, ``modules``, other methods, unknown parameters, ``model@revision`` references,
+...) is refused with a RecipeError that names the field and the source file. A ``model+lora``
+reference passes through as the model's URI: the merge opens the PEFT adapter over that model
+(``amalgam.adapters``).
 
 Known differences that remain (documented, not refused): TIES trim keeps every entry tied with
 the threshold magnitude, where mergekit's argsort keeps an arbitrary subset of the ties;
@@ -48,12 +51,12 @@ _TOP_LEVEL = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
     "chat_template",
 }
 _REFUSED_TOP_LEVEL = {
     "slices": "layer slices are not supported; merge whole models with 'models'",
     "modules": "per-module definitions are not supported; merge whole models with 'models'",
-    "tokenizer": "tokenizer merging is not supported (amalgam copies the base's tokenizer)",
 }
 _DTYPES = {"float32", "float16", "bfloat16"}
 _BOOL_STRINGS = {
@@ -263,6 +266,9 @@ def translate(data: dict, source: str = "recipe") -> dict:
     files_from = _files_from(data, method, base_path, inputs, refuse)
     if files_from is not None:
         recipe["files_from"] = files_from
+    tokenizer = _tokenizer(data, files_from, base_path, inputs, refuse)
+    if tokenizer is not None:
+        recipe["align"] = {"method": "vocab", "tokenizer": tokenizer}
     return recipe
 
 
@@ -580,15 +586,70 @@ def _files_from(
     """Where config and tokenizer come from: mergekit copies them from the base_model."""
     if data.get("chat_template") is not None:
         raise refuse("chat_template", "setting a chat template is not supported")
-    tokenizer = data.get("tokenizer_source")
-    if tokenizer is not None and (tokenizer != "base" or base_path is None):
-        raise refuse(
-            "tokenizer_source",
-            f"{tokenizer!r} is not supported: only 'base' (with a base_model), which amalgam "
-            "copies as it is",
-        )
     if base_path is None:
         return None
     if method.base == "required":
         return "base"
     return next(inp.label for inp in inputs if inp.path == base_path)
+
+
+def _tokenizer(
+    data: dict, files_from: str | None, base_path: str | None, inputs: list[_Input], refuse: _Refuse
+) -> dict[str, Any] | None:
+    """``tokenizer_source`` or the ``tokenizer:`` section as amalgam's ``align.tokenizer``
+    (``align.method: vocab``); None when the config has neither. mergekit's ``base`` is the
+    base_model (else the first model); a model is named by its path (``model:`` optional)."""
+    legacy, section = data.get("tokenizer_source"), data.get("tokenizer")
+    if legacy is not None and section is not None:
+        raise refuse("tokenizer", "give tokenizer_source or a tokenizer section, not both")
+    # files_from names the base_model when the recipe takes it as one of its models
+    base = "base" if files_from in (None, "base") else f"model:{files_from}"
+
+    def model(value: Any, where: str) -> str:
+        if value == "base" or (
+            base_path is not None and value in (base_path, f"model:{base_path}")
+        ):
+            return base
+        path = value.removeprefix("model:") if isinstance(value, str) else None
+        label = next((inp.label for inp in inputs if inp.path == path), None)
+        if label is None:
+            raise refuse(where, f"{value!r} is not 'base' or one of the models")
+        return f"model:{label}"
+
+    out: dict[str, Any] = {"special_tokens": base, "allow_remap": True}
+    if section is not None:
+        if not isinstance(section, dict):
+            raise refuse("tokenizer", "expected a mapping")
+        for key in section:
+            if key not in ("source", "tokens"):
+                raise refuse(f"tokenizer.{key}", "is not supported (tokenizer.source, tokens)")
+        legacy = section.get("source", "union")
+        out["tokens"] = _token_rows(section.get("tokens") or {}, model, refuse)
+    if legacy is None:
+        return None
+    field = "tokenizer.source" if section is not None else "tokenizer_source"
+    # mergekit remaps rows by token whatever their ids, and takes special tokens from the base
+    return {"source": "union" if legacy == "union" else model(legacy, field), **out}
+
+
+def _token_rows(
+    tokens: Any, model: Callable[[Any, str], str], refuse: _Refuse
+) -> dict[str, dict[str, Any]]:
+    """mergekit's ``tokenizer.tokens`` as ``align.tokenizer.tokens``: a source model or
+    ``{kind: zero}``, and ``force``."""
+    if not isinstance(tokens, dict):
+        raise refuse("tokenizer.tokens", "expected a mapping of token -> settings")
+    out = {}
+    for token, settings in tokens.items():
+        where = f"tokenizer.tokens.{token}"
+        if not isinstance(settings, dict) or set(settings) - {"source", "force"}:
+            raise refuse(where, "expected {source: <model> | {kind: zero}, force: <bool>}")
+        source = settings.get("source")
+        if isinstance(source, dict):
+            if source != {"kind": "zero"}:
+                raise refuse(f"{where}.source", "only a model or {kind: zero} is supported")
+            row = "zero"
+        else:
+            row = model(source, f"{where}.source")
+        out[str(token)] = {"source": row, "force": bool(settings.get("force", False))}
+    return out

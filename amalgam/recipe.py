@@ -123,11 +123,52 @@ class Override(_Strict):
         return _regex(v)
 
 
+class TokenRowSpec(_Strict):
+    """One token's embedding rows (``align.tokenizer.tokens``): ``source`` (``base``,
+    ``model:<label>``: that input's row for the token; ``zero``) fills the inputs that lack the
+    token, or every input with ``force``. A token no input has is added to the vocabulary."""
+
+    source: str
+    force: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return v if v == "zero" else _model_choice(v, "zero, ")
+
+
 class TokenizerSpec(_Strict):
     """The vocabulary of the merged model (``align.method: vocab``; mergekit's
     ``tokenizer_source`` / ``tokenizer:`` section translate to it)."""
 
     source: str = "union"  # union | base | model:<label>
+    # whose bos/eos/unk/pad tokens the output names (base: the base, else the first model)
+    special_tokens: str = "base"  # base | model:<label>
+    # base | model:<label> | a Jinja template; None: the special_tokens source's template
+    chat_template: str | None = None
+    # a row for a token a model lacks: auto (the base's row, else the mean of the rows of the
+    # models that have the token, else zeros), mean (the mean of the model's own rows), zero
+    init: Literal["auto", "mean", "zero"] = "auto"
+    # base / model:<label>: a token another input holds under a different id is an error
+    # unless remapping it to the output's id is allowed
+    allow_remap: bool = False
+    tokens: dict[str, TokenRowSpec] = Field(default_factory=dict)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return v if v == "union" else _model_choice(v, "union, ")
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _special(cls, v: str) -> str:
+        return _model_choice(v, "")
+
+
+def _model_choice(v: str, also: str) -> str:
+    if v == "base" or (v.startswith("model:") and len(v) > len("model:")):
+        return v
+    raise ValueError(f"{v!r}: expected {also}base or model:<label>")
 
 
 class PermutationSpec(_Strict):

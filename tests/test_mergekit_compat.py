@@ -321,7 +321,9 @@ def test_base_listed_with_parameters_is_dropped_for_base_methods():
 
 
 def test_tokenizer_source_base_is_accepted():
-    assert parse(ties_cfg(tokenizer_source="base")).files_from == "base"
+    r = parse(ties_cfg(tokenizer_source="base"))
+    assert r.files_from == "base"
+    assert r.align.method == "vocab" and r.align.tokenizer.source == "base"
 
 
 def test_load_recipe_detects_a_mergekit_file(tmp_path):
@@ -449,7 +451,11 @@ def drop(path: str) -> Any:
 REFUSALS = [
     (with_("slices", [{"sources": []}]), "slices", "slices"),
     (with_("modules", {}), "modules", "per-module"),
-    (with_("tokenizer", {"source": "union"}), "tokenizer", "tokenizer merging"),
+    (
+        with_("tokenizer", {"pad_to_multiple_of": 8}),
+        "tokenizer.pad_to_multiple_of",
+        "not supported",
+    ),
     (with_("name", "my-merge"), "name", "unknown"),
     (with_("merge_method", "della"), "merge_method", "'della' is not supported"),
     (with_("merge_method", None), "merge_method", "None is not supported"),
@@ -495,7 +501,7 @@ REFUSALS = [
     ),
     (with_("dtype", "float64"), "dtype", "not supported"),
     (with_("out_dtype", "int8"), "out_dtype", "not supported"),
-    (with_("tokenizer_source", "union"), "tokenizer_source", "not supported"),
+    (with_("tokenizer_source", "/m/zzz"), "tokenizer_source", "one of the models"),
     (with_("chat_template", "chatml"), "chat_template", "not supported"),
     # amalgam's own validation, reported with the source too (density must be in (0, 1])
     (with_("models.0.parameters.density", 0.0), "density", "must be in"),
@@ -548,16 +554,6 @@ def test_refused_with_field_and_source(change, field, message):
             {"merge_method": "linear", "models": [{"model": "/m/a"}, {"model": "/m/b"}]},
             "models[0].parameters.weight",
             "no default",
-        ),
-        (
-            {
-                "merge_method": "linear",
-                "models": [{"model": "/m/a"}],
-                "parameters": {"weight": 1},
-                "tokenizer_source": "base",
-            },
-            "tokenizer_source",
-            "with a base_model",
         ),
         (
             {

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 Aligner = Callable[..., dict[str, str]]
 #: method -> "module:function" of its aligner, imported on use (torch, scipy).
 ALIGNERS: dict[str, str] = {
+    "vocab": "amalgam.align.vocab.aligner:align_vocab",
     "weight_matching": "amalgam.align.permutation.aligner:align_weight_matching",
     "activation_matching": "amalgam.align.permutation.aligner:align_activation_matching",
     "pleas": "amalgam.align.permutation.pleas_copies:align_pleas",

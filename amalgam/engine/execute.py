@@ -14,6 +14,7 @@ import torch
 from amalgam.adapters import open_input
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.engine.plan import NormPass, Plan, TensorJob, WholeModelPass, WorkUnit
+from amalgam.engine.rows import merge_by_rows
 from amalgam.errors import MergeError
 from amalgam.methods.base import MergeContext, MergeFn, Method, TensorParams
 from amalgam.methods.params import resolve_params
@@ -144,7 +145,15 @@ def merge_tensor(
     the method, result cast to the planned dtype."""
     if job.copy:  # as stored, or cast to the output dtype (a float tensor kept unmerged)
         return raw[0].to(SAFETENSORS_DTYPES[job.dtype])
-    out = apply_method(ctx, ctx.method.fn, job, raw, model_stats)
+    groups = ctx.plan.rows.get(job.name)
+    if groups:  # rows only some models own: each group over its owners
+
+        def merge(blocks: list[torch.Tensor], owners: tuple[int, ...]) -> torch.Tensor:
+            return apply_method(ctx, ctx.method.fn, job, blocks, owners=owners)
+
+        out = merge_by_rows(groups, raw, ctx.plan.has_base, merge)
+    else:
+        out = apply_method(ctx, ctx.method.fn, job, raw, model_stats)
     return out.to(SAFETENSORS_DTYPES[job.dtype]).cpu()
 
 
@@ -154,10 +163,12 @@ def apply_method(
     job: TensorJob,
     raw: list[torch.Tensor],
     model_stats: tuple[torch.Tensor | None, ...] = (),
+    owners: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """``fn`` (the method's math, or a part of it) on one job's inputs moved to the device,
     with the job's resolved parameters and context (``model_stats``: each model's statistic
-    tensor for this job, for data-driven methods)."""
+    tensor for this job, for data-driven methods; ``owners``: the models ``raw`` holds, by
+    index, when not all of them)."""
     plan, device = ctx.plan, ctx.device
     tensors = [t.to(device) for t in raw]
     base, inputs = (tensors[0], tensors[1:]) if plan.has_base else (None, tensors)
@@ -170,7 +181,10 @@ def apply_method(
         statistics=plan.statistics,
         model_stats=tuple(None if t is None else t.to(device) for t in model_stats),
     )
-    return fn(base, inputs, ctx.params(job.name), merge_ctx)
+    params = ctx.params(job.name)
+    if owners is not None:
+        params = TensorParams(params.shared, tuple(params.per_model[i] for i in owners))
+    return fn(base, inputs, params, merge_ctx)
 
 
 def run_unit(

@@ -14,6 +14,7 @@ from amalgam import __version__
 from amalgam.adapters import AdapterCheckpoint
 from amalgam.align.tensor_sets import TensorSets, tensor_sources
 from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
+from amalgam.engine.rows import RowGroup, row_groups
 from amalgam.errors import PlanError
 from amalgam.methods.base import MergeFn, Method, TensorParams
 from amalgam.methods.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
@@ -164,6 +165,8 @@ class Plan:
     # Inputs that are PEFT adapters (read as base + adapter, tensor by tensor): label -> the
     # adapter's URI.
     adapters: dict[str, str] = field(default_factory=dict)
+    # Tensors whose rows only some models own (vocabulary union): name -> its row groups.
+    rows: dict[str, tuple[RowGroup, ...]] = field(default_factory=dict)
 
     @property
     def jobs(self) -> list[TensorJob]:
@@ -190,6 +193,8 @@ class Plan:
             lines.append(f"  {name}: copied unmerged from '{label}' (extra_tensors)")
         for name in self.dropped:
             lines.append(f"  {name}: left out, not in every input (extra_tensors: drop)")
+        for name, groups in self.rows.items():
+            lines.append(f"  {name}: {len(groups)} row groups, each merged over its owners")
         lines.append("passes:")
         lines += [f"  {i}. {p.describe()}" for i, p in enumerate(self.passes, 1)]
         return "\n".join(lines)
@@ -225,6 +230,12 @@ def build_plan(
     jobs.sort(key=lambda j: j.name)
     layers = [j.layer for j in jobs if j.layer is not None]
     num_layers = _num_layers(ref, layers)
+    rows = row_groups(inputs, recipe.base is not None)
+    if rows and recipe.method_spec.need(DataStatistics) is not None:
+        raise PlanError(
+            f"method {recipe.method} needs data statistics per model; it cannot merge rows only "
+            f"some models own ({', '.join(rows)}: align.method vocab)"
+        )
     metadata = {
         "format": "pt",
         "amalgam_version": __version__,
@@ -244,6 +255,7 @@ def build_plan(
         kept={s.name: s.source for s in sets.taken("keep")},
         dropped=tuple(s.name for s in sets.taken("drop")),
         adapters={k: c.adapter.uri for k, c in inputs.items() if isinstance(c, AdapterCheckpoint)},
+        rows=rows,
     )
 
 
