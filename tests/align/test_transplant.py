@@ -22,6 +22,8 @@ from amalgam import storage
 from amalgam.align.transplant import TransplantError, transplant
 from amalgam.align.transplant.approximate import least_squares_rows, omp, omp_rows
 from amalgam.checkpoint import open_checkpoint
+from amalgam.engine import MergeOptions, run_merge
+from amalgam.recipe import ModelSpec, Recipe
 from amalgam.writer import intact
 from tests.helpers import run_cli
 
@@ -265,6 +267,35 @@ def test_output_on_s3_equals_local(model: Path, tmp_path: Path, s3) -> None:
         for name in a.names():
             assert torch.equal(a.tensor(name), b.tensor(name)), name
     assert intact(*storage.resolve(remote, **opts))
+
+
+def test_transplanting_an_average_equals_averaging_transplants(model: Path, tmp_path: Path) -> None:
+    """Every method is one linear map of the model's rows (its coefficients come from the
+    donor alone), so two models of one base merge the same before or after a transplant."""
+    tokens = [*MODEL_SPECIALS.values(), *LETTERS]
+    other = make_model(tmp_path / "other", tokens, MODEL_SPECIALS, hidden=16, seed=7)
+    donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=32, seed=2)
+
+    def average(models: list[Path], out: Path) -> Path:
+        recipe = Recipe(method="linear", models=[ModelSpec(uri=str(m)) for m in models])
+        run_merge(recipe, MergeOptions(output=str(out), device="cpu"))
+        return out
+
+    for method in ("omp", "least_squares", "subword"):
+        moved = [tmp_path / f"{method}-{m.name}" for m in (model, other)]
+        for source, target in zip((model, other), moved, strict=True):
+            transplant(str(source), str(donor), str(target), method=method)
+        after = average(moved, tmp_path / f"{method}-after")
+        merged = average([model, other], tmp_path / f"{method}-merged")
+        before = tmp_path / f"{method}-before"
+        transplant(str(merged), str(donor), str(before), method=method)
+        with open_checkpoint(str(after)) as a, open_checkpoint(str(before)) as b:
+            assert a.names() == b.names()
+            for name in a.names():
+                torch.testing.assert_close(a.tensor(name), b.tensor(name), atol=1e-5, rtol=1e-5)
+        # and the merge did change the vocabulary rows (the check is not vacuous)
+        with open_checkpoint(str(after)) as a, open_checkpoint(str(moved[0])) as m:
+            assert not torch.equal(a.tensor(EMBED), m.tensor(EMBED))
 
 
 # -- bad input ----------------------------------------------------------------------------------
