@@ -1,7 +1,8 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-decompress, permute, align (connectivity report), extract-lora, policy (the registry's promotion
-gates). The orchestration layer adds the pipeline commands (run, nightly, sweep, promote,
-serve) to this ``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
+decompress, permute, align (connectivity report), extract-lora, transplant (a donor's tokenizer),
+policy (the registry's promotion gates). The orchestration layer adds the pipeline commands
+(run, nightly, sweep, promote, serve) to this ``app`` in ``flows/cli.py``, the ``amalgam``
+entry point."""
 
 from __future__ import annotations
 
@@ -525,6 +526,34 @@ def extract_lora(
         f"energy kept min {summary['energy_min']:.4f} mean {summary['energy_mean']:.4f}\n"
         f"saved whole: {', '.join(result.saved) or 'none'}"
         + (f"\nleft out (changed): {', '.join(result.dropped)}" if result.dropped else ""),
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def transplant(
+    model: Annotated[str, typer.Argument(help="the model folder or URI to give a new tokenizer")],
+    donor: Annotated[str, typer.Argument(help="the model folder or URI whose tokenizer it gets")],
+    output: Annotated[str, typer.Option(help="model folder or URI to write")],
+    method: Annotated[
+        str,
+        typer.Option(help="rows of tokens the model lacks: omp | least_squares | subword"),
+    ] = "omp",
+    k: Annotated[int, typer.Option(help="omp: shared-token anchors per new token")] = 8,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    storage_options: StorageOpt = None,
+) -> None:
+    """Give MODEL the tokenizer of DONOR: rows of shared tokens copied, the others
+    approximated from shared-token anchors (mergekit-tokensurgeon)."""
+    # lazy: torch and tokenizers
+    from amalgam.align.transplant import transplant as run_transplant
+
+    done = run_transplant(
+        model, donor, output, method=method, k=k, overwrite=overwrite, **_storage(storage_options)
+    )
+    console.print(
+        f"[bold]transplanted[/] {model} -> {done.output} ({done.method}): {done.rows} rows, "
+        f"{done.copied} copied, {done.approximated} approximated in {', '.join(done.tables)}",
         soft_wrap=True,
     )
 
