@@ -8,6 +8,7 @@ process (wall time and peak RSS of that process), and compares the outputs. See 
     python benchmarks/speed.py                     # about 0.5B parameters, base + 3
     python benchmarks/speed.py --quick --skip-mergekit   # a smoke run, under a minute
     python benchmarks/speed.py --adapters          # 8 LoRA adapters: amalgam against PEFT
+    python benchmarks/speed.py --align             # weight matching + merge of two models
 """
 
 from __future__ import annotations
@@ -807,6 +808,125 @@ def adapters_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- permutation alignment: align + merge against the plain merge -----------------------------
+
+ALIGN_CHILD = """
+import json, sys, time
+start = time.perf_counter()
+from amalgam.engine import MergeOptions, run_merge
+from amalgam.recipe import load_recipe
+from amalgam.stages.align import aligned_options
+recipe = load_recipe(sys.argv[1])
+imported = time.perf_counter() - start
+options = MergeOptions(output=sys.argv[2], overwrite=True, device="cpu")
+aligned = time.perf_counter()
+options = aligned_options(recipe, options)
+aligned = time.perf_counter() - aligned
+result = run_merge(recipe, options)
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+print("BENCH_RESULT " + json.dumps({"merge_s": result.seconds, "align_s": aligned,
+      "input_bytes": result.input_bytes, "startup_s": imported,
+      "vmhwm_bytes": int(status) * 1024}))
+"""
+
+
+def permuted_expert(expert: Path, seed: int) -> Path:
+    """A copy of ``expert`` with every hidden unit group randomly permuted (cached)."""
+    # lazy: the library, imported only by this benchmark's --align part
+    from amalgam.align.permutation import permuted_copy
+
+    out = expert.with_name(f"{expert.name}-permuted-{seed}")
+    if not (out / "amalgam-commit.json").is_file():
+        permuted_copy(str(expert), str(out), seed=seed)
+    return out
+
+
+def run_align(args: argparse.Namespace, params: float) -> int:
+    """Linear merge of the base with a permuted expert after weight matching, against the
+    plain linear merge of the base with the unpermuted expert, each in a fresh process (wall
+    time, peak RSS); the two outputs must agree (the matching undoes the permutation)."""
+    shape = llama_shape(params)
+    paths = build_family(shape, 1, args.work)
+    permuted = permuted_expert(paths["expert1"], seed=7)
+    runs = args.work / "runs"
+    runs.mkdir(exist_ok=True)
+    home = runs / "align-home"  # a fresh AMALGAM_HOME: the search runs, nothing is reused
+    shutil.rmtree(home, ignore_errors=True)
+    env = {**os.environ, "AMALGAM_HOME": str(home)}
+    state = source_state()
+    results = {}
+    for name, other, align in (
+        ("plain", paths["expert1"], None),
+        ("weight_matching", permuted, {"method": "weight_matching"}),
+    ):
+        recipe = {
+            "models": [{"uri": str(paths["base"])}, {"uri": str(other)}],
+            "method": "linear",
+            "dtype": "bfloat16",
+        }
+        if align:
+            recipe["align"] = align
+        cfg = runs / f"align-{name}.yml"
+        cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        out = runs / f"align-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        child = ALIGN_CHILD if align else AMALGAM_CHILD
+        run = run_child(
+            [sys.executable, "-c", child, str(cfg), str(out)], out.with_suffix(".log"), env
+        )
+        if run.returncode:
+            raise SystemExit(f"amalgam {name} failed:\n{run.output}")
+        results[name] = {"wall_s": run.wall_s, "peak_rss": run.peak_rss, **run.info}
+        print(f"{name}: {run.wall_s:.1f}s, {run.peak_rss / 1e9:.2f} GB", flush=True)
+    agreement = compare(runs / "align-weight_matching", runs / "align-plain")
+    result = {
+        "params": shape.params,
+        "shape": asdict(shape),
+        "machine": machine(),
+        "amalgam_source": state,
+        "runs": results,
+        "compare": agreement,
+        "search": search_report(home),
+    }
+    table = align_markdown(result)
+    stem = "speed-align-quick" if args.quick else "speed-align"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+def search_report(home: Path) -> dict[str, Any]:
+    """The aligner's own report (search time per model) from its work folder."""
+    found = sorted(home.glob("cache/aligned/*/permutations/search.json"))
+    return json.loads(found[0].read_text()) if found else {}
+
+
+def align_markdown(result: dict[str, Any]) -> str:
+    plain, wm, cmp_ = result["runs"]["plain"], result["runs"]["weight_matching"], result["compare"]
+    shape = result["shape"]
+    lines = [
+        f"Two synthetic bf16 Llamas of {result['params'] / 1e6:.0f}M parameters "
+        f"({shape['layers']} layers, hidden {shape['hidden']}); {result['machine']}; amalgam "
+        f"{result['amalgam_source']['commit']}.",
+        "",
+        "| run | wall s | align s | merge s | peak RSS GB |",
+        "|---|---:|---:|---:|---:|",
+        f"| plain linear merge (base + expert) | {plain['wall_s']:.1f} | - | "
+        f"{plain['merge_s']:.1f} | {plain['peak_rss'] / 1e9:.2f} |",
+        f"| weight matching + linear merge (base + permuted expert) | {wm['wall_s']:.1f} | "
+        f"{wm['align_s']:.1f} | {wm['merge_s']:.1f} | {wm['peak_rss'] / 1e9:.2f} |",
+        "",
+        f"Target: peak RSS under 2 GB: {wm['peak_rss'] / 1e9:.2f} GB. Outputs: max |aligned - "
+        f"plain| {cmp_['max_abs_diff']:.3g} over {cmp_['elements']} elements (weight matching "
+        "undid the permutation when this is 0).",
+        "",
+        "align s: the fetch and align stages (hashing, the permutation search, writing the "
+        "aligned copy). Search report: " + json.dumps(result["search"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -837,6 +957,9 @@ def main(argv: list[str] | None = None) -> int:
         help="merge this many LoRA adapters (default 8) with amalgam and with PEFT instead",
     )
     ap.add_argument("--rank", type=int, default=16, help="the adapters' rank (--adapters)")
+    ap.add_argument(
+        "--align", action="store_true", help="weight matching + merge of two models instead"
+    )
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--update-readme", action="store_true", help="put the table in README.md")
     args = ap.parse_args(argv)
@@ -850,6 +973,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.adapters:
         return run_adapters(args, params)
+    if args.align:
+        return run_align(args, params)
     mk_exe = None if args.skip_mergekit else ensure_mergekit(args.work)
     shape = llama_shape(params)
     paths = build_family(shape, args.experts, args.work)
