@@ -833,7 +833,7 @@ print("BENCH_RESULT " + json.dumps({"merge_s": result.seconds, "align_s": aligne
 def permuted_expert(expert: Path, seed: int) -> Path:
     """A copy of ``expert`` with every hidden unit group randomly permuted (cached)."""
     # lazy: the library, imported only by this benchmark's --align part
-    from amalgam.align.permutation import permuted_copy
+    from amalgam.align.permutation.apply import permuted_copy
 
     out = expert.with_name(f"{expert.name}-permuted-{seed}")
     if not (out / "amalgam-commit.json").is_file():
