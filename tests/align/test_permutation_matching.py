@@ -69,23 +69,26 @@ def test_a_rerun_reuses_the_permutations_and_the_copy(tmp_path: Path) -> None:
     assert json.loads(spec_file.read_text())["architecture"] == "llama"
 
 
-def test_activation_matching_recovers_a_permuted_zoo_llama(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("data", "residual"), [("tasks", False), ("text", False), ("tasks", True)])
+def test_activation_matching_recovers_a_permuted_zoo_llama(
+    tmp_path: Path, data: str, residual: bool
+) -> None:
     zoo = tiny_zoo()
-    permuted = Path(permuted_copy(str(zoo.base), str(tmp_path / "p"), 13))
-    text = tmp_path / "lines.txt"
-    prompts = [
-        json.loads(line)["prompt"] for line in (zoo.tasks_dir / "zoo_sort" / "test.jsonl").open()
-    ]
-    text.write_text("\n".join(prompts) + "\n")
-    for data in (zoo.tasks_dir, text):
-        out = align(
-            "activation_matching",
-            {"base": zoo.base, "permuted": permuted},
-            tmp_path / f"work-{data.name}",
-            data=str(data),
-            samples=64,
-        )
-        assert tensors_equal(zoo.base, Path(out["permuted"])) == []
+    permuted = Path(permuted_copy(str(zoo.base), str(tmp_path / "p"), 13, residual=residual))
+    source = zoo.tasks_dir
+    if data == "text":
+        source = tmp_path / "lines.txt"
+        records = (zoo.tasks_dir / "zoo_sort" / "test.jsonl").open()
+        source.write_text("".join(json.loads(line)["prompt"] + "\n" for line in records))
+    out = align(
+        "activation_matching",
+        {"base": zoo.base, "permuted": permuted},
+        tmp_path / "work",
+        data=str(source),
+        samples=64,
+        residual=residual,
+    )
+    assert tensors_equal(zoo.base, Path(out["permuted"])) == []
 
 
 def test_bad_input_is_named(tmp_path: Path) -> None:
