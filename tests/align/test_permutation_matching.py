@@ -1,8 +1,9 @@
 """Weight and activation matching through the align stage's entry (``run_align``): a permuted
-copy of the tiny zoo base (MLP units, KV groups, heads, head dims; and the residual stream)
-and of a seeded random BERT comes back equal to the original in every tensor; experts of the
-base come out as the identity; the permutations are an artifact a re-run reuses; bad input is
-refused with the field, tensor or labels named."""
+copy of the tiny zoo base (MLP units, KV groups, heads, head dims; and the residual stream),
+of a seeded random BERT and of a random Qwen2 (q/k/v biases, tied embeddings) comes back
+equal to the original in every tensor; experts of the base come out as the identity; the
+permutations are an artifact a re-run reuses; bad input is refused with the field, tensor or
+labels named."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from amalgam.align import run_align
@@ -17,7 +19,13 @@ from amalgam.align.permutation.apply import permuted_copy
 from amalgam.errors import PlanError
 from amalgam.pipeline import run_pipeline
 from amalgam.recipe import AlignSpec, parse_recipe
-from tests.align.permutation_models import bert_model, tensors_equal, tiny_zoo
+from tests.align.permutation_models import (
+    bert_model,
+    logit_gap,
+    qwen2_model,
+    tensors_equal,
+    tiny_zoo,
+)
 from tests.helpers import recipe_dict
 
 
@@ -51,6 +59,23 @@ def test_weight_matching_recovers_a_permuted_bert(tmp_path: Path, residual: bool
     out = align("weight_matching", {"a": bert, "b": permuted}, tmp_path / "w", residual=residual)
     assert out["a"] == str(bert)
     assert tensors_equal(bert, permuted) and tensors_equal(bert, Path(out["b"])) == []
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_qwen2_with_biases_keeps_its_logits_and_is_recovered(
+    tmp_path: Path, residual: bool
+) -> None:
+    qwen = qwen2_model(tmp_path / "qwen", seed=5)
+    permuted = Path(permuted_copy(str(qwen), str(tmp_path / "p"), 2, residual=residual))
+    assert any(n.endswith("k_proj.bias") for n in tensors_equal(qwen, permuted))
+    prompts = [torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))]
+    assert (
+        logit_gap(qwen, permuted, prompts)
+        < 1e-4
+        < logit_gap(qwen, qwen2_model(tmp_path / "o", 6), prompts)
+    )
+    out = align("weight_matching", {"base": qwen, "p": permuted}, tmp_path / "w", residual=residual)
+    assert tensors_equal(qwen, Path(out["p"])) == []
 
 
 def test_a_rerun_reuses_the_permutations_and_the_copy(tmp_path: Path) -> None:
