@@ -14,6 +14,7 @@ ordered, so heads are matched as blocks before their dims."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from amalgam.align.permutation.apply import Perms, axis_index
+from amalgam.align.permutation.apply import Perms, axis_index, identity
 from amalgam.align.permutation.spec import AxisMap, Group
 
 Tensors = Callable[[str], torch.Tensor]
@@ -47,9 +48,11 @@ def uses_of(axes: Mapping[str, list[AxisMap]]) -> dict[str, list[Use]]:
     return uses
 
 
-def children_of(axes: Mapping[str, list[AxisMap]], groups: Mapping[str, Group]) -> dict[str, set]:
+def children_of(
+    axes: Mapping[str, list[AxisMap]], groups: Mapping[str, Group]
+) -> dict[str, set[str]]:
     """outer group -> the groups holding one sub-permutation per slot of it."""
-    children: dict[str, set] = {}
+    children: dict[str, set[str]] = {}
     for maps in axes.values():
         for axis_map in maps:
             outer = axis_map.levels[0].group
@@ -67,13 +70,9 @@ def _permuted(
     for axis_map in maps:
         chosen = perms
         if axis_map is skip.axis_map:
-            chosen = {**perms, free: identity_like(perms[free])}
+            chosen = {**perms, free: identity(*perms[free].shape)}
         tensor = tensor.index_select(axis_map.axis, axis_index(axis_map, chosen))
     return tensor
-
-
-def identity_like(perm: torch.Tensor) -> torch.Tensor:
-    return torch.arange(perm.shape[1]).repeat(perm.shape[0], 1)
 
 
 def group_cost(
@@ -89,13 +88,8 @@ def group_cost(
     cost = torch.zeros(spec_group.count, spec_group.size, spec_group.size, dtype=torch.float64)
     for use in uses:
         sizes = [lv.size for lv in use.axis_map.levels]
-        outer = 1
-        for s in sizes[: use.depth]:
-            outer *= s
-        inner = 1
-        for s in sizes[use.depth + 1 :]:
-            inner *= s
-        shape = (outer, sizes[use.depth], inner, -1)
+        inner = math.prod(sizes[use.depth + 1 :])
+        shape = (math.prod(sizes[: use.depth]), sizes[use.depth], inner, -1)
         a = ref(use.name).float().movedim(use.axis_map.axis, 0).reshape(shape)
         m = _permuted(model(use.name).float(), axes[use.name], perms, use, group)
         b = m.movedim(use.axis_map.axis, 0).reshape(shape)
@@ -126,7 +120,7 @@ def coordinate_descent(
     names = sorted(g for g in groups if g in uses)
     children = children_of(axes, groups)
     neighbours = _neighbours(axes)
-    perms: Perms = {n: identity_like(torch.zeros(g.count, g.size)) for n, g in groups.items()}
+    perms: Perms = {n: identity(g.count, g.size) for n, g in groups.items()}
     order = random.Random(seed)
     stale = set(names)
     for passes in range(1, max_iter + 1):
@@ -172,4 +166,4 @@ def _score(cost: torch.Tensor, perm: torch.Tensor) -> float:
 
 def is_identity(perms: Perms) -> bool:
     """Whether every group is left in place."""
-    return all(torch.equal(p, identity_like(p)) for p in perms.values())
+    return all(torch.equal(p, identity(*p.shape)) for p in perms.values())
