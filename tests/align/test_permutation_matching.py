@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from s3server import S3Server
 from safetensors.torch import load_file
 
 from amalgam.align import run_align
 from amalgam.align.permutation.apply import permuted_copy
+from amalgam.checkpoint import Checkpoint
 from amalgam.errors import PlanError
 from amalgam.pipeline import run_pipeline
 from amalgam.recipe import AlignSpec, parse_recipe
@@ -152,3 +154,21 @@ def test_the_pipeline_merges_the_aligned_copy(
     assert tensors_equal(zoo.base, merged["weight_matching"]) == []
     assert tensors_equal(zoo.base, merged["check"])
     assert list((tmp_path / "home" / "cache" / "aligned").glob("*/models/*/model.safetensors"))
+
+
+def test_weight_matching_reads_and_writes_s3(s3: S3Server) -> None:
+    """A permuted copy written to S3 is aligned with the workdir on S3 too: the permutations
+    and the aligned copy land there, and a re-run finds them."""
+    zoo = tiny_zoo()
+    bucket = s3.make_bucket("perm-align")
+    options = s3.storage_options()
+    permuted = permuted_copy(str(zoo.base), f"s3://{bucket}/permuted", 17, **options)
+    spec = AlignSpec(method="weight_matching")
+    inputs = {"base": str(zoo.base), "permuted": permuted}
+    work = f"s3://{bucket}/work"
+    out = run_align(spec, inputs, workdir=work, **options)
+    assert out["permuted"] == f"{work}/models/permuted"
+    base, aligned = Checkpoint(str(zoo.base)), Checkpoint(out["permuted"], **options)
+    assert all(torch.equal(base.tensor(n), aligned.tensor(n)) for n in base.names())
+    assert s3.filesystem().exists(f"{bucket}/work/permutations/permuted.safetensors")
+    assert run_align(spec, inputs, workdir=work, **options) == out
