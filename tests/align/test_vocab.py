@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from amalgam.align import run_align
 from amalgam.align.vocab.tokenizers import VocabError
 from amalgam.engine.options import MergeOptions
 from amalgam.engine.run import run_merge
-from amalgam.errors import PlanError
+from amalgam.errors import AmalgamError, PlanError
 from amalgam.pipeline import run_pipeline
 from amalgam.recipe import AlignSpec, Recipe, TokenizerSpec
 from amalgam.zoo import Zoo, build_zoo
@@ -365,3 +366,28 @@ def test_data_statistics_methods_refuse_partly_owned_rows(family, tmp_path):
     with pytest.raises(PlanError, match=r"fisher needs data statistics per model.*embed_tokens"):
         run_merge(recipe, MergeOptions(read_from=uris))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "message"),
+    [
+        ("{not json", "malformed"),
+        ('{"rows": 376, "owned": [[0, 400]], "tensors": []}', "owned ranges outside 0..376"),
+        (
+            '{"rows": 10, "owned": [[0, 5]], "tensors": ["lm_head.weight"]}',
+            "10 rows of 'lm_head.weight', the tensor has 376",
+        ),
+    ],
+)
+def test_a_bad_ownership_sidecar_is_refused_naming_it(family, tmp_path, sidecar, message):
+    uris = run_align(
+        AlignSpec(method="vocab"),
+        {k: str(v) for k, v in family.items()},
+        workdir=str(tmp_path / "work"),
+    )
+    (Path(uris["b"]) / "amalgam-rows.json").write_text(sidecar)
+    recipe = vocab_recipe(family, tmp_path / "out")
+    with pytest.raises(
+        AmalgamError, match=rf"{uris['b']}/amalgam-rows.json: .*{re.escape(message)}"
+    ):
+        run_merge(recipe, MergeOptions(read_from=uris))
