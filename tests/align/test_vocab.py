@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amalgam.align import run_align
 from amalgam.align.vocab.tokenizers import VocabError
@@ -391,3 +391,24 @@ def test_a_bad_ownership_sidecar_is_refused_naming_it(family, tmp_path, sidecar,
         AmalgamError, match=rf"{uris['b']}/amalgam-rows.json: .*{re.escape(message)}"
     ):
         run_merge(recipe, MergeOptions(read_from=uris))
+
+
+def test_tied_embeddings_are_remapped_once(family, tmp_path):
+    tied = {}
+    for label, folder in family.items():  # the same models, with the LM head tied
+        dest = tmp_path / "tied" / label
+        shutil.copytree(folder, dest)
+        tensors = load_file(folder / "model.safetensors")
+        del tensors["lm_head.weight"]
+        save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        (dest / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        tied[label] = dest
+    _, out = aligned_merge(vocab_recipe(tied, tmp_path / "out"), tmp_path / "work")
+    merged = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in merged
+    a = load_file(tied["a"] / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(merged["model.embed_tokens.weight"][BASE_TOKENS], a[373])  # <tool>
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_output_embeddings().weight.shape[0] == BASE_TOKENS + 3
+    assert torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
