@@ -132,7 +132,7 @@ class VocabRemap:
                 config[f"{attr}_id"] = self.out.vocab[token]
         owned = ownership_of(self.owned(label), self.tables[label]).as_json()
         rows = {**owned, "vocabularies": self.digest}
-        return {**self.out.files(), "config.json": config, ROWS_FILE: rows}
+        return {**self.out.files, "config.json": config, ROWS_FILE: rows}
 
     def write(
         self, label: str, uri: str, side: dict[str, Any], storage_options: dict[str, Any]
