@@ -412,3 +412,19 @@ def test_tied_embeddings_are_remapped_once(family, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.get_output_embeddings().weight.shape[0] == BASE_TOKENS + 3
     assert torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_pad_to_multiple_of_pads_with_each_models_mean_row(family, tmp_path):
+    recipe = vocab_recipe(family, tmp_path / "out")
+    align = AlignSpec(method="vocab", tokenizer=TokenizerSpec(pad_to_multiple_of=64))
+    uris, out = aligned_merge(recipe.model_copy(update={"align": align}), tmp_path / "work")
+    for label in ("a", "b"):
+        own = load_file(family[label] / "model.safetensors")
+        copy = load_file(Path(uris[label]) / "model.safetensors")
+        for name in VOCAB:
+            assert copy[name].shape[0] == 384  # 376 tokens, padded to 6 x 64
+            mean = own[name].mean(0)
+            assert all(torch.allclose(row, mean, atol=1e-7) for row in copy[name][376:])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 384
+    assert len(AutoTokenizer.from_pretrained(out)) == 376
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape[0] == 384

@@ -66,6 +66,7 @@ class VocabRemap:
     maps: dict[str, torch.Tensor]
     tables: dict[str, list[str]]
     digest: str  # of every input's vocabulary: a reused copy must come from the same ones
+    rows: int  # output rows: the vocabulary, padded to align.tokenizer.pad_to_multiple_of
     # align.tokenizer.tokens: output id -> (the input whose row it takes, None: zeros; force)
     configured: dict[int, tuple[str | None, bool]] = field(default_factory=dict)
     donors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -80,7 +81,9 @@ class VocabRemap:
         blob = json.dumps(vocabs, sort_keys=True, ensure_ascii=False).encode()
         digest = hashlib.sha256(blob).hexdigest()
         configured = _configured(spec, out.vocab, maps)
-        return cls(spec.init, ckpts, out, maps, tables, digest, configured)
+        multiple = spec.pad_to_multiple_of or 1
+        rows = -(-len(out.vocab) // multiple) * multiple
+        return cls(spec.init, ckpts, out, maps, tables, digest, rows, configured)
 
     @property
     def base(self) -> str | None:
@@ -96,13 +99,14 @@ class VocabRemap:
         """Whether the input needs an aligned copy: new tokenizer, or rows that move."""
         index, ckpt = self.maps[label], self.ckpts[label]
         same = torch.equal(index, torch.arange(len(index)))
-        rows = all(ckpt.shape(n)[0] == len(index) for n in self.tables[label])
+        rows = all(ckpt.shape(n)[0] == self.rows for n in self.tables[label])
         return self.out.changed or bool(self.configured) or not (same and rows)
 
     def owned(self, label: str) -> torch.Tensor:
         """The output rows ``label`` owns: its tokens' rows; a forced token's row only for the
-        input it comes from (every input for zeros)."""
-        mask = self.maps[label] >= 0
+        input it comes from (every input for zeros); every padding row."""
+        padding = torch.ones(self.rows - len(self.out.vocab), dtype=torch.bool)
+        mask = torch.cat([self.maps[label] >= 0, padding])
         for row, (source, force) in self.configured.items():
             if force:
                 mask[row] = source is None or source == label
@@ -125,7 +129,7 @@ class VocabRemap:
     def side_json(self, label: str) -> dict[str, Any]:
         """The copy's JSON files: output tokenizer, config.json sized to it, ownership."""
         config = dict(self.ckpts[label].config or {})
-        config["vocab_size"] = len(self.out.vocab)
+        config["vocab_size"] = self.rows
         for attr in SPECIAL:
             token = getattr(self.out.tokenizer, attr)
             if f"{attr}_id" in config and token is not None:
@@ -155,13 +159,16 @@ class VocabRemap:
                 for row, (_, force) in self.configured.items():
                     if force or index[row] < 0:
                         out[row] = values.get(row, 0)
+            if self.rows > len(index):  # padding: the model's mean row
+                mean = tensor[index[index >= 0]].float().mean(0).to(tensor.dtype)
+                out = torch.cat([out, mean.expand(self.rows - len(index), *mean.shape)])
             return out
 
         write_aligned_copy(
             ckpt,
             uri,
             transform,
-            shapes={n: (len(index), *ckpt.shape(n)[1:]) for n in names},
+            shapes={n: (self.rows, *ckpt.shape(n)[1:]) for n in names},
             side_json=side,
             skip_side=tuple(f for f in TOKENIZER_FILES if f not in side),
             **storage_options,
