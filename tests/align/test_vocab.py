@@ -428,3 +428,41 @@ def test_pad_to_multiple_of_pads_with_each_models_mean_row(family, tmp_path):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 384
     assert len(AutoTokenizer.from_pretrained(out)) == 376
     assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape[0] == 384
+
+
+def padded(src: Path, dest: Path, rows: int, seed: int) -> Path:
+    """``src`` with its embedding and LM head padded to ``rows`` rows (seeded values); its
+    tokenizer unchanged."""
+    shutil.copytree(src, dest)
+    tensors = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for name in VOCAB:
+        t = tensors[name]
+        tensors[name] = torch.cat([t, torch.randn(rows - t.shape[0], t.shape[1], generator=g)])
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    return dest
+
+
+def test_padding_rows_are_kept(zoo, family, tmp_path):
+    # one vocabulary, padded alike: nothing to align
+    same = {
+        label: str(padded(src, tmp_path / label, 400, i))
+        for i, (label, src) in enumerate(
+            (("base", zoo.base), ("x", zoo.experts["zoo_sort"]), ("y", zoo.experts["zoo_count"]))
+        )
+    }
+    assert run_align(AlignSpec(method="vocab"), same, workdir=str(tmp_path / "w1")) == same
+    # a padded base under the union: its padding past the new tokens is kept, and a model
+    # without padding takes its mean row there
+    inputs = {**{k: str(v) for k, v in family.items()}, "base": same["base"]}
+    uris = run_align(AlignSpec(method="vocab"), inputs, workdir=str(tmp_path / "w2"))
+    base = load_file(Path(same["base"]) / "model.safetensors")
+    a = load_file(family["a"] / "model.safetensors")
+    for name in VOCAB:
+        base_copy = load_file(Path(uris["base"]) / "model.safetensors")[name]
+        a_copy = load_file(Path(uris["a"]) / "model.safetensors")[name]
+        assert base_copy.shape[0] == a_copy.shape[0] == 400
+        assert torch.equal(base_copy[376:], base[name][376:])
+        assert torch.allclose(a_copy[376:], a[name].mean(0).expand(24, -1), atol=1e-7)

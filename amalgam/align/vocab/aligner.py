@@ -14,7 +14,7 @@ from amalgam import storage
 from amalgam.adapters import open_input
 from amalgam.align.copies import aligned_copy_done, write_aligned_copy
 from amalgam.align.vocab.ownership import ROWS_FILE, ownership_of
-from amalgam.align.vocab.remap import donor_rows, remap_rows, row_map, vocab_tensors
+from amalgam.align.vocab.remap import donor_rows, pad_rows, remap_rows, row_map, vocab_tensors
 from amalgam.align.vocab.tokenizers import (
     SPECIAL,
     TOKENIZER_FILES,
@@ -66,7 +66,8 @@ class VocabRemap:
     maps: dict[str, torch.Tensor]
     tables: dict[str, list[str]]
     digest: str  # of every input's vocabulary: a reused copy must come from the same ones
-    rows: int  # output rows: the vocabulary, padded to align.tokenizer.pad_to_multiple_of
+    rows: int  # output rows: the vocabulary and its padding
+    tokens: dict[str, int]  # each input's vocabulary size (its rows past it are padding)
     # align.tokenizer.tokens: output id -> (the input whose row it takes, None: zeros; force)
     configured: dict[int, tuple[str | None, bool]] = field(default_factory=dict)
     donors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -81,9 +82,15 @@ class VocabRemap:
         blob = json.dumps(vocabs, sort_keys=True, ensure_ascii=False).encode()
         digest = hashlib.sha256(blob).hexdigest()
         configured = _configured(spec, out.vocab, maps)
+        # padding: the reference's rows past the vocabulary, or up to the multiple asked for
+        first = next(iter(ckpts))
         multiple = spec.pad_to_multiple_of or 1
-        rows = -(-len(out.vocab) // multiple) * multiple
-        return cls(spec.init, ckpts, out, maps, tables, digest, rows, configured)
+        kept = (
+            0 if spec.pad_to_multiple_of else max(ckpts[first].shape(n)[0] for n in tables[first])
+        )
+        rows = max(-(-len(out.vocab) // multiple) * multiple, kept)
+        tokens = {label: len(v) for label, v in vocabs.items()}
+        return cls(spec.init, ckpts, out, maps, tables, digest, rows, tokens, configured)
 
     @property
     def base(self) -> str | None:
@@ -159,10 +166,7 @@ class VocabRemap:
                 for row, (_, force) in self.configured.items():
                     if force or index[row] < 0:
                         out[row] = values.get(row, 0)
-            if self.rows > len(index):  # padding: the model's mean row
-                mean = tensor[index[index >= 0]].float().mean(0).to(tensor.dtype)
-                out = torch.cat([out, mean.expand(self.rows - len(index), *mean.shape)])
-            return out
+            return pad_rows(out, tensor, index, self.tokens[label], self.rows)
 
         write_aligned_copy(
             ckpt,
