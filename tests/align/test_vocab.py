@@ -466,3 +466,22 @@ def test_padding_rows_are_kept(zoo, family, tmp_path):
         assert base_copy.shape[0] == a_copy.shape[0] == 400
         assert torch.equal(base_copy[376:], base[name][376:])
         assert torch.allclose(a_copy[376:], a[name].mean(0).expand(24, -1), atol=1e-7)
+
+
+def test_continual_merge_carries_rows_only_one_model_has(family, tmp_path):
+    recipe = Recipe.model_validate(
+        {
+            "method": "continual_avg",
+            "base": str(family["base"]),
+            "models": [{"uri": str(family["a"])}, {"uri": str(family["b"])}],
+            "output": str(tmp_path / "out"),
+            "align": {"method": "vocab"},
+        }
+    )
+    _, out = aligned_merge(recipe, tmp_path / "work")
+    merged = load_file(out / "model.safetensors")
+    a, b = (load_file(family[k] / "model.safetensors") for k in ("a", "b"))
+    for name in VOCAB:
+        assert torch.allclose(merged[name][:373], (a[name][:373] + b[name][:373]) / 2, atol=1e-6)
+        assert torch.equal(merged[name][373], a[name][373])  # <tool>: a's, kept by step 2
+        assert torch.allclose(merged[name][374], (a[name][374] + b[name][373]) / 2, atol=1e-6)
