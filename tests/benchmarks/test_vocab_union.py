@@ -16,8 +16,11 @@ def test_tiny_run_scores_both_merges_and_round_trips(monkeypatch, tmp_path) -> N
     tasks = result["tasks"]
     assert len(tasks) == 2
     row = result["merges"]["task_arithmetic"]
-    for kind in ("union", "reference"):
+    for kind in ("union", "reference", "without ownership, init mean"):
         assert set(row[kind]) == set(tasks)
         assert all(0.0 <= row[kind][t] <= 100.0 for t in tasks)
     assert row["round_trip"]["tokens"] > 1000 and row["round_trip"]["failed"] == 0
+    # the added tokens' rows are their expert's; a mean fill merged without ownership moves them
+    assert row["row_error"]["union"] == 0.0
+    assert row["row_error"]["without ownership, init mean"] > 0.05
     assert "| task_arithmetic union |" in bench.markdown(result)
