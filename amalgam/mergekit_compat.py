@@ -17,8 +17,8 @@ mergekit's math): density defaults to 1 (no sparsification), DARE's rescale is L
 matching (``rescale: l1``), ``normalize`` is on for linear and ties only. ``weight`` (and
 slerp's ``t``) have no default in mergekit: a config that leaves them unset is refused, as
 mergekit refuses it. ``tokenizer_source`` and the ``tokenizer:`` section (``source``,
-``tokens``) become ``align: {method: vocab, tokenizer: ...}`` (docs/align-vocab.md;
-``pad_to_multiple_of`` and ``kind: model_token`` sources are refused). Everything else
+``tokens``, ``pad_to_multiple_of``) become ``align: {method: vocab, tokenizer: ...}``
+(docs/align-vocab.md; ``kind: model_token`` sources are refused). Everything else
 (``slices``, ``modules``, other methods, unknown parameters, ``model@revision`` references,
 ...) is refused with a RecipeError that names the field and the source file. A ``model+lora``
 reference passes through as the model's URI: the merge opens the PEFT adapter over that model
@@ -621,10 +621,13 @@ def _tokenizer(
         if not isinstance(section, dict):
             raise refuse("tokenizer", "expected a mapping")
         for key in section:
-            if key not in ("source", "tokens"):
-                raise refuse(f"tokenizer.{key}", "is not supported (tokenizer.source, tokens)")
+            if key not in ("source", "tokens", "pad_to_multiple_of"):
+                supported = "source, tokens, pad_to_multiple_of"
+                raise refuse(f"tokenizer.{key}", f"is not supported (tokenizer: {supported})")
         legacy = section.get("source", "union")
         out["tokens"] = _token_rows(section.get("tokens") or {}, model, refuse)
+        if section.get("pad_to_multiple_of") is not None:
+            out["pad_to_multiple_of"] = section["pad_to_multiple_of"]
     if legacy is None:
         return None
     field = "tokenizer.source" if section is not None else "tokenizer_source"

@@ -153,6 +153,8 @@ class TokenizerSpec(_Strict):
     # unless remapping it to the output's id is allowed
     allow_remap: bool = False
     tokens: dict[str, TokenRowSpec] = Field(default_factory=dict)
+    # rows rounded up to a multiple (padding rows: each model's mean row; vocab_size with them)
+    pad_to_multiple_of: int | None = Field(default=None, gt=0)
 
     @field_validator("source")
     @classmethod

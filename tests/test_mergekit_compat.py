@@ -451,11 +451,7 @@ def drop(path: str) -> Any:
 REFUSALS = [
     (with_("slices", [{"sources": []}]), "slices", "slices"),
     (with_("modules", {}), "modules", "per-module"),
-    (
-        with_("tokenizer", {"pad_to_multiple_of": 8}),
-        "tokenizer.pad_to_multiple_of",
-        "not supported",
-    ),
+    (with_("tokenizer", {"strip": True}), "tokenizer.strip", "not supported"),
     (with_("name", "my-merge"), "name", "unknown"),
     (with_("merge_method", "della"), "merge_method", "'della' is not supported"),
     (with_("merge_method", None), "merge_method", "None is not supported"),

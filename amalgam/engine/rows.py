@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from amalgam.align.vocab.ownership import mask_ranges, read_ownership
+from amalgam.align.vocab.ownership import ROWS_FILE, mask_ranges, read_ownership
 from amalgam.checkpoint import Checkpoint
+from amalgam.errors import PlanError
 
 #: (input row blocks, base first when the plan has one; owners as model indices) -> merged rows
 MergeRows = Callable[[list[torch.Tensor], tuple[int, ...]], torch.Tensor]
@@ -47,19 +48,23 @@ def row_groups(inputs: dict[str, Checkpoint], has_base: bool) -> dict[str, tuple
     names = sorted({n for o in owned if o is not None for n in o.tensors})
     groups: dict[str, tuple[RowGroup, ...]] = {}
     for name in names:
-        rows = models[0].shape(name)[0]
-        masks = [
-            o.mask() if o is not None and name in o.tensors else torch.ones(rows, dtype=torch.bool)
-            for o in owned
-        ]
-        if all(bool(m.all()) for m in masks):
+        rows = next(c.shape(name)[0] for c in models if name in c.tensors)
+        masks = []
+        for c, o in zip(models, owned, strict=True):
+            if o is not None and name in o.tensors and o.rows != rows:
+                raise PlanError(
+                    f"{c.uri}/{ROWS_FILE}: {o.rows} rows of '{name}', the tensor has {rows}"
+                )
+            has = o is not None and name in o.tensors
+            masks.append(o.mask() if has else torch.ones(rows, dtype=torch.bool))
+        stacked = torch.stack(masks, dim=1)  # rows x models: who owns each row
+        if bool(stacked.all()):
             continue
-        # one integer per row: bit i set when model i owns it
-        code = sum(m.long() << i for i, m in enumerate(masks))
+        sets, which = torch.unique(stacked, dim=0, return_inverse=True)
         out = []
-        for value in torch.unique(code).tolist():
-            owners = tuple(i for i in range(len(masks)) if value >> i & 1)
-            out.append(RowGroup(owners or tuple(range(len(masks))), mask_ranges(code == value)))
+        for k, owners_mask in enumerate(sets.tolist()):
+            owners = tuple(i for i, owns in enumerate(owners_mask) if owns)
+            out.append(RowGroup(owners or tuple(range(len(models))), mask_ranges(which == k)))
         groups[name] = tuple(out)
     return groups
 

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amalgam.align import run_align
 from amalgam.align.vocab.tokenizers import VocabError
 from amalgam.engine.options import MergeOptions
 from amalgam.engine.run import run_merge
-from amalgam.errors import PlanError
+from amalgam.errors import AmalgamError, PlanError
 from amalgam.pipeline import run_pipeline
 from amalgam.recipe import AlignSpec, Recipe, TokenizerSpec
 from amalgam.zoo import Zoo, build_zoo
@@ -365,3 +366,122 @@ def test_data_statistics_methods_refuse_partly_owned_rows(family, tmp_path):
     with pytest.raises(PlanError, match=r"fisher needs data statistics per model.*embed_tokens"):
         run_merge(recipe, MergeOptions(read_from=uris))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "message"),
+    [
+        ("{not json", "malformed"),
+        ('{"rows": 376, "owned": [[0, 400]], "tensors": []}', "owned ranges outside 0..376"),
+        (
+            '{"rows": 10, "owned": [[0, 5]], "tensors": ["lm_head.weight"]}',
+            "10 rows of 'lm_head.weight', the tensor has 376",
+        ),
+    ],
+)
+def test_a_bad_ownership_sidecar_is_refused_naming_it(family, tmp_path, sidecar, message):
+    uris = run_align(
+        AlignSpec(method="vocab"),
+        {k: str(v) for k, v in family.items()},
+        workdir=str(tmp_path / "work"),
+    )
+    (Path(uris["b"]) / "amalgam-rows.json").write_text(sidecar)
+    recipe = vocab_recipe(family, tmp_path / "out")
+    with pytest.raises(
+        AmalgamError, match=rf"{uris['b']}/amalgam-rows.json: .*{re.escape(message)}"
+    ):
+        run_merge(recipe, MergeOptions(read_from=uris))
+
+
+def test_tied_embeddings_are_remapped_once(family, tmp_path):
+    tied = {}
+    for label, folder in family.items():  # the same models, with the LM head tied
+        dest = tmp_path / "tied" / label
+        shutil.copytree(folder, dest)
+        tensors = load_file(folder / "model.safetensors")
+        del tensors["lm_head.weight"]
+        save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        (dest / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        tied[label] = dest
+    _, out = aligned_merge(vocab_recipe(tied, tmp_path / "out"), tmp_path / "work")
+    merged = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in merged
+    a = load_file(tied["a"] / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(merged["model.embed_tokens.weight"][BASE_TOKENS], a[373])  # <tool>
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_output_embeddings().weight.shape[0] == BASE_TOKENS + 3
+    assert torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
+
+
+def test_pad_to_multiple_of_pads_with_each_models_mean_row(family, tmp_path):
+    recipe = vocab_recipe(family, tmp_path / "out")
+    align = AlignSpec(method="vocab", tokenizer=TokenizerSpec(pad_to_multiple_of=64))
+    uris, out = aligned_merge(recipe.model_copy(update={"align": align}), tmp_path / "work")
+    for label in ("a", "b"):
+        own = load_file(family[label] / "model.safetensors")
+        copy = load_file(Path(uris[label]) / "model.safetensors")
+        for name in VOCAB:
+            assert copy[name].shape[0] == 384  # 376 tokens, padded to 6 x 64
+            mean = own[name].mean(0)
+            assert all(torch.allclose(row, mean, atol=1e-7) for row in copy[name][376:])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 384
+    assert len(AutoTokenizer.from_pretrained(out)) == 376
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight.shape[0] == 384
+
+
+def padded(src: Path, dest: Path, rows: int, seed: int) -> Path:
+    """``src`` with its embedding and LM head padded to ``rows`` rows (seeded values); its
+    tokenizer unchanged."""
+    shutil.copytree(src, dest)
+    tensors = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for name in VOCAB:
+        t = tensors[name]
+        tensors[name] = torch.cat([t, torch.randn(rows - t.shape[0], t.shape[1], generator=g)])
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    return dest
+
+
+def test_padding_rows_are_kept(zoo, family, tmp_path):
+    # one vocabulary, padded alike: nothing to align
+    same = {
+        label: str(padded(src, tmp_path / label, 400, i))
+        for i, (label, src) in enumerate(
+            (("base", zoo.base), ("x", zoo.experts["zoo_sort"]), ("y", zoo.experts["zoo_count"]))
+        )
+    }
+    assert run_align(AlignSpec(method="vocab"), same, workdir=str(tmp_path / "w1")) == same
+    # a padded base under the union: its padding past the new tokens is kept, and a model
+    # without padding takes its mean row there
+    inputs = {**{k: str(v) for k, v in family.items()}, "base": same["base"]}
+    uris = run_align(AlignSpec(method="vocab"), inputs, workdir=str(tmp_path / "w2"))
+    base = load_file(Path(same["base"]) / "model.safetensors")
+    a = load_file(family["a"] / "model.safetensors")
+    for name in VOCAB:
+        base_copy = load_file(Path(uris["base"]) / "model.safetensors")[name]
+        a_copy = load_file(Path(uris["a"]) / "model.safetensors")[name]
+        assert base_copy.shape[0] == a_copy.shape[0] == 400
+        assert torch.equal(base_copy[376:], base[name][376:])
+        assert torch.allclose(a_copy[376:], a[name].mean(0).expand(24, -1), atol=1e-7)
+
+
+def test_continual_merge_carries_rows_only_one_model_has(family, tmp_path):
+    recipe = Recipe.model_validate(
+        {
+            "method": "continual_avg",
+            "base": str(family["base"]),
+            "models": [{"uri": str(family["a"])}, {"uri": str(family["b"])}],
+            "output": str(tmp_path / "out"),
+            "align": {"method": "vocab"},
+        }
+    )
+    _, out = aligned_merge(recipe, tmp_path / "work")
+    merged = load_file(out / "model.safetensors")
+    a, b = (load_file(family[k] / "model.safetensors") for k in ("a", "b"))
+    for name in VOCAB:
+        assert torch.allclose(merged[name][:373], (a[name][:373] + b[name][:373]) / 2, atol=1e-6)
+        assert torch.equal(merged[name][373], a[name][373])  # <tool>: a's, kept by step 2
+        assert torch.allclose(merged[name][374], (a[name][374] + b[name][373]) / 2, atol=1e-6)

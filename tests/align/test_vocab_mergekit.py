@@ -91,10 +91,7 @@ def test_mergekit_base_in_the_models_is_named_by_label():
     [
         ({"tokenizer_source": "/m/nope"}, "tokenizer_source"),
         ({"tokenizer": {"source": "/m/nope"}}, "tokenizer.source"),
-        (
-            {"tokenizer": {"source": "union", "pad_to_multiple_of": 8}},
-            "tokenizer.pad_to_multiple_of",
-        ),
+        ({"tokenizer": {"source": "union", "strip": True}}, "tokenizer.strip"),
         ({"tokenizer": {"source": "union"}, "tokenizer_source": "union"}, "tokenizer"),
     ],
 )
@@ -111,8 +108,9 @@ def test_mergekit_token_sources_translate():
         "<|eot|>": {"source": "/m/b", "force": True},
         "<pad>": {"source": {"kind": "zero"}},
     }
-    spec = parse_recipe(mergekit_cfg(paths, tokenizer={"tokens": tokens})).align.tokenizer
-    assert spec.source == "union"
+    tokenizer = {"tokens": tokens, "pad_to_multiple_of": 64}
+    spec = parse_recipe(mergekit_cfg(paths, tokenizer=tokenizer)).align.tokenizer
+    assert (spec.source, spec.pad_to_multiple_of) == ("union", 64)
     got = {t: (r.source, r.force) for t, r in spec.tokens.items()}
     assert got == {
         "<|im_start|>": ("model:a", False),

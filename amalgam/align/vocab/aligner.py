@@ -14,7 +14,7 @@ from amalgam import storage
 from amalgam.adapters import open_input
 from amalgam.align.copies import aligned_copy_done, write_aligned_copy
 from amalgam.align.vocab.ownership import ROWS_FILE, ownership_of
-from amalgam.align.vocab.remap import donor_rows, remap_rows, row_map, vocab_tensors
+from amalgam.align.vocab.remap import donor_rows, pad_rows, remap_rows, row_map, vocab_tensors
 from amalgam.align.vocab.tokenizers import (
     SPECIAL,
     TOKENIZER_FILES,
@@ -66,6 +66,8 @@ class VocabRemap:
     maps: dict[str, torch.Tensor]
     tables: dict[str, list[str]]
     digest: str  # of every input's vocabulary: a reused copy must come from the same ones
+    rows: int  # output rows: the vocabulary and its padding
+    tokens: dict[str, int]  # each input's vocabulary size (its rows past it are padding)
     # align.tokenizer.tokens: output id -> (the input whose row it takes, None: zeros; force)
     configured: dict[int, tuple[str | None, bool]] = field(default_factory=dict)
     donors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -80,7 +82,15 @@ class VocabRemap:
         blob = json.dumps(vocabs, sort_keys=True, ensure_ascii=False).encode()
         digest = hashlib.sha256(blob).hexdigest()
         configured = _configured(spec, out.vocab, maps)
-        return cls(spec.init, ckpts, out, maps, tables, digest, configured)
+        # padding: the reference's rows past the vocabulary, or up to the multiple asked for
+        first = next(iter(ckpts))
+        multiple = spec.pad_to_multiple_of or 1
+        kept = (
+            0 if spec.pad_to_multiple_of else max(ckpts[first].shape(n)[0] for n in tables[first])
+        )
+        rows = max(-(-len(out.vocab) // multiple) * multiple, kept)
+        tokens = {label: len(v) for label, v in vocabs.items()}
+        return cls(spec.init, ckpts, out, maps, tables, digest, rows, tokens, configured)
 
     @property
     def base(self) -> str | None:
@@ -96,13 +106,14 @@ class VocabRemap:
         """Whether the input needs an aligned copy: new tokenizer, or rows that move."""
         index, ckpt = self.maps[label], self.ckpts[label]
         same = torch.equal(index, torch.arange(len(index)))
-        rows = all(ckpt.shape(n)[0] == len(index) for n in self.tables[label])
+        rows = all(ckpt.shape(n)[0] == self.rows for n in self.tables[label])
         return self.out.changed or bool(self.configured) or not (same and rows)
 
     def owned(self, label: str) -> torch.Tensor:
         """The output rows ``label`` owns: its tokens' rows; a forced token's row only for the
-        input it comes from (every input for zeros)."""
-        mask = self.maps[label] >= 0
+        input it comes from (every input for zeros); every padding row."""
+        padding = torch.ones(self.rows - len(self.out.vocab), dtype=torch.bool)
+        mask = torch.cat([self.maps[label] >= 0, padding])
         for row, (source, force) in self.configured.items():
             if force:
                 mask[row] = source is None or source == label
@@ -125,14 +136,14 @@ class VocabRemap:
     def side_json(self, label: str) -> dict[str, Any]:
         """The copy's JSON files: output tokenizer, config.json sized to it, ownership."""
         config = dict(self.ckpts[label].config or {})
-        config["vocab_size"] = len(self.out.vocab)
+        config["vocab_size"] = self.rows
         for attr in SPECIAL:
             token = getattr(self.out.tokenizer, attr)
             if f"{attr}_id" in config and token is not None:
                 config[f"{attr}_id"] = self.out.vocab[token]
         owned = ownership_of(self.owned(label), self.tables[label]).as_json()
         rows = {**owned, "vocabularies": self.digest}
-        return {**self.out.files(), "config.json": config, ROWS_FILE: rows}
+        return {**self.out.files, "config.json": config, ROWS_FILE: rows}
 
     def write(
         self, label: str, uri: str, side: dict[str, Any], storage_options: dict[str, Any]
@@ -155,13 +166,13 @@ class VocabRemap:
                 for row, (_, force) in self.configured.items():
                     if force or index[row] < 0:
                         out[row] = values.get(row, 0)
-            return out
+            return pad_rows(out, tensor, index, self.tokens[label], self.rows)
 
         write_aligned_copy(
             ckpt,
             uri,
             transform,
-            shapes={n: (len(index), *ckpt.shape(n)[1:]) for n in names},
+            shapes={n: (self.rows, *ckpt.shape(n)[1:]) for n in names},
             side_json=side,
             skip_side=tuple(f for f in TOKENIZER_FILES if f not in side),
             **storage_options,

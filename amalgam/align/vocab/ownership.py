@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from amalgam import storage
+from amalgam.errors import CheckpointError
 
 ROWS_FILE = "amalgam-rows.json"
 
@@ -56,7 +57,14 @@ def read_ownership(fs: Any, root: str) -> Ownership | None:
     path = storage.join(root, ROWS_FILE)
     if not fs.exists(path):
         return None
-    with fs.open(path, "rb") as fh:
-        data = json.loads(fh.read())
-    owned = tuple((int(a), int(b)) for a, b in data["owned"])
-    return Ownership(int(data["rows"]), owned, tuple(data["tensors"]))
+    try:
+        with fs.open(path, "rb") as fh:
+            data = json.loads(fh.read())
+        rows = int(data["rows"])
+        owned = tuple((int(a), int(b)) for a, b in data["owned"])
+        tensors = tuple(str(t) for t in data["tensors"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{storage.full_uri(fs, path)}: malformed ({exc!r})") from None
+    if any(not 0 <= a < b <= rows for a, b in owned):
+        raise CheckpointError(f"{storage.full_uri(fs, path)}: owned ranges outside 0..{rows}")
+    return Ownership(rows, owned, tensors)

@@ -97,3 +97,20 @@ def remap_rows(
     elif donor is not None:
         out[missing] = donor.to(tensor.dtype)
     return out
+
+
+def pad_rows(
+    out: torch.Tensor, tensor: torch.Tensor, index: torch.Tensor, tokens: int, rows: int
+) -> torch.Tensor:
+    """``out`` (one row per output token) padded to ``rows``: row ``r`` is the model's own
+    padding row where it has one (``r`` past its ``tokens`` tokens, inside ``tensor``), else the
+    mean of its token rows."""
+    n = out.shape[0]
+    if rows <= n:
+        return out
+    mean = tensor[index[index >= 0]].float().mean(0).to(tensor.dtype)
+    pad = mean.expand(rows - n, *mean.shape).clone()
+    start, stop = max(n, tokens), min(rows, tensor.shape[0])
+    if start < stop:
+        pad[start - n : stop - n] = tensor[start:stop]
+    return torch.cat([out, pad])

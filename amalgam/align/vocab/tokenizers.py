@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ class OutputTokenizer:
     vocab: dict[str, int]
     changed: bool  # differs from the reference input's tokenizer
 
+    @cached_property
     def files(self) -> dict[str, Any]:
         """Its files as JSON objects (the chat template inside tokenizer_config.json)."""
         with tempfile.TemporaryDirectory(prefix="amalgam-tokenizer-") as tmp:
