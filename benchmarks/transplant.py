@@ -11,10 +11,11 @@ split of every zoo task: accuracy (`quick_evaluate`, which tokenizes with the mo
 tokenizer) and the negative log-likelihood of the correct answers, per token (perplexity) and
 per character (comparable across tokenizers, since a merged token covers several characters).
 
-    python benchmarks/transplant.py                 # tiny zoo (about 3 minutes on 2 cores)
-    python benchmarks/transplant.py --profile full  # the full zoo
+    python benchmarks/transplant.py                 # full zoo (5 minutes on 2 cores)
+    python benchmarks/transplant.py --profile tiny  # tiny zoo (under a minute)
 
-Writes `results/transplant.{md,json}` (`transplant-<profile>` for a profile other than tiny).
+Writes `results/transplant.{md,json}` (`transplant-<profile>` for a profile other than full).
+The donor is trained once per zoo, merge count and step count, then reused from `--work`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+TRAINING = "donor-training.json"  # next to the donor: its training time and final loss
 DONOR_SPECIALS = {"eos": "<|eos|>", "bos": "<|bos|>", "unk": "<|unk|>", "pad": "<|pad|>"}
+#: Donor training steps per zoo profile (the zoo's own base takes 300 / 2000).
+STEPS = {"tiny": 300, "full": 800}
 #: (row label, transplant method, k).
 METHODS = (
     ("omp k=8", "omp", 8),
@@ -64,7 +68,8 @@ def donor_tokenizer(texts: list[str], merges: int, max_length: int) -> Any:
 
 
 def build_donor(zoo: Any, profile: Any, folder: Path, merges: int, steps: int) -> dict[str, Any]:
-    """Train the donor into ``folder`` (reused when it is there); its tokenizer's facts."""
+    """Train the donor into ``folder`` (reused when it is there); its tokenizer's facts and
+    its training time and loss."""
     from transformers import AutoTokenizer
 
     from amalgam.zoo.build import prepare_data, save_model, seed_for
@@ -72,14 +77,15 @@ def build_donor(zoo: Any, profile: Any, folder: Path, merges: int, steps: int) -
     from amalgam.zoo.train import deterministic_torch, encode_examples, new_model, train
 
     zoo_tokenizer, splits, _ = prepare_data(profile)
-    if not (folder / "model.safetensors").is_file():
+    if not (folder / TRAINING).is_file():  # written last: a finished donor
         texts = [t for s in splits.values() for e in s["train"] for t in (e.prompt, e.answer)]
         tokenizer = donor_tokenizer(texts, merges, profile.base.max_positions)
         pools = [encode_examples(tokenizer, s["train"], both=True) for s in splits.values()]
         schedule = Schedule(**{**profile.base_schedule.model_dump(), "steps": steps})
+        started = time.perf_counter()
         with deterministic_torch():
             model = new_model(profile.base, tokenizer, seed_for(profile, "donor-init"))
-            train(
+            loss = train(
                 model,
                 pools,
                 schedule,
@@ -88,7 +94,9 @@ def build_donor(zoo: Any, profile: Any, folder: Path, merges: int, steps: int) -
                 log=print,
                 label="donor",
             )
+        training = {"seconds": time.perf_counter() - started, "final_loss": loss}
         save_model(model, tokenizer, folder)
+        (folder / TRAINING).write_text(json.dumps(training) + "\n")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     zoo_vocab, donor_vocab = zoo_tokenizer.get_vocab(), tokenizer.get_vocab()
     shared = [t for t in donor_vocab if t in zoo_vocab]
@@ -99,6 +107,7 @@ def build_donor(zoo: Any, profile: Any, folder: Path, merges: int, steps: int) -
         "zoo_vocab": len(zoo_vocab),
         "shared_by_text": len(shared),
         "shared_with_other_id": moved,
+        "training": json.loads((folder / TRAINING).read_text()),
         "chars_per_token": sum(map(len, test))
         / sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in test),
     }
@@ -149,9 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     zoo = build_zoo(profile=args.profile)
     work = Path(args.work) / f"{zoo.profile}-{zoo.hash}-m{args.merges}-s{args.steps}"
     donor = work / "donor"
-    started = time.perf_counter()
     facts = build_donor(zoo, get_profile(args.profile), donor, args.merges, args.steps)
-    facts["donor_seconds"] = time.perf_counter() - started
     expert, other = args.expert, args.other
     rows: dict[str, dict[str, Any]] = {
         f"{expert} (zoo tokenizer)": score(zoo.experts[expert], zoo, args.limit),
@@ -223,7 +230,8 @@ def report(result: dict[str, Any], machine: str, seconds: float) -> str:
         "# Tokenizer transplant on the zoo",
         "",
         f"Zoo `{result['profile']}-{result['zoo_hash']}`; {machine}; whole run "
-        f"{seconds:.0f} s (`python benchmarks/transplant.py --profile {result['profile']}`).",
+        f"{seconds:.0f} s (`python benchmarks/transplant.py --profile {result['profile']} "
+        f"--steps {result['steps']} --merges {result['merges']}`).",
         "",
         f"Donor tokenizer: BPE learned on the zoo's training texts, {facts['donor_vocab']} "
         f"tokens ({result['merges']} multi-character merges the zoo's {facts['zoo_vocab']}-token "
@@ -231,7 +239,8 @@ def report(result: dict[str, Any], machine: str, seconds: float) -> str:
         f"{facts['shared_with_other_id']} of them under another id; special tokens renamed "
         f"(matched by role); {facts['chars_per_token']:.2f} characters per token on the test "
         f"texts. Donor model: the zoo's base shape, trained from scratch with it for "
-        f"{result['steps']} steps ({facts['donor_seconds']:.0f} s).",
+        f"{result['steps']} steps ({facts['training']['seconds']:.0f} s, loss of the last "
+        f"tenth {facts['training']['final_loss']:.3f}).",
         "",
         "Test split of every task"
         + (f" (first {result['limit']} records each)" if result["limit"] else "")
@@ -258,21 +267,22 @@ def report(result: dict[str, Any], machine: str, seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--profile", default="full", choices=sorted(STEPS))
     parser.add_argument("--expert", default="zoo_reverse")
     parser.add_argument("--other", default="zoo_sort", help="second expert of the merge rows")
     parser.add_argument("--merges", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=300, help="donor training steps")
+    parser.add_argument("--steps", type=int, default=None, help="donor training steps")
     parser.add_argument("--limit", type=int, default=None, help="test records per task")
     parser.add_argument("--work", default=".amalgam/bench-transplant")
     args = parser.parse_args()
+    args.steps = args.steps or STEPS[args.profile]
     from speed import machine
 
     torch.set_num_threads(1)
     started = time.perf_counter()
     result = run(args)
     seconds = time.perf_counter() - started
-    name = "transplant" if args.profile == "tiny" else f"transplant-{args.profile}"
+    name = "transplant" if args.profile == "full" else f"transplant-{args.profile}"
     RESULTS.mkdir(exist_ok=True)
     result["machine"] = machine()
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -77,8 +78,6 @@ def make_model(
 def set_rows(folder: Path, rows: dict[str, dict[str, dict[str, float]]]) -> None:
     """Rewrite rows of the model in ``folder``: {tensor: {token: {token: coefficient}}}, each
     row the combination of the other (unchanged) rows."""
-    from safetensors.torch import load_file, save_file
-
     vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
     tensors = load_file(folder / "model.safetensors")
     for name, combos in rows.items():
@@ -202,8 +201,6 @@ def test_least_squares_recovers_a_linear_relation_between_the_spaces(
 ) -> None:
     """A donor whose embeddings are the model's times a wide matrix A: the fitted map undoes
     A, so a new token whose donor row is v A gets the row v."""
-    from safetensors.torch import load_file, save_file
-
     donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=32, seed=2)
     m, d = ids(model), ids(donor)
     model_embed = load_file(model / "model.safetensors")[EMBED]
@@ -362,3 +359,15 @@ def test_cli_writes_the_transplant(model: Path, tmp_path: Path, monkeypatch, cap
     assert code == 2 and "output exists" in err
     code, _, err = run_cli([*args[:-4], "--method", "nearest"], monkeypatch, capsys)
     assert code == 2 and "error: method: 'nearest'" in err
+
+
+def test_model_without_input_embedding_names_it(model: Path, tmp_path: Path) -> None:
+    donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=8, seed=2)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.tok_embeddings.weight"] = tensors.pop(EMBED)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TransplantError, match=r"model .*: no input embedding tensor"):
+        transplant(str(model), str(donor), str(tmp_path / "out"))
+    with pytest.raises(TransplantError, match="k: 0 anchors"):
+        transplant(str(model), str(donor), str(tmp_path / "out"), k=0)
+    assert not (tmp_path / "out").exists()
