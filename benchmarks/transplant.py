@@ -13,8 +13,12 @@ per character (comparable across tokenizers, since a merged token covers several
 
     python benchmarks/transplant.py                 # full zoo (5 minutes on 2 cores)
     python benchmarks/transplant.py --profile tiny  # tiny zoo (under a minute)
+    python benchmarks/transplant.py --scale         # time and peak memory on a larger model
 
-Writes `results/transplant.{md,json}` (`transplant-<profile>` for a profile other than full).
+Writes `results/transplant.{md,json}` (`transplant-<profile>` for a profile other than full;
+`transplant-scale` for `--scale`: a synthetic model of `--layers` 1024-wide float32 layers with
+a 32k vocabulary, given a donor vocabulary of which an eighth is new, each method run in a
+fresh process).
 The donor is trained once per zoo, merge count and step count, then reused from `--work`.
 """
 
@@ -210,6 +214,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def write_synthetic(folder: Path, vocab: list[str], hidden: int, layers: int, seed: int) -> None:
+    """A model folder of random float32 weights: vocabulary tables over ``vocab`` and
+    ``layers`` square matrices, with a word-level tokenizer."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn((len(vocab), hidden), generator=g),
+        "lm_head.weight": torch.randn((len(vocab), hidden), generator=g),
+    }
+    for layer in range(layers):
+        tensors[f"model.layers.{layer}.mlp.up_proj.weight"] = torch.randn(
+            (hidden, hidden), generator=g
+        )
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=vocab[0]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps({"vocab_size": len(vocab)}))
+
+
+def scale(args: argparse.Namespace) -> dict[str, Any]:
+    """Wall time and peak RSS of each method on a synthetic model, one fresh process each."""
+    import subprocess
+    import sys
+
+    work = Path(args.work) / f"scale-{args.layers}"
+    words, new = 32000, 4000
+    model_vocab = ["<unk>", *(f"w{i}" for i in range(1, words))]
+    donor_vocab = ["<unk>", *(f"w{i}" for i in range(words - 1, new, -1))]
+    donor_vocab += [f"n{i}" for i in range(words - len(donor_vocab))]
+    if not (work / "donor" / "config.json").is_file():
+        write_synthetic(work / "model", model_vocab, 1024, args.layers, 0)
+        write_synthetic(work / "donor", donor_vocab, 768, 0, 1)
+    weights = (work / "model" / "model.safetensors").stat().st_size
+    runs = {}
+    for label, method, k in (METHODS[0], *METHODS[2:]):
+        code = (
+            "import resource, torch; torch.set_num_threads(1)\n"
+            "from amalgam.align.transplant import transplant\n"
+            f"transplant({str(work / 'model')!r}, {str(work / 'donor')!r}, "
+            f"{str(work / 'out')!r}, method={method!r}, k={k}, overwrite=True)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        )
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        runs[label] = {
+            "seconds": time.perf_counter() - started,
+            "peak_rss_mb": int(done.stdout.split()[-1]) / 1024,
+        }
+    return {"weights_mb": weights / 2**20, "words": words, "new": new, "runs": runs}
+
+
 def table(rows: dict[str, dict[str, Any]], tasks: list[str], expert: str) -> list[str]:
     lines = [
         f"| model | {expert} acc | other tasks acc | mean acc | answer ppl/token | nats/char |",
@@ -265,6 +324,26 @@ def report(result: dict[str, Any], machine: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def scale_report(result: dict[str, Any]) -> str:
+    lines = [
+        "# Tokenizer transplant: time and memory",
+        "",
+        f"{result['machine']}; one compute thread. Model: {result['weights_mb']:.0f} MB of "
+        f"float32 weights, vocabulary {result['words']} x 1024 (input and head); donor "
+        f"vocabulary {result['words']} x 768, {result['new']} tokens new to the model "
+        "(`python benchmarks/transplant.py --scale`).",
+        "",
+        "| method | seconds | peak RSS (MB) |",
+        "|---|---|---|",
+        *(
+            f"| {label} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
+            for label, r in result["runs"].items()
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", choices=sorted(STEPS))
@@ -274,16 +353,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="donor training steps")
     parser.add_argument("--limit", type=int, default=None, help="test records per task")
     parser.add_argument("--work", default=".amalgam/bench-transplant")
+    parser.add_argument("--scale", action="store_true", help="time and memory instead")
+    parser.add_argument("--layers", type=int, default=200, help="--scale: 4 MB layers")
     args = parser.parse_args()
     args.steps = args.steps or STEPS[args.profile]
     from speed import machine
 
     torch.set_num_threads(1)
+    RESULTS.mkdir(exist_ok=True)
+    if args.scale:
+        result = {**scale(args), "machine": machine()}
+        (RESULTS / "transplant-scale.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / "transplant-scale.md").write_text(scale_report(result))
+        print(scale_report(result))
+        return
     started = time.perf_counter()
     result = run(args)
     seconds = time.perf_counter() - started
     name = "transplant" if args.profile == "full" else f"transplant-{args.profile}"
-    RESULTS.mkdir(exist_ok=True)
     result["machine"] = machine()
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(report(result, result["machine"], seconds))
