@@ -252,13 +252,19 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
         write_synthetic(work / "donor", donor_vocab, 768, 0, 1)
     weights = (work / "model" / "model.safetensors").stat().st_size
     runs = {}
-    for label, method, k in (METHODS[0], *METHODS[2:]):
+    calls = {"(imports only)": ""} | {
+        label: f"transplant({str(work / 'model')!r}, {str(work / 'donor')!r}, "
+        f"{str(work / 'out')!r}, method={method!r}, k={k}, overwrite=True)\n"
+        for label, method, k in (METHODS[0], *METHODS[2:])
+    }
+    for label, call in calls.items():
         code = (
-            "import resource, torch; torch.set_num_threads(1)\n"
+            "import re, torch; torch.set_num_threads(1)\n"
             "from amalgam.align.transplant import transplant\n"
-            f"transplant({str(work / 'model')!r}, {str(work / 'donor')!r}, "
-            f"{str(work / 'out')!r}, method={method!r}, k={k}, overwrite=True)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            f"{call}"
+            # the high-water mark of this program alone (ru_maxrss would count the parent's
+            # pages the child held between fork and exec)
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])"
         )
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
