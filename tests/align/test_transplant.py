@@ -251,6 +251,20 @@ def test_subword_needs_only_the_donor_tokenizer_and_a_tied_model_stays_tied(tmp_
     assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
 
 
+def test_the_donor_chat_template_is_carried(model: Path, tmp_path: Path) -> None:
+    donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=8, seed=2)
+    template = "{% for m in messages %}<|bos|> {{ m['content'] }} <|eos|>{% endfor %}"
+    (donor / "chat_template.jinja").write_text(template)
+    (model / "chat_template.jinja").write_text("the model's own template")
+    out = tmp_path / "out"
+    transplant(str(model), str(donor), str(out), method="least_squares")
+    assert not (out / "chat_template.jinja").exists()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "ab"}], tokenize=False)
+    assert tokenizer(text)["input_ids"] == [ids(donor)[t] for t in ("<|bos|>", "ab", "<|eos|>")]
+
+
 def test_output_on_s3_equals_local(model: Path, tmp_path: Path, s3) -> None:
     donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=32, seed=2)
     bucket = s3.make_bucket(f"transplant-{uuid.uuid4().hex[:8]}")
