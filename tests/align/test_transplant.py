@@ -265,6 +265,24 @@ def test_the_donor_chat_template_is_carried(model: Path, tmp_path: Path) -> None
     assert tokenizer(text)["input_ids"] == [ids(donor)[t] for t in ("<|bos|>", "ab", "<|eos|>")]
 
 
+def test_an_adapter_is_transplanted_as_the_dense_model_it_makes(
+    model: Path, tmp_path: Path
+) -> None:
+    from tests.adapters.builders import adapter, peft_merged
+
+    donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=32, seed=2)
+    lora = adapter(model, tmp_path / "lora", seed=3)
+    merged = peft_merged(model, lora, tmp_path / "merged")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (merged / name).write_text((model / name).read_text())
+    transplant(f"{model}+{lora}", str(donor), str(tmp_path / "a"))
+    transplant(str(merged), str(donor), str(tmp_path / "b"))
+    with open_checkpoint(str(tmp_path / "a")) as a, open_checkpoint(str(tmp_path / "b")) as b:
+        assert a.names() == b.names()
+        for name in a.names():
+            torch.testing.assert_close(a.tensor(name), b.tensor(name), atol=1e-5, rtol=1e-5)
+
+
 def test_output_on_s3_equals_local(model: Path, tmp_path: Path, s3) -> None:
     donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=32, seed=2)
     bucket = s3.make_bucket(f"transplant-{uuid.uuid4().hex[:8]}")
