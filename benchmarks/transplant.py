@@ -11,10 +11,15 @@ split of every zoo task: accuracy (`quick_evaluate`, which tokenizes with the mo
 tokenizer) and the negative log-likelihood of the correct answers, per token (perplexity) and
 per character (comparable across tokenizers, since a merged token covers several characters).
 
-    python benchmarks/transplant.py                 # tiny zoo (about 3 minutes on 2 cores)
-    python benchmarks/transplant.py --profile full  # the full zoo
+    python benchmarks/transplant.py                 # full zoo (5 minutes on 2 cores)
+    python benchmarks/transplant.py --profile tiny  # tiny zoo (under a minute)
+    python benchmarks/transplant.py --scale         # time and peak memory on a larger model
 
-Writes `results/transplant.{md,json}` (`transplant-<profile>` for a profile other than tiny).
+Writes `results/transplant.{md,json}` (`transplant-<profile>` for a profile other than full;
+`transplant-scale` for `--scale`: a synthetic model of `--layers` 1024-wide float32 layers with
+a 32k vocabulary, given a donor vocabulary of which an eighth is new, each method run in a
+fresh process).
+The donor is trained once per zoo, merge count and step count, then reused from `--work`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+TRAINING = "donor-training.json"  # next to the donor: its training time and final loss
 DONOR_SPECIALS = {"eos": "<|eos|>", "bos": "<|bos|>", "unk": "<|unk|>", "pad": "<|pad|>"}
+#: Donor training steps per zoo profile (the zoo's own base takes 300 / 2000).
+STEPS = {"tiny": 300, "full": 800}
 #: (row label, transplant method, k).
 METHODS = (
     ("omp k=8", "omp", 8),
@@ -64,7 +72,8 @@ def donor_tokenizer(texts: list[str], merges: int, max_length: int) -> Any:
 
 
 def build_donor(zoo: Any, profile: Any, folder: Path, merges: int, steps: int) -> dict[str, Any]:
-    """Train the donor into ``folder`` (reused when it is there); its tokenizer's facts."""
+    """Train the donor into ``folder`` (reused when it is there); its tokenizer's facts and
+    its training time and loss."""
     from transformers import AutoTokenizer
 
     from amalgam.zoo.build import prepare_data, save_model, seed_for
@@ -72,14 +81,15 @@ def build_donor(zoo: Any, profile: Any, folder: Path, merges: int, steps: int) -
     from amalgam.zoo.train import deterministic_torch, encode_examples, new_model, train
 
     zoo_tokenizer, splits, _ = prepare_data(profile)
-    if not (folder / "model.safetensors").is_file():
+    if not (folder / TRAINING).is_file():  # written last: a finished donor
         texts = [t for s in splits.values() for e in s["train"] for t in (e.prompt, e.answer)]
         tokenizer = donor_tokenizer(texts, merges, profile.base.max_positions)
         pools = [encode_examples(tokenizer, s["train"], both=True) for s in splits.values()]
         schedule = Schedule(**{**profile.base_schedule.model_dump(), "steps": steps})
+        started = time.perf_counter()
         with deterministic_torch():
             model = new_model(profile.base, tokenizer, seed_for(profile, "donor-init"))
-            train(
+            loss = train(
                 model,
                 pools,
                 schedule,
@@ -88,7 +98,9 @@ def build_donor(zoo: Any, profile: Any, folder: Path, merges: int, steps: int) -
                 log=print,
                 label="donor",
             )
+        training = {"seconds": time.perf_counter() - started, "final_loss": loss}
         save_model(model, tokenizer, folder)
+        (folder / TRAINING).write_text(json.dumps(training) + "\n")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     zoo_vocab, donor_vocab = zoo_tokenizer.get_vocab(), tokenizer.get_vocab()
     shared = [t for t in donor_vocab if t in zoo_vocab]
@@ -99,6 +111,7 @@ def build_donor(zoo: Any, profile: Any, folder: Path, merges: int, steps: int) -
         "zoo_vocab": len(zoo_vocab),
         "shared_by_text": len(shared),
         "shared_with_other_id": moved,
+        "training": json.loads((folder / TRAINING).read_text()),
         "chars_per_token": sum(map(len, test))
         / sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in test),
     }
@@ -149,9 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     zoo = build_zoo(profile=args.profile)
     work = Path(args.work) / f"{zoo.profile}-{zoo.hash}-m{args.merges}-s{args.steps}"
     donor = work / "donor"
-    started = time.perf_counter()
     facts = build_donor(zoo, get_profile(args.profile), donor, args.merges, args.steps)
-    facts["donor_seconds"] = time.perf_counter() - started
     expert, other = args.expert, args.other
     rows: dict[str, dict[str, Any]] = {
         f"{expert} (zoo tokenizer)": score(zoo.experts[expert], zoo, args.limit),
@@ -203,6 +214,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def write_synthetic(folder: Path, vocab: list[str], hidden: int, layers: int, seed: int) -> None:
+    """A model folder of random float32 weights: vocabulary tables over ``vocab`` and
+    ``layers`` square matrices, with a word-level tokenizer."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn((len(vocab), hidden), generator=g),
+        "lm_head.weight": torch.randn((len(vocab), hidden), generator=g),
+    }
+    for layer in range(layers):
+        tensors[f"model.layers.{layer}.mlp.up_proj.weight"] = torch.randn(
+            (hidden, hidden), generator=g
+        )
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=vocab[0]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps({"vocab_size": len(vocab)}))
+
+
+def scale(args: argparse.Namespace) -> dict[str, Any]:
+    """Wall time and peak RSS of each method on a synthetic model, one fresh process each."""
+    import subprocess
+    import sys
+
+    work = Path(args.work) / f"scale-{args.layers}"
+    words, new = 32000, 4000
+    model_vocab = ["<unk>", *(f"w{i}" for i in range(1, words))]
+    donor_vocab = ["<unk>", *(f"w{i}" for i in range(words - 1, new, -1))]
+    donor_vocab += [f"n{i}" for i in range(words - len(donor_vocab))]
+    if not (work / "donor" / "config.json").is_file():
+        write_synthetic(work / "model", model_vocab, 1024, args.layers, 0)
+        write_synthetic(work / "donor", donor_vocab, 768, 0, 1)
+    weights = (work / "model" / "model.safetensors").stat().st_size
+    runs = {}
+    calls = {"(imports only)": ""} | {
+        label: f"transplant({str(work / 'model')!r}, {str(work / 'donor')!r}, "
+        f"{str(work / 'out')!r}, method={method!r}, k={k}, overwrite=True)\n"
+        for label, method, k in (METHODS[0], *METHODS[2:])
+    }
+    for label, call in calls.items():
+        code = (
+            "import re, torch; torch.set_num_threads(1)\n"
+            "from amalgam.align.transplant import transplant\n"
+            f"{call}"
+            # the high-water mark of this program alone (ru_maxrss would count the parent's
+            # pages the child held between fork and exec)
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])"
+        )
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        runs[label] = {
+            "seconds": time.perf_counter() - started,
+            "peak_rss_mb": int(done.stdout.split()[-1]) / 1024,
+        }
+    return {"weights_mb": weights / 2**20, "words": words, "new": new, "runs": runs}
+
+
 def table(rows: dict[str, dict[str, Any]], tasks: list[str], expert: str) -> list[str]:
     lines = [
         f"| model | {expert} acc | other tasks acc | mean acc | answer ppl/token | nats/char |",
@@ -223,7 +295,8 @@ def report(result: dict[str, Any], machine: str, seconds: float) -> str:
         "# Tokenizer transplant on the zoo",
         "",
         f"Zoo `{result['profile']}-{result['zoo_hash']}`; {machine}; whole run "
-        f"{seconds:.0f} s (`python benchmarks/transplant.py --profile {result['profile']}`).",
+        f"{seconds:.0f} s (`python benchmarks/transplant.py --profile {result['profile']} "
+        f"--steps {result['steps']} --merges {result['merges']}`).",
         "",
         f"Donor tokenizer: BPE learned on the zoo's training texts, {facts['donor_vocab']} "
         f"tokens ({result['merges']} multi-character merges the zoo's {facts['zoo_vocab']}-token "
@@ -231,7 +304,8 @@ def report(result: dict[str, Any], machine: str, seconds: float) -> str:
         f"{facts['shared_with_other_id']} of them under another id; special tokens renamed "
         f"(matched by role); {facts['chars_per_token']:.2f} characters per token on the test "
         f"texts. Donor model: the zoo's base shape, trained from scratch with it for "
-        f"{result['steps']} steps ({facts['donor_seconds']:.0f} s).",
+        f"{result['steps']} steps ({facts['training']['seconds']:.0f} s, loss of the last "
+        f"tenth {facts['training']['final_loss']:.3f}).",
         "",
         "Test split of every task"
         + (f" (first {result['limit']} records each)" if result["limit"] else "")
@@ -256,24 +330,53 @@ def report(result: dict[str, Any], machine: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def scale_report(result: dict[str, Any]) -> str:
+    lines = [
+        "# Tokenizer transplant: time and memory",
+        "",
+        f"{result['machine']}; one compute thread. Model: {result['weights_mb']:.0f} MB of "
+        f"float32 weights, vocabulary {result['words']} x 1024 (input and head); donor "
+        f"vocabulary {result['words']} x 768, {result['new']} tokens new to the model "
+        "(`python benchmarks/transplant.py --scale`).",
+        "",
+        "| method | seconds | peak RSS (MB) |",
+        "|---|---|---|",
+        *(
+            f"| {label} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
+            for label, r in result["runs"].items()
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--profile", default="full", choices=sorted(STEPS))
     parser.add_argument("--expert", default="zoo_reverse")
     parser.add_argument("--other", default="zoo_sort", help="second expert of the merge rows")
     parser.add_argument("--merges", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=300, help="donor training steps")
+    parser.add_argument("--steps", type=int, default=None, help="donor training steps")
     parser.add_argument("--limit", type=int, default=None, help="test records per task")
     parser.add_argument("--work", default=".amalgam/bench-transplant")
+    parser.add_argument("--scale", action="store_true", help="time and memory instead")
+    parser.add_argument("--layers", type=int, default=200, help="--scale: 4 MB layers")
     args = parser.parse_args()
+    args.steps = args.steps or STEPS[args.profile]
     from speed import machine
 
     torch.set_num_threads(1)
+    RESULTS.mkdir(exist_ok=True)
+    if args.scale:
+        result = {**scale(args), "machine": machine()}
+        (RESULTS / "transplant-scale.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / "transplant-scale.md").write_text(scale_report(result))
+        print(scale_report(result))
+        return
     started = time.perf_counter()
     result = run(args)
     seconds = time.perf_counter() - started
-    name = "transplant" if args.profile == "tiny" else f"transplant-{args.profile}"
-    RESULTS.mkdir(exist_ok=True)
+    name = "transplant" if args.profile == "full" else f"transplant-{args.profile}"
     result["machine"] = machine()
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(report(result, result["machine"], seconds))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -77,8 +78,6 @@ def make_model(
 def set_rows(folder: Path, rows: dict[str, dict[str, dict[str, float]]]) -> None:
     """Rewrite rows of the model in ``folder``: {tensor: {token: {token: coefficient}}}, each
     row the combination of the other (unchanged) rows."""
-    from safetensors.torch import load_file, save_file
-
     vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
     tensors = load_file(folder / "model.safetensors")
     for name, combos in rows.items():
@@ -202,8 +201,6 @@ def test_least_squares_recovers_a_linear_relation_between_the_spaces(
 ) -> None:
     """A donor whose embeddings are the model's times a wide matrix A: the fitted map undoes
     A, so a new token whose donor row is v A gets the row v."""
-    from safetensors.torch import load_file, save_file
-
     donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=32, seed=2)
     m, d = ids(model), ids(donor)
     model_embed = load_file(model / "model.safetensors")[EMBED]
@@ -252,6 +249,38 @@ def test_subword_needs_only_the_donor_tokenizer_and_a_tied_model_stays_tied(tmp_
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.config.tie_word_embeddings
     assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+
+
+def test_the_donor_chat_template_is_carried(model: Path, tmp_path: Path) -> None:
+    donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=8, seed=2)
+    template = "{% for m in messages %}<|bos|> {{ m['content'] }} <|eos|>{% endfor %}"
+    (donor / "chat_template.jinja").write_text(template)
+    (model / "chat_template.jinja").write_text("the model's own template")
+    out = tmp_path / "out"
+    transplant(str(model), str(donor), str(out), method="least_squares")
+    assert not (out / "chat_template.jinja").exists()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "ab"}], tokenize=False)
+    assert tokenizer(text)["input_ids"] == [ids(donor)[t] for t in ("<|bos|>", "ab", "<|eos|>")]
+
+
+def test_an_adapter_is_transplanted_as_the_dense_model_it_makes(
+    model: Path, tmp_path: Path
+) -> None:
+    from tests.adapters.builders import adapter, peft_merged
+
+    donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=32, seed=2)
+    lora = adapter(model, tmp_path / "lora", seed=3)
+    merged = peft_merged(model, lora, tmp_path / "merged")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (merged / name).write_text((model / name).read_text())
+    transplant(f"{model}+{lora}", str(donor), str(tmp_path / "a"))
+    transplant(str(merged), str(donor), str(tmp_path / "b"))
+    with open_checkpoint(str(tmp_path / "a")) as a, open_checkpoint(str(tmp_path / "b")) as b:
+        assert a.names() == b.names()
+        for name in a.names():
+            torch.testing.assert_close(a.tensor(name), b.tensor(name), atol=1e-5, rtol=1e-5)
 
 
 def test_output_on_s3_equals_local(model: Path, tmp_path: Path, s3) -> None:
@@ -362,3 +391,15 @@ def test_cli_writes_the_transplant(model: Path, tmp_path: Path, monkeypatch, cap
     assert code == 2 and "output exists" in err
     code, _, err = run_cli([*args[:-4], "--method", "nearest"], monkeypatch, capsys)
     assert code == 2 and "error: method: 'nearest'" in err
+
+
+def test_model_without_input_embedding_names_it(model: Path, tmp_path: Path) -> None:
+    donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=8, seed=2)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.tok_embeddings.weight"] = tensors.pop(EMBED)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TransplantError, match=r"model .*: no input embedding tensor"):
+        transplant(str(model), str(donor), str(tmp_path / "out"))
+    with pytest.raises(TransplantError, match="k: 0 anchors"):
+        transplant(str(model), str(donor), str(tmp_path / "out"), k=0)
+    assert not (tmp_path / "out").exists()

@@ -29,28 +29,35 @@ def _driver(matrix: torch.Tensor) -> str | None:
 def omp(targets: torch.Tensor, atoms: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(atom indices (B, k), coefficients (B, k)) of a k-sparse approximation of each row of
     ``targets`` (B, d) by rows of ``atoms`` (N, d): each step picks the atom most correlated
-    (by cosine) with the residual, then refits the coefficients of every picked atom by least
-    squares, so the residual stays orthogonal to them. Zero atoms (rows never trained, such as
-    a padding row) are never picked. ``k`` is at most the number of nonzero atoms."""
-    count = targets.shape[0]
+    (by cosine) with the residual and removes from the residual its component along that atom
+    orthogonalised against the atoms picked before (Gram-Schmidt), so the residual is always
+    what least squares on the picked atoms leaves; the coefficients are that least-squares
+    fit, solved once at the end. Zero atoms (rows never trained, such as a padding row) are
+    never picked. ``k`` is at most the number of nonzero atoms."""
+    count, width = targets.shape
     norms = atoms.norm(dim=1, keepdim=True)
     unit = atoms / norms.clamp_min(torch.finfo(atoms.dtype).tiny)
-    picked = torch.zeros((count, k), dtype=torch.long)
+    picked = torch.zeros((count, k), dtype=torch.long, device=targets.device)
     taken = (norms.T == 0).expand(count, -1).clone()
-    rows = torch.arange(count)
+    rows = torch.arange(count, device=targets.device)
+    basis = targets.new_zeros((count, k, width))  # orthonormal directions of the picked atoms
     residual = targets
-    coefficients = targets.new_zeros((count, 0))
     for step in range(k):
         score = (residual @ unit.T).abs().masked_fill(taken, -1.0)
         picked[:, step] = score.argmax(dim=1)
         taken[rows, picked[:, step]] = True
-        basis = atoms[picked[:, : step + 1]]  # (B, step + 1, d)
-        coefficients = torch.linalg.lstsq(
-            basis.transpose(1, 2), targets[:, :, None], driver=_driver(basis)
-        ).solution
-        coefficients = coefficients[:, :, 0]
-        residual = targets - (coefficients[:, None, :] @ basis)[:, 0]
-    return picked, coefficients
+        direction = unit[picked[:, step]]
+        for _ in range(2):  # twice: classical Gram-Schmidt loses orthogonality once
+            along = torch.einsum("bsd,bd->bs", basis[:, :step], direction)
+            direction = direction - torch.einsum("bs,bsd->bd", along, basis[:, :step])
+        length = direction.norm(dim=1, keepdim=True)
+        # an atom in the span of those picked before adds no direction
+        direction = torch.where(length > 1e-6, direction / length, 0.0)
+        basis[:, step] = direction
+        residual = residual - (residual * direction).sum(dim=1, keepdim=True) * direction
+    chosen = atoms[picked].transpose(1, 2)  # (B, d, k)
+    coefficients = torch.linalg.lstsq(chosen, targets[:, :, None], driver=_driver(chosen))
+    return picked, coefficients.solution[:, :, 0]
 
 
 def omp_rows(

@@ -128,6 +128,62 @@ def _open_donor(donor_uri: str, method: str, storage_options: dict[str, Any]) ->
         ) from None
 
 
+def _embedding(model: Checkpoint) -> str:
+    """The name of the model's input embedding tensor."""
+    embed = vocab_tensor(model, INPUT_EMBEDDINGS)
+    if embed is None:
+        raise TransplantError(
+            f"model {model.uri}: no input embedding tensor (*.{'/'.join(INPUT_EMBEDDINGS)}.weight)"
+        )
+    return embed
+
+
+def _vocab_tables(
+    model: Checkpoint,
+    embed: str,
+    donor: Checkpoint | None,
+    vocabularies: tuple[Vocabulary, Vocabulary],
+    match: TokenMatch,
+    rows: int,
+    method: str,
+    k: int,
+) -> dict[str, torch.Tensor]:
+    """The model's rebuilt vocabulary tables (input embeddings ``embed``, and its head when
+    untied), by tensor name, in the model's dtype; ``donor`` is None for method subword."""
+    model_vocab, donor_vocab = vocabularies
+    model_rows = model.shape(embed)[0]
+    pieces = model_pieces(model_vocab, donor_vocab, match.new, model_rows) if donor is None else []
+    donor_names = _donor_tables(donor) if donor is not None else (None, None)
+    top = max(donor_vocab.ids.values()) + 1
+    tables = {}
+    for name, donor_name in zip((embed, vocab_tensor(model, HEADS)), donor_names, strict=True):
+        if name is None:
+            continue
+        donor_table = None
+        if donor is not None and donor_name is not None:
+            donor_table = donor.tensor(donor_name).float()
+            if donor_table.shape[0] < top:
+                raise TransplantError(
+                    f"donor {donor.uri}: {donor_name} has {donor_table.shape[0]} rows, fewer "
+                    f"than its tokenizer's {top} ids"
+                )
+        table = new_table(model.tensor(name).float(), donor_table, match, pieces, rows, method, k)
+        tables[name] = table.to(model.dtype(name))
+    return tables
+
+
+def _side_json(model: Checkpoint, donor: Vocabulary, rows: int) -> dict[str, Any]:
+    """The donor's tokenizer files and the model's configs with the donor's ids and size."""
+    side = {name: donor.files[name] for name in CARRIED if name in donor.files}
+    side["config.json"] = _with_donor_ids(model.config or {}, donor, rows)
+    if "generation_config.json" in model.side_files():
+        where = storage.join(model.root, "generation_config.json")
+        generation = read_json(model.fs, where, f"model {where}")
+        updated = _with_donor_ids(generation, donor, None)
+        side["generation_config.json"] = {key: updated[key] for key in generation}
+    return side
+
+
 def transplant(
     model_uri: str,
     donor_uri: str,
@@ -147,69 +203,33 @@ def transplant(
     if k < 1:
         raise TransplantError(f"k: {k} anchors; give at least 1")
     model = open_input(model_uri, **storage_options)
-    donor = _open_donor(donor_uri, method, storage_options) if method != "subword" else None
+    donor = None
     try:
+        donor = _open_donor(donor_uri, method, storage_options) if method != "subword" else None
         model_vocab = read_vocabulary(model.fs, model.root, f"model {model.uri}")
-        donor_fs, donor_root = storage.resolve(donor_uri, **storage_options)
-        donor_vocab = read_vocabulary(donor_fs, donor_root, f"donor {donor_uri}")
-        check_output(
-            output_uri,
-            {"model": model} | ({"donor": donor} if donor else {}),
-            overwrite,
-            storage_options,
+        donor_vocab = read_vocabulary(
+            *storage.resolve(donor_uri, **storage_options), f"donor {donor_uri}"
         )
-        embed = vocab_tensor(model, INPUT_EMBEDDINGS)
-        if embed is None:
-            raise TransplantError(
-                f"model {model.uri}: no input embedding tensor "
-                f"(*.{'/'.join(INPUT_EMBEDDINGS)}.weight)"
-            )
-        head = vocab_tensor(model, HEADS)
+        inputs = {"model": model} | ({"donor": donor} if donor else {})
+        check_output(output_uri, inputs, overwrite, storage_options)
+        embed = _embedding(model)
         match = match_tokens(model_vocab, donor_vocab, model.shape(embed)[0])
         if not match.shared:
             raise TransplantError(
                 f"model {model.uri} and donor {donor_uri} share no token: there is nothing to "
                 "copy and nothing to anchor an approximation on"
             )
-        top = max(donor_vocab.ids.values()) + 1
-        rows = top
+        rows = max(donor_vocab.ids.values()) + 1
         if donor_vocab.config is not None:
             rows = max(rows, int(donor_vocab.config.get("vocab_size", 0)))
-        pieces = (
-            model_pieces(model_vocab, donor_vocab, match.new, model.shape(embed)[0])
-            if method == "subword"
-            else []
-        )
-        donor_names = _donor_tables(donor) if donor is not None else (None, None)
-        tables: dict[str, torch.Tensor] = {}
-        for name, donor_name in zip((embed, head), donor_names, strict=True):
-            if name is None:
-                continue
-            donor_table = None
-            if donor is not None and donor_name is not None:
-                donor_table = donor.tensor(donor_name).float()
-                if donor_table.shape[0] < top:
-                    raise TransplantError(
-                        f"donor {donor_uri}: {donor_name} has {donor_table.shape[0]} rows, "
-                        f"fewer than its tokenizer's {top} ids"
-                    )
-            table = new_table(
-                model.tensor(name).float(), donor_table, match, pieces, rows, method, k
-            )
-            tables[name] = table.to(model.dtype(name))
-        side_json = {name: donor_vocab.files[name] for name in CARRIED if name in donor_vocab.files}
-        side_json["config.json"] = _with_donor_ids(model.config or {}, donor_vocab, rows)
-        if "generation_config.json" in model.side_files():
-            where = storage.join(model.root, "generation_config.json")
-            generation = read_json(model.fs, where, f"model {where}")
-            updated = _with_donor_ids(generation, donor_vocab, None)
-            side_json["generation_config.json"] = {key: updated[key] for key in generation}
+        vocabularies = (model_vocab, donor_vocab)
+        tables = _vocab_tables(model, embed, donor, vocabularies, match, rows, method, k)
         write_aligned_copy(
             model,
             output_uri,
             lambda name, tensor: tables.get(name, tensor),
             shapes={name: tuple(t.shape) for name, t in tables.items()},
-            side_json=side_json,
+            side_json=_side_json(model, donor_vocab, rows),
             skip_side=TOKENIZER_FILES,
             **storage_options,
         )
