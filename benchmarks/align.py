@@ -7,7 +7,8 @@ matching (the align stage's aligners, residual stream included), B is aligned on
 the linear path (1-t) A + t B is scored at 11 points (answer-token NLL and mean accuracy on
 the zoo's test splits, ``amalgam.align.connectivity``). PLeaS
 (``amalgam.align.permutation.pleas``) merges A and the activation-matched B into one model
-at each ``--budget``, scored at t = 0.5. Writes ``results/align.{md,json,png}``.
+at each ``--budget``, scored at t = 0.5. Writes ``results/align.{md,json,png}``
+(``align-quick.*`` for ``--quick``).
 
     python benchmarks/align.py            # full zoo
     python benchmarks/align.py --quick    # tiny zoo, 4 tasks, 32 records each
@@ -179,13 +180,14 @@ def main() -> None:
         "command": "python benchmarks/align.py" + (" --quick" if args.quick else ""),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "align.json").write_text(
+    name = "align-quick" if args.quick else "align"
+    (RESULTS / f"{name}.json").write_text(
         json.dumps({**meta, "rows": rows, **curves_json(curves)}, indent=2) + "\n"
     )
-    (RESULTS / "align.md").write_text(markdown(meta, rows, curves))
+    (RESULTS / f"{name}.md").write_text(markdown(meta, rows, curves))
     title = f"zoo base (A) vs second base (B), {zoo.profile} profile"
-    plot_curves(curves, RESULTS / "align.png", title, merged)
-    print((RESULTS / "align.md").read_text())
+    plot_curves(curves, RESULTS / f"{name}.png", title, merged)
+    print((RESULTS / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -191,22 +191,19 @@ def plot_curves(
     from amalgam.evaluate.plots import pyplot  # lazy: matplotlib, only when plotting
 
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5))
     for c in curves:
         ts = [p.t for p in c.points]
         left.plot(ts, [p.loss for p in c.points], marker="o", label=f"{c.label} ({c.barrier:.2f})")
-        right.plot(ts, [p.accuracy for p in c.points], marker="o", label=c.label)
-    for label, point in (merged or {}).items():
-        left.plot([point.t], [point.loss], marker="*", markersize=12, linestyle="", label=label)
-        right.plot(
-            [point.t], [point.accuracy], marker="*", markersize=12, linestyle="", label=label
-        )
-    left.set(xlabel="t  ((1-t) A + t B)", ylabel="answer-token NLL (nats)", title="loss (barrier)")
+        right.plot(ts, [p.accuracy for p in c.points], marker="o")
+    for (label, point), marker in zip((merged or {}).items(), "*Pd^v", strict=False):
+        left.plot([point.t], [point.loss], marker=marker, markersize=11, ls="", label=label)
+        right.plot([point.t], [point.accuracy], marker=marker, markersize=11, ls="")
+    left.set(xlabel="t  ((1-t) A + t B)", ylabel="answer-token NLL (nats)", title="loss")
     right.set(xlabel="t  ((1-t) A + t B)", ylabel="mean task accuracy", title="accuracy")
-    left.legend(fontsize="small")
-    right.legend(fontsize="small")
+    fig.legend(loc="lower center", ncol=2, fontsize="small", title="path (barrier) / merged model")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

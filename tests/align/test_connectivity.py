@@ -143,3 +143,19 @@ def test_cli_refuses_an_aligner_that_writes_no_aligned_b(
     assert code == 2
     assert stderr.startswith("error: --align pleas: not a permutation aligner")
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_with_weight_matching_removes_the_permutation_barrier(
+    zoo: Zoo, tmp_path: Path, monkeypatch, capsys
+):
+    permuted = permute_mlp(zoo.base, tmp_path / "permuted")
+    out = tmp_path / "report"
+    args = ["align", str(zoo.base), str(permuted), "--report", str(out), "--align"]
+    args += ["weight_matching", "--tasks-dir", str(zoo.tasks_dir), "--tasks", "zoo_sort"]
+    code, stdout, _ = run_cli([*args, "--limit", "16"], monkeypatch, capsys)
+    assert code == 0, stdout
+    naive, aligned = json.loads((out / "connectivity.json").read_text())["curves"]
+    assert aligned["label"] == "weight_matching"
+    assert naive["barrier"] > 0.1
+    assert aligned["barrier"] == pytest.approx(0.0, abs=1e-3)  # the permutation is undone
+    assert (out / "aligned").is_dir()

@@ -143,7 +143,9 @@ def linear_layers(model: PreTrainedModel) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def match_units(a: PreTrainedModel, b: PreTrainedModel, batches: list[Batch], budget: float):
+def match_units(
+    a: PreTrainedModel, b: PreTrainedModel, batches: list[Batch], budget: float
+) -> Matching:
     """PLeaS's partial matching of the MLP units of ``b`` to those of ``a`` (see module doc)."""
     from scipy.optimize import linear_sum_assignment  # lazy: scipy, only when matching
 
