@@ -209,6 +209,10 @@ class AlignSpec(_Strict):
     pleas: PleasSpec | None = None
 
 
+#: The align section's sections of its own, hashed only when present.
+ALIGN_SUBSECTIONS = ("tokenizer", "permutation", "pleas")
+
+
 class CompressSpec(_Strict):
     """The compress stage (ComPEFT, arXiv 2311.13171): keep the top ``density`` fraction of
     each tensor's task vector by magnitude, as sign x one scale per tensor."""
@@ -333,14 +337,17 @@ class Recipe(_Strict):
         return get_method(self.method)
 
     def hash(self) -> str:
-        """sha256 of the recipe's canonical JSON, output location excluded (stage sections and
-        ``adapter_output`` count only when present, ``extra_tensors`` only when not ``error``
+        """sha256 of the recipe's canonical JSON, output location excluded (stage sections,
+        the align section's own sections and ``adapter_output`` count only when present, ``extra_tensors`` only when not ``error``
         and ``output_format`` only when not ``dense``, so a recipe without them hashes as it
         always did)."""
         body = self.model_dump(mode="json", exclude={"output", "storage_options", "executor"})
         for section in (*STAGE_SECTIONS, "adapter_output"):
             if body[section] is None:
                 del body[section]
+        for key in ALIGN_SUBSECTIONS:  # an align section without them hashes as it always did
+            if body.get("align", {}).get(key, "") is None:
+                del body["align"][key]
         for field, default in (("extra_tensors", "error"), ("output_format", "dense")):
             if body[field] == default:
                 del body[field]

@@ -79,6 +79,15 @@ def test_the_hash_changes_only_when_a_section_is_present() -> None:
     assert parse_recipe({**BASIC, "output_format": "dense"}).hash() == plain.hash()
     kept = parse_recipe({**BASIC, "extra_tensors": "keep_from_first"})
     assert kept.hash() != plain.hash() != parse_recipe({**BASIC, "extra_tensors": "drop"}).hash()
+    # an align section hashes as it did before it had sections of its own
+    checked = parse_recipe({**BASIC, "align": {}})
+    body = checked.model_dump(mode="json", exclude={"output", "storage_options", "executor"})
+    body["align"] = {"method": "check", "vocabulary": True}
+    before = {k: v for k, v in body.items() if k not in later or k == "align"}
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert checked.hash() == "sha256:" + digest
+    tokenizer = parse_recipe({**BASIC, "align": {"method": "vocab", "tokenizer": {}}})
+    assert tokenizer.hash() != parse_recipe({**BASIC, "align": {"method": "vocab"}}).hash()
     with_compress = parse_recipe({**BASIC, "compress": {}})
     assert with_compress.hash() != plain.hash()
     assert parse_recipe({**BASIC, "compress": {}}).hash() == with_compress.hash()
