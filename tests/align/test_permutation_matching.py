@@ -16,6 +16,7 @@ from s3server import S3Server
 from safetensors.torch import load_file
 
 from amalgam.align import run_align
+from amalgam.align.permutation.activation_matching import read_texts
 from amalgam.align.permutation.apply import permuted_copy
 from amalgam.checkpoint import Checkpoint
 from amalgam.errors import PlanError
@@ -172,3 +173,16 @@ def test_weight_matching_reads_and_writes_s3(s3: S3Server) -> None:
     assert all(torch.equal(base.tensor(n), aligned.tensor(n)) for n in base.names())
     assert s3.filesystem().exists(f"{bucket}/work/permutations/permuted.safetensors")
     assert run_align(spec, inputs, workdir=work, **options) == out
+
+
+def test_activation_data_from_a_task_folder_is_its_train_split_only(tmp_path: Path) -> None:
+    for task in ("t1", "t2"):
+        (tmp_path / task).mkdir()
+        for split in ("train", "validation", "test"):
+            record = {"prompt": f"{task}-{split}:", "choices": ["x", "y"], "label": 1}
+            (tmp_path / task / f"{split}.jsonl").write_text(json.dumps(record) + "\n")
+    assert read_texts(str(tmp_path), 10) == ["t1-train:y", "t2-train:y"]
+    only_test = tmp_path / "scored"
+    only_test.mkdir()
+    (only_test / "records.jsonl").write_text(json.dumps({"text": "plain"}) + "\n")
+    assert read_texts(str(only_test), 10) == ["plain"]  # no train split: every file

@@ -39,8 +39,9 @@ IN, OUT = ":input", ":output"
 
 def read_texts(data: str | None, samples: int) -> list[str]:
     """The first ``samples`` texts of ``data``: a task folder (``*.jsonl`` records: prompt +
-    correct choice, or ``text``; taken from its files in turn), or a text file (one example
-    per non-empty line)."""
+    correct choice, or ``text``; taken from its files in turn, only the ``train.jsonl`` files
+    where it has any, so alignment never sees what a report scores), or a text file (one
+    example per non-empty line)."""
     if not data:
         raise PlanError(
             "align.permutation.data: activation matching needs data (a task folder or a text "
@@ -50,13 +51,15 @@ def read_texts(data: str | None, samples: int) -> list[str]:
     if not path.exists():
         raise PlanError(f"align.permutation.data: {data} does not exist")
     if path.is_dir():  # round robin over the files, so every task is seen
+        files = sorted(path.rglob("*.jsonl"))
+        files = [f for f in files if f.stem == "train"] or files  # never a task's test split
         per_file = [
             [
                 _record_text(json.loads(line), file)
                 for line in file.read_text().splitlines()
                 if line.strip()
             ]
-            for file in sorted(path.rglob("*.jsonl"))
+            for file in files
         ]
         texts = [t for group in itertools.zip_longest(*per_file) for t in group if t is not None]
     else:
