@@ -338,9 +338,9 @@ class Recipe(_Strict):
 
     def hash(self) -> str:
         """sha256 of the recipe's canonical JSON, output location excluded (stage sections,
-        the align section's own sections and ``adapter_output`` count only when present, ``extra_tensors`` only when not ``error``
-        and ``output_format`` only when not ``dense``, so a recipe without them hashes as it
-        always did)."""
+        the align section's own sections and ``adapter_output`` count only when present,
+        ``extra_tensors`` only when not ``error`` and ``output_format`` only when not
+        ``dense``, so a recipe without them hashes as it always did)."""
         body = self.model_dump(mode="json", exclude={"output", "storage_options", "executor"})
         for section in (*STAGE_SECTIONS, "adapter_output"):
             if body[section] is None:
