@@ -139,7 +139,7 @@ class PermutationSpec(_Strict):
     residual: bool = False  # also permute the residual stream (one permutation, whole model)
     seed: int = 0  # order of the coordinate descent over groups
     max_iter: int = Field(default=100, gt=0)  # coordinate-descent passes at most
-    samples: int = Field(default=64, gt=0)  # activation data: examples (lines) used
+    samples: int = Field(default=256, gt=0)  # activation data: examples (lines) used
     max_length: int = Field(default=64, gt=0)  # activation data: tokens per example
 
 

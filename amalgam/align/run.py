@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 #: (spec, labelled input URIs (base first), workdir, storage options) -> labelled URIs.
 Aligner = Callable[..., dict[str, str]]
 #: method -> "module:function" of its aligner, imported on use (torch, scipy).
-ALIGNERS: dict[str, str] = {}
+ALIGNERS: dict[str, str] = {
+    "weight_matching": "amalgam.align.permutation.aligner:align_weight_matching",
+    "activation_matching": "amalgam.align.permutation.aligner:align_activation_matching",
+}
 
 
 def run_align(

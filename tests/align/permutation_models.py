@@ -37,6 +37,29 @@ def bert_model(folder: Path, seed: int, *, masked_lm: bool = True, layers: int =
     return folder
 
 
+def qwen2_model(folder: Path, seed: int) -> Path:
+    """A random Qwen2 (q/k/v biases, tied embeddings; hidden 32, 4 heads, 2 KV heads) whose
+    weights are drawn large enough and biases non-zero, so every permutation shows."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "proj" in name or "embed" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
 def zoo_prompt_ids(zoo: Zoo, limit: int = 4) -> list[torch.Tensor]:
     """Token ids of the first ``limit`` test prompts (with their answers) of every zoo task."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(zoo.base)

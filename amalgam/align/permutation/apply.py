@@ -1,7 +1,7 @@
 """Permutations applied: gather indices per tensor axis, permuted copies written tensor by
 tensor, random valid permutations, and the permutation artifact.
 
-API (stable): ``identity_perms(spec)``, ``random_perms(spec, seed)``,
+API (stable): ``identity(count, size)``, ``identity_perms(spec)``, ``random_perms(spec, seed)``,
 ``permute_tensor(spec, perms, name, tensor)``, ``axis_index(axis_map, perms)``,
 ``write_permuted(ckpt, output, spec, perms)``, ``permuted_copy(uri, output, seed)``,
 ``save_perms(uri, spec, perms)`` / ``load_perms(uri, spec)``."""
@@ -26,9 +26,14 @@ from amalgam.errors import PlanError
 Perms = dict[str, torch.Tensor]
 
 
+def identity(count: int, size: int) -> torch.Tensor:
+    """``count`` permutations of ``size`` units that leave every unit in place."""
+    return torch.arange(size).repeat(count, 1)
+
+
 def identity_perms(spec: PermSpec) -> Perms:
     """Every group left in place."""
-    return {name: torch.arange(g.size).repeat(g.count, 1) for name, g in spec.groups.items()}
+    return {name: identity(g.count, g.size) for name, g in spec.groups.items()}
 
 
 def random_perms(spec: PermSpec, seed: int) -> Perms:

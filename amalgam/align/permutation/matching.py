@@ -6,13 +6,15 @@ API (stable): ``coordinate_descent(groups, axes, ref, model, seed=, max_iter=)``
 ``axes`` maps a tensor name to its permuted axes (``AxisMap``) and ``ref(name)`` /
 ``model(name)`` return float tensors. Each step solves one group by
 ``scipy.optimize.linear_sum_assignment`` (maximised) with every other group's current
-permutation applied; groups are visited in a seeded random order until a pass changes
-nothing. A leaf level (units) is scored by inner products; a block level (KV groups, heads:
-units with sub-units inside) by ``||A_i B_j^T||_F^2`` over the blocks' rows, which does not
-depend on how the sub-units are ordered, so heads are matched as blocks before their dims."""
+permutation applied; groups are visited in a seeded random order, each again only once a
+group it shares a tensor with has changed, until none is left to solve. A leaf level (units)
+is scored by inner products; a block level (KV groups, heads: units with sub-units inside) by
+``||A_i B_j^T||_F^2`` over the blocks' rows, which does not depend on how the sub-units are
+ordered, so heads are matched as blocks before their dims."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from amalgam.align.permutation.apply import Perms, axis_index
+from amalgam.align.permutation.apply import Perms, axis_index, identity
 from amalgam.align.permutation.spec import AxisMap, Group
 
 Tensors = Callable[[str], torch.Tensor]
@@ -46,9 +48,11 @@ def uses_of(axes: Mapping[str, list[AxisMap]]) -> dict[str, list[Use]]:
     return uses
 
 
-def children_of(axes: Mapping[str, list[AxisMap]], groups: Mapping[str, Group]) -> dict[str, set]:
+def children_of(
+    axes: Mapping[str, list[AxisMap]], groups: Mapping[str, Group]
+) -> dict[str, set[str]]:
     """outer group -> the groups holding one sub-permutation per slot of it."""
-    children: dict[str, set] = {}
+    children: dict[str, set[str]] = {}
     for maps in axes.values():
         for axis_map in maps:
             outer = axis_map.levels[0].group
@@ -66,13 +70,9 @@ def _permuted(
     for axis_map in maps:
         chosen = perms
         if axis_map is skip.axis_map:
-            chosen = {**perms, free: identity_like(perms[free])}
+            chosen = {**perms, free: identity(*perms[free].shape)}
         tensor = tensor.index_select(axis_map.axis, axis_index(axis_map, chosen))
     return tensor
-
-
-def identity_like(perm: torch.Tensor) -> torch.Tensor:
-    return torch.arange(perm.shape[1]).repeat(perm.shape[0], 1)
 
 
 def group_cost(
@@ -88,15 +88,10 @@ def group_cost(
     cost = torch.zeros(spec_group.count, spec_group.size, spec_group.size, dtype=torch.float64)
     for use in uses:
         sizes = [lv.size for lv in use.axis_map.levels]
-        outer = 1
-        for s in sizes[: use.depth]:
-            outer *= s
-        inner = 1
-        for s in sizes[use.depth + 1 :]:
-            inner *= s
-        shape = (outer, sizes[use.depth], inner, -1)
-        a = ref(use.name).double().movedim(use.axis_map.axis, 0).reshape(shape)
-        m = _permuted(model(use.name).double(), axes[use.name], perms, use, group)
+        inner = math.prod(sizes[use.depth + 1 :])
+        shape = (math.prod(sizes[: use.depth]), sizes[use.depth], inner, -1)
+        a = ref(use.name).float().movedim(use.axis_map.axis, 0).reshape(shape)
+        m = _permuted(model(use.name).float(), axes[use.name], perms, use, group)
         b = m.movedim(use.axis_map.axis, 0).reshape(shape)
         if inner == 1:
             per_slot = torch.einsum("oir,ojr->oij", a[:, :, 0], b[:, :, 0])
@@ -118,16 +113,22 @@ def coordinate_descent(
     seed: int = 0,
     max_iter: int = 100,
 ) -> tuple[Perms, int]:
-    """(permutations of ``model`` onto ``ref``, passes run)."""
+    """(permutations of ``model`` onto ``ref``, passes run). A group is solved again only
+    when a group sharing a tensor with it has changed since (MLP groups of a model without
+    the residual group are solved once)."""
     uses = uses_of(axes)
     names = sorted(g for g in groups if g in uses)
     children = children_of(axes, groups)
-    perms: Perms = {n: identity_like(torch.zeros(g.count, g.size)) for n, g in groups.items()}
+    neighbours = _neighbours(axes)
+    perms: Perms = {n: identity(g.count, g.size) for n, g in groups.items()}
     order = random.Random(seed)
+    stale = set(names)
     for passes in range(1, max_iter + 1):
-        changed = False
         order.shuffle(names)
         for name in names:
+            if name not in stale:
+                continue
+            stale.discard(name)
             cost = group_cost(name, groups[name], uses[name], axes, ref, model, perms)
             old = perms[name]
             new = torch.stack(
@@ -136,13 +137,27 @@ def coordinate_descent(
             gain = _score(cost, new) - _score(cost, old)
             if gain <= 1e-12 * max(1.0, abs(_score(cost, old))):
                 continue
-            changed = True
             perms[name] = new
+            stale |= neighbours[name]
             for child in children.get(name, ()):  # sub-permutations follow their slot
                 perms[child] = perms[child][torch.argsort(old[0])[new[0]]]
-        if not changed:
+                stale |= neighbours[child]
+        if not stale:
             return perms, passes
     return perms, max_iter
+
+
+def _neighbours(axes: Mapping[str, list[AxisMap]]) -> dict[str, set[str]]:
+    """group -> the groups whose permutations its cost reads: every group on a tensor it
+    permutes, itself only where it permutes two places of one tensor."""
+    out: dict[str, set[str]] = {}
+    for maps in axes.values():
+        places = [lv.group for m in maps for lv in m.levels if lv.group is not None]
+        for group in places:
+            out.setdefault(group, set()).update(g for g in places if g != group)
+            if places.count(group) > 1:
+                out[group].add(group)
+    return out
 
 
 def _score(cost: torch.Tensor, perm: torch.Tensor) -> float:
@@ -151,4 +166,4 @@ def _score(cost: torch.Tensor, perm: torch.Tensor) -> float:
 
 def is_identity(perms: Perms) -> bool:
     """Whether every group is left in place."""
-    return all(torch.equal(p, identity_like(p)) for p in perms.values())
+    return all(torch.equal(p, identity(*p.shape)) for p in perms.values())

@@ -73,7 +73,15 @@ class PermSpec:
     architecture: str
     groups: dict[str, Group] = field(default_factory=dict)
     axes: dict[str, list[AxisMap]] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor it covers
+
+    def tensor(
+        self, name: str, shape: tuple[int, ...], *axes: tuple[int, tuple[Level, ...]]
+    ) -> None:
+        """Record tensor ``name`` of ``shape`` and how each of its ``axes`` is split."""
+        self.shapes[name] = shape
+        for axis, levels in axes:
+            self.add(name, axis, *levels)
 
     def add(self, tensor: str, axis: int, *levels: Level) -> None:
         """Record that ``axis`` of ``tensor`` is split into ``levels``."""
@@ -111,16 +119,16 @@ def derive_spec(ckpt: Checkpoint, *, residual: bool = False) -> PermSpec:
     config = ckpt.config or {}
     model_type = config.get("model_type")
     if model_type in DECODERS:
-        spec, expected = _decoder(ckpt, config, residual)
+        spec = _decoder(ckpt, config, residual)
     elif model_type in ENCODERS:
-        spec, expected = _encoder(ckpt, config, residual)
+        spec = _encoder(ckpt, config, residual)
     else:
         raise PlanError(
             f"{ckpt.uri}/config.json: model_type {model_type!r} has no permutation spec "
             f"(supported: {', '.join(DECODERS + ENCODERS)})"
         )
     names = set(ckpt.names())
-    for name, shape in expected.items():
+    for name, shape in spec.shapes.items():
         if name not in names:
             raise PlanError(f"{ckpt.uri}: tensor {name} missing (the {model_type} spec needs it)")
         if ckpt.shape(name) != shape:
@@ -128,12 +136,11 @@ def derive_spec(ckpt: Checkpoint, *, residual: bool = False) -> PermSpec:
                 f"{ckpt.uri}: tensor {name} has shape {list(ckpt.shape(name))}, the "
                 f"{model_type} spec expects {list(shape)}"
             )
-    for name in sorted(names - set(expected)):
+    for name in sorted(names - set(spec.shapes)):
         if not IGNORED.search(name):
             raise PlanError(
                 f"{ckpt.uri}: tensor {name} is not part of the {model_type} permutation spec"
             )
-    spec.shapes = {name: ckpt.shape(name) for name in ckpt.names()}
     return spec
 
 
@@ -145,9 +152,7 @@ def _prefix(ckpt: Checkpoint, candidates: tuple[str, ...], anchor: str) -> str:
     raise PlanError(f"{ckpt.uri}: tensor {candidates[0]}{anchor} missing (no embedding table)")
 
 
-def _decoder(
-    ckpt: Checkpoint, config: dict, residual: bool
-) -> tuple[PermSpec, dict[str, tuple[int, ...]]]:
+def _decoder(ckpt: Checkpoint, config: dict, residual: bool) -> PermSpec:
     uri = ckpt.uri
     hidden = _config_int(config, "hidden_size", uri)
     heads = _config_int(config, "num_attention_heads", uri)
@@ -161,30 +166,24 @@ def _decoder(
     root = _prefix(ckpt, ("model.", ""), "embed_tokens.weight")
     names = set(ckpt.names())
     spec = PermSpec(str(config["model_type"]))
-    expected: dict[str, tuple[int, ...]] = {}
     res = Level(hidden, spec.group(RESIDUAL, hidden) if residual else None)
-
-    def tensor(name: str, shape: tuple[int, ...], *axes: tuple[int, tuple[Level, ...]]) -> None:
-        expected[name] = shape
-        for axis, levels in axes:
-            spec.add(name, axis, *levels)
 
     def optional_bias(weight: str, size: int, levels: tuple[Level, ...]) -> None:
         bias = weight.removesuffix("weight") + "bias"
         if bias in names:
-            tensor(bias, (size,), (0, levels))
+            spec.tensor(bias, (size,), (0, levels))
 
-    tensor(f"{root}embed_tokens.weight", (vocab, hidden), (1, (res,)))
-    tensor(f"{root}norm.weight", (hidden,), (0, (res,)))
+    spec.tensor(f"{root}embed_tokens.weight", (vocab, hidden), (1, (res,)))
+    spec.tensor(f"{root}norm.weight", (hidden,), (0, (res,)))
     if "lm_head.weight" in names or not config.get("tie_word_embeddings", False):
-        tensor("lm_head.weight", (vocab, hidden), (1, (res,)))
+        spec.tensor("lm_head.weight", (vocab, hidden), (1, (res,)))
     for n in range(layers):
         p = f"{root}layers.{n}."
         mlp = Level(inter, spec.group(f"{p}mlp", inter))
         for proj in ("gate_proj", "up_proj"):
-            tensor(f"{p}mlp.{proj}.weight", (inter, hidden), (0, (mlp,)), (1, (res,)))
+            spec.tensor(f"{p}mlp.{proj}.weight", (inter, hidden), (0, (mlp,)), (1, (res,)))
             optional_bias(f"{p}mlp.{proj}.weight", inter, (mlp,))
-        tensor(f"{p}mlp.down_proj.weight", (hidden, inter), (0, (res,)), (1, (mlp,)))
+        spec.tensor(f"{p}mlp.down_proj.weight", (hidden, inter), (0, (res,)), (1, (mlp,)))
         optional_bias(f"{p}mlp.down_proj.weight", hidden, (res,))
         a = f"{p}self_attn"
         kvl = Level(kv, spec.group(f"{a}.kv", kv))
@@ -197,18 +196,16 @@ def _decoder(
             ("v_proj", (kvl, vo)),
         ):
             size = rows_size(rows)
-            tensor(f"{a}.{proj}.weight", (size, hidden), (0, rows), (1, (res,)))
+            spec.tensor(f"{a}.{proj}.weight", (size, hidden), (0, rows), (1, (res,)))
             optional_bias(f"{a}.{proj}.weight", size, rows)
-        tensor(f"{a}.o_proj.weight", (hidden, heads * dim), (0, (res,)), (1, (kvl, headl, vo)))
+        spec.tensor(f"{a}.o_proj.weight", (hidden, heads * dim), (0, (res,)), (1, (kvl, headl, vo)))
         optional_bias(f"{a}.o_proj.weight", hidden, (res,))
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensor(f"{p}{norm}.weight", (hidden,), (0, (res,)))
-    return spec, expected
+            spec.tensor(f"{p}{norm}.weight", (hidden,), (0, (res,)))
+    return spec
 
 
-def _encoder(
-    ckpt: Checkpoint, config: dict, residual: bool
-) -> tuple[PermSpec, dict[str, tuple[int, ...]]]:
+def _encoder(ckpt: Checkpoint, config: dict, residual: bool) -> PermSpec:
     uri = ckpt.uri
     hidden = _config_int(config, "hidden_size", uri)
     heads = _config_int(config, "num_attention_heads", uri)
@@ -221,25 +218,19 @@ def _encoder(
     root = _prefix(ckpt, ("bert.", ""), "embeddings.word_embeddings.weight")
     names = set(ckpt.names())
     spec = PermSpec(str(config["model_type"]))
-    expected: dict[str, tuple[int, ...]] = {}
     res = Level(hidden, spec.group(RESIDUAL, hidden) if residual else None)
 
-    def tensor(name: str, shape: tuple[int, ...], *axes: tuple[int, tuple[Level, ...]]) -> None:
-        expected[name] = shape
-        for axis, levels in axes:
-            spec.add(name, axis, *levels)
-
     def dense(name: str, rows: tuple[Level, ...], cols: tuple[Level, ...]) -> None:
-        tensor(f"{name}.weight", (rows_size(rows), rows_size(cols)), (0, rows), (1, cols))
-        tensor(f"{name}.bias", (rows_size(rows),), (0, rows))
+        spec.tensor(f"{name}.weight", (rows_size(rows), rows_size(cols)), (0, rows), (1, cols))
+        spec.tensor(f"{name}.bias", (rows_size(rows),), (0, rows))
 
     def layer_norm(name: str) -> None:
         for part in ("weight", "bias"):
-            tensor(f"{name}.{part}", (hidden,), (0, (res,)))
+            spec.tensor(f"{name}.{part}", (hidden,), (0, (res,)))
 
     e = f"{root}embeddings"
     for table, count in (("word", vocab), ("position", positions), ("token_type", types)):
-        tensor(f"{e}.{table}_embeddings.weight", (count, hidden), (1, (res,)))
+        spec.tensor(f"{e}.{table}_embeddings.weight", (count, hidden), (1, (res,)))
     layer_norm(f"{e}.LayerNorm")
     for n in range(layers):
         p = f"{root}encoder.layer.{n}."
@@ -261,12 +252,12 @@ def _encoder(
         # lives in the residual basis too
         dense("cls.predictions.transform.dense", (res,), (res,))
         layer_norm("cls.predictions.transform.LayerNorm")
-        tensor("cls.predictions.bias", (vocab,))
+        spec.tensor("cls.predictions.bias", (vocab,))
         if "cls.predictions.decoder.weight" in names:
-            tensor("cls.predictions.decoder.weight", (vocab, hidden), (1, (res,)))
+            spec.tensor("cls.predictions.decoder.weight", (vocab, hidden), (1, (res,)))
             if "cls.predictions.decoder.bias" in names:
-                tensor("cls.predictions.decoder.bias", (vocab,))
-    return spec, expected
+                spec.tensor("cls.predictions.decoder.bias", (vocab,))
+    return spec
 
 
 def rows_size(levels: tuple[Level, ...]) -> int:
