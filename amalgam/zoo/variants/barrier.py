@@ -3,8 +3,11 @@ answer loss of the naive weight average at the midpoint against the two endpoint
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import torch
 
 from amalgam.zoo.train import Encoded, collate
 
@@ -17,8 +20,6 @@ POINTS = (0.0, 0.5, 1.0)
 
 def answer_loss(model: PreTrainedModel, pools: Sequence[Sequence[Encoded]], pad_id: int) -> float:
     """Mean over pools of the mean cross-entropy on each pool's answer tokens."""
-    import torch  # lazy: torch, which a cached zoo does not need
-
     with torch.inference_mode():
         losses = [model(**collate(pool, pad_id)).loss.item() for pool in pools]
     return sum(losses) / len(losses)
@@ -26,9 +27,6 @@ def answer_loss(model: PreTrainedModel, pools: Sequence[Sequence[Encoded]], pad_
 
 def interpolate(first: PreTrainedModel, second: PreTrainedModel, t: float) -> PreTrainedModel:
     """A new model whose every weight is (1 - t) * first + t * second (inputs unchanged)."""
-    # lazy: copy of a torch module; keep the module importable without torch loaded
-    import copy
-
     other = second.state_dict()
     mixed = copy.deepcopy(first)
     mixed.load_state_dict({k: (1 - t) * v + t * other[k] for k, v in first.state_dict().items()})

@@ -9,6 +9,7 @@ have different vocabularies, as community fine-tunes that add tokens do."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -53,9 +54,6 @@ def token_splits(
 def with_tokens(tokenizer: PreTrainedTokenizerFast, scripts: list[str]) -> PreTrainedTokenizerFast:
     """A copy of the char-level `tokenizer` with every character of `scripts` added, in order,
     as one token each (ids after the base vocabulary)."""
-    # lazy: copy is cheap, but keep this module importable without transformers loaded
-    import copy
-
     grown = copy.deepcopy(tokenizer)
     grown.add_tokens([c for text in scripts for c in text])
     return grown
