@@ -79,7 +79,7 @@ def merge_diluted(recipe: Recipe, work: Path, out: Path) -> Path:
         (copy / ROWS_FILE).unlink(missing_ok=True)
         read_from[label] = str(copy)
     shutil.rmtree(out, ignore_errors=True)
-    run_merge(recipe, MergeOptions(read_from=read_from, output=str(out)))
+    run_merge(recipe, MergeOptions(read_from=read_from, aligned=True, output=str(out)))
     return out
 
 

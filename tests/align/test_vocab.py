@@ -100,7 +100,7 @@ def vocab_recipe(family: dict[str, Path], out: Path, **extra: object) -> Recipe:
 def aligned_merge(recipe: Recipe, workdir: Path) -> tuple[dict[str, str], Path]:
     inputs = {"base": recipe.base, **{m.label: m.uri for m in recipe.models}}
     uris = run_align(recipe.align, inputs, workdir=str(workdir))
-    run_merge(recipe, MergeOptions(read_from=uris))
+    run_merge(recipe, MergeOptions(read_from=uris, aligned=True))
     return uris, Path(recipe.output)
 
 
@@ -276,7 +276,9 @@ def test_row_groups_merge_the_same_on_ray(family, tmp_path):
     outputs = {}
     for executor in ("local", "ray"):
         out = tmp_path / executor
-        run_merge(recipe, MergeOptions(read_from=uris, output=str(out), executor=executor))
+        run_merge(
+            recipe, MergeOptions(read_from=uris, aligned=True, output=str(out), executor=executor)
+        )
         outputs[executor] = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sum(n.endswith(".safetensors") for n in outputs["local"]) > 2
     assert outputs["local"] == outputs["ray"]
@@ -364,7 +366,7 @@ def test_data_statistics_methods_refuse_partly_owned_rows(family, tmp_path):
         }
     )
     with pytest.raises(PlanError, match=r"fisher needs data statistics per model.*embed_tokens"):
-        run_merge(recipe, MergeOptions(read_from=uris))
+        run_merge(recipe, MergeOptions(read_from=uris, aligned=True))
     assert not (tmp_path / "out").exists()
 
 
@@ -390,7 +392,7 @@ def test_a_bad_ownership_sidecar_is_refused_naming_it(family, tmp_path, sidecar,
     with pytest.raises(
         AmalgamError, match=rf"{uris['b']}/amalgam-rows.json: .*{re.escape(message)}"
     ):
-        run_merge(recipe, MergeOptions(read_from=uris))
+        run_merge(recipe, MergeOptions(read_from=uris, aligned=True))
 
 
 def test_tied_embeddings_are_remapped_once(family, tmp_path):
