@@ -39,18 +39,19 @@ COMMIT_RECORD = "amalgam-commit.json"  # written last by amalgam's writer (write
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 INDEX_FILES = ("model.safetensors.index.json",)
 SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors")
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+#: Every file a tokenizer saved next to a model may have.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
+    "vocab.txt",
     "chat_template.jinja",
-    "adapter_config.json",
 )
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "adapter_config.json")
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:

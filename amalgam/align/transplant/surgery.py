@@ -18,7 +18,6 @@ from amalgam.align.transplant.approximate import least_squares_rows, omp_rows, s
 from amalgam.align.transplant.vocab import (
     CARRIED,
     ROLES,
-    TOKENIZER_FILES,
     TokenMatch,
     TransplantError,
     Vocabulary,
@@ -27,7 +26,7 @@ from amalgam.align.transplant.vocab import (
     read_json,
     read_vocabulary,
 )
-from amalgam.checkpoint import Checkpoint, open_checkpoint
+from amalgam.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from amalgam.engine.inputs import check_output
 from amalgam.errors import CheckpointError
 

@@ -10,17 +10,6 @@ from typing import Any
 from amalgam import storage
 from amalgam.errors import AmalgamError
 
-#: Every file of a tokenizer in a model folder (the model's are replaced by the donor's).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 #: The donor files carried into the output: the fast tokenizer and its settings.
 CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 ROLES = ("bos", "eos", "unk", "pad")

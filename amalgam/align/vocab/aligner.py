@@ -17,7 +17,6 @@ from amalgam.align.vocab.ownership import ROWS_FILE, ownership_of
 from amalgam.align.vocab.remap import donor_rows, pad_rows, remap_rows, row_map, vocab_tensors
 from amalgam.align.vocab.tokenizers import (
     SPECIAL,
-    TOKENIZER_FILES,
     OutputTokenizer,
     VocabError,
     chosen,
@@ -25,7 +24,7 @@ from amalgam.align.vocab.tokenizers import (
     output_tokenizer,
     vocabulary,
 )
-from amalgam.checkpoint import Checkpoint
+from amalgam.checkpoint import TOKENIZER_FILES, Checkpoint
 from amalgam.recipe import AlignSpec, TokenizerSpec
 
 

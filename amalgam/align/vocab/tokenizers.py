@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amalgam import storage
-from amalgam.checkpoint import Checkpoint
+from amalgam.checkpoint import TOKENIZER_FILES, Checkpoint
 from amalgam.errors import AmalgamError
 
 if TYPE_CHECKING:
@@ -19,18 +19,7 @@ if TYPE_CHECKING:
 
     from amalgam.recipe import TokenizerSpec
 
-#: tokenizer files an input may hold; one of VOCAB_FILES is required
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-)
+#: an input needs one of these among its tokenizer files
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
