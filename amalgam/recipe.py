@@ -196,21 +196,36 @@ class PleasSpec(_Strict):
     ridge: float = Field(default=1e-4, ge=0.0)
 
 
+class TransplantSpec(_Strict):
+    """The tokenizer transplant (``align.method: transplant``, amalgam/align/transplant/): every
+    input but ``donor`` (a label; default the first input) gets the donor's tokenizer, rows of
+    the tokens it lacks approximated by ``method`` (``omp`` over ``k`` shared-token anchors,
+    ``least_squares`` or ``subword``)."""
+
+    donor: str | None = None
+    method: Literal["omp", "least_squares", "subword"] = "omp"
+    k: int = Field(default=8, ge=1)
+
+
 class AlignSpec(_Strict):
     """The align stage. ``check``: refuse inputs whose tensor names, shapes or vocabularies
     differ. ``vocab``: remap every input's embedding rows into one vocabulary (``tokenizer``).
-    ``weight_matching`` / ``activation_matching`` / ``pleas``: permute the hidden units of each
-    model onto the reference's (``permutation``)."""
+    ``transplant``: give every input one model's tokenizer, approximating the rows of the tokens
+    it lacks (``transplant``). ``weight_matching`` / ``activation_matching`` / ``pleas``:
+    permute the hidden units of each model onto the reference's (``permutation``)."""
 
-    method: Literal["check", "vocab", "weight_matching", "activation_matching", "pleas"] = "check"
+    method: Literal[
+        "check", "vocab", "transplant", "weight_matching", "activation_matching", "pleas"
+    ] = "check"
     vocabulary: bool = True
     tokenizer: TokenizerSpec | None = None
+    transplant: TransplantSpec | None = None
     permutation: PermutationSpec | None = None
     pleas: PleasSpec | None = None
 
 
 #: The align section's sections of its own, hashed only when present.
-ALIGN_SUBSECTIONS = ("tokenizer", "permutation", "pleas")
+ALIGN_SUBSECTIONS = ("tokenizer", "transplant", "permutation", "pleas")
 
 
 class CompressSpec(_Strict):

@@ -21,6 +21,7 @@ Aligner = Callable[..., dict[str, str]]
 #: method -> "module:function" of its aligner, imported on use (torch, scipy).
 ALIGNERS: dict[str, str] = {
     "vocab": "amalgam.align.vocab.aligner:align_vocab",
+    "transplant": "amalgam.align.transplant.aligner:align_transplant",
     "weight_matching": "amalgam.align.permutation.aligner:align_weight_matching",
     "activation_matching": "amalgam.align.permutation.aligner:align_activation_matching",
     "pleas": "amalgam.align.permutation.pleas_copies:align_pleas",

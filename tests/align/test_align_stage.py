@@ -13,7 +13,9 @@ from amalgam.recipe import Recipe
 from tests.helpers import llama_tensors, write_model
 
 
-@pytest.mark.parametrize("method", ["vocab", "weight_matching", "activation_matching", "pleas"])
+@pytest.mark.parametrize(
+    "method", ["vocab", "transplant", "weight_matching", "activation_matching", "pleas"]
+)
 def test_the_engine_alone_refuses_a_recipe_whose_inputs_need_aligning(
     tmp_path: Path, method: str
 ) -> None:

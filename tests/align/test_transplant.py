@@ -25,6 +25,7 @@ from amalgam.align.transplant.approximate import least_squares_rows, omp, omp_ro
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.recipe import ModelSpec, Recipe
+from amalgam.stages.align import aligned_options
 from amalgam.writer import intact
 from tests.helpers import run_cli
 
@@ -325,6 +326,46 @@ def test_transplanting_an_average_equals_averaging_transplants(model: Path, tmp_
         # and the merge did change the vocabulary rows (the check is not vacuous)
         with open_checkpoint(str(after)) as a, open_checkpoint(str(moved[0])) as m:
             assert not torch.equal(a.tensor(EMBED), m.tensor(EMBED))
+
+
+def test_a_recipe_transplants_onto_the_donor_then_merges(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``align.method: transplant`` in a recipe: the same bytes as a transplant by hand and a
+    merge of the donor with it; a re-run reuses the transplanted copy."""
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))
+    donor = make_model(tmp_path / "donor", DONOR_TOKENS, DONOR_SPECIALS, hidden=16, seed=2)
+    by_hand = transplant(str(model), str(donor), str(tmp_path / "by-hand"), method="omp", k=4)
+    expected = tmp_path / "expected"
+    plain = Recipe(
+        method="linear", models=[ModelSpec(uri=str(donor)), ModelSpec(uri=by_hand.output)]
+    )
+    run_merge(plain, MergeOptions(output=str(expected), device="cpu"))
+
+    align = {"method": "transplant", "transplant": {"donor": "donor", "method": "omp", "k": 4}}
+    recipe = Recipe.model_validate(
+        {
+            "method": "linear",
+            "models": [{"uri": str(donor)}, {"uri": str(model)}],
+            "align": align,
+            "output": str(tmp_path / "merged"),
+        }
+    )
+    for _ in range(2):  # the second run finds the transplanted copy and reuses it
+        options = aligned_options(recipe, MergeOptions(device="cpu", overwrite=True))
+        (copy,) = [uri for label, uri in options.read_from.items() if label == "model"]
+        run_merge(recipe, options)
+    assert Path(copy).is_relative_to(tmp_path / "home")
+    with open_checkpoint(str(expected)) as a, open_checkpoint(str(tmp_path / "merged")) as b:
+        assert a.names() == b.names()
+        for name in a.names():
+            assert torch.equal(a.tensor(name), b.tensor(name)), name
+    assert ids(tmp_path / "merged") == ids(donor)
+    nobody = Recipe.model_validate(
+        {**recipe.model_dump(), "align": {**align, "transplant": {"donor": "nobody"}}}
+    )
+    with pytest.raises(TransplantError, match=r"align.transplant.donor: 'nobody' is not an input"):
+        aligned_options(nobody, MergeOptions(device="cpu"))
 
 
 # -- bad input ----------------------------------------------------------------------------------
