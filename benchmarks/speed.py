@@ -754,12 +754,18 @@ def run_adapters(args: argparse.Namespace, params: float) -> int:
         "compare": agreement,
         "reference_gaps": gaps,
     }
-    table = adapters_markdown(result)
-    stem = "speed-adapters-quick" if args.quick else "speed-adapters"
+    write_results(
+        f"speed-adapters{'-quick' if args.quick else ''}", result, adapters_markdown(result)
+    )
+    return 0
+
+
+def write_results(stem: str, result: dict[str, Any], table: str) -> None:
+    """``result`` as ``results/<stem>.json`` and its ``table`` as ``results/<stem>.md``,
+    printed too."""
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(table)
     print(table)
-    return 0
 
 
 def adapters_markdown(result: dict[str, Any]) -> str:
@@ -888,11 +894,7 @@ def run_align(args: argparse.Namespace, params: float) -> int:
         "compare": agreement,
         "search": search_report(home),
     }
-    table = align_markdown(result)
-    stem = "speed-align-quick" if args.quick else "speed-align"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(table)
-    print(table)
+    write_results(f"speed-align{'-quick' if args.quick else ''}", result, align_markdown(result))
     return 0
 
 
@@ -1054,12 +1056,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["targets"] = targets(rows)
     table = markdown(result)
-    stem = "speed-quick" if args.quick else "speed"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(table)
+    write_results("speed-quick" if args.quick else "speed", result, table)
     if args.update_readme:
         update_readme(table)
-    print(table)
     return 0
 
 

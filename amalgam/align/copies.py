@@ -10,6 +10,7 @@ import torch
 
 from amalgam import storage
 from amalgam.checkpoint import Checkpoint, tensor_nbytes
+from amalgam.engine.plan import shard_groups
 from amalgam.writer import INDEX_NAME, CheckpointWriter, intact
 
 #: (name, tensor as stored) -> the aligned tensor (same dtype; its shape as ``shapes`` says).
@@ -42,24 +43,11 @@ def write_aligned_copy(
         (name, src.info(name).dtype, tuple(shapes.get(name, src.shape(name))))
         for name in src.names()
     ]
-    units: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = tensor_nbytes(entry[1], entry[2])
-        if units[-1] and size + nbytes > max_shard_bytes:
-            units.append([])
-            size = 0
-        units[-1].append(entry)
-        size += nbytes
-    files = (
-        ["model.safetensors"]
-        if len(units) == 1
-        else [f"model-{i + 1:05d}-of-{len(units):05d}.safetensors" for i in range(len(units))]
-    )
+    shards = shard_groups(entries, lambda e: tensor_nbytes(e[1], e[2]), max_shard_bytes)
     metadata = {"format": "pt", "amalgam": "aligned"}
     writer = CheckpointWriter(output_uri, overwrite=True, **storage_options)
     try:
-        for file, unit in zip(files, units, strict=True):
+        for file, unit in shards:
             shard = writer.shard(file, unit, metadata)
             try:
                 for name, _, _ in unit:
@@ -68,10 +56,8 @@ def write_aligned_copy(
                 shard.discard()
                 raise
             shard.close()
-        if len(units) > 1:
-            weight_map = {
-                name: file for file, unit in zip(files, units, strict=True) for name, _, _ in unit
-            }
+        if len(shards) > 1:
+            weight_map = {name: file for file, unit in shards for name, _, _ in unit}
             total = sum(tensor_nbytes(d, s) for _, d, s in entries)
             writer.write_json(
                 INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -4,9 +4,9 @@ that run it (what the method needs, turned into steps an executor runs). Reads n
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -20,6 +20,8 @@ from amalgam.methods.base import MergeFn, Method, TensorParams
 from amalgam.methods.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
 from amalgam.methods.params import layer_index, resolve_params
 from amalgam.recipe import Recipe
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from amalgam.statistics.artifact import StatisticsInfo
@@ -270,21 +272,32 @@ def _num_layers(ref: Checkpoint, layers: list[int]) -> int:
     return int(configured) if configured else (max(layers) + 1 if layers else 1)
 
 
-def shard_jobs(jobs: list[TensorJob], max_bytes: int) -> tuple[WorkUnit, ...]:
-    """Group ``jobs`` (in order) into output shards of at most ``max_bytes`` each (a larger
-    tensor gets a shard of its own)."""
-    groups: list[list[TensorJob]] = [[]]
+def shard_groups(
+    items: Sequence[T], nbytes: Callable[[T], int], max_bytes: int
+) -> list[tuple[str, list[T]]]:
+    """``items`` (in order) grouped into output shards of at most ``max_bytes`` each (a larger
+    item gets a shard of its own), with the Hugging Face file name of each shard."""
+    groups: list[list[T]] = [[]]
     size = 0
-    for j in jobs:
-        if groups[-1] and size + j.nbytes > max_bytes:
+    for item in items:
+        n = nbytes(item)
+        if groups[-1] and size + n > max_bytes:
             groups.append([])
             size = 0
-        groups[-1].append(j)
-        size += j.nbytes
+        groups[-1].append(item)
+        size += n
     if len(groups) == 1:
-        return (WorkUnit("model.safetensors", tuple(groups[0])),)
-    n = len(groups)
+        return [("model.safetensors", groups[0])]
+    count = len(groups)
+    return [(f"model-{i + 1:05d}-of-{count:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def shard_jobs(jobs: list[TensorJob], max_bytes: int) -> tuple[WorkUnit, ...]:
+    """Group ``jobs`` (in order) into output shards of at most ``max_bytes`` each."""
     return tuple(
-        WorkUnit(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g))
-        for i, g in enumerate(groups)
+        WorkUnit(file, tuple(group)) for file, group in shard_groups(jobs, _job_bytes, max_bytes)
     )
+
+
+def _job_bytes(job: TensorJob) -> int:
+    return job.nbytes
