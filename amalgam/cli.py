@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,19 @@ def inspect(
     )
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+SIZE_UNITS |= {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """``256MB``, ``1GiB``, ``1000000`` -> bytes; anything else is an error naming ``option``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise AmalgamError(f"{option}: '{text}' is not a size (e.g. 256MB, 1GiB)")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
 @app.command()
 def merge(
     config: Annotated[Path, typer.Argument(help="amalgam recipe or mergekit YAML")],
@@ -134,6 +148,13 @@ def merge(
             help="continual methods: absorb the recipe's models into this earlier merge",
         ),
     ] = None,
+    unit_size: Annotated[
+        str, typer.Option(help="Ray: input bytes per task, e.g. 256MB, 1GiB")
+    ] = "256MiB",
+    gpus_per_task: Annotated[
+        float | None,
+        typer.Option(help="Ray: GPUs each task asks for where the cluster has any (default 1)"),
+    ] = None,
 ) -> None:
     """Merge the models of a recipe into a Hugging Face model folder."""
     # lazy: the command's modules import torch; `amalgam --help` stays fast
@@ -153,6 +174,8 @@ def merge(
             allow_pickle=allow_pickle,
             threads=threads,
             continue_from=continue_from,
+            unit_bytes=parse_bytes(unit_size, "--unit-size"),
+            gpus_per_task=gpus_per_task,
         )
     except ValidationError as exc:
         bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
@@ -197,7 +220,13 @@ def _print_merge(recipe: Recipe, result: MergeResult) -> None:
         f"{len(plan.jobs)} tensors in {len(plan.units)} shard(s), "
         f"{_human(plan.output_bytes)} written, {_human(result.input_bytes)} read in "
         f"{result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s), "
-        f"peak RSS {_human(result.peak_rss_bytes)}",
+        f"peak RSS {_human(result.peak_rss_bytes)}"
+        + (
+            f" (driver); Ray workers: {_human(max(result.worker_peaks))} the largest of "
+            f"{len(result.worker_peaks)}, {_human(result.worker_peak_sum)} together at most"
+            if result.worker_peaks
+            else ""
+        ),
         soft_wrap=True,
     )
     # tensors only some inputs hold (the recipe's extra_tensors)

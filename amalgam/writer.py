@@ -14,6 +14,7 @@ import shutil
 import socket
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -34,6 +35,7 @@ from amalgam.errors import OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_FORMAT = 1
+PART = ".part-"  # a shard's part in the staging folder: <shard>.part-00003
 
 
 def shard_header(
@@ -65,7 +67,11 @@ def writing(path: str) -> Iterator[None]:
 
 class ShardWriter:
     """Writes one safetensors file whose layout is fixed up front; tensors arrive in order.
-    The file's sha256 is computed on the way (``digest`` once closed)."""
+    The file's sha256 is computed on the way (``digest`` once closed).
+
+    With ``span`` (start, stop), the file is one part of the shard: the bytes of tensors
+    ``entries[start:stop]``, after the header only when ``start`` is 0 (see
+    :class:`ShardAssembler`)."""
 
     def __init__(
         self,
@@ -73,16 +79,19 @@ class ShardWriter:
         path: str,
         entries: Sequence[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str],
+        span: tuple[int, int] | None = None,
     ):
+        start, stop = span or (0, len(entries))
         self.path = path
         self._fs = fs
-        self._pending = list(entries)
+        self._pending = list(entries[start:stop])
         self._hash = hashlib.sha256()
         self.nbytes = 0
         self.digest: str | None = None
         with writing(path):
             self._fh = fs.open(path, "wb")
-        self._append(shard_header(entries, metadata))
+        if start == 0:
+            self._append(shard_header(entries, metadata))
 
     def _append(self, data: Any) -> None:
         with writing(self.path):
@@ -122,6 +131,65 @@ class ShardWriter:
         self.digest = self._hash.hexdigest()
 
 
+@dataclass(frozen=True)
+class Written:
+    """A file of the output written elsewhere (a Ray worker), as its writer reported it."""
+
+    path: str
+    nbytes: int
+    digest: str
+
+
+class ShardAssembler:
+    """Puts a shard together from its parts (files that workers wrote, arriving in any order):
+    each part is appended as soon as the parts before it are in, checked on the way against
+    the size and sha256 its writer reported, then removed. The shard's own sha256 is computed
+    while appending (``digest`` once the last part is in)."""
+
+    def __init__(self, fs: Any, path: str, count: int):
+        self.path = path
+        self._fs = fs
+        self._count = count
+        self._ready: dict[int, Written] = {}
+        self._next = 0
+        self._hash = hashlib.sha256()
+        self.nbytes = 0
+        self.digest: str | None = None
+        with writing(path):
+            self._fh = fs.open(path, "wb")
+
+    def add(self, index: int, part: Written) -> None:
+        """Part ``index`` is written: append it and every later part already waiting."""
+        self._ready[index] = part
+        while self._next in self._ready:
+            self._append(self._ready.pop(self._next))
+            self._next += 1
+        if self._next == self._count and self.digest is None:
+            with writing(self.path):
+                self._fh.close()
+            self.digest = self._hash.hexdigest()
+
+    def _append(self, part: Written) -> None:
+        check = hashlib.sha256()
+        n = 0
+        with storage.store_errors(part.path), self._fs.open(part.path, "rb") as src:
+            while chunk := src.read(16 << 20):
+                check.update(chunk)
+                self._hash.update(chunk)
+                with writing(self.path):
+                    self._fh.write(chunk)
+                n += len(chunk)
+        if (n, check.hexdigest()) != (part.nbytes, part.digest):
+            raise OutputError(
+                f"{part.path}: a part of {self.path} holds {n} bytes with sha256 "
+                f"{check.hexdigest()[:12]}, its writer reported {part.nbytes} bytes with sha256 "
+                f"{part.digest[:12]}"
+            )
+        self.nbytes += n
+        with storage.store_errors(part.path):
+            self._fs.rm_file(part.path)
+
+
 class CheckpointWriter:
     """A model folder written into a hidden staging folder and moved into place by ``commit``.
 
@@ -153,7 +221,8 @@ class CheckpointWriter:
         self.staging = staging or str(p.parent / f"{staging_prefix(p.name)}{uuid.uuid4().hex[:12]}")
         with writing(self.staging):
             self.fs.makedirs(self.staging, exist_ok=True)
-        self._shards: list[ShardWriter] = []
+        self._shards: list[ShardWriter | ShardAssembler | Written] = []
+        self._planned: dict[str, int] = {}
 
     @property
     def staging_uri(self) -> str:
@@ -168,6 +237,30 @@ class CheckpointWriter:
         shard = ShardWriter(self.fs, storage.join(self.staging, filename), entries, metadata)
         self._shards.append(shard)
         return shard
+
+    def expect(self, sizes: dict[str, int]) -> None:
+        """The weight files the output must hold, with their sizes: the commit refuses an
+        output where one is missing or of another size."""
+        self._planned.update(sizes)
+
+    def written(self, filename: str, nbytes: int, digest: str) -> None:
+        """Shard ``filename`` was written into the staging folder elsewhere (a Ray worker),
+        ``nbytes`` bytes with sha256 ``digest``: the commit record takes them (after checking
+        the size on storage) instead of reading the file back."""
+        self._shards.append(Written(storage.join(self.staging, filename), nbytes, digest))
+
+    def part_uri(self, filename: str, index: int) -> str:
+        """Where part ``index`` of shard ``filename`` is written (see :meth:`assembler`)."""
+        return storage.full_uri(self.fs, self.part_path(filename, index))
+
+    def assembler(self, filename: str, count: int) -> ShardAssembler:
+        """Shard ``filename``, put together from its ``count`` parts at :meth:`part_uri`."""
+        shard = ShardAssembler(self.fs, storage.join(self.staging, filename), count)
+        self._shards.append(shard)
+        return shard
+
+    def part_path(self, filename: str, index: int) -> str:
+        return storage.join(self.staging, f"{filename}{PART}{index:05d}")
 
     def write_json(self, filename: str, obj: Any) -> None:
         path = storage.join(self.staging, filename)
@@ -258,16 +351,37 @@ class CheckpointWriter:
             check_replaceable(self.fs, self.path, self.uri)
 
     def _record(self) -> dict[str, Any]:
-        """Every staged file's size and sha256 (shards hashed while written; other files, and
-        shards written elsewhere such as on Ray workers, read back once)."""
+        """Every staged file's size and sha256 (shards hashed while written or assembled, or as
+        the worker that wrote them reported; other files read back once), after checking that
+        every planned file is there with its planned size and no part is left over."""
+        self.fs.invalidate_cache(self.staging)
+        sizes = {
+            PurePosixPath(f["name"]).name: f["size"] for f in self.fs.ls(self.staging, detail=True)
+        }
+        problems = [
+            f"{name}: planned {want} bytes, "
+            + ("missing" if name not in sizes else f"holds {sizes[name]}")
+            for name, want in sorted(self._planned.items())
+            if sizes.get(name) != want
+        ]
+        problems += [f"{name}: a part never put into its shard" for name in sizes if PART in name]
         known = {PurePosixPath(s.path).name: s for s in self._shards if s.digest}
+        problems += [
+            f"{name}: its writer reported {s.nbytes} bytes, storage holds {sizes.get(name)}"
+            for name, s in known.items()
+            if sizes.get(name) != s.nbytes
+        ]
+        if problems:
+            raise OutputError(
+                f"{self.uri}: not committed, the output is incomplete:\n  " + "\n  ".join(problems)
+            )
         files = {}
-        for name in sorted(_ls_names(self.fs, self.staging)):
+        for name in sorted(sizes):
             if name in known:
                 files[name] = {"bytes": known[name].nbytes, "sha256": known[name].digest}
                 continue
             path = storage.join(self.staging, name)
-            files[name] = {"bytes": self.fs.size(path), "sha256": sha256_file(self.fs, path)}
+            files[name] = {"bytes": sizes[name], "sha256": sha256_file(self.fs, path)}
         return {"format": RECORD_FORMAT, "amalgam_version": __version__, "files": files}
 
     def abort(self) -> None:

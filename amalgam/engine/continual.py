@@ -24,10 +24,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from amalgam import storage
 from amalgam.checkpoint import open_checkpoint
 from amalgam.device import compute_threads, pick_device
-from amalgam.engine.execute import Progress, run_norm_pass
+from amalgam.engine.execute import Progress
+from amalgam.engine.executors import pick_executor
 from amalgam.engine.inputs import check_output, open_recipe_inputs, plan_inputs
 from amalgam.engine.options import MergeOptions, MergeResult, job_context, output_of
 from amalgam.engine.plan import AbsorbStep, NormPass, Plan, build_plan
+from amalgam.engine.ray_executor import WorkerMemory
 from amalgam.engine.write import write_output
 from amalgam.errors import CheckpointError, RecipeError
 from amalgam.methods.base import STEP_KEY, Method, Step, get_method
@@ -153,6 +155,7 @@ def run_continual(
     scratch = str(p.parent / f"{staging_prefix(p.name, 'steps')}{uuid.uuid4().hex[:12]}")
     device = pick_device(options.device)
     read = 0
+    memory = WorkerMemory({})
     try:
         with compute_threads(options.threads):
             for i, (model, step) in enumerate(zip(recipe.models, steps, strict=True)):
@@ -163,7 +166,7 @@ def run_continual(
                     update={"output": out, "overwrite": options.overwrite and last}
                 )
                 state, plan, n = _absorb(
-                    recipe, step, model, merged, state, step_options, device, progress
+                    recipe, step, model, merged, state, step_options, device, progress, memory
                 )
                 read += n
                 if merged is not None and merged != options.continue_from:
@@ -172,7 +175,8 @@ def run_continual(
     finally:
         remove_folder(fs, scratch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return MergeResult(output, plan, time.perf_counter() - start, read, peak)
+    seconds = time.perf_counter() - start
+    return MergeResult(output, plan, seconds, read, peak, memory.sorted_peaks())
 
 
 def _check_all(
@@ -212,6 +216,7 @@ def _absorb(
     options: MergeOptions,
     device: torch.device,
     progress: Progress | None,
+    memory: WorkerMemory,
 ) -> tuple[ContinualState, Plan, int]:
     """One step: base, running merge (none on the first step) and one model -> the next merge,
     by the step's passes (a norm pass fixes the step's divisor, the tensor pass writes)."""
@@ -229,9 +234,10 @@ def _absorb(
         index, prev_scale = state.step + 1, state.scale
         norms, scale = state.norms, 1.0
         ctx = job_context(plan, options, device, progress, {STEP_KEY: Step(index, prev_scale)})
+        executor = pick_executor(ctx, inputs, options, memory)
         for pass_ in step.passes:
             if isinstance(pass_, NormPass):
-                merged_sq, task_sq = run_norm_pass(ctx, pass_, list(inputs.values()))
+                merged_sq, task_sq = executor.norms(ctx, pass_, list(inputs.values()))
                 norms, scale = _rescale(state.norms, merged_sq, task_sq)
             else:  # the tensor pass: this step's merge, with the state it leaves
                 new_hash = inputs["new"].content_hash()
@@ -240,7 +246,7 @@ def _absorb(
                 state = state.model_copy(update={**update, "models": [*state.models, entry]})
                 ctx = replace(ctx, stats={STEP_KEY: Step(index, prev_scale, scale)})
                 extra = {STATE_NAME: state.model_dump(mode="json")}
-                read = write_output(ctx, inputs, options, extra)
+                read = write_output(ctx, inputs, options, executor, extra)
     finally:
         for c in inputs.values():
             c.close()

@@ -4,7 +4,7 @@ stream into shards; and the streaming whole-model passes (statistics, norms)."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +17,7 @@ from amalgam.engine.plan import NormPass, Plan, TensorJob, WholeModelPass, WorkU
 from amalgam.engine.rows import merge_by_rows
 from amalgam.errors import MergeError
 from amalgam.methods.base import MergeContext, MergeFn, Method, TensorParams
+from amalgam.methods.needs import Collector
 from amalgam.methods.params import resolve_params
 from amalgam.writer import ShardWriter
 
@@ -223,12 +224,34 @@ def run_unit(
 
 
 def merged_inputs(
-    ctx: JobContext, sources: Sequence[Checkpoint], pool: ThreadPoolExecutor
+    ctx: JobContext,
+    sources: Sequence[Checkpoint],
+    pool: ThreadPoolExecutor,
+    jobs: Sequence[TensorJob] | None = None,
 ) -> Iterator[tuple[TensorJob, list[torch.Tensor]]]:
-    """Every merged (not copied) tensor's inputs, in plan order, read ahead on ``pool``."""
-    jobs = [j for j in ctx.plan.jobs if not j.copy]
-    for job, (raw, _) in prefetched(ctx.plan, sources, jobs, PREFETCH_BYTES, pool):
+    """The inputs of every merged (not copied) tensor of ``jobs`` (default: the plan's), in
+    order, read ahead on ``pool``."""
+    merged = [j for j in (ctx.plan.jobs if jobs is None else jobs) if not j.copy]
+    for job, (raw, _) in prefetched(ctx.plan, sources, merged, PREFETCH_BYTES, pool):
         yield job, raw
+
+
+def collect_pass(
+    ctx: JobContext,
+    collector: Collector,
+    pass_index: int,
+    sources: Sequence[Checkpoint],
+    jobs: Sequence[TensorJob] | None = None,
+) -> None:
+    """One streaming pass of ``collector`` over the task vectors of ``jobs``' merged tensors
+    (default: the plan's)."""
+    plan, device = ctx.plan, ctx.device
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-stats") as pool:
+        for _job, raw in merged_inputs(ctx, sources, pool, jobs):
+            floats = [t.to(device, torch.float32) for t in raw]
+            base = floats[0] if plan.has_base else torch.zeros_like(floats[0])
+            collector.update(pass_index, [x - base for x in floats[1 if plan.has_base else 0 :]])
+            ctx.report(0, 0)
 
 
 def run_whole_model_pass(
@@ -236,33 +259,52 @@ def run_whole_model_pass(
 ) -> dict[str, Any]:
     """Stream every merged tensor's task vectors through the pass's collectors (one streaming
     pass per collector pass) and return their results by key."""
-    plan, device = ctx.plan, ctx.device
     results: dict[str, Any] = {}
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-stats") as pool:
-        for c in pass_.collectors(ctx.params(None)):
-            for i in range(c.passes):
-                for _job, raw in merged_inputs(ctx, sources, pool):
-                    floats = [t.to(device, torch.float32) for t in raw]
-                    base = floats[0] if plan.has_base else torch.zeros_like(floats[0])
-                    c.update(i, [x - base for x in floats[1 if plan.has_base else 0 :]])
-                    ctx.report(0, 0)
-                c.end_pass(i)
-            results[c.key] = c.result()
+    for c in pass_.collectors(ctx.params(None)):
+        for i in range(c.passes):
+            collect_pass(ctx, c, i, sources)
+            c.end_pass(i)
+        results[c.key] = c.result()
     return results
+
+
+def norm_terms(
+    ctx: JobContext,
+    pass_: NormPass,
+    sources: Sequence[Checkpoint],
+    jobs: Sequence[TensorJob] | None = None,
+) -> list[tuple[float, float]]:
+    """For each merged tensor of ``jobs`` (default: the plan's), in order: the squared norms of
+    the step's unscaled merge and of the new model's task vector (the last input minus the
+    base)."""
+    device = ctx.device
+    terms = []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-norms") as pool:
+        for job, raw in merged_inputs(ctx, sources, pool, jobs):
+            s = apply_method(ctx, pass_.unscaled, job, raw)
+            tau = torch.sub(raw[-1].to(device).float(), raw[0].to(device).float())
+            terms.append(
+                (
+                    float(torch.linalg.vector_norm(s, dtype=torch.float64)) ** 2,
+                    float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2,
+                )
+            )
+    return terms
 
 
 def run_norm_pass(
     ctx: JobContext, pass_: NormPass, sources: Sequence[Checkpoint]
 ) -> tuple[float, float]:
     """Squared whole-model norms of the step's unscaled merge and of the new model's task
-    vector (the last input minus the base), streamed tensor by tensor (float64 sums in plan
-    order)."""
+    vector, streamed tensor by tensor."""
+    return sum_norms(norm_terms(ctx, pass_, sources))
+
+
+def sum_norms(terms: Iterable[tuple[float, float]]) -> tuple[float, float]:
+    """:func:`norm_terms`' per-tensor terms summed in plan order (float64), as every executor
+    does, so the step's divisor is the same bits wherever the terms were computed."""
     merged_sq = task_sq = 0.0
-    device = ctx.device
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-norms") as pool:
-        for job, raw in merged_inputs(ctx, sources, pool):
-            s = apply_method(ctx, pass_.unscaled, job, raw)
-            tau = torch.sub(raw[-1].to(device).float(), raw[0].to(device).float())
-            merged_sq += float(torch.linalg.vector_norm(s, dtype=torch.float64)) ** 2
-            task_sq += float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+    for m, t in terms:
+        merged_sq += m
+        task_sq += t
     return merged_sq, task_sq

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from amalgam.engine.execute import PREFETCH_BYTES, JobContext, Progress
 from amalgam.engine.plan import Plan
+from amalgam.engine.ray_executor import UNIT_BYTES
 from amalgam.errors import OutputError
 from amalgam.recipe import Recipe
 
@@ -34,6 +35,10 @@ class MergeOptions(BaseModel):
     read_from: dict[str, str] = Field(default_factory=dict)
     # The align stage ran (a recipe whose align method rewrites the inputs needs it).
     aligned: bool = False
+    # Ray: the input bytes one task reads (a shard is cut into parts of about this much), and
+    # the GPUs each task asks for where the cluster has GPUs (None: 1; fractions share one).
+    unit_bytes: int = Field(default=UNIT_BYTES, gt=0)
+    gpus_per_task: float | None = Field(default=None, gt=0)
 
 
 @dataclass
@@ -42,7 +47,13 @@ class MergeResult:
     plan: Plan
     seconds: float
     input_bytes: int
-    peak_rss_bytes: int
+    peak_rss_bytes: int  # this process's (the driver's, under Ray)
+    worker_peaks: tuple[int, ...] = ()  # each Ray worker process's peak RSS
+
+    @property
+    def worker_peak_sum(self) -> int:
+        """At most what the Ray workers held together."""
+        return sum(self.worker_peaks)
 
     @property
     def gb_per_s(self) -> float:

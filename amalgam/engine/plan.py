@@ -3,6 +3,7 @@ that run it (what the method needs, turned into steps an executor runs). Reads n
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from amalgam.methods.base import MergeFn, Method, TensorParams
 from amalgam.methods.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
 from amalgam.methods.params import layer_index, resolve_params
 from amalgam.recipe import Recipe
+from amalgam.writer import shard_header
 
 T = TypeVar("T")
 
@@ -59,6 +61,45 @@ class WorkUnit:
 
     def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
         return [(j.name, j.dtype, j.shape) for j in self.jobs]
+
+
+@dataclass(frozen=True)
+class UnitPart:
+    """A run of consecutive tensors of one shard (jobs ``start:stop`` of ``plan.units[unit]``):
+    one Ray task's work. Part 0 holds the shard's header; the parts of a shard, in order, are
+    the shard's bytes (``offset``: where this part's bytes start in the shard file)."""
+
+    unit: int
+    index: int
+    count: int  # parts of this shard
+    start: int
+    stop: int
+    offset: int
+    nbytes: int  # this part's bytes in the shard file
+
+
+def split_parts(
+    plan: Plan, input_bytes: Callable[[TensorJob], int], unit_bytes: int
+) -> list[UnitPart]:
+    """Every shard of ``plan`` cut into parts of consecutive tensors, each reading at least
+    ``unit_bytes`` of inputs (``input_bytes``: a job's) except a shard's last; in plan order.
+    The cut depends on the plan and ``unit_bytes`` alone, so every executor cuts alike."""
+    parts: list[UnitPart] = []
+    for u, unit in enumerate(plan.units):
+        header = len(shard_header(unit.entries(), plan.metadata))
+        cuts, read = [0], 0
+        for i, job in enumerate(unit.jobs[:-1], 1):
+            read += input_bytes(job)
+            if read >= unit_bytes:
+                cuts.append(i)
+                read = 0
+        cuts.append(len(unit.jobs))
+        offset = 0
+        for k, (start, stop) in enumerate(itertools.pairwise(cuts)):
+            size = sum(j.nbytes for j in unit.jobs[start:stop]) + (header if k == 0 else 0)
+            parts.append(UnitPart(u, k, len(cuts) - 1, start, stop, offset, size))
+            offset += size
+    return parts
 
 
 @dataclass(frozen=True)

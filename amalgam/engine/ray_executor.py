@@ -1,24 +1,46 @@
-"""Ray executor: one task per shard; each worker reads its inputs and writes its shard itself.
+"""Ray executor: a merge's passes cut into parts of about ``unit_bytes`` of inputs, one Ray
+task each; every worker reads its inputs from storage itself.
+
+- The tensor pass: a part's tensors go to a part file in the staging folder (a shard of one
+  part is written whole); the driver appends each shard's parts in order as they finish,
+  checking each against the size and sha256 its worker reported (:class:`ShardAssembler`).
+- The statistics passes: each task streams its part's task vectors through a fork of the
+  pass's collectors and returns it; the driver joins the forks (exact integer counts, so the
+  result does not depend on which node ran what). The continual norm pass returns each
+  tensor's squared norms, summed by the driver in plan order as the local executor does.
 
 A worker that dies (killed, out of memory, its node lost) has its task run again by Ray, up to
-:data:`UNIT_RETRIES` times: the shard is written again from its start (opening it for writing
-truncates what the dead worker wrote), and the commit record hashes the shards as they end
-up. An error raised by the merge itself is not retried."""
+:data:`UNIT_RETRIES` times (a part file is written again from its start). An error raised by
+the merge itself is not retried. See docs/scale-out.md."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+import resource
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from amalgam import storage
+from amalgam.checkpoint import Checkpoint
 from amalgam.device import pick_device
-from amalgam.engine.execute import JobContext, open_inputs, open_statistics, run_unit
+from amalgam.engine.execute import (
+    JobContext,
+    collect_pass,
+    norm_terms,
+    open_inputs,
+    open_statistics,
+    run_unit,
+    sum_norms,
+)
+from amalgam.engine.plan import NormPass, UnitPart, WholeModelPass, WorkUnit, split_parts
 from amalgam.errors import AmalgamError, MergeError
-from amalgam.writer import ShardWriter
+from amalgam.methods.needs import Collector
+from amalgam.writer import CheckpointWriter, ShardAssembler, ShardWriter, Written
 
-UNIT_RETRIES = 3  # runs of a shard's task after the first, when its worker dies
+UNIT_RETRIES = 3  # runs of a part's task after the first, when its worker dies
+UNIT_BYTES = 256 << 20  # inputs one task reads, by default
 
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -46,59 +68,245 @@ def ensure_ray(home: Path) -> None:
     )
 
 
-def _unit_task(ctx: JobContext, index: int, staging_uri: str) -> int:
+@dataclass(frozen=True)
+class RaySettings:
+    """How the passes run on Ray: inputs per task, GPUs per task (None: one where the cluster
+    has GPUs and the device allows, else none; fractions share a GPU)."""
+
+    unit_bytes: int = UNIT_BYTES
+    gpus_per_task: float | None = None
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What a task sends back: its result, the input bytes it read, and its worker's peak RSS
+    (keyed by node and process, so the driver can report every worker's)."""
+
+    value: Any
+    read: int
+    worker: tuple[str, int]
+    peak_rss: int
+
+
+@dataclass
+class WorkerMemory:
+    """Peak RSS of every Ray worker process that ran a task of this merge."""
+
+    peaks: dict[tuple[str, int], int]
+
+    def add(self, r: TaskResult) -> None:
+        self.peaks[r.worker] = max(self.peaks.get(r.worker, 0), r.peak_rss)
+
+    def sorted_peaks(self) -> tuple[int, ...]:
+        return tuple(sorted(self.peaks.values(), reverse=True))
+
+
+def _opened(ctx: JobContext) -> tuple[JobContext, list[Checkpoint], list[Checkpoint]]:
+    """On a worker: the context with this machine's device, the inputs and statistics opened."""
     ctx = replace(ctx, device=pick_device(ctx.device_name))
-    plan = ctx.plan
-    unit = plan.units[index]
-    storage_options = plan.recipe.storage_options
-    sources = open_inputs(plan, ctx.allow_pickle, storage_options)
-    statistics = open_statistics(plan, storage_options)
-    fs, folder = storage.resolve(staging_uri, **storage_options)
-    shard = ShardWriter(fs, storage.join(folder, unit.file), unit.entries(), plan.metadata)
+    so = ctx.plan.recipe.storage_options
+    return ctx, open_inputs(ctx.plan, ctx.allow_pickle, so), open_statistics(ctx.plan, so)
+
+
+def _result(value: Any, read: int) -> TaskResult:
+    # lazy: runs on a Ray worker, where ray is imported already
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return TaskResult(value, read, (node, os.getpid()), peak)
+
+
+def _part_jobs(ctx: JobContext, part: UnitPart) -> WorkUnit:
+    unit = ctx.plan.units[part.unit]
+    return WorkUnit(unit.file, unit.jobs[part.start : part.stop])
+
+
+def _write_part(ctx: JobContext, part: UnitPart, uri: str) -> TaskResult:
+    """Task: merge the part's tensors into the file at ``uri``."""
+    ctx, sources, statistics = _opened(ctx)
+    unit = ctx.plan.units[part.unit]
+    fs, path = storage.resolve(uri, **ctx.plan.recipe.storage_options)
+    span = (part.start, part.stop) if part.count > 1 else None
+    shard = ShardWriter(fs, path, unit.entries(), ctx.plan.metadata, span)
     try:
-        return run_unit(ctx, unit, sources, shard, statistics)
+        read = run_unit(ctx, _part_jobs(ctx, part), sources, shard, statistics)
     finally:
         for s in sources + statistics:
             s.close()
+    assert shard.digest is not None  # closed by run_unit
+    return _result((shard.nbytes, shard.digest), read)
 
 
-def run_units_ray(ctx: JobContext, staging_uri: str) -> int:
-    """Run every shard of ``ctx.plan`` as a Ray task writing into ``staging_uri``; returns the
-    input bytes read."""
-    ensure_ray(storage.amalgam_home())
-    # lazy: Ray takes seconds to import and only this executor needs it
-    import ray
-
-    gpus = 1 if ctx.device_name in ("cuda", "auto") and _cluster_has_gpu(ray) else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=UNIT_RETRIES)(_unit_task)
-    shipped = replace(ctx, progress=None)
-    pending = {task.remote(shipped, i, staging_uri): i for i in range(len(ctx.plan.units))}
-    total = 0
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(done[0])
-        try:
-            n = ray.get(done[0])
-        except ray.exceptions.RayError as exc:
-            for ref in pending:
-                ray.cancel(ref)
-            raise _unit_error(ray, exc, ctx.plan.units[i].file) from None
-        total += n
-        ctx.report(n, len(ctx.plan.units[i].jobs))
-    return total
+def _collect_part(
+    ctx: JobContext, part: UnitPart, pass_index: int, collector: Collector
+) -> TaskResult:
+    """Task: stream the part's merged tensors through ``collector`` (a fork)."""
+    ctx, sources, statistics = _opened(ctx)
+    try:
+        jobs = [j for j in _part_jobs(ctx, part).jobs if not j.copy]
+        collect_pass(ctx, collector, pass_index, sources, jobs)
+    finally:
+        for s in sources + statistics:
+            s.close()
+    return _result(collector, 0)
 
 
-def _cluster_has_gpu(ray: Any) -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+def _norm_part(ctx: JobContext, part: UnitPart, pass_: NormPass) -> TaskResult:
+    """Task: each merged tensor's squared norms (see :func:`norm_terms`)."""
+    ctx, sources, statistics = _opened(ctx)
+    try:
+        jobs = [j for j in _part_jobs(ctx, part).jobs if not j.copy]
+        terms = norm_terms(ctx, pass_, sources, jobs)
+    finally:
+        for s in sources + statistics:
+            s.close()
+    return _result(terms, 0)
 
 
-def _unit_error(ray: Any, exc: Exception, file: str) -> Exception:
+class RayRun:
+    """The Ray side of one merge: the cluster checked once, parts cut once, tasks submitted
+    with the shipped context put in the object store once per pass."""
+
+    def __init__(
+        self,
+        ctx: JobContext,
+        sources: Sequence[Checkpoint],
+        settings: RaySettings,
+        output: str,
+        memory: WorkerMemory,
+    ):
+        ensure_ray(storage.amalgam_home())
+        # lazy: Ray takes seconds to import and only this executor needs it
+        import ray
+
+        self.ray = ray
+        check_shared_storage(ray, ctx, output)
+        self.memory = memory
+        self.settings = settings
+        self.parts = split_parts(ctx.plan, _input_bytes(sources), settings.unit_bytes)
+        self.gpus = _gpus(ray, ctx.device_name, settings.gpus_per_task)
+
+    def map(
+        self, fn: Callable[..., TaskResult], ctx: JobContext, args: Sequence[tuple]
+    ) -> Iterator[tuple[int, TaskResult]]:
+        """Run ``fn(ctx, *args[i])`` for every i as Ray tasks; yield (i, result) as each ends.
+        The first failure cancels the rest and is raised (the merge's own error as itself)."""
+        ray = self.ray
+        task = ray.remote(num_cpus=1, num_gpus=self.gpus, max_retries=UNIT_RETRIES)(fn)
+        shipped = ray.put(replace(ctx, progress=None))
+        pending = {task.remote(shipped, *a): i for i, a in enumerate(args)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayError as exc:
+                for ref in pending:
+                    ray.cancel(ref)
+                raise _task_error(ray, exc, self._describe(args[i])) from None
+            self.memory.add(result)
+            yield i, result
+
+    def _describe(self, args: tuple) -> str:
+        part = args[0]
+        return f"part {part.index + 1} of {part.count} of shard {part.unit + 1}"
+
+    def write(
+        self, ctx: JobContext, writer: CheckpointWriter, sources: Sequence[Checkpoint]
+    ) -> int:
+        """The tensor pass into ``writer``'s staging folder; returns the input bytes read."""
+        units = ctx.plan.units
+        targets = [
+            writer.part_uri(units[p.unit].file, p.index)
+            if p.count > 1
+            else storage.join(writer.staging_uri, units[p.unit].file)
+            for p in self.parts
+        ]
+        assemblers: dict[int, ShardAssembler] = {}
+        read = 0
+        for i, r in self.map(_write_part, ctx, list(zip(self.parts, targets, strict=True))):
+            part, (nbytes, digest) = self.parts[i], r.value
+            file = units[part.unit].file
+            if part.count == 1:
+                writer.written(file, nbytes, digest)
+            else:
+                if part.unit not in assemblers:
+                    assemblers[part.unit] = writer.assembler(file, part.count)
+                written = Written(writer.part_path(file, part.index), nbytes, digest)
+                assemblers[part.unit].add(part.index, written)
+            read += r.read
+            ctx.report(r.read, part.stop - part.start)
+        return read
+
+    def collect(
+        self, ctx: JobContext, pass_: WholeModelPass, sources: Sequence[Checkpoint]
+    ) -> dict[str, Any]:
+        """The whole-model pass: per collector and streaming pass, one task per part on a
+        fork of the collector, joined on the driver in part order."""
+        results: dict[str, Any] = {}
+        for c in pass_.collectors(ctx.params(None)):
+            for p in range(c.passes):
+                forks = {i: r.value for i, r in self.map(_collect_part, ctx, self._args(p, c))}
+                for i in sorted(forks):
+                    c.join(forks[i])
+                c.end_pass(p)
+                ctx.report(0, 0)
+            results[c.key] = c.result()
+        return results
+
+    def _args(self, pass_index: int, c: Collector) -> list[tuple]:
+        return [(part, pass_index, c.fork()) for part in self.parts]
+
+    def norms(
+        self, ctx: JobContext, pass_: NormPass, sources: Sequence[Checkpoint]
+    ) -> tuple[float, float]:
+        """The continual norm pass: per-tensor terms from every part, summed in plan order."""
+        args = [(p, pass_) for p in self.parts]
+        by_part = {i: r.value for i, r in self.map(_norm_part, ctx, args)}
+        return sum_norms(t for i in sorted(by_part) for t in by_part[i])
+
+
+def _input_bytes(sources: Sequence[Checkpoint]) -> Callable[[Any], int]:
+    def nbytes(job: Any) -> int:
+        if job.copy:
+            return sources[job.source].info(job.name).nbytes
+        return sum(s.info(job.name).nbytes for s in sources)
+
+    return nbytes
+
+
+def check_shared_storage(ray: Any, ctx: JobContext, output: str) -> None:
+    """On a cluster of more than one node every path a task reads or writes must be on storage
+    all nodes reach: local paths (the output, inputs, statistics artifacts) are refused."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    so = ctx.plan.recipe.storage_options
+    uris = [output, *ctx.plan.uris, *(s.uri for s in ctx.plan.statistics)]
+    local = [u for u in dict.fromkeys(uris) if storage.is_local(storage.resolve(u, **so)[0])]
+    if local:
+        raise MergeError(
+            f"the Ray cluster has {len(nodes)} nodes, and these are local paths its workers "
+            f"cannot all reach: {', '.join(local)} (use storage every node reaches, such as "
+            "s3://...; statistics artifacts go under AMALGAM_HOME: compute them first, or run "
+            "on one node)"
+        )
+
+
+def _gpus(ray: Any, device_name: str, gpus_per_task: float | None) -> float:
+    if device_name == "cpu" or ray.cluster_resources().get("GPU", 0) <= 0:
+        return 0
+    return 1 if gpus_per_task is None else gpus_per_task
+
+
+def _task_error(ray: Any, exc: Exception, what: str) -> Exception:
     """The merge's own error when the task raised one; else what Ray reports (a worker that
-    died on every run), as one line naming the shard."""
+    died on every run), as one line naming the part."""
     if isinstance(exc, ray.exceptions.RayTaskError):
         if isinstance(exc.cause, AmalgamError):
             return exc.cause
         return exc
     return MergeError(
-        f"{file}: its Ray worker was lost {UNIT_RETRIES + 1} times ({type(exc).__name__})"
+        f"{what}: its Ray worker was lost {UNIT_RETRIES + 1} times ({type(exc).__name__})"
     )

@@ -11,7 +11,8 @@ from amalgam.checkpoint import Checkpoint
 from amalgam.device import compute_threads, pick_device
 from amalgam.engine.continual import run_continual
 from amalgam.engine.data_statistics import attach_statistics
-from amalgam.engine.execute import JobContext, Progress, run_whole_model_pass
+from amalgam.engine.execute import JobContext, Progress
+from amalgam.engine.executors import Executor, pick_executor
 from amalgam.engine.inputs import open_recipe_inputs, plan_inputs
 from amalgam.engine.options import MergeOptions, MergeResult, job_context, output_of
 from amalgam.engine.plan import (
@@ -22,12 +23,16 @@ from amalgam.engine.plan import (
     WholeModelPass,
     plan_passes,
 )
+from amalgam.engine.ray_executor import WorkerMemory
 from amalgam.engine.write import write_output
 from amalgam.errors import RecipeError
 from amalgam.recipe import Recipe
 
-# A pass runner: (pass, context, opened inputs, options) -> (context for the next pass, bytes read)
-Runner = Callable[[Pass, JobContext, dict[str, Checkpoint], MergeOptions], tuple[JobContext, int]]
+# A pass runner: (pass, context, opened inputs, options, executor) -> (context for the next
+# pass, bytes read)
+Runner = Callable[
+    [Pass, JobContext, dict[str, Checkpoint], MergeOptions, Executor], tuple[JobContext, int]
+]
 
 
 def run_merge(
@@ -50,40 +55,55 @@ def run_merge(
     start = time.perf_counter()
     inputs = open_recipe_inputs(recipe, options)
     read = 0
+    memory = WorkerMemory({})
     try:
         with compute_threads(options.threads):
             plan = plan_inputs(recipe, inputs, options)
             ctx = job_context(plan, options, pick_device(options.device), progress)
+            executor = pick_executor(ctx, inputs, options, memory)
             for pass_ in plan.passes:
-                ctx, n = RUNNERS[type(pass_)](pass_, ctx, inputs, options)
+                ctx, n = RUNNERS[type(pass_)](pass_, ctx, inputs, options, executor)
                 read += n
     finally:
         for c in inputs.values():
             c.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seconds = time.perf_counter() - start
     return MergeResult(
-        output_of(recipe, options), ctx.plan, time.perf_counter() - start, read, peak
+        output_of(recipe, options), ctx.plan, seconds, read, peak, memory.sorted_peaks()
     )
 
 
 def _data_statistics(
-    pass_: DataStatisticsPass, ctx: JobContext, inputs: dict[str, Checkpoint], options: MergeOptions
+    pass_: DataStatisticsPass,
+    ctx: JobContext,
+    inputs: dict[str, Checkpoint],
+    options: MergeOptions,
+    executor: Executor,
 ) -> tuple[JobContext, int]:
     plan = attach_statistics(ctx.plan, inputs, pass_, options.device)
     return replace(ctx, plan=plan), 0
 
 
 def _whole_model(
-    pass_: WholeModelPass, ctx: JobContext, inputs: dict[str, Checkpoint], options: MergeOptions
+    pass_: WholeModelPass,
+    ctx: JobContext,
+    inputs: dict[str, Checkpoint],
+    options: MergeOptions,
+    executor: Executor,
 ) -> tuple[JobContext, int]:
-    stats = run_whole_model_pass(ctx, pass_, list(inputs.values()))
+    stats = executor.collect(ctx, pass_, list(inputs.values()))
     return replace(ctx, stats={**ctx.stats, **stats}), 0
 
 
 def _tensors(
-    pass_: TensorPass, ctx: JobContext, inputs: dict[str, Checkpoint], options: MergeOptions
+    pass_: TensorPass,
+    ctx: JobContext,
+    inputs: dict[str, Checkpoint],
+    options: MergeOptions,
+    executor: Executor,
 ) -> tuple[JobContext, int]:
-    return ctx, write_output(ctx, inputs, options)
+    return ctx, write_output(ctx, inputs, options, executor)
 
 
 RUNNERS: dict[type, Runner] = {

@@ -7,31 +7,32 @@ from typing import Any
 
 from amalgam import storage
 from amalgam.checkpoint import Checkpoint
-from amalgam.engine.execute import JobContext, open_statistics, run_unit
+from amalgam.engine.execute import JobContext
+from amalgam.engine.executors import Executor
 from amalgam.engine.options import MergeOptions, output_of
-from amalgam.engine.ray_executor import run_units_ray
+from amalgam.engine.plan import WorkUnit
 from amalgam.recipe import Recipe
-from amalgam.writer import INDEX_NAME, CheckpointWriter
+from amalgam.writer import INDEX_NAME, CheckpointWriter, shard_header
 
 
 def write_output(
     ctx: JobContext,
     inputs: dict[str, Checkpoint],
     options: MergeOptions,
+    executor: Executor,
     extra_json: dict[str, Any] | None = None,
 ) -> int:
-    """Run the plan into its output (shards, index, side files, ``extra_json`` files), committed
-    only when all of it is written; returns the input bytes read."""
+    """Run the plan into its output on ``executor`` (shards, index, side files, ``extra_json``
+    files), committed only when all of it is written and every planned shard is there with
+    its planned size; returns the input bytes read."""
     plan = ctx.plan
     recipe = plan.recipe
     writer = CheckpointWriter(
         output_of(recipe, options), overwrite=options.overwrite, **recipe.storage_options
     )
     try:
-        if options.executor == "ray":
-            read = run_units_ray(ctx, writer.staging_uri)
-        else:
-            read = run_units_local(ctx, writer, list(inputs.values()))
+        writer.expect({u.file: shard_size(u, plan.metadata) for u in plan.units})
+        read = executor.write(ctx, writer, list(inputs.values()))
         if len(plan.units) > 1:
             writer.write_json(INDEX_NAME, plan.index())
         copy_side_files(recipe, inputs, writer)
@@ -44,19 +45,9 @@ def write_output(
     return read
 
 
-def run_units_local(ctx: JobContext, writer: CheckpointWriter, sources: list[Checkpoint]) -> int:
-    """Every shard in order on this process's threads; returns the input bytes read."""
-    plan = ctx.plan
-    read = 0
-    statistics = open_statistics(plan, plan.recipe.storage_options)
-    try:
-        for unit in plan.units:
-            shard = writer.shard(unit.file, unit.entries(), plan.metadata)
-            read += run_unit(ctx, unit, sources, shard, statistics)
-    finally:
-        for s in statistics:
-            s.close()
-    return read
+def shard_size(unit: WorkUnit, metadata: dict[str, str]) -> int:
+    """The bytes of ``unit``'s shard file: header and tensors."""
+    return len(shard_header(unit.entries(), metadata)) + unit.nbytes
 
 
 def copy_side_files(

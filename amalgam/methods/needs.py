@@ -15,12 +15,20 @@ import torch
 class Collector(Protocol):
     """Reduces per-tensor summaries of every model's task vectors into a small whole-model
     statistic over ``passes`` streaming passes; the tensor pass reads ``result()`` from
-    ``ctx.stats[key]``."""
+    ``ctx.stats[key]``.
+
+    A pass can be split over workers: each streams its tensors through a ``fork()`` (what the
+    earlier passes decided, with empty counts) and the collector ``join``s the forks. The
+    counts must add up exactly, so the result does not depend on the split."""
 
     key: str
     passes: int
 
     def update(self, pass_: int, deltas: list[torch.Tensor]) -> None: ...
+
+    def fork(self) -> Collector: ...
+
+    def join(self, part: Collector) -> None: ...
 
     def end_pass(self, pass_: int) -> None: ...
 

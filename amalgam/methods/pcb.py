@@ -150,6 +150,19 @@ class PCBStatistics:
             beta, _ = balance(t, total, low, high, len(flat))
             (stats.add_high if pass_ == 2 else stats.add_low)(beta)
 
+    def fork(self) -> PCBStatistics:
+        part = PCBStatistics(self.densities, self.clamp)
+        part.magnitudes = [s.fork() for s in self.magnitudes]
+        part.betas = [s.fork() for s in self.betas]
+        part.bounds = self.bounds
+        return part
+
+    def join(self, part: PCBStatistics) -> None:
+        for mine, theirs in zip(
+            self.magnitudes + self.betas, part.magnitudes + part.betas, strict=True
+        ):
+            mine.join(theirs)
+
     def end_pass(self, pass_: int) -> None:
         if pass_ == 0:
             for stats in self.magnitudes:

@@ -35,6 +35,15 @@ class MagnitudeThreshold:
                 inside = bits[(bits >> 16) == self.bin[i]] & 0xFFFF
                 self.low[i] += torch.bincount(inside, minlength=1 << 16).cpu()
 
+    def fork(self) -> MagnitudeThreshold:
+        part = MagnitudeThreshold(self.densities)
+        part.bin, part.rank = list(self.bin), list(self.rank)
+        return part
+
+    def join(self, part: MagnitudeThreshold) -> None:
+        self.high += part.high
+        self.low += part.low
+
     def end_pass(self, pass_: int) -> None:
         if pass_ != 0:
             return
@@ -89,6 +98,20 @@ class OrderStatistics:
         self.high += torch.bincount((keys >> 16) + (1 << 15), minlength=1 << 16).cpu()
         if keys.numel():
             self.maximum = max(self.maximum, float(values.max()))
+
+    def fork(self) -> OrderStatistics:
+        """The ranks chosen, empty counts (see :class:`amalgam.methods.needs.Collector`)."""
+        part = OrderStatistics()
+        if self.bins:
+            part.ranks, part.bins = self.ranks, self.bins
+            part.low = {b: torch.zeros_like(c) for b, c in self.low.items()}
+        return part
+
+    def join(self, part: OrderStatistics) -> None:
+        self.high += part.high
+        for b, counts in part.low.items():
+            self.low[b] += counts
+        self.maximum = max(self.maximum, part.maximum)
 
     def choose(self, ranks: list[int]) -> None:
         """Fix the 0-based ascending ranks wanted (after every value went through add_high)."""

@@ -43,20 +43,28 @@ VARIANTS = [(m, {}) for m in sorted(REGISTRY) if REGISTRY[m].statistics is None]
 ]
 
 
+# (max_shard_size, Ray unit_bytes): small shards of one part each, written whole by workers;
+# larger shards cut into parts that the driver puts together
+LAYOUTS = [(600, 256 << 20), (2000, 300)]
+
+
 @pytest.mark.slow
 def test_local_and_ray_outputs_are_byte_identical(tmp_path: Path) -> None:
     base, experts = family(tmp_path / "in")
     for method, params in VARIANTS:
-        outputs = {}
-        for executor in ("local", "ray"):
-            out = tmp_path / f"{method}-{'-'.join(params.values())}-{executor}"
-            data = method_recipe(method, base, experts, out)
-            # a small shard size gives several shards, so Ray runs several tasks
-            recipe = parse_recipe({**data, "params": params, "max_shard_size": 600, "seed": 7})
-            run_merge(recipe, MergeOptions(executor=executor, device="cpu"))
-            outputs[executor] = digest(out)
-        assert len(outputs["local"]) > 2, method
-        assert outputs["local"] == outputs["ray"], (method, params)
+        for shard, unit in LAYOUTS:
+            outputs = {}
+            for executor in ("local", "ray"):
+                out = tmp_path / f"{method}-{'-'.join(params.values())}-{shard}-{executor}"
+                data = method_recipe(method, base, experts, out)
+                recipe = parse_recipe(
+                    {**data, "params": params, "max_shard_size": shard, "seed": 7}
+                )
+                options = MergeOptions(executor=executor, device="cpu", unit_bytes=unit)
+                run_merge(recipe, options)
+                outputs[executor] = digest(out)
+            assert len(outputs["local"]) > 2, method
+            assert outputs["local"] == outputs["ray"], (method, params, shard)
 
 
 @pytest.mark.slow
