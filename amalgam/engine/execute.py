@@ -13,7 +13,7 @@ import torch
 
 from amalgam.adapters import open_input
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
-from amalgam.engine.plan import NormPass, Plan, TensorJob, WholeModelPass, WorkUnit
+from amalgam.engine.plan import NormPass, Plan, TensorJob, UnitPart, WholeModelPass, WorkUnit
 from amalgam.engine.rows import merge_by_rows
 from amalgam.errors import MergeError
 from amalgam.methods.base import MergeContext, MergeFn, Method, TensorParams
@@ -236,33 +236,51 @@ def merged_inputs(
         yield job, raw
 
 
-def collect_pass(
+def input_bytes(sources: Sequence[Checkpoint]) -> Callable[[TensorJob], int]:
+    """A job's input bytes: its source's tensor for a copy, else every input's."""
+
+    def nbytes(job: TensorJob) -> int:
+        if job.copy:
+            return sources[job.source].info(job.name).nbytes
+        return sum(s.info(job.name).nbytes for s in sources)
+
+    return nbytes
+
+
+def collect_part(
     ctx: JobContext,
     collector: Collector,
     pass_index: int,
     sources: Sequence[Checkpoint],
-    jobs: Sequence[TensorJob] | None = None,
-) -> None:
-    """One streaming pass of ``collector`` over the task vectors of ``jobs``' merged tensors
-    (default: the plan's)."""
+    part: UnitPart,
+) -> Collector:
+    """One streaming pass of ``collector`` over the task vectors of the part's merged tensors;
+    returns the collector."""
     plan, device = ctx.plan, ctx.device
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-stats") as pool:
-        for _job, raw in merged_inputs(ctx, sources, pool, jobs):
+        for _job, raw in merged_inputs(ctx, sources, pool, part.of(plan).jobs):
             floats = [t.to(device, torch.float32) for t in raw]
             base = floats[0] if plan.has_base else torch.zeros_like(floats[0])
             collector.update(pass_index, [x - base for x in floats[1 if plan.has_base else 0 :]])
             ctx.report(0, 0)
+    return collector
+
+
+# (collector, pass) -> one fork of the collector per part, streamed over that part, in part order
+ForkRunner = Callable[[Collector, int], list[Collector]]
 
 
 def run_whole_model_pass(
-    ctx: JobContext, pass_: WholeModelPass, sources: Sequence[Checkpoint]
+    ctx: JobContext, pass_: WholeModelPass, run_forks: ForkRunner
 ) -> dict[str, Any]:
-    """Stream every merged tensor's task vectors through the pass's collectors (one streaming
-    pass per collector pass) and return their results by key."""
+    """Each collector of the pass, streamed pass by pass over every merged tensor's task
+    vectors: one fork per part (``run_forks``: here or on Ray), joined in part order, so the
+    result is the same on every executor. Returns their results by key."""
     results: dict[str, Any] = {}
     for c in pass_.collectors(ctx.params(None)):
         for i in range(c.passes):
-            collect_pass(ctx, c, i, sources)
+            for fork in run_forks(c, i):
+                c.join(fork)
             c.end_pass(i)
         results[c.key] = c.result()
     return results

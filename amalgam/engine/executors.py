@@ -9,14 +9,17 @@ from typing import Any, Protocol
 from amalgam.checkpoint import Checkpoint
 from amalgam.engine.execute import (
     JobContext,
+    collect_part,
+    input_bytes,
     open_statistics,
     run_norm_pass,
     run_unit,
     run_whole_model_pass,
 )
 from amalgam.engine.options import MergeOptions, output_of
-from amalgam.engine.plan import NormPass, WholeModelPass
-from amalgam.engine.ray_executor import RayRun, RaySettings, WorkerMemory
+from amalgam.engine.plan import NormPass, UnitPart, WholeModelPass, split_parts
+from amalgam.engine.ray_executor import RayRun, WorkerMemory
+from amalgam.methods.needs import Collector
 from amalgam.writer import CheckpointWriter
 
 
@@ -41,7 +44,11 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Every pass on this process: shards in order, each tensor read ahead on threads."""
+    """Every pass on this process: shards in order, each tensor read ahead on threads; the
+    statistics passes part by part as on Ray (``parts``), so their sums add up alike."""
+
+    def __init__(self, parts: list[UnitPart]):
+        self.parts = parts
 
     def write(
         self, ctx: JobContext, writer: CheckpointWriter, sources: Sequence[Checkpoint]
@@ -61,7 +68,10 @@ class LocalExecutor:
     def collect(
         self, ctx: JobContext, pass_: WholeModelPass, sources: Sequence[Checkpoint]
     ) -> dict[str, Any]:
-        return run_whole_model_pass(ctx, pass_, sources)
+        def run_forks(c: Collector, p: int) -> list[Collector]:
+            return [collect_part(ctx, c.fork(), p, sources, part) for part in self.parts]
+
+        return run_whole_model_pass(ctx, pass_, run_forks)
 
     def norms(
         self, ctx: JobContext, pass_: NormPass, sources: Sequence[Checkpoint]
@@ -77,8 +87,8 @@ def pick_executor(
 ) -> Executor:
     """The executor ``options`` ask for, set up for ``ctx.plan`` (Ray: the cluster checked,
     the parts cut; its workers' peak memory goes to ``memory``)."""
+    parts = split_parts(ctx.plan, input_bytes(list(inputs.values())), options.unit_bytes)
     if options.executor != "ray":
-        return LocalExecutor()
-    settings = RaySettings(options.unit_bytes, options.gpus_per_task)
+        return LocalExecutor(parts)
     output = output_of(ctx.plan.recipe, options)
-    return RayRun(ctx, list(inputs.values()), settings, output, memory)
+    return RayRun(ctx, parts, options.gpus_per_task, output, memory)

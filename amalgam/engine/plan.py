@@ -77,6 +77,11 @@ class UnitPart:
     offset: int
     nbytes: int  # this part's bytes in the shard file
 
+    def of(self, plan: Plan) -> WorkUnit:
+        """This part's tensors, under its shard's file name."""
+        unit = plan.units[self.unit]
+        return WorkUnit(unit.file, unit.jobs[self.start : self.stop])
+
 
 def split_parts(
     plan: Plan, input_bytes: Callable[[TensorJob], int], unit_bytes: int

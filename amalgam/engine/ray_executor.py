@@ -27,14 +27,15 @@ from amalgam.checkpoint import Checkpoint
 from amalgam.device import pick_device
 from amalgam.engine.execute import (
     JobContext,
-    collect_pass,
+    collect_part,
     norm_terms,
     open_inputs,
     open_statistics,
     run_unit,
+    run_whole_model_pass,
     sum_norms,
 )
-from amalgam.engine.plan import NormPass, UnitPart, WholeModelPass, WorkUnit, split_parts
+from amalgam.engine.plan import NormPass, UnitPart, WholeModelPass
 from amalgam.errors import AmalgamError, MergeError
 from amalgam.methods.needs import Collector
 from amalgam.writer import CheckpointWriter, ShardAssembler, ShardWriter, Written
@@ -66,15 +67,6 @@ def ensure_ray(home: Path) -> None:
     ray.init(
         num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=str(temp), log_to_driver=False
     )
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    """How the passes run on Ray: inputs per task, GPUs per task (None: one where the cluster
-    has GPUs and the device allows, else none; fractions share a GPU)."""
-
-    unit_bytes: int = UNIT_BYTES
-    gpus_per_task: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,11 +109,6 @@ def _result(value: Any, read: int) -> TaskResult:
     return TaskResult(value, read, (node, os.getpid()), peak)
 
 
-def _part_jobs(ctx: JobContext, part: UnitPart) -> WorkUnit:
-    unit = ctx.plan.units[part.unit]
-    return WorkUnit(unit.file, unit.jobs[part.start : part.stop])
-
-
 def _write_part(ctx: JobContext, part: UnitPart, uri: str) -> TaskResult:
     """Task: merge the part's tensors into the file at ``uri``."""
     ctx, sources, statistics = _opened(ctx)
@@ -130,7 +117,7 @@ def _write_part(ctx: JobContext, part: UnitPart, uri: str) -> TaskResult:
     span = (part.start, part.stop) if part.count > 1 else None
     shard = ShardWriter(fs, path, unit.entries(), ctx.plan.metadata, span)
     try:
-        read = run_unit(ctx, _part_jobs(ctx, part), sources, shard, statistics)
+        read = run_unit(ctx, part.of(ctx.plan), sources, shard, statistics)
     finally:
         for s in sources + statistics:
             s.close()
@@ -144,8 +131,7 @@ def _collect_part(
     """Task: stream the part's merged tensors through ``collector`` (a fork)."""
     ctx, sources, statistics = _opened(ctx)
     try:
-        jobs = [j for j in _part_jobs(ctx, part).jobs if not j.copy]
-        collect_pass(ctx, collector, pass_index, sources, jobs)
+        collect_part(ctx, collector, pass_index, sources, part)
     finally:
         for s in sources + statistics:
             s.close()
@@ -156,8 +142,7 @@ def _norm_part(ctx: JobContext, part: UnitPart, pass_: NormPass) -> TaskResult:
     """Task: each merged tensor's squared norms (see :func:`norm_terms`)."""
     ctx, sources, statistics = _opened(ctx)
     try:
-        jobs = [j for j in _part_jobs(ctx, part).jobs if not j.copy]
-        terms = norm_terms(ctx, pass_, sources, jobs)
+        terms = norm_terms(ctx, pass_, sources, part.of(ctx.plan).jobs)
     finally:
         for s in sources + statistics:
             s.close()
@@ -165,14 +150,14 @@ def _norm_part(ctx: JobContext, part: UnitPart, pass_: NormPass) -> TaskResult:
 
 
 class RayRun:
-    """The Ray side of one merge: the cluster checked once, parts cut once, tasks submitted
-    with the shipped context put in the object store once per pass."""
+    """The Ray side of one merge (or continual step): the cluster checked once, a task per
+    part, the context put in the object store once per pass."""
 
     def __init__(
         self,
         ctx: JobContext,
-        sources: Sequence[Checkpoint],
-        settings: RaySettings,
+        parts: list[UnitPart],
+        gpus_per_task: float | None,
         output: str,
         memory: WorkerMemory,
     ):
@@ -183,9 +168,9 @@ class RayRun:
         self.ray = ray
         check_shared_storage(ray, ctx, output)
         self.memory = memory
-        self.settings = settings
-        self.parts = split_parts(ctx.plan, _input_bytes(sources), settings.unit_bytes)
-        self.gpus = _gpus(ray, ctx.device_name, settings.gpus_per_task)
+        self.parts = parts
+        self.files = [u.file for u in ctx.plan.units]
+        self.gpus = _gpus(ray, ctx.device_name, gpus_per_task)
 
     def map(
         self, fn: Callable[..., TaskResult], ctx: JobContext, args: Sequence[tuple]
@@ -210,7 +195,7 @@ class RayRun:
 
     def _describe(self, args: tuple) -> str:
         part = args[0]
-        return f"part {part.index + 1} of {part.count} of shard {part.unit + 1}"
+        return f"{self.files[part.unit]} (part {part.index + 1} of {part.count})"
 
     def write(
         self, ctx: JobContext, writer: CheckpointWriter, sources: Sequence[Checkpoint]
@@ -242,21 +227,15 @@ class RayRun:
     def collect(
         self, ctx: JobContext, pass_: WholeModelPass, sources: Sequence[Checkpoint]
     ) -> dict[str, Any]:
-        """The whole-model pass: per collector and streaming pass, one task per part on a
-        fork of the collector, joined on the driver in part order."""
-        results: dict[str, Any] = {}
-        for c in pass_.collectors(ctx.params(None)):
-            for p in range(c.passes):
-                forks = {i: r.value for i, r in self.map(_collect_part, ctx, self._args(p, c))}
-                for i in sorted(forks):
-                    c.join(forks[i])
-                c.end_pass(p)
-                ctx.report(0, 0)
-            results[c.key] = c.result()
-        return results
+        """The whole-model pass, a task per part on a fork of the collector."""
 
-    def _args(self, pass_index: int, c: Collector) -> list[tuple]:
-        return [(part, pass_index, c.fork()) for part in self.parts]
+        def run_forks(c: Collector, p: int) -> list[Collector]:
+            args = [(part, p, c.fork()) for part in self.parts]
+            forks = dict((i, r.value) for i, r in self.map(_collect_part, ctx, args))
+            ctx.report(0, 0)
+            return [forks[i] for i in range(len(args))]
+
+        return run_whole_model_pass(ctx, pass_, run_forks)
 
     def norms(
         self, ctx: JobContext, pass_: NormPass, sources: Sequence[Checkpoint]
@@ -265,15 +244,6 @@ class RayRun:
         args = [(p, pass_) for p in self.parts]
         by_part = {i: r.value for i, r in self.map(_norm_part, ctx, args)}
         return sum_norms(t for i in sorted(by_part) for t in by_part[i])
-
-
-def _input_bytes(sources: Sequence[Checkpoint]) -> Callable[[Any], int]:
-    def nbytes(job: Any) -> int:
-        if job.copy:
-            return sources[job.source].info(job.name).nbytes
-        return sum(s.info(job.name).nbytes for s in sources)
-
-    return nbytes
 
 
 def check_shared_storage(ray: Any, ctx: JobContext, output: str) -> None:
@@ -295,6 +265,8 @@ def check_shared_storage(ray: Any, ctx: JobContext, output: str) -> None:
 
 
 def _gpus(ray: Any, device_name: str, gpus_per_task: float | None) -> float:
+    """GPUs per task: none on a cluster without GPUs or for ``--device cpu``; else
+    ``gpus_per_task`` (default 1; a fraction lets several tasks share a GPU)."""
     if device_name == "cpu" or ray.cluster_resources().get("GPU", 0) <= 0:
         return 0
     return 1 if gpus_per_task is None else gpus_per_task

@@ -49,6 +49,12 @@ class TaskNorms:
         for i, d in enumerate(deltas):
             self.squares[i] += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
 
+    def fork(self) -> TaskNorms:
+        return TaskNorms(len(self.squares))
+
+    def join(self, part: TaskNorms) -> None:
+        self.squares = [a + b for a, b in zip(self.squares, part.squares, strict=True)]
+
     def end_pass(self, pass_: int) -> None:
         pass
 
