@@ -153,7 +153,10 @@ def merge(
     ] = "256MiB",
     gpus_per_task: Annotated[
         float | None,
-        typer.Option(help="Ray: GPUs each task asks for where the cluster has any (default 1)"),
+        typer.Option(
+            help="Ray: GPUs per task where the cluster has any (default: 1 for SVD/solve-bound "
+            "methods such as tsv_m, opcm, regmean, else 0; fractions share a GPU)"
+        ),
     ] = None,
 ) -> None:
     """Merge the models of a recipe into a Hugging Face model folder."""

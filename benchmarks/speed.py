@@ -9,11 +9,13 @@ process (wall time and peak RSS of that process), and compares the outputs. See 
     python benchmarks/speed.py --quick --skip-mergekit   # a smoke run, under a minute
     python benchmarks/speed.py --adapters          # 8 LoRA adapters: amalgam against PEFT
     python benchmarks/speed.py --align             # weight matching + merge of two models
+    python benchmarks/speed.py --ray --skip-mergekit   # the Ray executor against local
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -310,18 +312,27 @@ import json, sys, time
 start = time.perf_counter()
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.recipe import load_recipe
+from amalgam.storage import amalgam_home
 recipe = load_recipe(sys.argv[1])
 imported = time.perf_counter() - start
-result = run_merge(recipe, MergeOptions(output=sys.argv[2], overwrite=True, device="cpu"))
+executor = sys.argv[3]
+ray_start = time.perf_counter()
+if executor == "ray":  # a running cluster is what users merge on: its start is timed apart
+    from amalgam.engine.ray_executor import ensure_ray
+    ensure_ray(amalgam_home())
+ray_start = time.perf_counter() - ray_start
+options = MergeOptions(output=sys.argv[2], overwrite=True, device="cpu", executor=executor)
+result = run_merge(recipe, options)
 status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
 print("BENCH_RESULT " + json.dumps({"merge_s": result.seconds, "input_bytes": result.input_bytes,
-      "startup_s": imported, "vmhwm_bytes": int(status) * 1024}))
+      "startup_s": imported, "vmhwm_bytes": int(status) * 1024, "ray_start_s": ray_start,
+      "worker_peaks": list(result.worker_peaks)}))
 """
 
 
-def run_amalgam(cfg: Path, out: Path, log: Path) -> Run:
+def run_amalgam(cfg: Path, out: Path, log: Path, executor: str = "local") -> Run:
     shutil.rmtree(out, ignore_errors=True)
-    return run_child([sys.executable, "-c", AMALGAM_CHILD, str(cfg), str(out)], log)
+    return run_child([sys.executable, "-c", AMALGAM_CHILD, str(cfg), str(out), executor], log)
 
 
 def profile_amalgam(cfg: Path, out: Path, raw: Path, top: int = 25) -> str:
@@ -932,6 +943,102 @@ def align_markdown(result: dict[str, Any]) -> str:
 # -- main ------------------------------------------------------------------------------------
 
 
+# -- --ray: the Ray executor on this one machine against the local executor ----------------
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file of an output folder."""
+    return {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_ray(args: argparse.Namespace, params: float, methods: list[str]) -> int:
+    """Each method on the local executor and on Ray (a local Ray on this machine, one task per
+    part of --unit-size inputs), in the same run: in-engine time, peak memory of the driver
+    and of every worker, and whether the outputs are the same bytes."""
+    shape = llama_shape(params)
+    paths = build_family(shape, args.experts, args.work)
+    runs = args.work / "runs"
+    runs.mkdir(exist_ok=True)
+    rows = []
+    for method in methods:
+        cfg_path = runs / f"{method}-ray.yml"
+        cfg_path.write_text(yaml.safe_dump(mergekit_config(method, paths, "float32")))
+        measured, outputs = {}, {}
+        for executor in ("local", "ray"):
+            out = runs / f"{method}-{executor}"
+            run = run_amalgam(cfg_path, out, runs / f"{method}-{executor}.log", executor)
+            if run.returncode:
+                raise SystemExit(f"amalgam {method} on {executor} failed:\n{run.output}")
+            measured[executor], outputs[executor] = run, digests(out)
+            shutil.rmtree(out, ignore_errors=True)
+        local, ray = measured["local"], measured["ray"]
+        peaks = ray.info["worker_peaks"]
+        rows.append(
+            {
+                "method": method,
+                "local_s": local.info["merge_s"],
+                "ray_s": ray.info["merge_s"],
+                "ratio": ray.info["merge_s"] / local.info["merge_s"],
+                "ray_start_s": ray.info["ray_start_s"],
+                "local_rss": local.peak_rss,
+                "driver_rss": ray.peak_rss,
+                "worker_max_rss": max(peaks),
+                "worker_sum_rss": sum(peaks),
+                "workers": len(peaks),
+                "identical": outputs["local"] == outputs["ray"],
+            }
+        )
+        print(rows[-1], flush=True)
+    result = {
+        "params": shape.params,
+        "experts": args.experts,
+        "unit_size": "256 MiB (default)",
+        "machine": machine(),
+        "amalgam": source_state(),
+        "rows": rows,
+    }
+    write_results("speed-ray-quick" if args.quick else "speed-ray", result, ray_markdown(result))
+    return 0
+
+
+def ray_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Synthetic Llama, {result['params'] / 1e6:.0f}M parameters, bf16, base + "
+        f"{result['experts']}; {result['machine']}; amalgam {result['amalgam']['commit']}"
+        f"{' + local changes' if result['amalgam']['dirty'] else ''}. Ray: a local Ray on "
+        f"this machine, a task per part of {result['unit_size']} of inputs.",
+        "",
+        "| method | local s | Ray s | Ray / local | Ray start s | local peak RSS GB "
+        "| Ray driver peak GB | largest worker peak GB | workers | workers together GB "
+        "| same bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['local_s']:.2f} | {r['ray_s']:.2f} | {r['ratio']:.2f} "
+            f"| {r['ray_start_s']:.1f} | {r['local_rss'] / 1e9:.2f} | {r['driver_rss'] / 1e9:.2f} "
+            f"| {r['worker_max_rss'] / 1e9:.2f} | {r['workers']} "
+            f"| {r['worker_sum_rss'] / 1e9:.2f} | {r['identical']} |"
+        )
+    lines += [
+        "",
+        "local s, Ray s: amalgam's run_merge alone (in-engine), each in a fresh process; the "
+        "Ray run connects to a Ray started before the merge (Ray start s), as a merge on a "
+        "running cluster does. Peak RSS: the driver process's own; each Ray worker reports "
+        "its process's peak, and 'together' is their sum (an upper bound of what they held "
+        "at once).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=0.5e9, help="parameters per model")
@@ -962,6 +1069,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--align", action="store_true", help="weight matching + merge of two models instead"
     )
+    ap.add_argument(
+        "--ray", action="store_true", help="the Ray executor on this machine against local"
+    )
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--update-readme", action="store_true", help="put the table in README.md")
     args = ap.parse_args(argv)
@@ -977,6 +1087,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_adapters(args, params)
     if args.align:
         return run_align(args, params)
+    if args.ray:
+        return run_ray(args, params, methods)
     mk_exe = None if args.skip_mergekit else ensure_mergekit(args.work)
     shape = llama_shape(params)
     paths = build_family(shape, args.experts, args.work)

@@ -94,8 +94,13 @@ class WorkerMemory:
 
 
 def _opened(ctx: JobContext) -> tuple[JobContext, list[Checkpoint], list[Checkpoint]]:
-    """On a worker: the context with this machine's device, the inputs and statistics opened."""
-    ctx = replace(ctx, device=pick_device(ctx.device_name))
+    """On a worker: the context with its device (the CPU unless Ray gave the task a GPU, so a
+    task computes alike on any node), the inputs and statistics opened."""
+    # lazy: runs on a Ray worker, where ray is imported already
+    import ray
+
+    device = ctx.device_name if ray.get_gpu_ids() else "cpu"
+    ctx = replace(ctx, device=pick_device(device))
     so = ctx.plan.recipe.storage_options
     return ctx, open_inputs(ctx.plan, ctx.allow_pickle, so), open_statistics(ctx.plan, so)
 
@@ -170,7 +175,7 @@ class RayRun:
         self.memory = memory
         self.parts = parts
         self.files = [u.file for u in ctx.plan.units]
-        self.gpus = _gpus(ray, ctx.device_name, gpus_per_task)
+        self.gpus = _gpus(ray, ctx, gpus_per_task)
 
     def map(
         self, fn: Callable[..., TaskResult], ctx: JobContext, args: Sequence[tuple]
@@ -264,12 +269,16 @@ def check_shared_storage(ray: Any, ctx: JobContext, output: str) -> None:
         )
 
 
-def _gpus(ray: Any, device_name: str, gpus_per_task: float | None) -> float:
+def _gpus(ray: Any, ctx: JobContext, gpus_per_task: float | None) -> float:
     """GPUs per task: none on a cluster without GPUs or for ``--device cpu``; else
-    ``gpus_per_task`` (default 1; a fraction lets several tasks share a GPU)."""
-    if device_name == "cpu" or ray.cluster_resources().get("GPU", 0) <= 0:
+    ``gpus_per_task`` where given (a fraction lets several tasks share a GPU), else 1 for a
+    method bound by its linear algebra (``Method.gpu_bound``: its tasks then run on GPU nodes)
+    and none for the others, whose merges are bound by reading."""
+    if ctx.device_name == "cpu" or ray.cluster_resources().get("GPU", 0) <= 0:
         return 0
-    return 1 if gpus_per_task is None else gpus_per_task
+    if gpus_per_task is not None:
+        return gpus_per_task
+    return 1 if ctx.method.gpu_bound else 0
 
 
 def _task_error(ray: Any, exc: Exception, what: str) -> Exception:

@@ -138,6 +138,9 @@ class Method:
     # Extra recipe checks beyond each parameter's range: returns problems (field: message).
     check_recipe: Callable[[Any], list[str]] | None = None
     needs: tuple[Need, ...] = ()
+    # Its math per tensor is dense linear algebra (SVDs, solves), not bound by reading: on a
+    # Ray cluster with GPUs its tasks ask for one (docs/scale-out.md).
+    gpu_bound: bool = False
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -84,10 +84,15 @@ def check_continual(recipe: Any) -> list[str]:
 
 
 def continual(
-    name: str, fn: MergeFn, params: tuple[Param, ...], summary: str, unscaled: MergeFn | None = None
+    name: str,
+    fn: MergeFn,
+    params: tuple[Param, ...],
+    summary: str,
+    unscaled: MergeFn | None = None,
+    gpu_bound: bool = False,
 ) -> Method:
     """Register a continual method (a base is required; shared parameters only); ``unscaled``:
-    see ``RunningState``."""
+    see ``RunningState``; ``gpu_bound``: see ``Method``."""
     return register(
         Method(
             name=name,
@@ -97,6 +102,7 @@ def continual(
             paper="arXiv 2501.09522",
             check_recipe=check_continual,
             needs=(RunningState(unscaled),),
+            gpu_bound=gpu_bound,
         )
     )
 

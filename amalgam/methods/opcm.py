@@ -106,4 +106,5 @@ continual(
     "project each new task vector off the merge's dominant singular directions, rescale to "
     "the mean task-vector norm",
     unscaled=opcm_unscaled,
+    gpu_bound=True,
 )

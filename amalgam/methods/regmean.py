@@ -120,6 +120,7 @@ register(
         summary="linear layers and the input embedding: least-squares fit to every model's "
         "outputs on its data; other tensors averaged",
         paper="arXiv 2212.09849",
+        gpu_bound=True,
         needs_base=False,
         check_recipe=recipe_wide(("samples",)),
         needs=(DataStatistics(gram_statistics),),

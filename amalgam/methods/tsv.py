@@ -69,5 +69,6 @@ register(
         params=(WEIGHT, LAMBDA, SVD),
         summary="per matrix: each task's top 1/N singular triplets, orthogonalised, summed",
         paper="arXiv 2412.00081",
+        gpu_bound=True,
     )
 )
