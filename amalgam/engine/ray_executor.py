@@ -20,7 +20,7 @@ import resource
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from amalgam import storage
 from amalgam.checkpoint import Checkpoint
@@ -40,6 +40,7 @@ from amalgam.errors import AmalgamError, MergeError
 from amalgam.methods.needs import Collector
 from amalgam.writer import CheckpointWriter, ShardAssembler, ShardWriter, Written
 
+T = TypeVar("T")
 UNIT_RETRIES = 3  # runs of a part's task after the first, when its worker dies
 UNIT_BYTES = 256 << 20  # inputs one task reads, by default
 
@@ -249,6 +250,22 @@ class RayRun:
         args = [(p, pass_) for p in self.parts]
         by_part = {i: r.value for i, r in self.map(_norm_part, ctx, args)}
         return sum_norms(t for i in sorted(by_part) for t in by_part[i])
+
+
+def run_task(fn: Callable[..., T], *args: Any, gpu: bool, what: str, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` as one Ray task on the cluster (``RAY_ADDRESS``, else a local
+    Ray), run again when its worker dies; with ``gpu``, on a GPU node where the cluster has
+    GPUs. ``what`` names the work in an error."""
+    ensure_ray(storage.amalgam_home())
+    # lazy: Ray takes seconds to import and only the Ray executor needs it
+    import ray
+
+    gpus = 1 if gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=UNIT_RETRIES)(fn)
+    try:
+        return ray.get(task.remote(*args, **kwargs))
+    except ray.exceptions.RayError as exc:
+        raise _task_error(ray, exc, what) from None
 
 
 def check_shared_storage(ray: Any, ctx: JobContext, output: str) -> None:

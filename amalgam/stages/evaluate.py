@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from amalgam.checkpoint import file_set_hash, open_checkpoint
 from amalgam.compress.stage import decompress_model, read_manifest
+from amalgam.engine.ray_executor import run_task
 from amalgam.errors import RecipeError
 from amalgam.evaluate.report import (
     EvalReport,
@@ -118,6 +119,7 @@ class ScoreInput:
     perplexity: bool
     data: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    executor: str = "local"  # ray: scored as a Ray task, on a GPU node where there is one
 
 
 class ScoreStage(Stage[ScoreInput, ModelResult]):
@@ -154,9 +156,13 @@ class ScoreStage(Stage[ScoreInput, ModelResult]):
         return f"{inp.uri} scores read from {self.path(inp)}"
 
     def run(self, inp: ScoreInput) -> ModelResult:
-        result = score_model(
-            inp.uri, inp.spec, inp.tasks, perplexity=inp.perplexity, **inp.storage_options
-        )
+        args = (inp.uri, inp.spec, inp.tasks)
+        kwargs = {"perplexity": inp.perplexity, **inp.storage_options}
+        if inp.executor == "ray":
+            gpu = inp.spec.device != "cpu"
+            result = run_task(score_model, *args, gpu=gpu, what=f"scoring {inp.uri}", **kwargs)
+        else:
+            result = score_model(*args, **kwargs)
         write_atomically(self.path(inp), result.model_dump_json().encode())
         return result
 
@@ -181,8 +187,9 @@ def score_all(recipe: Recipe, models: Wanted, runner: Runner = execute) -> dict[
     data = data_hash(spec, spec_tasks(spec))
     so = recipe.storage_options
     stage = ScoreStage()
+    executor = recipe.executor or "local"
     return {
-        uri: runner(stage, ScoreInput(uri, model_hash(uri, so), spec, on, p, data, so))
+        uri: runner(stage, ScoreInput(uri, model_hash(uri, so), spec, on, p, data, so, executor))
         for uri, (on, p) in models.items()
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -245,3 +246,17 @@ def test_execute_runs_only_what_is_not_done(caplog: pytest.LogCaptureFixture) ->
         assert execute(stage, 2) == 4
     assert stage.runs == 1
     assert "counting skipped: 2 is stored" in caplog.messages
+
+
+@pytest.mark.slow
+def test_a_model_scored_as_a_ray_task_scores_as_here(zoo_tiny, tmp_path: Path) -> None:
+    """executor: ray sends the scoring to the cluster (a GPU node where it has one)."""
+    tasks = zoo_tiny.task_names[:2]
+    spec = EvaluateSpec(
+        tasks_dir=str(zoo_tiny.tasks_dir), tasks=tasks, limit=8, engine="quick", device="cpu"
+    )
+    uri = str(zoo_tiny.experts[tasks[0]])
+    job = score_input(tmp_path, uri=uri, spec=spec, tasks=tasks, perplexity=True)
+    here = ScoreStage(tmp_path / "here").run(job)
+    on_ray = ScoreStage(tmp_path / "ray").run(dataclasses.replace(job, executor="ray"))
+    assert on_ray == here and set(here.tasks) == set(tasks)
