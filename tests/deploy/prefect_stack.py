@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,9 +59,17 @@ class PrefectStack:
             f"{flows[d['flow_id']]}/{d['name']}": d for d in self.api("/deployments/filter", {})
         }
 
-    def wait_for_run(self, run_id: str, timeout: float, log: Path) -> dict[str, Any]:
+    def run_deployment(self, name: str, *params: str) -> str:
+        """``prefect deployment run NAME --param P=V...``: the new flow run's id."""
+        args = [a for p in params for a in ("--param", p)]
+        (run_id,) = re.findall(r"UUID: ([0-9a-f-]{36})", self.cli("deployment", "run", name, *args))
+        return run_id
+
+    def wait_for_run(
+        self, run_id: str, timeout: float, log: Path, expect: str = "COMPLETED"
+    ) -> dict[str, Any]:
         """The flow run once it reaches a final state; fails showing ``log`` (the worker's) when
-        it ends otherwise than COMPLETED or takes longer than ``timeout`` seconds."""
+        it ends in another state than ``expect`` or takes longer than ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             run = self.api(f"/flow_runs/{run_id}")
@@ -68,7 +77,7 @@ class PrefectStack:
             if state in FINAL_STATES or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        if state != "COMPLETED":
+        if state != expect:
             message = run["state"].get("message") or ""
             raise AssertionError(
                 f"flow run {run_id} is {state} ({message}); worker log:\n{log.read_text()}"

@@ -2,12 +2,11 @@
 ``prefect deploy --all`` from ``infra/prefect.yaml``, a process worker polling the ``amalgam``
 pool, the nightly deployment run with its own parameters (``configs/nightly.yaml``, pointed at
 the test's zoo and ``$AMALGAM_HOME`` by the worker's environment) and its merge registered in
-MLflow with its lineage."""
+MLflow with its lineage; then the promote deployment on that version, refused."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from zoo.conftest import zoo_tiny
 
 from amalgam.checkpoint import open_checkpoint
-from amalgam.registry import CANDIDATE, CONTENT_TAG, Registry, default_tracking_uri
+from amalgam.registry import CANDIDATE, CHAMPION, CONTENT_TAG, Registry, default_tracking_uri
 from amalgam_flows.serve import free_port, prefect_server
 from tests.deploy.prefect_stack import PrefectStack, worker
 
@@ -87,11 +86,19 @@ def test_deploy_all_and_a_worker_run_the_nightly_into_mlflow(
 
         log = tmp_path / "worker.log"
         with worker(stack, "amalgam", log):
-            out = stack.cli("deployment", "run", "nightly/nightly")
-            (run_id,) = re.findall(r"UUID: ([0-9a-f-]{36})", out)
-            run = stack.wait_for_run(run_id, timeout=300, log=log)
-        assert run["deployment_id"] == nightly["id"]
-        assert run["parameters"] == {"config": "configs/nightly.yaml"}
+            run = stack.wait_for_run(stack.run_deployment("nightly/nightly"), 300, log)
+            assert run["deployment_id"] == nightly["id"]
+            assert run["parameters"] == {"config": "configs/nightly.yaml"}
+            registry = Registry(default_tracking_uri())  # configs/nightly.yaml names no store
+            version = registry.alias_version(MODEL, CANDIDATE)
+            assert version is not None, f"nothing registered as {MODEL}@{CANDIDATE}"
+            champion = registry.alias_version(MODEL, CHAMPION)
+            # the promote deployment, run by hand on that version: refused either way (gates
+            # failed, or its report predates it being champion), the run FAILED naming why
+            params = (f"name={MODEL}", f"version={version}")
+            refused = stack.run_deployment("promote/promote", *params)
+            run = stack.wait_for_run(refused, 120, log, expect="FAILED")
+            assert f"{MODEL} version {version} not promoted" in run["state"]["message"]
         # the server's scheduler has put the next nightly runs on the calendar at 02:00 UTC
         scheduled = stack.api(
             "/flow_runs/filter",
@@ -104,9 +111,6 @@ def test_deploy_all_and_a_worker_run_the_nightly_into_mlflow(
         )
         assert scheduled and all("T02:00:00" in r["expected_start_time"] for r in scheduled)
 
-    registry = Registry(default_tracking_uri())  # configs/nightly.yaml names no store
-    version = registry.alias_version(MODEL, CANDIDATE)
-    assert version is not None, f"nothing registered as {MODEL}@{CANDIDATE}"
     lineage = registry.lineage(MODEL, version)
     for name in EXPERTS:
         with open_checkpoint(zoo / "experts" / name) as expert:
@@ -114,5 +118,7 @@ def test_deploy_all_and_a_worker_run_the_nightly_into_mlflow(
     assert lineage.recipe["method"] == "continual_ta" and lineage.recipe_hash
     with open_checkpoint(registry.model_path(MODEL, version)) as merged:
         assert lineage.tags[CONTENT_TAG] == merged.content_hash()
+    assert registry.promotion(lineage.run_id).outcome == "refused"
+    assert registry.alias_version(MODEL, CHAMPION) == champion
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert not left, [p.cmdline() for p in left]
