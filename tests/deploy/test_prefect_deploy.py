@@ -39,6 +39,30 @@ def zoo_layout(zoo_tiny, root: Path) -> Path:
     return root
 
 
+def deploy(stack: PrefectStack) -> dict:
+    """The work pool and ``prefect deploy --all`` as a platform team runs them (without
+    ``$AMALGAM_REPO``: the worker's decides); checks what the server holds and returns the
+    nightly deployment."""
+    stack.cli("work-pool", "create", "amalgam", "--type", "process")
+    stack.cli("deploy", "--all", "--prefect-file", "infra/prefect.yaml")
+    deployments = stack.deployments()
+    assert set(deployments) == {
+        "nightly/nightly",
+        "merge-pipeline/merge-pipeline",
+        "promote/promote",
+    }
+    assert all(d["work_pool_name"] == "amalgam" for d in deployments.values())
+    nightly = deployments["nightly/nightly"]
+    (schedule,) = nightly["schedules"]
+    assert schedule["active"]
+    assert schedule["schedule"]["cron"] == "0 2 * * *"
+    assert schedule["schedule"]["timezone"] == "UTC"
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    pull = {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $AMALGAM_REPO }}"}}
+    assert all(d["pull_steps"] == [pull] for d in deployments.values())
+    return nightly
+
+
 def test_deploy_all_and_a_worker_run_the_nightly_into_mlflow(
     zoo_tiny, tmp_path: Path, monkeypatch
 ) -> None:
@@ -47,7 +71,8 @@ def test_deploy_all_and_a_worker_run_the_nightly_into_mlflow(
     monkeypatch.setenv("AMALGAM_HOME", str(home))  # the server keeps its state in home/prefect
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "2")
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    before = set(psutil.Process().children(recursive=True))  # session fixtures' servers
+    started: set[psutil.Process] = set()  # the server, the worker and what they started
     with prefect_server(free_port(0)) as url:
         env = {
             **{k: v for k, v in os.environ.items() if k != "AMALGAM_REPO"},
@@ -61,28 +86,8 @@ def test_deploy_all_and_a_worker_run_the_nightly_into_mlflow(
             "TQDM_DISABLE": "1",
         }
         stack = PrefectStack(url, env, REPO)
-        stack.cli("work-pool", "create", "amalgam", "--type", "process")
-        stack.cli("deploy", "--all", "--prefect-file", "infra/prefect.yaml")
-        # the worker's checkout decides where a run starts (the pull step's $AMALGAM_REPO)
-        stack.env["AMALGAM_REPO"] = str(REPO)
-
-        deployments = stack.deployments()
-        assert set(deployments) == {
-            "nightly/nightly",
-            "merge-pipeline/merge-pipeline",
-            "promote/promote",
-        }
-        assert all(d["work_pool_name"] == "amalgam" for d in deployments.values())
-        nightly = deployments["nightly/nightly"]
-        (schedule,) = nightly["schedules"]
-        assert schedule["active"]
-        assert schedule["schedule"]["cron"] == "0 2 * * *"
-        assert schedule["schedule"]["timezone"] == "UTC"
-        assert nightly["global_concurrency_limit"]["limit"] == 1
-        (pull,) = nightly["pull_steps"]
-        assert pull["prefect.deployments.steps.set_working_directory"] == {
-            "directory": "{{ $AMALGAM_REPO }}"
-        }
+        nightly = deploy(stack)
+        stack.env["AMALGAM_REPO"] = str(REPO)  # where the worker's runs start (the pull step)
 
         log = tmp_path / "worker.log"
         with worker(stack, "amalgam", log):
@@ -99,6 +104,7 @@ def test_deploy_all_and_a_worker_run_the_nightly_into_mlflow(
             refused = stack.run_deployment("promote/promote", *params)
             run = stack.wait_for_run(refused, 120, log, expect="FAILED")
             assert f"{MODEL} version {version} not promoted" in run["state"]["message"]
+            started |= set(psutil.Process().children(recursive=True)) - before
         # the server's scheduler has put the next nightly runs on the calendar at 02:00 UTC
         scheduled = stack.api(
             "/flow_runs/filter",
@@ -110,6 +116,7 @@ def test_deploy_all_and_a_worker_run_the_nightly_into_mlflow(
             },
         )
         assert scheduled and all("T02:00:00" in r["expected_start_time"] for r in scheduled)
+        started |= set(psutil.Process().children(recursive=True)) - before
 
     lineage = registry.lineage(MODEL, version)
     for name in EXPERTS:
@@ -120,5 +127,5 @@ def test_deploy_all_and_a_worker_run_the_nightly_into_mlflow(
         assert lineage.tags[CONTENT_TAG] == merged.content_hash()
     assert registry.promotion(lineage.run_id).outcome == "refused"
     assert registry.alias_version(MODEL, CHAMPION) == champion
-    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    assert not left, [p.cmdline() for p in left]
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
