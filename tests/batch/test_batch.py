@@ -9,23 +9,31 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from zoo.conftest import zoo_tiny
 
-from amalgam.batch import ItemResult, connect, run_batch
+from amalgam import storage
+from amalgam.batch import ItemResult, connect, run_batch, run_recipe_item
 from amalgam.checkpoint import COMMIT_RECORD, open_checkpoint
 from amalgam.engine import MergeOptions, run_merge
-from amalgam.recipe import load_recipe
+from amalgam.recipe import load_recipe, parse_recipe
 from amalgam.registry import BATCH_TAG, CONTENT_TAG, FAILURE_TAG, PARENT_TAG, Registry
+from amalgam.transient import is_transient
+from amalgam.writer import intact
 from tests.faults.kills import Place, process_env, recipe, run_process, weights, write_recipe
+from tests.faults.s3_fault_proxy import Rule, fault_proxy_for
+from tests.helpers import upload_family
 
 __all__ = ["zoo_tiny"]
 
 #: The third tensor a merge writes (inside its first shard of seven tensors).
 KILL = "amalgam.writer:ShardWriter.write:3"
+RECORD = r"/out/amalgam-commit\.json$"  # the commit record of an output called ``out``
+ALWAYS = 10_000
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +187,47 @@ def test_a_missing_recipe_file_is_one_error_line_and_runs_nothing(tmp_path: Path
         f"error: {missing}: no such recipe file (nothing was run)"
     ]
     assert not (tmp_path / "ray").exists()
+
+
+@pytest.mark.slow
+def test_a_storage_failure_is_retried_and_a_recipe_error_is_not(s3, tmp_path: Path) -> None:
+    bucket = s3.make_bucket(f"batch-{uuid.uuid4().hex[:8]}")
+    upload_family(s3, tmp_path / "family", bucket)
+    with fault_proxy_for(s3.endpoint_url) as proxy:
+        options = s3.storage_options(
+            proxy.url,
+            skip_instance_cache=True,
+            config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}},
+        )
+        # the store clients' own retry budget for one write: every attempt of it reset
+        budget = Rule("reset-request", RECORD, "PUT", times=ALWAYS)
+        proxy.reset(budget)
+        with pytest.raises(Exception, match=r"amalgam-commit\.json") as raised:
+            storage.resolve(f"s3://{bucket}/probe/out", **options)[0].pipe_file(
+                f"{bucket}/probe/out/amalgam-commit.json", b"{}"
+            )
+        assert is_transient(raised.value) and budget.fired > 1
+        body = {
+            "method": "task_arithmetic",
+            "base": f"s3://{bucket}/base",
+            "models": [{"uri": f"s3://{bucket}/expert{i}"} for i in range(3)],
+            "output": f"s3://{bucket}/merged/out",
+            "storage_options": options,
+        }
+        # the first run's commit exhausts that budget; the recipe's retry writes it whole
+        fault = Rule("reset-request", RECORD, "PUT", times=budget.fired)
+        proxy.reset(fault)
+        item = run_recipe_item("flaky.yaml", parse_recipe(body), retries=1)
+        assert fault.fired == budget.fired
+        assert (item.status, item.attempts, item.error) == ("ok", 2, "")
+
+        missing = {**body, "base": f"s3://{bucket}/no-such-base", "output": f"s3://{bucket}/x"}
+        failed = run_recipe_item("missing.yaml", parse_recipe(missing), retries=3)
+        assert (failed.status, failed.attempts) == ("failed", 1)
+        assert f"{bucket}/no-such-base" in failed.error
+
+    direct = s3.storage_options(skip_instance_cache=True)
+    plain = {**body, "output": f"s3://{bucket}/plain/out", "storage_options": direct}
+    run_merge(parse_recipe(plain))
+    assert intact(*storage.resolve(item.output, **direct))
+    assert weights(item.output, **direct) == weights(plain["output"], **direct)
