@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -261,7 +261,7 @@ def _run_on_ray(
     recipes: list[Recipe | None],
     concurrency: int,
     retries: int,
-) -> Any:
+) -> Iterator[tuple[int, ItemResult]]:
     """Yield (index, result) as the recipes at ``todo`` finish, never more than
     ``concurrency`` of them submitted at once."""
     # lazy: Ray takes seconds to import and only a batch needs it here
@@ -277,9 +277,10 @@ def _run_on_ray(
         done, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(done[0])
         try:
-            yield i, ray.get(done[0])
+            item = ray.get(done[0])
         except ray.exceptions.RayError as exc:
-            yield i, ItemResult(sources[i], "failed", error=_ray_error(exc, retries))
+            item = ItemResult(sources[i], "failed", error=_ray_error(exc, retries))
+        yield i, item
 
 
 def _ray_error(exc: Exception, retries: int) -> str:

@@ -624,6 +624,8 @@ class Registry:
             BATCH_TAG + ".recipe_file": item["recipe"],
             BATCH_TAG + ".status": item["status"],
         }
+        if item["host"]:
+            tags[BATCH_TAG + ".host"] = item["host"]
         if item["content_hash"]:
             tags[CONTENT_TAG] = item["content_hash"]
         if recipe is not None:

@@ -105,8 +105,7 @@ def test_a_batch_finishes_good_recipes_reports_bad_ones_and_skips_on_rerun(
     batch_run = registry.client.get_run(result.mlflow_run_id)
     assert batch_run.info.status == "FINISHED" and batch_run.data.tags[BATCH_TAG] == "true"
     assert batch_run.data.metrics["ok"] == 3 and batch_run.data.metrics["failed"] == 2
-    table = json.loads(registry.run_text(result.mlflow_run_id, "batch.json"))
-    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    rows = logged_rows(tracking)
     assert [r["status"] for r in rows] == [r.status for r in result.items]
     assert [r["content_hash"] for r in rows] == [r.content_hash for r in result.items]
     children = registry.client.search_runs(
@@ -165,17 +164,37 @@ def test_the_command_retries_a_killed_worker_and_exits_1_for_a_failed_recipe(
         out = Path(load_recipe(path).output)
         assert weights(str(out)) == plain_merge(path, tmp_path / f"plain-{out.parent.name}")
     assert "2 ok, 0 skipped, 1 failed" in done.out
+    rows = logged_rows(tracking)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "no-such-model" in rows[1]["error"]
+
+
+@pytest.mark.slow
+def test_a_recipe_whose_worker_always_dies_fails_and_leaves_no_output(
+    zoo_tiny, tmp_path: Path, short: Path
+) -> None:
+    (path,) = good_recipes(zoo_tiny, tmp_path, [0.5])
+    env = process_env(short, KILL)  # every run of the recipe dies
+    env.pop("RAY_ADDRESS", None)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = ["-m", "amalgam.cli", "batch", str(path), "--retries", "1"]
+    done = run_process([*command, "--tracking-uri", tracking], env)
+
+    assert done.code == 1, done.tail
+    (row,) = logged_rows(tracking)
+    assert row["status"] == "failed"
+    assert row["error"] == "its Ray worker was lost 2 times (WorkerCrashedError)"
+    assert not Path(load_recipe(path).output).exists()
+
+
+def logged_rows(tracking: str) -> list[dict]:
+    """The rows of the one batch run in the store at ``tracking``."""
     registry = Registry(tracking)
     (batch_run,) = registry.client.search_runs(
         [registry.experiment_id("amalgam-batch")], f"tags.`{BATCH_TAG}` = 'true'"
     )
     table = json.loads(registry.run_text(batch_run.info.run_id, "batch.json"))
-    assert [row[table["columns"].index("status")] for row in table["data"]] == [
-        "ok",
-        "failed",
-        "ok",
-    ]
-    assert "no-such-model" in table["data"][1][table["columns"].index("error")]
+    return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
 
 
 def test_a_missing_recipe_file_is_one_error_line_and_runs_nothing(tmp_path: Path) -> None:
