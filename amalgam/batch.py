@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from amalgam import storage
 from amalgam.engine.ray_executor import ensure_ray
-from amalgam.errors import AmalgamError, RecipeError
+from amalgam.errors import AmalgamError
 from amalgam.pipeline import run_pipeline
 from amalgam.recipe import Recipe, load_recipe, redact_uri
 from amalgam.registry import Registry
@@ -226,9 +226,9 @@ def run_batch(
     ``concurrency`` at a time. The summary goes to MLflow (``experiment`` in the store at
     ``tracking_uri``; None: not logged): one run for the batch, a nested run per recipe."""
     if concurrency < 1:
-        raise RecipeError(f"concurrency: {concurrency} is not a positive number of recipes")
+        raise AmalgamError(f"concurrency: {concurrency} is not a positive number of recipes")
     if retries < 0:
-        raise RecipeError(f"retries: {retries} is negative")
+        raise AmalgamError(f"retries: {retries} is negative")
     start = time.perf_counter()
     sources = [str(p) for p in paths]
     recipes, errors = read_recipes(paths)

@@ -609,9 +609,9 @@ def batch(
             help="Ray cluster: ray://HOST:10001, auto (default: $RAY_ADDRESS, else local)"
         ),
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="recipes in flight at most", min=1)] = 4,
+    concurrency: Annotated[int, typer.Option(help="recipes in flight at most")] = 4,
     retries: Annotated[
-        int, typer.Option(help="runs after the first on worker death or storage errors", min=0)
+        int, typer.Option(help="runs after the first on worker death or storage errors")
     ] = 2,
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "amalgam-batch",
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,

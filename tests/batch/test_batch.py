@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from zoo.conftest import zoo_tiny
 
 from amalgam import storage
@@ -197,15 +198,22 @@ def logged_rows(tracking: str) -> list[dict]:
     return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
 
 
-def test_a_missing_recipe_file_is_one_error_line_and_runs_nothing(tmp_path: Path) -> None:
-    env = process_env(tmp_path)
-    missing = tmp_path / "nope.yaml"
-    done = run_process(["-m", "amalgam.cli", "batch", str(missing)], env)
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["nope.yaml"], "nope.yaml: no such recipe file (nothing was run)"),
+        (["good.yaml", "--concurrency", "0"], "concurrency: 0 is not a positive number"),
+    ],
+)
+def test_bad_command_input_is_one_error_line_and_runs_nothing(
+    zoo_tiny, tmp_path: Path, args: list[str], error: str
+) -> None:
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(recipe(zoo_tiny, Place("out", {}))))
+    done = run_process(["-m", "amalgam.cli", "batch", *args], process_env(tmp_path))
     assert done.code == 2, done.tail
-    assert done.err.strip().splitlines() == [
-        f"error: {missing}: no such recipe file (nothing was run)"
-    ]
-    assert not (tmp_path / "ray").exists()
+    (line,) = done.err.strip().splitlines()
+    assert line.startswith(f"error: {error}"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.yaml", "prefect"]
 
 
 @pytest.mark.slow
