@@ -27,7 +27,7 @@ from amalgam.errors import AmalgamError
 from amalgam.pipeline import run_pipeline
 from amalgam.recipe import Recipe, load_recipe, redact_uri
 from amalgam.registry import Registry
-from amalgam.stages import Stage, StageReport, execute
+from amalgam.stages import Runner, Stage, StageReport, execute
 from amalgam.stages.merge import Merged
 from amalgam.transient import RETRY_DELAYS, is_transient
 from amalgam.writer import read_record
@@ -171,7 +171,7 @@ def run_recipe_item(source: str, recipe: Recipe, retries: int) -> ItemResult:
     )
 
 
-def _keeping_merge(kept: list[Merged]) -> Any:
+def _keeping_merge(kept: list[Merged]) -> Runner:
     """A runner that runs each stage with :func:`execute` and keeps the merge's output."""
 
     def runner(stage: Stage, inp: Any) -> Any:
@@ -236,10 +236,10 @@ def run_batch(
         None if r is not None else ItemResult(s, "failed", error=e)
         for s, r, e in zip(sources, recipes, errors, strict=True)
     ]
-    todo = [i for i, r in enumerate(recipes) if r is not None]
-    if todo:
+    jobs = [(i, sources[i], r) for i, r in enumerate(recipes) if r is not None]
+    if jobs:
         connect(address)
-        for i, item in _run_on_ray(todo, sources, recipes, concurrency, retries):
+        for i, item in _run_on_ray(jobs, concurrency, retries):
             results[i] = item
             log.info("%s: %s %s", item.recipe, item.status, item.error or item.output)
     batch = BatchResult([r for r in results if r is not None], time.perf_counter() - start)
@@ -256,30 +256,26 @@ def run_batch(
 
 
 def _run_on_ray(
-    todo: list[int],
-    sources: list[str],
-    recipes: list[Recipe | None],
-    concurrency: int,
-    retries: int,
+    jobs: list[tuple[int, str, Recipe]], concurrency: int, retries: int
 ) -> Iterator[tuple[int, ItemResult]]:
-    """Yield (index, result) as the recipes at ``todo`` finish, never more than
-    ``concurrency`` of them submitted at once."""
+    """Yield (index, result) as the recipes of ``jobs`` (index, file, recipe) finish, never
+    more than ``concurrency`` of them submitted at once."""
     # lazy: Ray takes seconds to import and only a batch needs it here
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=retries)(run_recipe_item)
-    waiting = list(todo)
-    pending: dict[Any, int] = {}
+    waiting = list(jobs)
+    pending: dict[Any, tuple[int, str]] = {}
     while waiting or pending:
         while waiting and len(pending) < concurrency:
-            i = waiting.pop(0)
-            pending[task.remote(sources[i], recipes[i], retries)] = i
+            i, source, recipe = waiting.pop(0)
+            pending[task.remote(source, recipe, retries)] = (i, source)
         done, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(done[0])
+        i, source = pending.pop(done[0])
         try:
             item = ray.get(done[0])
         except ray.exceptions.RayError as exc:
-            item = ItemResult(sources[i], "failed", error=_ray_error(exc, retries))
+            item = ItemResult(source, "failed", error=_ray_error(exc, retries))
         yield i, item
 
 
