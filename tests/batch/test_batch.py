@@ -38,9 +38,13 @@ ALWAYS = 10_000
 
 
 @pytest.fixture(scope="module")
-def ray_up() -> None:
-    """The one Ray of this module (the engine's start: loopback, files under $AMALGAM_HOME)."""
+def ray_up() -> str:
+    """The one Ray of this module (the engine's start: loopback, files under $AMALGAM_HOME);
+    its address."""
+    import ray
+
     connect(None)
+    return ray.get_runtime_context().gcs_address
 
 
 def good_recipes(zoo, folder: Path, lambdas: list[float]) -> list[Path]:
@@ -74,7 +78,7 @@ def max_overlap(items: list[ItemResult]) -> int:
 
 @pytest.mark.slow
 def test_a_batch_finishes_good_recipes_reports_bad_ones_and_skips_on_rerun(
-    zoo_tiny, tmp_path: Path, ray_up: None
+    zoo_tiny, tmp_path: Path, ray_up: str
 ) -> None:
     good = good_recipes(zoo_tiny, tmp_path, [0.3, 0.5, 0.7])
     bad_yaml = tmp_path / "broken.yaml"
@@ -134,6 +138,24 @@ def test_a_batch_finishes_good_recipes_reports_bad_ones_and_skips_on_rerun(
         assert second.bytes_written == 0
     assert max_overlap([r for r in again.items if r.started]) <= 3
     assert again.exit_code == 1
+
+
+@pytest.mark.slow
+def test_the_command_runs_on_the_cluster_at_its_address(
+    zoo_tiny, tmp_path: Path, ray_up: str
+) -> None:
+    (path,) = good_recipes(zoo_tiny, tmp_path, [0.2])
+    home = tmp_path / "home"
+    env = {**process_env(home), "RAY_ADDRESS": "127.0.0.1:1"}  # the option wins over it
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = ["-m", "amalgam.cli", "batch", str(path), "--address", ray_up]
+    done = run_process([*command, "--tracking-uri", tracking], env)
+
+    assert done.code == 0, done.tail
+    assert "1 ok, 0 skipped, 0 failed" in done.out
+    assert not (home / "ray").exists()  # no Ray of its own: it joined this module's
+    out = load_recipe(path).output
+    assert weights(out) == plain_merge(path, tmp_path / "plain")
 
 
 @pytest.fixture
