@@ -24,7 +24,7 @@ from typing import Any, Literal
 from amalgam import storage
 from amalgam.engine.ray_executor import ensure_ray
 from amalgam.errors import AmalgamError
-from amalgam.pipeline import run_pipeline
+from amalgam.pipeline import default_output, run_pipeline
 from amalgam.recipe import Recipe, load_recipe, redact_uri
 from amalgam.registry import Registry
 from amalgam.stages import Runner, Stage, StageReport, execute
@@ -189,13 +189,32 @@ def _committed_bytes(output: str, recipe: Recipe) -> int:
     return sum(entry["bytes"] for entry in record["files"].values())
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None) -> int:
     """Connect to the Ray cluster at ``address`` (``ray://host:10001``, ``auto``, a GCS
-    address), else ``RAY_ADDRESS``, else a local Ray (:func:`ensure_ray`). The address is put
-    in ``RAY_ADDRESS``, where :func:`ensure_ray` and the engine's Ray executor look."""
+    address), else ``RAY_ADDRESS``, else a local Ray (:func:`ensure_ray`); returns its number
+    of live nodes. The address is put in ``RAY_ADDRESS``, where :func:`ensure_ray` and the
+    engine's Ray executor look."""
     if address:
         os.environ["RAY_ADDRESS"] = address
     ensure_ray(storage.amalgam_home())
+    # lazy: Ray takes seconds to import and only a batch needs it here
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"])
+
+
+def local_output_error(recipe: Recipe, nodes: int) -> str:
+    """Why ``recipe`` cannot run on a cluster of ``nodes`` nodes ("" when it can): with more
+    than one, an output on a local path (its ``output``, or the default under
+    ``$AMALGAM_HOME``) would land on whichever node ran it, out of the others' reach."""
+    output = recipe.output or default_output(recipe)
+    fs, _ = storage.resolve(output, **recipe.storage_options)
+    if nodes < 2 or not storage.is_local(fs):
+        return ""
+    return (
+        f"output: {output} is a local path, and the Ray cluster has {nodes} nodes: "
+        "give an output on storage every node reaches (s3://...)"
+    )
 
 
 def read_recipes(paths: Sequence[str | Path]) -> tuple[list[Recipe | None], list[str]]:
@@ -236,9 +255,12 @@ def run_batch(
         None if r is not None else ItemResult(s, "failed", error=e)
         for s, r, e in zip(sources, recipes, errors, strict=True)
     ]
-    jobs = [(i, sources[i], r) for i, r in enumerate(recipes) if r is not None]
-    if jobs:
-        connect(address)
+    if any(r is not None for r in recipes):
+        nodes = connect(address)
+        for i, recipe in enumerate(recipes):
+            if recipe is not None and (refused := local_output_error(recipe, nodes)):
+                results[i] = ItemResult(sources[i], "failed", error=refused)
+        jobs = [(i, sources[i], r) for i, r in enumerate(recipes) if results[i] is None]
         for i, item in _run_on_ray(jobs, concurrency, retries):
             results[i] = item
             log.info("%s: %s %s", item.recipe, item.status, item.error or item.output)

@@ -18,7 +18,7 @@ import yaml
 from zoo.conftest import zoo_tiny
 
 from amalgam import storage
-from amalgam.batch import ItemResult, connect, run_batch, run_recipe_item
+from amalgam.batch import ItemResult, connect, local_output_error, run_batch, run_recipe_item
 from amalgam.checkpoint import COMMIT_RECORD, open_checkpoint
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.recipe import load_recipe, parse_recipe
@@ -280,3 +280,16 @@ def test_a_storage_failure_is_retried_and_a_recipe_error_is_not(s3, tmp_path: Pa
     run_merge(parse_recipe(plain))
     assert intact(*storage.resolve(item.output, **direct))
     assert weights(item.output, **direct) == weights(plain["output"], **direct)
+
+
+def test_a_local_output_is_refused_only_on_a_cluster_of_several_nodes(zoo_tiny) -> None:
+    local = parse_recipe(recipe(zoo_tiny, Place("/tmp/merged-here", {})))
+    default = local.model_copy(update={"output": None})  # under $AMALGAM_HOME: local too
+    shared = local.model_copy(update={"output": "s3://bucket/merged"})
+    assert local_output_error(local, 1) == local_output_error(default, 1) == ""
+    assert local_output_error(shared, 3) == ""
+    error = local_output_error(local, 3)
+    assert (
+        error.startswith("output: /tmp/merged-here/merged is a local path") and "3 nodes" in error
+    )
+    assert "is a local path" in local_output_error(default, 2)
