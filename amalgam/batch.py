@@ -238,16 +238,21 @@ def run_batch(
     address: str | None = None,
     concurrency: int = 4,
     retries: int = 2,
+    gpus: float = 0,
     experiment: str | None = "amalgam-batch",
     tracking_uri: str | None = None,
 ) -> BatchResult:
     """Run every recipe file in ``paths`` as a Ray task (see the module's docstring); at most
-    ``concurrency`` at a time. The summary goes to MLflow (``experiment`` in the store at
-    ``tracking_uri``; None: not logged): one run for the batch, a nested run per recipe."""
+    ``concurrency`` at a time, each with ``gpus`` GPUs (fractional: several recipes share
+    one), which its merge and evaluation then use. The summary goes to MLflow
+    (``experiment`` in the store at ``tracking_uri``; None: not logged): one run for the
+    batch, a nested run per recipe."""
     if concurrency < 1:
         raise AmalgamError(f"concurrency: {concurrency} is not a positive number of recipes")
     if retries < 0:
         raise AmalgamError(f"retries: {retries} is negative")
+    if gpus < 0:
+        raise AmalgamError(f"gpus: {gpus} is negative")
     start = time.perf_counter()
     sources = [str(p) for p in paths]
     recipes, errors = read_recipes(paths)
@@ -257,11 +262,12 @@ def run_batch(
     ]
     if any(r is not None for r in recipes):
         nodes = connect(address)
+        _check_gpus(gpus)
         for i, recipe in enumerate(recipes):
             if recipe is not None and (refused := local_output_error(recipe, nodes)):
                 results[i] = ItemResult(sources[i], "failed", error=refused)
         jobs = [(i, sources[i], r) for i, r in enumerate(recipes) if results[i] is None]
-        for i, item in _run_on_ray(jobs, concurrency, retries):
+        for i, item in _run_on_ray(jobs, concurrency, retries, gpus):
             results[i] = item
             log.info("%s: %s %s", item.recipe, item.status, item.error or item.output)
     batch = BatchResult([r for r in results if r is not None], time.perf_counter() - start)
@@ -277,15 +283,29 @@ def run_batch(
     return batch
 
 
+def _check_gpus(gpus: float) -> None:
+    """A request for GPUs that no node has would wait forever: refuse it."""
+    # lazy: Ray takes seconds to import and only a batch needs it here
+    import ray
+
+    found = ray.cluster_resources().get("GPU", 0)
+    if gpus > 0 and found == 0:
+        raise AmalgamError(f"gpus: {gpus} per recipe asked, and the Ray cluster has no GPU")
+    if gpus > 1 and not any(
+        node["Resources"].get("GPU", 0) >= gpus for node in ray.nodes() if node["Alive"]
+    ):
+        raise AmalgamError(f"gpus: {gpus} per recipe asked, and no Ray node has that many")
+
+
 def _run_on_ray(
-    jobs: list[tuple[int, str, Recipe]], concurrency: int, retries: int
+    jobs: list[tuple[int, str, Recipe]], concurrency: int, retries: int, gpus: float
 ) -> Iterator[tuple[int, ItemResult]]:
     """Yield (index, result) as the recipes of ``jobs`` (index, file, recipe) finish, never
     more than ``concurrency`` of them submitted at once."""
     # lazy: Ray takes seconds to import and only a batch needs it here
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=retries)(run_recipe_item)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=retries)(run_recipe_item)
     waiting = list(jobs)
     pending: dict[Any, tuple[int, str]] = {}
     while waiting or pending:

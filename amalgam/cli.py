@@ -613,6 +613,9 @@ def batch(
     retries: Annotated[
         int, typer.Option(help="runs after the first on worker death or storage errors")
     ] = 2,
+    gpus_per_recipe: Annotated[
+        float, typer.Option(help="GPUs each recipe's task asks Ray for (fractional: shared)")
+    ] = 0,
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "amalgam-batch",
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
 ) -> None:
@@ -630,6 +633,7 @@ def batch(
         address=address,
         concurrency=concurrency,
         retries=retries,
+        gpus=gpus_per_recipe,
         experiment=experiment,
         tracking_uri=tracking_uri,
     )

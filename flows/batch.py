@@ -16,6 +16,7 @@ def batch(
     address: str | None = None,
     concurrency: int = 4,
     retries: int = 2,
+    gpus: float = 0,
     experiment: str = "amalgam-batch",
     tracking_uri: str | None = None,
 ) -> dict:
@@ -27,6 +28,7 @@ def batch(
         address=address,
         concurrency=concurrency,
         retries=retries,
+        gpus=gpus,
         experiment=experiment,
         tracking_uri=tracking_uri,
     )

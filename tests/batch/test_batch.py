@@ -21,6 +21,7 @@ from amalgam import storage
 from amalgam.batch import ItemResult, connect, local_output_error, run_batch, run_recipe_item
 from amalgam.checkpoint import COMMIT_RECORD, open_checkpoint
 from amalgam.engine import MergeOptions, run_merge
+from amalgam.errors import AmalgamError
 from amalgam.recipe import load_recipe, parse_recipe
 from amalgam.registry import BATCH_TAG, CONTENT_TAG, FAILURE_TAG, PARENT_TAG, Registry
 from amalgam.transient import is_transient
@@ -156,6 +157,17 @@ def test_the_command_runs_on_the_cluster_at_its_address(
     assert not (home / "ray").exists()  # no Ray of its own: it joined this module's
     out = load_recipe(path).output
     assert weights(out) == plain_merge(path, tmp_path / "plain")
+
+
+def test_gpus_no_node_has_are_refused_before_anything_runs(
+    zoo_tiny, tmp_path: Path, ray_up: str
+) -> None:
+    (path,) = good_recipes(zoo_tiny, tmp_path, [0.2])
+    with pytest.raises(
+        AmalgamError, match=r"gpus: 0\.5 per recipe asked, and the Ray cluster has no GPU"
+    ):
+        run_batch([path], gpus=0.5, experiment=None)
+    assert not Path(load_recipe(path).output).parent.exists()
 
 
 @pytest.fixture
