@@ -1,8 +1,8 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
 decompress, permute, align (connectivity report), extract-lora, transplant (a donor's tokenizer),
-policy (the registry's promotion gates). The orchestration layer adds the pipeline commands
-(run, nightly, sweep, promote, serve) to this ``app`` in ``flows/cli.py``, the ``amalgam``
-entry point."""
+policy (the registry's promotion gates), batch (many recipes on one Ray cluster). The
+orchestration layer adds the pipeline commands (run, nightly, sweep, promote, serve) to this
+``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
 
 from __future__ import annotations
 
@@ -627,6 +627,69 @@ def policy(
         if found is None:
             raise AmalgamError(f"{name}: no promotion policy in the registry")
     print(json.dumps({"name": name, **found.as_dict()}, indent=2))
+
+
+@app.command()
+def batch(
+    recipes: Annotated[
+        list[Path],
+        typer.Argument(help="recipe YAML files (each runs its whole pipeline)"),
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster: ray://HOST:10001, auto (default: $RAY_ADDRESS, else local)"
+        ),
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="recipes in flight at most")] = 4,
+    retries: Annotated[
+        int, typer.Option(help="runs after the first on worker death or storage errors")
+    ] = 2,
+    gpus_per_recipe: Annotated[
+        float, typer.Option(help="GPUs each recipe's task asks Ray for (fractional: shared)")
+    ] = 0,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "amalgam-batch",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+) -> None:
+    """Run many recipes as Ray tasks on one Ray cluster; a summary table, logged to MLflow.
+    Exit code 0 when every recipe merged or was already done, 1 when any failed (a file that
+    does not parse is a failed recipe), 2 when a file is missing (nothing runs)."""
+    missing = [str(p) for p in recipes if not p.is_file()]
+    if missing:
+        raise AmalgamError(f"{', '.join(missing)}: no such recipe file (nothing was run)")
+    # lazy: the batch imports torch, Ray and MLflow; `amalgam --help` stays fast
+    from amalgam.batch import run_batch
+
+    result = run_batch(
+        recipes,
+        address=address,
+        concurrency=concurrency,
+        retries=retries,
+        gpus=gpus_per_recipe,
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+    )
+    table = Table("recipe", "status", "output", "content hash", "time", "read", "written", "error")
+    for row in result.rows():
+        table.add_row(
+            row["recipe"],
+            row["status"],
+            row["output"],
+            row["content_hash"].removeprefix("sha256:")[:12],
+            f"{row['seconds']:.1f} s",
+            _human(row["bytes_read"]),
+            _human(row["bytes_written"]),
+            row["error"],
+        )
+    console.print(table)
+    totals = result.totals()
+    console.print(
+        f"{totals['ok']:.0f} ok, {totals['skipped']:.0f} skipped, {totals['failed']:.0f} failed "
+        f"in {result.seconds:.1f} s; MLflow run {result.mlflow_run_id}",
+        soft_wrap=True,
+    )
+    if result.exit_code:
+        sys.exit(result.exit_code)
 
 
 def main() -> None:

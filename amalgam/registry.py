@@ -75,6 +75,7 @@ OWNER_TAG = TAG + "owner"  # on a run: host:pid of the process logging it
 POLICY_TAG = TAG + "policy"  # on a registered model: the gates that decide its promotions
 POLICY_SOURCE_TAG = POLICY_TAG + ".source"
 SWEEP_TAG = TAG + "sweep"
+BATCH_TAG = TAG + "batch"
 RECIPE_ARTIFACT = "recipe/recipe.yaml"
 REPORT_DIR = "report"
 REPORT_ARTIFACT = f"{REPORT_DIR}/report.json"
@@ -303,6 +304,20 @@ def recipe_record(recipe: Recipe) -> dict[str, Any]:
     )
 
 
+def lineage_tags(
+    recipe: Recipe, parents: Mapping[str, tuple[str, str]], merged_uri: str | None = None
+) -> dict[str, str]:
+    """A run's lineage as tags: the recipe's hash and method, each parent's URI and content
+    hash (by label), the merged model's URI."""
+    return {
+        TAG + "recipe_hash": recipe.hash(),
+        TAG + "method": recipe.method,
+        **{f"{PARENT_TAG}{_key(label)}.uri": uri for label, (uri, _) in parents.items()},
+        **{f"{PARENT_TAG}{_key(label)}.hash": h for label, (_, h) in parents.items()},
+        **({TAG + "merged_uri": merged_uri} if merged_uri else {}),
+    }
+
+
 def check_gates(report: EvalReport, gates: Gates) -> list[str]:
     """Every failed gate as 'gate: task value vs bound'; an empty list means the gates pass.
 
@@ -428,18 +443,8 @@ class Registry:
         ``artifacts`` (report files, plots) go under ``report/``. ``storage_options`` reach a
         remote merged model (they are not recorded).
         """
-        # lazy: mlflow takes over a second to import
-        from mlflow.entities import Metric, Param, RunTag
-
         exp = experiment or (recipe.register.experiment if recipe.register else "amalgam")
-        all_tags = {
-            TAG + "recipe_hash": recipe.hash(),
-            TAG + "method": recipe.method,
-            **{f"{PARENT_TAG}{_key(label)}.uri": uri for label, (uri, _) in parents.items()},
-            **{f"{PARENT_TAG}{_key(label)}.hash": h for label, (_, h) in parents.items()},
-            **({TAG + "merged_uri": merged_uri} if merged_uri else {}),
-            **dict(tags or {}),
-        }
+        all_tags = {**lineage_tags(recipe, parents, merged_uri), **dict(tags or {})}
         all_tags = {k: redact_uri(str(v)) for k, v in all_tags.items()}
         if report is not None and report.champion_version is not None:
             all_tags[TAG + "champion_version"] = report.champion_version
@@ -449,22 +454,7 @@ class Registry:
         run = self.client.create_run(experiment_id, run_name=run_name, tags=owner)
         run_id = run.info.run_id
         try:
-            params = [
-                Param(k, v[:MAX_PARAM_CHARS]) for k, v in flatten(recipe_record(recipe)).items()
-            ]
-            run_tags = [RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in all_tags.items()]
-            now = int(time.time() * 1000)
-            run_metrics = (
-                [Metric(_key(k), v, now, 0) for k, v in report.metrics().items()] if report else []
-            )
-            for i in range(0, max(len(params), len(run_tags), len(run_metrics)), 100):
-                self.client.log_batch(
-                    run_id,
-                    metrics=run_metrics[i : i + 100],
-                    params=params[i : i + 100],
-                    tags=run_tags[i : i + 100],
-                )
-            self.client.log_text(run_id, yaml.safe_dump(recipe_record(recipe)), RECIPE_ARTIFACT)
+            self._log_recipe_run(run_id, recipe, all_tags, report.metrics() if report else {})
             if report is not None:
                 self.client.log_text(run_id, report.model_dump_json(indent=1), REPORT_ARTIFACT)
             for path in artifacts:
@@ -500,6 +490,30 @@ class Registry:
         with contextlib.suppress(Exception):
             self.client.set_tag(run_id, FAILURE_TAG, reason)
             self.client.set_terminated(run_id, "FAILED")
+
+    def _log_recipe_run(
+        self,
+        run_id: str,
+        recipe: Recipe,
+        tags: Mapping[str, str],
+        metrics: Mapping[str, float],
+    ) -> None:
+        """The recipe's params (flattened) and ``recipe.yaml``, ``tags`` and ``metrics``."""
+        # lazy: mlflow takes over a second to import
+        from mlflow.entities import Metric, Param, RunTag
+
+        params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in flatten(recipe_record(recipe)).items()]
+        run_tags = [RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()]
+        now = int(time.time() * 1000)
+        run_metrics = [Metric(_key(k), v, now, 0) for k, v in metrics.items()]
+        for i in range(0, max(len(params), len(run_tags), len(run_metrics)), 100):
+            self.client.log_batch(
+                run_id,
+                metrics=run_metrics[i : i + 100],
+                params=params[i : i + 100],
+                tags=run_tags[i : i + 100],
+            )
+        self.client.log_text(run_id, yaml.safe_dump(recipe_record(recipe)), RECIPE_ARTIFACT)
 
     def register_merge(
         self,
@@ -571,6 +585,65 @@ class Registry:
             self.fail_run(run_id, exc)
             raise
         return run_id
+
+    def log_batch(
+        self,
+        experiment: str,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        totals: Mapping[str, float],
+        items: Sequence[Mapping[str, Any]],
+        recipes: Sequence[Recipe | None],
+    ) -> str:
+        """One run for a batch: the summary table (``rows``) as ``batch.json`` and ``totals``
+        as metrics; under it a nested run per recipe (``items[i]``, the result of
+        ``recipes[i]``, None where the file did not parse) with its lineage (recipe, parents'
+        URIs and hashes, the merged URI and content hash), FAILED with its error when it
+        failed. Returns the batch run's id."""
+        experiment_id = self.experiment_id(experiment)
+        run = self.client.create_run(experiment_id, run_name="batch", tags={BATCH_TAG: "true"})
+        run_id = run.info.run_id
+        try:
+            table = redact_uris({k: [r[k] for r in rows] for k in rows[0]} if rows else {})
+            self.client.log_table(run_id, table, "batch.json")
+            for key, value in totals.items():
+                self.client.log_metric(run_id, key, float(value))
+            for item, recipe in zip(items, recipes, strict=True):
+                self._log_batch_item(experiment_id, run_id, item, recipe)
+            self.client.set_terminated(run_id, "FINISHED")
+        except BaseException as exc:
+            self.fail_run(run_id, exc)
+            raise
+        return run_id
+
+    def _log_batch_item(
+        self, experiment_id: str, parent: str, item: Mapping[str, Any], recipe: Recipe | None
+    ) -> None:
+        tags = {
+            "mlflow.parentRunId": parent,
+            BATCH_TAG + ".recipe_file": item["recipe"],
+            BATCH_TAG + ".status": item["status"],
+        }
+        if item["host"]:
+            tags[BATCH_TAG + ".host"] = item["host"]
+        if item["content_hash"]:
+            tags[CONTENT_TAG] = item["content_hash"]
+        if recipe is not None:
+            tags |= lineage_tags(recipe, item["parents"], item["output"] or None)
+        tags = redact_uris(tags)
+        name = Path(item["recipe"]).name
+        child = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        metrics = {k: float(item[k]) for k in ("seconds", "bytes_read", "bytes_written")}
+        if recipe is not None:
+            self._log_recipe_run(child, recipe, {}, metrics)
+        else:
+            for key, value in metrics.items():
+                self.client.log_metric(child, key, value)
+        if item["status"] == "failed":
+            self.client.set_tag(child, FAILURE_TAG, item["error"][:MAX_TAG_CHARS])
+            self.client.set_terminated(child, "FAILED")
+        else:
+            self.client.set_terminated(child, "FINISHED")
 
     # -- versions and aliases ---------------------------------------------------------------
     def register_version(

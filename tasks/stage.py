@@ -20,42 +20,8 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 
 from amalgam.recipe import redact_uri, redact_uris
-from amalgam.registry import RegistryError
 from amalgam.stages import Stage, StageReport, execute
-
-# Exception type names from the storage clients (s3fs/aiobotocore/botocore, fsspec's HTTP and
-# huggingface_hub), matched by name so that no client library is imported to build the list.
-TRANSIENT_NAMES = {
-    "ClientError",
-    "ConnectionClosedError",
-    "EndpointConnectionError",
-    "ReadTimeoutError",
-    "ConnectTimeoutError",
-    "ServerDisconnectedError",
-    "ClientPayloadError",
-    "ClientConnectorError",
-    "HfHubHTTPError",
-    "HTTPError",
-}
-
-
-def is_transient(exc: BaseException | None) -> bool:
-    """True when ``exc`` or any exception in its cause chain is a storage or network failure
-    (OSError other than a missing file, or a storage client error), which a retry may cure.
-    A tracking store's failure is final here: MLflow's client has retried it already."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, RegistryError):
-            return False
-        if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
-            return False
-        if isinstance(exc, OSError | TimeoutError | ConnectionError):
-            return True
-        if type(exc).__name__ in TRANSIENT_NAMES:
-            return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return False
+from amalgam.transient import RETRY_DELAYS, is_transient
 
 
 def retry_storage_errors(task: Any, task_run: Any, state: Any) -> bool:
@@ -69,7 +35,7 @@ def retry_storage_errors(task: Any, task_run: Any, state: Any) -> bool:
 
 RETRIES = {
     "retries": 3,
-    "retry_delay_seconds": [1, 4, 15],
+    "retry_delay_seconds": list(RETRY_DELAYS),
     "retry_condition_fn": retry_storage_errors,
 }
 

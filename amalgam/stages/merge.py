@@ -25,12 +25,14 @@ NOT_MERGE = {"output", "storage_options", "executor", "compress", "evaluate", "r
 
 @dataclass(frozen=True)
 class Merged:
-    """A finished merge: where, its content hash, and whether this run computed it."""
+    """A finished merge: where, its content hash, whether this run computed it, and when it
+    did, its time and the input bytes it read."""
 
     output: str
     content_hash: str
     skipped: bool
     seconds: float = 0.0
+    bytes_read: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,4 +164,4 @@ class MergeStage(Stage[MergeInput, Merged]):
             result.gb_per_s,
         )
         digest = content_hash(result.output, recipe.storage_options)
-        return Merged(result.output, digest, False, result.seconds)
+        return Merged(result.output, digest, False, result.seconds, result.input_bytes)
