@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from amalgam import storage
-from amalgam.engine.ray_executor import ensure_ray
+from amalgam.engine.ray_executor import alive_nodes, ensure_ray
 from amalgam.errors import AmalgamError
 from amalgam.pipeline import default_output, run_pipeline
 from amalgam.recipe import Recipe, load_recipe, redact_uri
@@ -200,7 +200,7 @@ def connect(address: str | None) -> int:
     # lazy: Ray takes seconds to import and only a batch needs it here
     import ray
 
-    return sum(1 for node in ray.nodes() if node["Alive"])
+    return alive_nodes(ray)
 
 
 def local_output_error(recipe: Recipe, nodes: int) -> str:
@@ -208,8 +208,7 @@ def local_output_error(recipe: Recipe, nodes: int) -> str:
     than one, an output on a local path (its ``output``, or the default under
     ``$AMALGAM_HOME``) would land on whichever node ran it, out of the others' reach."""
     output = recipe.output or default_output(recipe)
-    fs, _ = storage.resolve(output, **recipe.storage_options)
-    if nodes < 2 or not storage.is_local(fs):
+    if nodes < 2 or not storage.local_uris([output], **recipe.storage_options):
         return ""
     return (
         f"output: {output} is a local path, and the Ray cluster has {nodes} nodes: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,11 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def join(path: str, *parts: str) -> str:
     return posixpath.join(path, *parts)
+
+
+def local_uris(uris: Iterable[str], **storage_options: Any) -> list[str]:
+    """Those of ``uris`` (each once, in order) that are paths on this machine's own disks."""
+    return [u for u in dict.fromkeys(uris) if is_local(resolve(u, **storage_options)[0])]
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

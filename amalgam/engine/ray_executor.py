@@ -268,21 +268,25 @@ def run_task(fn: Callable[..., T], *args: Any, gpu: bool, what: str, **kwargs: A
         raise _task_error(ray, exc, what) from None
 
 
+def alive_nodes(ray: Any) -> int:
+    """The nodes of the connected Ray cluster that are alive."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def check_shared_storage(ray: Any, ctx: JobContext, output: str) -> None:
     """On a cluster of more than one node every path a task reads or writes must be on storage
     all nodes reach: local paths (the output, inputs, statistics artifacts) are refused."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2:
+    nodes = alive_nodes(ray)
+    if nodes < 2:
         return
-    so = ctx.plan.recipe.storage_options
     uris = [output, *ctx.plan.uris, *(s.uri for s in ctx.plan.statistics)]
-    local = [u for u in dict.fromkeys(uris) if storage.is_local(storage.resolve(u, **so)[0])]
+    local = storage.local_uris(uris, **ctx.plan.recipe.storage_options)
     if local:
         raise MergeError(
-            f"the Ray cluster has {len(nodes)} nodes, and these are local paths its workers "
-            f"cannot all reach: {', '.join(local)} (use storage every node reaches, such as "
-            "s3://...; statistics artifacts go under AMALGAM_HOME: compute them first, or run "
-            "on one node)"
+            f"the Ray cluster has {nodes} nodes, and these are local paths its workers cannot "
+            f"all reach: {', '.join(local)} (use storage every node reaches, such as s3://...; "
+            "statistics artifacts too: compute them first with `amalgam stats --output "
+            "s3://...` and name them in models[i].statistics)"
         )
 
 

@@ -49,6 +49,7 @@ def deploy(stack: PrefectStack) -> dict:
     assert set(deployments) == {
         "nightly/nightly",
         "merge-pipeline/merge-pipeline",
+        "batch/batch",
         "promote/promote",
     }
     assert all(d["work_pool_name"] == "amalgam" for d in deployments.values())

@@ -23,7 +23,7 @@ def test_prefect_yaml_deploys_the_flows_with_a_nightly_cron() -> None:
 
     spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert set(by_name) == {"nightly", "merge-pipeline", "promote"}
+    assert set(by_name) == {"nightly", "merge-pipeline", "batch", "promote"}
     for deployment in spec["deployments"]:
         path, func = deployment["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
