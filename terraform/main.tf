@@ -1,6 +1,6 @@
 # The amalgam stack on AWS. Provider-specific parts live in modules/aws/*; what runs on
 # Kubernetes (KubeRay, the MLflow server) lives in modules/k8s/* and works on any cluster.
-# Another cloud adds modules/<cloud>/{network,kms,storage,database,eks,iam} with the same outputs.
+# Another cloud adds modules/<cloud>/{network,kms,storage,registry,database,eks,iam} with the same outputs.
 
 module "kms" {
   source = "./modules/aws/kms"
@@ -23,6 +23,13 @@ module "storage" {
   source = "./modules/aws/storage"
 
   bucket_name = var.bucket_name
+  kms_key_arn = module.kms.key_arn
+}
+
+module "registry" {
+  source = "./modules/aws/registry"
+
+  name        = var.name
   kms_key_arn = module.kms.key_arn
 }
 

@@ -45,6 +45,11 @@ output "database_secret_arn" {
   value       = module.database.secret_arn
 }
 
+output "image_repository" {
+  description = "Container repository to push the amalgam image to."
+  value       = module.registry.repository_url
+}
+
 output "kubeconfig_command" {
   description = "Command that writes a kubeconfig entry for the cluster."
   value       = "aws eks update-kubeconfig --region ${var.region} --name ${module.eks.cluster_name}"

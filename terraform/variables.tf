@@ -52,7 +52,7 @@ variable "api_allowed_cidrs" {
 
 variable "cpu_node_group" {
   description = "CPU node group: instance types and autoscaling bounds (Ray head, CPU workers, MLflow, Prefect jobs)."
-  type = object({
+  type        = object({
     instance_types = list(string)
     min_size       = number
     max_size       = number
@@ -70,7 +70,7 @@ variable "cpu_node_group" {
 
 variable "gpu_node_group" {
   description = "GPU node group (tainted nvidia.com/gpu=present:NoSchedule): instance types and autoscaling bounds; min_size 0 scales to zero when idle."
-  type = object({
+  type        = object({
     instance_types = list(string)
     min_size       = number
     max_size       = number

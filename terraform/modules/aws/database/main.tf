@@ -15,7 +15,7 @@ resource "aws_secretsmanager_secret" "mlflow_db" {
 }
 
 resource "aws_secretsmanager_secret_version" "mlflow_db" {
-  secret_id = aws_secretsmanager_secret.mlflow_db.id
+  secret_id     = aws_secretsmanager_secret.mlflow_db.id
   secret_string = jsonencode({
     username = aws_db_instance.mlflow.username
     password = random_password.mlflow.result
@@ -71,9 +71,9 @@ resource "aws_db_parameter_group" "this" {
 }
 
 resource "aws_iam_role" "monitoring" {
-  name = "${var.name}-rds-monitoring"
+  name               = "${var.name}-rds-monitoring"
   assume_role_policy = jsonencode({
-    Version = "2012-10-17"
+    Version   = "2012-10-17"
     Statement = [{
       Effect    = "Allow"
       Principal = { Service = "monitoring.rds.amazonaws.com" }

@@ -24,9 +24,9 @@ resource "aws_cloudwatch_log_group" "cluster" {
 }
 
 resource "aws_iam_role" "cluster" {
-  name = "${var.name}-eks-cluster"
+  name               = "${var.name}-eks-cluster"
   assume_role_policy = jsonencode({
-    Version = "2012-10-17"
+    Version   = "2012-10-17"
     Statement = [{
       Effect    = "Allow"
       Principal = { Service = "eks.amazonaws.com" }
@@ -82,9 +82,9 @@ resource "aws_iam_openid_connect_provider" "this" {
 }
 
 resource "aws_iam_role" "node" {
-  name = "${var.name}-eks-node"
+  name               = "${var.name}-eks-node"
   assume_role_policy = jsonencode({
-    Version = "2012-10-17"
+    Version   = "2012-10-17"
     Statement = [{
       Effect    = "Allow"
       Principal = { Service = "ec2.amazonaws.com" }

@@ -30,7 +30,7 @@ variable "log_retention_days" {
 
 variable "cpu_node_group" {
   description = "CPU node group: instance types, autoscaling bounds and disk size."
-  type = object({
+  type        = object({
     instance_types = list(string)
     min_size       = number
     max_size       = number
@@ -41,7 +41,7 @@ variable "cpu_node_group" {
 
 variable "gpu_node_group" {
   description = "GPU node group: instance types, autoscaling bounds and disk size."
-  type = object({
+  type        = object({
     instance_types = list(string)
     min_size       = number
     max_size       = number

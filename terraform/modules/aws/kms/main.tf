@@ -13,7 +13,7 @@ resource "aws_kms_key" "this" {
   deletion_window_in_days = 30
 
   policy = jsonencode({
-    Version = "2012-10-17"
+    Version   = "2012-10-17"
     Statement = [
       {
         Sid       = "AccountAdministers"

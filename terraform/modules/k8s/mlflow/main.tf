@@ -75,7 +75,7 @@ resource "kubernetes_deployment_v1" "this" {
           image_pull_policy = "Always"
           # The URI (with its password) is read from the mounted secret, never put in the env.
           command = ["/bin/sh", "-c"]
-          args = [join(" ", [
+          args    = [join(" ", [
             "exec mlflow server",
             "--backend-store-uri \"$(cat /run/secrets/mlflow/uri)\"",
             "--serve-artifacts --artifacts-destination ${var.artifacts_destination}",
