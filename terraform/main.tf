@@ -86,6 +86,7 @@ module "kuberay" {
 
 module "mlflow" {
   source = "./modules/k8s/mlflow"
+  count  = var.mlflow_image == null ? 0 : 1
 
   namespace             = local.mlflow_namespace
   service_account       = "mlflow"

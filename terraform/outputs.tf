@@ -11,8 +11,8 @@ output "merges_uri" {
 }
 
 output "mlflow_tracking_uri" {
-  description = "MLflow tracking URI inside the cluster (recipe register.tracking_uri, MLFLOW_TRACKING_URI)."
-  value       = module.mlflow.tracking_uri
+  description = "MLflow tracking URI inside the cluster (recipe register.tracking_uri, MLFLOW_TRACKING_URI); null until mlflow_image is set."
+  value       = one(module.mlflow[*].tracking_uri)
 }
 
 output "ray_address" {

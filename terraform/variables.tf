@@ -111,11 +111,12 @@ variable "ray_cluster_name" {
 }
 
 variable "mlflow_image" {
-  description = "Container image the MLflow server runs, pinned by digest: the amalgam image (infra/docker/Dockerfile) holds mlflow, boto3 and the Postgres driver."
+  description = "Container image the MLflow server runs, pinned by digest: the amalgam image (infra/docker/Dockerfile) holds mlflow, boto3 and the Postgres driver. Null (the first apply, before the image is pushed) leaves the server out."
   type        = string
+  default     = null
 
   validation {
-    condition     = can(regex("@sha256:[0-9a-f]{64}$", var.mlflow_image))
+    condition     = var.mlflow_image == null || can(regex("@sha256:[0-9a-f]{64}$", var.mlflow_image))
     error_message = "mlflow_image: pin the image by digest (REPOSITORY@sha256:...), as `docker push` prints it."
   }
 }

@@ -64,7 +64,7 @@ def test_every_module_call_fits_its_module() -> None:
             required = {v for v, body in declared.items() if "default" not in body}
             assert required <= passed, f"module {name}: missing {required - passed}"
             outputs = set(named(callee, "output"))
-            used = set(re.findall(rf"\bmodule\.{name}\.(\w+)", text))
+            used = set(re.findall(rf"\bmodule\.{name}(?:\[[^\]]*\])?\.(\w+)", text))
             assert used <= outputs, f"module {name}: no output {used - outputs}"
             calls += 1
     assert calls >= 8
@@ -243,3 +243,12 @@ def test_fmt_check_finds_what_terraform_fmt_would_change(tmp_path: Path) -> None
     assert "line 2: '=' not aligned with its neighbours" in problems
     assert "line 4: indent of 3 spaces" in problems
     assert "must end with exactly one newline" in problems
+
+
+def test_example_tfvars_set_only_declared_variables_and_every_required_one() -> None:
+    hcl2 = module("hcl2")
+    with (TERRAFORM / "terraform.tfvars.example").open() as f:
+        example = set(hcl2.load(f)) - {"__comments__"}
+    declared = named(parse_module(TERRAFORM), "variable")
+    assert example <= set(declared), example - set(declared)
+    assert {v for v, body in declared.items() if "default" not in body} <= example
