@@ -1,6 +1,6 @@
 # The amalgam stack on AWS. Provider-specific parts live in modules/aws/*; what runs on
 # Kubernetes (KubeRay, the MLflow server) lives in modules/k8s/* and works on any cluster.
-# Another cloud adds modules/<cloud>/{network,kms,storage,registry,database,eks,iam} with the same outputs.
+# Another cloud adds modules/<cloud>/{network,kms,storage,registry,database,eks,autoscaler,iam} with the same outputs.
 
 module "kms" {
   source = "./modules/aws/kms"
@@ -44,6 +44,16 @@ module "eks" {
   log_retention_days = var.log_retention_days
   cpu_node_group     = var.cpu_node_group
   gpu_node_group     = var.gpu_node_group
+}
+
+module "autoscaler" {
+  source = "./modules/aws/autoscaler"
+
+  cluster_name      = module.eks.cluster_name
+  region            = var.region
+  oidc_provider_arn = module.eks.oidc_provider_arn
+  oidc_issuer       = module.eks.oidc_issuer
+  chart_version     = var.cluster_autoscaler_version
 }
 
 module "database" {

@@ -92,6 +92,12 @@ variable "kuberay_version" {
   default     = "1.4.2"
 }
 
+variable "cluster_autoscaler_version" {
+  description = "Version of the cluster-autoscaler Helm chart (its app version should match kubernetes_version's minor version)."
+  type        = string
+  default     = "9.50.1"
+}
+
 variable "ray_namespace" {
   description = "Kubernetes namespace of the RayCluster and of Prefect's job pods (infra/k8s uses the same name)."
   type        = string

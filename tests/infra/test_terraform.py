@@ -252,3 +252,16 @@ def test_example_tfvars_set_only_declared_variables_and_every_required_one() -> 
     declared = named(parse_module(TERRAFORM), "variable")
     assert example <= set(declared), example - set(declared)
     assert {v for v, body in declared.items() if "default" not in body} <= example
+
+
+def test_cluster_autoscaler_changes_only_this_clusters_node_groups() -> None:
+    blocks = parse_module(TERRAFORM / "modules/aws/autoscaler")
+    statements = resources(blocks, "aws_iam_policy_document", "data")["scale"]["statement"]
+    for statement in statements:
+        writes = [a for a in statement["actions"] if not re.search(r":(Describe|Get)", a)]
+        if writes:
+            (condition,) = statement["condition"]
+            assert condition["variable"].endswith("/${var.cluster_name}"), statement["sid"]
+            assert condition["values"] == ["owned"]
+        if statement["resources"] == ["*"]:
+            assert not writes, statement["sid"]
