@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import shutil
 import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 from tests.infra.tools import DOCKERFILE, ROOT, binary, pyproject_pin
 
@@ -83,3 +87,41 @@ def test_build_context_holds_what_is_copied_and_no_local_state() -> None:
                 assert included(source.rstrip("/")), f"{source} is excluded by .dockerignore"
     for state in (".venv", ".amalgam", ".venv-checkov", "terraform", ".git"):
         assert not included(state), state
+
+
+def test_the_project_installs_whole_from_what_the_image_copies(tmp_path: Path) -> None:
+    """The build stage copies a few paths and installs a wheel of them: every file of the three
+    packages must be in it (a folder without __init__.py or a data file left out would be
+    missing in the pods), with the `amalgam` command."""
+    src = tmp_path / "src"
+    src.mkdir()
+    build_stage = instructions()[: [op for op, _ in instructions()].index("FROM", 1)]
+    for op, args in build_stage:
+        if op == "COPY":
+            for source in args.split()[:-1]:
+                if (ROOT / source).is_dir():
+                    ignore = shutil.ignore_patterns("__pycache__")
+                    shutil.copytree(ROOT / source, src / source, ignore=ignore)
+                else:
+                    shutil.copy(ROOT / source, src / source)
+    wheels = tmp_path / "wheel"
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    run = subprocess.run(
+        [*pip, "-w", str(wheels), str(src)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PIP_NO_INDEX": "1"},
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    (wheel,) = wheels.glob("amalgam-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "amalgam = amalgam_flows.cli:main" in entry_points
+    installed = {"amalgam": "amalgam", "flows": "amalgam_flows", "tasks": "amalgam_stage_tasks"}
+    for folder, package in installed.items():
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                rel = path.relative_to(ROOT / folder).as_posix()
+                assert f"{package}/{rel}" in names, f"{folder}/{rel} is not in the wheel"
