@@ -32,7 +32,7 @@ variable "artifacts_destination" {
 }
 
 variable "replicas" {
-  description = "Number of MLflow server pods."
+  description = "Number of MLflow server pods. One by default: each server creates or migrates the database schema when it starts, and two doing that at once on a new database can collide."
   type        = number
-  default     = 2
+  default     = 1
 }
