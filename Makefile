@@ -12,10 +12,10 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export MLFLOW_DISABLE_TELEMETRY := true
 
 # checkov pins an old boto3 and ships a module named hcl2 that shadows python-hcl2, so it gets a
-# venv of its own (about 40 s to build); tests/infra runs it from $(CHECKOV).
+# venv of its own (40-80 s to build here); tests/infra runs it from $(CHECKOV).
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_VERSION := 3.3.30
-export CHECKOV ?= $(CURDIR)/$(CHECKOV_VENV)/bin/checkov
+export CHECKOV ?= $(abspath $(CHECKOV_VENV))/bin/checkov
 
 .PHONY: install demo test lint checkov
 
