@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import uuid
 from typing import Any
 
 import pytest
@@ -172,31 +173,22 @@ def test_rayjob_entrypoint_is_a_real_command() -> None:
 
 
 def render_job(template: dict[str, Any]) -> dict[str, Any]:
-    """The Job a Kubernetes worker would submit with the variables' defaults: placeholders
-    filled by Prefect's own templating, then (as prefect-kubernetes does) the env mapping
-    appended to the container's env list and the command put in args."""
-    # lazy: Prefect takes seconds to import; only this helper needs it
+    """The Job a Kubernetes worker submits for a flow run with the variables' defaults: the
+    placeholders filled by Prefect's templating, then prefect-kubernetes' own job
+    configuration (its checks of the manifest, the env list, the command, the name)."""
+    # lazy: Prefect and its Kubernetes worker take seconds to import; only this helper needs them
+    from prefect.client.schemas.objects import FlowRun
     from prefect.utilities.templating import apply_values
 
-    defaults = {
-        k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v
-    }
-    values = {
-        **defaults,
-        "name": "nightly-run",
-        "command": "prefect flow-run execute",
-        "env": {"A": "1"},
-    }
-    config = apply_values(template["job_configuration"], values)
-    job = config["job_manifest"]
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    container["env"] = [
-        *container["env"],
-        *({"name": k, "value": v} for k, v in config["env"].items()),
-    ]
-    container["args"] = config["command"].split()
-    job["metadata"]["name"] = job["metadata"].pop("generateName") + "abc12"
-    return job
+    worker = module("prefect_kubernetes.worker")
+    properties = template["variables"]["properties"]
+    defaults = {k: v["default"] for k, v in properties.items() if "default" in v}
+    values = {**defaults, "env": {"FROM_THE_DEPLOYMENT": "1"}}
+    config = worker.KubernetesWorkerJobConfiguration(
+        **apply_values(template["job_configuration"], values)
+    )
+    config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="nightly-run"))
+    return config.job_manifest
 
 
 def test_prefect_work_pool_template() -> None:
@@ -219,6 +211,15 @@ def test_prefect_work_pool_template() -> None:
     job = render_job(template)
     assert job["kind"] == "Job" and job["metadata"]["namespace"] == tf["ray_namespace"]
     assert not re.search(r"\{\{", json.dumps(job)), "a placeholder was left unfilled"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # the template's own variables and the deployment's env both reach the pod
+    assert env["RAY_ADDRESS"] == properties["ray_address"]["default"]
+    assert env["FROM_THE_DEPLOYMENT"] == "1" and "PREFECT__FLOW_RUN_ID" in env
+    # prefect-kubernetes requires parallelism and completions in the pod spec (where Kubernetes
+    # ignores them with a warning): the rest must be a valid Job to the letter
+    pod = job["spec"]["template"]["spec"]
+    assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
     assert_valid(job)
 
 
