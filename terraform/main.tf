@@ -49,11 +49,12 @@ module "eks" {
 module "autoscaler" {
   source = "./modules/aws/autoscaler"
 
-  cluster_name      = module.eks.cluster_name
-  region            = var.region
-  oidc_provider_arn = module.eks.oidc_provider_arn
-  oidc_issuer       = module.eks.oidc_issuer
-  chart_version     = var.cluster_autoscaler_version
+  cluster_name       = module.eks.cluster_name
+  kubernetes_version = var.kubernetes_version
+  region             = var.region
+  oidc_provider_arn  = module.eks.oidc_provider_arn
+  oidc_issuer        = module.eks.oidc_issuer
+  chart_version      = var.cluster_autoscaler_version
 }
 
 module "database" {

@@ -87,15 +87,15 @@ variable "gpu_node_group" {
 }
 
 variable "kuberay_version" {
-  description = "Version of the KubeRay operator Helm chart."
+  description = "Version of the KubeRay operator Helm chart (infra/k8s/ray*.yaml were checked against its CRDs)."
   type        = string
-  default     = "1.4.2"
+  default     = "1.7.0"
 }
 
 variable "cluster_autoscaler_version" {
-  description = "Version of the cluster-autoscaler Helm chart (its app version should match kubernetes_version's minor version)."
+  description = "Version of the cluster-autoscaler Helm chart; the autoscaler image it runs is the one of kubernetes_version's minor release."
   type        = string
-  default     = "9.50.1"
+  default     = "9.43.1"
 }
 
 variable "ray_namespace" {

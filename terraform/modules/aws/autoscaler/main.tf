@@ -97,6 +97,7 @@ resource "helm_release" "this" {
   set = [
     { name = "autoDiscovery.clusterName", value = var.cluster_name },
     { name = "awsRegion", value = var.region },
+    { name = "image.tag", value = "v${var.kubernetes_version}.0" },
     { name = "rbac.serviceAccount.name", value = local.service_account },
     { name = "rbac.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn", value = aws_iam_role.this.arn },
     { name = "extraArgs.balance-similar-node-groups", value = "true" },

@@ -3,6 +3,11 @@ variable "cluster_name" {
   type        = string
 }
 
+variable "kubernetes_version" {
+  description = "Kubernetes version of the cluster (major.minor): the autoscaler image is v<it>.0."
+  type        = string
+}
+
 variable "region" {
   description = "AWS region of the cluster."
   type        = string
