@@ -148,6 +148,8 @@ def test_node_groups_cpu_and_gpu_with_taint_and_labels() -> None:
     text = (TERRAFORM / "modules/aws/eks/main.tf").read_text()
     gpu = text[text.index("gpu = merge(") :]
     assert '"amalgam.dev/node-kind" = "gpu"' in gpu and "AL2023_x86_64_NVIDIA" in gpu
+    # the label NVIDIA's device plugin chart selects nodes by (modules/k8s/kuberay)
+    assert '"nvidia.com/gpu.present" = "true"' in gpu
     assert 'key = "nvidia.com/gpu", value = "present", effect = "NO_SCHEDULE"' in gpu
     assert '"amalgam.dev/node-kind" = "cpu"' in text[: text.index("gpu = merge(")]
     (groups,) = all_resources("aws_eks_node_group").values()

@@ -20,13 +20,8 @@ resource "helm_release" "nvidia_device_plugin" {
   namespace        = "nvidia-device-plugin"
   create_namespace = true
   atomic           = true
-
-  # Only GPU nodes: the chart's daemonset tolerates the GPU taint; this keeps it off CPU nodes.
-  set = [{
-    name  = "nodeSelector.nvidia\\.com/gpu\\.present"
-    value = "true"
-    type  = "string"
-  }]
+  # The chart's defaults fit the GPU node group: its daemonset tolerates the nvidia.com/gpu
+  # taint and runs only on nodes labelled nvidia.com/gpu.present=true.
 }
 
 resource "kubernetes_namespace_v1" "ray" {
