@@ -116,6 +116,8 @@ resource "aws_launch_template" "node" {
     http_put_response_hop_limit = 1
   }
 
+  # Encrypted with the account's AWS-managed EBS key: a customer key would need a grant to the
+  # Auto Scaling service-linked role in its key policy, a role a new account may not have yet.
   block_device_mappings {
     device_name = "/dev/xvda"
 
@@ -123,7 +125,6 @@ resource "aws_launch_template" "node" {
       volume_size           = each.value.disk_size_gb
       volume_type           = "gp3"
       encrypted             = true
-      kms_key_id            = var.kms_key_arn
       delete_on_termination = true
     }
   }
