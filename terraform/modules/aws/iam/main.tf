@@ -44,6 +44,14 @@ data "aws_iam_policy_document" "assume" {
 data "aws_iam_policy_document" "access" {
   for_each = local.roles
 
+  # s3fs checks that the bucket exists (before writing under it) with HeadBucket, then
+  # GetBucketLocation: the second reveals only the bucket's region.
+  statement {
+    sid       = "FindBucket"
+    actions   = ["s3:GetBucketLocation"]
+    resources = [var.bucket_arn]
+  }
+
   statement {
     sid       = "ListOwnPrefixes"
     actions   = ["s3:ListBucket"]
