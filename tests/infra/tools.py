@@ -1,9 +1,10 @@
 """Where tests/infra finds its linters, and the parsed files they check.
 
-``make install`` puts python-hcl2, kubernetes-validate, hadolint and yamllint into the project's
-venv (the ``infra`` extra); ``make test`` builds checkov's own venv (``.venv-checkov``: checkov
-pins an old boto3 and ships a module named ``hcl2`` that would shadow python-hcl2). Outside CI
-a missing tool skips its test with the command that installs it; in CI (``CI`` set) it fails.
+``make install`` puts python-hcl2, kubernetes-validate, prefect-kubernetes, hadolint and
+yamllint into the project's venv (the ``infra`` extra); ``make test`` builds checkov's own venv
+(``.venv-checkov``: checkov pins an old boto3 and ships a module named ``hcl2`` that would
+shadow python-hcl2). Outside CI a missing tool skips its test with the command that installs
+it; in CI (``CI`` set) it fails.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -26,7 +27,7 @@ DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 INSTALL = "make install (the project's infra extra: pip install -e '.[test,infra]')"
 
 
-def missing(what: str, how: str) -> None:
+def missing(what: str, how: str) -> NoReturn:
     """Fail in CI, skip elsewhere: a linter CI must have, absent on a developer's machine."""
     message = f"{what} is not installed; {how}"
     if os.environ.get("CI"):
@@ -39,7 +40,6 @@ def module(name: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError:
         missing(f"the Python module {name}", INSTALL)
-        raise  # unreachable: missing() always raises
 
 
 def binary(name: str, env: str | None = None, venv: Path | None = None) -> Path:
@@ -52,7 +52,6 @@ def binary(name: str, env: str | None = None, venv: Path | None = None) -> Path:
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return Path(c)
     missing(name, "make test builds it" if venv is not None else INSTALL)
-    raise AssertionError  # unreachable
 
 
 def unquote(value: Any) -> Any:
