@@ -22,7 +22,7 @@ from amalgam.pipeline_config import NightlyConfig, load_nightly_config
 from amalgam.recipe import Recipe
 from amalgam.registry import CHAMPION, PromotionRefused, Registry
 from amalgam.stages import base, discover, evaluate, fetch, merge, register
-from amalgam.storage import amalgam_home
+from amalgam.storage import amalgam_home, join
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,10 @@ class Champion:
         return cls(version, uri, digest, tuple(absorbed_hashes(uri)))
 
 
-def workdir(config: NightlyConfig) -> Path:
-    return Path(config.workdir or amalgam_home() / "nightly" / config.model_name)
+def workdir(config: NightlyConfig) -> str:
+    """Where candidates are merged: ``workdir`` (a path or a URI such as ``s3://...``, which
+    a nightly on a Ray cluster of several nodes needs), else under ``$AMALGAM_HOME``."""
+    return config.workdir or str(amalgam_home() / "nightly" / config.model_name)
 
 
 def candidate_key(champion_hash: str | None, recipe_hash: str, new: list[FetchedModel]) -> str:
@@ -127,7 +129,7 @@ def absorb(
     """The new experts absorbed into the champion (or the base) in a folder named by what goes
     into it; returns the fetched recipe, its inputs and the merge."""
     recipe = config.recipe_for([{"uri": m.uri, "name": m.label} for m in new])
-    output = workdir(config) / candidate_key(champion.content_hash, recipe.hash(), new)
+    output = join(workdir(config), candidate_key(champion.content_hash, recipe.hash(), new))
     fetched = runner(fetch.FetchStage(), fetch.FetchInput(recipe))
     options = MergeOptions(output=str(output), continue_from=champion.uri, executor=config.executor)
     options = fetched.merge_options(options)
