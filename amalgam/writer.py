@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -151,6 +152,7 @@ class ShardAssembler:
         self._fs = fs
         self._count = count
         self._ready: dict[int, Written] = {}
+        self._lock = threading.Lock()
         self._next = 0
         self._hash = hashlib.sha256()
         self.nbytes = 0
@@ -159,15 +161,17 @@ class ShardAssembler:
             self._fh = fs.open(path, "wb")
 
     def add(self, index: int, part: Written) -> None:
-        """Part ``index`` is written: append it and every later part already waiting."""
-        self._ready[index] = part
-        while self._next in self._ready:
-            self._append(self._ready.pop(self._next))
-            self._next += 1
-        if self._next == self._count and self.digest is None:
-            with writing(self.path):
-                self._fh.close()
-            self.digest = self._hash.hexdigest()
+        """Part ``index`` is written: append it and every later part already waiting (safe to
+        call from several threads)."""
+        with self._lock:
+            self._ready[index] = part
+            while self._next in self._ready:
+                self._append(self._ready.pop(self._next))
+                self._next += 1
+            if self._next == self._count and self.digest is None:
+                with writing(self.path):
+                    self._fh.close()
+                self.digest = self._hash.hexdigest()
 
     def _append(self, part: Written) -> None:
         check = hashlib.sha256()

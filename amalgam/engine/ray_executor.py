@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ from amalgam.writer import CheckpointWriter, ShardAssembler, ShardWriter, Writte
 T = TypeVar("T")
 UNIT_RETRIES = 3  # runs of a part's task after the first, when its worker dies
 UNIT_BYTES = 256 << 20  # inputs one task reads, by default
+ASSEMBLERS = 8  # shards the driver puts together at once
 
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -215,19 +217,24 @@ class RayRun:
             for p in self.parts
         ]
         assemblers: dict[int, ShardAssembler] = {}
+        appends: list[Future] = []
         read = 0
-        for i, r in self.map(_write_part, ctx, list(zip(self.parts, targets, strict=True))):
-            part, (nbytes, digest) = self.parts[i], r.value
-            file = units[part.unit].file
-            if part.count == 1:
-                writer.written(file, nbytes, digest)
-            else:
-                if part.unit not in assemblers:
-                    assemblers[part.unit] = writer.assembler(file, part.count)
-                written = Written(writer.part_path(file, part.index), nbytes, digest)
-                assemblers[part.unit].add(part.index, written)
-            read += r.read
-            ctx.report(r.read, part.stop - part.start)
+        # shards are put together on threads (hashing releases the GIL), several at once
+        with ThreadPoolExecutor(ASSEMBLERS, thread_name_prefix="amalgam-assemble") as pool:
+            for i, r in self.map(_write_part, ctx, list(zip(self.parts, targets, strict=True))):
+                part, (nbytes, digest) = self.parts[i], r.value
+                file = units[part.unit].file
+                if part.count == 1:
+                    writer.written(file, nbytes, digest)
+                else:
+                    if part.unit not in assemblers:
+                        assemblers[part.unit] = writer.assembler(file, part.count)
+                    written = Written(writer.part_path(file, part.index), nbytes, digest)
+                    appends.append(pool.submit(assemblers[part.unit].add, part.index, written))
+                read += r.read
+                ctx.report(r.read, part.stop - part.start)
+            for done in appends:
+                done.result()
         return read
 
     def collect(

@@ -44,8 +44,8 @@ VARIANTS = [(m, {}) for m in sorted(REGISTRY) if REGISTRY[m].statistics is None]
 
 
 # (max_shard_size, Ray unit_bytes): small shards of one part each, written whole by workers;
-# larger shards cut into parts that the driver puts together
-LAYOUTS = [(600, 256 << 20), (2000, 300)]
+# two shards, each cut into parts that the driver puts together
+LAYOUTS = [(600, 256 << 20), (700, 200)]
 
 
 @pytest.mark.slow
