@@ -24,6 +24,7 @@ import yaml
 from zoo.conftest import zoo_tiny
 
 from amalgam.engine import MergeOptions, run_merge
+from amalgam.engine.ray_executor import UNIT_RETRIES
 from amalgam.recipe import load_recipe
 from amalgam.statistics import compute_statistics
 from amalgam.zoo import Zoo
@@ -171,6 +172,7 @@ def test_a_merge_whose_workers_always_die_commits_nothing(
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and ".safetensors" in last, done.stderr[-3000:]
+    assert f"lost {UNIT_RETRIES + 1} times" in last, last  # the retries ran out
     options = cluster.s3.storage_options()
     assert left_at(out, **options)[0] == "absent"
     assert work_folders(f"s3://{BUCKET}/{tmp_path.name}", **options) == []
