@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -75,10 +76,12 @@ def upload(cluster: Cluster, paths: dict[str, Path]) -> dict[str, str]:
 
 
 def merge(cluster: Cluster, cfg: Path, output: str, executor: str, log: Path) -> dict[str, Any]:
-    """``amalgam merge`` in the head namespace: wall time, driver peak RSS, engine seconds."""
-    env = cluster.ray_env({"RAY_ADDRESS": cluster.ray_address, "TQDM_DISABLE": "1"})
+    """``amalgam merge`` in the head namespace: wall time, driver peak RSS, engine seconds,
+    the bytes each node received over its link."""
+    env = cluster.driver_env({"TQDM_DISABLE": "1"})
     args = [sys.executable, "-m", "amalgam.cli", "merge", str(cfg), "--executor", executor]
     args += ["--output", output, "--overwrite", "--device", "cpu"]
+    before = {name: node.bytes_received() for name, node in cluster.nodes.items()}
     run = speed.run_child(cluster.command("head", args), log, env)
     if run.returncode:
         raise SystemExit(f"{executor} merge failed ({log}):\n{run.output}")
@@ -87,6 +90,7 @@ def merge(cluster: Cluster, cfg: Path, output: str, executor: str, log: Path) ->
         "wall_s": run.wall_s,
         "engine_s": float(engine.group(1)) if engine else None,
         "driver_peak_rss": run.peak_rss,
+        "received": {n: node.bytes_received() - before[n] for n, node in cluster.nodes.items()},
         "files": committed(cluster, output),
     }
 
@@ -100,11 +104,12 @@ def committed(cluster: Cluster, output: str) -> dict[str, Any]:
     return record["files"]
 
 
-def measure(args: argparse.Namespace, paths: dict[str, Path], root: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, paths: dict[str, Path], root: Path, result: dict) -> None:
     """Every run of the benchmark on one cluster: the local executor first, then Ray with one
-    more worker node started before each round."""
+    more worker node started before each round. Results are written after every run."""
     runs = args.work / "scale-runs"
     runs.mkdir(parents=True, exist_ok=True)
+    stem = "scale-quick" if args.quick else "scale"
     clean_leftovers()
     cluster = Cluster(root)
     try:
@@ -115,20 +120,21 @@ def measure(args: argparse.Namespace, paths: dict[str, Path], root: Path) -> dic
             cluster.limit(name, args.cap)
         cluster.start_ray("head", 0)
         cluster.wait_nodes(1)
-        start_s = time.perf_counter() - t0
+        result["cluster_start_s"] = time.perf_counter() - t0
         inputs = upload(cluster, paths)
         cfgs = {}
         for method in METHODS:
             cfgs[method] = runs / f"{method}.yaml"
             body = recipe(method, inputs, args.max_shard_size, cluster)
             cfgs[method].write_text(yaml.safe_dump(body))
-        results: dict[str, dict[str, Any]] = {m: {} for m in METHODS}
+        results: dict[str, dict[str, Any]] = result.setdefault("results", {})
         for method, cfg in cfgs.items():
             out = f"s3://{BUCKET}/out/{method}-local"
-            results[method]["local"] = merge(
-                cluster, cfg, out, "local", runs / f"{method}-local.log"
-            )
-            print(f"{method} local: {results[method]['local']['wall_s']:.1f}s", flush=True)
+            local = merge(cluster, cfg, out, "local", runs / f"{method}-local.log")
+            results[method] = {"local": local}
+            result["shards"] = sum(name.endswith(".safetensors") for name in local["files"])
+            print(f"{method} local: {local['wall_s']:.1f}s", flush=True)
+            speed.write_results(stem, result, markdown(result))
         for n in range(1, args.nodes + 1):
             cluster.start_ray(f"w{n}", args.cpus_per_node)
             cluster.wait_nodes(n + 1)
@@ -138,9 +144,14 @@ def measure(args: argparse.Namespace, paths: dict[str, Path], root: Path) -> dic
                 run["identical"] = run["files"] == results[method]["local"]["files"]
                 results[method][key] = run
                 print(f"{method} ray x{n}: {run['wall_s']:.1f}s", flush=True)
-        return {"cluster_start_s": start_s, "results": results}
+                speed.write_results(stem, result, markdown(result))
     finally:
         cluster.close()
+
+
+def read_bound(result: dict[str, Any], nodes: int) -> float:
+    """Seconds to read every input once through ``nodes`` capped links."""
+    return result["input_bytes"] / (result["cap_mb_s"] * 1e6 * nodes)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -155,9 +166,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"with {result['cpus_per_node']} CPU each, head with none (it runs the driver only). "
         f"{result['machine']}; amalgam {result['amalgam']['commit']}.",
         "",
-        "| method | executor | nodes | wall s | engine s | speed-up (wall) | "
-        "x nodes | driver peak RSS MB | output = local |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| method | executor | nodes | wall s | engine s | read bound s | speed-up (wall) | "
+        "x nodes | GB in, driver | GB in, workers | driver peak RSS MB | output = local |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for method, runs in result["results"].items():
         base = runs["local"]["wall_s"]
@@ -166,16 +177,20 @@ def markdown(result: dict[str, Any]) -> str:
             speedup = base / r["wall_s"]
             engine = "" if r["engine_s"] is None else f"{r['engine_s']:.1f}"
             same = "(reference)" if key == "local" else ("yes" if r["identical"] else "**no**")
+            driver = r["received"]["head"]
+            workers = sum(v for name, v in r["received"].items() if name != "head")
             lines.append(
                 f"| {method} | {'local' if key == 'local' else 'ray'} | {nodes} | "
-                f"{r['wall_s']:.1f} | {engine} | {speedup:.2f} | {speedup / nodes:.2f} | "
-                f"{r['driver_peak_rss'] / 1e6:.0f} | {same} |"
+                f"{r['wall_s']:.1f} | {engine} | {read_bound(result, nodes):.0f} | "
+                f"{speedup:.2f} | {speedup / nodes:.2f} | {driver / 1e9:.2f} | "
+                f"{workers / 1e9:.2f} | {r['driver_peak_rss'] / 1e6:.0f} | {same} |"
             )
-    bound = result["input_bytes"] / (result["cap_mb_s"] * 1e6)
     lines += [
         "",
-        f"Storage bound of one node: {result['input_bytes'] / 1e9:.2f} GB / {cap:g} MB/s = "
-        f"{bound:.0f} s of reads (plus the output written back through the same link). "
+        f"Read bound: the inputs ({result['input_bytes'] / 1e9:.2f} GB) read once through "
+        f"`nodes` links of {cap:g} MB/s; the output goes back through the same links. "
+        "GB in: what the head namespace (the driver) and the worker namespaces received over "
+        "their links during the merge (S3 reads, Ray traffic). "
         f"Cluster start (bridge, namespaces, SeaweedFS, Ray head): "
         f"{result['cluster_start_s']:.0f} s.",
         "",
@@ -199,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--work", type=Path, default=speed.WORK)
     args = ap.parse_args(argv)
+    # a plain `kill` still runs the cleanup: namespaces, bridge, SeaweedFS, Ray
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     reason = namespaces_usable()
     if reason:
         raise SystemExit(f"error: the scale benchmark needs network namespaces: {reason}")
@@ -206,25 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         args.cap, args.max_shard_size = min(args.cap, 20.0), min(args.max_shard_size, 2 * 10**6)
     shape = QUICK_SHAPE if args.quick else speed.llama_shape(args.params)
     paths = speed.build_family(shape, args.experts, args.work)
-    state = speed.source_state()
-    # a short path: SeaweedFS and Ray put unix sockets in it (107-byte limit)
-    with tempfile.TemporaryDirectory(prefix="scale-", dir="/tmp") as root:
-        measured = measure(args, paths, Path(root))
-    first = next(iter(measured["results"].values()))["local"]["files"]
-    result = {
+    result: dict[str, Any] = {
         "params": shape.params,
         "shape": asdict(shape),
         "experts": args.experts,
         "input_bytes": sum(f.stat().st_size for p in paths.values() for f in speed.weight_files(p)),
         "cap_mb_s": args.cap,
         "max_shard_size": args.max_shard_size,
-        "shards": sum(name.endswith(".safetensors") for name in first),
         "cpus_per_node": args.cpus_per_node,
         "machine": speed.machine(),
-        "amalgam": state,
-        **measured,
+        "amalgam": speed.source_state(),
     }
-    speed.write_results("scale-quick" if args.quick else "scale", result, markdown(result))
+    # a short path: SeaweedFS and Ray put unix sockets in it (107-byte limit)
+    with tempfile.TemporaryDirectory(prefix="scale-", dir="/tmp") as root:
+        measure(args, paths, Path(root), result)
     broken = [
         f"{method} {key}"
         for method, runs in result["results"].items()

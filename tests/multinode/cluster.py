@@ -40,7 +40,7 @@ RAY_ENV = {
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+    return _run(["ip", *args], check=check)
 
 
 def namespaces_usable() -> str | None:
@@ -66,7 +66,8 @@ def _owner_alive(name: str) -> bool:
 
 
 def clean_leftovers() -> None:
-    """Remove namespaces (and every process in them) and links of runs whose owner is gone."""
+    """Remove namespaces (and every process in them), links and node temp dirs of runs whose
+    owner is gone."""
     for line in ip("netns", "list").stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
         if name.startswith(PREFIX) and not _owner_alive(name):
@@ -75,6 +76,19 @@ def clean_leftovers() -> None:
         name = line.split(":")[1].strip().split("@")[0]
         if name.startswith(PREFIX) and not _owner_alive(name):
             ip("link", "delete", name, check=False)
+    for folder in Path("/tmp").glob(f"{PREFIX}*"):
+        if not _owner_alive(folder.name):
+            _kill_working_in(folder)  # SeaweedFS runs on the host, in its own folder
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _kill_working_in(folder: Path) -> None:
+    """SIGKILL every process whose working directory is ``folder`` or inside it."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(proc / "cwd")).is_relative_to(folder):
+                    os.kill(int(proc.name), signal.SIGKILL)
 
 
 def _kill_all_in(ns: str) -> None:
@@ -136,6 +150,7 @@ class Cluster:
     nodes: dict[str, Node] = field(default_factory=dict)
     s3: S3Server | None = None
     start_seconds: float = 0.0
+    temp_dirs: list[Path] = field(default_factory=list)
     log_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -204,7 +219,11 @@ class Cluster:
 
     # -- S3 and Ray ---------------------------------------------------------------------------
     def start_s3(self) -> S3Server:
-        self.s3 = start_s3_server(self.root / "seaweedfs", host=self.gateway)
+        """SeaweedFS on the host, bound to the bridge address only; its data in a folder named
+        for this cluster (its working directory: what :func:`clean_leftovers` looks for)."""
+        data = Path(tempfile.mkdtemp(prefix=f"{self.tag}-s3-", dir="/tmp"))
+        self.temp_dirs.append(data)
+        self.s3 = start_s3_server(data, host=self.gateway)
         return self.s3
 
     @property
@@ -217,6 +236,12 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         env.pop("RAY_ADDRESS", None)
         return {**env, **RAY_ENV, **(extra or {})}
+
+    def driver_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of an ``amalgam`` driver as a user's shell has it: ``RAY_ADDRESS``
+        of the head, none of Ray's switches."""
+        env = {k: v for k, v in self.ray_env().items() if k not in RAY_ENV}
+        return {**env, "RAY_ADDRESS": self.ray_address, **(extra or {})}
 
     def start_ray(self, name: str, cpus: int, object_store_mb: int = 128) -> None:
         node = self.nodes[name]
@@ -297,6 +322,8 @@ class Cluster:
         if self.s3 is not None:
             self.s3.stop()
         ip("link", "delete", self.bridge, check=False)
+        for folder in self.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run(args: list[str], check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess:

@@ -95,7 +95,7 @@ def merge_on_ray(
 ) -> subprocess.CompletedProcess:
     """``amalgam merge PATH --executor ray --output OUTPUT`` as a driver in the head namespace;
     ``worker_env``: environment variables for the Ray workers of this job."""
-    extra = {"RAY_ADDRESS": cluster.ray_address, "AMALGAM_HOME": str(home)}
+    extra = {"AMALGAM_HOME": str(home)}
     if worker_env:
         job = {"runtime_env": {"env_vars": worker_env}}
         extra["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(job)
@@ -103,7 +103,7 @@ def merge_on_ray(
     return cluster.run(
         "head",
         [*args, "--output", output],
-        env=cluster.ray_env(extra),
+        env=cluster.driver_env(extra),
         cwd=REPO,
         check=False,
         timeout=300,
