@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a 4M-parameter smoke run")
     ap.add_argument("--nodes", type=int, default=3, help="the most Ray worker nodes")
     ap.add_argument("--cpus-per-node", type=int, default=1, help="Ray CPUs of a worker node")
-    ap.add_argument("--cap", type=float, default=30.0, help="each node's link, MB/s each way")
+    ap.add_argument("--cap", type=float, default=40.0, help="each node's link, MB/s each way")
     ap.add_argument(
         "--max-shard-size",
         type=int,
