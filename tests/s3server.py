@@ -44,13 +44,13 @@ def weed_binary() -> str:
     return found
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct loopback ports that were free a moment ago (all held open while choosing)."""
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """n distinct ports on ``host`` that were free a moment ago (all held open while choosing)."""
     socks = []
     try:
         for _ in range(n):
             s = socket.socket()
-            s.bind((HOST, 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -121,8 +121,10 @@ def start_s3_server(
     secret: str | None = None,
     timeout: float = 90.0,
     attempts: int = 3,
+    host: str = HOST,
 ) -> S3Server:
-    """Start `weed mini` on loopback with fresh ports and wait until S3 accepts a signed write.
+    """Start `weed mini` on ``host`` (loopback unless a test's own address is given) with fresh
+    ports and wait until S3 accepts a signed write.
 
     Retries on fresh ports when the process dies early (a port taken between choosing and
     binding); raises RuntimeError with the server's log tail when it cannot start.
@@ -132,7 +134,7 @@ def start_s3_server(
     for attempt in range(attempts):
         run_dir = Path(data_dir) / f"run{attempt}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        server = _launch(run_dir, key, secret)
+        server = _launch(run_dir, key, secret, host)
         try:
             _wait_healthy(server, timeout)
             return server
@@ -147,16 +149,16 @@ def start_s3_server(
     raise RuntimeError(error)
 
 
-def _launch(run_dir: Path, key: str, secret: str) -> S3Server:
-    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+def _launch(run_dir: Path, key: str, secret: str, host: str) -> S3Server:
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS), host), strict=True))
     log_path = run_dir / "weed.out"
     cmd = [
         weed_binary(),
         f"-logdir={run_dir}",  # a global flag: before the subcommand
         "mini",
         f"-dir={run_dir}",
-        f"-ip={HOST}",
-        f"-ip.bind={HOST}",
+        f"-ip={host}",
+        f"-ip.bind={host}",
         "-master.telemetry=false",
         "-admin.ui=false",
         "-webdav=false",
@@ -183,7 +185,7 @@ def _launch(run_dir: Path, key: str, secret: str) -> S3Server:
             start_new_session=True,  # its own process group, so stop() reaches every child
         )
     return S3Server(
-        endpoint_url=f"http://{HOST}:{ports['s3.port']}",
+        endpoint_url=f"http://{host}:{ports['s3.port']}",
         key=key,
         secret=secret,
         data_dir=run_dir,
