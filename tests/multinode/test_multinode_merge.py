@@ -40,6 +40,8 @@ EXPERTS = ["zoo_mulmod", "zoo_compare"]
 SHARD = 200_000  # three shards of a tiny-zoo merge: three Ray tasks, over both workers
 #: Bytes a worker that ran a shard downloads at least (its part of three inputs).
 UNIT_BYTES = 150_000
+#: --unit-size that cuts each shard into parts
+PART_BYTES = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +93,23 @@ def write_recipe(folder: Path, body: dict) -> Path:
 
 
 def merge_on_ray(
-    cluster: Cluster, path: Path, output: str, home: Path, worker_env: dict | None = None
+    cluster: Cluster,
+    path: Path,
+    output: str,
+    home: Path,
+    worker_env: dict | None = None,
+    unit_size: int | None = None,
 ) -> subprocess.CompletedProcess:
     """``amalgam merge PATH --executor ray --output OUTPUT`` as a driver in the head namespace;
-    ``worker_env``: environment variables for the Ray workers of this job."""
+    ``worker_env``: environment variables for the Ray workers of this job; ``unit_size``: the
+    input bytes per Ray task (default: the CLI's)."""
     extra = {"AMALGAM_HOME": str(home)}
     if worker_env:
         job = {"runtime_env": {"env_vars": worker_env}}
         extra["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(job)
     args = [sys.executable, "-m", "amalgam.cli", "merge", str(path), "--executor", "ray"]
+    if unit_size is not None:
+        args += ["--unit-size", str(unit_size)]
     return cluster.run(
         "head",
         [*args, "--output", output],
@@ -145,18 +155,32 @@ def test_every_method_family_gives_the_local_bytes_on_three_nodes(
     path = write_recipe(tmp_path, recipe(cluster, inputs, method, params))
     run = f"s3://{BUCKET}/{tmp_path.name}"
     local_merge(path, f"{run}/local")
-    before = received(cluster)
-    done = merge_on_ray(cluster, path, f"{run}/ray", tmp_path / "home")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    after = received(cluster)
-
     local = digest(cluster, f"{run}/local")
     assert sum(name.endswith(".safetensors") for name in local) >= 3, local
     assert "amalgam-commit.json" in local
-    assert digest(cluster, f"{run}/ray") == local
-    # Both workers read inputs from S3: the shards ran on more than one node.
-    for worker in ("w1", "w2"):
-        assert after[worker] - before[worker] > UNIT_BYTES, (worker, before, after)
+    # shards written whole by a task each, then shards cut into parts the driver puts together
+    for label, unit in (("shards", None), ("parts", PART_BYTES)):
+        before = received(cluster)
+        done = merge_on_ray(cluster, path, f"{run}/{label}", tmp_path / label, unit_size=unit)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        after = received(cluster)
+        assert digest(cluster, f"{run}/{label}") == local, label
+        # Both workers read inputs from S3: the tasks ran on more than one node.
+        for worker in ("w1", "w2"):
+            assert after[worker] - before[worker] > UNIT_BYTES, (label, worker, before, after)
+
+
+def test_a_local_output_on_several_nodes_is_refused_before_any_work(
+    cluster: Cluster, inputs: dict, tmp_path: Path
+) -> None:
+    """Workers on other nodes would write to their own disks: refused, naming the path."""
+    path = write_recipe(tmp_path, recipe(cluster, inputs, "task_arithmetic"))
+    out = tmp_path / "local-out"
+    done = merge_on_ray(cluster, path, str(out), tmp_path / "home")
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the Ray cluster has 3 nodes") and str(out) in last, last
+    assert not out.exists() and list(tmp_path.glob(".local-out*")) == []
 
 
 def test_a_merge_whose_workers_always_die_commits_nothing(
