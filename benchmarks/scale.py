@@ -174,8 +174,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['params'] / 1e6:.0f}M parameters ({shape['layers']} layers, hidden "
         f"{shape['hidden']}; {result['input_bytes'] / 1e9:.2f} GB of inputs), on SeaweedFS; "
         f"every node's link capped at {cap:g} MB/s each way (`tc` tbf on both veth ends); "
-        f"output shards of {result['max_shard_size'] / 1e6:.0f} MB "
-        f"({result['shards']} shards = Ray tasks with the engine measured); Ray workers "
+        f"output shards of at most {result['max_shard_size'] / 1e6:.0f} MB ({result['shards']} "
+        "shards, each cut into Ray tasks of 256 MiB of inputs); Ray workers "
         f"with {result['cpus_per_node']} CPU each, head with none (it runs the driver only). "
         f"{result['machine']}; amalgam {result['amalgam']['commit']}.",
         "",

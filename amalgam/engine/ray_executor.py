@@ -15,6 +15,7 @@ the merge itself is not retried. See docs/scale-out.md."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 from collections.abc import Callable, Iterator, Sequence
@@ -96,16 +97,23 @@ class WorkerMemory:
         return tuple(sorted(self.peaks.values(), reverse=True))
 
 
-def _opened(ctx: JobContext) -> tuple[JobContext, list[Checkpoint], list[Checkpoint]]:
+@contextlib.contextmanager
+def _opened(ctx: JobContext) -> Iterator[tuple[JobContext, list[Checkpoint], list[Checkpoint]]]:
     """On a worker: the context with its device (the CPU unless Ray gave the task a GPU, so a
-    task computes alike on any node), the inputs and statistics opened."""
+    task computes alike on any node), the inputs and statistics opened, closed after."""
     # lazy: runs on a Ray worker, where ray is imported already
     import ray
 
     device = ctx.device_name if ray.get_gpu_ids() else "cpu"
     ctx = replace(ctx, device=pick_device(device))
     so = ctx.plan.recipe.storage_options
-    return ctx, open_inputs(ctx.plan, ctx.allow_pickle, so), open_statistics(ctx.plan, so)
+    sources = open_inputs(ctx.plan, ctx.allow_pickle, so)
+    statistics = open_statistics(ctx.plan, so)
+    try:
+        yield ctx, sources, statistics
+    finally:
+        for s in sources + statistics:
+            s.close()
 
 
 def _result(value: Any, read: int) -> TaskResult:
@@ -119,16 +127,12 @@ def _result(value: Any, read: int) -> TaskResult:
 
 def _write_part(ctx: JobContext, part: UnitPart, uri: str) -> TaskResult:
     """Task: merge the part's tensors into the file at ``uri``."""
-    ctx, sources, statistics = _opened(ctx)
-    unit = ctx.plan.units[part.unit]
-    fs, path = storage.resolve(uri, **ctx.plan.recipe.storage_options)
-    span = (part.start, part.stop) if part.count > 1 else None
-    shard = ShardWriter(fs, path, unit.entries(), ctx.plan.metadata, span)
-    try:
+    with _opened(ctx) as (ctx, sources, statistics):
+        unit = ctx.plan.units[part.unit]
+        fs, path = storage.resolve(uri, **ctx.plan.recipe.storage_options)
+        span = (part.start, part.stop) if part.count > 1 else None
+        shard = ShardWriter(fs, path, unit.entries(), ctx.plan.metadata, span)
         read = run_unit(ctx, part.of(ctx.plan), sources, shard, statistics)
-    finally:
-        for s in sources + statistics:
-            s.close()
     assert shard.digest is not None  # closed by run_unit
     return _result((shard.nbytes, shard.digest), read)
 
@@ -137,23 +141,15 @@ def _collect_part(
     ctx: JobContext, part: UnitPart, pass_index: int, collector: Collector
 ) -> TaskResult:
     """Task: stream the part's merged tensors through ``collector`` (a fork)."""
-    ctx, sources, statistics = _opened(ctx)
-    try:
+    with _opened(ctx) as (ctx, sources, _):
         collect_part(ctx, collector, pass_index, sources, part)
-    finally:
-        for s in sources + statistics:
-            s.close()
     return _result(collector, 0)
 
 
 def _norm_part(ctx: JobContext, part: UnitPart, pass_: NormPass) -> TaskResult:
     """Task: each merged tensor's squared norms (see :func:`norm_terms`)."""
-    ctx, sources, statistics = _opened(ctx)
-    try:
+    with _opened(ctx) as (ctx, sources, _):
         terms = norm_terms(ctx, pass_, sources, part.of(ctx.plan).jobs)
-    finally:
-        for s in sources + statistics:
-            s.close()
     return _result(terms, 0)
 
 
