@@ -453,7 +453,7 @@ class Registry:
         owner = {OWNER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
         run = self.client.create_run(experiment_id, run_name=run_name, tags=owner)
         run_id = run.info.run_id
-        try:
+        with self.finishing(run_id):
             self._log_recipe_run(run_id, recipe, all_tags, report.metrics() if report else {})
             if report is not None:
                 self.client.log_text(run_id, report.model_dump_json(indent=1), REPORT_ARTIFACT)
@@ -463,10 +463,6 @@ class Registry:
             if log_model and merged_uri:
                 with local_model(merged_uri, **dict(storage_options or {})) as folder:
                     self.client.log_artifacts(run_id, str(folder), MODEL_DIR)
-            self.client.set_terminated(run_id, "FINISHED")
-        except BaseException as exc:
-            self.fail_run(run_id, exc)
-            raise
         return run_id
 
     def close_dead_runs(self, experiment_id: str) -> None:
@@ -481,6 +477,17 @@ class Registry:
                 with contextlib.suppress(Exception):
                     self.client.set_tag(run.info.run_id, FAILURE_TAG, reason)
                     self.client.set_terminated(run.info.run_id, "KILLED")
+
+    @contextlib.contextmanager
+    def finishing(self, run_id: str) -> Iterator[None]:
+        """Run ``run_id`` ends FINISHED with the block, or FAILED with the reason when it
+        raises (the error goes on)."""
+        try:
+            yield
+        except BaseException as exc:
+            self.fail_run(run_id, exc)
+            raise
+        self.client.set_terminated(run_id, "FINISHED")
 
     def fail_run(self, run_id: str, exc: BaseException) -> None:
         """Mark ``run_id`` FAILED with the reason in its ``amalgam.failure`` tag, as far as the
@@ -568,7 +575,7 @@ class Registry:
             tags={SWEEP_TAG: "true", SWEEP_TAG + ".metric": metric},
         )
         run_id = run.info.run_id
-        try:
+        with self.finishing(run_id):
             table = {k: [r[k] for r in rows] for k in rows[0]}
             self.client.log_table(run_id, table, "leaderboard.json")
             self.client.log_text(run_id, json.dumps(grid, indent=1), "grid.json")
@@ -580,10 +587,6 @@ class Registry:
             compact = json.dumps(grid, separators=(",", ":"), ensure_ascii=False)
             grid_hash = hashlib.sha256(compact.encode()).hexdigest()[:16]
             self.client.log_param(run_id, "grid_hash", grid_hash)
-            self.client.set_terminated(run_id, "FINISHED")
-        except BaseException as exc:
-            self.fail_run(run_id, exc)
-            raise
         return run_id
 
     def log_batch(
@@ -603,17 +606,13 @@ class Registry:
         experiment_id = self.experiment_id(experiment)
         run = self.client.create_run(experiment_id, run_name="batch", tags={BATCH_TAG: "true"})
         run_id = run.info.run_id
-        try:
+        with self.finishing(run_id):
             table = redact_uris({k: [r[k] for r in rows] for k in rows[0]} if rows else {})
             self.client.log_table(run_id, table, "batch.json")
             for key, value in totals.items():
                 self.client.log_metric(run_id, key, float(value))
             for item, recipe in zip(items, recipes, strict=True):
                 self._log_batch_item(experiment_id, run_id, item, recipe)
-            self.client.set_terminated(run_id, "FINISHED")
-        except BaseException as exc:
-            self.fail_run(run_id, exc)
-            raise
         return run_id
 
     def _log_batch_item(
