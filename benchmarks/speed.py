@@ -315,7 +315,7 @@ from amalgam.recipe import load_recipe
 from amalgam.storage import amalgam_home
 recipe = load_recipe(sys.argv[1])
 imported = time.perf_counter() - start
-executor = sys.argv[3]
+executor = sys.argv[3] if len(sys.argv) > 3 else "local"
 ray_start = time.perf_counter()
 if executor == "ray":  # a running cluster is what users merge on: its start is timed apart
     from amalgam.engine.ray_executor import ensure_ray
