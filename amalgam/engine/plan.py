@@ -21,7 +21,6 @@ from amalgam.methods.base import MergeFn, Method, TensorParams
 from amalgam.methods.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
 from amalgam.methods.params import layer_index, resolve_params
 from amalgam.recipe import Recipe
-from amalgam.writer import shard_header
 
 T = TypeVar("T")
 
@@ -67,15 +66,13 @@ class WorkUnit:
 class UnitPart:
     """A run of consecutive tensors of one shard (jobs ``start:stop`` of ``plan.units[unit]``):
     one Ray task's work. Part 0 holds the shard's header; the parts of a shard, in order, are
-    the shard's bytes (``offset``: where this part's bytes start in the shard file)."""
+    the shard's bytes."""
 
     unit: int
     index: int
     count: int  # parts of this shard
     start: int
     stop: int
-    offset: int
-    nbytes: int  # this part's bytes in the shard file
 
     def of(self, plan: Plan) -> WorkUnit:
         """This part's tensors, under its shard's file name."""
@@ -91,7 +88,6 @@ def split_parts(
     The cut depends on the plan and ``unit_bytes`` alone, so every executor cuts alike."""
     parts: list[UnitPart] = []
     for u, unit in enumerate(plan.units):
-        header = len(shard_header(unit.entries(), plan.metadata))
         cuts, read = [0], 0
         for i, job in enumerate(unit.jobs[:-1], 1):
             read += input_bytes(job)
@@ -99,11 +95,8 @@ def split_parts(
                 cuts.append(i)
                 read = 0
         cuts.append(len(unit.jobs))
-        offset = 0
         for k, (start, stop) in enumerate(itertools.pairwise(cuts)):
-            size = sum(j.nbytes for j in unit.jobs[start:stop]) + (header if k == 0 else 0)
-            parts.append(UnitPart(u, k, len(cuts) - 1, start, stop, offset, size))
-            offset += size
+            parts.append(UnitPart(u, k, len(cuts) - 1, start, stop))
     return parts
 
 

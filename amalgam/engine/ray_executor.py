@@ -130,7 +130,7 @@ def _write_part(ctx: JobContext, part: UnitPart, uri: str) -> TaskResult:
     with _opened(ctx) as (ctx, sources, statistics):
         unit = ctx.plan.units[part.unit]
         fs, path = storage.resolve(uri, **ctx.plan.recipe.storage_options)
-        span = (part.start, part.stop) if part.count > 1 else None
+        span = (part.start, part.stop)
         shard = ShardWriter(fs, path, unit.entries(), ctx.plan.metadata, span)
         read = run_unit(ctx, part.of(ctx.plan), sources, shard, statistics)
     assert shard.digest is not None  # closed by run_unit
@@ -191,8 +191,7 @@ class RayRun:
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayError as exc:
-                for ref in pending:
-                    ray.cancel(ref)
+                _stop(ray, list(pending))
                 raise _task_error(ray, exc, self._describe(args[i])) from None
             self.memory.add(result)
             yield i, result
@@ -253,6 +252,16 @@ class RayRun:
         args = [(p, pass_) for p in self.parts]
         by_part = {i: r.value for i, r in self.map(_norm_part, ctx, args)}
         return sum_norms(t for i in sorted(by_part) for t in by_part[i])
+
+
+def _stop(ray: Any, refs: list[Any]) -> None:
+    """End the tasks of ``refs`` and wait for them: none may still write into a staging folder
+    the caller is about to remove, nor leave an unread error for Ray to print at exit."""
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    for ref in refs:
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(ref)
 
 
 def run_task(fn: Callable[..., T], *args: Any, gpu: bool, what: str, **kwargs: Any) -> T:
