@@ -50,9 +50,13 @@ def accuracy(correct: Sequence[bool]) -> float:
     return sum(map(bool, correct)) / len(correct)
 
 
-def normalized_accuracy(acc: float, expert_acc: float) -> float | None:
-    """acc / expert_acc; None when the expert scores 0 (the ratio is undefined)."""
-    return acc / expert_acc if expert_acc > 0 else None
+def normalized_accuracy(
+    acc: float, expert_acc: float, higher_is_better: bool = True
+) -> float | None:
+    """acc / expert_acc (expert_acc / acc for a lower-is-better score such as perplexity, so
+    that 1 means "as good as the expert" either way); None when the ratio is undefined."""
+    num, den = (acc, expert_acc) if higher_is_better else (expert_acc, acc)
+    return num / den if den > 0 else None
 
 
 def mean_defined(values: Iterable[float | None]) -> float | None:

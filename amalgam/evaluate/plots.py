@@ -67,17 +67,18 @@ def write_plots(report: EvalReport, out: Path) -> list[Path]:
             "normalized accuracy",
         )
     )
-    if report.flips is not None:
+    if report.flips:
         flips = report.flips
+        flipped = [t for t in tasks if t in flips]
         files.append(
             _bars(
                 out / "negative_flips.png",
-                tasks,
+                flipped,
                 {
                     "negative (champion right, candidate wrong)": [
-                        flips[t].negative_flip_rate for t in tasks
+                        flips[t].negative_flip_rate for t in flipped
                     ],
-                    "positive": [flips[t].positive_flip_rate for t in tasks],
+                    "positive": [flips[t].positive_flip_rate for t in flipped],
                 },
                 "flips against the champion",
                 "share of examples",

@@ -64,7 +64,7 @@ class EvalReport(BaseModel):
         for task in self.tasks:
             out[f"accuracy.{task}"] = self.accuracy[task]
             out[f"normalized_accuracy.{task}"] = self.normalized_accuracy.get(task)
-            if self.flips is not None:
+            if self.flips is not None and task in self.flips:
                 out[f"negative_flip_rate.{task}"] = self.flips[task].negative_flip_rate
                 out[f"positive_flip_rate.{task}"] = self.flips[task].positive_flip_rate
         if self.compressed is not None:
@@ -170,7 +170,9 @@ def build_report(
     experts = dict(experts or {})
     acc = {t: candidate.tasks[t].accuracy for t in tasks}
     normalized = {
-        t: metric.normalized_accuracy(acc[t], experts[t].tasks[t].accuracy)
+        t: metric.normalized_accuracy(
+            acc[t], experts[t].tasks[t].accuracy, candidate.tasks[t].higher_is_better
+        )
         if t in experts
         else None
         for t in tasks
@@ -192,9 +194,12 @@ def build_report(
     )
     if champion is not None:
         report.flips = {
-            t: metric.flips(champion.tasks[t].correct, candidate.tasks[t].correct, t) for t in tasks
+            t: metric.flips(champion.tasks[t].correct, candidate.tasks[t].correct, t)
+            for t in tasks
+            if candidate.tasks[t].correct
         }
-        report.negative_flip_rate = metric.pooled_negative_flip_rate(report.flips)
+        if report.flips:
+            report.negative_flip_rate = metric.pooled_negative_flip_rate(report.flips)
     if base is not None and candidate.nll is not None and base.nll is not None:
         if candidate.tokens != base.tokens:
             raise EvaluationError(

@@ -24,10 +24,18 @@ if TYPE_CHECKING:
 
 
 class TaskResult(BaseModel):
-    """One model on one task: accuracy and each example's correctness, in record order."""
+    """One model on one task: its score and each example's correctness, in record order.
+
+    ``accuracy`` holds the task's primary score, named by ``metric`` (``acc`` for multiple
+    choice, ``exact_match`` for generation, ``ndcg@10`` for retrieval...); ``higher_is_better``
+    is False for perplexity-like scores. ``correct`` is empty where the metric has no
+    per-example pass or fail (perplexity, correlations): such a task has no flips.
+    """
 
     accuracy: float
     correct: list[bool]
+    metric: str = "acc"
+    higher_is_better: bool = True
 
 
 class ModelResult(BaseModel):
