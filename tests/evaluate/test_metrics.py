@@ -9,7 +9,7 @@ import pytest
 from amalgam.evaluate import metrics
 from amalgam.evaluate.metrics import MetricError
 from amalgam.evaluate.report import build_report
-from amalgam.evaluate.score import ModelResult
+from amalgam.evaluate.score import ModelResult, TaskResult
 
 T, F = True, False
 # Per-example correctness on two tasks (8 and 5 examples).
@@ -86,3 +86,23 @@ def test_report_without_champion_or_experts_leaves_those_metrics_out() -> None:
     assert report.flips is None and report.negative_flip_rate is None
     assert report.normalized_accuracy == {"sort": None}
     assert set(report.metrics()) == {"mean_accuracy", "accuracy.sort"}
+
+
+def test_a_lower_is_better_score_normalizes_the_other_way_and_has_no_flips() -> None:
+    assert metrics.normalized_accuracy(20.0, 16.0, higher_is_better=False) == 0.8
+
+    def result(uri: str, ppl: float) -> ModelResult:
+        model = ModelResult.from_correct(uri, {"sort": CANDIDATE["sort"]})
+        model.tasks["text"] = TaskResult(
+            accuracy=ppl, correct=[], metric="word_perplexity", higher_is_better=False
+        )
+        return model
+
+    candidate, champion = result("cand", 20.0), result("champ", 18.0)
+    report = build_report(
+        ["sort", "text"], candidate, experts={"text": result("exp", 16.0)}, champion=champion
+    )
+    assert report.normalized_accuracy["text"] == 0.8
+    assert report.flips is not None and set(report.flips) == {"sort"}
+    assert report.negative_flip_rate == report.flips["sort"].negative_flip_rate
+    assert "negative_flip_rate.text" not in report.metrics()
