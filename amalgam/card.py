@@ -27,6 +27,7 @@ from amalgam.recipe import redact_uri, redact_uris
 if TYPE_CHECKING:
     from amalgam.evaluate.report import EvalReport
     from amalgam.recipe import Gates
+    from amalgam.registry import Registry
 
 CARD_FILE = "README.md"
 
@@ -96,7 +97,7 @@ def merge_details(recipe: dict[str, Any], parents: Mapping[str, tuple[str, str]]
         "The amalgam recipe that made this model (storage options left out):",
         "",
         "```yaml",
-        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+        yaml.safe_dump(recipe, sort_keys=True).rstrip(),
         "```",
         "",
     ]
@@ -154,7 +155,7 @@ def gate_lines(facts: CardFacts) -> list[str]:
     checked = facts.gates.model_dump(exclude_none=True, exclude={"floor_metric"})
     if not checked:
         return [*lines, f"No gate is set ({facts.gates_source})."]
-    lines += [f"Checked at registration against {facts.gates_source}:", ""]
+    lines += [f"Checked against {facts.gates_source}:", ""]
     for gate, bound in checked.items():
         failed = [f for f in facts.failures if f.startswith(f"{gate}:")]
         lines.append(
@@ -190,3 +191,25 @@ def write_card(folder: str, text: str, **storage_options: Any) -> str:
     with storage.store_errors(path):
         fs.pipe_file(path, text.encode())
     return path
+
+
+def registered_card(registry: Registry, name: str, version: str) -> tuple[str, str | None]:
+    """The card of a registered version (a number or an alias) from what its run recorded
+    (recipe, parents, content hash, report), its gates checked now against the registry's
+    policy; and the merged output the run recorded (None if none)."""
+    from amalgam.registry import CONTENT_TAG, check_gates  # lazy: mlflow
+
+    lineage = registry.lineage(name, version)
+    report = registry.report(lineage.run_id)
+    policy = registry.policy(name)
+    facts = CardFacts(
+        name=name,
+        recipe=lineage.recipe,
+        content_hash=lineage.tags.get(CONTENT_TAG, ""),
+        parents={label: (p.uri, p.hash) for label, p in lineage.parents.items()},
+        report=report,
+        gates=policy.gates if policy else None,
+        failures=check_gates(report, policy.gates) if report and policy else [],
+        gates_source=f"the registry's policy now ({policy.source})" if policy else "",
+    )
+    return render_card(facts), lineage.merged_uri

@@ -4,6 +4,7 @@ Hub parses, mergekit's headings, the evaluation table, the gates; the model stay
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import ModelCard
 
@@ -14,14 +15,14 @@ from amalgam.engine import MergeOptions
 from amalgam.evaluate.report import build_report
 from amalgam.evaluate.score import ModelResult
 from amalgam.recipe import parse_recipe
-from amalgam.registry import Registry
+from amalgam.registry import Registered, Registry
 from amalgam.stages import execute
 from amalgam.stages.fetch import FetchInput, FetchStage
-from amalgam.stages.merge import MergeInput, MergeStage
+from amalgam.stages.merge import Merged, MergeInput, MergeStage
 from amalgam.stages.register import RegisterInput, RegisterStage
 from amalgam.storage import resolve
 from amalgam.writer import intact
-from tests.helpers import family, recipe_dict
+from tests.helpers import family, recipe_dict, run_cli
 
 T, F = True, False
 
@@ -99,14 +100,37 @@ def test_register_writes_a_card_the_hub_parses(tmp_path: Path) -> None:
     assert registered_card.read_text() == card_path.read_text()
 
 
-def test_a_card_without_evaluation_says_so(tmp_path: Path) -> None:
+def test_the_card_command_rewrites_a_card_from_the_registry(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    merged, _ = register_bare(tmp_path, tracking)
+    card_path = Path(merged.output) / CARD_FILE
+    written = card_path.read_text()
+    card_path.unlink()
+    uri = ["--tracking-uri", tracking]
+    code, out, err = run_cli(["card", "bare", "1", *uri], monkeypatch, capsys)
+    assert code == 0, err
+    assert out.strip() == str(card_path)
+    assert card_path.read_text() == written  # rebuilt from the run's records alone
+    assert ModelCard.load(card_path).data.tags == ["merge", "amalgam", "task_arithmetic"]
+    code, _, err = run_cli(["card", "bare", "9", *uri], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: bare@9: no such model version")
+
+
+def register_bare(tmp_path: Path, tracking: str, **register: Any) -> tuple[Merged, Registered]:
+    """A task-arithmetic merge of one expert registered as ``bare``, without evaluation."""
     base, experts = family(tmp_path / "in", n=1)
     data = recipe_dict(base, experts, "task_arithmetic", tmp_path / "merged")
-    data["register"] = {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "model_name": "bare"}
+    data["register"] = {"tracking_uri": tracking, "model_name": "bare", **register}
     recipe = parse_recipe(data)
     inputs = execute(FetchStage(), FetchInput(recipe)).models
     merged = execute(MergeStage(), MergeInput(recipe, MergeOptions(), inputs))
-    execute(RegisterStage(), RegisterInput(recipe, merged, inputs))
+    return merged, execute(RegisterStage(), RegisterInput(recipe, merged, inputs))
+
+
+def test_a_card_without_evaluation_says_so(tmp_path: Path) -> None:
+    merged, _ = register_bare(tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
     card = ModelCard.load(Path(merged.output) / CARD_FILE)
     assert card.data.eval_results is None
     assert "Not evaluated (the recipe has no evaluate section)." in card.text

@@ -57,9 +57,9 @@ def card_text(registry: Registry, inp: RegisterInput, parents: dict[str, tuple[s
     the recipe's when the model is new (they then become its policy)."""
     policy = registry.policy(inp.spec.model_name)
     if policy is not None:
-        gates, source = policy.gates, f"the registry's policy ({policy.source})"
+        gates, source = policy.gates, f"the registry's policy at registration ({policy.source})"
     else:
-        gates, source = inp.spec.gates, "the recipe's gates (the policy of a new model)"
+        gates, source = inp.spec.gates, "the recipe's gates, the policy of this new model"
     facts = CardFacts(
         name=inp.spec.model_name,
         recipe=recipe_record(inp.recipe),
@@ -76,7 +76,10 @@ def card_text(registry: Registry, inp: RegisterInput, parents: dict[str, tuple[s
 class RegisterStage(Stage[RegisterInput, Registered]):
     """A model already registered under the name with the same content hash is not registered
     again: that version gets the ``candidate`` alias (unless it is champion). Lookup and
-    registration hold the registry's lock, so two runs with one model register it once."""
+    registration hold the registry's lock, so two runs with one model register it once. Before
+    the run is logged, a model card (``README.md``, :mod:`amalgam.card`) is written into the
+    merged output, so the registered model carries it; the card is not part of the content
+    hash."""
 
     name = "register"
 
