@@ -9,7 +9,10 @@ from pathlib import Path
 from statistics import mean
 
 import pytest
+from huggingface_hub import ModelCard
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from recipes import nightly_config
 
 from amalgam.pipeline_config import NightlyConfig
@@ -53,6 +56,7 @@ def test_nightly_forgetting_over_three_nights_and_its_gate(
     client = MlflowClient(tracking_uri)
 
     champions: list[dict[str, float]] = []
+    shown: list[str] = []  # lines the nights' forgetting reports must hold
     for night, expert in enumerate(NIGHTS):
         shutil.copytree(zoo_tiny.experts[expert], drop / expert)
         result = nightly(config)
@@ -81,7 +85,26 @@ def test_nightly_forgetting_over_three_nights_and_its_gate(
         column = history["columns"].index("version")
         assert [row[column] for row in history["data"]] == [str(v + 1) for v in range(night)]
         assert json.loads(run.data.tags["amalgam.expert_tasks"]) == [expert]
+        if night:  # the flow's markdown artifact and the model card show the same figures
+            shown.append(f"BWT: {bwt:+.4f}; max forgetting: {max(forgetting.values()):+.4f}")
+            shown += [
+                f"| {t} | {max(c[t] for c in champions):.4f} ("
+                f"{1 + max(range(night), key=lambda i, t=t: (champions[i][t], -i))}) | "
+                f"{now[t]:.4f} | {f:+.4f} |"
+                for t, f in forgetting.items()
+            ]
+            card = ModelCard.load(Path(registry.model_path("zoo", result.version)) / "README.md")
+            assert f"- backward transfer (BWT): {bwt:.4f}" in card.text
+            assert f"| champion (version {night}) |" in card.text
         champions.append(now)
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["forgetting"]))
+        )
+    texts = [a.data for a in found]
+    assert len(texts) == 3 and "Champions so far: none yet. BWT: undefined" in "".join(texts)
+    for line in shown:
+        assert any(line in text for text in texts), line
 
     # a fourth expert arrives under a policy that lets no task lose ground to the chain
     assert max(forgetting.values()) > 0, "the tiny zoo's chain should forget some task"
