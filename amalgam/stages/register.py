@@ -54,12 +54,12 @@ class RegisterInput:
 
 def card_text(registry: Registry, inp: RegisterInput, parents: dict[str, tuple[str, str]]) -> str:
     """The model card of ``inp``'s merge: its gates are the registry's policy for the name, or
-    the recipe's when the model is new (they then become its policy)."""
+    the recipe's while the registry has none (a new model's registration makes them its policy)."""
     policy = registry.policy(inp.spec.model_name)
     if policy is not None:
         gates, source = policy.gates, f"the registry's policy at registration ({policy.source})"
     else:
-        gates, source = inp.spec.gates, "the recipe's gates, the policy of this new model"
+        gates, source = inp.spec.gates, "the recipe's gates (the registry has no policy for it yet)"
     facts = CardFacts(
         name=inp.spec.model_name,
         recipe=recipe_record(inp.recipe),

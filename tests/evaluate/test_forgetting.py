@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from amalgam.evaluate.forgetting import ChampionStep, measure_forgetting
-from amalgam.evaluate.report import build_report
+from amalgam.evaluate.report import EvalReport, build_report
 from amalgam.evaluate.score import ModelResult
 from amalgam.recipe import Gates
 from amalgam.registry import check_gates
@@ -70,6 +70,7 @@ def chained_report(candidate: dict[str, list[bool]]):
 def test_forgetting_gates_name_the_task_and_figures() -> None:
     rep = chained_report({"a": [T, F, F, F], "b": [T, T, T, T]})  # a 0.25, b 1.0
     assert rep.metrics()["forgetting.a"] == pytest.approx(0.55)
+    assert EvalReport.model_validate_json(rep.model_dump_json()) == rep  # as stored in MLflow
     assert check_gates(rep, Gates(max_forgetting=0.6, min_bwt=-0.3)) == []
     assert check_gates(rep, Gates(max_forgetting=0.5)) == [
         "max_forgetting: task a forgetting 0.5500 > 0.5 (best 0.8000 in champion version 1, "
