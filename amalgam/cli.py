@@ -1,8 +1,9 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
 decompress, permute, align (connectivity report), extract-lora, transplant (a donor's tokenizer),
-policy (the registry's promotion gates), batch (many recipes on one Ray cluster). The
-orchestration layer adds the pipeline commands (run, nightly, sweep, promote, serve) to this
-``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
+policy (the registry's promotion gates), card (a registered model's Hugging Face card), batch
+(many recipes on one Ray cluster). The orchestration layer adds the pipeline commands (run,
+nightly, sweep, promote, serve) to this ``app`` in ``flows/cli.py``, the ``amalgam`` entry
+point."""
 
 from __future__ import annotations
 
@@ -627,6 +628,30 @@ def policy(
         if found is None:
             raise AmalgamError(f"{name}: no promotion policy in the registry")
     print(json.dumps({"name": name, **found.as_dict()}, indent=2))
+
+
+@app.command()
+def card(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="version number or alias")] = "champion",
+    output: Annotated[
+        str | None,
+        typer.Option(help="model folder to write README.md into (default: the recorded output)"),
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+    storage_options: StorageOpt = None,
+) -> None:
+    """(Re)write the Hugging Face model card (README.md) of a registered version from what its
+    run recorded, its gates checked against the registry's policy now."""
+    # lazy: the registry imports mlflow, which takes over a second
+    from amalgam.card import registered_card, write_card
+    from amalgam.registry import Registry
+
+    text, recorded = registered_card(Registry(tracking_uri), name, version)
+    folder = output or recorded
+    if folder is None:
+        raise AmalgamError(f"{name}@{version}: its run records no output folder; give --output")
+    print(write_card(folder, text, **_storage(storage_options)))
 
 
 @app.command()

@@ -12,11 +12,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions
 from amalgam.engine.continual import absorbed_hashes
-from amalgam.evaluate.report import EvalReport
+from amalgam.evaluate.forgetting import Forgetting
+from amalgam.evaluate.report import REPORT_FILE, EvalReport
 from amalgam.fetch import FetchedModel
 from amalgam.pipeline_config import NightlyConfig, load_nightly_config
 from amalgam.recipe import Recipe
@@ -39,14 +41,38 @@ class NightlyResult:
     version: str | None = None
     champion: str | None = None
     failures: list[str] = field(default_factory=list)
+    forgetting: dict[str, Any] | None = None  # Forgetting.model_dump() of the candidate
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def report(self) -> base.StageReport:
-        return base.StageReport(
-            markdown={"nightly": f"### nightly: {self.status}\n\n{self.message}"}
-        )
+        markdown = {"nightly": f"### nightly: {self.status}\n\n{self.message}"}
+        if self.forgetting is not None:
+            markdown["forgetting"] = forgetting_markdown(Forgetting.model_validate(self.forgetting))
+        return base.StageReport(markdown=markdown)
+
+
+def forgetting_markdown(found: Forgetting) -> str:
+    """The candidate's forgetting per task and its BWT against the champion chain."""
+    versions = ", ".join(s.version for s in found.history) or "none yet"
+    lines = [
+        "### Forgetting against the champion chain",
+        "",
+        f"Champions so far: {versions}. BWT: {_signed(found.bwt)}; max forgetting: "
+        f"{_signed(found.max_forgetting)}; mean forgetting: {_signed(found.mean_forgetting)}.",
+    ]
+    if found.tasks:
+        lines += ["", "| task | best (version) | now | forgetting |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {t} | {f.best:.4f} ({f.best_version}) | {f.now:.4f} | {f.forgetting:+.4f} |"
+            for t, f in found.tasks.items()
+        ]
+    return "\n".join(lines)
+
+
+def _signed(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:+.4f}"
 
 
 @dataclass(frozen=True)
@@ -116,11 +142,25 @@ def run_nightly(
     if unchanged is not None:
         return said(unchanged)
     job = evaluate.EvaluateInput(recipe, merged.output, champion.uri, champion.version)
-    report = runner(evaluate.EvaluateStage(runner), job)
+    report = with_history(runner(evaluate.EvaluateStage(runner), job), registry, name, merged)
     extra = {"champion": (champion.uri, champion.content_hash)} if champion.uri else {}
     entry = register.RegisterInput(recipe, merged, inputs, report, extra_parents=extra)
     registered = runner(register.RegisterStage(), entry)
-    return said(promoted(registry, name, registered.version, report, labels, merged, champion))
+    result = promoted(registry, name, registered.version, report, labels, merged, champion)
+    result.forgetting = report.forgetting.model_dump(mode="json") if report.forgetting else None
+    return said(result)
+
+
+def with_history(
+    report: EvalReport, registry: Registry, name: str, merged: merge.Merged
+) -> EvalReport:
+    """The report with the candidate's forgetting and BWT against the champion chain read from
+    the registry (:meth:`Registry.champion_history`), rewritten where the evaluate stage kept it."""
+    report = report.with_history(registry.champion_history(name))
+    path = evaluate.report_dir(merged.content_hash) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.model_dump_json(indent=1))
+    return report
 
 
 def absorb(

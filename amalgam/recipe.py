@@ -276,12 +276,17 @@ class EvaluateSpec(_Strict):
 
 
 class Gates(_Strict):
-    """Promotion gates: every task at or above its floor, few negative flips, no collapse."""
+    """Promotion gates: every task at or above its floor, few negative flips, no collapse, and
+    (nightly) little forgetting along the champion chain: ``max_forgetting`` bounds each task's
+    forgetting (one bound for every task, or a bound per named task), ``min_bwt`` the backward
+    transfer (see :mod:`amalgam.evaluate.forgetting`; scores are fractions, 0.05 = 5 points)."""
 
     task_floor: float | dict[str, float] | None = None
     floor_metric: Literal["normalized_accuracy", "accuracy"] = "normalized_accuracy"
     max_negative_flip_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     max_perplexity_ratio: float | None = Field(default=None, gt=0.0)
+    max_forgetting: float | dict[str, float] | None = None
+    min_bwt: float | None = None
 
 
 class RegisterSpec(_Strict):

@@ -54,6 +54,7 @@ import yaml
 
 from amalgam import storage
 from amalgam.errors import AmalgamError, RecipeError
+from amalgam.evaluate.forgetting import ChampionStep
 from amalgam.evaluate.report import EvalReport
 from amalgam.evaluate.score import local_model
 from amalgam.recipe import REDACTED, Gates, redact_uri, redact_uris
@@ -74,11 +75,13 @@ FAILURE_TAG = TAG + "failure"  # on a FAILED or KILLED run: why it failed
 OWNER_TAG = TAG + "owner"  # on a run: host:pid of the process logging it
 POLICY_TAG = TAG + "policy"  # on a registered model: the gates that decide its promotions
 POLICY_SOURCE_TAG = POLICY_TAG + ".source"
+EXPERTS_TAG = TAG + "expert_tasks"  # on a run: JSON list of the tasks whose experts it merged
 SWEEP_TAG = TAG + "sweep"
 BATCH_TAG = TAG + "batch"
 RECIPE_ARTIFACT = "recipe/recipe.yaml"
 REPORT_DIR = "report"
 REPORT_ARTIFACT = f"{REPORT_DIR}/report.json"
+HISTORY_ARTIFACT = f"{REPORT_DIR}/champion_history.json"
 MODEL_DIR = "model"
 MAX_TAG_CHARS = 5000
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -318,13 +321,23 @@ def lineage_tags(
     }
 
 
+def history_table(history: Sequence[ChampionStep], tasks: Sequence[str]) -> dict[str, list]:
+    """The champion chain as a column table: version, absorbed tasks, score per task."""
+    return {
+        "version": [s.version for s in history],
+        "absorbed": [", ".join(s.absorbed) for s in history],
+        **{f"accuracy.{t}": [s.scores.get(t) for s in history] for t in tasks},
+    }
+
+
 def check_gates(report: EvalReport, gates: Gates) -> list[str]:
     """Every failed gate as 'gate: task value vs bound'; an empty list means the gates pass.
 
     ``task_floor`` (one floor for every task, or a floor per named task) bounds the
     ``floor_metric`` of each task from below; ``max_negative_flip_rate`` bounds each task's
     negative flip rate against the champion (passes when there is no champion yet);
-    ``max_perplexity_ratio`` bounds PPL(candidate) / PPL(base).
+    ``max_perplexity_ratio`` bounds PPL(candidate) / PPL(base); the forgetting gates are
+    :func:`forgetting_failures`.
     """
     failures: list[str] = []
     if gates.task_floor is not None:
@@ -369,6 +382,38 @@ def check_gates(report: EvalReport, gates: Gates) -> list[str]:
                 f"{gates.max_perplexity_ratio} (candidate {report.perplexity:.4f}, "
                 f"base {report.base_perplexity:.4f})"
             )
+    return failures + forgetting_failures(report, gates)
+
+
+def forgetting_failures(report: EvalReport, gates: Gates) -> list[str]:
+    """The failed forgetting gates: ``max_forgetting`` bounds each task's forgetting against
+    the champion chain, ``min_bwt`` the backward transfer; both pass while undefined (no
+    earlier champion scored the task, no task absorbed before), and both fail on a report
+    without forgetting figures (one not measured by a nightly run)."""
+    wanted = [g for g in ("max_forgetting", "min_bwt") if getattr(gates, g) is not None]
+    found = report.forgetting
+    if found is None:
+        return [
+            f"{g}: the report has no forgetting figures (a nightly run measures them)"
+            for g in wanted
+        ]
+    failures: list[str] = []
+    if gates.max_forgetting is not None:
+        bounds = (
+            dict(gates.max_forgetting)
+            if isinstance(gates.max_forgetting, dict)
+            else dict.fromkeys(found.tasks, gates.max_forgetting)
+        )
+        for task, bound in bounds.items():
+            f = found.tasks.get(task)
+            if f is not None and f.forgetting > bound:
+                failures.append(
+                    f"max_forgetting: task {task} forgetting {f.forgetting:.4f} > {bound} "
+                    f"(best {f.best:.4f} in champion version {f.best_version}, now {f.now:.4f})"
+                )
+    if gates.min_bwt is not None and found.bwt is not None and found.bwt < gates.min_bwt:
+        over = ", ".join(f"{t} (absorbed in version {v})" for t, v in found.absorbed_at.items())
+        failures.append(f"min_bwt: backward transfer {found.bwt:.4f} < {gates.min_bwt} over {over}")
     return failures
 
 
@@ -446,8 +491,10 @@ class Registry:
         exp = experiment or (recipe.register.experiment if recipe.register else "amalgam")
         all_tags = {**lineage_tags(recipe, parents, merged_uri), **dict(tags or {})}
         all_tags = {k: redact_uri(str(v)) for k, v in all_tags.items()}
-        if report is not None and report.champion_version is not None:
-            all_tags[TAG + "champion_version"] = report.champion_version
+        if report is not None:
+            all_tags[EXPERTS_TAG] = json.dumps(sorted(report.experts))
+            if report.champion_version is not None:
+                all_tags[TAG + "champion_version"] = report.champion_version
         experiment_id = self.experiment_id(exp)
         self.close_dead_runs(experiment_id)
         owner = {OWNER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
@@ -457,6 +504,9 @@ class Registry:
             self._log_recipe_run(run_id, recipe, all_tags, report.metrics() if report else {})
             if report is not None:
                 self.client.log_text(run_id, report.model_dump_json(indent=1), REPORT_ARTIFACT)
+                if report.forgetting is not None:
+                    table = history_table(report.forgetting.history, report.tasks)
+                    self.client.log_table(run_id, table, HISTORY_ARTIFACT)
             for path in artifacts:
                 if report is None or Path(path).name != Path(REPORT_ARTIFACT).name:
                     self.client.log_artifact(run_id, str(path), REPORT_DIR)
@@ -805,6 +855,31 @@ class Registry:
             metrics=dict(run.data.metrics),
             tags=tags,
         )
+
+    def champion_history(self, name: str) -> list[ChampionStep]:
+        """Every version of ``name`` promoted to champion (its run records the outcome
+        ``promoted``), by version number: its ``accuracy.<task>`` metrics and the tasks whose
+        experts it merged (:data:`EXPERTS_TAG`). Empty before the first promotion."""
+        # lazy: mlflow takes over a second to import
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            return []
+        steps = []
+        for mv in sorted(versions, key=lambda v: int(v.version)):
+            run = self.client.get_run(mv.run_id)
+            if run.data.tags.get(PROMOTION_TAG) != "promoted":
+                continue
+            scores = {
+                k.removeprefix("accuracy."): v
+                for k, v in run.data.metrics.items()
+                if k.startswith("accuracy.")
+            }
+            absorbed = json.loads(run.data.tags.get(EXPERTS_TAG, "[]"))
+            steps.append(ChampionStep(version=str(mv.version), scores=scores, absorbed=absorbed))
+        return steps
 
     # -- promotion policy -------------------------------------------------------------------
     def policy(self, name: str) -> Policy | None:

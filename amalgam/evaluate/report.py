@@ -7,13 +7,14 @@ against the base. ``write_report`` writes ``report.json`` and PNG plots.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from amalgam.evaluate import metrics as metric
+from amalgam.evaluate.forgetting import ChampionStep, Forgetting, measure_forgetting
 from amalgam.evaluate.plots import write_plots
 from amalgam.evaluate.score import ModelResult, score_model
 from amalgam.evaluate.taskdir import EvaluationError, check_tasks, list_tasks
@@ -46,6 +47,7 @@ class EvalReport(BaseModel):
     base_perplexity: float | None = None
     perplexity_ratio: float | None = None
     compressed: ModelResult | None = None  # the compress stage's copy, decompressed
+    forgetting: Forgetting | None = None  # against the champion chain (nightly)
 
     def negative_flip_rates(self) -> dict[str, float] | None:
         if self.flips is None:
@@ -71,7 +73,16 @@ class EvalReport(BaseModel):
             scores = [self.compressed.tasks[t].accuracy for t in self.tasks]
             out["compressed.mean_accuracy"] = sum(scores) / len(scores)
             out |= {f"compressed.accuracy.{t}": a for t, a in zip(self.tasks, scores, strict=True)}
+        if self.forgetting is not None:
+            out |= self.forgetting.metrics()
         return {k: float(v) for k, v in out.items() if v is not None}
+
+    def with_history(self, history: Sequence[ChampionStep]) -> EvalReport:
+        """A copy with the candidate's forgetting and BWT over the champion ``history``
+        (:mod:`amalgam.evaluate.forgetting`)."""
+        better = {t: self.candidate.tasks[t].higher_is_better for t in self.tasks}
+        found = measure_forgetting(self.accuracy, history, better)
+        return self.model_copy(update={"forgetting": found})
 
     @classmethod
     def read(cls, path: str | Path) -> EvalReport:
