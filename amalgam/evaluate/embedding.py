@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -31,9 +31,6 @@ from amalgam.evaluate.embedding_tasks import (
 )
 from amalgam.evaluate.score import TaskResult
 from amalgam.evaluate.taskdir import EvaluationError
-
-if TYPE_CHECKING:
-    from amalgam.recipe import EvaluateSpec
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +241,16 @@ def retrieval_figures(
 
 
 def score_embedding_tasks(
-    folder: Path, spec: EvaluateSpec, tasks: list[str]
+    folder: Path,
+    tasks_dir: Path,
+    tasks: list[str],
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
 ) -> dict[str, TaskResult]:
-    """Task -> result of the encoder in ``folder`` on embedding ``tasks`` as ``spec`` says."""
-    encoder = Encoder(folder, spec.device, spec.batch_size)
-    tasks_dir = Path(spec.tasks_dir)
-    return {t: score_task(encoder, tasks_dir, t, spec.split, spec.limit) for t in tasks}
+    """Task -> result of the encoder in ``folder`` on the embedding ``tasks`` of ``tasks_dir``
+    (``split`` records, at most ``limit`` of each)."""
+    encoder = Encoder(folder, device, batch_size)
+    return {t: score_task(encoder, Path(tasks_dir), t, split, limit) for t in tasks}

@@ -101,7 +101,16 @@ def score_model(
         from amalgam.evaluate.embedding import score_embedding_tasks, uses_embedding_scorer
 
         if uses_embedding_scorer(folder, tasks_dir, tasks):  # encoders have no perplexity
-            return ModelResult(uri=uri, tasks=score_embedding_tasks(folder, spec, tasks))
+            scores = score_embedding_tasks(
+                folder,
+                tasks_dir,
+                tasks,
+                split=spec.split,
+                limit=spec.limit,
+                device=spec.device,
+                batch_size=spec.batch_size,
+            )
+            return ModelResult(uri=uri, tasks=scores)
         if spec.engine == "lm_eval":
             correct = evaluate_model_samples(
                 folder,
