@@ -22,6 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from amalgam.evaluate import embedding
 from amalgam.zoo.minilm import data
 
 MANIFEST = "manifest.json"
@@ -61,10 +62,21 @@ def packaged_model() -> Path:
     return Path(get_model_path())
 
 
+def source_files() -> list[Path]:
+    """The code whose bytes decide a build: data, training, this builder, and the scorer whose
+    figures the manifest records."""
+    here = Path(__file__).parent
+    scorer = Path(embedding.__file__).parent
+    return [
+        *(here / f for f in ("data.py", "train.py", "build.py")),
+        *(scorer / f for f in ("embedding.py", "embedding_metrics.py", "embedding_tasks.py")),
+    ]
+
+
 def zoo_hash() -> str:
-    """12 hex digits over this package's code, the settings and the library versions."""
+    """12 hex digits over the build's code, the settings and the library versions."""
     digest = hashlib.sha256(json.dumps(SETTINGS, sort_keys=True).encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in source_files():
         digest.update(f"\0{path.name}\0".encode() + path.read_bytes())
     for library in LIBRARIES:
         digest.update(f"\0{library}={version(library)}".encode())

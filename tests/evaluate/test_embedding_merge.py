@@ -1,0 +1,64 @@
+"""TA, TIES and TSV-M merges of the MiniLM zoo's fine-tunes through the engine, scored by the
+evaluate stage with the embedding scorer: each task normalized against its own fine-tune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amalgam.engine import MergeOptions, run_merge
+from amalgam.evaluate.report import REPORT_FILE, EvalReport
+from amalgam.recipe import parse_recipe
+from amalgam.stages import EvaluateInput, EvaluateStage, execute
+from amalgam.stages.evaluate import report_dir
+from amalgam.zoo.minilm.recipes import MERGES, merge_recipe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reports(zoo_minilm, tmp_path_factory) -> dict[str, EvalReport]:
+    """Each method's merge and its evaluation report (one score cache: base and experts are
+    scored once)."""
+    work = tmp_path_factory.mktemp("minilm-merges")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AMALGAM_HOME", str(work / "home"))
+        for method in MERGES:
+            recipe = parse_recipe(merge_recipe(zoo_minilm, method, work / method))
+            run_merge(recipe, MergeOptions(device="cpu"))
+            out[method] = execute(EvaluateStage(), EvaluateInput(recipe, str(work / method)))
+            assert (report_dir_of(recipe, work / method) / REPORT_FILE).is_file()
+    return out
+
+
+def report_dir_of(recipe, folder: Path) -> Path:
+    from amalgam.stages.evaluate import model_hash
+
+    return report_dir(model_hash(str(folder), recipe.storage_options))
+
+
+@pytest.mark.parametrize("method", list(MERGES))
+def test_merge_is_scored_against_each_expert(reports, method) -> None:
+    report = reports[method]
+    assert report.tasks == ["roles", "sentiment"]
+    assert report.candidate.tasks["roles"].metric == "ndcg@10"
+    assert report.candidate.tasks["sentiment"].metric == "acc"
+    for task in report.tasks:
+        expert = report.experts[task].tasks[task].accuracy
+        assert report.normalized_accuracy[task] == pytest.approx(report.accuracy[task] / expert)
+    assert report.perplexity is None and report.perplexity_ratio is None  # encoders: none
+
+
+@pytest.mark.parametrize("method", list(MERGES))
+def test_merge_keeps_both_skills_better_than_the_base(reports, method) -> None:
+    report = reports[method]
+    base = report.base.tasks
+    experts = report.experts
+    base_normalized = [base[t].accuracy / experts[t].tasks[t].accuracy for t in report.tasks]
+    # each fine-tune beats the base on its own task clearly (the zoo's point) ...
+    assert all(experts[t].tasks[t].accuracy > base[t].accuracy + 0.1 for t in report.tasks)
+    # ... and the merge keeps more of both than the base has
+    assert report.mean_normalized_accuracy > sum(base_normalized) / len(base_normalized)
+    assert all(0.0 <= report.accuracy[t] <= 1.0 for t in report.tasks)
