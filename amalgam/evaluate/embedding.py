@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from amalgam.device import pick_device
+from amalgam.device import compute_threads, pick_device
 from amalgam.evaluate import embedding_metrics as em
 from amalgam.evaluate.embedding_tasks import (
     FIELDS,
@@ -140,7 +140,8 @@ def pool(hidden: Any, mask: Any, pooling: Pooling) -> Any:
 
 
 class Encoder:
-    """A sentence encoder from a local folder: ``encode(texts)`` gives float32 numpy rows."""
+    """A sentence encoder from a local folder: ``encode(texts)`` gives float32 numpy rows
+    (torch on all cores but one: on a busy CPU, that one spare core is many times faster)."""
 
     def __init__(self, folder: Path, device: str = "auto", batch_size: int = 32):
         # lazy: torch and transformers take seconds to import
@@ -160,7 +161,7 @@ class Encoder:
         import torch
 
         rows = []
-        with torch.inference_mode():
+        with compute_threads(None), torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
                 batch = self.tokenizer(
                     texts[i : i + self.batch_size],
