@@ -1,4 +1,5 @@
-"""The tiny zoo and the MiniLM zoo, built once per session (cached in $AMALGAM_HOME/zoo or <repo>/.amalgam/zoo)."""
+"""The tiny and MiniLM zoos, built once per session (cached in $AMALGAM_HOME/zoo or
+<repo>/.amalgam/zoo)."""
 
 from __future__ import annotations
 
