@@ -166,3 +166,19 @@ def test_cli_scores_an_encoder_on_its_tasks(zoo_minilm, monkeypatch, capsys) -> 
     assert code == 0
     expected = score_task(Encoder(folder, "cpu"), zoo_minilm.tasks_dir, "sentiment", "test", 40)
     assert f"{100 * expected.accuracy:.1f}" in out and "sentiment" in out
+
+
+def test_bad_task_folders_name_the_file(tmp_path, base_encoder) -> None:
+    task = tmp_path / "bad"
+    task.mkdir()
+    (task / "embedding.json").write_text('{"type": "clustering"}')
+    with pytest.raises(EvaluationError, match=r"bad/embedding.json: type"):
+        score_task(base_encoder, tmp_path, "bad", "test", None)
+    (task / "embedding.json").write_text('{"type": "retrieval"}')
+    (task / "corpus.jsonl").write_text('{"id": "d1", "text": "alice hired bob."}\n')
+    (task / "test.jsonl").write_text('{"query": "who hired bob?", "relevant": ["d9"]}\n')
+    with pytest.raises(EvaluationError, match=r"bad/test.jsonl:1: unknown document id\(s\) d9"):
+        score_task(base_encoder, tmp_path, "bad", "test", None)
+    (task / "test.jsonl").write_text('{"query": "who hired bob?"}\n')
+    with pytest.raises(EvaluationError, match=r"bad/test.jsonl:1: missing field\(s\) relevant"):
+        score_task(base_encoder, tmp_path, "bad", "test", None)

@@ -11,7 +11,7 @@ from amalgam.engine import MergeOptions, run_merge
 from amalgam.evaluate.report import REPORT_FILE, EvalReport
 from amalgam.recipe import parse_recipe
 from amalgam.stages import EvaluateInput, EvaluateStage, execute
-from amalgam.stages.evaluate import report_dir
+from amalgam.stages.evaluate import model_hash, report_dir
 from amalgam.zoo.minilm.recipes import MERGES, merge_recipe
 
 pytestmark = pytest.mark.slow
@@ -26,16 +26,24 @@ def reports(zoo_minilm, tmp_path_factory) -> dict[str, EvalReport]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AMALGAM_HOME", str(work / "home"))
         for method in MERGES:
-            recipe = parse_recipe(merge_recipe(zoo_minilm, method, work / method))
+            recipe = recipe_of(zoo_minilm, method, work)
             run_merge(recipe, MergeOptions(device="cpu"))
             out[method] = execute(EvaluateStage(), EvaluateInput(recipe, str(work / method)))
             assert (report_dir_of(recipe, work / method) / REPORT_FILE).is_file()
+        # TIES against TA as champion: flips where the task has per-example results
+        ties = recipe_of(zoo_minilm, "ties", work)
+        champion = str(work / "task_arithmetic")
+        out["ties vs ta"] = execute(
+            EvaluateStage(), EvaluateInput(ties, str(work / "ties"), champion=champion)
+        )
     return out
 
 
-def report_dir_of(recipe, folder: Path) -> Path:
-    from amalgam.stages.evaluate import model_hash
+def recipe_of(zoo, method: str, work: Path):
+    return parse_recipe(merge_recipe(zoo, method, work / method))
 
+
+def report_dir_of(recipe, folder: Path) -> Path:
     return report_dir(model_hash(str(folder), recipe.storage_options))
 
 
@@ -62,3 +70,19 @@ def test_merge_keeps_both_skills_better_than_the_base(reports, method) -> None:
     # ... and the merge keeps more of both than the base has
     assert report.mean_normalized_accuracy > sum(base_normalized) / len(base_normalized)
     assert all(0.0 <= report.accuracy[t] <= 1.0 for t in report.tasks)
+
+
+def test_flips_against_a_champion_only_where_examples_pass_or_fail(reports) -> None:
+    report = reports["ties vs ta"]
+    assert set(report.flips) == {"sentiment"}  # retrieval has no per-example pass or fail
+    old = report.champion.tasks["sentiment"].correct
+    new = report.candidate.tasks["sentiment"].correct
+    lost = sum(o and not n for o, n in zip(old, new, strict=True))
+    gained = sum(n and not o for o, n in zip(old, new, strict=True))
+    assert report.flips["sentiment"].negative_flip_rate == pytest.approx(lost / len(old))
+    assert report.flips["sentiment"].positive_flip_rate == pytest.approx(gained / len(old))
+    assert report.negative_flip_rate == pytest.approx(lost / len(old))
+    assert (
+        report.candidate.tasks["sentiment"].correct
+        == reports["ties"].candidate.tasks["sentiment"].correct
+    )  # the same weights and settings: the same per-example results
