@@ -60,10 +60,9 @@ def architecture(folder: Path) -> tuple[str, bool]:
     name = archs[0] if archs else f"model_type {config.get('model_type')!r}"
     if any(a.endswith(CAUSAL_SUFFIXES) for a in archs) or config.get("is_decoder"):
         return name, False
-    if (Path(folder) / "modules.json").is_file():
-        return name, True
-    encoder = bool(archs) and all(a.endswith(("Model", "ForMaskedLM")) for a in archs)
-    return name, encoder
+    # any other architecture (BertModel, XLMRobertaForMaskedLM, ...ForSequenceClassification)
+    # has an encoder body that AutoModel loads without a head
+    return name, bool(archs) or (Path(folder) / "modules.json").is_file()
 
 
 def uses_embedding_scorer(folder: Path, tasks_dir: Path, tasks: list[str]) -> bool:

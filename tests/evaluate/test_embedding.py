@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from amalgam.evaluate.embedding import Encoder, Pooling, pool, read_pooling, score_task
+from amalgam.evaluate.embedding import (
+    Encoder,
+    Pooling,
+    architecture,
+    pool,
+    read_pooling,
+    score_task,
+)
 from amalgam.evaluate.embedding_tasks import read_records
 from amalgam.evaluate.taskdir import EvaluationError
 from tests.evaluate import naive_embedding as naive
@@ -182,3 +189,25 @@ def test_bad_task_folders_name_the_file(tmp_path, base_encoder) -> None:
     (task / "test.jsonl").write_text('{"query": "who hired bob?"}\n')
     with pytest.raises(EvaluationError, match=r"bad/test.jsonl:1: missing field\(s\) relevant"):
         score_task(base_encoder, tmp_path, "bad", "test", None)
+
+
+@pytest.mark.parametrize(
+    ("config", "sentence_transformers", "encoder"),
+    [
+        ({"architectures": ["BertModel"]}, False, True),
+        ({"architectures": ["BertForSequenceClassification"]}, False, True),
+        ({"architectures": ["LlamaForCausalLM"]}, False, False),
+        ({"architectures": ["GPT2LMHeadModel"]}, False, False),
+        ({"architectures": ["T5ForConditionalGeneration"]}, True, False),
+        ({"architectures": ["BertModel"], "is_decoder": True}, False, False),
+        ({"model_type": "bert"}, True, True),
+        ({"model_type": "bert"}, False, False),
+        (None, False, False),  # an adapter folder: lm-eval loads it over its base
+    ],
+)
+def test_architecture_decides_the_scorer(tmp_path, config, sentence_transformers, encoder) -> None:
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    if sentence_transformers:
+        (tmp_path / "modules.json").write_text("[]")
+    assert architecture(tmp_path)[1] is encoder
