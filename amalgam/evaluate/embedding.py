@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,9 @@ def _max_length(folder: Path, tokenizer: Any) -> int:
     return min(int(tokenizer.model_max_length or 512), 512)
 
 
-def score_task(encoder: Encoder, tasks_dir: Path, task: str, split: str, limit: int | None):
+def score_task(
+    encoder: Encoder, tasks_dir: Path, task: str, split: str, limit: int | None
+) -> TaskResult:
     """One embedding task's :class:`TaskResult` on ``split`` (at most ``limit`` records)."""
     kind = read_task(tasks_dir, task)
     records = read_records(tasks_dir, task, split, FIELDS[kind.type])[:limit]
@@ -203,6 +206,8 @@ def score_task(encoder: Encoder, tasks_dir: Path, task: str, split: str, limit: 
         b = encoder.encode([r["text2"] for r in records])
         sims = (em.normalize(a) * em.normalize(b)).sum(axis=1)
         rho = em.spearman(sims.tolist(), [float(r["score"]) for r in records])
+        if not math.isfinite(rho):
+            raise EvaluationError(f"{where}: Spearman is undefined (constant scores)")
         return TaskResult(accuracy=rho, correct=[], metric="spearman")
     figures = retrieval_figures(encoder, tasks_dir, task, records, kind.k, kind.recall_at, where)
     return TaskResult(accuracy=figures[f"ndcg@{kind.k}"], correct=[], metric=f"ndcg@{kind.k}")

@@ -59,7 +59,10 @@ def recall_at_k(ranked: Sequence[int], grades: Mapping[int, float], k: int) -> f
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (ties take their mean rank)."""
+    """Spearman's rank correlation (ties take their mean rank); NaN when either side is
+    constant."""
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
     # lazy: scipy takes a second to import
     from scipy.stats import spearmanr
 

@@ -141,6 +141,11 @@ def test_sts_equals_spearman_of_ranks(tmp_path, base_encoder) -> None:
     sims = [naive.cos(x, y) for x, y in zip(a, b, strict=True)]
     assert result.metric == "spearman" and result.correct == []
     assert result.accuracy == pytest.approx(naive.spearman(sims, [p[2] for p in pairs]))
+    (task / "test.jsonl").write_text(
+        "".join(json.dumps({"text1": a, "text2": b, "score": 1.0}) + "\n" for a, b, _ in pairs)
+    )
+    with pytest.raises(EvaluationError, match=r"pairs/test\.jsonl: Spearman is undefined"):
+        score_task(base_encoder, tmp_path, "pairs", "test", None)
 
 
 def assert_one_error(code: int, err: str, *needles: str) -> None:
