@@ -3,15 +3,19 @@ evaluate stage with the embedding scorer: each task normalized against its own f
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from amalgam.engine import MergeOptions, run_merge
+from amalgam.evaluate.embedding import read_pooling
 from amalgam.evaluate.report import REPORT_FILE, EvalReport
 from amalgam.recipe import parse_recipe
 from amalgam.stages import EvaluateInput, EvaluateStage, execute
 from amalgam.stages.evaluate import model_hash, report_dir
+from amalgam.writer import intact
 from amalgam.zoo.minilm.recipes import MERGES, merge_recipe
 
 pytestmark = pytest.mark.slow
@@ -86,3 +90,26 @@ def test_flips_against_a_champion_only_where_examples_pass_or_fail(reports) -> N
         report.candidate.tasks["sentiment"].correct
         == reports["ties"].candidate.tasks["sentiment"].correct
     )  # the same weights and settings: the same per-example results
+
+
+ST_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
+
+
+def test_merges_keep_the_sentence_transformers_files(zoo_minilm, s3, tmp_path) -> None:
+    """Locally and on S3 (overwritten once: the old output's module folder is replaced), the
+    merge carries the base's pooling files and its commit record covers them."""
+    bucket = s3.make_bucket(f"minilm-{uuid.uuid4().hex[:8]}")
+    remote, opts = f"s3://{bucket}/merged", s3.storage_options()
+    local = tmp_path / "merged"
+    run_merge(parse_recipe(merge_recipe(zoo_minilm, "task_arithmetic", local)))
+    for method in ("task_arithmetic", "ties"):
+        recipe = {**merge_recipe(zoo_minilm, method, remote), "storage_options": opts}
+        run_merge(parse_recipe(recipe), MergeOptions(device="cpu", overwrite=True))
+    fs = s3.filesystem()
+    for name in ST_FILES:
+        want = (zoo_minilm.base / name).read_bytes()
+        assert (local / name).read_bytes() == want
+        assert fs.cat_file(f"{bucket}/merged/{name}") == want
+    assert intact(fsspec.filesystem("file"), str(local))
+    assert intact(fs, f"{bucket}/merged")
+    assert read_pooling(local) == read_pooling(zoo_minilm.base)

@@ -16,7 +16,7 @@ MERGES: dict[str, dict[str, Any]] = {
 }
 
 
-def merge_recipe(zoo: EmbeddingZoo, method: str, output: Path) -> dict[str, Any]:
+def merge_recipe(zoo: EmbeddingZoo, method: str, output: str | Path) -> dict[str, Any]:
     """A recipe (as a dict) merging both fine-tunes into ``output`` with ``method``."""
     return {
         "method": method,
