@@ -52,6 +52,13 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "adapter_config.json")
+#: A sentence-transformers folder's own files; its ``modules.json`` also names module folders
+#: (``1_Pooling``) whose ``config.json`` says how the encoder pools.
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -412,10 +419,17 @@ class Checkpoint:
             return self._fds[file]
 
     def side_files(self) -> list[str]:
-        """Config and tokenizer files next to the weights (copied into merged outputs)."""
+        """Config, tokenizer and sentence-transformers files next to the weights (copied into
+        merged outputs)."""
         if self.kind == "file":
             return []
-        return [f for f in SIDE_FILES if self.fs.exists(storage.join(self.root, f))]
+        names = [*SIDE_FILES, *SENTENCE_TRANSFORMERS_FILES]
+        found = [f for f in names if self.fs.exists(storage.join(self.root, f))]
+        if "modules.json" in found:
+            modules = json.loads(self.fs.cat_file(storage.join(self.root, "modules.json")))
+            configs = [f"{m['path']}/config.json" for m in modules if m.get("path")]
+            found += [f for f in configs if self.fs.exists(storage.join(self.root, f))]
+        return found
 
     def content_hash(self) -> str:
         """sha256 over each weight file's name and sha256, in file order (cached on disk); an

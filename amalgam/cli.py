@@ -335,11 +335,15 @@ def evaluate(
     split: Annotated[str, typer.Option(help="test | validation")] = "test",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
-    """Run lm-eval offline on model folders; print per-task accuracy."""
+    """Run lm-eval offline on model folders (encoders: their embedding tasks); print each
+    task's primary score."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request progress bars
     # lazy: the zoo build and lm-eval behind it
+    from amalgam.evaluate.embedding import score_embedding_tasks, uses_embedding_scorer
+    from amalgam.evaluate.embedding_tasks import list_embedding_tasks
     from amalgam.evaluate.harness import evaluate_model
     from amalgam.evaluate.table import render_table
+    from amalgam.evaluate.taskdir import list_tasks
 
     if tasks_dir is None:
         # lazy: torch
@@ -349,6 +353,13 @@ def evaluate(
     names = tasks.split(",") if tasks else None
     rows = {}
     for m in model:
+        if uses_embedding_scorer(Path(m), tasks_dir, names or list_tasks(tasks_dir)):
+            on = names or list_embedding_tasks(tasks_dir)
+            scores = score_embedding_tasks(
+                Path(m), tasks_dir, on, split=split, limit=limit, device=device
+            )
+            rows[Path(m).name] = {t: r.accuracy for t, r in scores.items()}
+            continue
         rows[Path(m).name] = evaluate_model(
             m, tasks_dir, names, limit=limit, device=device, split=split
         )

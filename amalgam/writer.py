@@ -272,7 +272,10 @@ class CheckpointWriter:
             json.dump(obj, fh, indent=2, sort_keys=True)
 
     def copy_in(self, src_fs: Any, src_path: str, filename: str) -> None:
+        """Copy one file into the output as ``filename`` (a relative path: folders made)."""
         path = storage.join(self.staging, filename)
+        if "/" in filename:
+            self.fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
         with (
             writing(path),
             src_fs.open(src_path, "rb") as src,
@@ -323,7 +326,7 @@ class CheckpointWriter:
     def _copy_into_place(self, record: dict[str, Any]) -> None:
         """The object-store commit (see :meth:`commit`): old record out, files in, stale
         files out, new record in."""
-        old = set(_ls_names(self.fs, self.path)) if self.fs.exists(self.path) else set()
+        old = set(file_sizes(self.fs, self.path)) if self.fs.exists(self.path) else set()
         if COMMIT_RECORD in old:
             self.fs.rm_file(storage.join(self.path, COMMIT_RECORD))
         weights_first = sorted(
@@ -358,10 +361,7 @@ class CheckpointWriter:
         """Every staged file's size and sha256 (shards hashed while written or assembled, or as
         the worker that wrote them reported; other files read back once), after checking that
         every planned file is there with its planned size and no part is left over."""
-        self.fs.invalidate_cache(self.staging)
-        sizes = {
-            PurePosixPath(f["name"]).name: f["size"] for f in self.fs.ls(self.staging, detail=True)
-        }
+        sizes = file_sizes(self.fs, self.staging)
         problems = [
             f"{name}: planned {want} bytes, "
             + ("missing" if name not in sizes else f"holds {sizes[name]}")
@@ -465,7 +465,7 @@ def intact(fs: Any, path: str) -> bool:
     if record is None:
         return False
     try:
-        names = {PurePosixPath(f).name for f in fs.ls(path, detail=False)}
+        names = set(file_sizes(fs, path))
         for name, entry in record["files"].items():
             where = storage.join(path, name)
             if name not in names or fs.size(where) != entry.get("bytes"):
@@ -487,6 +487,17 @@ def output_taken(fs: Any, path: str) -> bool:
     if storage.is_local(fs) or not fs.isdir(path):
         return True
     return not unfinished_commit(fs, path, set(_ls_names(fs, path)))
+
+
+def file_sizes(fs: Any, path: str) -> dict[str, int]:
+    """Path relative to the folder ``path`` -> size, of every file under it (sentence-
+    transformers module configs sit one folder down, ``1_Pooling/config.json``)."""
+    fs.invalidate_cache(path)
+    root = PurePosixPath(fs._strip_protocol(path))
+    return {
+        str(PurePosixPath(name).relative_to(root)): info["size"]
+        for name, info in fs.find(path, detail=True).items()
+    }
 
 
 def _ls_names(fs: Any, path: str) -> list[str]:

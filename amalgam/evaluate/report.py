@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from amalgam.evaluate import metrics as metric
+from amalgam.evaluate.embedding_tasks import is_embedding_task, list_embedding_tasks
 from amalgam.evaluate.forgetting import ChampionStep, Forgetting, measure_forgetting
 from amalgam.evaluate.plots import write_plots
 from amalgam.evaluate.score import ModelResult, score_model
@@ -91,7 +92,10 @@ class EvalReport(BaseModel):
 
 def spec_tasks(spec: EvaluateSpec) -> list[str]:
     """The tasks an EvaluateSpec names, or every task folder under its ``tasks_dir``."""
-    return list(spec.tasks) if spec.tasks else list_tasks(Path(spec.tasks_dir))
+    if spec.tasks:
+        return list(spec.tasks)
+    tasks_dir = Path(spec.tasks_dir)
+    return sorted({*list_tasks(tasks_dir), *list_embedding_tasks(tasks_dir)})
 
 
 def experts_for(recipe: Recipe) -> dict[str, str]:
@@ -128,7 +132,7 @@ def evaluate_candidate(
     """
     tasks_dir = Path(spec.tasks_dir)
     tasks = spec_tasks(spec)
-    check_tasks(tasks_dir, tasks, spec.split)
+    check_tasks(tasks_dir, [t for t in tasks if not is_embedding_task(tasks_dir, t)], spec.split)
     experts = dict(experts or {})
     unknown = sorted(set(experts) - set(tasks))
     if unknown:

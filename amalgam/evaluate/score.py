@@ -1,5 +1,6 @@
 """Score one model: run it on evaluation tasks (lm-eval, or the in-process quick scorer that
-scores the same way) and keep each example's correctness, and its text log-likelihood."""
+scores the same way; encoders on embedding tasks: :mod:`amalgam.evaluate.embedding`) and keep
+each example's correctness, and its text log-likelihood."""
 
 from __future__ import annotations
 
@@ -96,6 +97,20 @@ def score_model(
     with ``perplexity``, also its log-likelihood of the tasks' texts."""
     tasks_dir = Path(spec.tasks_dir)
     with local_model(uri, **storage_options) as folder:
+        # lazy: the embedding scorer builds on this module's TaskResult
+        from amalgam.evaluate.embedding import score_embedding_tasks, uses_embedding_scorer
+
+        if uses_embedding_scorer(folder, tasks_dir, tasks):  # encoders have no perplexity
+            scores = score_embedding_tasks(
+                folder,
+                tasks_dir,
+                tasks,
+                split=spec.split,
+                limit=spec.limit,
+                device=spec.device,
+                batch_size=spec.batch_size,
+            )
+            return ModelResult(uri=uri, tasks=scores)
         if spec.engine == "lm_eval":
             correct = evaluate_model_samples(
                 folder,

@@ -1,5 +1,5 @@
-"""Fixtures for the evaluation tests: the tiny zoo of tests/zoo."""
+"""Fixtures for the evaluation tests: the tiny and MiniLM zoos of tests/zoo."""
 
-from zoo.conftest import zoo_tiny
+from zoo.conftest import zoo_minilm, zoo_tiny
 
-__all__ = ["zoo_tiny"]
+__all__ = ["zoo_minilm", "zoo_tiny"]
