@@ -1,0 +1,111 @@
+"""The MoE build config: mergekit-moe's YAML (base model, experts with prompts, gate mode)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from amalgam.config_file import load_yaml
+from amalgam.errors import AmalgamError
+
+GateMode = Literal["hidden", "cheap_embed", "random"]
+#: mergekit-moe's output architectures; amalgam writes the first one only.
+ARCHITECTURES = ("mixtral", "deepseek moe", "qwen moe", "qwen3 moe")
+
+
+class MoEError(AmalgamError):
+    """An MoE cannot be built from this config and these models (the field or file is named)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpertSpec(_Strict):
+    """One expert: the dense model whose MLPs become expert ``e`` in every layer, and the
+    prompts that say which inputs the router should send to it."""
+
+    source_model: str
+    positive_prompts: list[str] = Field(default_factory=list)
+    negative_prompts: list[str] = Field(default_factory=list)
+    #: multiplies the expert's down projection (mergekit's ``residual_scale``)
+    residual_scale: float | None = None
+
+
+class MoEConfig(_Strict):
+    """mergekit-moe's config (``base_model``, ``experts``, ``gate_mode``, ``dtype``,
+    ``experts_per_token``), plus ``seed`` for ``gate_mode: random``. ``shared_experts``
+    (Qwen2-MoE / DeepSeek output) and ``noise_scale`` are refused by name: not built yet."""
+
+    base_model: str
+    experts: list[ExpertSpec]
+    gate_mode: GateMode = "hidden"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    experts_per_token: int = Field(2, ge=1)
+    architecture: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoEConfig:
+        if not self.experts:
+            raise ValueError("experts: at least one expert is needed")
+        if self.experts_per_token > len(self.experts):
+            raise ValueError(
+                f"experts_per_token: {self.experts_per_token} is more than the "
+                f"{len(self.experts)} experts"
+            )
+        if self.architecture is not None and not "mixtral".startswith(
+            self.architecture.strip().lower()
+        ):
+            raise ValueError(
+                f"architecture: {self.architecture!r}; amalgam writes Mixtral only "
+                f"(mergekit-moe knows {', '.join(ARCHITECTURES)})"
+            )
+        if self.gate_mode != "random":
+            missing = [i for i, e in enumerate(self.experts) if not e.positive_prompts]
+            if missing:
+                raise ValueError(
+                    f"experts.{missing[0]}.positive_prompts: gate_mode {self.gate_mode} needs "
+                    "positive prompts for every expert (or use gate_mode: random)"
+                )
+            prompts = {(tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in self.experts}
+            if len(self.experts) > 1 and len(prompts) == 1:
+                raise ValueError("experts: every expert has the same prompts; routers would tie")
+        return self
+
+
+_REFUSED = {
+    "shared_experts": "shared experts (Qwen2-MoE / DeepSeek MoE output) are not built yet",
+    "noise_scale": "noise_scale is not supported",
+}
+
+
+def _refused(data: dict[str, Any]) -> list[str]:
+    found = [f"{k}: {why}" for k, why in _REFUSED.items() if k in data]
+    for i, expert in enumerate(data.get("experts") or []):
+        if isinstance(expert, dict) and "noise_scale" in expert:
+            found.append(f"experts.{i}.noise_scale: {_REFUSED['noise_scale']}")
+    return found
+
+
+def parse_moe_config(data: Any, source: str = "moe config") -> MoEConfig:
+    """Validate a parsed mergekit-moe YAML mapping; every problem names its field."""
+    if not isinstance(data, dict):
+        raise MoEError(f"{source}: expected a mapping at the top level")
+    problems = _refused(data)
+    if not problems:
+        try:
+            return MoEConfig.model_validate(data)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(x) for x in err["loc"]) or "config"
+                msg = str(err["msg"]).removeprefix("Value error, ")
+                problems.append(msg if msg.startswith(loc.split(".")[0]) else f"{loc}: {msg}")
+    raise MoEError(f"{source}: invalid MoE config:\n  " + "\n  ".join(problems))
+
+
+def load_moe_config(path: str | Path) -> MoEConfig:
+    """Read a mergekit-moe YAML file (``${VAR}`` expanded as in recipes)."""
+    return parse_moe_config(load_yaml(path, "MoE config"), str(path))
