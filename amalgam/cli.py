@@ -1,8 +1,8 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-decompress, moe (an MoE from dense experts), permute, align (connectivity report), extract-lora, transplant (a donor's tokenizer),
-policy (the registry's promotion gates), batch (many recipes on one Ray cluster). The
-orchestration layer adds the pipeline commands (run, nightly, sweep, promote, serve) to this
-``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
+decompress, moe (an MoE from dense experts), permute, align (connectivity report), extract-lora,
+transplant (a donor's tokenizer), policy (the registry's promotion gates), batch (many recipes on
+one Ray cluster). The orchestration layer adds the pipeline commands (run, nightly, sweep,
+promote, serve) to this ``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
 
 from __future__ import annotations
 
@@ -446,9 +446,10 @@ def moe(
         storage_options=_storage(storage_options),
     )
     verb = "already built" if result.skipped else "built"
+    digest = result.content_hash.removeprefix("sha256:")[:12]
     console.print(
         f"[bold]{verb}[/] {result.output}: {result.experts} experts x {result.layers} layers, "
-        f"{result.num_params:,} parameters, content hash {result.content_hash.removeprefix('sha256:')[:12]}",
+        f"{result.num_params:,} parameters, content hash {digest}",
         soft_wrap=True,
     )
 
