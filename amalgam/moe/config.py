@@ -100,9 +100,9 @@ def parse_moe_config(data: Any, source: str = "moe config") -> MoEConfig:
             return MoEConfig.model_validate(data)
         except ValidationError as exc:
             for err in exc.errors():
-                loc = ".".join(str(x) for x in err["loc"]) or "config"
+                loc = ".".join(str(x) for x in err["loc"])
                 msg = str(err["msg"]).removeprefix("Value error, ")
-                problems.append(msg if msg.startswith(loc.split(".")[0]) else f"{loc}: {msg}")
+                problems.append(f"{loc}: {msg}" if loc else msg)
     raise MoEError(f"{source}: invalid MoE config:\n  " + "\n  ".join(problems))
 
 
