@@ -1,14 +1,15 @@
-"""Build a Mixtral-style MoE from dense Llama/Mistral experts (what mergekit-moe does), streamed.
+"""Build an MoE from dense Llama/Mistral experts (what mergekit-moe does), streamed.
 
 Every tensor that is not an MLP weight (embeddings, attention, norms, LM head) is copied from
-the base; in each layer ``l``, expert ``e`` holds expert model ``e``'s MLP of layer ``l``
-(``gate_proj``/``down_proj``/``up_proj`` -> ``w1``/``w2``/``w3``), and the router
-``block_sparse_moe.gate.weight`` (experts x hidden) comes from :mod:`amalgam.moe.router`.
-Tensors are written under Mixtral's original names (``block_sparse_moe.experts.{e}.w1``, ...),
-which transformers 5 loads into its fused expert layout: each output tensor is one input tensor,
-so the output is written tensor by tensor, never holding a model. Peak memory is the largest
-tensor (cast once) plus the routers (layers x experts x hidden floats); for ``gate_mode:
-hidden`` the base model is loaded once, in float32, before any tensor is written, and freed.
+the base; in each layer ``l``, expert ``e`` holds expert model ``e``'s MLP of layer ``l``, and
+the router (experts x hidden) comes from :mod:`amalgam.moe.router`. Two output layouts
+(:mod:`amalgam.moe.layout`): Mixtral (``block_sparse_moe.experts.{e}.w1/w2/w3`` =
+``gate_proj``/``down_proj``/``up_proj``) and Qwen2-MoE (``mlp.experts.{e}.*_proj``, plus one
+shared expert ``mlp.shared_expert.*`` and its gate ``mlp.shared_expert_gate`` (1 x hidden),
+which scales the shared expert by a sigmoid). Each output tensor is one input tensor, so the
+output is written tensor by tensor, never holding a model. Peak memory is the largest tensor
+(cast once) plus the routers (layers x experts x hidden floats); for ``gate_mode: hidden``
+the base model is loaded once, in float32, before any tensor is written, and freed.
 
 The output is committed like every amalgam output (``amalgam-commit.json``); its safetensors
 metadata and ``moe.json`` carry the build's content key (config, base and expert content
@@ -30,7 +31,8 @@ from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
 from amalgam.engine.inputs import check_output
 from amalgam.engine.plan import TensorJob, shard_jobs
 from amalgam.errors import AmalgamError
-from amalgam.moe.config import MoEConfig, MoEError
+from amalgam.moe.config import ExpertSpec, MoEConfig, MoEError
+from amalgam.moe.layout import LAYOUTS
 from amalgam.moe.router import gate_weights
 from amalgam.stages.base import content_key
 from amalgam.writer import INDEX_NAME, CheckpointWriter, intact, remove_leftovers
@@ -38,32 +40,7 @@ from amalgam.writer import INDEX_NAME, CheckpointWriter, intact, remove_leftover
 MANIFEST = "moe.json"
 KEY = "amalgam.moe_key"
 MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight")
-#: Llama MLP projection -> Mixtral expert weight
-EXPERT_WEIGHT = {"gate": "w1", "down": "w2", "up": "w3"}
 SUPPORTED = ("llama", "mistral")
-#: Settings of a Llama/Mistral config that a Mixtral config keeps as they are.
-KEPT = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "rope_parameters",
-    "rope_theta",
-    "rope_scaling",
-    "attention_dropout",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "use_cache",
-)
 
 
 @dataclass(frozen=True)
@@ -76,16 +53,6 @@ class MoEResult:
     experts: int
     layers: int
     num_params: int
-
-
-def expert_name(layer: int, expert: int, projection: str) -> str:
-    """The output name of expert ``expert``'s ``gate``/``up``/``down`` weight in ``layer``."""
-    w = EXPERT_WEIGHT[projection]
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
-
-
-def gate_name(layer: int) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.gate.weight"
 
 
 def build_moe(
@@ -106,19 +73,25 @@ def build_moe(
             _open(stack, e.source_model, f"experts.{i}.source_model", so)
             for i, e in enumerate(config.experts)
         ]
-        check_inputs(base, experts)
+        shared = [
+            _open(stack, e.source_model, f"shared_experts.{i}.source_model", so)
+            for i, e in enumerate(config.shared_experts)
+        ]
+        check_inputs(base, {f"experts.{i}": c for i, c in enumerate(experts)})
+        check_inputs(base, {f"shared_experts.{i}": c for i, c in enumerate(shared)})
+        experts += shared
         key = build_key(config, base, experts)
         layers = int(base.config["num_hidden_layers"])
         if done(output, key, so):
             log(f"{output} already holds this MoE ({key[:20]}...)")
-            return _result(output, so, True, len(experts), layers)
+            return _result(output, so, True, len(config.experts), layers)
         inputs = {"base": base} | {f"expert {i}": c for i, c in enumerate(experts)}
         check_output(output, inputs, overwrite, so)
         log(f"router: gate_mode {config.gate_mode} over {len(experts)} experts")
         gates = gate_weights(config, base)
         dtype = _dtype(config, base)
         _write(config, base, experts, gates, dtype, key, output, overwrite, max_shard_size, so)
-    return _result(output, so, False, len(experts), layers)
+    return _result(output, so, False, len(config.experts), layers)
 
 
 def _open(stack: ExitStack, uri: str, field: str, so: dict[str, Any]) -> Checkpoint:
@@ -128,9 +101,10 @@ def _open(stack: ExitStack, uri: str, field: str, so: dict[str, Any]) -> Checkpo
         raise MoEError(f"{field}: {exc}") from None
 
 
-def check_inputs(base: Checkpoint, experts: list[Checkpoint]) -> None:
-    """The base is a Llama/Mistral without MLP or attention biases, and every expert has its
-    architecture and every MLP tensor with the base's shape; one error lists every problem."""
+def check_inputs(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
+    """The base is a Llama/Mistral without MLP or attention biases, and every expert (by its
+    config field) has its architecture and every MLP tensor with the base's shape; one error
+    lists every problem."""
     cfg = base.config or {}
     kind = cfg.get("model_type")
     if kind not in SUPPORTED:
@@ -144,21 +118,21 @@ def check_inputs(base: Checkpoint, experts: list[Checkpoint]) -> None:
     if not mlp:
         raise MoEError(f"{base.uri}: no MLP tensors named like model.layers.N.mlp.gate_proj.weight")
     problems = []
-    for i, ckpt in enumerate(experts):
+    for field, ckpt in experts.items():
         other = ckpt.config or {}
         for setting in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
             if other.get(setting) != cfg.get(setting):
                 problems.append(
-                    f"experts.{i} ({ckpt.uri}): {setting} {other.get(setting)!r}, "
+                    f"{field} ({ckpt.uri}): {setting} {other.get(setting)!r}, "
                     f"base has {cfg.get(setting)!r}"
                 )
         names = set(ckpt.names())
         for name in mlp:
             if name not in names:
-                problems.append(f"experts.{i} ({ckpt.uri}): no tensor {name}")
+                problems.append(f"{field} ({ckpt.uri}): no tensor {name}")
             elif ckpt.shape(name) != base.shape(name):
                 problems.append(
-                    f"experts.{i} ({ckpt.uri}): {name} has shape {list(ckpt.shape(name))}, "
+                    f"{field} ({ckpt.uri}): {name} has shape {list(ckpt.shape(name))}, "
                     f"base {list(base.shape(name))}"
                 )
     if problems:
@@ -167,12 +141,13 @@ def check_inputs(base: Checkpoint, experts: list[Checkpoint]) -> None:
 
 
 def build_key(config: MoEConfig, base: Checkpoint, experts: list[Checkpoint]) -> str:
-    """The content key of a build: the config with every model named by its content hash."""
+    """The content key of a build: the config with every model named by its content hash
+    (``experts``: the experts' checkpoints, then the shared experts')."""
     body = config.model_dump(exclude={"base_model"})
-    for spec, ckpt in zip(body["experts"], experts, strict=True):
+    for spec, ckpt in zip([*body["experts"], *body["shared_experts"]], experts, strict=True):
         spec["source_model"] = ckpt.content_hash()
     body["base_model"] = base.content_hash()
-    body["format"] = "mixtral-v1"
+    body["format"] = f"{config.output_architecture}-v1"
     return content_key("moe", body)
 
 
@@ -190,23 +165,6 @@ def done(output: str, key: str, so: dict[str, Any]) -> bool:
     return bool(metas) and metas[0].get(KEY) == key
 
 
-def mixtral_config(base_config: dict[str, Any], experts: int, per_token: int, dtype: str) -> dict:
-    """A MixtralForCausalLM config.json from a Llama/Mistral one."""
-    config = {k: base_config[k] for k in KEPT if k in base_config}
-    config.update(
-        architectures=["MixtralForCausalLM"],
-        model_type="mixtral",
-        num_local_experts=experts,
-        num_experts_per_tok=per_token,
-        sliding_window=None,
-        output_router_logits=False,
-        router_aux_loss_coef=0.001,
-        router_jitter_noise=0.0,
-        dtype=dtype,
-    )
-    return config
-
-
 def _dtype(config: MoEConfig, base: Checkpoint) -> str:
     """The output dtype: the config's, else the base config's, else the base embedding's."""
     cfg = base.config or {}
@@ -220,6 +178,7 @@ def _plan(
     config: MoEConfig, base: Checkpoint, experts: list[Checkpoint], dtype: str, gates: torch.Tensor
 ) -> tuple[list[TensorJob], dict[str, Callable[[], torch.Tensor]]]:
     """Output tensors in file order, and how to produce each (read one input tensor)."""
+    layout = LAYOUTS[config.output_architecture]
     target = getattr(torch, dtype)
     readers: dict[str, Callable[[], torch.Tensor]] = {}
     jobs: list[TensorJob] = []
@@ -234,6 +193,10 @@ def _plan(
             return lambda: ckpt.tensor(name)
         return lambda: ckpt.tensor(name).float() * scale
 
+    def mlp_of(spec: ExpertSpec, ckpt: Checkpoint, projection: str, name: str, out: str) -> None:
+        scale = spec.residual_scale if projection == "down" else None
+        add(out, base.shape(name), ckpt.dtype(name), copy(ckpt, name, scale))
+
     mlp: dict[int, list[tuple[str, str]]] = {}
     for name in base.names():
         match = MLP.fullmatch(name)
@@ -241,14 +204,19 @@ def _plan(
             add(name, base.shape(name), base.dtype(name), copy(base, name))
         else:
             mlp.setdefault(int(match.group(1)), []).append((match.group(2), name))
+    n = len(config.experts)
     for layer in sorted(mlp):
         g = gates[layer]
-        add(gate_name(layer), tuple(g.shape), g.dtype, lambda g=g: g)
-        for e, (spec, ckpt) in enumerate(zip(config.experts, experts, strict=True)):
-            for projection, name in sorted(mlp[layer]):
-                scale = spec.residual_scale if projection == "down" else None
-                read = copy(ckpt, name, scale)
-                add(expert_name(layer, e, projection), base.shape(name), ckpt.dtype(name), read)
+        add(layout.gate(layer), (n, g.shape[1]), g.dtype, lambda g=g: g[:n])
+        specs = [*config.experts, *config.shared_experts]
+        for e, (spec, ckpt) in enumerate(zip(specs, experts, strict=True)):
+            for projection, name in mlp[layer]:
+                if e < n:
+                    mlp_of(spec, ckpt, projection, name, layout.expert(layer, e, projection))
+                else:
+                    mlp_of(spec, ckpt, projection, name, layout.shared_expert(layer, projection))
+        if layout.shared:
+            add(layout.shared_gate(layer), (1, g.shape[1]), g.dtype, lambda g=g: g[n : n + 1])
     jobs.sort(key=lambda j: j.name)
     return jobs, readers
 
@@ -289,8 +257,9 @@ def _write(
             writer.write_json(
                 INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
             )
-        experts_n, per_token = len(experts), config.experts_per_token
-        writer.write_json("config.json", mixtral_config(base.config, experts_n, per_token, dtype))
+        layout = LAYOUTS[config.output_architecture]
+        settings = layout.config(base.config, len(config.experts), config.experts_per_token, dtype)
+        writer.write_json("config.json", settings)
         for name in base.side_files():
             if name != "config.json":
                 writer.copy_in(base.fs, storage.join(base.root, name), name)
@@ -308,10 +277,10 @@ def _manifest(
     return {
         "key": key,
         "amalgam_version": __version__,
-        "architecture": "mixtral",
+        "architecture": config.output_architecture,
         "config": config.model_dump(),
         "base": {"uri": base.uri, "hash": base.content_hash()},
-        "experts": [{"uri": c.uri, "hash": c.content_hash()} for c in experts],
+        "experts": [{"uri": c.uri, "hash": c.content_hash()} for c in experts],  # shared last
     }
 
 

@@ -24,7 +24,7 @@ import torch
 
 from amalgam import storage
 from amalgam.checkpoint import TOKENIZER_FILES, Checkpoint
-from amalgam.moe.config import MoEConfig, MoEError
+from amalgam.moe.config import ExpertSpec, MoEConfig, MoEError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -33,20 +33,22 @@ EMBED = "model.embed_tokens.weight"
 
 
 def gate_weights(config: MoEConfig, base: Checkpoint) -> torch.Tensor:
-    """The routers of every layer, float32, shape (layers, experts, hidden)."""
+    """The router rows of every layer, float32, shape (layers, experts + shared experts,
+    hidden): the experts' rows, then the shared experts' (Qwen2-MoE's shared-expert gate)."""
     layers = int(base.config["num_hidden_layers"])
     hidden = int(base.config["hidden_size"])
-    experts = len(config.experts)
+    specs = [*config.experts, *config.shared_experts]
+    experts = len(specs)
     if config.gate_mode == "random":
         generator = torch.Generator().manual_seed(config.seed)
         return torch.randn((layers, experts, hidden), generator=generator, dtype=torch.float32)
     tokenizer = load_tokenizer(base)
     if config.gate_mode == "cheap_embed":
-        rows = cheap_embed_rows(config, base.tensor(EMBED).float(), tokenizer)
+        rows = cheap_embed_rows(specs, base.tensor(EMBED).float(), tokenizer)
         return normalise(rows).unsqueeze(0).expand(layers, -1, -1).contiguous()
     model = load_model(base)
     vectors = []
-    for expert in config.experts:
+    for expert in specs:
         v = mean_hidden(model, tokenizer, expert.positive_prompts)
         if expert.negative_prompts:
             v = v - mean_hidden(model, tokenizer, expert.negative_prompts)
@@ -81,7 +83,7 @@ def mean_hidden(
 
 
 def cheap_embed_rows(
-    config: MoEConfig, embed: torch.Tensor, tokenizer: PreTrainedTokenizerBase
+    specs: list[ExpertSpec], embed: torch.Tensor, tokenizer: PreTrainedTokenizerBase
 ) -> torch.Tensor:
     """(experts, hidden): embedding rows summed over the positive prompts' tokens, minus
     those of the negative prompts (unnormalised)."""
@@ -91,7 +93,7 @@ def cheap_embed_rows(
         return embed[torch.tensor(ids, dtype=torch.long)].sum(0)
 
     rows = []
-    for expert in config.experts:
+    for expert in specs:
         row = summed(expert.positive_prompts)
         if expert.negative_prompts:
             row = row - summed(expert.negative_prompts)

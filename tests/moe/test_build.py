@@ -56,7 +56,7 @@ def read(folder: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def naive_gates(zoo) -> torch.Tensor:
+def naive_gates(zoo, prompt_sets: list[tuple[list[str], list[str]]]) -> torch.Tensor:
     """The hidden-state rule computed another way: transformers' own loader, a pre-hook on
     every decoder layer catching its input, plain Python sums and norms."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -87,8 +87,7 @@ def naive_gates(zoo) -> torch.Tensor:
         return [s / len(prompts) for s in sums]
 
     rows = []
-    for task in TASKS:
-        pos, neg = PROMPTS[task]
+    for pos, neg in prompt_sets:
         v = mean_inputs(pos)
         if neg:
             v = [a - b for a, b in zip(v, mean_inputs(neg), strict=True)]
@@ -96,12 +95,12 @@ def naive_gates(zoo) -> torch.Tensor:
     for h in handles:
         h.remove()
     return torch.stack(
-        [torch.stack([rows[e][i] for e in range(len(TASKS))]) for i in range(len(layers))]
+        [torch.stack([rows[e][i] for e in range(len(rows))]) for i in range(len(layers))]
     )
 
 
 def test_hidden_routers_equal_a_naive_computation(zoo_tiny, built: Path) -> None:
-    want = naive_gates(zoo_tiny)
+    want = naive_gates(zoo_tiny, [PROMPTS[t] for t in TASKS])
     for layer in range(want.shape[0]):
         got = read(built, f"model.layers.{layer}.block_sparse_moe.gate.weight")
         torch.testing.assert_close(got, want[layer], atol=1e-5, rtol=1e-5)
@@ -181,12 +180,11 @@ def test_all_router_weight_on_one_expert_is_that_dense_model(zoo_tiny, built: Pa
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_block_equals_a_naive_top2_mixture(zoo_tiny, built: Path) -> None:
-    """With its own routers, each MoE block's output is the paper's top-2 mixture of the dense
-    experts' MLPs, computed from the experts' files."""
+def block_io(folder: Path) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the MoE block's input and output on BATCH, the model loaded by transformers."""
     from transformers import AutoModelForCausalLM
 
-    moe = AutoModelForCausalLM.from_pretrained(built, dtype=torch.float32).eval()
+    moe = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, layer in enumerate(moe.model.layers):
         layer.mlp.register_forward_hook(
@@ -194,21 +192,65 @@ def test_sparse_block_equals_a_naive_top2_mixture(zoo_tiny, built: Path) -> None
         )
     with torch.no_grad():
         moe(input_ids=BATCH)
-    for layer, (x, out) in seen.items():
+    return seen
+
+
+def dense_mlp(folder: Path, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The dense model's MLP of ``layer`` on ``x``, from its file: down(silu(gate x) * up x)."""
+    p = f"model.layers.{layer}.mlp."
+    wg, wu, wd = (read(folder, p + f"{n}_proj.weight") for n in ("gate", "up", "down"))
+    return (torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)) @ wd.T
+
+
+def top2_mixture(zoo, x: torch.Tensor, gate: torch.Tensor, layer: int) -> torch.Tensor:
+    """Softmax over the router logits, the top 2 renormalised, their experts' MLPs mixed."""
+    top, idx = torch.softmax(x @ gate.T, dim=-1).topk(2, dim=-1)
+    top = top / top.sum(-1, keepdim=True)
+    want = torch.zeros_like(x)
+    for e, task in enumerate(TASKS):
+        want += (top * (idx == e)).sum(-1, keepdim=True) * dense_mlp(zoo.experts[task], layer, x)
+    return want
+
+
+def test_sparse_block_equals_a_naive_top2_mixture(zoo_tiny, built: Path) -> None:
+    """With its own routers, each MoE block's output is the top-2 mixture of the dense
+    experts' MLPs, computed from the experts' files."""
+    for layer, (x, out) in block_io(built).items():
         gate = read(built, f"model.layers.{layer}.block_sparse_moe.gate.weight")
-        probs = torch.softmax(x @ gate.T, dim=-1)
-        top, idx = probs.topk(2, dim=-1)
-        top = top / top.sum(-1, keepdim=True)
-        want = torch.zeros_like(x)
-        for e, task in enumerate(TASKS):
-            p = f"model.layers.{layer}.mlp."
-            wg, wu, wd = (
-                read(zoo_tiny.experts[task], p + f"{n}_proj.weight") for n in ("gate", "up", "down")
-            )
-            y = (torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)) @ wd.T
-            weight = (top * (idx == e)).sum(-1, keepdim=True)
-            want += weight * y
-        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out, top2_mixture(zoo_tiny, x, gate, layer), atol=1e-5, rtol=1e-5
+        )
+
+
+SHARED = (["\u4f41\u4f5c", "\u4f46"], ["\u4f50"])
+
+
+def test_qwen2_moe_with_a_shared_expert(zoo_tiny, tmp_path: Path) -> None:
+    """Qwen2-MoE output (the base as the shared expert, its down projection halved): loads
+    with the hand-counted parameters; routers and the shared gate follow the hidden rule; each
+    block is the top-2 mixture plus sigmoid(shared gate . x) times the shared MLP."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM
+
+    shared = {"source_model": str(zoo_tiny.base), "positive_prompts": SHARED[0]}
+    shared |= {"negative_prompts": SHARED[1], "residual_scale": 0.5}
+    out = tmp_path / "qwen"
+    build_moe(parse_moe_config(config(zoo_tiny) | {"shared_experts": [shared]}), str(out))
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert isinstance(model, Qwen2MoeForCausalLM) and not any(info.values()), info
+    v, h, i, layers, kv, experts = 373, 64, 160, 2, 2 * 16, 3
+    attention = 2 * h * h + 2 * h * kv  # no q/k/v biases (qkv_bias false)
+    per_layer = attention + 2 * h + experts * h + experts * 3 * h * i + 3 * h * i + h
+    expected = 2 * v * h + layers * per_layer + h
+    assert sum(p.numel() for p in model.parameters()) == expected == 318_912
+    want = naive_gates(zoo_tiny, [*(PROMPTS[t] for t in TASKS), SHARED])
+    for layer, (x, got) in block_io(out).items():
+        p = f"model.layers.{layer}.mlp."
+        gate, shared_gate = read(out, p + "gate.weight"), read(out, p + "shared_expert_gate.weight")
+        torch.testing.assert_close(gate, want[layer, :3], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(shared_gate, want[layer, 3:], atol=1e-5, rtol=1e-5)
+        mixed = top2_mixture(zoo_tiny, x, gate, layer)
+        mixed += torch.sigmoid(x @ shared_gate.T) * 0.5 * dense_mlp(zoo_tiny.base, layer, x)
+        torch.testing.assert_close(got, mixed, atol=1e-5, rtol=1e-5)
 
 
 def digests(folder: Path) -> dict[str, str]:

@@ -49,8 +49,12 @@ def expert(name: str, prompt: str | None = "x") -> dict:
         ({"experts": [expert("a"), expert("b")]}, "every expert has the same prompts"),
         ({"experts": [{"source_model": "a", "positive_prompt": ["x"]}]}, "positive_prompt"),
         ({"experts": [{"positive_prompts": ["x"]}]}, "experts.0.source_model"),
-        ({"shared_experts": [expert("s")]}, "shared_experts: shared experts"),
-        ({"architecture": "qwen moe"}, "architecture: 'qwen moe'"),
+        ({"architecture": "mixtral", "shared_experts": [expert("s")]}, "Mixtral has no shared"),
+        ({"architecture": "qwen moe"}, "shared_experts: Qwen MoE needs exactly one shared"),
+        ({"shared_experts": [expert("s"), expert("t")]}, "exactly one shared expert"),
+        ({"shared_experts": [expert("s", None)]}, "shared_experts.0.positive_prompts"),
+        ({"architecture": "deepseek"}, "architecture: 'deepseek'; amalgam writes Mixtral or Qwen"),
+        ({"experts": [{**expert("a"), "noise_scale": 0.1}]}, "experts.0.noise_scale"),
         ({"experts": []}, "experts: at least one expert"),
     ],
 )
@@ -70,3 +74,12 @@ def test_random_needs_no_prompts() -> None:
         }
     )
     assert config.gate_mode == "random" and config.seed == 0
+
+
+def test_the_output_architecture() -> None:
+    two = [expert("a", "p"), expert("b", "q")]
+    assert parse_moe_config({"base_model": "b", "experts": two}).output_architecture == "mixtral"
+    qwen = {"base_model": "b", "experts": two, "shared_experts": [expert("s", "r")]}
+    assert parse_moe_config(qwen).output_architecture == "qwen2_moe"
+    named = parse_moe_config({**qwen, "architecture": "Qwen"})
+    assert named.output_architecture == "qwen2_moe"
