@@ -4,7 +4,9 @@ Builds MoEs with `amalgam.moe.build_moe` (every expert's positive prompts: the f
 `--prompts` prompts of its task's train split, no negative prompts) in several settings:
 routers from hidden states (`gate_mode: hidden`) with 2 and with 1 expert per token, from
 cheap embeddings, seeded random, and hidden over a TIES merge of the experts as the base (so
-attention, norms and embeddings come from the merge instead of the pretrained base). In the
+attention, norms and embeddings come from the merge instead of the pretrained base); and two
+Qwen2-MoE builds whose shared expert is the base or the TIES merge (its gate from the first
+2 prompts of every task). In the
 same run it scores the base, each dense expert, and the dense merges task arithmetic, TIES and
 averaging (authors' defaults, as benchmarks/quality.py), all on the test split with
 `amalgam.evaluate.quick_evaluate`. It reports per-task accuracy, the routing table (per task,
@@ -41,13 +43,16 @@ MERGES = {
     "ties": {"density": 0.2, "lambda": 1.0},
     "linear": {},
 }
-#: MoE settings: label -> (gate_mode, experts_per_token, base: "base" or a merge's name)
-SETTINGS = {
-    "moe hidden k=2": ("hidden", 2, "base"),
-    "moe hidden k=1": ("hidden", 1, "base"),
-    "moe cheap_embed k=2": ("cheap_embed", 2, "base"),
-    "moe random k=2": ("random", 2, "base"),
-    "moe hidden k=2, TIES base": ("hidden", 2, "ties"),
+#: MoE settings: label -> (gate_mode, experts_per_token, base, shared expert), the base and the
+#: shared expert "base" or a merge's name; a shared expert makes the output Qwen2-MoE.
+SETTINGS: dict[str, tuple[str, int, str, str | None]] = {
+    "moe hidden k=2": ("hidden", 2, "base", None),
+    "moe hidden k=1": ("hidden", 1, "base", None),
+    "moe cheap_embed k=2": ("cheap_embed", 2, "base", None),
+    "moe random k=2": ("random", 2, "base", None),
+    "moe hidden k=2, TIES base": ("hidden", 2, "ties", None),
+    "qwen2-moe hidden k=2, shared base": ("hidden", 2, "base", "base"),
+    "qwen2-moe hidden k=2, TIES base, shared TIES": ("hidden", 2, "ties", "ties"),
 }
 
 
@@ -86,7 +91,7 @@ def routing(folder: Path, zoo: Any, tasks: list[str], limit: int | None) -> dict
     from amalgam.evaluate.taskdir import read_split
 
     model, tokenizer = load(folder)
-    experts = model.config.num_local_experts
+    experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     counts: list[torch.Tensor] = []
 
     def hook(_module: Any, _args: Any, output: Any, layer: int) -> None:
@@ -134,20 +139,22 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         for t in tasks
     }
     moes: dict[str, dict[str, Any]] = {}
-    for label, (gate_mode, per_token, base) in SETTINGS.items():
+    everything = [p for t in tasks for p in prompts[t][:2]]
+    for label, (gate_mode, per_token, base, shared) in SETTINGS.items():
         log(f"build {label}")
         out = work / label.replace(" ", "_").replace(",", "").replace("=", "")
-        config = parse_moe_config(
-            {
-                "base_model": str(zoo.base if base == "base" else merges[base]),
-                "gate_mode": gate_mode,
-                "experts_per_token": per_token,
-                "experts": [
-                    {"source_model": str(zoo.experts[t]), "positive_prompts": prompts[t]}
-                    for t in tasks
-                ],
-            }
-        )
+        body: dict[str, Any] = {
+            "base_model": str(zoo.base if base == "base" else merges[base]),
+            "gate_mode": gate_mode,
+            "experts_per_token": per_token,
+            "experts": [
+                {"source_model": str(zoo.experts[t]), "positive_prompts": prompts[t]} for t in tasks
+            ],
+        }
+        if shared:
+            source = zoo.base if shared == "base" else merges[shared]
+            body["shared_experts"] = [{"source_model": str(source), "positive_prompts": everything}]
+        config = parse_moe_config(body)
         t0 = time.perf_counter()
         result = build_moe(config, str(out))
         build_s = time.perf_counter() - t0
@@ -158,6 +165,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             "gate_mode": gate_mode,
             "experts_per_token": per_token,
             "base": base,
+            "shared_expert": shared,
             "build_seconds": build_s,
             "params_checkpoint": result.num_params,
             "params_loaded": loaded,
