@@ -77,9 +77,10 @@ def build_moe(
             _open(stack, e.source_model, f"shared_experts.{i}.source_model", so)
             for i, e in enumerate(config.shared_experts)
         ]
-        check_inputs(base, {f"experts.{i}": c for i, c in enumerate(experts)})
-        check_inputs(base, {f"shared_experts.{i}": c for i, c in enumerate(shared)})
+        fields = [f"experts.{i}" for i in range(len(experts))]
+        fields += [f"shared_experts.{i}" for i in range(len(shared))]
         experts += shared
+        check_inputs(base, dict(zip(fields, experts, strict=True)))
         key = build_key(config, base, experts)
         layers = int(base.config["num_hidden_layers"])
         if done(output, key, so):
@@ -109,11 +110,11 @@ def check_inputs(base: Checkpoint, experts: dict[str, Checkpoint]) -> None:
     kind = cfg.get("model_type")
     if kind not in SUPPORTED:
         raise MoEError(
-            f"{base.uri}: model_type {kind!r}; a Mixtral MoE is built from {' or '.join(SUPPORTED)}"
+            f"{base.uri}: model_type {kind!r}; an MoE is built from {' or '.join(SUPPORTED)} models"
         )
     for flag in ("mlp_bias", "attention_bias"):
         if cfg.get(flag):
-            raise MoEError(f"{base.uri}: {flag} is true; Mixtral has no such biases")
+            raise MoEError(f"{base.uri}: {flag} is true; the MoE layouts have no such biases")
     mlp = [n for n in base.names() if MLP.fullmatch(n)]
     if not mlp:
         raise MoEError(f"{base.uri}: no MLP tensors named like model.layers.N.mlp.gate_proj.weight")

@@ -103,6 +103,7 @@ def cheap_embed_rows(
 
 def load_tokenizer(base: Checkpoint) -> PreTrainedTokenizerBase:
     """The base's tokenizer, from wherever the base lives (its files copied to a temp folder)."""
+    # lazy: transformers takes seconds to import; gate_mode random never needs it
     from transformers import AutoTokenizer
 
     files = [f for f in base.side_files() if f in TOKENIZER_FILES or f == "config.json"]
@@ -118,6 +119,7 @@ def load_tokenizer(base: Checkpoint) -> PreTrainedTokenizerBase:
 
 def load_model(base: Checkpoint) -> PreTrainedModel:
     """The base model in float32, its tensors read from the checkpoint (any storage)."""
+    # lazy: transformers takes seconds to import; only gate_mode hidden runs the model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     settings = dict(base.config)
