@@ -14,8 +14,14 @@ the share of top-k slots each expert gets in each layer, over the task's test pr
 parameter counts (the checkpoint's and transformers' after loading) and build times.
 Writes `results/moe-build.{md,json}`.
 
-    python benchmarks/moe_build.py                  # full zoo (about 3 minutes, 2 cores)
+`--memory` measures streaming instead: a synthetic float32 Llama base and 4 experts (random
+tensors, `--hidden`/`--layers` sized) built into a Mixtral MoE with `gate_mode: random` in a
+fresh process; it reports the process's peak RSS above its RSS after imports, against the
+largest tensor and the output's size (`results/moe-build-memory.{md,json}`).
+
+    python benchmarks/moe_build.py                  # full zoo (about 5 minutes, 2 cores)
     python benchmarks/moe_build.py --profile tiny   # tiny zoo
+    python benchmarks/moe_build.py --memory         # streaming: peak RSS of a ~250 MB build
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -191,6 +199,132 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     }
 
 
+#: The measured process: after imports, the peak-RSS mark is reset (Linux clear_refs 5) and the
+#: RSS read; after the build, the peak since then (VmHWM), in bytes.
+MEASURE = """
+import json, sys
+from amalgam.moe import build_moe, parse_moe_config
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+build_moe(parse_moe_config(json.loads(sys.argv[1])), sys.argv[2])
+print(json.dumps({"rss_after_imports": before, "peak_rss": status("VmHWM")}))
+"""
+
+
+def synthetic(folder: Path, seed: int, hidden: int, layers: int, vocab: int) -> Path:
+    """A float32 Llama checkpoint of random tensors (no tokenizer: for gate_mode random)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    inter = 4 * hidden
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}
+    shapes["model.norm.weight"] = (hidden,)
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    folder.mkdir(parents=True)
+    save_file(
+        {n: torch.randn(s, generator=g) for n, s in shapes.items()},
+        str(folder / "model.safetensors"),
+    )
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "vocab_size": vocab,
+        "dtype": "float32",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def memory(args: argparse.Namespace, layers: int) -> dict[str, Any]:
+    """Peak RSS of a build in a fresh process, against the largest tensor and the output."""
+    from amalgam.checkpoint import open_checkpoint
+
+    work = Path(args.work) / "memory"
+    shutil.rmtree(work, ignore_errors=True)
+    sizes = (args.hidden, layers, 8192)
+    base = synthetic(work / "base", 0, *sizes)
+    experts = [synthetic(work / f"expert{i}", i + 1, *sizes) for i in range(4)]
+    config = {
+        "base_model": str(base),
+        "gate_mode": "random",
+        "experts": [{"source_model": str(e)} for e in experts],
+    }
+    out = work / "moe"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(config), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seconds = time.perf_counter() - started
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    with open_checkpoint(str(out)) as moe, open_checkpoint(str(base)) as dense:
+        largest = max(moe.info(n).nbytes for n in moe.names())
+        result = {
+            "hidden": args.hidden,
+            "layers": layers,
+            "experts": len(experts),
+            "dense_bytes": dense.nbytes,
+            "output_bytes": moe.nbytes,
+            "largest_tensor_bytes": largest,
+            "seconds": seconds,
+            **measured,
+        }
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def memory_report(rows: list[dict[str, Any]]) -> str:
+    mb = 1e6
+    r = rows[0]
+    lines = [
+        "# MoE build: memory",
+        "",
+        f"Synthetic float32 Llamas (hidden {r['hidden']}, MLP {4 * r['hidden']}, vocabulary "
+        f"8192) and {r['experts']} experts of their shapes built into a Mixtral MoE "
+        "(`gate_mode: random`), each in a fresh process, by "
+        "`python benchmarks/moe_build.py --memory`. `grown`: the peak RSS during the build "
+        "above the RSS after imports.",
+        "",
+        "| layers | dense model | MoE written | largest tensor | RSS after imports | "
+        "peak RSS since | grown | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        grown = r["peak_rss"] - r["rss_after_imports"]
+        lines.append(
+            f"| {r['layers']} | {r['dense_bytes'] / mb:.1f} MB | {r['output_bytes'] / mb:.1f} MB "
+            f"| {r['largest_tensor_bytes'] / mb:.1f} MB | {r['rss_after_imports'] / mb:.1f} MB "
+            f"| {r['peak_rss'] / mb:.1f} MB | {grown / mb:.1f} MB | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def short(task: str) -> str:
     return task.removeprefix("zoo_")
 
@@ -271,10 +405,19 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="test examples per task")
     parser.add_argument("--prompts", type=int, default=8, help="router prompts per expert")
     parser.add_argument("--work", default=str(WORK))
+    parser.add_argument("--memory", action="store_true", help="measure streaming instead")
+    parser.add_argument("--hidden", type=int, default=512, help="--memory: hidden size")
+    parser.add_argument("--layers", default="4,8", help="--memory: layer counts, comma-separated")
     args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.memory:
+        measured = [memory(args, int(n)) for n in args.layers.split(",")]
+        (RESULTS / "moe-build-memory.json").write_text(json.dumps(measured, indent=2) + "\n")
+        (RESULTS / "moe-build-memory.md").write_text(memory_report(measured))
+        print(memory_report(measured))
+        return
     result = run(args)
     suffix = "" if args.profile == "full" else f"-{args.profile}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"moe-build{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"moe-build{suffix}.md").write_text(report(result))
     print(report(result))
