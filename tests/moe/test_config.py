@@ -83,3 +83,18 @@ def test_the_output_architecture() -> None:
     assert parse_moe_config(qwen).output_architecture == "qwen2_moe"
     named = parse_moe_config({**qwen, "architecture": "Qwen"})
     assert named.output_architecture == "qwen2_moe"
+
+
+def test_the_documented_config_parses() -> None:
+    """docs/moe.md's example, as written and with its Qwen2-MoE lines uncommented."""
+    import re
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "moe.md").read_text()
+    text = re.search(r"```yaml\n(.*?)```", doc, re.S).group(1)
+    assert parse_moe_config(yaml.safe_load(text)).output_architecture == "mixtral"
+    qwen = re.sub(r"^# ?", "", text, flags=re.M)
+    config = parse_moe_config(yaml.safe_load(qwen))
+    assert config.output_architecture == "qwen2_moe"
+    assert config.shared_experts[0].residual_scale == 0.5
