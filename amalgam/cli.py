@@ -1,9 +1,9 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-decompress, permute, align (connectivity report), extract-lora, transplant (a donor's tokenizer),
-policy (the registry's promotion gates), card (a registered model's Hugging Face card), batch
-(many recipes on one Ray cluster). The orchestration layer adds the pipeline commands (run,
-nightly, sweep, promote, serve) to this ``app`` in ``flows/cli.py``, the ``amalgam`` entry
-point."""
+decompress, moe (an MoE from dense experts), permute, align (connectivity report), extract-lora,
+transplant (a donor's tokenizer), policy (the registry's promotion gates), card (a registered
+model's Hugging Face card), batch (many recipes on one Ray cluster). The orchestration layer adds
+the pipeline commands (run, nightly, sweep, promote, serve) to this ``app`` in ``flows/cli.py``,
+the ``amalgam`` entry point."""
 
 from __future__ import annotations
 
@@ -434,6 +434,36 @@ def decompress(
         compressed, base, output, overwrite=overwrite, **_storage(storage_options)
     )
     console.print(f"[bold]decompressed[/] {compressed} -> {out}", soft_wrap=True)
+
+
+@app.command()
+def moe(
+    config: Annotated[str, typer.Argument(help="mergekit-moe YAML (base_model, experts, ...)")],
+    output: Annotated[str, typer.Option(help="MoE model folder or URI to write")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard")] = "5GB",
+    storage_options: StorageOpt = None,
+) -> None:
+    """Build a Mixtral-style MoE from dense experts: their MLPs as experts, everything else
+    from the base, routers from prompts (gate_mode hidden | cheap_embed | random)."""
+    # lazy: torch
+    from amalgam.moe import build_moe, load_moe_config
+
+    spec = load_moe_config(config)
+    result = build_moe(
+        spec,
+        output,
+        overwrite=overwrite,
+        max_shard_size=parse_bytes(max_shard_size, "--max-shard-size"),
+        storage_options=_storage(storage_options),
+    )
+    verb = "already built" if result.skipped else "built"
+    digest = result.content_hash.removeprefix("sha256:")[:12]
+    console.print(
+        f"[bold]{verb}[/] {result.output}: {result.experts} experts x {result.layers} layers, "
+        f"{result.num_params:,} parameters, content hash {digest}",
+        soft_wrap=True,
+    )
 
 
 @app.command()
