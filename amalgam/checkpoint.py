@@ -427,7 +427,13 @@ class Checkpoint:
         found = [f for f in names if self.fs.exists(storage.join(self.root, f))]
         if "modules.json" in found:
             modules = json.loads(self.fs.cat_file(storage.join(self.root, "modules.json")))
-            configs = [f"{m['path']}/config.json" for m in modules if m.get("path")]
+            folders = [m.get("path") or "" for m in modules]
+            # a module folder is a plain name beside the weights (never "..", never absolute)
+            configs = [
+                f"{d}/config.json"
+                for d in folders
+                if PurePosixPath(d).name == d and d not in ("", ".", "..")
+            ]
             found += [f for f in configs if self.fs.exists(storage.join(self.root, f))]
         return found
 

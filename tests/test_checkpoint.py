@@ -59,6 +59,25 @@ def tensors() -> dict[str, torch.Tensor]:
 # -- layouts and metadata -----------------------------------------------------------------------
 
 
+def test_sentence_transformers_module_configs_are_side_files_only_beside_the_weights(
+    tmp_path, save_checkpoint, tensors
+):
+    folder = save_checkpoint(tmp_path / "m", tensors, config={"model_type": "bert"})
+    modules = [
+        {"idx": 0, "name": "0", "path": ""},
+        {"idx": 1, "name": "1", "path": "1_Pooling"},
+        {"idx": 2, "name": "2", "path": ".."},
+        {"idx": 3, "name": "3", "path": "../elsewhere"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    for sub in ("1_Pooling", "../elsewhere"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    with open_checkpoint(str(folder)) as ckpt:
+        assert ckpt.side_files() == ["config.json", "modules.json", "1_Pooling/config.json"]
+
+
 def test_model_folder_metadata_and_values(tmp_path, save_checkpoint, tensors):
     config = {"model_type": "llama", "hidden_size": 8}
     folder = save_checkpoint(tmp_path / "m", tensors, config=config)
