@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from amalgam.writer import INDEX_NAME, CheckpointWriter, shard_header
 MANIFEST = "compression.json"
 FORMAT = 1
 PAPER = "arXiv:2311.13171"
+METHODS = ("compeft", "tall")  # what a compression.json may hold
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ def compress_model(
             "method": spec.method,
             "paper": PAPER,
             "kind": _kind(model),
-            "settings": spec.model_dump(mode="json", exclude={"output", "max_shard_size"}),
+            "settings": spec.settings(),
             "base": {"uri": base.uri, "hash": base.content_hash()} if base else None,
             "model": {"uri": model.uri, "hash": model.content_hash()},
             "amalgam": __version__,
@@ -151,7 +153,7 @@ def compress_model(
         writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
         try:
             result = _compress(model, base, refs, writer, spec, keep_dense, manifest)
-            result.side_bytes = _copy_side_files(model, writer)
+            result.side_bytes = copy_side_files(model, writer)
             writer.commit()
         except BaseException:
             writer.abort()
@@ -243,7 +245,8 @@ def _compress(
     )
 
 
-def _copy_side_files(src: Checkpoint, writer: CheckpointWriter) -> int:
+def copy_side_files(src: Checkpoint, writer: CheckpointWriter) -> int:
+    """Copy ``src``'s config and tokenizer files into the writer's folder; their bytes."""
     size = 0
     for name in src.side_files():
         path = storage.join(src.root, name)
@@ -263,10 +266,11 @@ def read_manifest(compressed_uri: str, **storage_options: Any) -> dict[str, Any]
             manifest = json.loads(fh.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CompressError(f"{compressed_uri}/{MANIFEST}: unreadable ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("method") != "compeft":
+    if manifest.get("format") != FORMAT or manifest.get("method") not in METHODS:
         raise CompressError(
             f"{compressed_uri}/{MANIFEST}: format {manifest.get('format')!r} method "
-            f"{manifest.get('method')!r} is not amalgam's compeft format {FORMAT}"
+            f"{manifest.get('method')!r} is not amalgam's format {FORMAT} of "
+            + " or ".join(METHODS)
         )
     return manifest
 
@@ -278,17 +282,38 @@ def decompress_model(
     *,
     overwrite: bool = False,
     max_shard_size: int = 5 * 10**9,
+    task: str | None = None,
     **storage_options: Any,
 ) -> str:
     """Rebuild what was compressed: a dense Hugging Face model folder, or a PEFT adapter folder
     (one ``adapter_model.safetensors`` and the adapter config): reference + scale * sign at the
-    kept positions, in each tensor's dtype.
+    kept positions, in each tensor's dtype. A TALL folder rebuilds expert ``task`` (see
+    :func:`amalgam.compress.tall.decompress_task`).
 
     ``base_uri`` defaults to the base recorded at compression; its content hash must match the
     recorded one. An adapter whose tensors were all compressed against zero needs no base.
     Returns the output URI.
     """
     manifest = read_manifest(compressed_uri, **storage_options)
+    if manifest["method"] == "tall":
+        # lazy: tall imports this module
+        from amalgam.compress.tall import decompress_task
+
+        return decompress_task(
+            compressed_uri,
+            manifest,
+            task,
+            base_uri,
+            output_uri,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            **storage_options,
+        )
+    if task is not None:
+        raise CompressError(
+            f"{compressed_uri}: --task picks an expert of TALL storage; this folder is "
+            f"{manifest['method']}"
+        )
     kind = manifest.get("kind", "model")
     tensors: dict[str, dict[str, Any]] = manifest["tensors"]
     needs_base = any(_reference(n, t) for n, t in tensors.items() if t["encoding"] != "dense")
@@ -319,28 +344,51 @@ def decompress_model(
             metadata["format"] = "pt"
         inputs = {"compressed": packed} | ({"base": base} if base else {})
         check_output(output_uri, inputs, overwrite, storage_options)
-        writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
-        try:
-            for unit in units:
-                shard = writer.shard(unit.file, unit.entries(), metadata)
-                try:
-                    for job in unit.jobs:
-                        shard.write(job.name, _dense(job.name, tensors[job.name], packed, base))
-                except BaseException:
-                    shard.discard()
-                    raise
-                shard.close()
-            if len(units) > 1:
-                weight_map = {j.name: u.file for u in units for j in u.jobs}
-                total = sum(u.nbytes for u in units)
-                writer.write_json(
-                    INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
-                )
-            _copy_side_files(packed, writer)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        return write_rebuilt(
+            output_uri,
+            units,
+            lambda name: _dense(name, tensors[name], packed, base),
+            metadata,
+            packed,
+            overwrite=overwrite,
+            **storage_options,
+        )
+
+
+def write_rebuilt(
+    output_uri: str,
+    units: tuple[WorkUnit, ...],
+    tensor: Callable[[str], torch.Tensor],
+    metadata: dict[str, str],
+    side: Checkpoint,
+    *,
+    overwrite: bool,
+    **storage_options: Any,
+) -> str:
+    """Write a rebuilt model folder: the shards of ``units``, each tensor from ``tensor(name)``
+    as it is written, an index when sharded, and ``side``'s config and tokenizer files."""
+    writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
+    try:
+        for unit in units:
+            shard = writer.shard(unit.file, unit.entries(), metadata)
+            try:
+                for job in unit.jobs:
+                    shard.write(job.name, tensor(job.name))
+            except BaseException:
+                shard.discard()
+                raise
+            shard.close()
+        if len(units) > 1:
+            weight_map = {j.name: u.file for u in units for j in u.jobs}
+            total = sum(u.nbytes for u in units)
+            writer.write_json(
+                INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
+        copy_side_files(side, writer)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
     return storage.full_uri(writer.fs, writer.path)
 
 

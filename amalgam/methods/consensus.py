@@ -49,11 +49,17 @@ AGREEMENT = Param(
 )
 
 
+def tall_mask(task: torch.Tensor, merged: torch.Tensor, mask_lambda: float) -> torch.Tensor:
+    """One task's TALL mask: 1.0 where |task| > mask_lambda * |merged - task|, else 0.0 (a new
+    tensor; the inputs are left unchanged)."""
+    return positive(task.abs().sub_(torch.sub(merged, task).abs_().mul_(mask_lambda)))
+
+
 def consensus_mask(raw: list[torch.Tensor], merged: torch.Tensor, p: TensorParams) -> torch.Tensor:
     """1.0 where at least ``agreement`` of the models' TALL masks select the entry, else 0.0."""
     count = torch.zeros_like(merged)
     for t, lam in zip(raw, p.each("mask_lambda"), strict=True):
-        count.add_(positive(t.abs().sub_(torch.sub(merged, t).abs_().mul_(lam))))
+        count.add_(tall_mask(t, merged, lam))
     return at_least(count, p.shared["agreement"])
 
 
