@@ -63,7 +63,7 @@ def run(profile: str) -> dict:
         stored[lam] = {
             "tall_bytes": result.compressed_bytes,
             "mask_share": sum(t.kept for t in result.tensors)
-            / (len(tasks) * sum(t.numel for t in result.tensors)),
+            / sum(t.numel for t in result.tensors),
         }
         rebuilt[lam] = {}
         for t in tasks:

@@ -184,7 +184,8 @@ def _write(
                 manifest["tensors"][name] |= {"kept": kept, "file": file}
                 stored = codec.payload_bytes(tensor_entries)
                 dense = info.nbytes * len(models)
-                reports.append((name, "tall", info.numel, sum(kept), dense, stored))
+                bits = info.numel * len(models)  # one mask bit per entry and task
+                reports.append((name, "tall", bits, sum(kept), dense, stored))
         except BaseException:
             shard.discard()
             raise
