@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".work" / "compress_tall"
 RESULTS = ROOT / "benchmarks" / "results"
 GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
+NO_MASK = 0.0  # every entry a task changed takes tau_MTL: the task-arithmetic sum, lambda 1
 SPLITS = ("validation", "test")
 
 
@@ -53,9 +54,10 @@ def run(profile: str) -> dict:
     experts = {t: str(zoo.experts[t]) for t in tasks}
     shutil.rmtree(WORK, ignore_errors=True)
     original = {t: {s: score(zoo.experts[t], zoo, t, s) for s in SPLITS} for t in tasks}
+    base = {t: score(zoo.base, zoo, t, "test") for t in tasks}
     rebuilt: dict[float, dict[str, dict[str, float]]] = {}
     stored: dict[float, dict] = {}
-    for lam in GRID:
+    for lam in (*GRID, NO_MASK):
         packed = WORK / f"tall-{lam}"
         result = compress_tall(
             experts, str(zoo.base), str(packed), CompressSpec(method="tall", tall_lambda=lam)
@@ -78,6 +80,7 @@ def run(profile: str) -> dict:
         "profile": profile,
         "tasks": tasks,
         "base_bytes": weight_bytes(zoo.base),
+        "base": base,
         "experts_bytes": experts_bytes,
         "original": original,
         "rebuilt": {str(k): v for k, v in rebuilt.items()},
@@ -89,40 +92,58 @@ def run(profile: str) -> dict:
 def markdown(r: dict) -> str:
     tasks, grid = r["tasks"], [str(g) for g in GRID]
     orig = {t: r["original"][t]["test"] for t in tasks}
+    base = r["base"]
+    none = str(NO_MASK)
     lines = [
         f"# TALL-mask storage of the zoo's {len(tasks)} experts (profile `{r['profile']}`)",
         "",
         "Made by `python benchmarks/compress_tall.py --profile "
         f"{r['profile']}`. Test-split accuracy (%) of each expert on its own task, quick "
         "scorer; rebuilt = base + m_t * tau_MTL from the TALL folder (tau_MTL: the sum of the "
-        "task vectors). `chosen`: per task, the lambda with the best validation accuracy.",
+        "task vectors), for each lambda of the paper's grid. `chosen`: per task, the lambda "
+        "with the best validation accuracy. `no mask`: lambda 0, every entry the task changed "
+        "takes tau_MTL (the plain task-arithmetic sum, one model for all tasks).",
         "",
-        "| task | expert | " + " | ".join(f"lambda {g}" for g in grid) + " | chosen (lambda) |",
-        "|---|---:|" + "---:|" * len(grid) + "---:|",
+        "| task | base | expert | "
+        + " | ".join(f"lambda {g}" for g in grid)
+        + " | chosen (lambda) | no mask |",
+        "|---|---:|---:|" + "---:|" * len(grid) + "---:|---:|",
     ]
     for t in tasks:
         cells = [f"{100 * r['rebuilt'][g][t]['test']:.1f}" for g in grid]
         c = r["chosen"][t]
         lines.append(
-            f"| {t} | {100 * orig[t]:.1f} | "
+            f"| {t} | {100 * base[t]:.1f} | {100 * orig[t]:.1f} | "
             + " | ".join(cells)
-            + f" | {100 * r['rebuilt'][str(c)][t]['test']:.1f} ({c}) |"
+            + f" | {100 * r['rebuilt'][str(c)][t]['test']:.1f} ({c}) | "
+            f"{100 * r['rebuilt'][none][t]['test']:.1f} |"
         )
 
     def retained(acc: dict[str, float]) -> str:
         return f"{100 * sum(acc.values()) / sum(orig.values()):.1f}%"
 
-    per_lambda = {g: {t: r["rebuilt"][g][t]["test"] for t in tasks} for g in grid}
+    def gain(acc: dict[str, float]) -> str:
+        """The share of the experts' gain over the base kept, summed over tasks."""
+        kept = sum(acc[t] - base[t] for t in tasks)
+        return f"{100 * kept / sum(orig[t] - base[t] for t in tasks):.1f}%"
+
+    per_lambda = {g: {t: r["rebuilt"][g][t]["test"] for t in tasks} for g in [*grid, none]}
     chosen = {t: r["rebuilt"][str(r["chosen"][t])][t]["test"] for t in tasks}
+    columns = [per_lambda[g] for g in grid] + [chosen, per_lambda[none]]
     lines.append(
-        f"| **average** | {100 * mean(orig.values()):.1f} | "
-        + " | ".join(f"{100 * mean(per_lambda[g].values()):.1f}" for g in grid)
-        + f" | {100 * mean(chosen.values()):.1f} |"
+        f"| **average** | {100 * mean(base.values()):.1f} | {100 * mean(orig.values()):.1f} | "
+        + " | ".join(f"{100 * mean(c.values()):.1f}" for c in columns)
+        + " |"
     )
     lines.append(
-        "| retained (sum of accuracies) | 100% | "
-        + " | ".join(retained(per_lambda[g]) for g in grid)
-        + f" | {retained(chosen)} |"
+        f"| accuracy retained (sum) | {retained(base)} | 100% | "
+        + " | ".join(retained(c) for c in columns)
+        + " |"
+    )
+    lines.append(
+        "| gain over the base retained (sum) | 0% | 100% | "
+        + " | ".join(gain(c) for c in columns)
+        + " |"
     )
     base, experts = r["base_bytes"], r["experts_bytes"]
     lines += [
