@@ -9,6 +9,12 @@ per-task selection. Bytes are the files on disk: the TALL folder's weight files 
 headers, and the manifest) and the base's weights, against the experts' weight files.
 
     python benchmarks/compress_tall.py --profile tiny
+    python benchmarks/compress_tall.py --memory        # peak RSS against the largest tensor
+
+`--memory` writes a synthetic float32 base whose largest tensor is 64 MiB and 4 experts, and
+measures the peak RSS (VmHWM) of `compress_tall` and of one `decompress_model(..., task=...)`,
+each in a fresh process, above the process's RSS (VmRSS) once torch and amalgam are imported
+(the import's own transient peak can hide a smaller growth: then the figure is a lower bound).
 """
 
 from __future__ import annotations
@@ -166,11 +172,75 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MEMORY_CHILD = """
+import json, sys
+from amalgam.compress import decompress_model
+from amalgam.compress.tall import compress_tall
+from amalgam.recipe import CompressSpec
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+before = status("VmRSS")
+work, step = sys.argv[1], sys.argv[2]
+if step == "compress":
+    experts = {f"e{i}": f"{work}/e{i}" for i in range(4)}
+    compress_tall(experts, f"{work}/base", f"{work}/tall", CompressSpec(method="tall"))
+else:
+    decompress_model(f"{work}/tall", None, f"{work}/rebuilt", task="e0")
+after = status("VmHWM")
+print(json.dumps({"before_kib": before, "after_kib": after}))
+"""
+
+
+def memory() -> dict:
+    """Peak RSS growth of TALL compression and decompression, in MiB, against the largest
+    tensor's size."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    work = WORK / "memory"
+    shutil.rmtree(work, ignore_errors=True)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (16384, 1024), "model.norm.weight": (1024,)}
+    shapes |= {f"model.layers.{i}.mlp.up_proj.weight": (1024, 1024) for i in range(4)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    for name, tensors in [("base", base)] + [
+        (f"e{i}", {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        for i in range(4)
+    ]:
+        (work / name).mkdir(parents=True)
+        save_file(tensors, str(work / name / "model.safetensors"))
+        (work / name / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    largest = max(t.numel() * 4 for t in base.values()) / 2**20
+    out = {"largest_tensor_mib": largest, "experts": 4}
+    for step in ("compress", "decompress"):
+        run = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, str(work), step],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        kib = json.loads(run.stdout.strip().splitlines()[-1])
+        out[f"{step}_peak_growth_mib"] = (kib["after_kib"] - kib["before_kib"]) / 1024
+    shutil.rmtree(work)
+    return out
+
+
 def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' weight-loading bars
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--memory", action="store_true", help="peak RSS on a synthetic model")
     args = parser.parse_args()
+    if args.memory:
+        found = memory()
+        (RESULTS / "compress-tall-memory.json").write_text(json.dumps(found, indent=2) + "\n")
+        print(json.dumps(found, indent=2))
+        return
     r = run(args.profile)
     suffix = "" if args.profile == "tiny" else f"-{args.profile}"
     (RESULTS / f"compress-tall{suffix}.json").write_text(json.dumps(r, indent=2) + "\n")

@@ -205,13 +205,27 @@ def _check_buffer(name: str, base: Checkpoint, models: dict[str, Checkpoint]) ->
             )
 
 
-def _task_vector(
-    name: str, model: Checkpoint, base: Checkpoint, theta0: torch.Tensor
-) -> torch.Tensor:
-    tau = model.tensor(name).to(torch.float32) - theta0
-    if not bool(torch.isfinite(tau).all()):
-        raise CompressError(f"tensor '{name}': NaN or Inf in {model.uri} or its base {base.uri}")
-    return tau
+def _task_vector(name: str, model: Checkpoint, theta0: torch.Tensor) -> torch.Tensor:
+    return model.tensor(name).to(torch.float32).sub_(theta0)  # a fresh tensor: in place
+
+
+def _check_finite(
+    name: str,
+    total: torch.Tensor,
+    theta0: torch.Tensor,
+    base: Checkpoint,
+    models: dict[str, Checkpoint],
+) -> None:
+    """A NaN or Inf in any input makes the sum non-finite: checked once, on the sum (the
+    check's temporaries are the size of the tensor); the culprit is looked for only then."""
+    if bool(torch.isfinite(total).all()):
+        return
+    for model in models.values():
+        if not bool(torch.isfinite(_task_vector(name, model, theta0)).all()):
+            raise CompressError(
+                f"tensor '{name}': NaN or Inf in {model.uri} or its base {base.uri}"
+            )
+    raise CompressError(f"tensor '{name}': the sum of the task vectors overflows float32")
 
 
 def _write_tensor(
@@ -225,23 +239,15 @@ def _write_tensor(
     theta0 = base.tensor(name).to(torch.float32)
     total = torch.zeros_like(theta0)
     for model in models.values():
-        total.add_(_task_vector(name, model, base, theta0))
+        total.add_(_task_vector(name, model, theta0))
+    _check_finite(name, total, theta0, base, models)
     shard.write(name, total.to(SAFETENSORS_DTYPES[base.info(name).dtype]))
     kept = []
     for i, (task, model) in enumerate(models.items()):
-        mask = tall_mask(_task_vector(name, model, base, theta0), total, lambdas[task]).bool()
+        mask = tall_mask(_task_vector(name, model, theta0), total, lambdas[task])
         shard.write(mask_name(name, i), codec.pack_bits(mask.reshape(-1)))
         kept.append(int(mask.sum()))
     return kept
-
-
-def rebuild(
-    theta0: torch.Tensor, vector: torch.Tensor, packed: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """theta_0 + m * tau_MTL in float32, in ``dtype``: the base where the mask is clear."""
-    mask = codec.unpack_bits(packed, theta0.numel()).reshape(theta0.shape)
-    base = theta0.to(torch.float32)
-    return torch.where(mask, base + vector.to(torch.float32), base).to(dtype)
 
 
 def decompress_task(
@@ -294,9 +300,12 @@ def decompress_task(
 def _dense(
     name: str, entry: dict[str, Any], packed: Checkpoint, base: Checkpoint, index: int
 ) -> torch.Tensor:
+    """theta_0 + m * tau_MTL in float32, in the tensor's dtype: the base's entry, bit for bit,
+    where the mask is clear. Holds the base's tensor, the sum and the mask."""
     if entry["encoding"] == "base":
         return base.tensor(name)
-    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-    return rebuild(
-        base.tensor(name), packed.tensor(name), packed.tensor(mask_name(name, index)), dtype
-    )
+    theta0 = base.tensor(name).to(torch.float32)
+    summed = packed.tensor(name).to(torch.float32).add_(theta0)  # a fresh tensor: in place
+    mask = codec.unpack_bits(packed.tensor(mask_name(name, index)), theta0.numel())
+    out = torch.where(mask.reshape(theta0.shape), summed, theta0)
+    return out.to(SAFETENSORS_DTYPES[entry["dtype"]])

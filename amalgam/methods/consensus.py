@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from amalgam.methods.base import Method, Param, TensorParams, register
-from amalgam.methods.sparsify import at_least, positive
+from amalgam.methods.sparsify import at_least
 from amalgam.methods.task_vectors import (
     CONSENSUS,
     DENSITY,
@@ -50,9 +50,9 @@ AGREEMENT = Param(
 
 
 def tall_mask(task: torch.Tensor, merged: torch.Tensor, mask_lambda: float) -> torch.Tensor:
-    """One task's TALL mask: 1.0 where |task| > mask_lambda * |merged - task|, else 0.0 (a new
-    tensor; the inputs are left unchanged)."""
-    return positive(task.abs().sub_(torch.sub(merged, task).abs_().mul_(mask_lambda)))
+    """One task's TALL mask, as bools: |task| > mask_lambda * |merged - task| (the inputs are
+    left unchanged; two temporaries of their size)."""
+    return task.abs() > torch.sub(merged, task).abs_().mul_(mask_lambda)
 
 
 def consensus_mask(raw: list[torch.Tensor], merged: torch.Tensor, p: TensorParams) -> torch.Tensor:

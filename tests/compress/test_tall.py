@@ -218,6 +218,13 @@ def test_an_expert_of_another_shape_is_refused(
             CompressSpec(method="tall", tall_lambda={"alpha": 0.3}),
         )
     assert not (tmp_path / "c").exists()
+    del found["odd"]
+    broken = llama_tensors(0, torch.float32)
+    broken["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    found["nan"] = str(write_model(tmp_path / "nan", broken))
+    with pytest.raises(CompressError, match=r"up_proj.weight': NaN or Inf in .+/nan or its base"):
+        compress_tall(found, str(base), str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_killed_compression_leaves_nothing_and_the_rerun_completes(
