@@ -33,7 +33,7 @@ from amalgam import __version__, storage
 from amalgam.align.compatibility import check_compatibility
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.compress.errors import CompressError
-from amalgam.compress.stage import (
+from amalgam.compress.folder import (
     FORMAT,
     MANIFEST,
     CompressResult,

@@ -199,6 +199,17 @@ def test_bad_inputs_through_the_cli(
     assert code == 2 and "compresses one model; got 3" in err
     code, _, _ = run_cli(["decompress", c, "--output", d, "--task", "beta"], monkeypatch, capsys)
     assert code == 0 and (tmp_path / "d" / "model.safetensors").is_file()
+    compeft = str(tmp_path / "compeft")
+    code, _, _ = run_cli(
+        ["compress", found["alpha"], "--base", str(base), "--output", compeft], monkeypatch, capsys
+    )
+    assert code == 0
+    code, _, err = run_cli(
+        ["decompress", compeft, "--output", str(tmp_path / "e"), "--task", "alpha"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2 and "--task picks an expert of TALL storage; this folder is compeft" in err
 
 
 def test_an_expert_of_another_shape_is_refused(
