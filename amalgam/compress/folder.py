@@ -21,10 +21,12 @@ METHODS = ("compeft", "tall")  # what a compression.json may hold
 
 @dataclass(frozen=True)
 class TensorReport:
-    """One tensor's outcome: how it is stored, entries kept, and bytes before and after."""
+    """One tensor's outcome: how it is stored, entries kept, and bytes before and after. For
+    TALL (encoding ``tall``): ``numel`` counts one mask bit per entry and task, ``kept`` the
+    bits set, ``dense_bytes`` the tensor in every expert."""
 
     name: str
-    encoding: str  # bitmask | indices | dense
+    encoding: str  # bitmask | elias_fano | indices | dense | tall
     numel: int
     kept: int
     dense_bytes: int

@@ -137,7 +137,7 @@ def compress_tall(
         dense_bytes=sum(m.nbytes for m in models.values()),
         side_bytes=side,
         files=files,
-        tensors=[TensorReport(*r) for r in reports],
+        tensors=reports,
     )
 
 
@@ -156,7 +156,7 @@ def _write(
     writer: CheckpointWriter,
     max_shard_size: int,
     manifest: dict[str, Any],
-) -> tuple[dict[str, int], list[tuple[str, str, int, int, int, int]]]:
+) -> tuple[dict[str, int], list[TensorReport]]:
     """Plan the shards from the shapes, then write each tensor's vector and masks in order."""
     float_names = []
     for name, info in base.tensors.items():  # in the base's order, rebuilt in the same
@@ -185,7 +185,7 @@ def _write(
                 stored = codec.payload_bytes(tensor_entries)
                 dense = info.nbytes * len(models)
                 bits = info.numel * len(models)  # one mask bit per entry and task
-                reports.append((name, "tall", bits, sum(kept), dense, stored))
+                reports.append(TensorReport(name, "tall", bits, sum(kept), dense, stored))
         except BaseException:
             shard.discard()
             raise
