@@ -19,7 +19,7 @@ from amalgam.compress.tall import compress_tall
 from amalgam.recipe import CompressSpec
 from amalgam.writer import intact
 from tests.faults.kills import KILLED, process_env, run_process, weights, work_folders
-from tests.helpers import family, llama_tensors, run_cli, write_model
+from tests.helpers import family, llama_tensors, run_cli, upload_family, write_model
 
 TASKS = ("alpha", "beta", "gamma")
 
@@ -266,3 +266,28 @@ def test_a_killed_compression_leaves_nothing_and_the_rerun_completes(
     assert intact(*storage.resolve(str(tmp_path / "out")))
     assert weights(str(tmp_path / "out")) == weights(str(tmp_path / "reference"))
     assert work_folders(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_s3_to_s3_equals_local(s3, tmp_path: Path) -> None:
+    import uuid
+
+    bucket = f"tall-{uuid.uuid4().hex[:8]}"
+    s3.make_bucket(bucket)
+    fs, opts = s3.filesystem(), s3.storage_options()
+    upload_family(s3, tmp_path, bucket)
+    remote = f"s3://{bucket}"
+    spec = CompressSpec(method="tall", max_shard_size=300)
+    found = {f"e{i}": f"{remote}/expert{i}" for i in range(3)}
+    result = compress_tall(found, f"{remote}/base", f"{remote}/c", spec, **opts)
+    stored = {p.rsplit("/", 1)[1]: fs.size(p) for p in fs.ls(f"{bucket}/c", detail=False)}
+    assert result.files == {n: size for n, size in stored.items() if n in result.files}
+    decompress_model(f"{remote}/c", None, f"{remote}/d", task="e1", **opts)
+    local = {f"e{i}": str(tmp_path / f"expert{i}") for i in range(3)}
+    compress_tall(local, str(tmp_path / "base"), str(tmp_path / "c"), spec)
+    decompress_model(str(tmp_path / "c"), None, str(tmp_path / "d"), task="e1")
+    with open_checkpoint(f"{remote}/d", **opts) as a, open_checkpoint(str(tmp_path / "d")) as b:
+        assert a.names() == b.names()
+        for name in a.names():
+            assert torch.equal(a.tensor(name), b.tensor(name))
+    assert not [p for p in fs.ls(bucket, detail=False) if ".partial-" in p]
