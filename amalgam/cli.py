@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any
 
 import click
@@ -369,50 +369,91 @@ def evaluate(
 
 @app.command()
 def compress(
-    model: Annotated[str, typer.Argument(help="fine-tuned model or PEFT adapter folder or URI")],
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="fine-tuned model or PEFT adapter folder or URI; with --method tall, the "
+            "experts (NAME=URI, or URI named by its last path part)"
+        ),
+    ],
     output: Annotated[str, typer.Option(help="compressed model folder or URI")],
     base: Annotated[
         str | None,
         typer.Option(help="the base it was fine-tuned from (optional for an adapter)"),
     ] = None,
+    method: Annotated[
+        str, typer.Option(help="compeft (one model) | tall (masks over several experts)")
+    ] = "compeft",
     density: Annotated[float, typer.Option(help="share of each task vector kept")] = 0.1,
     scale: Annotated[str, typer.Option(help="mean | std (ComPEFT's alpha * std)")] = "mean",
     alpha: Annotated[float, typer.Option(help="multiplier of the scale")] = 1.0,
     keep_dense: Annotated[
         str | None, typer.Option(help="regex of tensors stored uncompressed")
     ] = None,
+    tall_lambda: Annotated[
+        float, typer.Option(help="TALL mask threshold: keep where |t| > lambda |tau_MTL - t|")
+    ] = 0.4,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     storage_options: StorageOpt = None,
 ) -> None:
     """Compress a fine-tune against its base, or an adapter's tensors (ComPEFT: top-k task
-    vector as sign x scale)."""
+    vector as sign x scale), or several experts of one base as TALL masks (one multi-task
+    vector plus one bit mask per task)."""
     # lazy: the command's modules import torch; `amalgam --help` stays fast
     from pydantic import ValidationError
 
     # lazy: torch
     from amalgam.compress import compress_model
+    from amalgam.compress.tall import compress_tall
     from amalgam.recipe import CompressSpec
 
     try:
-        spec = CompressSpec(density=density, scale=scale, alpha=alpha, keep_dense=keep_dense)
+        spec = CompressSpec(
+            method=method,
+            density=density,
+            scale=scale,
+            alpha=alpha,
+            keep_dense=keep_dense,
+            tall_lambda=tall_lambda,
+        )
     except ValidationError as exc:
-        bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        bad = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         raise AmalgamError(bad) from None
-    result = compress_model(
-        model, base, output, spec, overwrite=overwrite, **_storage(storage_options)
-    )
+    so = _storage(storage_options)
+    if spec.method == "tall":
+        if base is None:
+            raise AmalgamError("--method tall: give the experts' base (--base)")
+        result = compress_tall(_named(models), base, output, spec, overwrite=overwrite, **so)
+    elif len(models) != 1:
+        raise AmalgamError(f"--method compeft compresses one model; got {len(models)}")
+    else:
+        result = compress_model(models[0], base, output, spec, overwrite=overwrite, **so)
     summary = result.summary()
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     console.print(
-        f"[bold]compressed[/] {model} -> {result.output}\n"
+        f"[bold]compressed[/] {', '.join(models)} -> {result.output}\n"
         f"{summary['kept']:,} of {summary['parameters']:,} entries kept; "
         f"{_human(result.dense_bytes)} -> {result.compressed_bytes:,} bytes "
         f"({result.ratio:.1f}x smaller; config and tokenizer files: {result.side_bytes:,} bytes)",
         soft_wrap=True,
     )
+
+
+def _named(models: list[str]) -> dict[str, str]:
+    """NAME=URI arguments (or URIs, named by their last path part) as name -> URI; a name
+    given twice is an error."""
+    named: dict[str, str] = {}
+    for arg in models:
+        name, sep, uri = arg.partition("=")
+        if not sep or "/" in name:
+            name, uri = PurePosixPath(arg.rstrip("/")).name, arg
+        if name in named:
+            raise AmalgamError(f"expert name {name!r} given twice (name them: NAME=URI)")
+        named[name] = uri
+    return named
 
 
 @app.command()
@@ -422,16 +463,19 @@ def decompress(
     base: Annotated[
         str | None, typer.Option(help="the base (default: the one recorded at compression)")
     ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="the expert to rebuild from TALL storage")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     storage_options: StorageOpt = None,
 ) -> None:
     """Rebuild a dense Hugging Face model folder (or a PEFT adapter folder) from a compressed
-    model and its base."""
+    model and its base; from TALL storage, the expert ``--task``."""
     # lazy: torch
     from amalgam.compress import decompress_model
 
     out = decompress_model(
-        compressed, base, output, overwrite=overwrite, **_storage(storage_options)
+        compressed, base, output, overwrite=overwrite, task=task, **_storage(storage_options)
     )
     console.print(f"[bold]decompressed[/] {compressed} -> {out}", soft_wrap=True)
 

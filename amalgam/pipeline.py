@@ -88,7 +88,9 @@ def run_pipeline(
     report = None
     if recipe.evaluate is not None:
         champion, version = current_champion(recipe)
-        packed = compressed["output"] if compressed else None
+        # TALL storage holds the experts, not the merge: nothing of it to score as a candidate
+        tall = recipe.compress is not None and recipe.compress.method == "tall"
+        packed = compressed["output"] if compressed and not tall else None
         evaluate = EvaluateInput(recipe, merged.output, champion, version, packed)
         report = runner(EvaluateStage(runner), evaluate)
     registered = None

@@ -228,15 +228,22 @@ class AlignSpec(_Strict):
 ALIGN_SUBSECTIONS = ("tokenizer", "transplant", "permutation", "pleas")
 
 
-class CompressSpec(_Strict):
-    """The compress stage (ComPEFT, arXiv 2311.13171): keep the top ``density`` fraction of
-    each tensor's task vector by magnitude, as sign x one scale per tensor."""
+Lambda = Annotated[float, Field(ge=0.0)]
 
-    method: Literal["compeft"] = "compeft"
+
+class CompressSpec(_Strict):
+    """The compress stage. ``compeft`` (arXiv 2311.13171): keep the top ``density`` fraction of
+    each tensor's task vector by magnitude, as sign x one scale per tensor (``density``,
+    ``scale``, ``alpha``, ``keep_dense``). ``tall`` (arXiv 2405.07813): the recipe's experts
+    stored as one multi-task vector plus one bit mask per task, with the mask threshold
+    ``tall_lambda`` (one value, or one per task name)."""
+
+    method: Literal["compeft", "tall"] = "compeft"
     density: float = Field(default=0.1, gt=0.0, le=1.0)
     scale: Literal["std", "mean"] = "mean"
     alpha: float = Field(default=1.0, gt=0.0)
     keep_dense: str | None = None
+    tall_lambda: Lambda | dict[str, Lambda] = 0.4
     output: str | None = None
     max_shard_size: int = Field(default=5 * 10**9, gt=0)
 
@@ -244,6 +251,20 @@ class CompressSpec(_Strict):
     @classmethod
     def _compiles(cls, v: str | None) -> str | None:
         return v if v is None else _regex(v)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the compressed bytes of this method (not where they go or how they are
+        sharded)."""
+        return {"method": self.method} | self.model_dump(
+            mode="json", include=set(COMPRESS_SETTINGS[self.method])
+        )
+
+
+#: Per compress method, the spec fields that decide its output's bytes.
+COMPRESS_SETTINGS: dict[str, tuple[str, ...]] = {
+    "compeft": ("density", "scale", "alpha", "keep_dense"),
+    "tall": ("tall_lambda",),
+}
 
 
 class AdapterOutputSpec(_Strict):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from amalgam.errors import RecipeError
-from amalgam.recipe import STAGE_SECTIONS, parse_recipe
+from amalgam.recipe import STAGE_SECTIONS, CompressSpec, parse_recipe
 
 BASIC = {"method": "linear", "models": [{"uri": "/a/m1"}, {"uri": "/a/m2"}]}
 
@@ -62,6 +62,29 @@ def test_unknown_and_bad_fields_are_named_by_path() -> None:
         parse_recipe({**BASIC, "compress": {"density": 1.5}})
     with pytest.raises(RecipeError, match=r"register\.model_name: Field required"):
         parse_recipe({**BASIC, "register": {}})
+
+
+def test_tall_settings_and_compeft_settings_as_manifests_recorded_them() -> None:
+    tall = parse_recipe(
+        {**BASIC, "compress": {"method": "tall", "tall_lambda": {"a": 0.2, "b": 0.6}}}
+    ).compress
+    assert tall.settings() == {"method": "tall", "tall_lambda": {"a": 0.2, "b": 0.6}}
+    # ComPEFT's settings are the fields its manifests have recorded since before TALL existed,
+    # so folders compressed earlier are still found done
+    assert CompressSpec(density=0.2).settings() == {
+        "method": "compeft",
+        "density": 0.2,
+        "scale": "mean",
+        "alpha": 1.0,
+        "keep_dense": None,
+    }
+    with pytest.raises(
+        RecipeError,
+        match=r"compress\.tall_lambda\.constrained-float: Input should be greater than or equal",
+    ):
+        parse_recipe({**BASIC, "compress": {"method": "tall", "tall_lambda": -0.1}})
+    with pytest.raises(RecipeError, match=r"compress\.method: Input should be 'compeft' or 'tall'"):
+        parse_recipe({**BASIC, "compress": {"method": "zip"}})
 
 
 def test_the_hash_changes_only_when_a_section_is_present() -> None:

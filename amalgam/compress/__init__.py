@@ -1,4 +1,5 @@
-"""The compress stage: ComPEFT task-vector compression with exact sizes, and decompression."""
+"""The compress stage: ComPEFT task-vector compression and TALL-mask storage of several
+experts, with exact sizes, and decompression."""
 
 from amalgam.compress.compeft import TernaryTensor, compeft
 from amalgam.compress.errors import CompressError
@@ -9,6 +10,7 @@ from amalgam.compress.stage import (
     decompress_model,
     read_manifest,
 )
+from amalgam.compress.tall import compress_tall
 
 __all__ = [
     "CompressError",
@@ -17,6 +19,7 @@ __all__ = [
     "TernaryTensor",
     "compeft",
     "compress_model",
+    "compress_tall",
     "decompress_model",
     "read_manifest",
 ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,55 +26,22 @@ from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.compress.adapter import references
 from amalgam.compress.compeft import compeft
 from amalgam.compress.errors import CompressError
+from amalgam.compress.folder import (
+    FORMAT,
+    MANIFEST,
+    METHODS,
+    CompressResult,
+    TensorReport,
+    copy_side_files,
+    write_rebuilt,
+)
+from amalgam.compress.tall import decompress_task
 from amalgam.engine.inputs import check_output
 from amalgam.engine.plan import TensorJob, WorkUnit, shard_jobs
 from amalgam.recipe import CompressSpec
-from amalgam.writer import INDEX_NAME, CheckpointWriter, shard_header
+from amalgam.writer import CheckpointWriter, shard_header
 
-MANIFEST = "compression.json"
-FORMAT = 1
 PAPER = "arXiv:2311.13171"
-
-
-@dataclass(frozen=True)
-class TensorReport:
-    """One tensor's outcome: how it is stored, entries kept, and bytes before and after."""
-
-    name: str
-    encoding: str  # bitmask | indices | dense
-    numel: int
-    kept: int
-    dense_bytes: int
-    stored_bytes: int
-
-
-@dataclass
-class CompressResult:
-    """Where the compressed model went and its exact size: ``compressed_bytes`` is the byte
-    count of the files that hold the weights (shards, headers included, and the manifest);
-    config and tokenizer files copied alongside are counted apart in ``side_bytes``."""
-
-    output: str
-    compressed_bytes: int
-    dense_bytes: int
-    side_bytes: int
-    files: dict[str, int]
-    tensors: list[TensorReport] = field(default_factory=list)
-
-    @property
-    def ratio(self) -> float:
-        return self.dense_bytes / self.compressed_bytes
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "output": self.output,
-            "compressed_bytes": self.compressed_bytes,
-            "dense_bytes": self.dense_bytes,
-            "ratio": self.ratio,
-            "side_bytes": self.side_bytes,
-            "kept": sum(t.kept for t in self.tensors),
-            "parameters": sum(t.numel for t in self.tensors),
-        }
 
 
 class _ShardSpool:
@@ -140,7 +106,7 @@ def compress_model(
             "method": spec.method,
             "paper": PAPER,
             "kind": _kind(model),
-            "settings": spec.model_dump(mode="json", exclude={"output", "max_shard_size"}),
+            "settings": spec.settings(),
             "base": {"uri": base.uri, "hash": base.content_hash()} if base else None,
             "model": {"uri": model.uri, "hash": model.content_hash()},
             "amalgam": __version__,
@@ -151,7 +117,7 @@ def compress_model(
         writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
         try:
             result = _compress(model, base, refs, writer, spec, keep_dense, manifest)
-            result.side_bytes = _copy_side_files(model, writer)
+            result.side_bytes = copy_side_files(model, writer)
             writer.commit()
         except BaseException:
             writer.abort()
@@ -243,15 +209,6 @@ def _compress(
     )
 
 
-def _copy_side_files(src: Checkpoint, writer: CheckpointWriter) -> int:
-    size = 0
-    for name in src.side_files():
-        path = storage.join(src.root, name)
-        writer.copy_in(src.fs, path, name)
-        size += src.fs.size(path)
-    return size
-
-
 def read_manifest(compressed_uri: str, **storage_options: Any) -> dict[str, Any]:
     """The ``compression.json`` of a compressed model folder, checked for its format."""
     fs, path = storage.resolve(compressed_uri, **storage_options)
@@ -263,10 +220,11 @@ def read_manifest(compressed_uri: str, **storage_options: Any) -> dict[str, Any]
             manifest = json.loads(fh.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CompressError(f"{compressed_uri}/{MANIFEST}: unreadable ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("method") != "compeft":
+    if manifest.get("format") != FORMAT or manifest.get("method") not in METHODS:
         raise CompressError(
             f"{compressed_uri}/{MANIFEST}: format {manifest.get('format')!r} method "
-            f"{manifest.get('method')!r} is not amalgam's compeft format {FORMAT}"
+            f"{manifest.get('method')!r} is not amalgam's format {FORMAT} of "
+            + " or ".join(METHODS)
         )
     return manifest
 
@@ -278,17 +236,35 @@ def decompress_model(
     *,
     overwrite: bool = False,
     max_shard_size: int = 5 * 10**9,
+    task: str | None = None,
     **storage_options: Any,
 ) -> str:
     """Rebuild what was compressed: a dense Hugging Face model folder, or a PEFT adapter folder
     (one ``adapter_model.safetensors`` and the adapter config): reference + scale * sign at the
-    kept positions, in each tensor's dtype.
+    kept positions, in each tensor's dtype. A TALL folder rebuilds expert ``task`` (see
+    :func:`amalgam.compress.tall.decompress_task`).
 
     ``base_uri`` defaults to the base recorded at compression; its content hash must match the
     recorded one. An adapter whose tensors were all compressed against zero needs no base.
     Returns the output URI.
     """
     manifest = read_manifest(compressed_uri, **storage_options)
+    if manifest["method"] == "tall":
+        return decompress_task(
+            compressed_uri,
+            manifest,
+            task,
+            base_uri,
+            output_uri,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            **storage_options,
+        )
+    if task is not None:
+        raise CompressError(
+            f"{compressed_uri}: --task picks an expert of TALL storage; this folder is "
+            f"{manifest['method']}"
+        )
     kind = manifest.get("kind", "model")
     tensors: dict[str, dict[str, Any]] = manifest["tensors"]
     needs_base = any(_reference(n, t) for n, t in tensors.items() if t["encoding"] != "dense")
@@ -319,29 +295,15 @@ def decompress_model(
             metadata["format"] = "pt"
         inputs = {"compressed": packed} | ({"base": base} if base else {})
         check_output(output_uri, inputs, overwrite, storage_options)
-        writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
-        try:
-            for unit in units:
-                shard = writer.shard(unit.file, unit.entries(), metadata)
-                try:
-                    for job in unit.jobs:
-                        shard.write(job.name, _dense(job.name, tensors[job.name], packed, base))
-                except BaseException:
-                    shard.discard()
-                    raise
-                shard.close()
-            if len(units) > 1:
-                weight_map = {j.name: u.file for u in units for j in u.jobs}
-                total = sum(u.nbytes for u in units)
-                writer.write_json(
-                    INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
-                )
-            _copy_side_files(packed, writer)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-    return storage.full_uri(writer.fs, writer.path)
+        return write_rebuilt(
+            output_uri,
+            units,
+            lambda name: _dense(name, tensors[name], packed, base),
+            metadata,
+            packed,
+            overwrite=overwrite,
+            **storage_options,
+        )
 
 
 def _reference(name: str, entry: dict[str, Any]) -> str | None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from amalgam.methods.base import Method, Param, TensorParams, register
-from amalgam.methods.sparsify import at_least, positive
+from amalgam.methods.sparsify import at_least
 from amalgam.methods.task_vectors import (
     CONSENSUS,
     DENSITY,
@@ -49,11 +49,17 @@ AGREEMENT = Param(
 )
 
 
+def tall_mask(task: torch.Tensor, merged: torch.Tensor, mask_lambda: float) -> torch.Tensor:
+    """One task's TALL mask, as bools: |task| > mask_lambda * |merged - task| (the inputs are
+    left unchanged; two temporaries of their size)."""
+    return task.abs() > torch.sub(merged, task).abs_().mul_(mask_lambda)
+
+
 def consensus_mask(raw: list[torch.Tensor], merged: torch.Tensor, p: TensorParams) -> torch.Tensor:
     """1.0 where at least ``agreement`` of the models' TALL masks select the entry, else 0.0."""
     count = torch.zeros_like(merged)
     for t, lam in zip(raw, p.each("mask_lambda"), strict=True):
-        count.add_(positive(t.abs().sub_(torch.sub(merged, t).abs_().mul_(lam))))
+        count.add_(tall_mask(t, merged, lam))
     return at_least(count, p.shared["agreement"])
 
 

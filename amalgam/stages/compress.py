@@ -1,4 +1,5 @@
-"""The compress stage: ComPEFT-compress the merge when the recipe asks; skip what is done."""
+"""The compress stage: ComPEFT-compress the merge, or store the recipe's experts as TALL masks,
+when the recipe asks; skip what is done."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from amalgam import storage
 from amalgam.compress.stage import compress_model, read_manifest
+from amalgam.compress.tall import compress_tall
 from amalgam.errors import AmalgamError
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import CompressSpec, Recipe
@@ -31,6 +33,23 @@ class CompressInput:
     def output(self) -> str:
         return self.spec.output or self.merged.output.rstrip("/") + "-compressed"
 
+    @property
+    def sources(self) -> dict[str, str]:
+        """Content hashes of what is compressed: the merge (``model``), or for TALL each
+        expert's, by its label."""
+        if self.spec.method != "tall":
+            return {"model": self.merged.content_hash}
+        hashes = {m.label: m.content_hash for m in self.inputs}
+        missing = [m.label for m in self.recipe.models if m.label not in hashes]
+        if missing:
+            raise AmalgamError(f"compress: no content hash for the experts {missing}")
+        return {m.label: hashes[m.label] for m in self.recipe.models}
+
+    @property
+    def experts(self) -> dict[str, str]:
+        """Label -> URI of the recipe's models: the tasks of TALL storage."""
+        return {m.label: m.uri for m in self.recipe.models}
+
 
 @dataclass(frozen=True)
 class Compressed:
@@ -45,21 +64,23 @@ class Compressed:
         return {"output": self.output, **self.details, "skipped": self.skipped}
 
 
-def settings(spec: CompressSpec) -> dict[str, Any]:
-    """What decides the compressed bytes (not where they go or how they are sharded)."""
-    return spec.model_dump(mode="json", exclude={"output", "max_shard_size"})
+def sources(manifest: dict[str, Any]) -> dict[str, str]:
+    """Content hashes a compressed folder was made from (see :attr:`CompressInput.sources`)."""
+    if manifest["method"] == "tall":
+        return {task: entry["hash"] for task, entry in manifest["tasks"].items()}
+    return {"model": manifest["model"]["hash"]}
 
 
-def already_compressed(uri: str, spec: CompressSpec, merged: Merged, storage_options: dict) -> bool:
-    """``uri`` holds this merge compressed with these settings (by its manifest)."""
+def already_compressed(
+    uri: str, spec: CompressSpec, made_from: dict[str, str], storage_options: dict
+) -> bool:
+    """``uri`` holds ``made_from`` (content hashes, see :func:`sources`) compressed with these
+    settings (by its manifest)."""
     try:
         manifest = read_manifest(uri, **storage_options)
     except AmalgamError:
         return False
-    same = manifest["model"]["hash"] == merged.content_hash and manifest["settings"] == settings(
-        spec
-    )
-    if not same:
+    if sources(manifest) != made_from or manifest["settings"] != spec.settings():
         return False
     fs, path = storage.resolve(uri, **storage_options)
     remove_leftovers(fs, path)  # a killed run's staging, also when this run skips
@@ -73,24 +94,32 @@ class CompressStage(Stage[CompressInput, Compressed]):
 
     def key(self, inp: CompressInput) -> str:
         base = next((m.content_hash for m in inp.inputs if m.label == "base"), None)
-        body = [settings(inp.spec), inp.merged.content_hash, base or inp.recipe.base]
+        body = [inp.spec.settings(), inp.merged.content_hash, base or inp.recipe.base]
+        if inp.spec.method == "tall":  # the experts, whatever the merge
+            body = [inp.spec.settings(), inp.sources, base or inp.recipe.base]
         return content_key(self.name, body)
 
     def done(self, inp: CompressInput) -> Compressed | None:
         so = inp.recipe.storage_options
-        if not already_compressed(inp.output, inp.spec, inp.merged, so):
+        if not already_compressed(inp.output, inp.spec, inp.sources, so):
             return None
-        manifest = read_manifest(inp.output, **so)
-        return Compressed(inp.output, True, {"model_hash": manifest["model"]["hash"]})
+        if inp.spec.method == "tall":
+            return Compressed(inp.output, True, {"tasks": list(inp.sources)})
+        return Compressed(inp.output, True, {"model_hash": inp.merged.content_hash})
 
     def skip_reason(self, inp: CompressInput, out: Compressed) -> str:
         return f"{out.output} already holds this compression"
 
     def run(self, inp: CompressInput) -> Compressed:
         so = inp.recipe.storage_options
-        result = compress_model(
-            inp.merged.output, inp.recipe.base, inp.output, inp.spec, overwrite=True, **so
-        )
+        if inp.spec.method == "tall":
+            result = compress_tall(
+                inp.experts, inp.recipe.base, inp.output, inp.spec, overwrite=True, **so
+            )
+        else:
+            result = compress_model(
+                inp.merged.output, inp.recipe.base, inp.output, inp.spec, overwrite=True, **so
+            )
         summary = result.summary()
         return Compressed(summary.pop("output"), False, summary)
 
@@ -98,12 +127,16 @@ class CompressStage(Stage[CompressInput, Compressed]):
         if out.skipped:
             return None
         d = out.details
-        return StageReport(
-            markdown={
-                "compression": (
-                    f"### ComPEFT compression\n\n{d['dense_bytes']:,} dense bytes -> "
-                    f"{d['compressed_bytes']:,} bytes (x{d['ratio']:.1f}); kept "
-                    f"{d['kept']:,} of {d['parameters']:,} parameters\n\n`{out.output}`"
-                )
-            }
-        )
+        if inp.spec.method == "tall":
+            text = (
+                f"### TALL-mask storage of {len(inp.recipe.models)} experts\n\n"
+                f"{d['dense_bytes']:,} bytes of experts -> {d['compressed_bytes']:,} bytes "
+                f"(x{d['ratio']:.1f}) of multi-task vector and masks, over the base"
+            )
+        else:
+            text = (
+                f"### ComPEFT compression\n\n{d['dense_bytes']:,} dense bytes -> "
+                f"{d['compressed_bytes']:,} bytes (x{d['ratio']:.1f}); kept "
+                f"{d['kept']:,} of {d['parameters']:,} parameters"
+            )
+        return StageReport(markdown={"compression": f"{text}\n\n`{out.output}`"})

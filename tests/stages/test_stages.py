@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from stage_recipes import ta_recipe
 
 import amalgam.stages.evaluate as evaluate
+from amalgam.checkpoint import open_checkpoint
+from amalgam.compress import decompress_model, read_manifest
 from amalgam.engine import MergeOptions
 from amalgam.evaluate.score import ModelResult
 from amalgam.fetch import FetchedModel
@@ -104,6 +106,41 @@ def test_merge_and_compress_done_read_the_store(zoo_tiny, tmp_path: Path, home: 
     assert compress.done(packed) is None
     shutil.rmtree(tmp_path / "merged")
     assert merge.done(job) is None  # a deleted output is work to do again
+
+
+def test_tall_compression_stores_the_experts_and_skips_when_done(
+    zoo_tiny, tmp_path: Path, home: Path
+) -> None:
+    out = tmp_path / "tall"
+    compress = {"method": "tall", "tall_lambda": 0.3, "output": str(out)}
+    recipe = recipe_of(zoo_tiny, tmp_path / "merged", compress=compress)
+    inputs = execute(FetchStage(), FetchInput(recipe)).models
+    merged = execute(MergeStage(), MergeInput(recipe, MergeOptions(), inputs))
+    stage = CompressStage()
+    job = CompressInput(recipe, merged, inputs)
+    assert stage.done(job) is None
+    done = execute(stage, job)
+    experts = {m.label: m for m in inputs if m.label != "base"}
+    assert list(experts) == EXPERTS
+    assert not done.skipped
+    assert done.details["dense_bytes"] == sum(m.nbytes for m in experts.values())
+    manifest = read_manifest(str(out))
+    assert {t: e["hash"] for t, e in manifest["tasks"].items()} == {
+        t: m.content_hash for t, m in experts.items()
+    }
+    assert manifest["settings"] == {"method": "tall", "tall_lambda": 0.3}
+    assert stage.done(job).skipped
+    # the experts are stored, whatever the merge: another merge finds the same storage done
+    other = CompressInput(recipe, dataclasses.replace(merged, content_hash="sha256:x"), inputs)
+    assert stage.key(other) == stage.key(job) and stage.done(other).skipped
+    looser = recipe.model_copy(
+        update={"compress": recipe.compress.model_copy(update={"tall_lambda": 0.5})}
+    )
+    assert stage.done(CompressInput(looser, merged, inputs)) is None
+    assert stage.key(CompressInput(looser, merged, inputs)) != stage.key(job)
+    rebuilt = decompress_model(str(out), None, str(tmp_path / "count"), task="zoo_count")
+    with open_checkpoint(rebuilt) as r, open_checkpoint(str(zoo_tiny.experts["zoo_count"])) as e:
+        assert r.names() == e.names()
 
 
 def test_a_changed_output_is_merged_again_not_trusted(
