@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from amalgam.evaluate import metrics as metric
+from amalgam.evaluate.catalog import leaf_names
 from amalgam.evaluate.plots import write_plots
 from amalgam.evaluate.score import ModelResult, score_model
-from amalgam.evaluate.taskdir import EvaluationError, check_tasks, list_tasks
+from amalgam.evaluate.taskdir import EvaluationError, list_tasks
 
 if TYPE_CHECKING:
     from amalgam.recipe import EvaluateSpec, Recipe
@@ -79,8 +80,9 @@ class EvalReport(BaseModel):
 
 
 def spec_tasks(spec: EvaluateSpec) -> list[str]:
-    """The tasks an EvaluateSpec names, or every task folder under its ``tasks_dir``."""
-    return list(spec.tasks) if spec.tasks else list_tasks(Path(spec.tasks_dir))
+    """The tasks an EvaluateSpec names (each group as its leaf tasks), or every task folder
+    under its ``tasks_dir``."""
+    return leaf_names(spec, list(spec.tasks)) if spec.tasks else list_tasks(Path(spec.tasks_dir))
 
 
 def experts_for(recipe: Recipe) -> dict[str, str]:
@@ -115,13 +117,11 @@ def evaluate_candidate(
     the same spec (a cache: base and experts rarely change between runs). Remote models
     (``s3://...`` with ``storage_options``) are copied to a temporary folder to be run.
     """
-    tasks_dir = Path(spec.tasks_dir)
     tasks = spec_tasks(spec)
-    check_tasks(tasks_dir, tasks, spec.split)
     experts = dict(experts or {})
     unknown = sorted(set(experts) - set(tasks))
     if unknown:
-        raise EvaluationError(f"experts: no task named {', '.join(unknown)} in {tasks_dir}")
+        raise EvaluationError(f"experts: no task named {', '.join(unknown)} among {tasks}")
     cache = dict(precomputed or {})
     want_ppl = spec.perplexity and base_uri is not None
 
