@@ -156,6 +156,9 @@ def _members(task_field: Any) -> list[str]:
 def load_tasks(spec: EvaluateSpec, names: list[str]) -> tuple[TaskManager, dict[str, Task]]:
     """(the task index, reported task name -> lm-eval leaf task, datasets loaded) for
     ``names``; a dataset that is not on this machine is an error naming the task."""
+    for name in spec.task_overrides:
+        if name not in names:
+            raise EvaluationError(f"task_overrides: {name} is not among the tasks {names}")
     lm_names = lm_eval_names(spec, names)
     plain = [n for n in names if not folder_task(spec, n)]
     tm = task_manager(spec, list(lm_names.values()))
@@ -177,9 +180,6 @@ def load_tasks(spec: EvaluateSpec, names: list[str]) -> tuple[TaskManager, dict[
             out[name] = next(iter(leaves.values()))  # a folder task's split YAML
         else:
             out |= leaves
-    for name in spec.task_overrides:
-        if name not in names:
-            raise EvaluationError(f"task_overrides: {name} is not among the tasks {names}")
     check_generation(spec, out)
     return tm, out
 
