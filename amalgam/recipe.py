@@ -267,7 +267,7 @@ class EvaluateSpec(_Strict):
     ``tasks`` names the project's task folders under ``tasks_dir`` (all of them when
     ``tasks`` is unset), the user's lm-eval task YAMLs in the ``include_path`` folders, and
     lm-eval's own tasks and groups (groups are scored as their leaf tasks); their data must be
-    local (see docs/evaluation.md). ``task_overrides`` replaces fields of a task's YAML by task
+    local (see docs/lm-eval-tasks.md). ``task_overrides`` replaces fields of a task's YAML by task
     name, e.g. ``dataset_path: json`` and ``dataset_kwargs`` to point it at a local copy.
     ``dtype``: ``auto`` is bfloat16 on a CUDA device (float16 where the GPU has no bfloat16)
     and float32 on the CPU. ``max_gen_toks`` caps the tokens generated per answer of

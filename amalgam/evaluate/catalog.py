@@ -41,7 +41,7 @@ LOCAL_DATA_HINT = (
     "point it at a local copy: task_overrides {TASK: {dataset_path: json, dataset_kwargs: "
     "{data_files: {test: FILE.jsonl}}}} in the recipe's evaluate section, a task YAML of "
     "your own in include_path, or a Hugging Face datasets cache that holds it "
-    "(HF_DATASETS_CACHE); see docs/evaluation.md"
+    "(HF_DATASETS_CACHE); see docs/lm-eval-tasks.md"
 )
 
 
