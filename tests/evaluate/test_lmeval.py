@@ -15,9 +15,11 @@ import torch
 from lm_eval.tasks import TaskManager
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from amalgam.evaluate.report import build_report
 from amalgam.evaluate.score import score_model
 from amalgam.evaluate.taskdir import read_split
-from amalgam.recipe import EvaluateSpec
+from amalgam.recipe import EvaluateSpec, parse_recipe
+from amalgam.stages.evaluate import data_hash, score_all, wanted
 from amalgam.zoo import Zoo
 from tests.helpers import run_cli
 
@@ -218,3 +220,41 @@ def test_a_sharded_model_on_s3_is_evaluated_without_a_manual_download(
         capsys,
     )
     assert cli[uri]["tasks"]["zoo_sort"]["correct"] == here.correct
+
+
+def test_the_stage_reports_tasks_scored_by_their_own_metric(
+    zoo_tiny: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))  # a fresh score cache
+    gen = "zoo_sort_gen"
+    section = {"tasks_dir": str(zoo_tiny.tasks_dir), "tasks": ["zoo_sort", gen], "limit": LIMIT}
+    section |= {"device": "cpu", "experts": {gen: str(zoo_tiny.experts["zoo_sort"])}}
+    recipe = parse_recipe(
+        {
+            "method": "task_arithmetic",
+            "base": str(zoo_tiny.base),
+            "models": [{"uri": str(zoo_tiny.experts["zoo_sort"])}],
+            "evaluate": section,
+        }
+    )
+    candidate = str(zoo_tiny.experts["zoo_vowels"])
+    scores = score_all(recipe, wanted(recipe, recipe.evaluate, None, candidate))
+    report = build_report(
+        ["zoo_sort", gen],
+        scores[candidate],
+        base=scores[str(zoo_tiny.base)],
+        experts={gen: scores[str(zoo_tiny.experts["zoo_sort"])]},
+        champion=scores[str(zoo_tiny.base)],
+    )
+    expert_em = scores[str(zoo_tiny.experts["zoo_sort"])].tasks[gen].accuracy
+    assert report.normalized_accuracy[gen] == pytest.approx(report.accuracy[gen] / expert_em)
+    assert report.candidate.tasks[gen].metric == "exact_match"
+    assert set(report.flips) == {"zoo_sort", gen}
+    # new examples in a task folder, a changed YAML in include_path: new data hash
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "t.yaml").write_text("task: t\n")
+    spec = recipe.evaluate.model_copy(update={"include_path": [str(tmp_path / "mine")]})
+    before = data_hash(spec, ["zoo_sort", "t"])
+    assert data_hash(spec, ["zoo_sort"]) == data_hash(recipe.evaluate, ["zoo_sort"])
+    (tmp_path / "mine" / "t.yaml").write_text("task: t\nnum_fewshot: 1\n")
+    assert data_hash(spec, ["zoo_sort", "t"]) != before
