@@ -220,6 +220,19 @@ def test_a_sharded_model_on_s3_is_evaluated_without_a_manual_download(
         capsys,
     )
     assert cli[uri]["tasks"]["zoo_sort"]["correct"] == here.correct
+    # the evaluate stage reads it with the recipe's storage options
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))
+    recipe = parse_recipe(
+        {
+            "method": "task_arithmetic",
+            "base": str(zoo_tiny.base),
+            "models": [{"uri": uri}],
+            "storage_options": options,
+            "evaluate": spec.model_dump(exclude_defaults=True),
+        }
+    )
+    staged = score_all(recipe, {uri: (tasks, False)})[uri].tasks["zoo_sort"]
+    assert staged.correct == here.correct
 
 
 def test_the_stage_reports_tasks_scored_by_their_own_metric(
