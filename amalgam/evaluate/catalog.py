@@ -180,13 +180,14 @@ def load_tasks(spec: EvaluateSpec, names: list[str]) -> tuple[TaskManager, dict[
             out[name] = next(iter(leaves.values()))  # a folder task's split YAML
         else:
             out |= leaves
-    check_generation(spec, out)
     return tm, out
 
 
-def check_generation(spec: EvaluateSpec, tasks: dict[str, Task]) -> None:
-    """Cap generation at ``spec.max_gen_toks``; a task that would generate no token is an
-    error naming it."""
+def check_generation(
+    spec: EvaluateSpec, tasks: dict[str, Task], model: str, context: int | None
+) -> None:
+    """Cap generation at ``spec.max_gen_toks``; a task that would generate no token, or more
+    than ``model``'s ``context`` length leaves room for, is an error naming both."""
     for name, task in tasks.items():
         if task.get_config("output_type") != "generate_until":
             continue
@@ -197,6 +198,11 @@ def check_generation(spec: EvaluateSpec, tasks: dict[str, Task]) -> None:
             raise EvaluationError(
                 f"task {name}: generation_kwargs.max_gen_toks is {limit}, so no answer would be "
                 "generated; give the task a positive limit (or evaluate.max_gen_toks)"
+            )
+        if limit is not None and context is not None and int(limit) >= context:
+            raise EvaluationError(
+                f"task {name}: max_gen_toks {limit} leaves no room for a prompt in the "
+                f"{context}-token context of {model}; set evaluate.max_gen_toks below {context}"
             )
 
 

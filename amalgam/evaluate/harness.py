@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from amalgam.device import pick_device
-from amalgam.evaluate.catalog import load_tasks, primary_metric
+from amalgam.evaluate.catalog import check_generation, load_tasks, primary_metric
 from amalgam.evaluate.taskdir import EvaluationError, list_tasks
 
 if TYPE_CHECKING:
@@ -69,6 +69,19 @@ def model_args(model: Path, dtype: str = "float32") -> dict[str, str]:
     raise EvaluationError(f"{model}: neither a model folder nor a PEFT adapter folder")
 
 
+def context_length(model: Path) -> int | None:
+    """The context length in ``model``'s config.json as lm-eval's `hf` model reads it
+    (``n_positions``, ``max_position_embeddings`` or ``n_ctx``, a nested ``text_config``
+    first); None when it names none."""
+    config = json.loads((model / "config.json").read_text())
+    keys = ("n_positions", "max_position_embeddings", "n_ctx")
+    for part in (config.get("text_config") or {}, config):
+        found = [part[k] for k in keys if isinstance(part.get(k), int)]
+        if found:
+            return found[0]
+    return None
+
+
 def evaluate_tasks(
     model: str | Path, spec: EvaluateSpec, tasks: list[str]
 ) -> dict[str, TaskResult]:
@@ -82,6 +95,7 @@ def evaluate_tasks(
     args = model_args(model, torch_dtype(spec.dtype, spec.device))
     with quiet_custom_dataset_notice():
         tm, loaded = load_tasks(spec, tasks)
+        check_generation(spec, loaded, str(model), context_length(Path(args["pretrained"])))
         import lm_eval  # lazy: lm-eval takes seconds to import; catalog set the offline switches
 
         results = lm_eval.simple_evaluate(

@@ -44,7 +44,7 @@ def test_a_task_whose_dataset_is_not_local_fails_fast_saying_how_to_fix_it(
     assert "HF_DATASETS_CACHE" in line
 
 
-def test_a_generation_limit_of_zero_is_refused(
+def test_a_generation_limit_of_zero_or_past_the_context_is_refused(
     zoo_tiny: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     base, tasks_dir = str(zoo_tiny.base), str(zoo_tiny.tasks_dir)
@@ -54,6 +54,16 @@ def test_a_generation_limit_of_zero_is_refused(
         capsys,
     )
     assert line == "error: --max-gen-toks: Input should be greater than 0"
+    # more than the model's context leaves room for (the zoo's models read 64 tokens)
+    line = error_line(
+        [base, "--tasks", "zoo_sort_gen", "--tasks-dir", tasks_dir, "--max-gen-toks", "64"],
+        monkeypatch,
+        capsys,
+    )
+    assert line == (
+        f"error: task zoo_sort_gen: max_gen_toks 64 leaves no room for a prompt in the "
+        f"64-token context of {base}; set evaluate.max_gen_toks below 64"
+    )
     # the same limit written in a task's own YAML
     data = zoo_tiny.tasks_dir / "zoo_sort" / "test.jsonl"
     yaml = {
