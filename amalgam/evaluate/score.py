@@ -15,7 +15,7 @@ from amalgam import storage
 from amalgam.device import load_causal_lm
 from amalgam.evaluate import metrics as metric
 from amalgam.evaluate.catalog import folder_task
-from amalgam.evaluate.harness import evaluate_tasks
+from amalgam.evaluate.harness import evaluate_tasks, torch_dtype
 from amalgam.evaluate.perplexity import sequence_nll, task_texts, token_ids
 from amalgam.evaluate.quick import choice_correct
 from amalgam.evaluate.taskdir import EvaluationError, read_split
@@ -96,17 +96,18 @@ def score_model(
     """Run one model on ``tasks`` as ``spec`` (an :class:`amalgam.recipe.EvaluateSpec`) says;
     with ``perplexity``, also its log-likelihood of the texts of those tasks that are task
     folders of ``spec.tasks_dir`` (none when no task is: then ``nll`` stays None)."""
+    dtype = torch_dtype(spec.dtype, spec.device)
     with local_model(uri, **storage_options) as folder:
         if spec.engine == "lm_eval":
             result = ModelResult(uri=uri, tasks=evaluate_tasks(folder, spec, tasks))
             model = tokenizer = None
         else:
-            model, tokenizer = load_causal_lm(folder, spec.device)
+            model, tokenizer = load_causal_lm(folder, spec.device, dtype)
             result = ModelResult.from_correct(uri, _quick_correct(model, tokenizer, spec, tasks))
         texts = [t for t in tasks if folder_task(spec, t)]
         if perplexity and texts:
             if model is None:
-                model, tokenizer = load_causal_lm(folder, spec.device)
+                model, tokenizer = load_causal_lm(folder, spec.device, dtype)
             result.nll, result.tokens = _text_nll(model, tokenizer, spec, texts)
     return result
 
