@@ -6,6 +6,7 @@ orchestration layer adds the pipeline commands (run, nightly, sweep, promote, se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -389,7 +390,8 @@ def evaluate(
         )
         raise AmalgamError(bad) from None
     leaves = spec_tasks(spec)
-    results = {m: score_model(m, spec, leaves, **_storage(storage_options)) for m in model}
+    with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints notes: stdout is the result
+        results = {m: score_model(m, spec, leaves, **_storage(storage_options)) for m in model}
     if as_json:
         print(json.dumps({uri: r.model_dump(mode="json") for uri, r in results.items()}))
         return

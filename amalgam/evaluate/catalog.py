@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,7 +172,8 @@ def load_tasks(spec: EvaluateSpec, names: list[str]) -> tuple[TaskManager, dict[
         if overrides:  # lm-eval merges a group member's fields over its registered YAML
             request = {"group": f"amalgam-overrides-{name}", "task": [{**overrides, "task": name}]}
         try:
-            leaves = tm.load([request])["tasks"]
+            with no_progress_bars():
+                leaves = tm.load([request])["tasks"]
         except OSError as exc:  # datasets raises ConnectionError/FileNotFoundError offline
             raise EvaluationError(
                 f"task {name}: its dataset is not on this machine ({_first_line(exc)}); "
@@ -181,6 +184,20 @@ def load_tasks(spec: EvaluateSpec, names: list[str]) -> tuple[TaskManager, dict[
         else:
             out |= leaves
     return tm, out
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """No `datasets` progress bars (preparing a local json file draws one on stderr)."""
+    from datasets.utils import logging as datasets_logging  # lazy: lm-eval imported it
+
+    enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets_logging.enable_progress_bar()
 
 
 def check_generation(
