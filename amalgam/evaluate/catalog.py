@@ -170,7 +170,10 @@ def load_tasks(spec: EvaluateSpec, names: list[str]) -> tuple[TaskManager, dict[
         overrides = spec.task_overrides.get(name)
         request: str | dict[str, Any] = lm_name
         if overrides:  # lm-eval merges a group member's fields over its registered YAML
-            request = {"group": f"amalgam-overrides-{name}", "task": [{**overrides, "task": name}]}
+            request = {
+                "group": f"amalgam-overrides-{name}",
+                "task": [{**overrides, "task": lm_name}],
+            }
         try:
             with no_progress_bars():
                 leaves = tm.load([request])["tasks"]
