@@ -7,6 +7,7 @@ the ``amalgam`` entry point."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -328,43 +329,84 @@ def zoo_build(
 
 @app.command()
 def evaluate(
-    model: Annotated[list[str], typer.Argument(help="model folder(s) to evaluate")],
-    tasks: Annotated[str | None, typer.Option(help="comma-separated task names")] = None,
-    tasks_dir: Annotated[Path | None, typer.Option(help="lm-eval task folder")] = None,
+    model: Annotated[list[str], typer.Argument(help="model folder(s) or URI(s) to evaluate")],
+    tasks: Annotated[
+        str | None, typer.Option(help="comma-separated task names: task folders, lm-eval tasks")
+    ] = None,
+    tasks_dir: Annotated[
+        Path | None, typer.Option(help="folder of amalgam task folders (default: the zoo's)")
+    ] = None,
+    include_path: Annotated[
+        list[str] | None, typer.Option(help="folder of lm-eval task YAMLs (repeatable)")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="examples per task")] = None,
     split: Annotated[str, typer.Option(help="test | validation")] = "test",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32")] = "float32",
+    batch_size: Annotated[str, typer.Option(help="examples per batch, or auto")] = "32",
+    max_gen_toks: Annotated[
+        int | None, typer.Option(help="cap on generated tokens per answer (generate_until)")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print JSON with per-example results")
+    ] = False,
+    storage_options: StorageOpt = None,
 ) -> None:
-    """Run lm-eval offline on model folders (encoders: their embedding tasks); print each
-    task's primary score."""
+    """Run lm-eval offline on models; print each task's primary score (acc, exact_match,
+    word_perplexity...)."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request progress bars
-    # lazy: the zoo build and lm-eval behind it
-    from amalgam.evaluate.embedding import score_embedding_tasks, uses_embedding_scorer
-    from amalgam.evaluate.embedding_tasks import list_embedding_tasks
-    from amalgam.evaluate.harness import evaluate_model
-    from amalgam.evaluate.table import render_table
-    from amalgam.evaluate.taskdir import list_tasks
+    # lazy: lm-eval, torch and the zoo behind the command
+    from pydantic import ValidationError
 
-    if tasks_dir is None:
+    from amalgam.evaluate.report import spec_tasks
+    from amalgam.evaluate.score import score_model
+    from amalgam.recipe import EvaluateSpec
+    from amalgam.zoo.lm_tasks import GENERATIVE_TASK, GROUP
+    from amalgam.zoo.tasks import TASKS
+
+    names = tasks.split(",") if tasks else None
+    zoo_names = {*TASKS, GENERATIVE_TASK, GROUP}
+    if tasks_dir is None and not include_path and set(names or zoo_names) <= zoo_names:
         # lazy: torch
         from amalgam.zoo.build import build_zoo
 
         tasks_dir = build_zoo(log=lambda m: None).tasks_dir
-    names = tasks.split(",") if tasks else None
-    rows = {}
-    for m in model:
-        if uses_embedding_scorer(Path(m), tasks_dir, names or list_tasks(tasks_dir)):
-            on = names or list_embedding_tasks(tasks_dir)
-            scores = score_embedding_tasks(
-                Path(m), tasks_dir, on, split=split, limit=limit, device=device
-            )
-            rows[Path(m).name] = {t: r.accuracy for t, r in scores.items()}
-            continue
-        rows[Path(m).name] = evaluate_model(
-            m, tasks_dir, names, limit=limit, device=device, split=split
+    settings = {
+        "tasks_dir": None if tasks_dir is None else str(tasks_dir),
+        "tasks": names,
+        "include_path": include_path or [],
+        "limit": limit,
+        "split": split,
+        "device": device,
+        "dtype": dtype,
+        "batch_size": batch_size if batch_size == "auto" else _integer(batch_size),
+        "max_gen_toks": max_gen_toks,
+    }
+    try:
+        spec = EvaluateSpec(**settings)
+    except ValidationError as exc:
+        bad = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
         )
-    task_names = names or sorted({t for r in rows.values() for t in r})
-    Console(width=max(console.width, 120)).print(render_table(rows, task_names))
+        raise AmalgamError(bad) from None
+    leaves = spec_tasks(spec)
+    with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints notes: stdout is the result
+        results = {m: score_model(m, spec, leaves, **_storage(storage_options)) for m in model}
+    if as_json:
+        print(json.dumps({uri: r.model_dump(mode="json") for uri, r in results.items()}))
+        return
+    table = Table(
+        "model", *(f"{t}\n{next(iter(results.values())).tasks[t].metric}" for t in leaves)
+    )
+    for uri, result in results.items():
+        table.add_row(uri, *(f"{result.tasks[t].accuracy:.4f}" for t in leaves))
+    Console(width=max(console.width, 120)).print(table)
+
+
+def _integer(text: str) -> int | str:
+    """``text`` as an integer when it is one (pydantic names the option otherwise)."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
 @app.command()

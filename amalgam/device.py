@@ -55,8 +55,8 @@ def compute_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def load_causal_lm(folder: str | Path, device: str) -> tuple[Any, Any]:
-    """(model in float32 on ``device``, in eval mode; its tokenizer) from a local Hugging Face
+def load_causal_lm(folder: str | Path, device: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model in ``dtype`` on ``device``, in eval mode; its tokenizer) from a local Hugging Face
     model folder, or a PEFT adapter folder (loaded over its base, the tokenizer the base's
     unless the folder has its own), to run it (statistics, evaluation)."""
     # lazy: torch and transformers take seconds to import, and only running a model needs them
@@ -65,7 +65,7 @@ def load_causal_lm(folder: str | Path, device: str) -> tuple[Any, Any]:
 
     target = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(Path(folder)))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     return model.to(target).eval(), tokenizer
 
 

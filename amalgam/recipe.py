@@ -17,6 +17,7 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from amalgam.config_file import load_yaml
@@ -282,18 +283,40 @@ class AdapterOutputSpec(_Strict):
 
 
 class EvaluateSpec(_Strict):
-    """The evaluate stage: tasks of a local lm-eval task folder, experts per task, champion."""
+    """The evaluate stage: which tasks, how the model is run, experts per task, champion.
 
-    tasks_dir: str
+    ``tasks`` names the project's task folders under ``tasks_dir`` (all of them when
+    ``tasks`` is unset), the user's lm-eval task YAMLs in the ``include_path`` folders, and
+    lm-eval's own tasks and groups (groups are scored as their leaf tasks); their data must be
+    local (see docs/lm-eval-tasks.md). ``task_overrides`` replaces fields of a task's YAML by task
+    name, e.g. ``dataset_path: json`` and ``dataset_kwargs`` to point it at a local copy.
+    ``dtype``: ``auto`` is bfloat16 on a CUDA device (float16 where the GPU has no bfloat16)
+    and float32 on the CPU. ``max_gen_toks`` caps the tokens generated per answer of
+    ``generate_until`` tasks (default: each task's own setting).
+    """
+
+    tasks_dir: str | None = None
     tasks: list[str] | None = None
+    include_path: list[str] = Field(default_factory=list)
+    task_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     limit: int | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=32, gt=0)
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = 32
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "float32"
+    max_gen_toks: int | None = Field(default=None, gt=0)
     split: Literal["test", "validation"] = "test"
     engine: Literal["lm_eval", "quick"] = "lm_eval"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     experts: dict[str, str] | None = None
     champion: str | None = None
     perplexity: bool = True
+
+    @model_validator(mode="after")
+    def _names_its_tasks(self) -> EvaluateSpec:
+        if self.tasks_dir is None and not self.tasks:
+            raise ValueError("tasks: name the tasks to run (or set tasks_dir)")
+        if self.engine == "quick" and self.tasks_dir is None:
+            raise ValueError("engine: quick scores the task folders of tasks_dir; set it")
+        return self
 
 
 class Gates(_Strict):

@@ -66,11 +66,11 @@ def architecture(folder: Path) -> tuple[str, bool]:
     return name, bool(archs) or (Path(folder) / "modules.json").is_file()
 
 
-def uses_embedding_scorer(folder: Path, tasks_dir: Path, tasks: list[str]) -> bool:
+def uses_embedding_scorer(folder: Path, tasks_dir: Path | None, tasks: list[str]) -> bool:
     """Whether ``tasks`` on the model in ``folder`` are scored here (True) or by lm-eval;
     a model that does not fit its tasks is an :class:`EvaluationError` naming both."""
     name, encoder = architecture(folder)
-    embedding = [t for t in tasks if is_embedding_task(tasks_dir, t)]
+    embedding = [t for t in tasks if tasks_dir and is_embedding_task(tasks_dir, t)]
     other = [t for t in tasks if t not in embedding]
     if encoder and other:
         raise EvaluationError(

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from amalgam.evaluate import metrics as metric
+from amalgam.evaluate.catalog import leaf_names
 from amalgam.evaluate.embedding_tasks import is_embedding_task, list_embedding_tasks
 from amalgam.evaluate.forgetting import ChampionStep, Forgetting, measure_forgetting
 from amalgam.evaluate.plots import write_plots
 from amalgam.evaluate.score import ModelResult, score_model
-from amalgam.evaluate.taskdir import EvaluationError, check_tasks, list_tasks
+from amalgam.evaluate.taskdir import EvaluationError, list_tasks
 
 if TYPE_CHECKING:
     from amalgam.recipe import EvaluateSpec, Recipe
@@ -91,11 +92,16 @@ class EvalReport(BaseModel):
 
 
 def spec_tasks(spec: EvaluateSpec) -> list[str]:
-    """The tasks an EvaluateSpec names, or every task folder under its ``tasks_dir``."""
-    if spec.tasks:
-        return list(spec.tasks)
-    tasks_dir = Path(spec.tasks_dir)
-    return sorted({*list_tasks(tasks_dir), *list_embedding_tasks(tasks_dir)})
+    """The tasks an EvaluateSpec names (each lm-eval group as its leaf tasks), or every task
+    folder (lm-eval or embedding) under its ``tasks_dir``."""
+    tasks_dir = Path(spec.tasks_dir) if spec.tasks_dir else None
+    if not spec.tasks:
+        if tasks_dir is None:
+            raise EvaluationError("evaluate: name `tasks` or a `tasks_dir`")
+        return sorted({*list_tasks(tasks_dir), *list_embedding_tasks(tasks_dir)})
+    embedding = {t for t in spec.tasks if tasks_dir and is_embedding_task(tasks_dir, t)}
+    others = [t for t in spec.tasks if t not in embedding]
+    return [t for t in spec.tasks if t in embedding] + (leaf_names(spec, others) if others else [])
 
 
 def experts_for(recipe: Recipe) -> dict[str, str]:
@@ -130,13 +136,11 @@ def evaluate_candidate(
     the same spec (a cache: base and experts rarely change between runs). Remote models
     (``s3://...`` with ``storage_options``) are copied to a temporary folder to be run.
     """
-    tasks_dir = Path(spec.tasks_dir)
     tasks = spec_tasks(spec)
-    check_tasks(tasks_dir, [t for t in tasks if not is_embedding_task(tasks_dir, t)], spec.split)
     experts = dict(experts or {})
     unknown = sorted(set(experts) - set(tasks))
     if unknown:
-        raise EvaluationError(f"experts: no task named {', '.join(unknown)} in {tasks_dir}")
+        raise EvaluationError(f"experts: no task named {', '.join(unknown)} among {tasks}")
     cache = dict(precomputed or {})
     want_ppl = spec.perplexity and base_uri is not None
 

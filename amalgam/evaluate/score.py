@@ -15,7 +15,8 @@ from pydantic import BaseModel, computed_field
 from amalgam import storage
 from amalgam.device import load_causal_lm
 from amalgam.evaluate import metrics as metric
-from amalgam.evaluate.harness import evaluate_model_samples
+from amalgam.evaluate.catalog import folder_task
+from amalgam.evaluate.harness import evaluate_tasks, torch_dtype
 from amalgam.evaluate.perplexity import sequence_nll, task_texts, token_ids
 from amalgam.evaluate.quick import choice_correct
 from amalgam.evaluate.taskdir import EvaluationError, read_split
@@ -94,13 +95,16 @@ def score_model(
     **storage_options: Any,
 ) -> ModelResult:
     """Run one model on ``tasks`` as ``spec`` (an :class:`amalgam.recipe.EvaluateSpec`) says;
-    with ``perplexity``, also its log-likelihood of the tasks' texts."""
-    tasks_dir = Path(spec.tasks_dir)
+    with ``perplexity``, also its log-likelihood of the texts of those tasks that are task
+    folders of ``spec.tasks_dir`` (none when no task is: then ``nll`` stays None)."""
+    dtype = torch_dtype(spec.dtype, spec.device)
     with local_model(uri, **storage_options) as folder:
         # lazy: the embedding scorer builds on this module's TaskResult
         from amalgam.evaluate.embedding import score_embedding_tasks, uses_embedding_scorer
 
+        tasks_dir = Path(spec.tasks_dir) if spec.tasks_dir else None
         if uses_embedding_scorer(folder, tasks_dir, tasks):  # encoders have no perplexity
+            assert tasks_dir is not None  # embedding tasks are folders of tasks_dir
             scores = score_embedding_tasks(
                 folder,
                 tasks_dir,
@@ -108,28 +112,20 @@ def score_model(
                 split=spec.split,
                 limit=spec.limit,
                 device=spec.device,
-                batch_size=spec.batch_size,
+                batch_size=spec.batch_size if isinstance(spec.batch_size, int) else 32,
             )
             return ModelResult(uri=uri, tasks=scores)
         if spec.engine == "lm_eval":
-            correct = evaluate_model_samples(
-                folder,
-                tasks_dir,
-                tasks,
-                limit=spec.limit,
-                batch_size=spec.batch_size,
-                device=spec.device,
-                split=spec.split,
-            )
+            result = ModelResult(uri=uri, tasks=evaluate_tasks(folder, spec, tasks))
             model = tokenizer = None
         else:
-            model, tokenizer = load_causal_lm(folder, spec.device)
-            correct = _quick_correct(model, tokenizer, spec, tasks)
-        result = ModelResult.from_correct(uri, correct)
-        if perplexity:
+            model, tokenizer = load_causal_lm(folder, spec.device, dtype)
+            result = ModelResult.from_correct(uri, _quick_correct(model, tokenizer, spec, tasks))
+        texts = [t for t in tasks if folder_task(spec, t)]
+        if perplexity and texts:
             if model is None:
-                model, tokenizer = load_causal_lm(folder, spec.device)
-            result.nll, result.tokens = _text_nll(model, tokenizer, spec, tasks)
+                model, tokenizer = load_causal_lm(folder, spec.device, dtype)
+            result.nll, result.tokens = _text_nll(model, tokenizer, spec, texts)
     return result
 
 

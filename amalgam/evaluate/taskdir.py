@@ -35,19 +35,6 @@ def list_tasks(tasks_dir: Path) -> list[str]:
     return sorted(p.name for p in tasks_dir.iterdir() if (p / f"{p.name}.yaml").is_file())
 
 
-def check_tasks(tasks_dir: Path, tasks: list[str], split: str) -> list[str]:
-    """The lm-eval names of `tasks` on `split`; raises naming every task whose YAML is missing."""
-    names = [lm_eval_task_name(task, split) for task in tasks]
-    missing = [
-        str(Path(tasks_dir) / task / f"{name}.yaml")
-        for task, name in zip(tasks, names, strict=True)
-        if not (Path(tasks_dir) / task / f"{name}.yaml").is_file()
-    ]
-    if missing:
-        raise EvaluationError(f"missing task files: {', '.join(missing)}")
-    return names
-
-
 def read_split(tasks_dir: Path, task: str, split: str) -> list[dict[str, Any]]:
     """The records of `tasks_dir/<task>/<split>.jsonl`: prompt, choices, label."""
     path = Path(tasks_dir) / task / f"{split}.jsonl"

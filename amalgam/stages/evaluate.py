@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from amalgam.checkpoint import file_set_hash, open_checkpoint
 from amalgam.compress.stage import decompress_model, read_manifest
 from amalgam.engine.ray_executor import run_task
 from amalgam.errors import RecipeError
+from amalgam.evaluate.catalog import folder_task
 from amalgam.evaluate.report import (
     EvalReport,
     evaluate_candidate,
@@ -53,15 +55,29 @@ def spec_of(recipe: Recipe) -> EvaluateSpec:
 
 
 def data_hash(spec: EvaluateSpec, tasks: list[str]) -> str:
-    """sha256 over the task folders' files: new examples mean new scores."""
-    fs, root = resolve(spec.tasks_dir)
-    files = sorted(
-        str(Path(p).relative_to(root))
-        for t in tasks
-        for p in fs.find(f"{root}/{t}")
-        if fs.isfile(p)
-    )
-    return file_set_hash(fs, root, files)
+    """sha256 over the task folders' files, the ``include_path`` folders' files, the task
+    overrides and lm-eval's version: new examples or prompts mean new scores. (lm-eval's own
+    tasks read their data from the datasets cache, which is not hashed.)"""
+    folders = [t for t in tasks if folder_task(spec, t)]
+    parts = []
+    if folders:
+        fs, root = resolve(spec.tasks_dir)
+        files = sorted(
+            str(Path(p).relative_to(root))
+            for t in folders
+            for p in fs.find(f"{root}/{t}")
+            if fs.isfile(p)
+        )
+        parts.append(file_set_hash(fs, root, files))
+    if len(folders) == len(tasks):
+        return parts[0] if parts else content_key("data", [])
+    for folder in spec.include_path:
+        fs, root = resolve(folder)
+        parts.append(
+            file_set_hash(fs, root, sorted(str(Path(p).relative_to(root)) for p in fs.find(root)))
+        )
+    parts.append(json.dumps({"overrides": spec.task_overrides, "lm_eval": version("lm_eval")}))
+    return content_key("data", parts)
 
 
 def model_hash(uri: str, storage_options: dict[str, Any]) -> str:

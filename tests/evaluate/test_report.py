@@ -134,7 +134,7 @@ def test_bad_requests_name_what_is_wrong(zoo_tiny: Zoo, tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match="no model folder"):
         evaluate_candidate(str(tmp_path / "missing"), s)
     bad = EvaluateSpec(tasks_dir=str(zoo_tiny.tasks_dir), tasks=["zoo_nosuch"], engine="quick")
-    with pytest.raises(EvaluationError, match=r"zoo_nosuch\.yaml"):
+    with pytest.raises(EvaluationError, match="task zoo_nosuch: not a task folder"):
         evaluate_candidate(str(zoo_tiny.base), bad)
 
 
