@@ -13,7 +13,7 @@ from amalgam.card import CARD_FILE
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions
 from amalgam.evaluate.report import build_report
-from amalgam.evaluate.score import ModelResult
+from amalgam.evaluate.results import ModelResult
 from amalgam.recipe import parse_recipe
 from amalgam.registry import Registered, Registry
 from amalgam.stages import execute

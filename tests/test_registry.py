@@ -19,7 +19,7 @@ import pytest
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import run_merge
 from amalgam.evaluate.report import EvalReport, build_report, write_report
-from amalgam.evaluate.score import ModelResult
+from amalgam.evaluate.results import ModelResult
 from amalgam.recipe import REDACTED, Gates, Recipe, parse_recipe
 from amalgam.registry import (
     CONTENT_TAG,

@@ -30,7 +30,7 @@ from amalgam.evaluate.embedding_tasks import (
     read_task,
     relevance,
 )
-from amalgam.evaluate.score import TaskResult
+from amalgam.evaluate.results import TaskResult
 from amalgam.evaluate.taskdir import EvaluationError
 
 log = logging.getLogger(__name__)

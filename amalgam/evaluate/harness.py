@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from amalgam.device import pick_device
 from amalgam.evaluate.catalog import check_generation, load_tasks, primary_metric
+from amalgam.evaluate.results import TaskResult
 from amalgam.evaluate.taskdir import EvaluationError, list_tasks
 
 if TYPE_CHECKING:
-    from amalgam.evaluate.score import TaskResult
     from amalgam.recipe import EvaluateSpec
 
 
@@ -88,8 +88,6 @@ def evaluate_tasks(
     """Task -> primary score and per-example results of the local ``model`` on ``tasks``
     (names as :mod:`amalgam.evaluate.catalog` reads them; each group as its leaf tasks), run
     by lm-eval offline as ``spec`` says (dtype, device, batch size, limit, split)."""
-    from amalgam.evaluate.score import TaskResult  # lazy: score imports this module
-
     model = Path(model)
     target = str(pick_device(spec.device))
     args = model_args(model, torch_dtype(spec.dtype, spec.device))

@@ -18,7 +18,8 @@ from amalgam.evaluate.catalog import leaf_names
 from amalgam.evaluate.embedding_tasks import is_embedding_task, list_embedding_tasks
 from amalgam.evaluate.forgetting import ChampionStep, Forgetting, measure_forgetting
 from amalgam.evaluate.plots import write_plots
-from amalgam.evaluate.score import ModelResult, score_model
+from amalgam.evaluate.results import ModelResult
+from amalgam.evaluate.score import score_model
 from amalgam.evaluate.taskdir import EvaluationError, list_tasks
 
 if TYPE_CHECKING:

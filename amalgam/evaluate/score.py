@@ -6,70 +6,22 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, computed_field
-
 from amalgam import storage
 from amalgam.device import load_causal_lm
-from amalgam.evaluate import metrics as metric
 from amalgam.evaluate.catalog import folder_task
+from amalgam.evaluate.embedding import score_embedding_tasks, uses_embedding_scorer
 from amalgam.evaluate.harness import evaluate_tasks, torch_dtype
 from amalgam.evaluate.perplexity import sequence_nll, task_texts, token_ids
 from amalgam.evaluate.quick import choice_correct
+from amalgam.evaluate.results import ModelResult
 from amalgam.evaluate.taskdir import EvaluationError, read_split
 
 if TYPE_CHECKING:
     from amalgam.recipe import EvaluateSpec
-
-
-class TaskResult(BaseModel):
-    """One model on one task: its score and each example's correctness, in record order.
-
-    ``accuracy`` holds the task's primary score, named by ``metric`` (``acc`` for multiple
-    choice, ``exact_match`` for generation, ``ndcg@10`` for retrieval...); ``higher_is_better``
-    is False for perplexity-like scores. ``correct`` is empty where the metric has no
-    per-example pass or fail (perplexity, correlations): such a task has no flips.
-    """
-
-    accuracy: float
-    correct: list[bool]
-    metric: str = "acc"
-    higher_is_better: bool = True
-
-
-class ModelResult(BaseModel):
-    """One model's results per task, and its text log-likelihood when measured."""
-
-    uri: str
-    tasks: dict[str, TaskResult]
-    nll: float | None = None
-    tokens: int | None = None
-
-    @classmethod
-    def from_correct(
-        cls,
-        uri: str,
-        correct: Mapping[str, list[bool]],
-        nll: float | None = None,
-        tokens: int | None = None,
-    ) -> ModelResult:
-        """Results from per-example correctness per task."""
-        tasks = {
-            t: TaskResult(accuracy=metric.accuracy(c), correct=list(c)) for t, c in correct.items()
-        }
-        return cls(uri=uri, tasks=tasks, nll=nll, tokens=tokens)
-
-    @computed_field
-    @property
-    def perplexity(self) -> float | None:
-        return (
-            None
-            if self.nll is None or not self.tokens
-            else metric.perplexity(self.nll, self.tokens)
-        )
 
 
 @contextlib.contextmanager
@@ -99,9 +51,6 @@ def score_model(
     folders of ``spec.tasks_dir`` (none when no task is: then ``nll`` stays None)."""
     dtype = torch_dtype(spec.dtype, spec.device)
     with local_model(uri, **storage_options) as folder:
-        # lazy: the embedding scorer builds on this module's TaskResult
-        from amalgam.evaluate.embedding import score_embedding_tasks, uses_embedding_scorer
-
         tasks_dir = Path(spec.tasks_dir) if spec.tasks_dir else None
         if uses_embedding_scorer(folder, tasks_dir, tasks):  # encoders have no perplexity
             assert tasks_dir is not None  # embedding tasks are folders of tasks_dir

@@ -34,7 +34,8 @@ from amalgam.evaluate.report import (
     spec_tasks,
     write_report,
 )
-from amalgam.evaluate.score import ModelResult, score_model
+from amalgam.evaluate.results import ModelResult
+from amalgam.evaluate.score import score_model
 from amalgam.recipe import EvaluateSpec, Recipe
 from amalgam.stages.base import Runner, Stage, StageReport, content_key, execute
 from amalgam.storage import amalgam_home, resolve

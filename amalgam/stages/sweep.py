@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from amalgam.engine import MergeOptions
 from amalgam.evaluate.report import EvalReport
-from amalgam.evaluate.score import ModelResult
+from amalgam.evaluate.results import ModelResult
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import Recipe
 from amalgam.stages.base import Stage, content_key, execute

@@ -177,7 +177,7 @@ def test_cli_scores_an_encoder_on_its_tasks(zoo_minilm, monkeypatch, capsys) -> 
     code, out, _ = run_cli([*args, "--tasks", "sentiment", "--device", "cpu"], monkeypatch, capsys)
     assert code == 0
     expected = score_task(Encoder(folder, "cpu"), zoo_minilm.tasks_dir, "sentiment", "test", 40)
-    assert f"{100 * expected.accuracy:.1f}" in out and "sentiment" in out
+    assert f"{expected.accuracy:.4f}" in out and "sentiment" in out
 
 
 def test_bad_task_folders_name_the_file(tmp_path, base_encoder) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from amalgam.evaluate.forgetting import ChampionStep, measure_forgetting
 from amalgam.evaluate.report import EvalReport, build_report
-from amalgam.evaluate.score import ModelResult
+from amalgam.evaluate.results import ModelResult
 from amalgam.recipe import Gates
 from amalgam.registry import check_gates
 

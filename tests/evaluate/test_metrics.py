@@ -9,7 +9,7 @@ import pytest
 from amalgam.evaluate import metrics
 from amalgam.evaluate.metrics import MetricError
 from amalgam.evaluate.report import build_report
-from amalgam.evaluate.score import ModelResult, TaskResult
+from amalgam.evaluate.results import ModelResult, TaskResult
 
 T, F = True, False
 # Per-example correctness on two tasks (8 and 5 examples).

@@ -17,7 +17,7 @@ import amalgam.stages.evaluate as evaluate
 from amalgam.checkpoint import open_checkpoint
 from amalgam.compress import decompress_model, read_manifest
 from amalgam.engine import MergeOptions
-from amalgam.evaluate.score import ModelResult
+from amalgam.evaluate.results import ModelResult
 from amalgam.fetch import FetchedModel
 from amalgam.recipe import EvaluateSpec, parse_recipe
 from amalgam.stages import (
