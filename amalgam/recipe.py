@@ -229,21 +229,41 @@ ALIGN_SUBSECTIONS = ("tokenizer", "transplant", "permutation", "pleas")
 
 
 class CompressSpec(_Strict):
-    """The compress stage (ComPEFT, arXiv 2311.13171): keep the top ``density`` fraction of
-    each tensor's task vector by magnitude, as sign x one scale per tensor."""
+    """The compress stage. ``compeft`` (arXiv 2311.13171): keep the top ``density`` fraction
+    of each tensor's task vector by magnitude, as sign x one scale per tensor. ``mc_smoe``
+    (arXiv 2310.01334): an MoE's experts merged into ``experts`` per layer, grouped by the
+    routing statistics of ``calibration`` (a jsonl file or a task folder's validation split,
+    its first ``calibration_samples`` records); ``expert_merge``/``align`` pick the paper's
+    frequency-weighted merge of permutation-aligned experts or the baselines (``drop``: keep
+    the most used experts only; ``uniform`` without ``align``: plain averages)."""
 
-    method: Literal["compeft"] = "compeft"
+    method: Literal["compeft", "mc_smoe"] = "compeft"
     density: float = Field(default=0.1, gt=0.0, le=1.0)
     scale: Literal["std", "mean"] = "mean"
     alpha: float = Field(default=1.0, gt=0.0)
     keep_dense: str | None = None
     output: str | None = None
     max_shard_size: int = Field(default=5 * 10**9, gt=0)
+    experts: int | None = Field(default=None, gt=0)
+    calibration: str | None = None
+    calibration_samples: int = Field(default=256, gt=0)
+    expert_merge: Literal["frequency", "uniform", "drop"] = "frequency"
+    align: bool = True
 
     @field_validator("keep_dense")
     @classmethod
     def _compiles(cls, v: str | None) -> str | None:
         return v if v is None else _regex(v)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the compressed bytes: the chosen method's fields (not where the output
+        goes or how it is sharded)."""
+        other = _MC_SMOE_FIELDS if self.method == "compeft" else _COMPEFT_FIELDS
+        return self.model_dump(mode="json", exclude={"output", "max_shard_size", *other})
+
+
+_COMPEFT_FIELDS = ("density", "scale", "alpha", "keep_dense")
+_MC_SMOE_FIELDS = ("experts", "calibration", "calibration_samples", "expert_merge", "align")
 
 
 class AdapterOutputSpec(_Strict):

@@ -140,7 +140,7 @@ def compress_model(
             "method": spec.method,
             "paper": PAPER,
             "kind": _kind(model),
-            "settings": spec.model_dump(mode="json", exclude={"output", "max_shard_size"}),
+            "settings": spec.settings(),
             "base": {"uri": base.uri, "hash": base.content_hash()} if base else None,
             "model": {"uri": model.uri, "hash": model.content_hash()},
             "amalgam": __version__,

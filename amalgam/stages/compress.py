@@ -47,7 +47,7 @@ class Compressed:
 
 def settings(spec: CompressSpec) -> dict[str, Any]:
     """What decides the compressed bytes (not where they go or how they are sharded)."""
-    return spec.model_dump(mode="json", exclude={"output", "max_shard_size"})
+    return spec.settings()
 
 
 def already_compressed(uri: str, spec: CompressSpec, merged: Merged, storage_options: dict) -> bool:
