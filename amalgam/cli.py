@@ -381,24 +381,60 @@ def compress(
     keep_dense: Annotated[
         str | None, typer.Option(help="regex of tensors stored uncompressed")
     ] = None,
+    method: Annotated[str, typer.Option(help="compeft | mc_smoe (an MoE's experts)")] = "compeft",
+    experts: Annotated[int | None, typer.Option(help="mc_smoe: experts kept per layer")] = None,
+    calibration: Annotated[
+        str | None, typer.Option(help="mc_smoe: calibration jsonl or task folder")
+    ] = None,
+    calibration_samples: Annotated[int, typer.Option(help="mc_smoe: records used")] = 256,
+    expert_merge: Annotated[
+        str, typer.Option(help="mc_smoe: frequency | uniform | drop")
+    ] = "frequency",
+    align: Annotated[bool, typer.Option(help="mc_smoe: permutation-align group members")] = True,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     storage_options: StorageOpt = None,
 ) -> None:
     """Compress a fine-tune against its base, or an adapter's tensors (ComPEFT: top-k task
-    vector as sign x scale)."""
+    vector as sign x scale); or an MoE to fewer experts per layer (MC-SMoE)."""
     # lazy: the command's modules import torch; `amalgam --help` stays fast
     from pydantic import ValidationError
 
     # lazy: torch
-    from amalgam.compress import compress_model
+    from amalgam.compress import compress_model, compress_moe
     from amalgam.recipe import CompressSpec
 
     try:
-        spec = CompressSpec(density=density, scale=scale, alpha=alpha, keep_dense=keep_dense)
+        spec = CompressSpec(
+            method=method,
+            density=density,
+            scale=scale,
+            alpha=alpha,
+            keep_dense=keep_dense,
+            experts=experts,
+            calibration=calibration,
+            calibration_samples=calibration_samples,
+            expert_merge=expert_merge,
+            align=align,
+        )
     except ValidationError as exc:
         bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
         raise AmalgamError(bad) from None
+    if spec.method == "mc_smoe":
+        moe = compress_moe(model, output, spec, overwrite=overwrite, **_storage(storage_options))
+        summary = moe.summary() | {"skipped": moe.skipped}
+        if as_json:
+            print(json.dumps(summary, indent=2))
+            return
+        console.print(
+            f"[bold]compressed[/] {model} -> {moe.output}"
+            + (" (already there)" if moe.skipped else "")
+            + f"\n{moe.report['experts_before']} -> {spec.experts} experts per layer; "
+            f"{summary['params_before']:,} -> {summary['params_after']:,} parameters, "
+            f"{summary['bytes_before']:,} -> {summary['bytes_after']:,} bytes",
+            soft_wrap=True,
+        )
+        return
     result = compress_model(
         model, base, output, spec, overwrite=overwrite, **_storage(storage_options)
     )

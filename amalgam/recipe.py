@@ -391,6 +391,10 @@ class Recipe(_Strict):
         for field, default in (("extra_tensors", "error"), ("output_format", "dense")):
             if body[field] == default:
                 del body[field]
+        if self.compress is not None:  # a ComPEFT section hashes as it did before mc_smoe
+            body["compress"] = self.compress.model_dump(
+                mode="json", include={"output", "max_shard_size", *self.compress.settings()}
+            )
         return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def validate_method(self) -> None:

@@ -1,7 +1,9 @@
-"""The compress stage: ComPEFT task-vector compression with exact sizes, and decompression."""
+"""The compress stage: ComPEFT task-vector compression with exact sizes, and decompression;
+MC-SMoE expert merging of an MoE."""
 
 from amalgam.compress.compeft import TernaryTensor, compeft
 from amalgam.compress.errors import CompressError
+from amalgam.compress.moe_compress import MoECompressResult, compress_moe
 from amalgam.compress.stage import (
     CompressResult,
     TensorReport,
@@ -13,10 +15,12 @@ from amalgam.compress.stage import (
 __all__ = [
     "CompressError",
     "CompressResult",
+    "MoECompressResult",
     "TensorReport",
     "TernaryTensor",
     "compeft",
     "compress_model",
+    "compress_moe",
     "decompress_model",
     "read_manifest",
 ]

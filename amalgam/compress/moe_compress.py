@@ -29,14 +29,16 @@ from amalgam.compress.mc_smoe import Expert, dominant_groups, group_weights, mer
 from amalgam.compress.routing import MoELayout, cached_routing, frequencies, moe_layout, similarity
 from amalgam.engine.inputs import check_output
 from amalgam.engine.plan import TensorJob, shard_jobs
-from amalgam.errors import AmalgamError
-from amalgam.moe.build import MANIFEST as MOE_MANIFEST
+from amalgam.errors import AmalgamError, StatisticsError
 from amalgam.recipe import CompressSpec
 from amalgam.stages.base import content_key
+from amalgam.statistics.data import load_examples
 from amalgam.writer import INDEX_NAME, CheckpointWriter, intact, remove_leftovers
 
 REPORT = "mc_smoe.json"
 KEY = "amalgam.mc_smoe_key"
+#: Side files not copied: rewritten here, or about the input (``amalgam moe``'s build record).
+NOT_COPIED = ("config.json", REPORT, "moe.json")
 PAPER = "arXiv:2310.01334"
 
 
@@ -101,7 +103,12 @@ def compress_moe(
             "amalgam_version": __version__,
             "settings": spec.settings(),
             "model": {"uri": model.uri, "hash": model.content_hash()},
-            "routing": {"uri": info.uri, "hash": info.content_hash, "tokens": info.tokens},
+            "routing": {
+                "uri": info.uri,
+                "hash": info.content_hash,
+                "data_hash": info.data_hash,
+                "tokens": info.tokens,
+            },
             "experts_before": layout.experts,
             "experts": k,
             "layers": {
@@ -137,6 +144,23 @@ def _target(spec: CompressSpec, layout: MoELayout, uri: str) -> int:
             f"layer of {uri}"
         )
     return spec.experts
+
+
+def mc_smoe_done(output: str, spec: CompressSpec, model_hash: str, so: dict[str, Any]) -> bool:
+    """``output`` holds the MoE of hash ``model_hash`` compressed with ``spec``, intact, its
+    calibration data unchanged (by its records' hash); no model is run."""
+    try:
+        report = read_report(output, **so)
+    except (CompressError, ValueError, OSError):
+        return False
+    same = report.get("settings") == spec.settings() and report["model"]["hash"] == model_hash
+    if not same or spec.calibration is None:
+        return False
+    try:
+        _, data_hash = load_examples(spec.calibration, **so)
+    except StatisticsError:
+        return False
+    return data_hash == report["routing"]["data_hash"] and _done(output, report["key"], so)
 
 
 def _done(output: str, key: str, so: dict[str, Any]) -> bool:
@@ -256,7 +280,7 @@ def _write(
         config["num_experts_per_tok"] = min(layout.top_k, k)
         writer.write_json("config.json", config)
         for name in model.side_files():
-            if name not in ("config.json", REPORT, MOE_MANIFEST):
+            if name not in NOT_COPIED:
                 writer.copy_in(model.fs, storage.join(model.root, name), name)
         writer.write_json(REPORT, report)
         writer.commit()

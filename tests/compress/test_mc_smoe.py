@@ -324,3 +324,36 @@ def test_more_experts_than_the_model_has_is_refused(
 ) -> None:
     with pytest.raises(CompressError, match=r"compress\.experts: 5 is more than the 4 experts"):
         compress_moe(str(moe), str(tmp_path / "o"), spec(calibration, experts=5))
+
+
+def test_the_compress_stage_runs_mc_smoe_then_finds_it_done(
+    zoo_tiny, moe: Path, calibration: Path, tmp_path: Path
+) -> None:
+    from amalgam.checkpoint import open_checkpoint
+    from amalgam.recipe import parse_recipe
+    from amalgam.stages import CompressInput, CompressStage
+    from amalgam.stages.merge import Merged
+
+    with open_checkpoint(str(moe)) as ckpt:
+        merged = Merged(str(moe), ckpt.content_hash(), skipped=True)
+    recipe = parse_recipe(
+        {
+            "method": "linear",
+            "models": [{"uri": str(zoo_tiny.experts[t])} for t in TASKS[:2]],
+            "compress": {
+                "method": "mc_smoe",
+                "experts": 3,
+                "calibration": str(calibration),
+                "output": str(tmp_path / "small"),
+            },
+        }
+    )
+    stage, inp = CompressStage(), CompressInput(recipe, merged)
+    assert stage.done(inp) is None
+    out = stage.run(inp)
+    assert not out.skipped and out.details["experts"] == 3
+    assert "3 experts per layer" in stage.report(inp, out).markdown["compression"]
+    again = stage.done(inp)
+    assert again is not None and again.skipped
+    calibration.write_text(calibration.read_text())  # same records: still done
+    assert stage.done(inp) is not None
