@@ -391,6 +391,9 @@ def compress(
         str, typer.Option(help="mc_smoe: frequency | uniform | drop")
     ] = "frequency",
     align: Annotated[bool, typer.Option(help="mc_smoe: permutation-align group members")] = True,
+    router_fold: Annotated[
+        str, typer.Option(help="mc_smoe: a group's router row, dominant | average")
+    ] = "dominant",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     storage_options: StorageOpt = None,
@@ -416,6 +419,7 @@ def compress(
             calibration_samples=calibration_samples,
             expert_merge=expert_merge,
             align=align,
+            router_fold=router_fold,
         )
     except ValidationError as exc:
         bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())

@@ -235,7 +235,9 @@ class CompressSpec(_Strict):
     routing statistics of ``calibration`` (a jsonl file or a task folder's validation split,
     its first ``calibration_samples`` records); ``expert_merge``/``align`` pick the paper's
     frequency-weighted merge of permutation-aligned experts or the baselines (``drop``: keep
-    the most used experts only; ``uniform`` without ``align``: plain averages)."""
+    the most used experts only; ``uniform`` without ``align``: plain averages); a group's
+    router row is its dominant expert's (``router_fold: dominant``) or the members' rows
+    averaged with the merge's weights (``average``)."""
 
     method: Literal["compeft", "mc_smoe"] = "compeft"
     density: float = Field(default=0.1, gt=0.0, le=1.0)
@@ -249,6 +251,7 @@ class CompressSpec(_Strict):
     calibration_samples: int = Field(default=256, gt=0)
     expert_merge: Literal["frequency", "uniform", "drop"] = "frequency"
     align: bool = True
+    router_fold: Literal["dominant", "average"] = "dominant"
 
     @field_validator("keep_dense")
     @classmethod
@@ -263,7 +266,14 @@ class CompressSpec(_Strict):
 
 
 _COMPEFT_FIELDS = ("density", "scale", "alpha", "keep_dense")
-_MC_SMOE_FIELDS = ("experts", "calibration", "calibration_samples", "expert_merge", "align")
+_MC_SMOE_FIELDS = (
+    "experts",
+    "calibration",
+    "calibration_samples",
+    "expert_merge",
+    "align",
+    "router_fold",
+)
 
 
 class AdapterOutputSpec(_Strict):

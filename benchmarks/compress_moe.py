@@ -4,10 +4,12 @@ Builds the MoE as `benchmarks/moe_build.py` does (`amalgam.moe.build_moe`, `gate
 2 experts per token, the first `--prompts` train prompts of each expert's task as its positive
 prompts), then compresses it with `compress.method: mc_smoe` (arXiv 2310.01334: experts
 grouped by router-logit similarity around the most used ones, aligned by weight matching,
-merged with usage frequencies as weights) and, in the same run, with the two baselines:
-`drop` (keep the most used experts, drop the others) and `uniform` without alignment (plain
-averages of the same groups). Calibration: the first `--calibration` train records of every
-task, interleaved (prompt and correct answer). Every model is scored on the test split with
+merged with usage frequencies as weights; each group keeps its dominant expert's router row)
+and, in the same run, with the two baselines: `drop` (keep the most used experts, drop the
+others) and `uniform` without alignment (plain averages of the same groups); the method and
+the uniform baseline also with `router_fold: average` (a group's router row: its members'
+rows averaged with the merge's weights). Calibration: the first `--calibration` train records
+of every task, interleaved (prompt and correct answer). Every model is scored on the test split with
 `amalgam.evaluate.quick_evaluate`; the dense experts give the normalisation. Reports per-task
 accuracy, the share of the MoE's accuracy kept, parameters and bytes, each layer's groups,
 and the calibration routing frequencies. Writes `results/compress.{md,json,png}`.
@@ -36,11 +38,14 @@ from moe_build import load, pct, routing, score, short
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / ".work" / "compress_moe"
-#: label -> (expert_merge, align): the paper's method and the two baselines.
+#: label -> (expert_merge, align, router_fold): the paper's method and the two baselines, and
+#: the method and the uniform baseline with averaged router rows.
 METHODS = {
-    "mc_smoe": ("frequency", True),
-    "drop (keep most used)": ("drop", False),
-    "uniform (no alignment)": ("uniform", False),
+    "mc_smoe": ("frequency", True, "dominant"),
+    "drop (keep most used)": ("drop", False, "dominant"),
+    "uniform (no alignment)": ("uniform", False, "dominant"),
+    "mc_smoe, averaged router": ("frequency", True, "average"),
+    "uniform, averaged router": ("uniform", False, "average"),
 }
 TARGETS = (4, 2)
 
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     }
     report = None
     for k in TARGETS:
-        for label, (merge, align) in METHODS.items():
+        for label, (merge, align, fold) in METHODS.items():
             log(f"{label} to {k} experts")
             spec = CompressSpec(
                 method="mc_smoe",
@@ -107,8 +112,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                 calibration_samples=args.calibration * len(tasks),
                 expert_merge=merge,
                 align=align,
+                router_fold=fold,
             )
-            out = work / f"{merge}-{k}"
+            out = work / f"{merge}-{fold}-{k}"
             t0 = time.perf_counter()
             result = compress_moe(str(moe), str(out), spec)
             seconds = time.perf_counter() - t0
@@ -177,7 +183,9 @@ def report(result: dict[str, Any]) -> str:
         "similarity, members aligned by weight matching, frequency-weighted average; each "
         "group keeps its dominant expert's router row). Baselines on the same statistics: "
         "`drop` keeps the most used experts and drops the rest; `uniform` averages the same "
-        "groups plainly, without alignment. No LoSparse step and no distillation finetune.",
+        "groups plainly, without alignment. `averaged router`: `router_fold: average`, a "
+        "group's router row is its members' rows averaged with the merge's weights. No "
+        "LoSparse step and no distillation finetune.",
         "",
         "## Accuracy (%) per task",
         "",

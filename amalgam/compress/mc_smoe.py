@@ -11,11 +11,13 @@ Per layer, from the routing statistics of :mod:`amalgam.compress.routing`:
    as weights.
 
 Router folding: the paper keeps every router row and ties the group's experts to the merged
-one. A physically smaller model cannot keep rows that point to no expert, so each group keeps
-its dominant expert's row and the others are dropped: row g of the output router is row
-``dominant(g)`` of the input one. Top-k weights are renormalised over the chosen experts
-(Mixtral, and Qwen2-MoE with ``norm_topk_prob``), so the dropped rows only change which
-experts a token picks, not how the picked ones are weighted against each other.
+one. A physically smaller model cannot keep rows that point to no expert, so each group gets
+one row: its dominant expert's (``dominant``: row g of the output router is row
+``dominant(g)`` of the input one, the others dropped), or its members' rows averaged with the
+merge's weights (``average``: row g = Σ_e w_e row_e, a linear stand-in for the tied router's
+"any member chosen"). Top-k weights are renormalised over the chosen experts (Mixtral, and
+Qwen2-MoE with ``norm_topk_prob``), so folding changes which experts a token picks, not how
+the picked ones are weighted against each other.
 
 The paper's second step (LoSparse low-rank + sparse experts) needs a distillation finetune to
 recover; it is not done here. The baselines of the paper's tables are settings of the same
@@ -87,3 +89,18 @@ def merge_group(members: list[Expert], weights: list[float], align: bool) -> Exp
         for p in out:
             out[p] += weight * expert[p]
     return out
+
+
+def fold_router(
+    gate: torch.Tensor, groups: list[list[int]], weights: list[list[float]], fold: str
+) -> torch.Tensor:
+    """The (groups, hidden) router of the merged layer from the (experts, hidden) one: each
+    group's dominant row (``dominant``) or its members' rows weighted by ``weights``
+    (``average``)."""
+    if fold == "dominant":
+        return gate[[g[0] for g in groups]]
+    rows = [
+        sum(w * gate[e].float() for e, w in zip(g, ws, strict=True))
+        for g, ws in zip(groups, weights, strict=True)
+    ]
+    return torch.stack(rows).to(gate.dtype)

@@ -25,7 +25,13 @@ import torch
 from amalgam import __version__, storage
 from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
 from amalgam.compress.errors import CompressError
-from amalgam.compress.mc_smoe import Expert, dominant_groups, group_weights, merge_group
+from amalgam.compress.mc_smoe import (
+    Expert,
+    dominant_groups,
+    fold_router,
+    group_weights,
+    merge_group,
+)
 from amalgam.compress.routing import MoELayout, cached_routing, frequencies, moe_layout, similarity
 from amalgam.engine.inputs import check_output
 from amalgam.engine.plan import TensorJob, shard_jobs
@@ -219,9 +225,13 @@ def _plan(
             add(name, model.shape(name), model.dtype(name), lambda n=name: model.tensor(n))
     for layer, layer_groups in groups.items():
         gate = layout.layout.gate(layer)
-        rows = torch.tensor([g[0] for g in layer_groups])
-        shape = (len(rows), model.shape(gate)[1])
-        add(gate, shape, model.dtype(gate), lambda gate=gate, rows=rows: model.tensor(gate)[rows])
+        weights = [group_weights(g, freqs[layer], spec.expert_merge) for g in layer_groups]
+
+        def router(gate=gate, groups=layer_groups, weights=weights) -> torch.Tensor:
+            return fold_router(model.tensor(gate), groups, weights, spec.router_fold)
+
+        shape = (len(layer_groups), model.shape(gate)[1])
+        add(gate, shape, model.dtype(gate), router)
         for g, group in enumerate(layer_groups):
             source = layout.expert_tensors(layer, group[0])
             for projection, out in layout.expert_tensors(layer, g).items():

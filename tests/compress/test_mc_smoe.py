@@ -357,3 +357,49 @@ def test_the_compress_stage_runs_mc_smoe_then_finds_it_done(
     assert again is not None and again.skipped
     calibration.write_text(calibration.read_text())  # same records: still done
     assert stage.done(inp) is not None
+
+
+def test_an_averaged_router_row_is_the_members_rows_weighted_by_frequency(
+    moe: Path, calibration: Path, tmp_path: Path
+) -> None:
+    result = compress_moe(str(moe), str(tmp_path / "avg"), spec(calibration, router_fold="average"))
+    name = "model.layers.1.block_sparse_moe.gate.weight"
+    with (
+        safe_open(str(moe / "model.safetensors"), "pt") as src,
+        safe_open(str(tmp_path / "avg" / "model.safetensors"), "pt") as out,
+    ):
+        gate, folded = src.get_tensor(name), out.get_tensor(name)
+    freq = result.report["layers"]["1"]["frequency"]
+    for g, group in enumerate(result.report["layers"]["1"]["groups"]):
+        total = sum(freq[e] for e in group)
+        row = torch.zeros(gate.shape[1])
+        for e in group:
+            row += freq[e] / total * gate[e]
+        assert torch.allclose(folded[g], row, atol=1e-6)
+
+
+def test_qwen2_moe_keeps_its_shared_expert(zoo_tiny, calibration: Path, tmp_path: Path) -> None:
+    """Qwen2-MoE naming from its config (``num_experts``, ``mlp.experts.N.*_proj``): fewer
+    experts, the shared expert and its gate as they were, loaded by transformers."""
+    from transformers import Qwen2MoeForCausalLM
+
+    experts = [{"source_model": str(zoo_tiny.experts[t])} for t in TASKS[:3]]
+    shared = [{"source_model": str(zoo_tiny.base)}]
+    config = {"base_model": str(zoo_tiny.base), "gate_mode": "random", "experts": experts}
+    qwen = tmp_path / "qwen"
+    build_moe(parse_moe_config(config | {"shared_experts": shared}), str(qwen))
+    result = compress_moe(str(qwen), str(tmp_path / "small"), spec(calibration))
+    model = load(tmp_path / "small")
+    assert isinstance(model, Qwen2MoeForCausalLM) and model.config.num_experts == 2
+    assert sum(p.numel() for p in model.parameters()) == result.report["params_after"]
+    with (
+        safe_open(str(qwen / "model.safetensors"), "pt") as src,
+        safe_open(str(tmp_path / "small" / "model.safetensors"), "pt") as out,
+    ):
+        assert not any(".experts.2." in n for n in out.keys())  # noqa: SIM118
+        for n in src.keys():  # noqa: SIM118
+            if "shared_expert" in n:
+                assert torch.equal(out.get_tensor(n), src.get_tensor(n))
+        groups = result.report["layers"]["0"]["groups"]
+        gate = src.get_tensor("model.layers.0.mlp.gate.weight")[[g[0] for g in groups]]
+        assert torch.equal(out.get_tensor("model.layers.0.mlp.gate.weight"), gate)
