@@ -128,6 +128,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                 "params_report": report["params_after"],
                 "bytes": report["bytes_after"],
                 "groups": {layer: v["groups"] for layer, v in report["layers"].items()},
+                "units_moved": sum(
+                    sum(sum(m) for m in v.get("units_moved", {}).values())
+                    for v in report["layers"].values()
+                ),
                 "seconds": seconds,
             }
     assert report is not None
@@ -209,15 +213,18 @@ def report(result: dict[str, Any]) -> str:
         "## Size",
         "",
         "Parameters as transformers loads them (equal to the report's count in every row); "
-        "bytes: the weights written.",
+        "bytes: the weights written; units moved: intermediate units that weight matching "
+        "put in another place, summed over layers and group members (0: every member was "
+        "already in its dominant's order, as fine-tunes of one base are).",
         "",
-        "| model | experts per layer | parameters | bytes | compress s |",
-        "|---|---:|---:|---:|---:|",
+        "| model | experts per layer | parameters | bytes | units moved by alignment | "
+        "compress s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for label, row in rows.items():
         lines.append(
             f"| {label} | {row['experts']} | {row['params']:,} | {row['bytes']:,} | "
-            f"{row['seconds']:.1f} |"
+            f"{row.get('units_moved', '')} | {row['seconds']:.1f} |"
         )
     lines += [
         "",

@@ -76,19 +76,25 @@ def group_weights(group: list[int], freq: torch.Tensor, merge: str) -> list[floa
     return [w / total for w in raw]
 
 
-def merge_group(members: list[Expert], weights: list[float], align: bool) -> Expert:
-    """The weighted average of ``members`` (the first is the dominant), each aligned to the
-    dominant first when ``align``; members of weight 0 are skipped."""
+def merge_group(
+    members: list[Expert], weights: list[float], align: bool
+) -> tuple[Expert, list[int]]:
+    """(the weighted average of ``members`` (the first is the dominant), each aligned to the
+    dominant first when ``align``; per member, how many of its units the alignment moved).
+    Members of weight 0 are skipped (0 units moved)."""
     ref = members[0]
     out = {p: torch.zeros_like(w) for p, w in ref.items()}
-    for expert, weight in zip(members, weights, strict=True):
+    moved = [0] * len(members)
+    for i, (expert, weight) in enumerate(zip(members, weights, strict=True)):
         if weight == 0:
             continue
-        if align and expert is not ref:
-            expert = permuted(expert, permutation_to(ref, expert))
+        if align and i > 0:
+            perm = permutation_to(ref, expert)
+            moved[i] = int((perm != torch.arange(len(perm))).sum())
+            expert = permuted(expert, perm)
         for p in out:
             out[p] += weight * expert[p]
-    return out
+    return out, moved
 
 
 def fold_router(

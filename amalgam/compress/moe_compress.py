@@ -188,8 +188,10 @@ def _plan(
     groups: dict[int, list[list[int]]],
     freqs: dict[int, torch.Tensor],
     spec: CompressSpec,
+    report: dict[str, Any],
 ) -> tuple[list[TensorJob], dict[str, Callable[[], torch.Tensor]]]:
-    """Output tensors in file order, and how to produce each."""
+    """Output tensors in file order, and how to produce each; merging a group records in
+    ``report`` how many units the alignment moved in each member."""
     jobs: list[TensorJob] = []
     readers: dict[str, Callable[[], torch.Tensor]] = {}
     skipped: set[str] = set()
@@ -208,7 +210,9 @@ def _plan(
                 for e in group
             ]
             weights = group_weights(group, freqs[layer], spec.expert_merge)
-            merged[(layer, g)] = (merge_group(members, weights, spec.align), set(members[0]))
+            weights_of, moved = merge_group(members, weights, spec.align)
+            report["layers"][str(layer)].setdefault("units_moved", {})[str(g)] = moved
+            merged[(layer, g)] = (weights_of, set(members[0]))
         weights_of, left = merged[(layer, g)]
         left.discard(projection)
         out = weights_of[projection].to(dtype)
@@ -258,7 +262,7 @@ def _write(
     max_shard_size: int,
     so: dict[str, Any],
 ) -> None:
-    jobs, readers = _plan(model, layout, groups, freqs, spec)
+    jobs, readers = _plan(model, layout, groups, freqs, spec, report)
     units = shard_jobs(jobs, max_shard_size)
     k = report["experts"]
     metadata = {"format": "pt", KEY: key, "parents": f"model={model.content_hash()}"}

@@ -146,9 +146,9 @@ def test_alignment_is_the_best_permutation_and_merge_is_frequency_weighted() -> 
     # a member that is the dominant with shuffled units merges back to the dominant exactly
     shuffle = [3, 0, 4, 1, 2]
     twin = {"gate": ref["gate"][shuffle], "up": ref["up"][shuffle], "down": ref["down"][:, shuffle]}
-    merged = merge_group([ref, twin], [0.25, 0.75], align=True)
-    assert all(torch.allclose(merged[p], ref[p]) for p in ref)
-    plain = merge_group([ref, twin], [0.25, 0.75], align=False)
+    merged, moved = merge_group([ref, twin], [0.25, 0.75], align=True)
+    assert all(torch.allclose(merged[p], ref[p]) for p in ref) and moved == [0, 5]
+    plain, _ = merge_group([ref, twin], [0.25, 0.75], align=False)
     assert torch.allclose(plain["up"], 0.25 * ref["up"] + 0.75 * twin["up"])
 
 
