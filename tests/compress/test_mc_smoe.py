@@ -403,3 +403,24 @@ def test_qwen2_moe_keeps_its_shared_expert(zoo_tiny, calibration: Path, tmp_path
         groups = result.report["layers"]["0"]["groups"]
         gate = src.get_tensor("model.layers.0.mlp.gate.weight")[[g[0] for g in groups]]
         assert torch.equal(out.get_tensor("model.layers.0.mlp.gate.weight"), gate)
+
+
+def test_the_cli_compresses_an_moe_and_names_bad_input(
+    zoo_tiny, moe: Path, calibration: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from tests.helpers import run_cli
+
+    out = tmp_path / "cli"
+    args = ["--method", "mc_smoe", "--calibration", str(calibration), "--output", str(out)]
+    code, stdout, _ = run_cli(
+        ["compress", str(moe), *args, "--experts", "3", "--json"], monkeypatch, capsys
+    )
+    assert code == 0 and json.loads(stdout)["params_after"] < json.loads(stdout)["params_before"]
+    code, _, err = run_cli(
+        ["compress", str(zoo_tiny.base), *args[:-1], str(tmp_path / "x"), "--experts", "2"],
+        monkeypatch,
+        capsys,
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert "is not a mixture of experts" in lines[0] and not (tmp_path / "x").exists()
