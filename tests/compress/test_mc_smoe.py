@@ -357,6 +357,9 @@ def test_the_compress_stage_runs_mc_smoe_then_finds_it_done(
     assert again is not None and again.skipped
     calibration.write_text(calibration.read_text())  # same records: still done
     assert stage.done(inp) is not None
+    from amalgam.stages.evaluate import decompressed
+
+    assert decompressed(recipe, out.output) == out.output  # scored as it is
 
 
 def test_an_averaged_router_row_is_the_members_rows_weighted_by_frequency(
