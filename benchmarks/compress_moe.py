@@ -208,7 +208,15 @@ def report(result: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {cells} | {pct(s['avg'])} | {pct(s['normalized'])} | {pct(s['kept'])} |"
         )
+    half = stats[f"mc_smoe, {TARGETS[0]} experts"]
+    rivals = {b: stats[f"{b}, {TARGETS[0]} experts"]["avg"] for b in list(METHODS)[1:3]}
+    met = half["kept"] >= 0.95 and all(half["avg"] > v for v in rivals.values())
     lines += [
+        "",
+        f"Target at {TARGETS[0]} experts (half): MC-SMoE keeps >= 95% of the MoE's accuracy and "
+        f"beats both baselines: **{'met' if met else 'not met'}** (kept {pct(half['kept'])}%; "
+        + "; ".join(f"{b} {pct(v)} vs mc_smoe {pct(half['avg'])}" for b, v in rivals.items())
+        + ").",
         "",
         "## Size",
         "",
