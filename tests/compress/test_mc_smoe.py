@@ -427,3 +427,20 @@ def test_the_cli_compresses_an_moe_and_names_bad_input(
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
     assert "is not a mixture of experts" in lines[0] and not (tmp_path / "x").exists()
+
+
+def test_all_experts_kept_is_the_input_and_one_expert_routes_top_1(
+    moe: Path, calibration: Path, tmp_path: Path
+) -> None:
+    compress_moe(str(moe), str(tmp_path / "all"), spec(calibration, experts=4))
+    with (
+        safe_open(str(moe / "model.safetensors"), "pt") as src,
+        safe_open(str(tmp_path / "all" / "model.safetensors"), "pt") as out,
+    ):
+        assert sorted(out.keys()) == sorted(src.keys())
+        assert all(torch.equal(out.get_tensor(n), src.get_tensor(n)) for n in src.keys())  # noqa: SIM118
+    compress_moe(str(moe), str(tmp_path / "one"), spec(calibration, experts=1))
+    model = load(tmp_path / "one")
+    assert (model.config.num_local_experts, model.config.num_experts_per_tok) == (1, 1)
+    with torch.inference_mode():
+        assert torch.isfinite(model(input_ids=torch.tensor([[2, 5, 7]])).logits).all()
