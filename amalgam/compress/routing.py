@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from amalgam import storage
 from amalgam.checkpoint import Checkpoint, open_checkpoint
 from amalgam.compress.errors import CompressError
 from amalgam.errors import StatisticsError
@@ -121,6 +122,10 @@ def cached_routing(
         raise CompressError(f"compress.calibration: {exc}") from None
     settings = {"samples": samples, "version": VERSION}
     with open_checkpoint(model_uri) as ckpt:
+        if not storage.is_local(ckpt.fs):
+            raise CompressError(
+                f"{model_uri}: mc_smoe runs the MoE on its calibration data; give a local folder"
+            )
         model_hash = ckpt.content_hash()
         layout = moe_layout(ckpt)
         path = cache_path(model_hash, data_hash, "routing", settings)
