@@ -424,7 +424,11 @@ def compress(
         typer.Option(help="the base it was fine-tuned from (optional for an adapter)"),
     ] = None,
     method: Annotated[
-        str, typer.Option(help="compeft (one model) | tall (masks over several experts)")
+        str,
+        typer.Option(
+            help="compeft (one model) | tall (masks over several experts) | mc_smoe (an MoE's "
+            "experts)"
+        ),
     ] = "compeft",
     density: Annotated[float, typer.Option(help="share of each task vector kept")] = 0.1,
     scale: Annotated[str, typer.Option(help="mean | std (ComPEFT's alpha * std)")] = "mean",
@@ -435,18 +439,30 @@ def compress(
     tall_lambda: Annotated[
         float, typer.Option(help="TALL mask threshold: keep where |t| > lambda |tau_MTL - t|")
     ] = 0.4,
+    experts: Annotated[int | None, typer.Option(help="mc_smoe: experts kept per layer")] = None,
+    calibration: Annotated[
+        str | None, typer.Option(help="mc_smoe: calibration jsonl or task folder")
+    ] = None,
+    calibration_samples: Annotated[int, typer.Option(help="mc_smoe: records used")] = 256,
+    expert_merge: Annotated[
+        str, typer.Option(help="mc_smoe: frequency | uniform | drop")
+    ] = "frequency",
+    align: Annotated[bool, typer.Option(help="mc_smoe: permutation-align group members")] = True,
+    router_fold: Annotated[
+        str, typer.Option(help="mc_smoe: a group's router row, dominant | average")
+    ] = "dominant",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     storage_options: StorageOpt = None,
 ) -> None:
     """Compress a fine-tune against its base, or an adapter's tensors (ComPEFT: top-k task
     vector as sign x scale), or several experts of one base as TALL masks (one multi-task
-    vector plus one bit mask per task)."""
+    vector plus one bit mask per task), or an MoE to fewer experts per layer (MC-SMoE)."""
     # lazy: the command's modules import torch; `amalgam --help` stays fast
     from pydantic import ValidationError
 
     # lazy: torch
-    from amalgam.compress import compress_model
+    from amalgam.compress import compress_model, compress_moe
     from amalgam.compress.tall import compress_tall
     from amalgam.recipe import CompressSpec
 
@@ -458,11 +474,35 @@ def compress(
             alpha=alpha,
             keep_dense=keep_dense,
             tall_lambda=tall_lambda,
+            experts=experts,
+            calibration=calibration,
+            calibration_samples=calibration_samples,
+            expert_merge=expert_merge,
+            align=align,
+            router_fold=router_fold,
         )
     except ValidationError as exc:
         bad = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         raise AmalgamError(bad) from None
     so = _storage(storage_options)
+    if spec.method == "mc_smoe":
+        if len(models) != 1:
+            raise AmalgamError(f"--method mc_smoe compresses one MoE; got {len(models)}")
+        model = models[0]
+        moe = compress_moe(model, output, spec, overwrite=overwrite, **so)
+        summary = moe.summary() | {"skipped": moe.skipped}
+        if as_json:
+            print(json.dumps(summary, indent=2))
+            return
+        console.print(
+            f"[bold]compressed[/] {model} -> {moe.output}"
+            + (" (already there)" if moe.skipped else "")
+            + f"\n{moe.report['experts_before']} -> {spec.experts} experts per layer; "
+            f"{summary['params_before']:,} -> {summary['params_after']:,} parameters, "
+            f"{summary['bytes_before']:,} -> {summary['bytes_after']:,} bytes",
+            soft_wrap=True,
+        )
+        return
     if spec.method == "tall":
         if base is None:
             raise AmalgamError("--method tall: give the experts' base (--base)")

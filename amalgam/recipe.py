@@ -237,9 +237,16 @@ class CompressSpec(_Strict):
     each tensor's task vector by magnitude, as sign x one scale per tensor (``density``,
     ``scale``, ``alpha``, ``keep_dense``). ``tall`` (arXiv 2405.07813): the recipe's experts
     stored as one multi-task vector plus one bit mask per task, with the mask threshold
-    ``tall_lambda`` (one value, or one per task name)."""
+    ``tall_lambda`` (one value, or one per task name). ``mc_smoe`` (arXiv 2310.01334): an MoE's
+    experts merged into ``experts`` per layer, grouped by the routing statistics of
+    ``calibration`` (a jsonl file or a task folder's validation split, its first
+    ``calibration_samples`` records); ``expert_merge``/``align`` pick the paper's
+    frequency-weighted merge of permutation-aligned experts or the baselines (``drop``: keep
+    the most used experts only; ``uniform`` without ``align``: plain averages); a group's
+    router row is its dominant expert's (``router_fold: dominant``) or the members' rows
+    averaged with the merge's weights (``average``)."""
 
-    method: Literal["compeft", "tall"] = "compeft"
+    method: Literal["compeft", "tall", "mc_smoe"] = "compeft"
     density: float = Field(default=0.1, gt=0.0, le=1.0)
     scale: Literal["std", "mean"] = "mean"
     alpha: float = Field(default=1.0, gt=0.0)
@@ -247,6 +254,12 @@ class CompressSpec(_Strict):
     tall_lambda: Lambda | dict[str, Lambda] = 0.4
     output: str | None = None
     max_shard_size: int = Field(default=5 * 10**9, gt=0)
+    experts: int | None = Field(default=None, gt=0)
+    calibration: str | None = None
+    calibration_samples: int = Field(default=256, gt=0)
+    expert_merge: Literal["frequency", "uniform", "drop"] = "frequency"
+    align: bool = True
+    router_fold: Literal["dominant", "average"] = "dominant"
 
     @field_validator("keep_dense")
     @classmethod
@@ -265,6 +278,14 @@ class CompressSpec(_Strict):
 COMPRESS_SETTINGS: dict[str, tuple[str, ...]] = {
     "compeft": ("density", "scale", "alpha", "keep_dense"),
     "tall": ("tall_lambda",),
+    "mc_smoe": (
+        "experts",
+        "calibration",
+        "calibration_samples",
+        "expert_merge",
+        "align",
+        "router_fold",
+    ),
 }
 
 
@@ -415,6 +436,10 @@ class Recipe(_Strict):
         for field, default in (("extra_tensors", "error"), ("output_format", "dense")):
             if body[field] == default:
                 del body[field]
+        if self.compress is not None:  # a ComPEFT section hashes as it did before mc_smoe
+            body["compress"] = self.compress.model_dump(
+                mode="json", include={"output", "max_shard_size", *self.compress.settings()}
+            )
         return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def validate_method(self) -> None:

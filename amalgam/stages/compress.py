@@ -1,5 +1,5 @@
-"""The compress stage: ComPEFT-compress the merge, or store the recipe's experts as TALL masks,
-when the recipe asks; skip what is done."""
+"""The compress stage: ComPEFT-compress the merge, store the recipe's experts as TALL masks, or
+MC-SMoE-merge an MoE's experts, when the recipe asks; skip what is done."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ class CompressInput:
 
     @property
     def spec(self) -> CompressSpec:
-        if self.recipe.compress is None or self.recipe.base is None:
+        spec = self.recipe.compress
+        if spec is None or (spec.method == "compeft" and self.recipe.base is None):
             raise AmalgamError("compress: the recipe needs a compress section and a base")
-        return self.recipe.compress
+        return spec
 
     @property
     def output(self) -> str:
@@ -101,6 +102,17 @@ class CompressStage(Stage[CompressInput, Compressed]):
 
     def done(self, inp: CompressInput) -> Compressed | None:
         so = inp.recipe.storage_options
+        if inp.spec.method == "mc_smoe":
+            # lazy: amalgam.compress.moe_compress imports amalgam.moe, whose build imports
+            # amalgam.stages: a package-level cycle at import time
+            from amalgam.compress.moe_compress import mc_smoe_done
+
+            done = mc_smoe_done(inp.output, inp.spec, inp.merged.content_hash, so)
+            return (
+                Compressed(inp.output, True, {"model_hash": inp.merged.content_hash})
+                if done
+                else None
+            )
         if not already_compressed(inp.output, inp.spec, inp.sources, so):
             return None
         if inp.spec.method == "tall":
@@ -112,6 +124,13 @@ class CompressStage(Stage[CompressInput, Compressed]):
 
     def run(self, inp: CompressInput) -> Compressed:
         so = inp.recipe.storage_options
+        if inp.spec.method == "mc_smoe":
+            # lazy: import cycle through amalgam.moe and amalgam.stages (see ``done``)
+            from amalgam.compress.moe_compress import compress_moe
+
+            moe = compress_moe(inp.merged.output, inp.output, inp.spec, overwrite=True, **so)
+            summary = moe.summary()
+            return Compressed(summary.pop("output"), moe.skipped, summary)
         if inp.spec.method == "tall":
             result = compress_tall(
                 inp.experts, inp.recipe.base, inp.output, inp.spec, overwrite=True, **so
@@ -127,7 +146,13 @@ class CompressStage(Stage[CompressInput, Compressed]):
         if out.skipped:
             return None
         d = out.details
-        if inp.spec.method == "tall":
+        if inp.spec.method == "mc_smoe":
+            text = (
+                f"### MC-SMoE expert merging\n\n{d['experts']} experts per layer; "
+                f"{d['params_before']:,} -> {d['params_after']:,} parameters, "
+                f"{d['bytes_before']:,} -> {d['bytes_after']:,} bytes"
+            )
+        elif inp.spec.method == "tall":
             text = (
                 f"### TALL-mask storage of {len(inp.recipe.models)} experts\n\n"
                 f"{d['dense_bytes']:,} bytes of experts -> {d['compressed_bytes']:,} bytes "

@@ -113,7 +113,10 @@ def wanted(
 
 def decompressed(recipe: Recipe, compressed: str) -> str:
     """A local dense copy of the ComPEFT folder ``compressed``, kept under
-    ``$AMALGAM_HOME/decompressed`` by the hash of its manifest (rebuilt only when it changes)."""
+    ``$AMALGAM_HOME/decompressed`` by the hash of its manifest (rebuilt only when it changes);
+    an MC-SMoE output is a model already, scored as it is."""
+    if recipe.compress is not None and recipe.compress.method == "mc_smoe":
+        return compressed
     so = recipe.storage_options
     manifest = json.dumps(read_manifest(compressed, **so), sort_keys=True).encode()
     out = amalgam_home() / "decompressed" / hashlib.sha256(manifest).hexdigest()[:16]

@@ -14,7 +14,7 @@ import torch
 from amalgam import __version__, storage
 from amalgam.checkpoint import file_hash, open_checkpoint
 from amalgam.errors import CheckpointError, StatisticsError
-from amalgam.statistics.settings import KINDS
+from amalgam.statistics.settings import ARTIFACT_KINDS
 from amalgam.writer import shard_header
 
 MARKER = "amalgam_statistics"  # metadata key naming the kind
@@ -97,7 +97,7 @@ def read_info(uri: str, **storage_options: Any) -> StatisticsInfo:
             content_hash = "sha256:" + file_hash(ckpt.fs, ckpt.file_path(ckpt.files[0]))
     except CheckpointError as exc:
         raise StatisticsError(f"statistics artifact {exc}") from None
-    if meta.get(MARKER) not in KINDS:
+    if meta.get(MARKER) not in ARTIFACT_KINDS:
         raise StatisticsError(f"{uri}: not an amalgam statistics artifact (no '{MARKER}')")
     try:
         return StatisticsInfo(

@@ -1,0 +1,39 @@
+"""The MC-SMoE benchmark end to end on the tiny zoo (8 test examples per task): every row's
+parameters as transformers loads them equal the compression report's, the MoE row keeps 100%,
+the report names every row and the plot is written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from zoo.conftest import zoo_tiny
+
+from tests.helpers import BENCHMARKS, load_benchmark
+
+__all__ = ["zoo_tiny"]
+
+
+def test_the_benchmark_runs_on_the_tiny_zoo(zoo_tiny, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports moe_build's scorer
+    bench = load_benchmark("compress_moe")
+    args = argparse.Namespace(
+        profile="tiny", limit=8, prompts=4, calibration=4, work=str(tmp_path / "work")
+    )
+    result = bench.run(args, log=lambda _: None)
+    rows = result["rows"]
+    assert len(rows) == 1 + len(bench.TARGETS) * len(bench.METHODS)
+    for label, row in rows.items():
+        assert row["params"] == row.get("params_report", row["params"]), label
+    assert [r["experts"] for r in rows.values()] == [8] + [
+        k for k in bench.TARGETS for _ in bench.METHODS
+    ]
+    assert bench.summary(result)["moe (8 experts)"]["kept"] == 1.0
+    text = bench.report(result)
+    assert all(f"| {label} |" in text for label in rows)
+    calibration = (tmp_path / "work" / "calibration.jsonl").read_text().splitlines()
+    assert len(calibration) == 4 * len(result["tasks"])
+    assert set(json.loads(calibration[0])) == {"prompt", "answer"}
+    bench.plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
