@@ -21,8 +21,8 @@ __all__ = [
     "TernaryTensor",
     "compeft",
     "compress_model",
-    "compress_tall",
     "compress_moe",
+    "compress_tall",
     "decompress_model",
     "read_manifest",
 ]
