@@ -1,5 +1,6 @@
 """Score one model: run it on evaluation tasks (lm-eval, or the in-process quick scorer that
-scores the same way; encoders on embedding tasks: :mod:`amalgam.evaluate.embedding`) and keep
+scores the same way; encoders on embedding tasks: :mod:`amalgam.evaluate.embedding`; a
+Twin-Merging folder per input: :mod:`amalgam.twin.model`) and keep
 each example's correctness, and its text log-likelihood."""
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def score_model(
         # lazy: the embedding scorer builds on this module's TaskResult
         from amalgam.evaluate.embedding import score_embedding_tasks, uses_embedding_scorer
 
+        if (folder / "twin.json").is_file():  # Twin-Merging: each example its own mix
+            from amalgam.twin.model import twin_correct  # lazy: torch
+
+            correct = twin_correct(
+                folder, tasks_dir, tasks, split=spec.split, limit=spec.limit, device=spec.device
+            )
+            return ModelResult.from_correct(uri, correct)
         if uses_embedding_scorer(folder, tasks_dir, tasks):  # encoders have no perplexity
             scores = score_embedding_tasks(
                 folder,

@@ -85,3 +85,33 @@ class TwinModel:
                 out[i] = ok
         self.load_weights(None)
         return out
+
+
+def twin_correct(
+    folder: str | Path,
+    tasks_dir: Path,
+    tasks: Sequence[str],
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    device: str = "cpu",
+) -> dict[str, list[bool]]:
+    """Task -> per-record correctness of a Twin folder, each record scored by its own mix."""
+    from amalgam.evaluate.taskdir import read_split  # lazy: keeps this module's imports few
+
+    model = TwinModel(folder, device)
+    return {t: model.correct(read_split(Path(tasks_dir), t, split)[:limit]) for t in tasks}
+
+
+def twin_scores(
+    folder: str | Path,
+    tasks_dir: Path,
+    tasks: Sequence[str],
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Task -> accuracy of a Twin folder (see :func:`twin_correct`)."""
+    correct = twin_correct(folder, tasks_dir, tasks, split=split, limit=limit, device=device)
+    return {t: sum(c) / len(c) if c else 0.0 for t, c in correct.items()}
