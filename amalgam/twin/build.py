@@ -175,14 +175,20 @@ def _shared_done(uri: str, recipe: Recipe) -> bool:
 
 
 def _check_shapes(shared: Checkpoint, experts: dict[str, Checkpoint], rank: int) -> None:
-    """Every expert has the shared model's float tensors in its shapes; ``rank`` fits every
-    2-D one. One error lists every problem."""
+    """Every expert has the shared model's float tensors in its shapes, and ``rank`` is at most
+    the largest min(m, n) of a 2-D tensor (a tensor whose smaller side is below ``rank`` keeps
+    all of it, exactly). One error lists every problem."""
     problems = []
+    sides = {name: min(i.shape) for name, i in shared.tensors.items() if len(i.shape) == 2}
+    if sides and rank > max(sides.values()):
+        widest = max(sides, key=sides.__getitem__)
+        problems.append(
+            f"rank {rank} is above min(m, n) = {sides[widest]} of every 2-D tensor (largest: "
+            f"'{widest}'): nothing would be truncated"
+        )
     for name, info in shared.tensors.items():
         if not info.is_float:
             continue
-        if len(info.shape) == 2 and rank > min(info.shape):
-            problems.append(f"rank {rank} > min{info.shape} of tensor '{name}'")
         for task, e in experts.items():
             if name not in e.tensors or e.tensors[name].shape != info.shape:
                 problems.append(f"expert '{task}' ({e.uri}): tensor '{name}' missing or reshaped")
@@ -254,7 +260,7 @@ def _write_factors(
         for task, expert in experts.items():
             delta = expert.tensor(name).float() - theta
             if delta.ndim == 2:
-                us, v = truncated_svd(delta, spec.rank)
+                us, v = truncated_svd(delta, min(spec.rank, *delta.shape))
                 stored += [(f"{task}/{name}.us", us.to(info.torch_dtype))]
                 stored += [(f"{task}/{name}.v", v.to(info.torch_dtype))]
             else:

@@ -99,8 +99,9 @@ def twin_correct(
     """Task -> per-record correctness of a Twin folder, each record scored by its own mix."""
     from amalgam.evaluate.taskdir import read_split  # lazy: keeps this module's imports few
 
+    records = {t: read_split(Path(tasks_dir), t, split)[:limit] for t in tasks}  # checked first
     model = TwinModel(folder, device)
-    return {t: model.correct(read_split(Path(tasks_dir), t, split)[:limit]) for t in tasks}
+    return {t: model.correct(rs) for t, rs in records.items()}
 
 
 def twin_scores(

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TwinSpec(BaseModel):
-    """``rank``: kept singular values per 2-D tensor of each task's exclusive knowledge.
+    """``rank``: kept singular values per 2-D tensor of each task's exclusive knowledge (all of
+    them for a tensor whose smaller side is below ``rank``).
     The router learns from ``router_limit`` records of each task's ``router_split`` in
     ``tasks_dir`` (one task folder per recipe model, named by the model's label) and is
     checked on the other split. ``shared_output``: where the shared merge is kept (default:
