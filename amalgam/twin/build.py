@@ -28,14 +28,12 @@ from amalgam.evaluate.taskdir import read_split
 from amalgam.recipe import Recipe
 from amalgam.stages.base import content_key
 from amalgam.twin.errors import TwinError
+from amalgam.twin.manifest import FORMAT, MANIFEST, ROUTER, read_twin_manifest
 from amalgam.twin.router import Router, prompt_features, train_router
 from amalgam.twin.spec import TwinSpec
 from amalgam.twin.svd import truncated_svd
 from amalgam.writer import INDEX_NAME, CheckpointWriter, intact, remove_leftovers, shard_header
 
-MANIFEST = "twin.json"
-ROUTER = "router.safetensors"
-FORMAT = 1
 PAPER = "arXiv:2406.15479"
 
 
@@ -207,22 +205,6 @@ def _existing(uri: str, key: str, so: dict[str, Any]) -> dict[str, Any] | None:
     except TwinError:
         return None
     return manifest if manifest.get("key") == key else None
-
-
-def read_twin_manifest(uri: str, **storage_options: Any) -> dict[str, Any]:
-    """The ``twin.json`` of a Twin folder, checked for its format."""
-    fs, path = storage.resolve(uri, **storage_options)
-    file = storage.join(path, MANIFEST)
-    if not fs.exists(file):
-        raise TwinError(f"{uri}: no {MANIFEST}, so not a Twin-Merging folder")
-    try:
-        with fs.open(file, "rb") as fh:
-            manifest = json.loads(fh.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TwinError(f"{uri}/{MANIFEST}: unreadable ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("method") != "twin":
-        raise TwinError(f"{uri}/{MANIFEST}: not amalgam's twin format {FORMAT}")
-    return manifest
 
 
 def _base_entry(recipe: Recipe, so: dict[str, Any]) -> dict[str, str] | None:

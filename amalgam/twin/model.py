@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from amalgam.evaluate.quick import choice_correct
-from amalgam.twin.build import MANIFEST, ROUTER, read_twin_manifest
 from amalgam.twin.errors import TwinError
+from amalgam.twin.manifest import MANIFEST, ROUTER, read_twin_manifest
 from amalgam.twin.router import Router, prompt_features
 from amalgam.twin.svd import mix
 
