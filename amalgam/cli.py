@@ -451,10 +451,15 @@ def twin(
         Path, typer.Argument(help="merge recipe of the shared model (TA, TIES)")
     ],
     output: Annotated[str, typer.Option(help="Twin folder or URI to write")],
-    rank: Annotated[int, typer.Option(help="singular values kept per 2-D tensor and task")],
     tasks_dir: Annotated[
         Path, typer.Option(help="task folders, one per model label: the router's data")
     ],
+    rank: Annotated[
+        int | None, typer.Option(help="singular values kept per 2-D tensor and task")
+    ] = None,
+    share: Annotated[
+        float | None, typer.Option(help="or: kept share of each tensor's min(m, n), e.g. 0.1")
+    ] = None,
     router_split: Annotated[str, typer.Option(help="train | validation")] = "train",
     router_limit: Annotated[int, typer.Option(help="router records per task")] = 64,
     shared_output: Annotated[
@@ -475,13 +480,17 @@ def twin(
     try:
         spec = TwinSpec(
             rank=rank,
+            share=share,
             tasks_dir=str(tasks_dir),
             router_split=router_split,
             router_limit=router_limit,
             shared_output=shared_output,
         )
     except ValidationError as exc:
-        bad = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        bad = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
+        )
         raise AmalgamError(bad) from None
     result = build_twin(load_recipe(recipe_path), spec, output, overwrite=overwrite)
     summary = {

@@ -10,8 +10,8 @@ forward pass of the shared model), the router's softmax, mixing theta* + sum_t w
 into the model's weights, and the whole per-example scoring against the shared model scored
 in batches. Writes `results/twin.{md,json}`.
 
-    python benchmarks/twin.py                  # tiny zoo, ranks 2, 8, 32 (about 2 CPU minutes)
-    python benchmarks/twin.py --profile full   # the full zoo
+    python benchmarks/twin.py                  # tiny zoo, ranks 2, 8, 32, share 0.1 (< 1 min)
+    python benchmarks/twin.py --profile full   # the full zoo (about 3 CPU minutes)
 """
 
 from __future__ import annotations
@@ -101,7 +101,9 @@ def twin_costs(folder: Path, zoo: Any, limit: int | None) -> dict[str, Any]:
     }
 
 
-def run(profile: str, ranks: list[int], limit: int | None, threads: int) -> dict[str, Any]:
+def run(
+    profile: str, ranks: list[int], shares: list[float], limit: int | None, threads: int
+) -> dict[str, Any]:
     from amalgam.engine import MergeOptions, run_merge
     from amalgam.twin.build import build_twin
     from amalgam.twin.spec import TwinSpec
@@ -122,15 +124,16 @@ def run(profile: str, ranks: list[int], limit: int | None, threads: int) -> dict
         test, ms = score(out, zoo, limit)
         bytes_ = (out / "model.safetensors").stat().st_size
         rows[method] = {"test": test, "ms_per_example": {"scoring": ms}, "stored_bytes": bytes_}
-    for rank in ranks:
-        spec = TwinSpec(rank=rank, tasks_dir=str(zoo.tasks_dir), shared_output=str(WORK / "shared"))
+    settings = [{"rank": r} for r in ranks] + [{"share": s} for s in shares]
+    for setting in settings:
+        spec = TwinSpec(**setting, tasks_dir=str(zoo.tasks_dir), shared_output=str(WORK / "shared"))
+        ((key, value),) = setting.items()
+        out = WORK / f"twin-{key}{value}"
         start = time.perf_counter()
-        built = build_twin(
-            recipe(zoo, "task_arithmetic"), spec, str(WORK / f"twin-r{rank}"), options=options
-        )
+        built = build_twin(recipe(zoo, "task_arithmetic"), spec, str(out), options=options)
         seconds = time.perf_counter() - start
-        row = twin_costs(WORK / f"twin-r{rank}", zoo, limit)
-        rows[f"twin r={rank}"] = row | {
+        row = twin_costs(out, zoo, limit)
+        rows[f"twin {key}={value}"] = row | {
             "stored_bytes": built.stored_bytes,
             "shared_bytes": built.shared_bytes,
             "factor_bytes": built.factor_bytes,
@@ -163,7 +166,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"`python benchmarks/twin.py --profile {result['profile']}`; {result['machine']}. "
         "Test-split accuracy (%) by the quick scorer; normalized = mean over tasks of "
         "accuracy / the task's own expert's accuracy. Twin: shared model = task arithmetic "
-        "(lambda 0.3), each expert's difference to it at SVD rank r, router = logistic "
+        "(lambda 0.3), each expert's difference to it at SVD rank r per 2-D tensor (or the "
+        "paper's share of each tensor's min(m, n)), 1-D tensors dense, router = logistic "
         "regression on the shared model's mean last hidden state (64 train records per task).",
         "",
         "| model | " + " | ".join(tasks) + " | average | normalized | stored bytes | x experts |",
@@ -184,7 +188,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Twin: storage and cost per example",
         "",
-        "| rank | shared bytes | factor bytes | router bytes | router acc. (held-out val / test)"
+        "| setting | shared bytes | factor bytes | router bytes | router acc. (held-out val / test)"
         " | feature ms | router ms | mix ms | Twin scoring ms | plain TA scoring ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -194,7 +198,7 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         ms = row["ms_per_example"]
         lines.append(
-            f"| {name.split('=')[1]} | {row['shared_bytes']:,} | {row['factor_bytes']:,} | "
+            f"| {name.removeprefix('twin ')} | {row['shared_bytes']:,} | {row['factor_bytes']:,} | "
             f"{row['router_bytes']:,} | {100 * row['router_held_out_accuracy']:.1f} / "
             f"{100 * row['router_test_accuracy']:.1f} | {ms['routing_feature']:.3f} | "
             f"{ms['router']:.4f} | {ms['mix_weights']:.3f} | {ms['twin_scoring_total']:.2f} | "
@@ -207,11 +211,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="tiny", help="zoo profile: tiny | full")
     parser.add_argument("--ranks", default="2,8,32", help="comma-separated SVD ranks")
+    parser.add_argument("--shares", default="0.1", help="kept shares of min(m, n) (paper: 0.1)")
     parser.add_argument("--limit", type=int, default=None, help="test records per task")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
-    result = run(args.profile, ranks, args.limit, args.threads)
+    shares = [float(x) for x in args.shares.split(",") if x]
+    result = run(args.profile, ranks, shares, args.limit, args.threads)
     suffix = "" if args.profile == "tiny" else f"-{args.profile}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"twin{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")

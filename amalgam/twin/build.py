@@ -67,7 +67,7 @@ def build_twin(
     overwrite: bool = False,
 ) -> TwinResult:
     """Merge ``recipe``'s experts into the shared model, store each expert's exclusive
-    knowledge at ``spec.rank`` and train the router. Each finished step is reused by a rerun
+    knowledge at ``spec``'s rank and train the router. Each finished step is reused by a rerun
     (the shared merge by its recipe hash, the whole folder by its content key)."""
     tasks = [m.label for m in recipe.models]
     so = recipe.storage_options
@@ -105,6 +105,7 @@ def build_twin(
             "key": key,
             "amalgam": __version__,
             "rank": spec.rank,
+            "share": spec.share,
             "tasks": tasks,
             "recipe": {"method": recipe.method, "params": recipe.params, "hash": recipe.hash()},
             "base": _base_entry(recipe, so),
@@ -172,13 +173,13 @@ def _shared_done(uri: str, recipe: Recipe) -> bool:
     return hashes == {recipe.hash()}
 
 
-def _check_shapes(shared: Checkpoint, experts: dict[str, Checkpoint], rank: int) -> None:
+def _check_shapes(shared: Checkpoint, experts: dict[str, Checkpoint], rank: int | None) -> None:
     """Every expert has the shared model's float tensors in its shapes, and ``rank`` is at most
     the largest min(m, n) of a 2-D tensor (a tensor whose smaller side is below ``rank`` keeps
     all of it, exactly). One error lists every problem."""
     problems = []
     sides = {name: min(i.shape) for name, i in shared.tensors.items() if len(i.shape) == 2}
-    if sides and rank > max(sides.values()):
+    if rank is not None and sides and rank > max(sides.values()):
         widest = max(sides, key=sides.__getitem__)
         problems.append(
             f"rank {rank} is above min(m, n) = {sides[widest]} of every 2-D tensor (largest: "
@@ -224,6 +225,14 @@ def _copy_shared(shared: Checkpoint, writer: CheckpointWriter) -> dict[str, int]
     return {name: shared.fs.size(storage.join(shared.root, name)) for name in names}
 
 
+class _FactorSpool(_ShardSpool):
+    """The compress stage's shard spool, its files named ``factors-NNNNN.safetensors``."""
+
+    @property
+    def current(self) -> str:
+        return f"factors-{len(self.files) + 1:05d}.safetensors"
+
+
 def _write_factors(
     shared: Checkpoint,
     experts: dict[str, Checkpoint],
@@ -233,7 +242,7 @@ def _write_factors(
 ) -> dict[str, int]:
     """Each task's exclusive knowledge, tensor by tensor (one shared tensor and one expert
     tensor read at a time): file -> bytes."""
-    spool = _ShardSpool(writer, spec.max_shard_size, {"format": "amalgam-twin"})
+    spool = _FactorSpool(writer, spec.max_shard_size, {"format": "amalgam-twin"})
     for name, info in shared.tensors.items():
         if not info.is_float:
             continue
@@ -242,14 +251,16 @@ def _write_factors(
         for task, expert in experts.items():
             delta = expert.tensor(name).float() - theta
             if delta.ndim == 2:
-                us, v = truncated_svd(delta, min(spec.rank, *delta.shape))
+                us, v = truncated_svd(delta, spec.rank_of(info.shape))
                 stored += [(f"{task}/{name}.us", us.to(info.torch_dtype))]
                 stored += [(f"{task}/{name}.v", v.to(info.torch_dtype))]
             else:
                 stored.append((f"{task}/{name}.delta", delta.to(info.torch_dtype)))
         file = spool.add(stored)
-        kind = "svd" if theta.ndim == 2 else "dense"
-        manifest["tensors"][name] = {"shape": list(info.shape), "stored": kind, "file": file}
+        entry = {"shape": list(info.shape), "stored": "dense", "file": file}
+        if theta.ndim == 2:
+            entry |= {"stored": "svd", "rank": spec.rank_of(info.shape)}
+        manifest["tensors"][name] = entry
     spool.flush()
     return dict(spool.files)
 

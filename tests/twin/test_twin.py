@@ -55,6 +55,13 @@ def built(zoo_tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     return out, build(zoo_tiny, out)
 
 
+def test_rank_rules() -> None:
+    by_share = TwinSpec(share=0.1, tasks_dir="t")
+    assert [by_share.rank_of(s) for s in [(160, 64), (32, 64), (5, 9)]] == [6, 3, 1]
+    by_rank = TwinSpec(rank=40, tasks_dir="t")
+    assert [by_rank.rank_of(s) for s in [(160, 64), (32, 64)]] == [40, 32]
+
+
 def test_truncation_error_is_the_dropped_singular_values() -> None:
     a = torch.randn(12, 7, generator=torch.Generator().manual_seed(0))
     s = np.linalg.svd(a.numpy().astype(np.float64), compute_uv=False)
@@ -196,6 +203,7 @@ def test_bad_input_is_one_error_line(
     empty.mkdir()
     common = ["twin", str(path), "--output", str(tmp_path / "o")]
     cases = {
+        "give exactly one of rank and share": [*common, "--tasks-dir", str(zoo_tiny.tasks_dir)],
         "--rank: ": [*common, "--rank", "0", "--tasks-dir", str(zoo_tiny.tasks_dir)],
         "rank 65 is above min(m, n) = 64": [
             *common,
