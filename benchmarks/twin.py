@@ -102,8 +102,14 @@ def twin_costs(folder: Path, zoo: Any, limit: int | None) -> dict[str, Any]:
 
 
 def run(
-    profile: str, ranks: list[int], shares: list[float], limit: int | None, threads: int
+    profile: str,
+    ranks: list[int],
+    shares: list[float],
+    limit: int | None,
+    threads: int,
+    work: Path = WORK,
 ) -> dict[str, Any]:
+    """Score the experts, TA, TIES and Twin at each rank and share; the rows and figures."""
     from amalgam.engine import MergeOptions, run_merge
     from amalgam.twin.build import build_twin
     from amalgam.twin.spec import TwinSpec
@@ -111,24 +117,24 @@ def run(
 
     torch.set_num_threads(threads)
     zoo = build_zoo(profile=profile, log=print)
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     options = MergeOptions(device="cpu", threads=threads, overwrite=True)
     own = {}
     for task, folder in zoo.experts.items():
         own[task] = score(folder, zoo, limit)[0][task]
     rows: dict[str, Any] = {}
     for method in MERGES:
-        out = WORK / method
+        out = work / method
         run_merge(recipe(zoo, method), options.model_copy(update={"output": str(out)}))
         test, ms = score(out, zoo, limit)
         bytes_ = (out / "model.safetensors").stat().st_size
         rows[method] = {"test": test, "ms_per_example": {"scoring": ms}, "stored_bytes": bytes_}
     settings = [{"rank": r} for r in ranks] + [{"share": s} for s in shares]
     for setting in settings:
-        spec = TwinSpec(**setting, tasks_dir=str(zoo.tasks_dir), shared_output=str(WORK / "shared"))
+        spec = TwinSpec(**setting, tasks_dir=str(zoo.tasks_dir), shared_output=str(work / "shared"))
         ((key, value),) = setting.items()
-        out = WORK / f"twin-{key}{value}"
+        out = work / f"twin-{key}{value}"
         start = time.perf_counter()
         built = build_twin(recipe(zoo, "task_arithmetic"), spec, str(out), options=options)
         seconds = time.perf_counter() - start
