@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import MergeOptions
 from amalgam.evaluate.quick import choice_correct
 from amalgam.evaluate.score import score_model
@@ -132,6 +133,15 @@ def test_byte_accounting_is_exact(built: tuple[Path, TwinResult], zoo_tiny: Any)
     assert result.experts_bytes == sum(
         (Path(zoo_tiny.experts[t]) / "model.safetensors").stat().st_size for t in TASKS
     )
+
+
+def test_content_hash_tells_the_twin_folder_from_its_shared_model(
+    built: tuple[Path, TwinResult],
+) -> None:
+    out = built[0]
+    with open_checkpoint(str(out)) as twin, open_checkpoint(f"{out}.shared") as shared:
+        assert twin.files == shared.files == ["model.safetensors"]
+        assert twin.content_hash() != shared.content_hash()  # evaluation caches key on it
 
 
 def test_router_is_deterministic_and_routes_tasks(
