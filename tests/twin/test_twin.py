@@ -176,7 +176,10 @@ def test_evaluate_scores_each_example_with_its_own_mix(
         assert result.tasks[task].correct == want
 
 
-def test_a_killed_build_resumes_from_the_shared_merge(zoo_tiny: Any, tmp_path: Path) -> None:
+def test_a_killed_build_resumes_from_the_shared_merge(
+    zoo_tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Killed after the shared merge, the build resumes through the CLI from that merge."""
     out = tmp_path / "twin"
     script = (
         "import sys, json\n"
@@ -193,11 +196,29 @@ def test_a_killed_build_resumes_from_the_shared_merge(zoo_tiny: Any, tmp_path: P
     done = run_process(["-c", script, *args], env)
     assert done.code == KILLED, done.tail
     assert (tmp_path / "twin.shared" / "model.safetensors").is_file() and not out.exists()
-    resumed = build(zoo_tiny, out, 4)
-    assert resumed.shared_reused and not resumed.skipped
+    (tmp_path / "recipe.yaml").write_text(args[0])  # JSON is YAML
+    cli = ["twin", str(tmp_path / "recipe.yaml"), "--output", str(out), "--rank", "4"]
+    cli += ["--tasks-dir", str(zoo_tiny.tasks_dir), "--router-limit", "16", "--json"]
+    code, stdout, err = run_cli(cli, monkeypatch, capsys)
+    resumed = json.loads(stdout)
+    assert code == 0 and resumed["shared_reused"] and not resumed["skipped"], err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    again = build(zoo_tiny, out, 4)
-    assert again.skipped and again.files == resumed.files
+    assert resumed["files"] == {
+        p.name: p.stat().st_size for p in out.iterdir() if p.name in resumed["files"]
+    }
+    code, stdout, _ = run_cli(cli, monkeypatch, capsys)
+    again = json.loads(stdout)
+    assert code == 0 and again["skipped"] and again["files"] == resumed["files"]
+
+
+def test_the_cli_evaluates_a_twin_folder(
+    built: tuple[Path, TwinResult], zoo_tiny: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    args = ["evaluate", str(built[0]), "--tasks", "zoo_sort", "--limit", "6"]
+    code, out, err = run_cli([*args, "--tasks-dir", str(zoo_tiny.tasks_dir)], monkeypatch, capsys)
+    correct = TwinModel(built[0]).correct(read_split(zoo_tiny.tasks_dir, "zoo_sort", "test")[:6])
+    assert code == 0, err
+    assert built[0].name in out and f"{100 * sum(correct) / 6:.1f}" in out
 
 
 def test_bad_input_is_one_error_line(
