@@ -8,7 +8,7 @@ Twin folders share one shared model (task arithmetic, lambda 0.3, the paper's de
 merged once and reused. Costs are per example on CPU: the routing feature (one batched
 forward pass of the shared model), the router's softmax, mixing theta* + sum_t w_t delta_t
 into the model's weights, and the whole per-example scoring against the shared model scored
-in batches. Writes `results/twin.{md,json}`.
+in batches. Writes `results/twin.{md,json,png}` (`twin-full.*` for the full zoo).
 
     python benchmarks/twin.py                  # tiny zoo, ranks 2, 8, 32, share 0.1 (< 1 min)
     python benchmarks/twin.py --profile full   # the full zoo (about 3 CPU minutes)
@@ -213,6 +213,39 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Normalized accuracy against stored bytes (share of the experts' bytes), one point per
+    model, the experts themselves at (1, 100)."""
+    from amalgam.evaluate.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = {"experts": (1.0, 100.0)} | {
+        name: (row["bytes_vs_experts"], 100 * row["normalized"])
+        for name, row in result["rows"].items()
+    }
+    for name, (x, y) in points.items():
+        ax.scatter(x, y, color="tab:blue" if name.startswith("twin") else "tab:gray")
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    ax.set_xlabel("stored bytes / the experts' bytes")
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_title(f"Twin-Merging on the {result['profile']} zoo ({len(result['tasks'])} tasks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict[str, Any]) -> str:
+    """Write ``results/twin[-<profile>].{json,md,png}``; the markdown."""
+    stem = "twin" if result["profile"] == "tiny" else f"twin-{result['profile']}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, RESULTS / f"{stem}.png")
+    text = markdown(result) + f"\n![normalized accuracy against bytes]({stem}.png)\n"
+    (RESULTS / f"{stem}.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="tiny", help="zoo profile: tiny | full")
@@ -224,11 +257,7 @@ def main() -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     shares = [float(x) for x in args.shares.split(",") if x]
     result = run(args.profile, ranks, shares, args.limit, args.threads)
-    suffix = "" if args.profile == "tiny" else f"-{args.profile}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"twin{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"twin{suffix}.md").write_text(markdown(result))
-    print(markdown(result))
+    print(write(result))
 
 
 if __name__ == "__main__":
