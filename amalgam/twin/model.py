@@ -89,7 +89,7 @@ class TwinModel:
 
 def twin_correct(
     folder: str | Path,
-    tasks_dir: Path,
+    tasks_dir: str | Path,
     tasks: Sequence[str],
     *,
     split: str = "test",
@@ -106,7 +106,7 @@ def twin_correct(
 
 def twin_scores(
     folder: str | Path,
-    tasks_dir: Path,
+    tasks_dir: str | Path,
     tasks: Sequence[str],
     *,
     split: str = "test",
