@@ -439,8 +439,10 @@ class Checkpoint:
 
     def content_hash(self) -> str:
         """sha256 over each weight file's name and sha256, in file order (cached on disk); an
-        adapter's config too, since its scales and patterns change the model it makes."""
-        config = [] if self.kind != "adapter" else ["adapter_config.json"]
+        adapter's config too, since its scales and patterns change the model it makes, and a
+        Twin-Merging folder's ``twin.json`` (its content key stands for the factors and router
+        that change the model per input)."""
+        config = ["twin.json"] if self.kind != "adapter" else ["adapter_config.json"]
         config = [f for f in config if self.fs.exists(storage.join(self.root, f))]
         return file_set_hash(self.fs, self.root, [*self.files, *config])
 

@@ -1,9 +1,9 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
-decompress, moe (an MoE from dense experts), permute, align (connectivity report), extract-lora,
-transplant (a donor's tokenizer), policy (the registry's promotion gates), card (a registered
-model's Hugging Face card), batch (many recipes on one Ray cluster). The orchestration layer adds
-the pipeline commands (run, nightly, sweep, promote, serve) to this ``app`` in ``flows/cli.py``,
-the ``amalgam`` entry point."""
+decompress, twin (Twin-Merging), moe (an MoE from dense experts), permute, align (connectivity
+report), extract-lora, transplant (a donor's tokenizer), policy (the registry's promotion
+gates), card (a registered model's Hugging Face card), batch (many recipes on one Ray cluster).
+The orchestration layer adds the pipeline commands (run, nightly, sweep, promote, serve) to
+this ``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
 
 from __future__ import annotations
 
@@ -560,6 +560,76 @@ def decompress(
         compressed, base, output, overwrite=overwrite, task=task, **_storage(storage_options)
     )
     console.print(f"[bold]decompressed[/] {compressed} -> {out}", soft_wrap=True)
+
+
+@app.command()
+def twin(
+    recipe_path: Annotated[
+        Path, typer.Argument(help="merge recipe of the shared model (TA, TIES)")
+    ],
+    output: Annotated[str, typer.Option(help="Twin folder or URI to write")],
+    tasks_dir: Annotated[
+        Path, typer.Option(help="task folders, one per model label: the router's data")
+    ],
+    rank: Annotated[
+        int | None, typer.Option(help="singular values kept per 2-D tensor and task")
+    ] = None,
+    share: Annotated[
+        float | None, typer.Option(help="or: kept share of each tensor's min(m, n), e.g. 0.1")
+    ] = None,
+    router_split: Annotated[str, typer.Option(help="train | validation")] = "train",
+    router_limit: Annotated[int, typer.Option(help="router records per task")] = 64,
+    shared_output: Annotated[
+        str | None, typer.Option(help="where the shared merge is kept (default <output>.shared)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Twin-Merging (arXiv 2406.15479): the recipe's merge as shared model, each expert's
+    difference to it as rank-r SVD factors, and a router that mixes them per input."""
+    # lazy: the command's modules import torch
+    from pydantic import ValidationError
+
+    from amalgam.recipe import load_recipe
+    from amalgam.twin.build import build_twin
+    from amalgam.twin.spec import TwinSpec
+
+    try:
+        spec = TwinSpec(
+            rank=rank,
+            share=share,
+            tasks_dir=str(tasks_dir),
+            router_split=router_split,
+            router_limit=router_limit,
+            shared_output=shared_output,
+        )
+    except ValidationError as exc:
+        bad = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
+        )
+        raise AmalgamError(bad) from None
+    result = build_twin(load_recipe(recipe_path), spec, output, overwrite=overwrite)
+    summary = {
+        "output": result.output,
+        "skipped": result.skipped,
+        "shared_reused": result.shared_reused,
+        "stored_bytes": result.stored_bytes,
+        "experts_bytes": result.experts_bytes,
+        "router_accuracy": result.router_accuracy,
+        "files": result.files,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    verb = "already built" if result.skipped else "built"
+    console.print(
+        f"[bold]{verb}[/] {result.output}: {result.stored_bytes:,} bytes (shared "
+        f"{result.shared_bytes:,}, factors {result.factor_bytes:,}, router "
+        f"{result.router_bytes:,}) for experts of {result.experts_bytes:,} bytes; router "
+        f"task accuracy {result.router_accuracy:.1%} on held-out records",
+        soft_wrap=True,
+    )
 
 
 @app.command()

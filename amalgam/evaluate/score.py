@@ -1,5 +1,6 @@
 """Score one model: run it on evaluation tasks (lm-eval, or the in-process quick scorer that
-scores the same way; encoders on embedding tasks: :mod:`amalgam.evaluate.embedding`) and keep
+scores the same way; encoders on embedding tasks: :mod:`amalgam.evaluate.embedding`; a
+Twin-Merging folder per input: :mod:`amalgam.twin.model`) and keep
 each example's correctness, and its text log-likelihood."""
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def score_model(
     dtype = torch_dtype(spec.dtype, spec.device)
     with local_model(uri, **storage_options) as folder:
         tasks_dir = Path(spec.tasks_dir) if spec.tasks_dir else None
+        if (folder / "twin.json").is_file():  # Twin-Merging: each example its own mix
+            if tasks_dir is None:
+                raise EvaluationError(f"{uri}: a Twin-Merging folder is scored on task folders")
+            from amalgam.twin.model import twin_correct  # lazy: torch
+
+            correct = twin_correct(
+                folder, tasks_dir, tasks, split=spec.split, limit=spec.limit, device=spec.device
+            )
+            return ModelResult.from_correct(uri, correct)
         if uses_embedding_scorer(folder, tasks_dir, tasks):  # encoders have no perplexity
             assert tasks_dir is not None  # embedding tasks are folders of tasks_dir
             scores = score_embedding_tasks(
