@@ -44,7 +44,7 @@ from amalgam.writer import CheckpointWriter, shard_header
 PAPER = "arXiv:2311.13171"
 
 
-class _ShardSpool:
+class ShardSpool:
     """Compressed tensors held until a shard's worth is ready, then written in one file."""
 
     def __init__(self, writer: CheckpointWriter, max_bytes: int, metadata: dict[str, str]):
@@ -164,7 +164,7 @@ def _compress(
     keep_dense: re.Pattern | None,
     manifest: dict[str, Any],
 ) -> CompressResult:
-    spool = _ShardSpool(writer, spec.max_shard_size, {"format": "amalgam-compeft"})
+    spool = ShardSpool(writer, spec.max_shard_size, {"format": "amalgam-compeft"})
     reports = []
     for name, info in model.tensors.items():
         weights = model.tensor(name)

@@ -21,7 +21,7 @@ import torch
 
 from amalgam import __version__, storage
 from amalgam.checkpoint import Checkpoint, open_checkpoint
-from amalgam.compress.stage import _ShardSpool
+from amalgam.compress.stage import ShardSpool
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.evaluate.score import local_model
 from amalgam.evaluate.taskdir import read_split
@@ -225,7 +225,7 @@ def _copy_shared(shared: Checkpoint, writer: CheckpointWriter) -> dict[str, int]
     return {name: shared.fs.size(storage.join(shared.root, name)) for name in names}
 
 
-class _FactorSpool(_ShardSpool):
+class _FactorSpool(ShardSpool):
     """The compress stage's shard spool, its files named ``factors-NNNNN.safetensors``."""
 
     @property
