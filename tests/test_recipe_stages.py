@@ -83,7 +83,9 @@ def test_tall_settings_and_compeft_settings_as_manifests_recorded_them() -> None
         match=r"compress\.tall_lambda\.constrained-float: Input should be greater than or equal",
     ):
         parse_recipe({**BASIC, "compress": {"method": "tall", "tall_lambda": -0.1}})
-    with pytest.raises(RecipeError, match=r"compress\.method: Input should be 'compeft' or 'tall'"):
+    with pytest.raises(
+        RecipeError, match=r"compress\.method: Input should be 'compeft', 'tall' or 'mc_smoe'"
+    ):
         parse_recipe({**BASIC, "compress": {"method": "zip"}})
 
 

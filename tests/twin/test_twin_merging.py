@@ -218,7 +218,7 @@ def test_the_cli_evaluates_a_twin_folder(
     code, out, err = run_cli([*args, "--tasks-dir", str(zoo_tiny.tasks_dir)], monkeypatch, capsys)
     correct = TwinModel(built[0]).correct(read_split(zoo_tiny.tasks_dir, "zoo_sort", "test")[:6])
     assert code == 0, err
-    assert built[0].name in out and f"{100 * sum(correct) / 6:.1f}" in out
+    assert built[0].name in out and f"{sum(correct) / 6:.4f}" in out
 
 
 def test_bad_input_is_one_error_line(
@@ -250,7 +250,7 @@ def test_bad_input_is_one_error_line(
             "--tasks-dir",
             str(empty),
         ],
-        "task nope: no test split": [
+        "task nope: not a task folder": [
             "evaluate",
             str(built[0]),
             "--tasks",
