@@ -14,10 +14,10 @@ import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from amalgam.checkpoint import (
     written_by_amalgam,
 )
 from amalgam.errors import OutputError
+
+if TYPE_CHECKING:
+    from amalgam.engine.plan import WorkUnit
 
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_FORMAT = 1
@@ -270,6 +273,30 @@ class CheckpointWriter:
         path = storage.join(self.staging, filename)
         with writing(path), self.fs.open(path, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=True)
+
+    def write_units(
+        self,
+        units: Sequence[WorkUnit],
+        tensor: Callable[[str], torch.Tensor],
+        metadata: dict[str, str],
+    ) -> None:
+        """Write each unit as one shard, ``tensor(name)`` read as each tensor is written, and
+        the index when there are several shards."""
+        for unit in units:
+            shard = self.shard(unit.file, unit.entries(), metadata)
+            try:
+                for job in unit.jobs:
+                    shard.write(job.name, tensor(job.name))
+            except BaseException:
+                shard.discard()
+                raise
+            shard.close()
+        if len(units) > 1:
+            weight_map = {j.name: u.file for u in units for j in u.jobs}
+            total = sum(u.nbytes for u in units)
+            self.write_json(
+                INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
 
     def copy_in(self, src_fs: Any, src_path: str, filename: str) -> None:
         """Copy one file into the output as ``filename`` (a relative path: folders made)."""

@@ -12,7 +12,7 @@ import torch
 from amalgam import storage
 from amalgam.checkpoint import Checkpoint
 from amalgam.engine.plan import WorkUnit
-from amalgam.writer import INDEX_NAME, CheckpointWriter
+from amalgam.writer import CheckpointWriter
 
 MANIFEST = "compression.json"
 FORMAT = 1
@@ -86,21 +86,7 @@ def write_rebuilt(
     as it is written, an index when sharded, and ``side``'s config and tokenizer files."""
     writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
     try:
-        for unit in units:
-            shard = writer.shard(unit.file, unit.entries(), metadata)
-            try:
-                for job in unit.jobs:
-                    shard.write(job.name, tensor(job.name))
-            except BaseException:
-                shard.discard()
-                raise
-            shard.close()
-        if len(units) > 1:
-            weight_map = {j.name: u.file for u in units for j in u.jobs}
-            total = sum(u.nbytes for u in units)
-            writer.write_json(
-                INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
-            )
+        writer.write_units(units, tensor, metadata)
         copy_side_files(side, writer)
         writer.commit()
     except BaseException:

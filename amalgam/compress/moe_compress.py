@@ -39,7 +39,7 @@ from amalgam.errors import AmalgamError, StatisticsError
 from amalgam.recipe import CompressSpec
 from amalgam.stages.base import content_key
 from amalgam.statistics.data import load_examples
-from amalgam.writer import INDEX_NAME, CheckpointWriter, intact, remove_leftovers
+from amalgam.writer import CheckpointWriter, intact, remove_leftovers
 
 REPORT = "mc_smoe.json"
 KEY = "amalgam.mc_smoe_key"
@@ -274,21 +274,7 @@ def _write(
     )
     writer = CheckpointWriter(output, overwrite=overwrite, **so)
     try:
-        for unit in units:
-            shard = writer.shard(unit.file, unit.entries(), metadata)
-            try:
-                for job in unit.jobs:
-                    shard.write(job.name, readers[job.name]())
-            except BaseException:
-                shard.discard()
-                raise
-            shard.close()
-        if len(units) > 1:
-            weight_map = {j.name: u.file for u in units for j in u.jobs}
-            total = sum(u.nbytes for u in units)
-            writer.write_json(
-                INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
-            )
+        writer.write_units(units, lambda name: readers[name](), metadata)
         config = dict(model.config)
         config[layout.count_field] = k
         config["num_experts_per_tok"] = min(layout.top_k, k)

@@ -35,7 +35,7 @@ from amalgam.moe.config import ExpertSpec, MoEConfig, MoEError
 from amalgam.moe.layout import LAYOUTS
 from amalgam.moe.router import gate_weights
 from amalgam.stages.base import content_key
-from amalgam.writer import INDEX_NAME, CheckpointWriter, intact, remove_leftovers
+from amalgam.writer import CheckpointWriter, intact, remove_leftovers
 
 MANIFEST = "moe.json"
 KEY = "amalgam.moe_key"
@@ -243,21 +243,7 @@ def _write(
     metadata = {"format": "pt", KEY: key, "parents": parents, "amalgam_version": __version__}
     writer = CheckpointWriter(output, overwrite=overwrite, **so)
     try:
-        for unit in units:
-            shard = writer.shard(unit.file, unit.entries(), metadata)
-            try:
-                for job in unit.jobs:
-                    shard.write(job.name, readers[job.name]())
-            except BaseException:
-                shard.discard()
-                raise
-            shard.close()
-        if len(units) > 1:
-            weight_map = {j.name: u.file for u in units for j in u.jobs}
-            total = sum(u.nbytes for u in units)
-            writer.write_json(
-                INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
-            )
+        writer.write_units(units, lambda name: readers[name](), metadata)
         layout = LAYOUTS[config.output_architecture]
         settings = layout.config(base.config, len(config.experts), config.experts_per_token, dtype)
         writer.write_json("config.json", settings)
