@@ -26,13 +26,14 @@ from amalgam.checkpoint import (
     COMMIT_RECORD,
     DTYPE_NAMES,
     file_hash,
+    open_checkpoint,
     remember_hash,
     sha256_file,
     tensor_nbytes,
     unfinished_commit,
     written_by_amalgam,
 )
-from amalgam.errors import OutputError
+from amalgam.errors import AmalgamError, OutputError
 
 if TYPE_CHECKING:
     from amalgam.engine.plan import WorkUnit
@@ -503,6 +504,22 @@ def intact(fs: Any, path: str) -> bool:
         return False
     weights = {n for n in names if n.endswith(".safetensors") or n == INDEX_NAME}
     return weights <= set(record["files"])
+
+
+def committed_with(uri: str, field: str, value: str, **storage_options: Any) -> bool:
+    """``uri`` is a complete, unchanged commit whose shards' metadata give ``field`` the value
+    ``value`` (a content key); what a killed writer left beside it is removed first, also when
+    the caller then skips the work."""
+    fs, path = storage.resolve(uri, **storage_options)
+    remove_leftovers(fs, path)
+    if not intact(fs, path):
+        return False
+    try:
+        with open_checkpoint(uri, **storage_options) as ckpt:
+            metas = list(ckpt.metadata.values())
+    except AmalgamError:
+        return False
+    return bool(metas) and metas[0].get(field) == value
 
 
 def output_taken(fs: Any, path: str) -> bool:

@@ -35,11 +35,11 @@ from amalgam.compress.mc_smoe import (
 from amalgam.compress.routing import MoELayout, cached_routing, frequencies, moe_layout, similarity
 from amalgam.engine.inputs import check_output
 from amalgam.engine.plan import TensorJob, shard_jobs
-from amalgam.errors import AmalgamError, StatisticsError
+from amalgam.errors import StatisticsError
 from amalgam.recipe import CompressSpec
 from amalgam.stages.base import content_key
 from amalgam.statistics.data import load_examples
-from amalgam.writer import CheckpointWriter, intact, remove_leftovers
+from amalgam.writer import CheckpointWriter, committed_with
 
 REPORT = "mc_smoe.json"
 KEY = "amalgam.mc_smoe_key"
@@ -93,7 +93,7 @@ def compress_moe(
         key = content_key(
             "mc_smoe", [spec.settings(), model.content_hash(), info.content_hash, "v1"]
         )
-        if _done(output_uri, key, storage_options):
+        if committed_with(output_uri, KEY, key, **storage_options):
             return _result(output_uri, True, storage_options)
         check_output(output_uri, {"model": model}, overwrite, storage_options)
         groups, freqs = {}, {}
@@ -166,20 +166,9 @@ def mc_smoe_done(output: str, spec: CompressSpec, model_hash: str, so: dict[str,
         _, data_hash = load_examples(spec.calibration, **so)
     except StatisticsError:
         return False
-    return data_hash == report["routing"]["data_hash"] and _done(output, report["key"], so)
-
-
-def _done(output: str, key: str, so: dict[str, Any]) -> bool:
-    fs, path = storage.resolve(output, **so)
-    remove_leftovers(fs, path)  # what a killed run left, also when this one skips
-    if not intact(fs, path):
-        return False
-    try:
-        with open_checkpoint(output, **so) as ckpt:
-            metas = list(ckpt.metadata.values())
-    except AmalgamError:
-        return False
-    return bool(metas) and metas[0].get(KEY) == key
+    return data_hash == report["routing"]["data_hash"] and committed_with(
+        output, KEY, report["key"], **so
+    )
 
 
 def _plan(

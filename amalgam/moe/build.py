@@ -35,7 +35,7 @@ from amalgam.moe.config import ExpertSpec, MoEConfig, MoEError
 from amalgam.moe.layout import LAYOUTS
 from amalgam.moe.router import gate_weights
 from amalgam.stages.base import content_key
-from amalgam.writer import CheckpointWriter, intact, remove_leftovers
+from amalgam.writer import CheckpointWriter, committed_with
 
 MANIFEST = "moe.json"
 KEY = "amalgam.moe_key"
@@ -83,7 +83,7 @@ def build_moe(
         check_inputs(base, dict(zip(fields, experts, strict=True)))
         key = build_key(config, base, experts)
         layers = int(base.config["num_hidden_layers"])
-        if done(output, key, so):
+        if committed_with(output, KEY, key, **so):
             log(f"{output} already holds this MoE ({key[:20]}...)")
             return _result(output, so, True, len(config.experts), layers)
         inputs = {"base": base} | {f"expert {i}": c for i, c in enumerate(experts)}
@@ -150,20 +150,6 @@ def build_key(config: MoEConfig, base: Checkpoint, experts: list[Checkpoint]) ->
     body["base_model"] = base.content_hash()
     body["format"] = f"{config.output_architecture}-v1"
     return content_key("moe", body)
-
-
-def done(output: str, key: str, so: dict[str, Any]) -> bool:
-    """``output`` is a complete, unchanged commit of the build with content key ``key``."""
-    fs, path = storage.resolve(output, **so)
-    remove_leftovers(fs, path)  # what a killed build left, also when this one skips
-    if not intact(fs, path):
-        return False
-    try:
-        with open_checkpoint(output, **so) as ckpt:
-            metas = list(ckpt.metadata.values())
-    except AmalgamError:
-        return False
-    return bool(metas) and metas[0].get(KEY) == key
 
 
 def _dtype(config: MoEConfig, base: Checkpoint) -> str:
