@@ -17,6 +17,7 @@ it has none), e.g. ``exact_match,strict-match`` for a GSM8K-style task.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,16 +76,30 @@ def task_manager(spec: EvaluateSpec, names: list[str]) -> TaskManager:
     """lm-eval's task index over ``tasks_dir`` and ``include_path``, with lm-eval's own
     registry only when some name of ``names`` is in neither."""
     offline()
-    from lm_eval.tasks import TaskManager  # lazy: lm-eval takes seconds to import
-
     paths = [*([spec.tasks_dir] if spec.tasks_dir else []), *spec.include_path]
     missing = [p for p in paths if not Path(p).is_dir()]
     if missing:
         raise EvaluationError(f"include_path: no folder at {', '.join(missing)}")
-    local = TaskManager(include_path=paths or None, include_defaults=False)
+    local = _index(tuple(paths), False, _stamp(paths))
     if all(n in local.task_index for n in names):
         return local
-    return TaskManager(include_path=paths or None, include_defaults=True)
+    return _index(tuple(paths), True, _stamp(paths))
+
+
+def _stamp(paths: list[str]) -> tuple[tuple[str, int, int], ...]:
+    """Every file under ``paths`` with its mtime and size: an index is reused only while
+    the folders it was built from are unchanged."""
+    files = sorted(f for p in paths for f in Path(p).rglob("*") if f.is_file())
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+
+
+@functools.lru_cache(maxsize=8)
+def _index(paths: tuple[str, ...], defaults: bool, stamp: tuple[Any, ...]) -> TaskManager:
+    """lm-eval's task index, built once per process for the same folders (lm-eval's own
+    registry takes seconds to index; a stage run asks for it several times)."""
+    from lm_eval.tasks import TaskManager  # lazy: lm-eval takes seconds to import
+
+    return TaskManager(include_path=list(paths) or None, include_defaults=defaults)
 
 
 def lm_eval_names(spec: EvaluateSpec, names: list[str]) -> dict[str, str]:
