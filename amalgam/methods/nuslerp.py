@@ -6,6 +6,8 @@ base; without, the two models' weights. ``flatten`` (default) takes each tensor 
 otherwise each vector runs along the last dimension (``row_wise: false``) or the first
 (``row_wise: true``). Per vector: the angle comes from the normalised vectors, the sines
 weigh the raw ones; (anti)parallel vectors (1 - cos^2 <= 1e-16) are interpolated linearly.
+In float32 that test holds only for exactly (anti)parallel vectors: nearly antiparallel ones
+divide by a tiny sine and blow up, exactly as in mergekit (kept for parity).
 """
 
 from __future__ import annotations
