@@ -7,7 +7,8 @@ renormalised over the rest; start from the normalised weighted mean of the u_i (
 u_i if it is under tol), then up to ``max_iter`` Riemannian gradient steps
 u <- exp_u(sum_i a_i theta_i / sin theta_i (u_i - cos theta_i u)), stopping when the step's
 norm is under tol. The result is u times the mean norm (1/N) sum_i |x_i| over all models.
-Computed in float32 (float64 inputs in float64), in mergekit's order of operations.
+Computed in float32 (float64 inputs in float64), in mergekit's order of operations; the
+iteration needs whole tensors: memory is about 2N float32 copies of the tensor being merged.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ mapped back to the sphere by one exponential-map step; the result is scaled by s
 its own projection), so the result is the normalised weighted mean direction: the
 computation keeps mergekit's steps so the two agree to float rounding. One model: that
 model's tensor unchanged. A weighted mean direction of norm under eps falls back to the
-weighted sum for two models and is an error for more, as in mergekit.
+weighted sum for two models and is an error for more, as in mergekit. The norms and the mean
+are over whole tensors: memory is about 2N float32 copies of the tensor being merged.
 """
 
 from __future__ import annotations
