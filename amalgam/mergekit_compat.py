@@ -359,7 +359,10 @@ def _inputs(entries: Any, method: _Method, base_path: str | None, refuse: _Refus
             if method.min_non_base == method.max_non_base
             else f"at least {method.min_non_base}"
         )
-        what = "model besides the base_model" if method.base != "input" else "models"
+        what = {
+            "required": "model besides the base_model",
+            "optional": "models besides any base_model",
+        }.get(method.base, "models")
         raise refuse("models", f"mergekit's '{method.name}' takes {want} {what}; got {n}")
     return inputs
 
