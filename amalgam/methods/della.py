@@ -15,12 +15,14 @@ one entry takes probability ``density`` (mergekit's 0/0 is NaN); a tensor of 3 o
 dimensions is ranked along its last dimension (mergekit: along dimension 1).
 ``rescale: exact`` divides each survivor by its own keep probability (the paper's rule);
 ``l1`` matches the tensor's L1 norm (mergekit's rule, what its ``rescale: true`` means).
+Memory beyond the inputs: one float32 mask (or factor) per model for the tensor in flight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -92,25 +94,25 @@ def magprune(
         raise MergeError(
             f"{ctx.name}: model {i}: density {density} +/- epsilon {epsilon} must lie in (0, 1)"
         )
-    rows_ = delta()
-    probs = keep_probabilities(rows_.abs(), density, epsilon)
-    draws = torch.rand(rows_.shape, generator=ctx.generator(i)).to(rows_.device)
+    tv = delta()
+    probs = keep_probabilities(tv.abs(), density, epsilon)
+    draws = torch.rand(tv.shape, generator=ctx.generator(i)).to(tv.device)
     keep = (draws < probs).to(torch.float32)
     rescale = p.shared["rescale"]
     if rescale == "exact":
         factor = keep.div_(probs)
         return lambda chunk, rows: chunk * factor[rows]
     if rescale == "l1":
-        keep.mul_(l1_ratio(rows_, rows_ * keep))
+        keep.mul_(l1_ratio(tv, tv * keep))
     return lambda chunk, rows: chunk * keep[rows]
 
 
-def check_epsilon(recipe: object) -> list[str]:
+def check_epsilon(recipe: Any) -> list[str]:
     """Scalar density/epsilon pairs that mergekit would refuse (checked per tensor at merge)."""
-    shared = getattr(recipe, "params", {})
     problems = []
-    for i, m in enumerate(getattr(recipe, "models", [])):
-        values = {"density": DENSITY.default, "epsilon": EPSILON.default, **shared, **m.params}
+    for i, m in enumerate(recipe.models):
+        values = {"density": DENSITY.default, "epsilon": EPSILON.default}
+        values |= recipe.params | m.params
         d, e = values["density"], values["epsilon"]
         scalars = isinstance(d, int | float) and isinstance(e, int | float)
         if scalars and d < 1 and not (d - e > 0 and d + e < 1):
