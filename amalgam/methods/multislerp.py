@@ -8,7 +8,9 @@ mapped back to the sphere by one exponential-map step; the result is scaled by s
 its own projection), so the result is the normalised weighted mean direction: the
 computation keeps mergekit's steps so the two agree to float rounding. One model: that
 model's tensor unchanged. A weighted mean direction of norm under eps falls back to the
-weighted sum for two models and is an error for more, as in mergekit. The norms and the mean
+weighted sum for two models and is an error for more, as in mergekit, except where every
+input is zero (a tensor no model changed from the base, such as a LoRA expert's lm_head):
+the result is then zero (the base), where mergekit raises. The norms and the mean
 are over whole tensors: memory is about 2N float32 copies of the tensor being merged.
 """
 
@@ -41,7 +43,7 @@ def multislerp(
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = mean.norm()
     if mean_norm < eps:
-        if len(inputs) != 2:
+        if len(inputs) != 2 and float(norms.max()) > 0:
             raise MergeError(
                 f"{ctx.name}: the weighted mean direction of the {len(inputs)} models is zero "
                 "(antipodal tensors with balancing weights); change the weights"

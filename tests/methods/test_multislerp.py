@@ -68,6 +68,13 @@ def test_antipodal_pair_falls_back_to_linear_and_three_are_refused(merge):
         merge("multislerp", None, [a, -a, a], models=[{"weight": 1}, {"weight": 2}, {"weight": 1}])
 
 
+def test_a_tensor_no_model_changed_gives_the_base(merge):
+    # every task vector zero (a LoRA expert's untouched lm_head): the base, not an error
+    base = torch.randn(3, 4)
+    models = [{"weight": 1.0}] * 3
+    torch.testing.assert_close(merge("multislerp", base, [base] * 3, models=models), base)
+
+
 def test_bad_input_named(merge):
     xs = [torch.randn(3) for _ in range(2)]
     with pytest.raises(MergeError, match="weights sum to 0"):
