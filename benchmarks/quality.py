@@ -136,6 +136,7 @@ VARIANTS: dict[str, Drive] = {
     "fisher (empirical)": variant("fisher", fisher="empirical"),
     "regmean (embeddings averaged)": variant("regmean", embeddings="average"),
     "opcm (no projection)": variant("opcm", projection=False),
+    "sce (no selection)": variant("sce", select_topk=1.0),
 }
 
 
