@@ -1,7 +1,8 @@
 """Translate a mergekit YAML config (mergekit 0.1.5 semantics) into an amalgam recipe mapping.
 
 Supported: ``merge_method`` linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-breadcrumbs_ties, slerp and model_stock; ``models`` (each ``model`` with ``parameters``),
+breadcrumbs_ties, slerp, model_stock, della, della_linear, sce, nuslerp, multislerp and karcher;
+``models`` (each ``model`` with ``parameters``),
 ``base_model``, top-level ``parameters``, ``dtype``/``out_dtype``, gradients (lists of numbers,
 interpolated across layer index) and filter lists (``- filter: self_attn`` ... ``- value: x``).
 
@@ -26,7 +27,10 @@ reference passes through as the model's URI: the merge opens the PEFT adapter ov
 
 Known differences that remain (documented, not refused): TIES trim keeps every entry tied with
 the threshold magnitude, where mergekit's argsort keeps an arbitrary subset of the ties;
-DARE masks come from amalgam's seeded generator; model_stock clamps its ratio to [0, 1];
+DARE and DELLA masks come from amalgam's seeded generator (per tensor and model), not
+mergekit's global one, so the kept entries differ while their distribution is the same (DELLA
+also ranks equal magnitudes by position); sce keeps every position tied with its variance
+threshold; model_stock clamps its ratio to [0, 1];
 mergekit casts to ``dtype`` before merging, amalgam always computes in float32.
 """
 
@@ -105,7 +109,7 @@ class _Method:
 
     name: str
     params: tuple[_Param, ...]
-    base: str  # "required" or "input" (linear: a base_model is merged like any model)
+    base: str  # "required", "optional", or "input" (a base_model is merged like any model)
     min_non_base: int = 1
     max_non_base: int | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -123,7 +127,7 @@ def _gta(
     consensus: bool,
 ) -> _Method:
     """mergekit's generalized task arithmetic family (task_arithmetic, ties, dare, breadcrumbs)."""
-    if sparsify == "random":
+    if sparsify in ("random", "della"):  # amalgam's drops take mergekit's L1 rescale
         rescale_param = _Param(
             "rescale",
             bool,
@@ -153,6 +157,8 @@ def _gta(
     ]
     if sparsify == "outliers":
         params.append(_Param("gamma", float, "non_base", 0.01, target="gamma"))
+    if sparsify == "della":
+        params.append(_Param("epsilon", float, "non_base", 0.15, target="epsilon"))
     return _Method(name, tuple(params), "required", fixed={"consensus": "sum"} if consensus else {})
 
 
@@ -183,6 +189,44 @@ METHODS: dict[str, _Method] = {
             (_Param("filter_wise", bool, "shared", False, target="filter_wise"),),
             "required",
             min_non_base=2,
+        ),
+        _gta("della", normalize=True, rescale=True, sparsify="della", consensus=True),
+        _gta("della_linear", normalize=False, rescale=True, sparsify="della", consensus=False),
+        _Method(
+            "sce",
+            (
+                _Param("int8_mask", bool, "shared", False),  # mask storage only
+                _Param("select_topk", float, "shared", 1.0, target="select_topk"),
+            ),
+            "required",
+        ),
+        _Method(
+            "nuslerp",
+            (
+                _Param("weight", float, "non_base", target="weight"),
+                _Param("nuslerp_flatten", bool, "shared", True, target="flatten"),
+                _Param("nuslerp_row_wise", bool, "shared", False, target="row_wise"),
+            ),
+            "optional",
+            min_non_base=2,
+            max_non_base=2,
+        ),
+        _Method(
+            "multislerp",
+            (
+                _Param("weight", float, "non_base", target="weight"),
+                _Param("normalize_weights", bool, "shared", True, target="normalize_weights"),
+                _Param("eps", float, "shared", 1e-8, target="eps"),
+            ),
+            "optional",
+        ),
+        _Method(
+            "karcher",
+            (
+                _Param("max_iter", int, "shared", 10, target="max_iter", convert=int),
+                _Param("tol", float, "shared", 1e-5, target="tol"),
+            ),
+            "input",
         ),
     )
 }
@@ -258,7 +302,7 @@ def translate(data: dict, source: str = "recipe") -> dict:
         _breadcrumbs_density(top_settings, inputs, refuse)
 
     recipe: dict[str, Any] = {"method": name, **_emit(method, top_settings, inputs)}
-    if method.base == "required":
+    if method.base != "input" and base_path is not None:
         recipe["base"] = base_path
     dtype = _dtype(data, refuse)
     if dtype is not None:
@@ -295,7 +339,7 @@ def _inputs(entries: Any, method: _Method, base_path: str | None, refuse: _Refus
             raise refuse(f"{where}.parameters", "expected a mapping of parameter settings")
         if path == base_path:
             base_listed = True
-            if method.base == "required":
+            if method.base != "input":
                 # mergekit reads nothing from the base's own parameters (they are all
                 # non-base or shared): check them, then drop the entry.
                 for key, setting in raw.items():
@@ -315,7 +359,10 @@ def _inputs(entries: Any, method: _Method, base_path: str | None, refuse: _Refus
             if method.min_non_base == method.max_non_base
             else f"at least {method.min_non_base}"
         )
-        what = "model besides the base_model" if method.base == "required" else "models"
+        what = {
+            "required": "model besides the base_model",
+            "optional": "models besides any base_model",
+        }.get(method.base, "models")
         raise refuse("models", f"mergekit's '{method.name}' takes {want} {what}; got {n}")
     return inputs
 
@@ -493,6 +540,8 @@ def _scalar(param: _Param, value: Any, where: str, refuse: _Refuse) -> Any:
     if isinstance(value, bool):
         raise refuse(where, f"expected a number, got {value!r}")
     if isinstance(value, int | float):
+        if param.kind is int and not float(value).is_integer():
+            raise refuse(where, f"expected an integer, got {value!r}")
         return float(value)
     if isinstance(value, str):  # YAML reads 1e-3 as a string; mergekit parses it as a number
         try:
@@ -588,7 +637,7 @@ def _files_from(
         raise refuse("chat_template", "setting a chat template is not supported")
     if base_path is None:
         return None
-    if method.base == "required":
+    if method.base != "input":
         return "base"
     return next(inp.label for inp in inputs if inp.path == base_path)
 

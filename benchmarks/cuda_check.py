@@ -243,7 +243,7 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
         elif method.statistics is not None:
             cases.append(Case(label, "data", name, data_run(name, params, llama)))
         else:
-            models = experts[:1] if name == "slerp" else experts
+            models = {"slerp": experts[:1], "nuslerp": experts[:2]}.get(name, experts)
             cases.append(Case(label, "per-tensor", name, one_shot_run(name, params, base, models)))
     return cases
 

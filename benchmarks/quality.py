@@ -105,6 +105,17 @@ DRIVES: dict[str, Drive] = {
     "continual_ta": Drive("continual", {"lambda": 0.3}),
     "continual_ties": Drive("continual", {"density": 0.2, "lambda": 0.5}),
     "opcm": Drive("continual", {"alpha": 0.5}),
+    # DELLA's MagPrune keep probabilities density +/- epsilon, rescaled by 1/p (the paper's)
+    "della": Drive(
+        "per_tensor", {"density": 0.3, "epsilon": 0.1, "lambda": 1.0}, "lambda", MEAN_GRID
+    ),
+    "della_linear": Drive(
+        "per_tensor", {"density": 0.3, "epsilon": 0.1, "lambda": 0.3}, "lambda", SUM_GRID
+    ),
+    "sce": Drive("per_tensor", {"select_topk": 0.1}),  # FuseChat's tau = 0.1
+    "multislerp": Drive("per_tensor"),  # task vectors over the base, equal weights
+    "karcher": Drive("per_tensor"),  # the models themselves (base unused), equal weights
+    "nuslerp": Drive("per_tensor", skip="interpolates exactly two models"),
 }
 
 
@@ -125,6 +136,7 @@ VARIANTS: dict[str, Drive] = {
     "fisher (empirical)": variant("fisher", fisher="empirical"),
     "regmean (embeddings averaged)": variant("regmean", embeddings="average"),
     "opcm (no projection)": variant("opcm", projection=False),
+    "sce (no selection)": variant("sce", select_topk=1.0),
 }
 
 

@@ -28,6 +28,8 @@ def digest(folder: Path) -> dict[str, str]:
 def method_recipe(method: str, base: Path, experts: list[Path], out: Path) -> dict:
     if method == "slerp":
         return recipe_dict(base, experts[:1], method, out)
+    if method == "nuslerp":
+        return recipe_dict(base, experts[:2], method, out)
     if method == "linear":
         return recipe_dict(None, experts, method, out)
     return recipe_dict(base, experts, method, out)
