@@ -39,6 +39,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from amalgam.errors import RecipeError
+from amalgam.mergekit_slices import model_entries, recipe_slices, slice_sources
 
 MERGEKIT_VERSION = "0.1.5"
 
@@ -53,9 +54,9 @@ _TOP_LEVEL = {
     "tokenizer_source",
     "tokenizer",
     "chat_template",
+    "slices",
 }
 _REFUSED_TOP_LEVEL = {
-    "slices": "layer slices are not supported; merge whole models with 'models'",
     "modules": "per-module definitions are not supported; merge whole models with 'models'",
 }
 _DTYPES = {"float32", "float16", "bfloat16"}
@@ -179,6 +180,35 @@ METHODS: dict[str, _Method] = {
             "slerp", (_Param("t", float, "shared", target="t"),), "required", 1, max_non_base=1
         ),
         _Method(
+            "passthrough",
+            (
+                _Param(
+                    "scale",
+                    float,
+                    "shared",
+                    1.0,
+                    target="scale",
+                    why_not="amalgam's passthrough takes one scale at the top level "
+                    "(per tensor by filters)",
+                ),
+            ),
+            "input",
+        ),
+        _Method(
+            "nearswap", (_Param("t", float, "shared", target="t"),), "required", 1, max_non_base=1
+        ),
+        _Method("arcee_fusion", (), "required", 1, max_non_base=1),
+        _Method("ram", (_Param("epsilon", float, "shared", 1e-5, target="epsilon"),), "required"),
+        _Method(
+            "ramplus_tl",
+            (
+                _Param("epsilon", float, "shared", 1e-5, target="epsilon"),
+                _Param("r", float, "shared", 0.1, target="r"),
+                _Param("alpha", float, "shared", 0.2, target="alpha"),
+            ),
+            "required",
+        ),
+        _Method(
             "model_stock",
             (_Param("filter_wise", bool, "shared", False, target="filter_wise"),),
             "required",
@@ -233,7 +263,13 @@ def translate(data: dict, source: str = "recipe") -> dict:
     if method.base == "required" and base_path is None:
         raise refuse("base_model", f"mergekit's '{name}' needs a base_model")
 
-    inputs = _inputs(data.get("models"), method, base_path, refuse)
+    slices = slice_sources(data, refuse) if "slices" in data else None
+    entries = data.get("models") if slices is None else model_entries(slices)
+    if slices is not None and name == "passthrough" and base_path not in (None, slices[0][0][0]):
+        raise refuse("base_model", "a stacked model's config comes from its first slice's model")
+    # with slices, mergekit merges the sources only: an unlisted base_model is no input
+    listed_base = base_path if slices is None or method.base == "required" else None
+    inputs = _inputs(entries, method, listed_base, refuse)
     for inp, label in zip(inputs, _labels([i.path for i in inputs]), strict=True):
         inp.label = label
         for key, setting in inp.raw.items():
@@ -263,7 +299,14 @@ def translate(data: dict, source: str = "recipe") -> dict:
     dtype = _dtype(data, refuse)
     if dtype is not None:
         recipe["dtype"] = dtype
+    if slices is not None:
+        labels = {inp.path: inp.label for inp in inputs}
+        if method.base == "required":
+            labels[base_path] = "base"
+        recipe["slices"] = recipe_slices(slices, labels)
     files_from = _files_from(data, method, base_path, inputs, refuse)
+    if name == "passthrough":
+        files_from = None  # the first slice's (or the single model's) config
     if files_from is not None:
         recipe["files_from"] = files_from
     tokenizer = _tokenizer(data, files_from, base_path, inputs, refuse)
@@ -427,7 +470,8 @@ def _param_for(
     if per_model and param.scope == "shared":
         raise refuse(
             where,
-            f"'{key}' is a shared parameter (mergekit ignores a per-model value); "
+            param.why_not
+            or f"'{key}' is a shared parameter (mergekit ignores a per-model value); "
             "set it under the top-level parameters",
         )
     return param

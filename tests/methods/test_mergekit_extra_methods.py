@@ -36,7 +36,7 @@ def test_nearswap_matches_loop(merge, shape, t):
 
 
 def test_nearswap_needs_t():
-    with pytest.raises(RecipeError, match="params.t: nearswap needs t"):
+    with pytest.raises(RecipeError, match=r"params\.t: nearswap needs t"):
         parse_recipe({"method": "nearswap", "base": "b", "models": [{"uri": "m"}]})
 
 
@@ -94,7 +94,10 @@ def test_passthrough_scales(merge):
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(merge("passthrough", None, [x]), x)
     out = merge(
-        "passthrough", None, [x], name="model.layers.0.mlp.down_proj.weight",
+        "passthrough",
+        None,
+        [x],
+        name="model.layers.0.mlp.down_proj.weight",
         overrides=[{"match": "down_proj", "params": {"scale": 0.5}}],
     )
     torch.testing.assert_close(out, x * 0.5)
