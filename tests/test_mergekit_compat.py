@@ -266,9 +266,18 @@ def test_every_supported_method_parses():
         "breadcrumbs_ties",
         "slerp",
         "model_stock",
+        "passthrough",
+        "nearswap",
+        "arcee_fusion",
+        "ram",
+        "ramplus_tl",
     }
     for name in METHODS:
-        if name in ("slerp", "model_stock", "linear"):
+        # their configs are parsed in tests/test_mergekit_slices.py
+        if name in ("slerp", "model_stock", "linear", "passthrough", "nearswap", "arcee_fusion"):
+            continue
+        if name.startswith("ram"):
+            parse({"merge_method": name, "base_model": "/m/base", "models": [{"model": "/m/a"}]})
             continue
         parse(ties_cfg(merge_method=name))
 
