@@ -154,8 +154,9 @@ def render(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Differences are float32 rounding of differently ordered arithmetic (0 for copies). "
-        "arcee_fusion keeps the same entries because no zoo tensor has more than 10^6 entries (mergekit then "
-        "samples its quantiles at random; amalgam always takes exact ones).",
+        "arcee_fusion keeps the same entries because no zoo tensor has more than 10^6 "
+        "entries (mergekit then samples its quantiles at random; amalgam always takes exact "
+        "ones).",
         "",
     ]
     return "\n".join(lines)

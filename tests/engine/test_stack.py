@@ -225,3 +225,24 @@ def test_bad_slices_are_one_clear_error(change, message):
     }
     with pytest.raises(RecipeError, match=message):
         parse_recipe(recipe)
+
+
+@pytest.mark.slow
+def test_a_frankenmerge_on_ray_is_byte_identical_to_local(tmp_path):
+    """Ray workers reopen the stacked inputs from their URIs (the plan's ``stack:`` URIs)."""
+    a = write_model(tmp_path / "a", llama_tensors(0))
+    b = write_model(tmp_path / "b", llama_tensors(1))
+    slices = [
+        {"sources": [{"model": "a", "layers": [0, 2]}]},
+        {"sources": [{"model": "b", "layers": [1, 2]}]},
+    ]
+    digests = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        recipe = parse_recipe(
+            frankenmerge({"a": a, "b": b}, out, slices=slices, max_shard_size=600)
+        )
+        run_merge(recipe, MergeOptions(executor=executor, device="cpu", unit_bytes=200))
+        digests[executor] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert len(digests["local"]) > 2
+    assert digests["local"] == digests["ray"]
