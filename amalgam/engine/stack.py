@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from amalgam.adapters import open_input
+from amalgam.adapters import AdapterCheckpoint, open_input
 from amalgam.checkpoint import Checkpoint
 from amalgam.errors import PlanError
 from amalgam.methods.params import LAYER_RE, layer_index
@@ -162,6 +162,25 @@ def stacked(parts: list[tuple[Checkpoint, int, int]], base: str | None) -> Stack
     (``base``: the recipe's base, over which an adapter part opens)."""
     layout = {"base": base, "parts": [[c.uri, a, b] for c, a, b in parts]}
     return StackedCheckpoint(STACK_PREFIX + json.dumps(layout), parts)
+
+
+def describe_stack(uri: str) -> str | None:
+    """The layer ranges a stacked input's URI reads (``models/a[0:24], models/b[20:40]``);
+    None for any other URI."""
+    if not uri.startswith(STACK_PREFIX):
+        return None
+    parts = json.loads(uri[len(STACK_PREFIX) :])["parts"]
+    return ", ".join(f"{u}[{a}:{b}]" for u, a, b in parts)
+
+
+def stored_parts(ckpt: Checkpoint) -> list[Checkpoint]:
+    """The checkpoints ``ckpt`` reads from storage: its parts (an adapter's base and adapter,
+    a stacked input's models), itself for a plain one."""
+    if isinstance(ckpt, StackedCheckpoint):
+        return [leaf for c, _, _ in ckpt.parts for leaf in stored_parts(c)]
+    if isinstance(ckpt, AdapterCheckpoint):
+        return [ckpt.base, ckpt.adapter]
+    return [ckpt]
 
 
 def open_any(uri: str, *, allow_pickle: bool = False, **storage_options: Any) -> Checkpoint:

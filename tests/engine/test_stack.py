@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.engine.stack import open_any
-from amalgam.errors import PlanError, RecipeError
+from amalgam.errors import OutputError, PlanError, RecipeError
 from amalgam.methods.slerp import slerp_pair
 from amalgam.recipe import parse_recipe
-from tests.helpers import LLAMA_CONFIG, llama_tensors, write_model
+from tests.helpers import LLAMA_CONFIG, llama_tensors, run_cli, write_model
 
 OPTIONS = MergeOptions(device="cpu", threads=1)
 
@@ -246,3 +246,35 @@ def test_a_frankenmerge_on_ray_is_byte_identical_to_local(tmp_path):
         digests[executor] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert len(digests["local"]) > 2
     assert digests["local"] == digests["ray"]
+
+
+def test_cli_plan_names_the_ranges_and_a_bad_range_is_one_error_line(
+    experts, tmp_path, monkeypatch, capsys
+):
+    slices = [
+        {"sources": [{"model": "a", "layers": [0, 2]}]},
+        {"sources": [{"model": "b", "layers": [1, 2]}]},
+    ]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(frankenmerge(experts, tmp_path / "o", slices=slices)))
+    code, out, err = run_cli(["merge", str(path), "--plan"], monkeypatch, capsys)
+    assert code == 0, err
+    expected = f"'a': stacked layers {experts['a']}[0:2], {experts['b']}[1:2]"
+    assert "".join(expected.split()) in "".join(out.split())  # the console wraps long lines
+    slices[1]["sources"][0]["layers"] = [1, 3]
+    path.write_text(json.dumps(frankenmerge(experts, tmp_path / "o", slices=slices)))
+    code, out, err = run_cli(["merge", str(path)], monkeypatch, capsys)
+    assert code == 2 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "layers [1, 3) are outside model 'b'" in err and "which has 2 layers" in err
+
+
+def test_an_output_inside_any_stacked_model_is_refused(tmp_path):
+    a = write_model(tmp_path / "a", llama_tensors(0))
+    b = write_model(tmp_path / "b", llama_tensors(1))
+    slices = [
+        {"sources": [{"model": "a", "layers": [0, 1]}]},
+        {"sources": [{"model": "b", "layers": [0, 1]}]},
+    ]
+    recipe = parse_recipe(frankenmerge({"a": a, "b": b}, b / "merged", slices=slices))
+    with pytest.raises(OutputError, match="output overlaps input 'a'"):
+        run_merge(recipe, OPTIONS)
