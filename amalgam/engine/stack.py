@@ -42,10 +42,9 @@ def layer_count(ckpt: Checkpoint) -> int:
 
 
 def renumber(name: str, layer: int) -> str:
-    """``name`` with its layer index replaced by ``layer``."""
+    """``name`` with its layer index replaced by ``layer`` (a name without one: unchanged)."""
     m = LAYER_RE.search(name)
-    assert m is not None  # only called on names layer_index matched
-    return f"{name[: m.start(1)]}{layer}{name[m.end(1) :]}"
+    return name if m is None else f"{name[: m.start(1)]}{layer}{name[m.end(1) :]}"
 
 
 class StackedCheckpoint(Checkpoint):
