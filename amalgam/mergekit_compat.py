@@ -270,6 +270,9 @@ def translate(data: dict, source: str = "recipe") -> dict:
     # with slices, mergekit merges the sources only: an unlisted base_model is no input
     listed_base = base_path if slices is None or method.base == "required" else None
     inputs = _inputs(entries, method, listed_base, refuse)
+    sources = {inp.path for inp in inputs}
+    if slices is not None and method.base == "input" and base_path not in (None, *sources):
+        raise refuse("base_model", "with slices, the base_model must be one of the sources")
     for inp, label in zip(inputs, _labels([i.path for i in inputs]), strict=True):
         inp.label = label
         for key, setting in inp.raw.items():

@@ -113,6 +113,16 @@ def test_ties_slices_must_list_the_base_in_every_slice():
         (frankenmerge(base_model="/m/b"), "base_model", "first slice"),
         (
             {
+                "merge_method": "linear",
+                "base_model": "/m/base",
+                "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2]}]}],
+                "parameters": {"weight": 1.0},
+            },
+            "base_model",
+            "one of the sources",
+        ),
+        (
+            {
                 "merge_method": "passthrough",
                 "models": [{"model": "/m/a", "parameters": {"scale": 2}}],
             },
