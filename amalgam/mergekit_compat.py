@@ -1,7 +1,8 @@
 """Translate a mergekit YAML config (mergekit 0.1.5 semantics) into an amalgam recipe mapping.
 
 Supported: ``merge_method`` linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-breadcrumbs_ties, slerp and model_stock; ``models`` (each ``model`` with ``parameters``),
+breadcrumbs_ties, slerp and model_stock, passthrough, nearswap, arcee_fusion, ram and ramplus_tl;
+``slices`` (:mod:`amalgam.mergekit_slices`); ``models`` (each ``model`` with ``parameters``),
 ``base_model``, top-level ``parameters``, ``dtype``/``out_dtype``, gradients (lists of numbers,
 interpolated across layer index) and filter lists (``- filter: self_attn`` ... ``- value: x``).
 
@@ -19,7 +20,7 @@ slerp's ``t``) have no default in mergekit: a config that leaves them unset is r
 mergekit refuses it. ``tokenizer_source`` and the ``tokenizer:`` section (``source``,
 ``tokens``, ``pad_to_multiple_of``) become ``align: {method: vocab, tokenizer: ...}``
 (docs/align-vocab.md; ``kind: model_token`` sources are refused). Everything else
-(``slices``, ``modules``, other methods, unknown parameters, ``model@revision`` references,
+(``modules``, other methods, unknown parameters, ``model@revision`` references,
 ...) is refused with a RecipeError that names the field and the source file. A ``model+lora``
 reference passes through as the model's URI: the merge opens the PEFT adapter over that model
 (``amalgam.adapters``).
