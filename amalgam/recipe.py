@@ -578,7 +578,7 @@ def stack_problems(recipe: Recipe) -> list[str]:
         problems.append(f"slices: method '{method.name}' cannot merge stacked layers")
     if recipe.output_format != "dense":
         problems.append("slices: an adapter output cannot restack layers")
-    one = method.max_models == 1  # passthrough: one source per slice
+    one = method.single_input  # passthrough: one source per slice
     if one and recipe.files_from is not None:
         problems.append("files_from: a stacked model's config comes from its first slice")
     swap = recipe.layer_swap

@@ -141,7 +141,7 @@ def stack_inputs(recipe: Recipe, inputs: dict[str, Checkpoint]) -> dict[str, Che
     once), or, for a method of one input (passthrough), one under the first slice's label.
     Inputs no slice reads are closed."""
     slices = recipe_slices(recipe, inputs)
-    if recipe.method_spec.max_models == 1:
+    if recipe.method_spec.single_input:
         groups = {slices[0][0][0]: [piece[0] for piece in slices]}
     else:
         groups = {

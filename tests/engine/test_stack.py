@@ -248,6 +248,30 @@ def test_a_frankenmerge_on_ray_is_byte_identical_to_local(tmp_path):
     assert digests["local"] == digests["ray"]
 
 
+def test_a_method_over_the_base_stacks_the_base_too(zoo_tiny, tmp_path):
+    # nearswap of the base's layer 1 and the expert's layer 0: both stacked, as output layer 0
+    base, expert = zoo_tiny.base, zoo_tiny.experts["zoo_sort"]
+    out = tmp_path / "near"
+    sources = [{"model": "base", "layers": [1, 2]}, {"model": "e", "layers": [0, 1]}]
+    recipe = {
+        "method": "nearswap",
+        "base": str(base),
+        "models": [{"uri": str(expert), "name": "e"}],
+        "params": {"t": 0.01},
+        "slices": [{"sources": sources}],
+        "output": str(out),
+    }
+    run_merge(parse_recipe(recipe), OPTIONS)
+    got = layer(load_file(out / "model.safetensors"), 0)
+    w0 = layer(load_file(base / "model.safetensors"), 1)
+    w1 = layer(load_file(expert / "model.safetensors"), 0)
+    for name, a in w0.items():
+        w = (0.01 / (a - w1[name]).abs().clamp(min=1e-6)).clamp(0, 1)
+        torch.testing.assert_close(got[name], w * w1[name] + (1 - w) * a)
+    with pytest.raises(RecipeError, match=r"merges every input, each once \(base, e\); got e"):
+        parse_recipe({**recipe, "slices": [{"sources": sources[1:]}]})
+
+
 def test_cli_plan_names_the_ranges_and_a_bad_range_is_one_error_line(
     experts, tmp_path, monkeypatch, capsys
 ):
