@@ -40,7 +40,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from amalgam.errors import RecipeError
-from amalgam.mergekit_slices import model_entries, recipe_slices, slice_sources
+from amalgam.mergekit_slices import model_entries, recipe_slices, slice_sources, top_parameters
 
 MERGEKIT_VERSION = "0.1.5"
 
@@ -265,12 +265,17 @@ def translate(data: dict, source: str = "recipe") -> dict:
         raise refuse("base_model", f"mergekit's '{name}' needs a base_model")
 
     slices = slice_sources(data, refuse) if "slices" in data else None
-    entries = data.get("models") if slices is None else model_entries(slices)
-    if slices is not None and name == "passthrough" and base_path not in (None, slices[0][0][0]):
-        raise refuse("base_model", "a stacked model's config comes from its first slice's model")
+    entries, wheres = data.get("models"), None
+    if slices is not None:
+        entries, wheres = model_entries(slices, refuse)
+        data = {**data, "parameters": top_parameters(data)}
+        if name == "passthrough" and base_path not in (None, slices[0][0].path):
+            raise refuse(
+                "base_model", "a stacked model's config comes from its first slice's model"
+            )
     # with slices, mergekit merges the sources only: an unlisted base_model is no input
     listed_base = base_path if slices is None or method.base == "required" else None
-    inputs = _inputs(entries, method, listed_base, refuse)
+    inputs = _inputs(entries, method, listed_base, refuse, wheres)
     sources = {inp.path for inp in inputs}
     if slices is not None and method.base == "input" and base_path not in (None, *sources):
         raise refuse("base_model", "with slices, the base_model must be one of the sources")
@@ -319,15 +324,22 @@ def translate(data: dict, source: str = "recipe") -> dict:
     return recipe
 
 
-def _inputs(entries: Any, method: _Method, base_path: str | None, refuse: _Refuse) -> list[_Input]:
-    """The models amalgam merges, in mergekit's order, base handled as mergekit does."""
+def _inputs(
+    entries: Any,
+    method: _Method,
+    base_path: str | None,
+    refuse: _Refuse,
+    wheres: list[str] | None = None,
+) -> list[_Input]:
+    """The models amalgam merges, in mergekit's order, base handled as mergekit does
+    (``wheres``: the field each entry came from, when not ``models[i]``)."""
     if not isinstance(entries, list) or not entries:
         raise refuse("models", "expected a non-empty list of '- model: PATH' entries")
     inputs: list[_Input] = []
     seen: set[str] = set()
     base_listed = False
     for i, entry in enumerate(entries):
-        where = f"models[{i}]"
+        where = wheres[i] if wheres else f"models[{i}]"
         if not isinstance(entry, dict):
             raise refuse(where, "expected a mapping with 'model' and optional 'parameters'")
         for key in entry:

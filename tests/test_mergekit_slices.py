@@ -85,11 +85,12 @@ def test_ties_slices_must_list_the_base_in_every_slice():
                     {
                         "sources": [{"model": "/m/a", "layer_range": [0, 2]}],
                         "parameters": {"scale": 2},
-                    }
+                    },
+                    {"sources": [{"model": "/m/b", "layer_range": [0, 2]}]},
                 ]
             ),
             r"slices\[0\]\.parameters",
-            "top level",
+            "several slices are not supported",
         ),
         (
             frankenmerge(
@@ -101,8 +102,27 @@ def test_ties_slices_must_list_the_base_in_every_slice():
                     }
                 ]
             ),
-            r"slices\[0\]\.sources\[0\]\.parameters",
-            "top level",
+            r"slices\[0\]\.sources\[0\]\.parameters\.scale",
+            "one scale at the top level",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "/m/a", "layer_range": [0, 1], "parameters": {"weight": 1}}
+                        ]
+                    },
+                    {
+                        "sources": [
+                            {"model": "/m/a", "layer_range": [1, 2], "parameters": {"weight": 2}}
+                        ]
+                    },
+                ],
+            },
+            r"slices\[1\]\.sources\[0\]\.parameters",
+            r"differs from slices\[0\]",
         ),
         (
             frankenmerge(slices=[{"sources": [{"model": "/m/a", "layer_range": [0]}]}]),
@@ -183,3 +203,48 @@ def test_new_methods_parameters():
         }
     )
     assert r.base == "/m/a" and [m.uri for m in r.models] == ["/m/b"] and r.params == {}
+
+
+def test_one_slice_with_parameters_is_the_models_config_it_stands_for():
+    # second formulation: the same merge written with models: and top-level parameters
+    def model(path, span, **params):
+        return {"model": path, "layer_range": span, "parameters": params}
+
+    sliced = {
+        "merge_method": "ties",
+        "base_model": "/m/base",
+        "slices": [
+            {
+                "sources": [
+                    model("/m/a", [0, 4], weight=1.0, density=[0.2, 0.8]),
+                    model("/m/b", [0, 4], weight=[{"filter": "mlp", "value": 0.5}, {"value": 1.0}]),
+                    model("/m/base", [0, 4]),
+                ],
+                "parameters": {"density": [{"filter": "attn", "value": 0.3}], "normalize": False},
+            }
+        ],
+        "parameters": {"density": 0.6, "lambda": 1.5, "normalize": True},
+    }
+    flat = {
+        "merge_method": "ties",
+        "base_model": "/m/base",
+        "models": [
+            {"model": "/m/a", "parameters": {"weight": 1.0, "density": [0.2, 0.8]}},
+            {
+                "model": "/m/b",
+                "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]},
+            },
+        ],
+        "parameters": {
+            "density": [{"filter": "attn", "value": 0.3}, {"value": 0.6}],
+            "lambda": 1.5,
+            "normalize": False,
+        },
+    }
+    a, b = parse(sliced), parse(flat)
+    assert a.model_dump(exclude={"slices"}) == b.model_dump(exclude={"slices"})
+    assert [(s.model, s.layers) for s in a.slices[0].sources] == [
+        ("a", (0, 4)),
+        ("b", (0, 4)),
+        ("base", (0, 4)),
+    ]
