@@ -69,6 +69,21 @@ def cases(base: str, a: str, b: str, c: str) -> dict[str, dict[str, Any]]:
             "slices": [{"sources": [src(base, 1, 2), src(b, 0, 1)]}],
             "parameters": {"t": 0.3},
         },
+        "ties slice, sources' and slice's parameters": {
+            "merge_method": "ties",
+            "base_model": base,
+            "slices": [
+                {
+                    "sources": [
+                        {**src(a, 0, 2), "parameters": {"weight": 1.0, "density": 0.5}},
+                        {**src(b, 0, 2), "parameters": {"weight": 0.5, "density": [0.3, 0.9]}},
+                        src(base, 0, 2),
+                    ],
+                    "parameters": {"normalize": False},
+                }
+            ],
+            "parameters": {"lambda": 0.8, "normalize": True},
+        },
         "linear slices over three models": {
             "merge_method": "linear",
             "slices": [{"sources": [src(a, 0, 2), src(b, 0, 2), src(c, 0, 2)]}],
