@@ -3,10 +3,11 @@ whose layers are layer ranges of other models, renumbered in order (mergekit's `
 
 A stacked input is a lazy view: it reads each tensor from the model and layer it stands for,
 so the engine plans, streams and writes it like any input. Its config is its first part's,
-with ``num_hidden_layers`` set to the stacked count and every per-layer list (a config list as
-long as the model has layers, such as ``layer_types``) rebuilt from the parts. Tensors outside
-the layers follow mergekit: embeddings (names with ``embed``, ``wte`` or ``wpe``) come from the
-first slice's model, every other one (final norm, LM head) from the last slice's.
+with the layer count (``num_hidden_layers``; GPT-2's ``n_layer``) set to the stacked count and
+every per-layer list (a config list as long as the model has layers, such as ``layer_types``)
+rebuilt from the parts. Tensors outside the layers follow mergekit: embeddings (names with
+``embed``, ``wte`` or ``wpe``) come from the first slice's model, every other one (final norm,
+LM head) from the last slice's.
 """
 
 from __future__ import annotations
@@ -32,9 +33,18 @@ PRE_LAYER = re.compile(r"embed|wte|wpe")
 Source = tuple[str, int, int]
 
 
+# a config's layer-count key, by architecture family (Llama and most: the first; GPT-2: n_layer)
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def count_key(config: dict) -> str:
+    """The key holding the layer count in ``config`` (``num_hidden_layers`` if none does)."""
+    return next((k for k in LAYER_KEYS if isinstance(config.get(k), int)), LAYER_KEYS[0])
+
+
 def layer_count(ckpt: Checkpoint) -> int:
-    """The model's layers: ``num_hidden_layers`` in its config, else from its tensor names."""
-    configured = (ckpt.config or {}).get("num_hidden_layers")
+    """The model's layers: the count in its config, else from its tensor names."""
+    configured = (ckpt.config or {}).get(count_key(ckpt.config or {}))
     if configured:
         return int(configured)
     found = [k for k in map(layer_index, ckpt.tensors) if k is not None]
@@ -104,7 +114,7 @@ def _stacked_config(parts: list[tuple[Checkpoint, int, int]], count: int) -> dic
     for key, value in first.config.items():
         if key != "architectures" and isinstance(value, list) and n > 1 and len(value) == n:
             config[key] = [v for c, a, b in parts for v in (c.config or {}).get(key, value)[a:b]]
-    config["num_hidden_layers"] = count
+    config[count_key(config)] = count
     return config
 
 

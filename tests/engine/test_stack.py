@@ -302,3 +302,32 @@ def test_an_output_inside_any_stacked_model_is_refused(tmp_path):
     recipe = parse_recipe(frankenmerge({"a": a, "b": b}, b / "merged", slices=slices))
     with pytest.raises(OutputError, match="output overlaps input 'a'"):
         run_merge(recipe, OPTIONS)
+
+
+def test_a_gpt2_frankenmerge_counts_its_layers_in_n_layer(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=16, vocab_size=32)
+    folders = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        folders[name] = tmp_path / name
+        GPT2LMHeadModel(config).save_pretrained(folders[name])
+    slices = [
+        {"sources": [{"model": "a", "layers": [0, 2]}]},
+        {"sources": [{"model": "b", "layers": [0, 2]}]},
+    ]
+    out = tmp_path / "out"
+    run_merge(parse_recipe(frankenmerge(folders, out, slices=slices)), OPTIONS)
+    model = GPT2LMHeadModel.from_pretrained(out)
+    assert model.config.n_layer == 4
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    b = load_file(folders["b"] / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    for name, t in b.items():
+        if ".h.1." in name:
+            assert torch.equal(got[name.replace(".h.1.", ".h.3.")], t), name
+    assert torch.equal(
+        got["transformer.wte.weight"],
+        load_file(folders["a"] / "model.safetensors")["transformer.wte.weight"],
+    )
