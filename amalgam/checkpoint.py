@@ -203,6 +203,8 @@ def _tensor_infos(header: dict, file: str, data_start: int, file_size: int) -> l
 class Checkpoint:
     """A read-only, lazily read model: folder, sharded folder, adapter or single file."""
 
+    config_edited = False  # ``config`` differs from the config.json file (stacked inputs)
+
     def __init__(self, uri: str, *, allow_pickle: bool = False, **storage_options: Any):
         self.uri = str(uri)
         self.storage_options = storage_options

@@ -251,7 +251,11 @@ def methods() -> None:
     table = Table("method", "parameters (default)", "what it does", "paper")
     for name in sorted(REGISTRY):
         m = REGISTRY[name]
-        params = ", ".join(f"{p.name}{'*' if p.per_model else ''}={p.default}" for p in m.params)
+        params = ", ".join(
+            f"{p.name}{'*' if p.per_model else ''}="
+            f"{'(required)' if p.default is None else p.default}"
+            for p in m.params
+        )
         table.add_row(name, params, m.summary, m.paper)
     console.print(table)
     console.print("* settable per model; numeric values may be lists (layer gradients)")

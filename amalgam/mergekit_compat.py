@@ -1,8 +1,9 @@
 """Translate a mergekit YAML config (mergekit 0.1.5 semantics) into an amalgam recipe mapping.
 
 Supported: ``merge_method`` linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-breadcrumbs_ties, slerp, model_stock, della, della_linear, sce, nuslerp, multislerp and karcher;
-``models`` (each ``model`` with ``parameters``),
+breadcrumbs_ties, slerp, model_stock, della, della_linear, sce, nuslerp, multislerp, karcher,
+passthrough, nearswap, arcee_fusion, ram and ramplus_tl; ``slices``
+(:mod:`amalgam.mergekit_slices`); ``models`` (each ``model`` with ``parameters``),
 ``base_model``, top-level ``parameters``, ``dtype``/``out_dtype``, gradients (lists of numbers,
 interpolated across layer index) and filter lists (``- filter: self_attn`` ... ``- value: x``).
 
@@ -20,7 +21,7 @@ slerp's ``t``) have no default in mergekit: a config that leaves them unset is r
 mergekit refuses it. ``tokenizer_source`` and the ``tokenizer:`` section (``source``,
 ``tokens``, ``pad_to_multiple_of``) become ``align: {method: vocab, tokenizer: ...}``
 (docs/align-vocab.md; ``kind: model_token`` sources are refused). Everything else
-(``slices``, ``modules``, other methods, unknown parameters, ``model@revision`` references,
+(``modules``, other methods, unknown parameters, ``model@revision`` references,
 ...) is refused with a RecipeError that names the field and the source file. A ``model+lora``
 reference passes through as the model's URI: the merge opens the PEFT adapter over that model
 (``amalgam.adapters``).
@@ -43,6 +44,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from amalgam.errors import RecipeError
+from amalgam.mergekit_slices import model_entries, recipe_slices, slice_sources, top_parameters
 
 MERGEKIT_VERSION = "0.1.5"
 
@@ -57,9 +59,9 @@ _TOP_LEVEL = {
     "tokenizer_source",
     "tokenizer",
     "chat_template",
+    "slices",
 }
 _REFUSED_TOP_LEVEL = {
-    "slices": "layer slices are not supported; merge whole models with 'models'",
     "modules": "per-module definitions are not supported; merge whole models with 'models'",
 }
 _DTYPES = {"float32", "float16", "bfloat16"}
@@ -185,6 +187,35 @@ METHODS: dict[str, _Method] = {
             "slerp", (_Param("t", float, "shared", target="t"),), "required", 1, max_non_base=1
         ),
         _Method(
+            "passthrough",
+            (
+                _Param(
+                    "scale",
+                    float,
+                    "shared",
+                    1.0,
+                    target="scale",
+                    why_not="amalgam's passthrough takes one scale at the top level "
+                    "(per tensor by filters)",
+                ),
+            ),
+            "input",
+        ),
+        _Method(
+            "nearswap", (_Param("t", float, "shared", target="t"),), "required", 1, max_non_base=1
+        ),
+        _Method("arcee_fusion", (), "required", 1, max_non_base=1),
+        _Method("ram", (_Param("epsilon", float, "shared", 1e-5, target="epsilon"),), "required"),
+        _Method(
+            "ramplus_tl",
+            (
+                _Param("epsilon", float, "shared", 1e-5, target="epsilon"),
+                _Param("r", float, "shared", 0.1, target="r"),
+                _Param("alpha", float, "shared", 0.2, target="alpha"),
+            ),
+            "required",
+        ),
+        _Method(
             "model_stock",
             (_Param("filter_wise", bool, "shared", False, target="filter_wise"),),
             "required",
@@ -277,7 +308,21 @@ def translate(data: dict, source: str = "recipe") -> dict:
     if method.base == "required" and base_path is None:
         raise refuse("base_model", f"mergekit's '{name}' needs a base_model")
 
-    inputs = _inputs(data.get("models"), method, base_path, refuse)
+    slices = slice_sources(data, refuse) if "slices" in data else None
+    entries, wheres = data.get("models"), None
+    if slices is not None:
+        entries, wheres = model_entries(slices, refuse)
+        data = {**data, "parameters": top_parameters(data)}
+        if name == "passthrough" and base_path not in (None, slices[0][0].path):
+            raise refuse(
+                "base_model", "a stacked model's config comes from its first slice's model"
+            )
+    # with slices, mergekit merges the sources only: an unlisted base_model is no input
+    listed_base = base_path if slices is None or method.base == "required" else None
+    inputs = _inputs(entries, method, listed_base, refuse, wheres)
+    sources = {inp.path for inp in inputs}
+    if slices is not None and method.base == "input" and base_path not in (None, *sources):
+        raise refuse("base_model", "with slices, the base_model must be one of the sources")
     for inp, label in zip(inputs, _labels([i.path for i in inputs]), strict=True):
         inp.label = label
         for key, setting in inp.raw.items():
@@ -307,7 +352,14 @@ def translate(data: dict, source: str = "recipe") -> dict:
     dtype = _dtype(data, refuse)
     if dtype is not None:
         recipe["dtype"] = dtype
+    if slices is not None:
+        labels = {inp.path: inp.label for inp in inputs}
+        if method.base == "required":
+            labels[base_path] = "base"
+        recipe["slices"] = recipe_slices(slices, labels)
     files_from = _files_from(data, method, base_path, inputs, refuse)
+    if name == "passthrough":
+        files_from = None  # the first slice's (or the single model's) config
     if files_from is not None:
         recipe["files_from"] = files_from
     tokenizer = _tokenizer(data, files_from, base_path, inputs, refuse)
@@ -316,15 +368,22 @@ def translate(data: dict, source: str = "recipe") -> dict:
     return recipe
 
 
-def _inputs(entries: Any, method: _Method, base_path: str | None, refuse: _Refuse) -> list[_Input]:
-    """The models amalgam merges, in mergekit's order, base handled as mergekit does."""
+def _inputs(
+    entries: Any,
+    method: _Method,
+    base_path: str | None,
+    refuse: _Refuse,
+    wheres: list[str] | None = None,
+) -> list[_Input]:
+    """The models amalgam merges, in mergekit's order, base handled as mergekit does
+    (``wheres``: the field each entry came from, when not ``models[i]``)."""
     if not isinstance(entries, list) or not entries:
         raise refuse("models", "expected a non-empty list of '- model: PATH' entries")
     inputs: list[_Input] = []
     seen: set[str] = set()
     base_listed = False
     for i, entry in enumerate(entries):
-        where = f"models[{i}]"
+        where = wheres[i] if wheres else f"models[{i}]"
         if not isinstance(entry, dict):
             raise refuse(where, "expected a mapping with 'model' and optional 'parameters'")
         for key in entry:
@@ -474,7 +533,8 @@ def _param_for(
     if per_model and param.scope == "shared":
         raise refuse(
             where,
-            f"'{key}' is a shared parameter (mergekit ignores a per-model value); "
+            param.why_not
+            or f"'{key}' is a shared parameter (mergekit ignores a per-model value); "
             "set it under the top-level parameters",
         )
     return param

@@ -373,6 +373,37 @@ class RegisterSpec(_Strict):
         return v
 
 
+class SliceSource(_Strict):
+    """Layers ``[start, end)`` of one recipe input (a model's name, or ``base``)."""
+
+    model: str
+    layers: tuple[int, int]
+
+    @field_validator("layers")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"expected [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class SliceSpec(_Strict):
+    """One run of output layers: the method merges, layer by layer, the sources' ranges (all
+    the same length), as mergekit's ``slices`` (docs/slices.md)."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+
+
+class LayerSwapSpec(_Strict):
+    """Layer swapping (arXiv 2410.01335) with ``method: passthrough`` over two models: the
+    ``bottom`` first and ``top`` last layers from ``model``, the layers between from the
+    other model (docs/slices.md)."""
+
+    model: str
+    bottom: int = Field(default=0, ge=0)
+    top: int = Field(default=0, ge=0)
+
+
 # pydantic warns that the field `register` shadows ABCMeta.register on the model class;
 # instances read the field, and nothing registers virtual subclasses of Recipe.
 warnings.filterwarnings("ignore", message='Field name "register" in "Recipe"', category=UserWarning)
@@ -401,6 +432,9 @@ class Recipe(_Strict):
     # dense: a full model; adapter: a PEFT adapter over the base (see AdapterOutputSpec)
     output_format: Literal["dense", "adapter"] = "dense"
     adapter_output: AdapterOutputSpec | None = None
+    # the output's layers taken from layer ranges of the inputs (amalgam/engine/stack.py)
+    slices: list[SliceSpec] | None = Field(default=None, min_length=1)
+    layer_swap: LayerSwapSpec | None = None
     align: AlignSpec | None = None
     compress: CompressSpec | None = None
     evaluate: EvaluateSpec | None = None
@@ -423,11 +457,12 @@ class Recipe(_Strict):
 
     def hash(self) -> str:
         """sha256 of the recipe's canonical JSON, output location excluded (stage sections,
-        the align section's own sections and ``adapter_output`` count only when present,
-        ``extra_tensors`` only when not ``error`` and ``output_format`` only when not
-        ``dense``, so a recipe without them hashes as it always did)."""
+        the align section's own sections, ``adapter_output``, ``slices`` and ``layer_swap``
+        count only when present, ``extra_tensors`` only when not ``error`` and
+        ``output_format`` only when not ``dense``, so a recipe without them hashes as it
+        always did)."""
         body = self.model_dump(mode="json", exclude={"output", "storage_options", "executor"})
-        for section in (*STAGE_SECTIONS, "adapter_output"):
+        for section in (*STAGE_SECTIONS, "adapter_output", "slices", "layer_swap"):
             if body[section] is None:
                 del body[section]
         for key in ALIGN_SUBSECTIONS:  # an align section without them hashes as it always did
@@ -451,7 +486,8 @@ class Recipe(_Strict):
             problems.append(f"base: method '{method.name}' needs a base model")
         if n < method.min_models:
             problems.append(f"models: '{method.name}' needs at least {method.min_models} models")
-        if method.max_models is not None and n > method.max_models:
+        stacked = self.slices is not None or self.layer_swap is not None
+        if method.max_models is not None and n > method.max_models and not stacked:
             problems.append(f"models: '{method.name}' takes at most {method.max_models} models")
         if method.name == "slerp" and (n == 2) == (self.base is not None):
             problems.append("models: slerp takes a base and one model, or two models and no base")
@@ -503,6 +539,8 @@ class Recipe(_Strict):
         if self.files_from not in (None, "base", *labels):
             problems.append(f"files_from: {self.files_from!r} is neither 'base' nor a model name")
         problems.extend(self._adapter_output_problems())
+        if stacked:
+            problems.extend(stack_problems(self))
         if problems:
             raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems))
 
@@ -526,6 +564,48 @@ class Recipe(_Strict):
         if spec.rank and spec.energy:
             problems.append("adapter_output: give rank or energy, not both")
         return problems
+
+
+def stack_problems(recipe: Recipe) -> list[str]:
+    """``slices`` / ``layer_swap`` against the method and the inputs (the ranges against each
+    model's layer count are checked when the models are opened)."""
+    method = recipe.method_spec
+    labels = ([] if recipe.base is None else ["base"]) + [m.label for m in recipe.models]
+    problems = []
+    if recipe.slices is not None and recipe.layer_swap is not None:
+        problems.append("layer_swap: give slices or layer_swap, not both")
+    if method.continual or method.statistics is not None:
+        problems.append(f"slices: method '{method.name}' cannot merge stacked layers")
+    if recipe.output_format != "dense":
+        problems.append("slices: an adapter output cannot restack layers")
+    one = method.single_input  # passthrough: one source per slice
+    if one and recipe.files_from is not None:
+        problems.append("files_from: a stacked model's config comes from its first slice")
+    swap = recipe.layer_swap
+    if swap is not None:
+        if method.name != "passthrough" or len(recipe.models) != 2 or recipe.base is not None:
+            problems.append("layer_swap: needs method passthrough over two models and no base")
+        if swap.model not in labels:
+            problems.append(f"layer_swap.model: no model named {swap.model!r}")
+    for i, piece in enumerate(recipe.slices or []):
+        where = f"slices[{i}]"
+        names = [s.model for s in piece.sources]
+        for j, name in enumerate(names):
+            if name not in labels:
+                problems.append(f"{where}.sources[{j}].model: no input named {name!r}")
+        spans = {s.layers[1] - s.layers[0] for s in piece.sources}
+        if len(spans) > 1:
+            problems.append(
+                f"{where}: its sources span different numbers of layers {sorted(spans)}"
+            )
+        if one and len(names) != 1:
+            problems.append(f"{where}: method '{method.name}' takes one source per slice")
+        elif not one and sorted(names) != sorted(labels):
+            problems.append(
+                f"{where}: method '{method.name}' merges every input, each once "
+                f"({', '.join(labels)}); got {', '.join(names)}"
+            )
+    return problems
 
 
 def pleas_problems(recipe: Recipe) -> list[str]:

@@ -61,6 +61,8 @@ from amalgam.errors import MergeError
 from amalgam.methods import REGISTRY
 from amalgam.recipe import Recipe, parse_recipe
 
+# parameters without a default
+REQUIRED: dict[str, dict[str, float]] = {"nearswap": {"t": 0.01}}
 MAX_ULPS = 1.0  # merged models: at most one ulp of their dtype per entry
 STAT_RTOL = 1e-4  # statistics: at most this fraction of each tensor's largest magnitude
 
@@ -243,7 +245,9 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
         elif method.statistics is not None:
             cases.append(Case(label, "data", name, data_run(name, params, llama)))
         else:
-            models = {"slerp": experts[:1], "nuslerp": experts[:2]}.get(name, experts)
+            one = name == "slerp" or method.max_models == 1
+            models = experts[:2] if name == "nuslerp" else experts[:1] if one else experts
+            params = {**REQUIRED.get(name, {}), **params}
             cases.append(Case(label, "per-tensor", name, one_shot_run(name, params, base, models)))
     return cases
 
@@ -251,7 +255,8 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
 def one_shot_run(name: str, params: dict, base: Path, models: list[Path]) -> Runner:
     def run(device: str, out: Path, home: Path) -> None:
         uris = [{"uri": str(m)} for m in models]
-        r = recipe(name, params, uris, None if name == "linear" else base, out)
+        needs_base = REGISTRY[name].needs_base or name == "slerp"
+        r = recipe(name, params, uris, base if needs_base else None, out)
         run_merge(r, MergeOptions(device=device))
 
     return run

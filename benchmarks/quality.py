@@ -86,6 +86,12 @@ DRIVES: dict[str, Drive] = {
         "per_tensor", {"density": 0.15, "gamma": 0.006, "lambda": 1.0}, "lambda", MEAN_GRID
     ),
     "slerp": Drive("per_tensor", skip="interpolates exactly two models"),
+    # mergekit 0.1.5's defaults; no scalar to search
+    "ram": Drive("per_tensor", {"epsilon": 1e-5}),
+    "ramplus_tl": Drive("per_tensor", {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2}),
+    "nearswap": Drive("per_tensor", skip="moves the base toward exactly one model"),
+    "arcee_fusion": Drive("per_tensor", skip="fuses exactly one model into the base"),
+    "passthrough": Drive("per_tensor", skip="copies one model (or stacks layers: slices)"),
     "tsv_m": Drive("per_tensor", {"lambda": 1.0}, "lambda", WIDE_GRID),
     "pcb": Drive(
         "per_tensor", {"density": 0.1, "clamp": 0.0001, "lambda": 1.0}, "lambda", MEAN_GRID

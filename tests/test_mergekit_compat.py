@@ -272,10 +272,20 @@ def test_every_supported_method_parses():
         "nuslerp",
         "multislerp",
         "karcher",
+        "passthrough",
+        "nearswap",
+        "arcee_fusion",
+        "ram",
+        "ramplus_tl",
     }
+    # parsed in tests/test_mergekit_compat_della_sce_slerp.py and tests/test_mergekit_slices.py
+    shaped_otherwise = ("slerp", "model_stock", "linear", "sce", "nuslerp", "multislerp")
     for name in METHODS:
-        if name in ("slerp", "model_stock", "linear", "sce", "nuslerp", "multislerp", "karcher"):
-            continue  # not task-arithmetic shaped: tests/test_mergekit_compat_della_sce_slerp.py
+        if name in (*shaped_otherwise, "karcher", "passthrough", "nearswap", "arcee_fusion"):
+            continue
+        if name.startswith("ram"):
+            parse({"merge_method": name, "base_model": "/m/base", "models": [{"model": "/m/a"}]})
+            continue
         parse(ties_cfg(merge_method=name))
 
 

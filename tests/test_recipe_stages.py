@@ -95,7 +95,14 @@ def test_the_hash_changes_only_when_a_section_is_present() -> None:
     assert all(body_without[s] is None for s in STAGE_SECTIONS)
     # the hash recipes had before the sections (and before extra_tensors and the adapter
     # output fields, counted when set)
-    later = (*STAGE_SECTIONS, "extra_tensors", "output_format", "adapter_output")
+    later = (
+        *STAGE_SECTIONS,
+        "extra_tensors",
+        "output_format",
+        "adapter_output",
+        "slices",
+        "layer_swap",
+    )
     before = {k: v for k, v in body_without.items() if k not in later}
     digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     assert plain.hash() == "sha256:" + digest

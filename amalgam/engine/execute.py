@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from amalgam.adapters import open_input
 from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.engine.plan import NormPass, Plan, TensorJob, UnitPart, WholeModelPass, WorkUnit
 from amalgam.engine.rows import merge_by_rows
+from amalgam.engine.stack import open_any
 from amalgam.errors import MergeError
 from amalgam.methods.base import MergeContext, MergeFn, Method, TensorParams
 from amalgam.methods.needs import Collector
@@ -53,8 +53,9 @@ class JobContext:
 def open_inputs(
     plan: Plan, allow_pickle: bool, storage_options: dict[str, Any]
 ) -> list[Checkpoint]:
-    """The plan's inputs in plan order, opened lazily (headers only; an adapter over its base)."""
-    return [open_input(u, allow_pickle=allow_pickle, **storage_options) for u in plan.uris]
+    """The plan's inputs in plan order, opened lazily (headers only; an adapter over its base,
+    a stacked input over its parts)."""
+    return [open_any(u, allow_pickle=allow_pickle, **storage_options) for u in plan.uris]
 
 
 def open_statistics(plan: Plan, storage_options: dict[str, Any]) -> list[Checkpoint]:

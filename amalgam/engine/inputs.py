@@ -7,6 +7,7 @@ from amalgam.adapters import AdapterCheckpoint, open_input
 from amalgam.checkpoint import Checkpoint
 from amalgam.engine.options import MergeOptions, output_of
 from amalgam.engine.plan import Plan, build_plan
+from amalgam.engine.stack import stack_inputs, stored_parts
 from amalgam.errors import OutputError, PlanError, RecipeError
 from amalgam.recipe import Recipe
 from amalgam.writer import output_taken
@@ -16,7 +17,8 @@ def open_recipe_inputs(recipe: Recipe, options: MergeOptions) -> dict[str, Check
     """Open base (labelled ``base``) and models lazily, in that order; an input named in
     ``options.read_from`` (label -> URI) is read from there instead of the recipe's URI. A PEFT
     adapter opens over its base (``BASE+ADAPTER`` in its URI, else the recipe's base) as a
-    dense model."""
+    dense model. With ``slices`` or ``layer_swap``, the inputs are stacked
+    (:func:`amalgam.engine.stack.stack_inputs`)."""
     check_aligned(recipe, options)
     read_from, allow_pickle = options.read_from, options.allow_pickle
     uris = ([("base", recipe.base)] if recipe.base else []) + [
@@ -33,6 +35,8 @@ def open_recipe_inputs(recipe: Recipe, options: MergeOptions) -> dict[str, Check
                 **recipe.storage_options,
             )
         check_adapters(recipe, inputs)
+        if recipe.slices is not None or recipe.layer_swap is not None:
+            inputs = stack_inputs(recipe, inputs)
     except BaseException:
         for c in inputs.values():
             c.close()
@@ -84,8 +88,7 @@ def check_output(
     """The output may neither overlap an input nor exist (unless ``overwrite``)."""
     fs, path = storage.resolve(output, **storage_options)
     for label, opened in inputs.items():
-        parts = [opened.base, opened.adapter] if isinstance(opened, AdapterCheckpoint) else [opened]
-        for ckpt in parts:
+        for ckpt in stored_parts(opened):
             if storage.is_inside(fs, path, ckpt.fs, ckpt.path) or storage.is_inside(
                 ckpt.fs, ckpt.path, fs, path
             ):

@@ -16,6 +16,7 @@ from amalgam.adapters import AdapterCheckpoint
 from amalgam.align.tensor_sets import TensorSets, tensor_sources
 from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
 from amalgam.engine.rows import RowGroup, row_groups
+from amalgam.engine.stack import describe_stack
 from amalgam.errors import PlanError
 from amalgam.methods.base import MergeFn, Method, TensorParams
 from amalgam.methods.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
@@ -226,6 +227,10 @@ class Plan:
 
     def describe(self) -> str:
         lines = [f"method {self.recipe.method}; inputs: {', '.join(self.labels)}"]
+        for label, uri in zip(self.labels, self.uris, strict=True):
+            ranges = describe_stack(uri)
+            if ranges is not None:
+                lines.append(f"  '{label}': stacked layers {ranges}")
         for label, uri in self.adapters.items():
             lines.append(f"  '{label}': LoRA adapter {uri}, merged into its base tensor by tensor")
         for u in self.units:

@@ -58,7 +58,7 @@ def copy_side_files(
     src = inputs[label]
     for name in src.side_files():
         path = storage.join(src.root, name)
-        if name == "config.json" and recipe.dtype:
+        if name == "config.json" and (recipe.dtype or src.config_edited):
             config = dict(src.config or {})
             for key in ("torch_dtype", "dtype"):
                 if key in config:

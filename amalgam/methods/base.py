@@ -150,6 +150,12 @@ class Method:
         return next((n for n in self.needs if isinstance(n, kind)), None)
 
     @property
+    def single_input(self) -> bool:
+        """Whether each output tensor comes from one input alone (no base, one model):
+        with slices, one source per slice."""
+        return self.max_models == 1 and not self.needs_base
+
+    @property
     def continual(self) -> bool:
         """Whether the method absorbs models one at a time (a RunningState)."""
         return self.need(RunningState) is not None

@@ -26,18 +26,27 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def method_recipe(method: str, base: Path, experts: list[Path], out: Path) -> dict:
+    spec = REGISTRY[method]
     if method == "slerp":
         return recipe_dict(base, experts[:1], method, out)
     if method == "nuslerp":
         return recipe_dict(base, experts[:2], method, out)
     if method == "linear":
         return recipe_dict(None, experts, method, out)
+    if spec.max_models == 1:  # nearswap, arcee_fusion (over the base), passthrough
+        return recipe_dict(base if spec.needs_base else None, experts[:1], method, out)
     return recipe_dict(base, experts, method, out)
+
+
+# parameters without a default
+REQUIRED = {"nearswap": {"t": 0.01}}
 
 
 # Data-driven methods (statistics read alongside the inputs) have their own executor test in
 # tests/statistics/test_merge_statistics.py: they need real, runnable models.
-VARIANTS = [(m, {}) for m in sorted(REGISTRY) if REGISTRY[m].statistics is None] + [
+VARIANTS = [
+    (m, REQUIRED.get(m, {})) for m in sorted(REGISTRY) if REGISTRY[m].statistics is None
+] + [
     ("ties", {"trim": "model"}),  # whole-model statistics gathered before the Ray tasks
     ("breadcrumbs", {"granularity": "row"}),
     ("dare_linear", {"rescale": "l1"}),
@@ -57,7 +66,9 @@ def test_local_and_ray_outputs_are_byte_identical(tmp_path: Path) -> None:
         for shard, unit in LAYOUTS:
             outputs = {}
             for executor in ("local", "ray"):
-                out = tmp_path / f"{method}-{'-'.join(params.values())}-{shard}-{executor}"
+                out = (
+                    tmp_path / f"{method}-{'-'.join(map(str, params.values()))}-{shard}-{executor}"
+                )
                 data = method_recipe(method, base, experts, out)
                 recipe = parse_recipe(
                     {**data, "params": params, "max_shard_size": shard, "seed": 7}
