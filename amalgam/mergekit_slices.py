@@ -5,11 +5,10 @@ Each slice lists ``sources`` (``model``, ``layer_range: [start, end]``, optional
 ``parameters``). A source's parameters are its model's (mergekit asks them first): a model
 must carry the same ones wherever it appears. A slice's ``parameters`` sit between the
 sources' and the top-level ones in mergekit's lookup; with one slice they are the top level's,
-its entries tried first. Refused, each with the field named: a slice's own ``base_model`` or
-``residual_weight``; ``parameters`` on a slice when there are several; a model listed twice in
-one slice; a model whose parameters differ between slices; and, with several slices, gradient
-(list) parameter values, since mergekit restarts a gradient in every slice while amalgam
-interpolates it across the whole output.
+its entries tried first. A gradient restarts in every slice, in mergekit and in amalgam
+(:func:`amalgam.methods.params.layer_fraction`). Refused, each with the field named: a slice's
+own ``base_model`` or ``residual_weight``; ``parameters`` on a slice when there are several; a
+model listed twice in one slice; a model whose parameters differ between slices.
 """
 
 from __future__ import annotations
@@ -74,23 +73,7 @@ def slice_sources(data: dict, refuse: Refuse) -> list[list[Source]]:
                 raise refuse(f"{at}.model", f"{path!r} is listed twice in this slice")
             sources.append(Source(path, span[0], span[1], at, src.get("parameters") or {}))
         out.append(sources)
-    if len(out) > 1 and _has_gradient(data.get("parameters")):
-        raise refuse(
-            "parameters",
-            "a gradient (list value) restarts in each slice in mergekit, amalgam interpolates "
-            "it across the whole output: use one slice or scalar values",
-        )
     return out
-
-
-def _has_gradient(value: Any) -> bool:
-    if isinstance(value, dict):
-        return any(_has_gradient(v) for v in value.values())
-    if isinstance(value, list):
-        return any(isinstance(v, list | dict) or _has_gradient(v) for v in value) or (
-            bool(value) and all(isinstance(v, int | float) for v in value)
-        )
-    return False
 
 
 def model_entries(slices: list[list[Source]], refuse: Refuse) -> tuple[list[dict], list[str]]:
@@ -106,8 +89,6 @@ def model_entries(slices: list[list[Source]], refuse: Refuse) -> tuple[list[dict
                     f"differs from {seen.where}.parameters: amalgam sets a model's parameters "
                     "once for the whole merge",
                 )
-            if len(slices) > 1 and _has_gradient(src.parameters):
-                raise refuse(f"{src.where}.parameters", "a gradient restarts in each slice")
     entries = [{"model": p, "parameters": s.parameters} for p, s in first.items()]
     return entries, [s.where for s in first.values()]
 

@@ -63,6 +63,16 @@ def cases(base: str, a: str, b: str, c: str) -> dict[str, dict[str, Any]]:
                 ]
             },
         },
+        "slerp, gradient restarting in each of 3 slices": {
+            "merge_method": "slerp",
+            "base_model": a,
+            "slices": [
+                {"sources": [src(a, 0, 2), src(b, 0, 2)]},
+                {"sources": [src(a, 1, 2), src(b, 0, 1)]},
+                {"sources": [src(a, 0, 2), src(b, 0, 2)]},
+            ],
+            "parameters": {"t": [0.1, 0.9]},
+        },
         "slerp of shifted ranges (base layer 1 with b layer 0)": {
             "merge_method": "slerp",
             "base_model": base,

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from amalgam.errors import RecipeError
+from amalgam.methods import get_method
+from amalgam.methods.params import resolve_params
 from amalgam.recipe import Recipe, parse_recipe
 
 SOURCE = "merge.yml"
@@ -129,7 +131,6 @@ def test_ties_slices_must_list_the_base_in_every_slice():
             r"slices\[0\]\.sources\[0\]\.layer_range",
             "expected \\[start, end\\]",
         ),
-        (frankenmerge(parameters={"scale": [1.0, 0.5]}), "parameters", "restarts in each slice"),
         (frankenmerge(base_model="/m/b"), "base_model", "first slice"),
         (
             {
@@ -248,3 +249,24 @@ def test_one_slice_with_parameters_is_the_models_config_it_stands_for():
         ("b", (0, 4)),
         ("base", (0, 4)),
     ]
+
+
+def test_a_gradient_restarts_in_every_slice_as_in_mergekit():
+    # three slices of 3, 1 and 2 layers: t = k / (L - 1) inside each (1 for a one-layer slice),
+    # 0 outside the layers
+    cfg = frankenmerge(
+        slices=[
+            {"sources": [{"model": "/m/a", "layer_range": [0, 3]}]},
+            {"sources": [{"model": "/m/b", "layer_range": [5, 6]}]},
+            {"sources": [{"model": "/m/a", "layer_range": [1, 3]}]},
+        ],
+        parameters={"scale": [0.0, 1.0]},
+    )
+    r = parse(cfg)
+    method = get_method("passthrough")
+    got = [
+        resolve_params(r, method, f"model.layers.{k}.mlp.up_proj.weight", 6).shared["scale"]
+        for k in range(6)
+    ]
+    assert got == [0.0, 0.5, 1.0, 1.0, 0.0, 1.0]
+    assert resolve_params(r, method, "model.embed_tokens.weight", 6).shared["scale"] == 0.0

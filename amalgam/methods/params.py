@@ -23,11 +23,16 @@ def interpolate(value: Any, layer: int | None, num_layers: int) -> Any:
     Tensors outside the layer stack (embeddings, final norm, head) take the first value,
     as mergekit does.
     """
+    x = 0.0 if layer is None else (layer / (num_layers - 1) if num_layers > 1 else 1.0)
+    return at_fraction(value, x)
+
+
+def at_fraction(value: Any, x: float) -> Any:
+    """A gradient (list value) at position ``x`` in [0, 1]; any other value as it is."""
     if not isinstance(value, list):
         return value
     if len(value) == 1:
         return float(value[0])
-    x = 0.0 if layer is None else (layer / (num_layers - 1) if num_layers > 1 else 1.0)
     s = min(max(x, 0.0), 1.0) * (len(value) - 1)
     i = int(s)
     j = min(i + 1, len(value) - 1)
@@ -53,10 +58,29 @@ def resolve_params(
                 values.update(o.params)
                 values.update(o.models.get(m.label, {}))
 
+    x = layer_fraction(recipe, layer, num_layers)
+
     def at_layer(values: dict[str, Any]) -> dict[str, Any]:
-        return {k: interpolate(v, layer, num_layers) for k, v in values.items()}
+        return {k: at_fraction(v, x) for k, v in values.items()}
 
     return TensorParams(at_layer(shared), tuple(at_layer(v) for v in per_model))
+
+
+def layer_fraction(recipe: Any, layer: int | None, num_layers: int) -> float:
+    """Where output layer ``layer`` sits for a gradient: layer / (num_layers - 1), or, with
+    ``slices``, k / (L - 1) for the k-th of the L layers of its slice (1 for a slice of one
+    layer), as mergekit restarts a gradient in every slice. Tensors outside the layers: 0."""
+    if layer is None:
+        return 0.0
+    slices = getattr(recipe, "slices", None)
+    if slices:
+        start = 0
+        for piece in slices:
+            length = piece.sources[0].layers[1] - piece.sources[0].layers[0]
+            if layer < start + length:
+                return (layer - start) / (length - 1) if length > 1 else 1.0
+            start += length
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def recipe_wide(names: tuple[str, ...], when: tuple[str, str] | None = None) -> Callable:
