@@ -17,6 +17,7 @@ order across models) is not implemented.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -117,15 +118,20 @@ def load_state(prepared: Prepared) -> SearchState | None:
     return state
 
 
-def save_state(prepared: Prepared, state: SearchState) -> None:
-    """Write the checkpoint atomically: a kill leaves the previous one or this one."""
+def save_state(prepared: Prepared, state: SearchState) -> SearchState:
+    """Write the checkpoint atomically (a kill leaves the previous one or this one) and return
+    the state it holds: the search always goes on from its checkpoint's bytes, so a resumed
+    search and an uninterrupted one continue from the same optimizer (cmaes stores its
+    covariance as one triangle, which need not give back the same bits)."""
     prepared.state.mkdir(parents=True, exist_ok=True)
+    data = pickle.dumps(state)
     tmp = prepared.state / f".{STATE_FILE}.{os.getpid()}"
     with tmp.open("wb") as fh:
-        pickle.dump(state, fh)
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, prepared.state / STATE_FILE)
+    return pickle.loads(data)  # the bytes just written
 
 
 def scoring(prepared: Prepared, *splits: str) -> Scoring:
@@ -151,10 +157,18 @@ def _model_bytes(recipe: Recipe) -> int:
         ckpt.close()
 
 
+def generation_seed(seed: int, generation: int) -> int:
+    digest = hashlib.sha256(f"{seed}\0{generation}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 def run_generation(prepared: Prepared, state: SearchState) -> list[Trial]:
     """Ask the optimizer for a population, score it, tell it the (negated) objectives."""
     spec, space = prepared.spec, prepared.space
     optimizer = state.optimizer
+    # cmaes leaves its random state out of a pickle: each generation draws from a generator
+    # seeded by (seed, generation), so a resumed search draws what an uninterrupted one does
+    optimizer.reseed_rng(generation_seed(spec.seed, state.generation))
     xs = [optimizer.ask() for _ in range(optimizer.population_size)]
     recipes = [space.recipe_at(list(x)) for x in xs]
     results = score_all(
@@ -207,7 +221,7 @@ def run_search(
             state.run_id = registry.start_search(
                 recipe.register.experiment, prepared.digest, spec.model_dump(mode="json")
             )
-            save_state(prepared, state)
+            state = save_state(prepared, state)
         registry.log_search_trials(state.run_id, [asdict(t) for t in state.trials])
     done_here = 0
     while state.generation < spec.generations:
@@ -217,7 +231,7 @@ def run_search(
         state.trials += trials
         state.generation += 1
         done_here += 1
-        save_state(prepared, state)
+        state = save_state(prepared, state)
         best = best_trial(state.trials)
         log.info(
             "generation %d/%d: best objective %.4f (trial %d)",
