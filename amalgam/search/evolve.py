@@ -34,6 +34,7 @@ from amalgam.errors import RecipeError
 from amalgam.recipe import Recipe
 from amalgam.search.spec import Prepared, SearchSpec, load_search_spec, prepare
 from amalgam.search.trial import Scoring, score_all, weighted
+from amalgam.stages.base import StageReport
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,15 @@ class SearchResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def report(self) -> StageReport:
+        """Start point and best candidate, objective on each split, as one table."""
+        rows = [
+            {"candidate": name, **{f"objective.{k}": v for k, v in scores["objective"].items()}}
+            for name, scores in (("start", self.start), ("best", self.best_scores))
+        ]
+        text = f"{self.trials} trials in {self.generations} generations; recipe {self.recipe_file}"
+        return StageReport(tables={"search-result": rows}, description=text)
 
 
 def new_state(prepared: Prepared) -> SearchState:

@@ -170,3 +170,18 @@ def test_a_bad_spec_names_its_field(write_spec) -> None:
         load_search_spec(write_spec(space={"weight": {"low": 2.0, "high": 1.0}}))
     with pytest.raises(RecipeError, match="generatons"):
         load_search_spec(write_spec(generatons=3))
+
+
+def test_the_cli_names_a_bad_space_or_task_in_one_error_line(
+    write_spec, monkeypatch, capsys
+) -> None:
+    from tests.helpers import run_cli
+
+    bad_space = write_spec(space={"weigth": {"low": 0.0, "high": 1.0}})
+    code, _, err = run_cli(["search", str(bad_space)], monkeypatch, capsys)
+    assert code == 2
+    assert err.startswith("error: space.weigth: method 'task_arithmetic' has no parameter")
+    assert len(err.strip().splitlines()) == 1
+    bad_task = write_spec(objective={"tasks": {"zoo_nope": 1.0}})
+    code, _, err = run_cli(["search", str(bad_task)], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: objective.tasks: unknown task 'zoo_nope'")
