@@ -154,9 +154,11 @@ def scoring(prepared: Prepared, *splits: str) -> Scoring:
     where = "memory" if scratch == "memory" else str(prepared.state / "scratch")
     if where != "memory":
         Path(where).mkdir(parents=True, exist_ok=True)
-    return Scoring(
-        prepared.tasks_dir, tuple(spec.objective.tasks), splits, spec.objective.limit, where
-    )
+    objective = spec.objective
+    limits = {
+        s: objective.limit if s == objective.split else objective.heldout_limit for s in splits
+    }
+    return Scoring(prepared.tasks_dir, tuple(objective.tasks), limits, where)
 
 
 def _model_bytes(recipe: Recipe) -> int:

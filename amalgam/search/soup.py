@@ -103,7 +103,7 @@ def run_soup(
     missing = [t for t in names if not (Path(spec.tasks_dir) / t / f"{split}.jsonl").is_file()]
     if missing:
         raise RecipeError(f"evaluate.tasks: no {split} split in {spec.tasks_dir} for {missing}")
-    scoring = Scoring(Path(spec.tasks_dir), tuple(names), (split,), limit)
+    scoring = Scoring(Path(spec.tasks_dir), tuple(names), {split: limit})
     weights = dict.fromkeys(names, 1.0)
     labels = [m.label for m in recipe.models]
     if len(set(labels)) != len(labels):

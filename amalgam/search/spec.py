@@ -45,7 +45,8 @@ class Objective(_Strict):
     tasks: dict[str, float] = Field(min_length=1)
     split: Split = "validation"
     heldout: Split | None = "test"
-    limit: int | None = Field(default=None, gt=0)  # records per task and split
+    limit: int | None = Field(default=None, gt=0)  # records per task of the search split
+    heldout_limit: int | None = Field(default=None, gt=0)  # of the held-out split (None: all)
 
     @model_validator(mode="after")
     def _weights(self) -> Objective:

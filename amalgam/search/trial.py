@@ -25,13 +25,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Scoring:
-    """What a candidate is scored on: task folder, tasks, splits, records per task and split;
-    ``scratch``: "memory" or a folder for candidates too large for memory."""
+    """What a candidate is scored on: task folder, tasks, and per split the records per task
+    (None: all); ``scratch``: "memory" or a folder for candidates too large for memory."""
 
     tasks_dir: Path
     tasks: tuple[str, ...]
-    splits: tuple[str, ...]
-    limit: int | None = None
+    splits: dict[str, int | None]
     scratch: str = "memory"
 
 
@@ -79,9 +78,9 @@ def _score_output(uri: str, recipe: Recipe, scoring: Scoring) -> dict[str, dict[
     tokenizer = AutoTokenizer.from_pretrained(recipe.base or recipe.models[0].uri)
     return {
         split: quick_evaluate(
-            model, tokenizer, scoring.tasks_dir, scoring.tasks, split=split, limit=scoring.limit
+            model, tokenizer, scoring.tasks_dir, scoring.tasks, split=split, limit=limit
         )
-        for split in scoring.splits
+        for split, limit in scoring.splits.items()
     }
 
 

@@ -80,7 +80,7 @@ def test_a_killed_search_resumes_to_the_uninterrupted_result(write_spec, tmp_pat
     tasks = spec.objective.tasks
     again = score_candidate(
         parse_recipe(best),
-        Scoring(Path(best["evaluate"]["tasks_dir"]), tuple(tasks), ("validation",), 16),
+        Scoring(Path(best["evaluate"]["tasks_dir"]), tuple(tasks), {"validation": 16}),
     )
     assert weighted(again.scores["validation"], tasks) == resumed.best["objective"]
     assert resumed.best["objective"] == max(t[3] for t in trials_of(state))

@@ -185,3 +185,27 @@ def test_the_cli_names_a_bad_space_or_task_in_one_error_line(
     bad_task = write_spec(objective={"tasks": {"zoo_nope": 1.0}})
     code, _, err = run_cli(["search", str(bad_task)], monkeypatch, capsys)
     assert code == 2 and err.startswith("error: objective.tasks: unknown task 'zoo_nope'")
+
+
+@pytest.mark.slow
+def test_a_candidate_streamed_to_a_scratch_folder_scores_as_in_memory(
+    zoo_tiny, tmp_path: Path
+) -> None:
+    from amalgam.search.trial import Scoring, score_candidate
+
+    recipe = parse_recipe(
+        {
+            "method": "task_arithmetic",
+            "base": str(zoo_tiny.base),
+            "models": [{"uri": str(zoo_tiny.experts[e])} for e in ("zoo_sort", "zoo_count")],
+        }
+    )
+    splits = {"validation": 8, "test": 8}
+    tasks = ("zoo_sort", "zoo_count")
+    in_memory = score_candidate(recipe, Scoring(zoo_tiny.tasks_dir, tasks, splits))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    on_disk = score_candidate(recipe, Scoring(zoo_tiny.tasks_dir, tasks, splits, str(scratch)))
+    assert on_disk.scores == in_memory.scores
+    assert set(in_memory.scores) == {"validation", "test"}
+    assert not any(scratch.iterdir())  # the candidate is removed once scored
