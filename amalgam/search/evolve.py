@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,12 +212,12 @@ def best_trial(trials: list[Trial]) -> Trial:
 
 
 def run_search(
-    spec: SearchSpec | str | Path, *, progress: Any = None, stop_after: int | None = None
+    spec: SearchSpec | str | Path, *, progress: Callable[[int, float], None] | None = None
 ) -> SearchResult:
     """Run (or resume) the search to ``spec.generations``; write the best recipe, score it and
     the start point on both splits, register it as candidate when the recipe has a register
-    section (through the pipeline: merge, evaluate, register). ``stop_after``: return after
-    that many generations of this call without finishing (the state is kept)."""
+    section (through the pipeline: merge, evaluate, register). ``progress(generation, best
+    objective)`` is called after each generation's checkpoint."""
     started = time.perf_counter()
     spec = spec if isinstance(spec, SearchSpec) else load_search_spec(spec)
     prepared = prepare(spec)
@@ -235,14 +236,10 @@ def run_search(
             )
             state = save_state(prepared, state)
         registry.log_search_trials(state.run_id, [asdict(t) for t in state.trials])
-    done_here = 0
     while state.generation < spec.generations:
-        if stop_after is not None and done_here >= stop_after:
-            break
         trials = run_generation(prepared, state)
         state.trials += trials
         state.generation += 1
-        done_here += 1
         state = save_state(prepared, state)
         best = best_trial(state.trials)
         log.info(

@@ -96,3 +96,23 @@ def test_greedy_soup_on_the_zoo_matches_independent_scores(zoo_tiny, tmp_path: P
         torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-6)
     written = parse_recipe(yaml.safe_load((tmp_path / "soup.yaml").read_text()))
     assert [m.label for m in written.models] == result.ingredients
+
+
+def test_the_soup_command_names_a_bad_recipe_in_one_error_line(
+    zoo_tiny, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from tests.helpers import run_cli
+
+    path = tmp_path / "ties.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ties",
+                "base": str(zoo_tiny.base),
+                "models": [{"uri": str(zoo_tiny.experts["zoo_sort"])}],
+            }
+        )
+    )
+    code, _, err = run_cli(["soup", str(path)], monkeypatch, capsys)
+    assert code == 2
+    assert err == "error: method: a soup is a uniform average (linear), not 'ties'\n"
