@@ -6,7 +6,9 @@ benchmark's grid) and picks the point best on the validation split; the search t
 weight per expert (lambda 1, starting at task arithmetic's default lambda 0.3 as weights) on
 the same validation records. Both are reported on the test split, which neither saw. The
 search runs twice on Ray in the same run, with 1 and with 2 workers (candidates scored at a
-time); the two must give the same trials. Writes `results/search.{md,json}`.
+time); the two must give the same trials. A greedy soup of the same experts (`amalgam soup`,
+chosen on the same validation records) is reported beside them. Writes
+`results/search.{md,json}`.
 
     python benchmarks/search.py            # full zoo, 8 experts, 8 generations (minutes)
     python benchmarks/search.py --quick    # tiny zoo, 4 experts, 4 generations
@@ -20,6 +22,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     from amalgam.pipeline_config import Grid
     from amalgam.recipe import parse_recipe
     from amalgam.search.evolve import run_search
+    from amalgam.search.soup import run_soup, soup_recipe
     from amalgam.search.spec import parse_search_spec
     from amalgam.search.trial import Scoring, score_all
     from amalgam.sweep import point_recipe
@@ -82,6 +86,20 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     ]
     grid_seconds = time.perf_counter() - start
     grid_best = max(grid_rows, key=lambda r: r["validation"])
+
+    log("greedy soup over the experts")
+    began = time.perf_counter()
+    linear = {**recipe_data(zoo, tasks, 1.0, 0.3), "method": "linear", "params": {}}
+    candidates = parse_recipe({k: v for k, v in linear.items() if k != "base"})
+    soup = run_soup(candidates, limit=args.limit, workers=2, executor="ray", merge=False)
+    (soup_scores,) = score_all([soup_recipe(candidates, soup.ingredients)], scoring, 1, "ray")
+    soup_row = {
+        "ingredients": soup.ingredients,
+        "steps": [asdict(step) for step in soup.steps],
+        "validation": mean(soup_scores.scores["validation"]),
+        "test": mean(soup_scores.scores["test"]),
+        "seconds": time.perf_counter() - began,
+    }
 
     recipe_file = WORK / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe_data(zoo, tasks, 0.3, 1.0)))
@@ -129,6 +147,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         },
         "start": {"recipe": "task_arithmetic lambda 0.3", **best.start["objective"]},
         "grid": {"points": grid_rows, "best": grid_best, "seconds": grid_seconds},
+        "soup": soup_row,
         "search": {
             "validation": best.best_scores["objective"]["validation"],
             "test": best.best_scores["objective"]["test"],
@@ -165,6 +184,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"| grid sweep best on validation: lambda {g['best']['lambda']} | "
         f"{g['best']['validation']:.4f} | {g['best']['test']:.4f} |",
         f"| CMA-ES search: one weight per expert | {s['validation']:.4f} | {s['test']:.4f} |",
+        f"| greedy soup (uniform average of {', '.join(r['soup']['ingredients'])}) | "
+        f"{r['soup']['validation']:.4f} | {r['soup']['test']:.4f} |",
         "",
         f"Search minus grid on the held-out split: {s['test'] - g['best']['test']:+.4f}.",
         "",
