@@ -713,7 +713,9 @@ class Registry:
         logged = {
             r.data.tags.get(SEARCH_TAG + ".trial")
             for r in self.client.search_runs(
-                [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
+                [parent.info.experiment_id],
+                f"tags.mlflow.parentRunId = '{run_id}'",
+                max_results=50_000,  # MLflow's page limit; the default (1000) is a search's
             )
         }
         new = [t for t in trials if str(t["index"]) not in logged]

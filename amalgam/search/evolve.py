@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -36,6 +36,9 @@ from amalgam.recipe import Recipe
 from amalgam.search.spec import Prepared, SearchSpec, load_search_spec, prepare
 from amalgam.search.trial import Scoring, score_all, weighted
 from amalgam.stages.base import StageReport
+
+if TYPE_CHECKING:
+    from amalgam.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +260,11 @@ def run_search(
 
 
 def finish(
-    prepared: Prepared, state: SearchState, registry: Any, started: float, resumed_at: int
+    prepared: Prepared,
+    state: SearchState,
+    registry: Registry | None,
+    started: float,
+    resumed_at: int,
 ) -> SearchResult:
     """Score start and best on both splits, write the best recipe, register it."""
     spec, space = prepared.spec, prepared.space
