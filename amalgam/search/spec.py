@@ -66,7 +66,7 @@ class SearchSpec(_Strict):
     layer_groups: int = Field(default=1, ge=1)  # >1: every value once per group of layers
     objective: Objective
     generations: int = Field(default=10, gt=0)
-    population: int | None = Field(default=None, ge=2)  # default: CMA-ES's 4 + 3 ln(dims)
+    population: int | None = Field(default=None, ge=4)  # default: 4 + 3 ln(dims); mu >= 2
     sigma: float = Field(default=0.3, gt=0.0)  # initial step, in units of each range
     seed: int = 0
     workers: int = Field(default=1, gt=0)  # candidates scored at a time

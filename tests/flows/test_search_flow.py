@@ -31,13 +31,13 @@ def test_the_search_flow_runs_the_spec_and_publishes_its_result(zoo_tiny, tmp_pa
         "space": {"lambda": {"low": 0.1, "high": 1.0}},
         "objective": {"tasks": dict.fromkeys(TASKS, 1.0), "limit": 8, "heldout_limit": 8},
         "generations": 1,
-        "population": 2,
+        "population": 4,
         "executor": "local",
         "state": str(tmp_path / "state"),
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     result = search(str(tmp_path / "spec.yaml"))
-    assert result.trials == 2 and Path(result.recipe_file).is_file()
+    assert result.trials == 4 and Path(result.recipe_file).is_file()
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["search-result"]))
