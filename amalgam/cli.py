@@ -1,8 +1,9 @@
 """The library's command line (typer): inspect, merge, methods, stats, zoo, evaluate, compress,
 decompress, twin (Twin-Merging), moe (an MoE from dense experts), permute, align (connectivity
 report), extract-lora, transplant (a donor's tokenizer), policy (the registry's promotion
-gates), card (a registered model's Hugging Face card), batch (many recipes on one Ray cluster).
-The orchestration layer adds the pipeline commands (run, nightly, sweep, promote, serve) to
+gates), card (a registered model's Hugging Face card), batch (many recipes on one Ray cluster),
+soup (a greedy soup of a recipe's models).
+The orchestration layer adds the pipeline commands (run, nightly, sweep, search, promote, serve) to
 this ``app`` in ``flows/cli.py``, the ``amalgam`` entry point."""
 
 from __future__ import annotations
@@ -956,6 +957,53 @@ def batch(
     )
     if result.exit_code:
         sys.exit(result.exit_code)
+
+
+@app.command()
+def soup(
+    recipe: Annotated[
+        Path, typer.Argument(help="linear recipe: the candidate models, evaluate.tasks_dir/tasks")
+    ],
+    split: Annotated[str, typer.Option(help="split the soup is chosen on")] = "validation",
+    limit: Annotated[int | None, typer.Option(help="records per task")] = None,
+    output_recipe: Annotated[
+        Path | None, typer.Option(help="where the soup's recipe is written")
+    ] = None,
+    executor: Annotated[str, typer.Option(help="local | ray (scores the models alone)")] = "local",
+    workers: Annotated[int, typer.Option(help="models scored at a time on Ray")] = 2,
+    merge: Annotated[bool, typer.Option(help="run the soup's recipe through the pipeline")] = True,
+) -> None:
+    """Greedy soup (arXiv 2203.05482): models best first, each kept if the soup's score does not
+    drop; writes the soup's recipe and merges it (evaluate/register as the recipe says)."""
+    # lazy: torch
+    from amalgam.recipe import load_recipe
+    from amalgam.search.soup import run_soup
+
+    if split not in ("validation", "test") or executor not in ("local", "ray"):
+        raise AmalgamError(f"--split {split} / --executor {executor}: not a split / executor")
+    parsed = load_recipe(recipe)
+    target = output_recipe or recipe.with_name(recipe.stem + "-soup.yaml")
+    result = run_soup(
+        parsed,
+        split=split,
+        limit=limit,
+        workers=workers,
+        executor=executor,
+        output=target,
+        merge=merge,
+    )
+    table = Table("model", "alone", "soup with it", "kept", title=f"greedy soup ({split})")
+    for step in result.steps:
+        table.add_row(
+            step.model,
+            f"{step.individual:.4f}",
+            f"{step.score:.4f}",
+            "yes" if step.accepted else "no",
+        )
+    console.print(table)
+    console.print(f"soup: {', '.join(result.ingredients)} ({result.score:.4f}); recipe {target}")
+    if result.pipeline:
+        print(json.dumps({k: result.pipeline[k] for k in ("output", "registered")}, default=str))
 
 
 def main() -> None:

@@ -78,6 +78,7 @@ POLICY_SOURCE_TAG = POLICY_TAG + ".source"
 EXPERTS_TAG = TAG + "expert_tasks"  # on a run: JSON list of the tasks whose experts it merged
 SWEEP_TAG = TAG + "sweep"
 BATCH_TAG = TAG + "batch"
+SEARCH_TAG = TAG + "search"  # on a search run: its spec digest; on a trial: its index
 RECIPE_ARTIFACT = "recipe/recipe.yaml"
 REPORT_DIR = "report"
 REPORT_ARTIFACT = f"{REPORT_DIR}/report.json"
@@ -693,6 +694,68 @@ class Registry:
             self.client.set_terminated(child, "FAILED")
         else:
             self.client.set_terminated(child, "FINISHED")
+
+    # -- recipe searches ----------------------------------------------------------------------
+    def start_search(self, experiment: str, digest: str, spec: Mapping[str, Any]) -> str:
+        """The run a search's trials nest under (``spec`` as ``search.json``); left RUNNING
+        until :meth:`finish_search`, so a resumed search goes on logging into it."""
+        run = self.client.create_run(
+            self.experiment_id(experiment), run_name="search", tags={SEARCH_TAG: digest}
+        )
+        self.client.log_text(run.info.run_id, json.dumps(spec, indent=1), "search.json")
+        return run.info.run_id
+
+    def log_search_trials(self, run_id: str, trials: Sequence[Mapping[str, Any]]) -> int:
+        """One nested run per trial (``index``, ``generation``, ``values`` as params, ``scores``
+        and ``objective`` as metrics) not logged yet (a resumed search may log a generation
+        again); returns how many were new."""
+        parent = self.client.get_run(run_id)
+        logged = {
+            r.data.tags.get(SEARCH_TAG + ".trial")
+            for r in self.client.search_runs(
+                [parent.info.experiment_id],
+                f"tags.mlflow.parentRunId = '{run_id}'",
+                max_results=50_000,  # MLflow's page limit; the default (1000) is a search's
+            )
+        }
+        new = [t for t in trials if str(t["index"]) not in logged]
+        for trial in new:
+            tags = {
+                "mlflow.parentRunId": run_id,
+                SEARCH_TAG + ".trial": str(trial["index"]),
+                SEARCH_TAG + ".generation": str(trial["generation"]),
+                SEARCH_TAG + ".host": trial["host"],
+            }
+            child = self.client.create_run(
+                parent.info.experiment_id, run_name=f"trial-{trial['index']}", tags=tags
+            ).info.run_id
+            metrics = {"objective": trial["objective"], "seconds": trial["seconds"]}
+            metrics |= {f"accuracy.{k}": v for k, v in trial["scores"].items()}
+            self._log_values(child, trial["values"], metrics)
+            self.client.set_terminated(child, "FINISHED")
+        return len(new)
+
+    def finish_search(
+        self, run_id: str, summary: Mapping[str, Any], metrics: Mapping[str, float]
+    ) -> None:
+        """The search's outcome (``summary`` as ``result.json``, ``metrics``); run FINISHED."""
+        with self.finishing(run_id):
+            self.client.log_text(run_id, json.dumps(summary, indent=1), "result.json")
+            self._log_values(run_id, {}, metrics)
+
+    def _log_values(
+        self, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, float]
+    ) -> None:
+        # lazy: mlflow takes over a second to import
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        run_metrics = [Metric(_key(k), float(v), now, 0) for k, v in metrics.items()]
+        run_params = [Param(_key(k), str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        for i in range(0, max(len(run_metrics), len(run_params)), 100):  # MLflow's batch limit
+            self.client.log_batch(
+                run_id, metrics=run_metrics[i : i + 100], params=run_params[i : i + 100]
+            )
 
     # -- versions and aliases ---------------------------------------------------------------
     def register_version(

@@ -1,6 +1,7 @@
-"""The pipeline commands (run, nightly, sweep, promote, serve), each a Prefect flow, added to the
-library's command line (:mod:`amalgam.cli`); ``main`` is the ``amalgam`` entry point. This is the
-one module of the orchestration layer that calls flows: the library never imports them."""
+"""The pipeline commands (run, nightly, sweep, search, promote, serve), each a Prefect flow,
+added to the library's command line (:mod:`amalgam.cli`); ``main`` is the ``amalgam`` entry
+point. This is the one module of the orchestration layer that calls flows: the library never
+imports them."""
 
 from __future__ import annotations
 
@@ -154,6 +155,22 @@ def sweep(
     # the flow's parameters are the files (read inside the run): no key reaches Prefect
     result = run_sweep(str(recipe.resolve()), str(grid.resolve()), executor)
     _print_result("sweep finished", result.as_dict())
+
+
+@app.command()
+def search(
+    spec: Annotated[Path, typer.Argument(help="search spec YAML (recipe, space, objective)")],
+) -> None:
+    """Evolutionary recipe search (CMA-ES): candidates merged and scored on Ray, every trial in
+    MLflow, the best written as a recipe and registered; rerun to resume after a kill."""
+    _flows_env()
+    from amalgam.search.spec import load_search_spec, prepare  # lazy: torch
+
+    prepare(load_search_spec(spec))  # bad input fails here, before Prefect starts
+    from amalgam_flows.search import search as search_flow  # lazy: Prefect and Ray
+
+    result = search_flow(str(spec.resolve()))
+    _print_result("search finished", result.as_dict())
 
 
 @app.command()

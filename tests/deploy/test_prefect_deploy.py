@@ -50,6 +50,7 @@ def deploy(stack: PrefectStack) -> dict:
         "nightly/nightly",
         "merge-pipeline/merge-pipeline",
         "batch/batch",
+        "search/search",
         "promote/promote",
     }
     assert all(d["work_pool_name"] == "amalgam" for d in deployments.values())

@@ -11,6 +11,7 @@ import yaml
 from amalgam.errors import CheckpointError, RecipeError
 from amalgam.pipeline_config import Grid, load_grid, load_nightly_config
 from amalgam.registry import StoreUnavailable
+from amalgam.search.spec import load_search_spec, prepare
 from amalgam_stage_tasks.stage import is_transient
 from tests.helpers import run_cli
 
@@ -23,7 +24,7 @@ def test_prefect_yaml_deploys_the_flows_with_a_nightly_cron() -> None:
 
     spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert set(by_name) == {"nightly", "merge-pipeline", "batch", "promote"}
+    assert set(by_name) == {"nightly", "merge-pipeline", "batch", "search", "promote"}
     for deployment in spec["deployments"]:
         path, func = deployment["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
@@ -40,6 +41,8 @@ def test_example_configs_load(monkeypatch, zoo_tiny) -> None:
     assert config.model_name == "zoo-nightly"
     points = load_grid(REPO / "configs" / "sweep.yaml").points()
     assert len(points) == 3 + 4 + 1
+    search = prepare(load_search_spec(REPO / "configs" / "search.yaml"))
+    assert len(search.space.coordinates) == 2 * 8  # weight and density of each expert
 
 
 def test_nightly_config_needs_register_and_a_known_field(tmp_path: Path, zoo_tiny) -> None:
