@@ -135,7 +135,7 @@ def drive_for(name: str, method: Any) -> Drive:
         return DRIVES[name]
     if getattr(method, "continual", False):
         return Drive("continual")
-    if getattr(method, "statistics", None) is not None:
+    if getattr(method, "reads_data", False):
         return Drive("data")
     if method.max_models is not None and method.max_models < 3:
         return Drive("per_tensor", skip=f"takes at most {method.max_models} models")
@@ -221,7 +221,7 @@ class Bench:
         from amalgam.methods.base import get_method
         from amalgam.recipe import ModelSpec, Recipe
 
-        data = getattr(get_method(method), "statistics", None) is not None
+        data = get_method(method).reads_data
         specs = [
             ModelSpec(uri=str(p), name=t, **({"data": str(self.zoo.tasks_dir / t)} if data else {}))
             for t, p in models.items()
