@@ -48,6 +48,14 @@ MASK_LR = Param(
     gradient=False,
 )  # fmt: skip
 
+INNER_LR = Param(
+    "inner_lr", 1.0, "Adam learning rate of the meta-steps' inner coefficient step", low=0.0,
+    low_open=True, gradient=False,
+)  # fmt: skip
+AM_STEPS = Param(
+    "steps", 1000, "AdaMerging steps with the mask frozen", kind=int, low=1, gradient=False
+)
+
 
 def sample_mask(
     logits: dict[str, torch.Tensor], temperature: float, generator: torch.Generator
@@ -146,25 +154,11 @@ register(
             GRANULARITY,
             INIT,
             LR,
-            Param(
-                "inner_lr",
-                1.0,
-                "Adam learning rate of the meta-steps' inner coefficient step",
-                low=0.0,
-                low_open=True,
-                gradient=False,
-            ),  # fmt: skip
+            INNER_LR,
             TEMPERATURE,
             MASK_LR,
             Param("mask_steps", 1000, "meta-steps on the mask", kind=int, low=1, gradient=False),
-            Param(
-                "steps",
-                1000,
-                "AdaMerging steps with the mask frozen",
-                kind=int,
-                low=1,
-                gradient=False,
-            ),  # fmt: skip
+            AM_STEPS,
             *LEARNING,
         ),
         summary="AdaMerging over task vectors masked by a shared Concrete mask, the mask "
