@@ -230,8 +230,9 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
     """The rows to run, their input families built in ``root`` (the Llama one only if needed)."""
     base, *experts = synthetic_family(root, args.layers, args.hidden)
     llama: list[tuple[Path, Path]] = []
-    if any(REGISTRY[m].statistics is not None for m in methods):
-        _, llama = llama_family(root, args.llama_layers, args.llama_hidden, args.examples)
+    llama_base = None
+    if any(REGISTRY[m].reads_data for m in methods):
+        llama_base, llama = llama_family(root, args.llama_layers, args.llama_hidden, args.examples)
     cases = []
     variants = [(m, m, {}) for m in methods]
     if "ties" in methods:
@@ -242,6 +243,10 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
             cases.append(Case(label, "continual", name, continual_run(name, params, base, experts)))
         elif method.statistics is not None:
             cases.append(Case(label, "data", name, data_run(name, params, llama)))
+        elif method.learns:  # a short schedule: the check is the devices' agreement
+            short = {p.name: 2 for p in method.params if p.name in ("steps", "mask_steps")}
+            run = data_run(name, {**params, **short}, llama, llama_base)
+            cases.append(Case(label, "data", name, run))
         else:
             models = experts[:1] if name == "slerp" else experts
             cases.append(Case(label, "per-tensor", name, one_shot_run(name, params, base, models)))
@@ -270,14 +275,17 @@ def continual_run(name: str, params: dict, base: Path, models: list[Path]) -> Ru
     return run
 
 
-def data_run(name: str, params: dict, experts: list[tuple[Path, Path]]) -> Runner:
-    """Experts with their data, no base (neither method reads one); statistics computed on
-    ``device`` into ``home``'s cache (a fresh one per run)."""
+def data_run(
+    name: str, params: dict, experts: list[tuple[Path, Path]], base: Path | None = None
+) -> Runner:
+    """Experts with their data, no base for the statistics methods (neither reads one), the
+    base for the learned ones; statistics or coefficients computed on ``device`` into
+    ``home``'s cache (a fresh one per run)."""
 
     def run(device: str, out: Path, home: Path) -> None:
         uris = [{"uri": str(m), "data": str(d)} for m, d in experts]
         with amalgam_home(home):
-            run_merge(recipe(name, params, uris, None, out), MergeOptions(device=device))
+            run_merge(recipe(name, params, uris, base, out), MergeOptions(device=device))
 
     return run
 
