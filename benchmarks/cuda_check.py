@@ -332,17 +332,19 @@ def run_case(case: Case, devices: list[str], root: Path) -> list[dict[str, Any]]
 
 
 def compare_statistics(case: Case, homes: list[Path]) -> dict[str, Any]:
-    """The statistics artifacts both runs computed, paired by cache key, compared."""
+    """The statistics (or learned coefficients) artifacts both runs computed, paired by cache
+    key, compared."""
     label = f"{case.label} statistics"
     row: dict[str, Any] = {"label": label, "kind": "statistics", "method": case.method}
     row["seconds"] = {}  # their time is part of the merge's row
+    folder = "learned" if REGISTRY[case.method].learns else "statistics"
     try:
-        files = [sorted(p.name for p in (h / "statistics").glob("*.safetensors")) for h in homes]
+        files = [sorted(p.name for p in (h / folder).glob("*.safetensors")) for h in homes]
         if not files[0] or files[0] != files[1]:
             raise ValueError(f"artifacts differ or are missing: {files[0]} vs {files[1]}")
         total = Comparison()
         for name in files[0]:
-            c = compare_folders(*(h / "statistics" / name for h in homes))
+            c = compare_folders(*(h / folder / name for h in homes))
             total.max_abs = max(total.max_abs, c.max_abs)
             total.max_rel = max(total.max_rel, c.max_rel)
             total.identical += c.identical
