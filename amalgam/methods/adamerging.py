@@ -1,5 +1,26 @@
 """AdaMerging: task-wise or layer-wise task-arithmetic coefficients learned by entropy
-minimisation on unlabelled inputs (arXiv 2310.02575)."""
+minimisation on unlabelled inputs (Yang et al., arXiv 2310.02575).
+
+theta(lambda) = base + sum_k clamp(lambda_k[t], 0, 1) tau_k[t]: one lambda per task vector
+(``granularity: task``) or per task vector and tensor (``layer``: the official code's "layer"
+is each state-dict entry, so a module's weight and bias get their own). Each step draws a batch
+of ``batch_size`` prompts from every model's ``data`` (labels and answers never read), rebuilds
+the merged tensors from lambda, runs the base model with them through
+``torch.func.functional_call``, and takes one Adam step (lr 1e-3, betas 0.9/0.999) on the sum
+over models of the mean prediction entropy; ``steps`` (500) such steps from lambda = 0.3, the
+clamp applied where lambda is used (zero gradient outside [0, 1]). The learned table is a
+hash-keyed artifact (``amalgam.statistics.learning``); the merge is then a per-tensor pass.
+
+Deviations: a causal LM has no classifier head, so the entropy is that of the next-token
+distribution (whole vocabulary) after each prompt, i.e. at the first answer position; the
+paper's image classifiers use their task heads' class distribution. One batch per model per
+step (the official loop takes two). A merged tensor the base model does not hold as a
+parameter (a stored buffer) takes each model's mean coefficient.
+
+Memory: the learning holds the base model, the K task vectors of every learned tensor and one
+merged copy in float32, plus one forward/backward per model's batch: about (K + 2) x P floats
+(P: one model's parameters) + activations; it does not stream (the entropy's gradient needs the
+whole merged model). The merge afterwards streams tensor by tensor."""
 
 from __future__ import annotations
 
