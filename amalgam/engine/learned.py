@@ -10,6 +10,7 @@ from typing import Any
 from amalgam.checkpoint import Checkpoint, open_checkpoint
 from amalgam.engine.plan import LearnPass, Plan
 from amalgam.errors import StatisticsError
+from amalgam.statistics.artifact import StatisticsInfo
 from amalgam.statistics.compute import load_model
 from amalgam.statistics.data import load_examples
 from amalgam.statistics.learning import (
@@ -76,7 +77,8 @@ def _learn(
     settings: dict[str, Any],
     merged: set[str],
     uri: str,
-):
+) -> StatisticsInfo:
+    """Learn on the base model with the models' task vectors; write the artifact to ``uri``."""
     base = inputs["base"]
     if not base.config:
         raise StatisticsError(
