@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from amalgam.engine import MergeOptions, run_merge
 from amalgam.methods.concrete import sample_mask
 from amalgam.statistics.learning import Sampler, merged, task_loss
 from tests.methods.learned_models import (
@@ -22,6 +23,7 @@ from tests.methods.learned_models import (
     naive_loss,
     naive_state,
     problem,
+    recipe,
 )
 
 
@@ -114,3 +116,19 @@ def test_same_seed_same_bytes(setup: Setup, home: Path, tmp_path: Path) -> None:
     assert digests[0] == digests[1]
     other = merge(setup, "concrete_ta", params, tmp_path / "c", seed=5)
     assert hashlib.sha256((other / "model.safetensors").read_bytes()).hexdigest() != digests[0]
+
+
+@pytest.mark.slow
+def test_local_and_ray_outputs_are_byte_identical(setup: Setup, tmp_path: Path) -> None:
+    """The mask reaches Ray tasks as the plan's artifact, the coefficients in ``ctx.stats``.
+    Runs under the session's $AMALGAM_HOME (Ray keeps its sockets there)."""
+    digests = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        r = recipe(setup, "concrete_ta", {"steps": 2}, max_shard_size=4000)
+        run_merge(r, MergeOptions(output=str(out), executor=executor, device="cpu", threads=1))
+        digests[executor] = {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
+        }
+    assert sum(n.endswith(".safetensors") for n in digests["local"]) > 2
+    assert digests["local"] == digests["ray"]
