@@ -520,6 +520,18 @@ class Recipe(_Strict):
         check(self.params, "params", False)
         for i, m in enumerate(self.models):
             check(m.params, f"models[{i}].params", True)
+            if method.learns:
+                if m.statistics:
+                    problems.append(
+                        f"models[{i}].statistics: method '{method.name}' learns its coefficients "
+                        "on the models' data: give data:, not statistics:"
+                    )
+                elif not m.data:
+                    problems.append(
+                        f"models[{i}].data: method '{method.name}' learns its coefficients on "
+                        "each model's unlabelled data: give data: (a task folder or jsonl)"
+                    )
+                continue
             if method.statistics is None and (m.data or m.statistics):
                 field = "data" if m.data else "statistics"
                 problems.append(f"models[{i}].{field}: method '{method.name}' reads no statistics")

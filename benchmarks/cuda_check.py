@@ -232,8 +232,9 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
     """The rows to run, their input families built in ``root`` (the Llama one only if needed)."""
     base, *experts = synthetic_family(root, args.layers, args.hidden)
     llama: list[tuple[Path, Path]] = []
-    if any(REGISTRY[m].statistics is not None for m in methods):
-        _, llama = llama_family(root, args.llama_layers, args.llama_hidden, args.examples)
+    llama_base = None
+    if any(REGISTRY[m].reads_data for m in methods):
+        llama_base, llama = llama_family(root, args.llama_layers, args.llama_hidden, args.examples)
     cases = []
     variants = [(m, m, {}) for m in methods]
     if "ties" in methods:
@@ -244,6 +245,10 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
             cases.append(Case(label, "continual", name, continual_run(name, params, base, experts)))
         elif method.statistics is not None:
             cases.append(Case(label, "data", name, data_run(name, params, llama)))
+        elif method.learns:  # a short schedule: the check is the devices' agreement
+            short = {p.name: 2 for p in method.params if p.name in ("steps", "mask_steps")}
+            run = data_run(name, {**params, **short}, llama, llama_base)
+            cases.append(Case(label, "data", name, run))
         else:
             one = name == "slerp" or method.max_models == 1
             models = experts[:2] if name == "nuslerp" else experts[:1] if one else experts
@@ -275,14 +280,17 @@ def continual_run(name: str, params: dict, base: Path, models: list[Path]) -> Ru
     return run
 
 
-def data_run(name: str, params: dict, experts: list[tuple[Path, Path]]) -> Runner:
-    """Experts with their data, no base (neither method reads one); statistics computed on
-    ``device`` into ``home``'s cache (a fresh one per run)."""
+def data_run(
+    name: str, params: dict, experts: list[tuple[Path, Path]], base: Path | None = None
+) -> Runner:
+    """Experts with their data, no base for the statistics methods (neither reads one), the
+    base for the learned ones; statistics or coefficients computed on ``device`` into
+    ``home``'s cache (a fresh one per run)."""
 
     def run(device: str, out: Path, home: Path) -> None:
         uris = [{"uri": str(m), "data": str(d)} for m, d in experts]
         with amalgam_home(home):
-            run_merge(recipe(name, params, uris, None, out), MergeOptions(device=device))
+            run_merge(recipe(name, params, uris, base, out), MergeOptions(device=device))
 
     return run
 
@@ -329,17 +337,19 @@ def run_case(case: Case, devices: list[str], root: Path) -> list[dict[str, Any]]
 
 
 def compare_statistics(case: Case, homes: list[Path]) -> dict[str, Any]:
-    """The statistics artifacts both runs computed, paired by cache key, compared."""
+    """The statistics (or learned coefficients) artifacts both runs computed, paired by cache
+    key, compared."""
     label = f"{case.label} statistics"
     row: dict[str, Any] = {"label": label, "kind": "statistics", "method": case.method}
     row["seconds"] = {}  # their time is part of the merge's row
+    folder = "learned" if REGISTRY[case.method].learns else "statistics"
     try:
-        files = [sorted(p.name for p in (h / "statistics").glob("*.safetensors")) for h in homes]
+        files = [sorted(p.name for p in (h / folder).glob("*.safetensors")) for h in homes]
         if not files[0] or files[0] != files[1]:
             raise ValueError(f"artifacts differ or are missing: {files[0]} vs {files[1]}")
         total = Comparison()
         for name in files[0]:
-            c = compare_folders(*(h / "statistics" / name for h in homes))
+            c = compare_folders(*(h / folder / name for h in homes))
             total.max_abs = max(total.max_abs, c.max_abs)
             total.max_rel = max(total.max_rel, c.max_rel)
             total.identical += c.identical

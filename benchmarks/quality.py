@@ -107,6 +107,11 @@ DRIVES: dict[str, Drive] = {
     ),
     "fisher": Drive("data"),
     "regmean": Drive("data", {"alpha": 0.9}, "alpha", (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)),
+    "adamerging": Drive("data", {"granularity": "layer", "steps": 500}),
+    # The papers' 2000 (Concrete TA) and 1000 + 1000 (Concrete AdaMerging) steps take 30-60
+    # minutes each on two shared cores: a tenth of the mask steps, fewer coefficient steps.
+    "concrete_ta": Drive("data", {"lambda": 0.3, "steps": 200}),
+    "concrete_adamerging": Drive("data", {"granularity": "layer", "mask_steps": 100, "steps": 300}),
     "continual_avg": Drive("continual"),
     "continual_ta": Drive("continual", {"lambda": 0.3}),
     "continual_ties": Drive("continual", {"density": 0.2, "lambda": 0.5}),
@@ -153,7 +158,7 @@ def drive_for(name: str, method: Any) -> Drive:
         return DRIVES[name]
     if getattr(method, "continual", False):
         return Drive("continual")
-    if getattr(method, "statistics", None) is not None:
+    if getattr(method, "reads_data", False):
         return Drive("data")
     if method.max_models is not None and method.max_models < 3:
         return Drive("per_tensor", skip=f"takes at most {method.max_models} models")
@@ -239,7 +244,7 @@ class Bench:
         from amalgam.methods.base import get_method
         from amalgam.recipe import ModelSpec, Recipe
 
-        data = getattr(get_method(method), "statistics", None) is not None
+        data = get_method(method).reads_data
         specs = [
             ModelSpec(uri=str(p), name=t, **({"data": str(self.zoo.tasks_dir / t)} if data else {}))
             for t, p in models.items()

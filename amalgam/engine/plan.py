@@ -19,7 +19,13 @@ from amalgam.engine.rows import RowGroup, row_groups
 from amalgam.engine.stack import describe_stack
 from amalgam.errors import PlanError
 from amalgam.methods.base import MergeFn, Method, TensorParams
-from amalgam.methods.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
+from amalgam.methods.needs import (
+    Collector,
+    DataStatistics,
+    LearnedCoefficients,
+    RunningState,
+    WholeModelStatistic,
+)
 from amalgam.methods.params import layer_index, resolve_params
 from amalgam.recipe import Recipe
 
@@ -114,6 +120,19 @@ class DataStatisticsPass:
 
 
 @dataclass(frozen=True)
+class LearnPass:
+    """Find the recipe's learned-coefficients artifact (learned through the merged model on
+    the models' data where the cache has none); its table reaches the tensor pass in
+    ``ctx.stats`` and its masks (if any) as the plan's one statistics artifact."""
+
+    settings: str  # the learning settings as canonical JSON
+    learn: Callable[..., object] = field(compare=False, repr=False)
+
+    def describe(self) -> str:
+        return f"learned coefficients: {self.settings} on the models' data"
+
+
+@dataclass(frozen=True)
 class WholeModelPass:
     """Stream every merged tensor's task vectors through ``collectors`` (built from the
     recipe-wide parameter values) ``passes`` times; their results reach the tensor pass in
@@ -160,7 +179,7 @@ class AbsorbStep:
         return f"absorb '{self.model}': " + "; then ".join(p.describe() for p in self.passes)
 
 
-Pass = DataStatisticsPass | WholeModelPass | NormPass | TensorPass | AbsorbStep
+Pass = DataStatisticsPass | LearnPass | WholeModelPass | NormPass | TensorPass | AbsorbStep
 
 
 def plan_passes(recipe: Recipe, method: Method) -> tuple[Pass, ...]:
@@ -177,6 +196,10 @@ def plan_passes(recipe: Recipe, method: Method) -> tuple[Pass, ...]:
     if data is not None:
         kind, settings = data.settings(shared.shared)
         passes.append(DataStatisticsPass(kind, json.dumps(settings, sort_keys=True)))
+    learned = method.need(LearnedCoefficients)
+    if learned is not None:
+        settings = learned.settings(shared.shared)
+        passes.append(LearnPass(json.dumps(settings, sort_keys=True), learned.learn))
     whole = method.need(WholeModelStatistic)
     collectors = whole.collectors(shared) if whole is not None else []
     if whole is not None and collectors:
@@ -197,7 +220,8 @@ class Plan:
     units: tuple[WorkUnit, ...]
     num_layers: int
     metadata: dict[str, str] = field(default_factory=dict)
-    # Data-driven methods: one statistics artifact per model (not base), in model order.
+    # Data-driven methods: one statistics artifact per model (not base), in model order; or,
+    # for learned coefficients, the recipe's one learned artifact (its masks).
     statistics: tuple[StatisticsInfo, ...] = ()
     passes: tuple[Pass, ...] = (TensorPass(),)
     # Tensors only some inputs hold (extra_tensors): name -> the input it is copied from
@@ -277,7 +301,7 @@ def build_plan(
     layers = [j.layer for j in jobs if j.layer is not None]
     num_layers = _num_layers(ref, layers)
     rows = row_groups(inputs, recipe.base is not None)
-    if rows and recipe.method_spec.need(DataStatistics) is not None:
+    if rows and recipe.method_spec.reads_data:
         raise PlanError(
             f"method {recipe.method} needs data statistics per model; it cannot merge rows only "
             f"some models own ({', '.join(rows)}: align.method vocab)"

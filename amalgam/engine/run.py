@@ -14,10 +14,12 @@ from amalgam.engine.data_statistics import attach_statistics
 from amalgam.engine.execute import JobContext, Progress
 from amalgam.engine.executors import Executor, pick_executor
 from amalgam.engine.inputs import open_recipe_inputs, plan_inputs
+from amalgam.engine.learned import attach_learned
 from amalgam.engine.options import MergeOptions, MergeResult, job_context, output_of
 from amalgam.engine.plan import (
     AbsorbStep,
     DataStatisticsPass,
+    LearnPass,
     Pass,
     TensorPass,
     WholeModelPass,
@@ -85,6 +87,17 @@ def _data_statistics(
     return replace(ctx, plan=plan), 0
 
 
+def _learn(
+    pass_: LearnPass,
+    ctx: JobContext,
+    inputs: dict[str, Checkpoint],
+    options: MergeOptions,
+    executor: Executor,
+) -> tuple[JobContext, int]:
+    plan, stats = attach_learned(ctx.plan, inputs, pass_, options.device)
+    return replace(ctx, plan=plan, stats={**ctx.stats, **stats}), 0
+
+
 def _whole_model(
     pass_: WholeModelPass,
     ctx: JobContext,
@@ -108,6 +121,7 @@ def _tensors(
 
 RUNNERS: dict[type, Runner] = {
     DataStatisticsPass: _data_statistics,
+    LearnPass: _learn,
     WholeModelPass: _whole_model,
     TensorPass: _tensors,
 }

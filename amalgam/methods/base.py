@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from amalgam.errors import RecipeError
-from amalgam.methods.needs import DataStatistics, N, Need, RunningState
+from amalgam.methods.needs import DataStatistics, LearnedCoefficients, N, Need, RunningState
 
 if TYPE_CHECKING:
     from amalgam.statistics.artifact import StatisticsInfo
@@ -165,6 +165,16 @@ class Method:
         """The data statistics' (kind, settings) of the shared parameters, if any are read."""
         need = self.need(DataStatistics)
         return None if need is None else need.settings
+
+    @property
+    def learns(self) -> bool:
+        """Whether the method learns coefficients on the models' data (LearnedCoefficients)."""
+        return self.need(LearnedCoefficients) is not None
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether each model needs ``data:`` (or, for statistics, ``statistics:``)."""
+        return self.statistics is not None or self.learns
 
 
 REGISTRY: dict[str, Method] = {}

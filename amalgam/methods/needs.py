@@ -65,5 +65,18 @@ class RunningState:
     unscaled: Callable[..., Any] | None = None  # a MergeFn
 
 
-Need = WholeModelStatistic | DataStatistics | RunningState
-N = TypeVar("N", WholeModelStatistic, DataStatistics, RunningState)
+@dataclass(frozen=True)
+class LearnedCoefficients:
+    """Need: merge coefficients (and, for some methods, a mask shared by the task vectors)
+    learned through the merged model on every model's unlabelled data before the tensor pass
+    (AdaMerging, Concrete); one hash-keyed artifact for the whole recipe
+    (``amalgam.statistics.learning``). ``settings`` maps the shared parameter values to the
+    learning settings (part of the artifact's key); ``learn`` runs the learning on a
+    ``Problem`` and returns a ``Learned``."""
+
+    settings: Callable[[dict[str, Any]], dict[str, Any]]
+    learn: Callable[..., Any]  # (Problem, settings, seed) -> Learned
+
+
+Need = WholeModelStatistic | DataStatistics | RunningState | LearnedCoefficients
+N = TypeVar("N", WholeModelStatistic, DataStatistics, RunningState, LearnedCoefficients)

@@ -32,7 +32,7 @@ def cache_path(model_hash: str, data_hash: str, kind: str, settings: dict) -> Pa
     return storage.amalgam_home() / "statistics" / f"{kind}-{key}.safetensors"
 
 
-def _load_model(ckpt: Checkpoint, device: str) -> tuple[Any, Any]:
+def load_model(ckpt: Checkpoint, device: str) -> tuple[Any, Any]:
     if not storage.is_local(ckpt.fs) or ckpt.kind != "model" or not ckpt.config:
         raise StatisticsError(
             f"{ckpt.uri}: statistics need a local Hugging Face model folder (config.json, "
@@ -81,7 +81,7 @@ def _run(
 ) -> tuple[dict, int, int, str]:
     with open_checkpoint(model_uri) as ckpt:
         model_hash = ckpt.content_hash()
-        model, tokenizer = _load_model(ckpt, device)
+        model, tokenizer = load_model(ckpt, device)
         max_length = int((ckpt.config or {}).get("max_position_embeddings") or 2048)
         encoded = encode(tokenizer, examples[: settings["samples"]], max_length)
         if kind == "fisher":

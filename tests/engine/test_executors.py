@@ -42,11 +42,10 @@ def method_recipe(method: str, base: Path, experts: list[Path], out: Path) -> di
 REQUIRED = {"nearswap": {"t": 0.01}}
 
 
-# Data-driven methods (statistics read alongside the inputs) have their own executor test in
-# tests/statistics/test_merge_statistics.py: they need real, runnable models.
-VARIANTS = [
-    (m, REQUIRED.get(m, {})) for m in sorted(REGISTRY) if REGISTRY[m].statistics is None
-] + [
+# Data-driven methods (statistics read alongside the inputs, learned coefficients) have their
+# own executor tests (tests/statistics/test_merge_statistics.py, tests/methods/test_adamerging.py):
+# they need real, runnable models.
+VARIANTS = [(m, REQUIRED.get(m, {})) for m in sorted(REGISTRY) if not REGISTRY[m].reads_data] + [
     ("ties", {"trim": "model"}),  # whole-model statistics gathered before the Ray tasks
     ("breadcrumbs", {"granularity": "row"}),
     ("dare_linear", {"rescale": "l1"}),
