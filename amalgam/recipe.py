@@ -484,9 +484,20 @@ class Recipe(_Strict):
         check(self.params, "params", False)
         for i, m in enumerate(self.models):
             check(m.params, f"models[{i}].params", True)
-            if method.statistics is None and (m.data or m.statistics):
+            if not method.reads_data and (m.data or m.statistics):
                 field = "data" if m.data else "statistics"
                 problems.append(f"models[{i}].{field}: method '{method.name}' reads no statistics")
+            if method.statistics is None and method.reads_data:
+                if m.statistics:
+                    problems.append(
+                        f"models[{i}].statistics: method '{method.name}' learns from every "
+                        "model's data together: give data:, not statistics:"
+                    )
+                elif not m.data:
+                    problems.append(
+                        f"models[{i}].data: method '{method.name}' learns from unlabelled "
+                        "prompts: give data: (a task folder or jsonl)"
+                    )
             if method.statistics is not None and not (m.data or m.statistics):
                 problems.append(
                     f"models[{i}]: method '{method.name}' needs statistics: give data: (a task "

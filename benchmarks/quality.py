@@ -100,6 +100,7 @@ DRIVES: dict[str, Drive] = {
         WIDE_GRID,
     ),
     "fisher": Drive("data"),
+    "dam": Drive("data", {"lambda": 0.3}, "lambda", SUM_GRID),
     "regmean": Drive("data", {"alpha": 0.9}, "alpha", (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)),
     "continual_avg": Drive("continual"),
     "continual_ta": Drive("continual", {"lambda": 0.3}),
@@ -221,7 +222,7 @@ class Bench:
         from amalgam.methods.base import get_method
         from amalgam.recipe import ModelSpec, Recipe
 
-        data = getattr(get_method(method), "statistics", None) is not None
+        data = get_method(method).reads_data
         specs = [
             ModelSpec(uri=str(p), name=t, **({"data": str(self.zoo.tasks_dir / t)} if data else {}))
             for t, p in models.items()

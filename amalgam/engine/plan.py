@@ -18,7 +18,13 @@ from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, tensor_nbytes
 from amalgam.engine.rows import RowGroup, row_groups
 from amalgam.errors import PlanError
 from amalgam.methods.base import MergeFn, Method, TensorParams
-from amalgam.methods.needs import Collector, DataStatistics, RunningState, WholeModelStatistic
+from amalgam.methods.needs import (
+    Collector,
+    DataStatistics,
+    LearnedStatistics,
+    RunningState,
+    WholeModelStatistic,
+)
 from amalgam.methods.params import layer_index, resolve_params
 from amalgam.recipe import Recipe
 
@@ -113,6 +119,18 @@ class DataStatisticsPass:
 
 
 @dataclass(frozen=True)
+class LearnedStatisticsPass:
+    """Learn statistics from every model and their data together (or reuse the cached
+    artifacts), one artifact per model."""
+
+    method: str
+    learn: Callable[..., tuple[StatisticsInfo, ...]] = field(compare=False, repr=False)
+
+    def describe(self) -> str:
+        return f"learned statistics: {self.method} from every model's data, one per model"
+
+
+@dataclass(frozen=True)
 class WholeModelPass:
     """Stream every merged tensor's task vectors through ``collectors`` (built from the
     recipe-wide parameter values) ``passes`` times; their results reach the tensor pass in
@@ -159,7 +177,9 @@ class AbsorbStep:
         return f"absorb '{self.model}': " + "; then ".join(p.describe() for p in self.passes)
 
 
-Pass = DataStatisticsPass | WholeModelPass | NormPass | TensorPass | AbsorbStep
+Pass = (
+    DataStatisticsPass | LearnedStatisticsPass | WholeModelPass | NormPass | TensorPass | AbsorbStep
+)
 
 
 def plan_passes(recipe: Recipe, method: Method) -> tuple[Pass, ...]:
@@ -176,6 +196,9 @@ def plan_passes(recipe: Recipe, method: Method) -> tuple[Pass, ...]:
     if data is not None:
         kind, settings = data.settings(shared.shared)
         passes.append(DataStatisticsPass(kind, json.dumps(settings, sort_keys=True)))
+    learned = method.need(LearnedStatistics)
+    if learned is not None:
+        passes.append(LearnedStatisticsPass(method.name, learned.learn))
     whole = method.need(WholeModelStatistic)
     collectors = whole.collectors(shared) if whole is not None else []
     if whole is not None and collectors:

@@ -18,6 +18,7 @@ from amalgam.engine.options import MergeOptions, MergeResult, job_context, outpu
 from amalgam.engine.plan import (
     AbsorbStep,
     DataStatisticsPass,
+    LearnedStatisticsPass,
     Pass,
     TensorPass,
     WholeModelPass,
@@ -85,6 +86,20 @@ def _data_statistics(
     return replace(ctx, plan=plan), 0
 
 
+def _learned_statistics(
+    pass_: LearnedStatisticsPass,
+    ctx: JobContext,
+    inputs: dict[str, Checkpoint],
+    options: MergeOptions,
+    executor: Executor,
+) -> tuple[JobContext, int]:
+    infos = pass_.learn(ctx.plan.recipe, inputs, options.device)
+    labels = [m.label for m in ctx.plan.recipe.models]
+    provenance = ";".join(f"{k}={i.content_hash}" for k, i in zip(labels, infos, strict=True))
+    metadata = {**ctx.plan.metadata, "statistics": provenance}
+    return replace(ctx, plan=replace(ctx.plan, statistics=tuple(infos), metadata=metadata)), 0
+
+
 def _whole_model(
     pass_: WholeModelPass,
     ctx: JobContext,
@@ -108,6 +123,7 @@ def _tensors(
 
 RUNNERS: dict[type, Runner] = {
     DataStatisticsPass: _data_statistics,
+    LearnedStatisticsPass: _learned_statistics,
     WholeModelPass: _whole_model,
     TensorPass: _tensors,
 }

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from amalgam.errors import RecipeError
-from amalgam.methods.needs import DataStatistics, N, Need, RunningState
+from amalgam.methods.needs import DataStatistics, LearnedStatistics, N, Need, RunningState
 
 if TYPE_CHECKING:
     from amalgam.statistics.artifact import StatisticsInfo
@@ -153,6 +153,11 @@ class Method:
     def continual(self) -> bool:
         """Whether the method absorbs models one at a time (a RunningState)."""
         return self.need(RunningState) is not None
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether the method runs models on each model's ``data`` (statistics or learning)."""
+        return self.need(DataStatistics) is not None or self.need(LearnedStatistics) is not None
 
     @property
     def statistics(self) -> Callable[[dict[str, Any]], tuple[str, dict[str, Any]]] | None:

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from amalgam.errors import StatisticsError
 
 KINDS = ("fisher", "gram")
-#: What an artifact may hold: the kinds above, and an MoE's routing statistics (MC-SMoE).
-ARTIFACT_KINDS = (*KINDS, "routing")
+#: What an artifact may hold: the kinds above, an MoE's routing statistics (MC-SMoE) and DAM's
+#: learned masks.
+ARTIFACT_KINDS = (*KINDS, "routing", "dam_mask")
 VARIANTS = ("sampled", "empirical")  # Fisher targets: drawn from the model, or the data's own
 DEFAULT_SAMPLES = 256  # FusionBench's count for both Fisher and RegMean
 # Bumped when a kind's artifacts change content, so older cached artifacts are not reused.

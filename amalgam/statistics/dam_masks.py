@@ -1,0 +1,243 @@
+"""Learns DAM's masks (``amalgam.methods.dam``) from every model's unlabelled prompts, and
+caches them as one mask artifact per model under $AMALGAM_HOME/statistics."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from amalgam.device import compute_threads, load_causal_lm
+from amalgam.errors import StatisticsError
+from amalgam.methods.dam import concrete_sample, final_masks, mean_one
+from amalgam.methods.params import resolve_params
+from amalgam.statistics.artifact import StatisticsInfo, read_info, write_artifact
+from amalgam.statistics.compute import cache_path
+from amalgam.statistics.data import load_examples
+
+if TYPE_CHECKING:
+    from amalgam.checkpoint import Checkpoint
+
+KIND = "dam_mask"
+VERSION = 1
+SEARCH_CHUNK = 4096  # sequences per forward pass of the trigger search
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The recipe-wide values the learning reads."""
+
+    lam: float
+    weights: tuple[float, ...]
+    steps: int
+    lr: float
+    temperature: float
+    adv_weight: float
+    triggers: int
+    search_every: int
+    batch_size: int
+    seed: int
+
+
+def learn_masks(
+    recipe: Any, inputs: dict[str, Checkpoint], device: str
+) -> tuple[StatisticsInfo, ...]:
+    """One mask artifact per recipe model, learned on the union of the models' ``data``
+    prompts (the first ``samples`` of each), or read from the cache."""
+    from amalgam.methods import get_method
+
+    method = get_method(recipe.method)
+    params = resolve_params(recipe, method, None, 1)
+    shared = params.shared
+    settings = Settings(
+        lam=float(shared["lambda"]),
+        weights=tuple(float(w) for w in params.each("weight")),
+        steps=int(shared["steps"]),
+        lr=float(shared["lr"]),
+        temperature=float(shared["temperature"]),
+        adv_weight=float(shared["adv_weight"]),
+        triggers=int(shared["triggers"]),
+        search_every=int(shared["search_every"]),
+        batch_size=int(shared["batch_size"]),
+        seed=int(recipe.seed),
+    )
+    texts, hashes = [], []
+    for i, m in enumerate(recipe.models):
+        if not m.data:
+            raise StatisticsError(f"models[{i}].data: method 'dam' needs unlabelled prompts")
+        examples, data_hash = load_examples(m.data, **recipe.storage_options)
+        texts += [e.prompt or e.answer for e in examples[: int(shared["samples"])]]
+        hashes.append(data_hash)
+    data_hash = "sha256:" + hashlib.sha256("\0".join(hashes).encode()).hexdigest()
+    model_hashes = [inputs[m.label].content_hash() for m in recipe.models]
+    key = {
+        "version": VERSION,
+        "base": inputs["base"].content_hash(),
+        "models": model_hashes,
+        "samples": int(shared["samples"]),
+        **{k: v for k, v in vars(settings).items()},
+    }
+    key["weights"] = list(settings.weights)
+    paths = [
+        cache_path(h, data_hash, KIND, {**key, "index": i}) for i, h in enumerate(model_hashes)
+    ]
+    if all(p.is_file() for p in paths):
+        return tuple(read_info(str(p)) for p in paths)
+    with compute_threads(None):
+        model, tokenizer = load_causal_lm(recipe.base, device)
+        names = [n for n, p in model.named_parameters() if p.is_floating_point()]
+        target = next(model.parameters()).device
+        base = {n: inputs["base"].tensor(n).float().to(target) for n in names}
+        deltas = [
+            {n: inputs[m.label].tensor(n).float().to(target) - base[n] for n in names}
+            for m in recipe.models
+        ]
+        prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        special = set(tokenizer.all_special_ids)
+        candidates = [v for v in range(len(tokenizer)) if v not in special]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        masks, found = learn(model, base, deltas, prompts, candidates, pad, settings)
+    infos = []
+    for i, (path, h) in enumerate(zip(paths, model_hashes, strict=True)):
+        infos.append(
+            write_artifact(
+                str(path),
+                masks[i],
+                kind=KIND,
+                model_hash=h,
+                data_hash=data_hash,
+                samples=len(texts),
+                tokens=sum(len(p) for p in prompts),
+                settings={**key, "index": i, "inverted_triggers": found},
+            )
+        )
+    return tuple(infos)
+
+
+def learn(
+    model: torch.nn.Module,
+    base: dict[str, torch.Tensor],
+    deltas: list[dict[str, torch.Tensor]],
+    prompts: Sequence[Sequence[int]],
+    candidates: Sequence[int],
+    pad: int,
+    s: Settings,
+) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """The alternating mask learning of ``amalgam.methods.dam``; returns each model's final
+    mask per tensor and the trigger tokens found by the last search."""
+    if not prompts or any(not p for p in prompts):
+        raise StatisticsError("dam: every prompt must hold at least one token")
+    generator = torch.Generator().manual_seed(s.seed)
+    device = next(iter(base.values())).device
+    logits_s = {n: torch.zeros_like(t, requires_grad=True) for n, t in base.items()}
+    logits_b = [
+        {n: torch.zeros_like(t, requires_grad=True) for n, t in base.items()} for _ in deltas
+    ]
+    opt_s = torch.optim.Adam(list(logits_s.values()), lr=s.lr)
+    opt_b = torch.optim.Adam([t for d in logits_b for t in d.values()], lr=s.lr)
+    triggers: list[int] = []
+
+    def merged(sample_s: bool, sample_b: bool) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, w0 in base.items():
+            ms = _mask(logits_s[n], sample_s, s.temperature, generator)
+            total = torch.zeros_like(w0)
+            for d, lb, w in zip(deltas, logits_b, s.weights, strict=True):
+                mb = _mask(lb[n], sample_b, s.temperature, generator)
+                total = total + w * mean_one(ms * mb) * d[n]
+            out[n] = w0 + s.lam * total
+        return out
+
+    model.eval()
+    for step in range(s.steps):
+        pick = torch.randint(len(prompts), (min(s.batch_size, len(prompts)),), generator=generator)
+        batch = [list(prompts[int(i)]) for i in pick]
+        if step % s.search_every == 0:
+            with torch.no_grad():
+                current = {n: t.detach() for n, t in merged(False, False).items()}
+                triggers = search_triggers(model, current, batch, candidates, pad, s.triggers)
+        # task-shared mask: entropy of the merge on clean prompts
+        loss = entropy(next_token_logits(model, merged(True, False), batch, pad, device))
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
+        # backdoor-detection masks: entropy plus disagreement under the inverted triggers
+        params = merged(False, True)
+        clean = next_token_logits(model, params, batch, pad, device)
+        answers = clean.detach().argmax(-1)
+        safety = sum(
+            torch.nn.functional.cross_entropy(
+                next_token_logits(model, params, [[t, *p] for p in batch], pad, device), answers
+            )
+            for t in triggers
+        ) / len(triggers)
+        loss = entropy(clean) + s.adv_weight * safety
+        opt_b.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_b.step()
+    masks = [
+        {n: final_masks(logits_s[n].detach(), [lb[n].detach()])[0] for n in base} for lb in logits_b
+    ]
+    return masks, triggers
+
+
+def _mask(
+    logits: torch.Tensor, sample: bool, temperature: float, generator: torch.Generator
+) -> torch.Tensor:
+    """A Concrete sample (trained), or the detached keep probability (held fixed)."""
+    if sample:
+        return concrete_sample(logits, temperature, generator)
+    return torch.sigmoid(logits.detach())
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the entropy of softmax(logits)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def next_token_logits(
+    model: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    batch: Sequence[Sequence[int]],
+    pad: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Logits of the token after each prompt, the model run with ``params``
+    (``torch.func.functional_call``), prompts right-padded."""
+    width = max(len(p) for p in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, p in enumerate(batch):
+        ids[row, : len(p)] = torch.tensor(p)
+        mask[row, : len(p)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = torch.func.functional_call(model, params, (ids,), {"attention_mask": mask})
+    last = mask.sum(1) - 1
+    return out.logits[torch.arange(len(batch), device=device), last]
+
+
+def search_triggers(
+    model: torch.nn.Module,
+    params: dict[str, torch.Tensor],
+    batch: Sequence[Sequence[int]],
+    candidates: Sequence[int],
+    pad: int,
+    keep: int,
+) -> list[int]:
+    """The ``keep`` candidate tokens that, put in front of every prompt of ``batch``, change
+    the merge's top next-token prediction most often (ties: the lower token id)."""
+    device = next(iter(params.values())).device
+    clean = next_token_logits(model, params, batch, pad, device).argmax(-1)
+    flips = []
+    per = max(1, SEARCH_CHUNK // len(batch))
+    for first in range(0, len(candidates), per):
+        chunk = candidates[first : first + per]
+        seqs = [[t, *p] for t in chunk for p in batch]
+        top = next_token_logits(model, params, seqs, pad, device).argmax(-1)
+        flips += (top.view(len(chunk), len(batch)) != clean).sum(1).tolist()
+    order = sorted(range(len(candidates)), key=lambda i: (-flips[i], candidates[i]))
+    return [candidates[i] for i in order[:keep]]
