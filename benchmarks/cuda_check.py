@@ -230,7 +230,7 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
     """The rows to run, their input families built in ``root`` (the Llama one only if needed)."""
     base, *experts = synthetic_family(root, args.layers, args.hidden)
     llama: list[tuple[Path, Path]] = []
-    if any(REGISTRY[m].statistics is not None for m in methods):
+    if any(REGISTRY[m].reads_data for m in methods):
         _, llama = llama_family(root, args.llama_layers, args.llama_hidden, args.examples)
     cases = []
     variants = [(m, m, {}) for m in methods]
@@ -240,7 +240,7 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
         method = REGISTRY[name]
         if method.continual:
             cases.append(Case(label, "continual", name, continual_run(name, params, base, experts)))
-        elif method.statistics is not None:
+        elif method.reads_data:
             cases.append(Case(label, "data", name, data_run(name, params, llama)))
         else:
             models = experts[:1] if name == "slerp" else experts

@@ -136,7 +136,7 @@ def drive_for(name: str, method: Any) -> Drive:
         return DRIVES[name]
     if getattr(method, "continual", False):
         return Drive("continual")
-    if getattr(method, "statistics", None) is not None:
+    if method.reads_data:
         return Drive("data")
     if method.max_models is not None and method.max_models < 3:
         return Drive("per_tensor", skip=f"takes at most {method.max_models} models")

@@ -55,10 +55,13 @@ LEARNING = (
     "lr",
     "temperature",
     "adv_weight",
+    "perf_weight",
     "triggers",
+    "min_gain",
     "search_every",
     "batch_size",
     "samples",
+    "drop",
 )
 
 
@@ -76,11 +79,13 @@ def mean_one(mask: torch.Tensor) -> torch.Tensor:
     return mask / mask.mean().clamp_min(1e-12)
 
 
-def final_masks(shared: torch.Tensor, detection: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Model i's merge mask from the learned logits: sigmoid(shared) * sigmoid(detection_i),
-    rescaled to mean 1."""
-    keep = torch.sigmoid(shared.float())
-    return [mean_one(keep * torch.sigmoid(d.float())) for d in detection]
+def final_masks(
+    shared: torch.Tensor, detection: list[torch.Tensor], drop: float
+) -> list[torch.Tensor]:
+    """Model i's merge mask from the learned logits: 1 where neither the shared logit nor
+    model i's detection logit fell below -``drop``, else 0."""
+    keep = shared.float() >= -drop
+    return [(keep & (d.float() >= -drop)).float() for d in detection]
 
 
 def dam_merge(
@@ -114,8 +119,23 @@ register(
             Param("steps", 200, "mask-learning steps", kind=int, low=1, gradient=False),
             Param("lr", 0.05, "Adam learning rate of the mask logits", low=0.0, low_open=True),
             Param("temperature", 0.5, "Concrete temperature", low=0.0, low_open=True),
+            Param(
+                "drop",
+                2.0,
+                "an entry leaves the merge where a mask logit ends below -drop",
+                low=0.0,
+            ),
             Param("adv_weight", 0.1, "weight of the safety loss", low=0.0),
+            Param("perf_weight", 1.0, "weight of the entropy (performance) loss", low=0.0),
             Param("triggers", 1, "inverted trigger tokens kept", kind=int, low=1, gradient=False),
+            Param(
+                "min_gain",
+                0.25,
+                "share of a model's prompts a token must pull onto one answer to count as a "
+                "trigger",
+                low=0.0,
+                high=1.0,
+            ),
             Param(
                 "search_every",
                 50,

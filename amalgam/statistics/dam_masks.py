@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from amalgam.checkpoint import Checkpoint
 
 KIND = "dam_mask"
-VERSION = 1
+VERSION = 5
 SEARCH_CHUNK = 4096  # sequences per forward pass of the trigger search
+SEARCH_PROMPTS = 32  # the first prompts of each model's data the trigger search scores
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,10 @@ class Settings:
     lr: float
     temperature: float
     adv_weight: float
+    perf_weight: float
     triggers: int
+    min_gain: float
+    drop: float
     search_every: int
     batch_size: int
     seed: int
@@ -59,7 +63,10 @@ def learn_masks(
         lr=float(shared["lr"]),
         temperature=float(shared["temperature"]),
         adv_weight=float(shared["adv_weight"]),
+        perf_weight=float(shared["perf_weight"]),
         triggers=int(shared["triggers"]),
+        min_gain=float(shared["min_gain"]),
+        drop=float(shared["drop"]),
         search_every=int(shared["search_every"]),
         batch_size=int(shared["batch_size"]),
         seed=int(recipe.seed),
@@ -69,7 +76,7 @@ def learn_masks(
         if not m.data:
             raise StatisticsError(f"models[{i}].data: method 'dam' needs unlabelled prompts")
         examples, data_hash = load_examples(m.data, **recipe.storage_options)
-        texts += [e.prompt or e.answer for e in examples[: int(shared["samples"])]]
+        texts.append([e.prompt or e.answer for e in examples[: int(shared["samples"])]])
         hashes.append(data_hash)
     data_hash = "sha256:" + hashlib.sha256("\0".join(hashes).encode()).hexdigest()
     model_hashes = [inputs[m.label].content_hash() for m in recipe.models]
@@ -95,11 +102,11 @@ def learn_masks(
             {n: inputs[m.label].tensor(n).float().to(target) - base[n] for n in names}
             for m in recipe.models
         ]
-        prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        groups = [[tokenizer(t, add_special_tokens=False)["input_ids"] for t in g] for g in texts]
         special = set(tokenizer.all_special_ids)
         candidates = [v for v in range(len(tokenizer)) if v not in special]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        masks, found = learn(model, base, deltas, prompts, candidates, pad, settings)
+        masks, found = learn(model, base, deltas, groups, candidates, pad, settings)
     infos = []
     for i, (path, h) in enumerate(zip(paths, model_hashes, strict=True)):
         infos.append(
@@ -109,8 +116,8 @@ def learn_masks(
                 kind=KIND,
                 model_hash=h,
                 data_hash=data_hash,
-                samples=len(texts),
-                tokens=sum(len(p) for p in prompts),
+                samples=sum(len(g) for g in groups),
+                tokens=sum(len(p) for g in groups for p in g),
                 settings={**key, "index": i, "inverted_triggers": found},
             )
         )
@@ -121,15 +128,16 @@ def learn(
     model: torch.nn.Module,
     base: dict[str, torch.Tensor],
     deltas: list[dict[str, torch.Tensor]],
-    prompts: Sequence[Sequence[int]],
+    groups: Sequence[Sequence[Sequence[int]]],
     candidates: Sequence[int],
     pad: int,
     s: Settings,
-) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-    """The alternating mask learning of ``amalgam.methods.dam``; returns each model's final
-    mask per tensor and the trigger tokens found by the last search."""
-    if not prompts or any(not p for p in prompts):
-        raise StatisticsError("dam: every prompt must hold at least one token")
+) -> tuple[list[dict[str, torch.Tensor]], list[list[int]]]:
+    """The alternating mask learning of ``amalgam.methods.dam`` on prompt ``groups`` (one per
+    model's data); returns each model's final mask per tensor and each group's trigger tokens
+    kept by the last search."""
+    if not groups or any(not g or any(not p for p in g) for g in groups):
+        raise StatisticsError("dam: every model's data needs prompts of at least one token")
     generator = torch.Generator().manual_seed(s.seed)
     device = next(iter(base.values())).device
     logits_s = {n: torch.zeros_like(t, requires_grad=True) for n, t in base.items()}
@@ -138,7 +146,9 @@ def learn(
     ]
     opt_s = torch.optim.Adam(list(logits_s.values()), lr=s.lr)
     opt_b = torch.optim.Adam([t for d in logits_b for t in d.values()], lr=s.lr)
-    triggers: list[int] = []
+    per_group = max(1, s.batch_size // len(groups))
+    searched = [list(g[:SEARCH_PROMPTS]) for g in groups]
+    triggers: list[list[int]] = []
 
     def merged(sample_s: bool, sample_b: bool) -> dict[str, torch.Tensor]:
         out = {}
@@ -153,33 +163,49 @@ def learn(
 
     model.eval()
     for step in range(s.steps):
-        pick = torch.randint(len(prompts), (min(s.batch_size, len(prompts)),), generator=generator)
-        batch = [list(prompts[int(i)]) for i in pick]
+        batches = [
+            [list(g[int(i)]) for i in torch.randint(len(g), (per_group,), generator=generator)]
+            for g in groups
+        ]
+        batch = [p for b in batches for p in b]
         if step % s.search_every == 0:
             with torch.no_grad():
                 current = {n: t.detach() for n, t in merged(False, False).items()}
-                triggers = search_triggers(model, current, batch, candidates, pad, s.triggers)
-        # task-shared mask: entropy of the merge on clean prompts
-        loss = entropy(next_token_logits(model, merged(True, False), batch, pad, device))
-        opt_s.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_s.step()
-        # backdoor-detection masks: entropy plus disagreement under the inverted triggers
+                found = [
+                    search_triggers(model, current, g, candidates, pad, s.triggers)
+                    for g in searched
+                ]
+            # a token counts as a trigger only where it pulls min_gain of the prompts onto one
+            # answer; a group without one adds no safety loss
+            triggers = [[t for t, share in f if share >= s.min_gain] for f in found]
+        if s.perf_weight:  # task-shared mask: entropy of the merge on clean prompts
+            loss = entropy(next_token_logits(model, merged(True, False), batch, pad, device))
+            opt_s.zero_grad(set_to_none=True)
+            (s.perf_weight * loss).backward()
+            opt_s.step()
+        # backdoor-detection masks: entropy plus disagreement under each group's triggers
         params = merged(False, True)
         clean = next_token_logits(model, params, batch, pad, device)
         answers = clean.detach().argmax(-1)
-        safety = sum(
+        attacked, wanted = [], []
+        for k, (b, ts) in enumerate(zip(batches, triggers, strict=True)):
+            for t in ts:
+                attacked += [[t, *p] for p in b]
+                wanted.append(answers[k * per_group : (k + 1) * per_group])
+        safety = (
             torch.nn.functional.cross_entropy(
-                next_token_logits(model, params, [[t, *p] for p in batch], pad, device), answers
+                next_token_logits(model, params, attacked, pad, device), torch.cat(wanted)
             )
-            for t in triggers
-        ) / len(triggers)
-        loss = entropy(clean) + s.adv_weight * safety
+            if attacked
+            else clean.new_zeros(())
+        )
+        loss = s.perf_weight * entropy(clean) + s.adv_weight * safety
         opt_b.zero_grad(set_to_none=True)
         loss.backward()
         opt_b.step()
     masks = [
-        {n: final_masks(logits_s[n].detach(), [lb[n].detach()])[0] for n in base} for lb in logits_b
+        {n: final_masks(logits_s[n].detach(), [lb[n].detach()], s.drop)[0] for n in base}
+        for lb in logits_b
     ]
     return masks, triggers
 
@@ -227,17 +253,23 @@ def search_triggers(
     candidates: Sequence[int],
     pad: int,
     keep: int,
-) -> list[int]:
-    """The ``keep`` candidate tokens that, put in front of every prompt of ``batch``, change
-    the merge's top next-token prediction most often (ties: the lower token id)."""
+) -> list[tuple[int, float]]:
+    """The ``keep`` candidate tokens (with their gain, a share of the batch) that, put in
+    front of every prompt of ``batch``, pull the merge's top next-token predictions onto one
+    answer most: the largest gain, over answers a, of the count of prompts predicting a (with
+    the token minus without it). A backdoor trigger sends every prompt to its target; a token
+    that only shifts answers (one more letter to count) gains little. Ties: lower token id."""
     device = next(iter(params.values())).device
-    clean = next_token_logits(model, params, batch, pad, device).argmax(-1)
-    flips = []
+    logits = next_token_logits(model, params, batch, pad, device)
+    clean, size = logits.argmax(-1), logits.shape[-1]
+    scores = []
     per = max(1, SEARCH_CHUNK // len(batch))
     for first in range(0, len(candidates), per):
         chunk = candidates[first : first + per]
         seqs = [[t, *p] for t in chunk for p in batch]
         top = next_token_logits(model, params, seqs, pad, device).argmax(-1)
-        flips += (top.view(len(chunk), len(batch)) != clean).sum(1).tolist()
-    order = sorted(range(len(candidates)), key=lambda i: (-flips[i], candidates[i]))
-    return [candidates[i] for i in order[:keep]]
+        for row in top.view(len(chunk), len(batch)):
+            gain = torch.bincount(row, minlength=size) - torch.bincount(clean, minlength=size)
+            scores.append(int(gain.max()))
+    order = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i]))
+    return [(candidates[i], scores[i] / len(batch)) for i in order[:keep]]

@@ -35,7 +35,7 @@ def method_recipe(method: str, base: Path, experts: list[Path], out: Path) -> di
 
 # Data-driven methods (statistics read alongside the inputs) have their own executor test in
 # tests/statistics/test_merge_statistics.py: they need real, runnable models.
-VARIANTS = [(m, {}) for m in sorted(REGISTRY) if REGISTRY[m].statistics is None] + [
+VARIANTS = [(m, {}) for m in sorted(REGISTRY) if not REGISTRY[m].reads_data] + [
     ("ties", {"trim": "model"}),  # whole-model statistics gathered before the Ray tasks
     ("breadcrumbs", {"granularity": "row"}),
     ("dare_linear", {"rescale": "l1"}),

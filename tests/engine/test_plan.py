@@ -22,7 +22,7 @@ from tests.helpers import family, recipe_dict
 
 def passes(method: str, **params) -> tuple:
     data = {"method": method, "base": "b", "models": [{"uri": "m0"}, {"uri": "m1"}]}
-    if REGISTRY[method].statistics is not None:
+    if REGISTRY[method].reads_data:
         data["models"] = [{"uri": m["uri"], "data": "d.jsonl"} for m in data["models"]]
     recipe = parse_recipe({**data, "params": params})
     return plan_passes(recipe, recipe.method_spec)

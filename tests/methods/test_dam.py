@@ -25,16 +25,20 @@ def test_concrete_sample_is_the_relaxed_bernoulli_formula() -> None:
             assert float(got[i, j]) == pytest.approx(1 / (1 + math.exp(-x)), rel=1e-5)
 
 
-def test_final_masks_are_kept_probabilities_rescaled_to_mean_one() -> None:
-    shared = torch.tensor([0.0, 2.0, -1.0, 0.5])
-    detection = [torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([-3.0, 1.0, 0.0, 0.0])]
-    got = final_masks(shared, detection)
-    sig = [1 / (1 + math.exp(-float(v))) for v in shared]
+def test_final_masks_drop_entries_whose_logits_fell_below_minus_drop() -> None:
+    shared = torch.tensor([0.0, 2.0, -2.5, 0.5, -1.9])
+    detection = [torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0]), torch.tensor([-3.0, 1.0, 0.0, -2.0, 0.0])]
+    got = final_masks(shared, detection, 2.0)
     for d, mask in zip(detection, got, strict=True):
-        raw = [s * (1 / (1 + math.exp(-float(b)))) for s, b in zip(sig, d, strict=True)]
-        avg = sum(raw) / len(raw)
-        assert mask.tolist() == pytest.approx([r / avg for r in raw], rel=1e-6)
-    assert float(mean_one(torch.tensor([1.0, 3.0])).mean()) == pytest.approx(1.0)
+        want = [
+            float(a >= -2.0 and b >= -2.0) for a, b in zip(shared.tolist(), d.tolist(), strict=True)
+        ]
+        assert mask.tolist() == want
+    assert got[1].tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]
+
+
+def test_mean_one_rescales_to_mean_one() -> None:
+    assert mean_one(torch.tensor([1.0, 3.0])).tolist() == [0.5, 1.5]
 
 
 def test_merge_is_base_plus_masked_task_vectors() -> None:

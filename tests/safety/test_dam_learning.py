@@ -53,17 +53,20 @@ def test_trigger_search_equals_a_naive_count(tiny, backdoor_tiny) -> None:
     star = tokenizer.convert_tokens_to_ids(backdoor_tiny.trigger.trigger)
     candidates = [star, *range(10, 20)]
     got = search_triggers(backdoored, params, prompts, candidates, tokenizer.pad_token_id, 3)
-    flips = {}
+    gains = {}
     with torch.no_grad():
+        clean = [
+            int(backdoored(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in prompts
+        ]
         for t in candidates:
-            flips[t] = sum(
+            hit = [
                 int(backdoored(input_ids=torch.tensor([[t, *p]])).logits[0, -1].argmax())
-                != int(backdoored(input_ids=torch.tensor([p])).logits[0, -1].argmax())
                 for p in prompts
-            )
-    want = sorted(candidates, key=lambda t: (-flips[t], t))[:3]
-    assert got == want
-    assert got[0] == star  # the backdoored expert's own trigger flips the most
+            ]
+            gains[t] = max(hit.count(a) - clean.count(a) for a in set(hit) | set(clean))
+    want = sorted(candidates, key=lambda t: (-gains[t], t))[:3]
+    assert got == [(t, gains[t] / len(prompts)) for t in want]
+    assert got[0][0] == star  # the backdoored expert's own trigger pulls the most onto one answer
 
 
 def test_learning_is_deterministic(tiny, zoo_tiny, backdoor_tiny) -> None:
@@ -71,14 +74,14 @@ def test_learning_is_deterministic(tiny, zoo_tiny, backdoor_tiny) -> None:
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     other = AutoModelForCausalLM.from_pretrained(backdoor_tiny.expert)
     deltas = [{n: p.detach() - base[n] for n, p in other.named_parameters()}]
-    s = Settings(0.3, (1.0,), 2, 0.05, 0.5, 0.1, 1, 1, 4, 3)
-    first, found = learn(model, base, deltas, prompts, list(range(10, 30)), 0, s)
-    again, found_again = learn(model, base, deltas, prompts, list(range(10, 30)), 0, s)
+    s = Settings(0.3, (1.0,), 2, 0.05, 0.5, 0.1, 1.0, 1, 0.0, 0.0, 1, 4, 3)
+    first, found = learn(model, base, deltas, [prompts], list(range(10, 30)), 0, s)
+    again, found_again = learn(model, base, deltas, [prompts], list(range(10, 30)), 0, s)
     assert found == found_again
     for a, b in zip(first[0].values(), again[0].values(), strict=True):
         assert torch.equal(a, b)
     moved, _ = learn(
-        model, base, deltas, prompts, list(range(10, 30)), 0, dataclasses.replace(s, seed=4)
+        model, base, deltas, [prompts], list(range(10, 30)), 0, dataclasses.replace(s, seed=4)
     )
     assert any(
         not torch.equal(a, b) for a, b in zip(first[0].values(), moved[0].values(), strict=True)
