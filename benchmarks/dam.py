@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from statistics import mean
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tasks = zoo.task_names
     experts = {t: (backdoor.expert if t == backdoor.task else p) for t, p in zoo.experts.items()}
     scorer = Scorer(zoo.base, zoo.tasks_dir, tasks, None)
-    work = Path(args.results) / "work"
+    work = Path(tempfile.mkdtemp(prefix="amalgam-dam-"))
 
     def score(folder: Path) -> dict[str, Any]:
         accuracy = scorer.score(folder, "test")
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         run_merge(recipe, MergeOptions(output=str(work), overwrite=True, device="cpu", threads=1))
         rows[method] = score(work) | {"seconds": round(time.perf_counter() - start, 1)}
+    shutil.rmtree(work, ignore_errors=True)
     for row in rows.values():
         row["average"] = mean(row["test"].values())
         row["normalized"] = mean(row["test"][t] / own[t] for t in tasks if own[t])

@@ -100,7 +100,8 @@ DRIVES: dict[str, Drive] = {
         WIDE_GRID,
     ),
     "fisher": Drive("data"),
-    "dam": Drive("data", {"lambda": 0.3}, "lambda", SUM_GRID),
+    # one learning run per lambda would multiply its cost: the default only
+    "dam": Drive("data", {"lambda": 0.3}),
     "regmean": Drive("data", {"alpha": 0.9}, "alpha", (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)),
     "continual_avg": Drive("continual"),
     "continual_ta": Drive("continual", {"lambda": 0.3}),

@@ -9,9 +9,8 @@ subspace learning (arXiv 2312.06173); and a backdoor-detection mask m_b,i per mo
 minimises that entropy plus ``adv_weight`` times a safety loss, the merged model's disagreement
 between a prompt with an inverted trigger and the same prompt without it. The merge is then
 one per-tensor pass: W = W0 + lambda * sum_i w_i M_i * (W_i - W0), where M_i is model i's mask
-(m_s * m_b,i, expected value, rescaled to mean 1 per tensor). Entries the safety loss pushes
-out of the subspace (the backdoor-relevant ones) are merged at a small fraction of their
-weight or not at all.
+(1 where neither m_s's nor m_b,i's logit fell below -``drop``, else 0). Entries the losses
+push out of the subspace (the backdoor-relevant ones) are not merged.
 
 Deviations from the paper and its released code (every one):
 - Text models: the trigger inversion is discrete. The paper optimises a universal additive
@@ -25,10 +24,13 @@ Deviations from the paper and its released code (every one):
 - Entropy is taken over the next-token distribution after each prompt (the paper: over a
   classifier head's classes).
 - lambda is fixed (Concrete TA form); the paper's inner AdaMerging step on lambda is not run.
-- The final mask is deterministic: the sigmoid of the learned logits (the mask's probability
-  of keeping an entry), rescaled to mean 1 per tensor; the paper samples one relaxed mask.
+- The final mask is deterministic and binary: an entry is merged (at weight 1) unless its
+  shared or detection logit ended below -``drop``; the paper samples one relaxed mask.
 - Mask logits learn at ``lr`` (default 0.05, the paper 1e-3 over 1000-2000 steps on ViT-B/32)
-  for ``steps`` (default 200): the small zoo needs far fewer steps.
+  for ``steps`` (default 100): the small zoo needs far fewer steps; ``adv_weight`` defaults to
+  1 (the paper's 0.1 left the zoo's backdoor in place).
+- A token counts as an inverted trigger only where it moves at least ``min_gain`` of a model's
+  prompts onto one answer (the paper has no such test: its perturbation is always used).
 Not streamed: the learning holds the base, every task vector and the mask logits with their
 Adam state in memory, about (4N + 4) x P floats for N models of P parameters; the merge
 itself streams per tensor.
@@ -116,21 +118,21 @@ register(
         params=(
             WEIGHT,
             Param("lambda", 0.3, LAMBDA.help),
-            Param("steps", 200, "mask-learning steps", kind=int, low=1, gradient=False),
+            Param("steps", 100, "mask-learning steps", kind=int, low=1, gradient=False),
             Param("lr", 0.05, "Adam learning rate of the mask logits", low=0.0, low_open=True),
             Param("temperature", 0.5, "Concrete temperature", low=0.0, low_open=True),
             Param(
                 "drop",
-                2.0,
+                1.5,
                 "an entry leaves the merge where a mask logit ends below -drop",
                 low=0.0,
             ),
-            Param("adv_weight", 0.1, "weight of the safety loss", low=0.0),
+            Param("adv_weight", 1.0, "weight of the safety loss (the paper: 0.1)", low=0.0),
             Param("perf_weight", 1.0, "weight of the entropy (performance) loss", low=0.0),
             Param("triggers", 1, "inverted trigger tokens kept", kind=int, low=1, gradient=False),
             Param(
                 "min_gain",
-                0.25,
+                0.4,
                 "share of a model's prompts a token must pull onto one answer to count as a "
                 "trigger",
                 low=0.0,
