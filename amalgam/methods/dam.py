@@ -67,29 +67,6 @@ LEARNING = (
 )
 
 
-def concrete_sample(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator
-) -> torch.Tensor:
-    """A relaxed-Bernoulli mask: sigmoid((log u - log(1 - u) + logits) / temperature),
-    u ~ U(0, 1) drawn from ``generator`` (on the CPU, then moved to the logits' device)."""
-    u = torch.rand(logits.shape, generator=generator).clamp_(1e-6, 1 - 1e-6).to(logits.device)
-    return torch.sigmoid((u.log() - (-u).log1p() + logits) / temperature)
-
-
-def mean_one(mask: torch.Tensor) -> torch.Tensor:
-    """``mask`` divided by its mean (the paper's rescaling, keeping the expected scale)."""
-    return mask / mask.mean().clamp_min(1e-12)
-
-
-def final_masks(
-    shared: torch.Tensor, detection: list[torch.Tensor], drop: float
-) -> list[torch.Tensor]:
-    """Model i's merge mask from the learned logits: 1 where neither the shared logit nor
-    model i's detection logit fell below -``drop``, else 0."""
-    keep = shared.float() >= -drop
-    return [(keep & (d.float() >= -drop)).float() for d in detection]
-
-
 def dam_merge(
     base: torch.Tensor | None, inputs: list[torch.Tensor], p: TensorParams, ctx: MergeContext
 ) -> torch.Tensor:

@@ -12,7 +12,6 @@ import torch
 
 from amalgam.device import compute_threads, load_causal_lm
 from amalgam.errors import StatisticsError
-from amalgam.methods.dam import concrete_sample, final_masks, mean_one
 from amalgam.methods.params import resolve_params
 from amalgam.statistics.artifact import StatisticsInfo, read_info, write_artifact
 from amalgam.statistics.compute import cache_path
@@ -46,15 +45,35 @@ class Settings:
     seed: int
 
 
+def concrete_sample(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator
+) -> torch.Tensor:
+    """A relaxed-Bernoulli mask: sigmoid((log u - log(1 - u) + logits) / temperature),
+    u ~ U(0, 1) drawn from ``generator`` (on the CPU, then moved to the logits' device)."""
+    u = torch.rand(logits.shape, generator=generator).clamp_(1e-6, 1 - 1e-6).to(logits.device)
+    return torch.sigmoid((u.log() - (-u).log1p() + logits) / temperature)
+
+
+def mean_one(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` divided by its mean (the paper's rescaling, keeping the expected scale)."""
+    return mask / mask.mean().clamp_min(1e-12)
+
+
+def final_masks(
+    shared: torch.Tensor, detection: list[torch.Tensor], drop: float
+) -> list[torch.Tensor]:
+    """Model i's merge mask from the learned logits: 1 where neither the shared logit nor
+    model i's detection logit fell below -``drop``, else 0."""
+    keep = shared.float() >= -drop
+    return [(keep & (d.float() >= -drop)).float() for d in detection]
+
+
 def learn_masks(
     recipe: Any, inputs: dict[str, Checkpoint], device: str
 ) -> tuple[StatisticsInfo, ...]:
     """One mask artifact per recipe model, learned on the union of the models' ``data``
     prompts (the first ``samples`` of each), or read from the cache."""
-    from amalgam.methods import get_method
-
-    method = get_method(recipe.method)
-    params = resolve_params(recipe, method, None, 1)
+    params = resolve_params(recipe, recipe.method_spec, None, 1)
     shared = params.shared
     settings = Settings(
         lam=float(shared["lambda"]),

@@ -9,9 +9,9 @@ import torch
 
 from amalgam.errors import RecipeError
 from amalgam.methods.base import MergeContext, get_method
-from amalgam.methods.dam import concrete_sample, final_masks, mean_one
 from amalgam.methods.params import resolve_params
 from amalgam.recipe import parse_recipe
+from amalgam.statistics.dam_masks import concrete_sample, final_masks, mean_one
 
 
 def test_concrete_sample_is_the_relaxed_bernoulli_formula() -> None:
