@@ -14,10 +14,10 @@ push out of the subspace (the backdoor-relevant ones) are not merged.
 
 Deviations from the paper and its released code (every one):
 - Text models: the trigger inversion is discrete. The paper optimises a universal additive
-  image perturbation with Adam; amalgam scores every vocabulary token put in front of the
-  prompts (the trigger position it searches: a one-token prefix) on the current merge and
-  keeps the ``triggers`` tokens that flip the most predictions, re-searched every
-  ``search_every`` steps.
+  image perturbation per task with Adam; amalgam scores every vocabulary token put in front
+  of each model's prompts (the trigger position it searches: a one-token prefix) on the
+  current merge and keeps, per model's data, the ``triggers`` tokens that pull the most
+  predictions onto one answer, re-searched every ``search_every`` steps.
 - The safety loss is the cross-entropy between the triggered prediction and the clean
   prediction's argmax (the released code's trigger-search objective), minimised over the
   detection masks (the released code instead adds the entropy on perturbed inputs).
