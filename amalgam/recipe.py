@@ -523,13 +523,13 @@ class Recipe(_Strict):
             if method.learns:
                 if m.statistics:
                     problems.append(
-                        f"models[{i}].statistics: method '{method.name}' learns its coefficients "
-                        "on the models' data: give data:, not statistics:"
+                        f"models[{i}].statistics: method '{method.name}' learns on the models' "
+                        "data: give data:, not statistics:"
                     )
                 elif not m.data:
                     problems.append(
-                        f"models[{i}].data: method '{method.name}' learns its coefficients on "
-                        "each model's unlabelled data: give data: (a task folder or jsonl)"
+                        f"models[{i}].data: method '{method.name}' learns on each model's "
+                        "unlabelled prompts: give data: (a task folder or jsonl)"
                     )
                 continue
             if method.statistics is None and (m.data or m.statistics):

@@ -243,7 +243,7 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
         method = REGISTRY[name]
         if method.continual:
             cases.append(Case(label, "continual", name, continual_run(name, params, base, experts)))
-        elif method.statistics is not None:
+        elif method.reads_data:
             cases.append(Case(label, "data", name, data_run(name, params, llama)))
         elif method.learns:  # a short schedule: the check is the devices' agreement
             short = {p.name: 2 for p in method.params if p.name in ("steps", "mask_steps")}

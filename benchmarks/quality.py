@@ -106,6 +106,8 @@ DRIVES: dict[str, Drive] = {
         WIDE_GRID,
     ),
     "fisher": Drive("data"),
+    # one learning run per lambda would multiply its cost: the default only
+    "dam": Drive("data", {"lambda": 0.3}),
     "regmean": Drive("data", {"alpha": 0.9}, "alpha", (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)),
     "adamerging": Drive("data", {"granularity": "layer", "steps": 500}),
     # The papers' 2000 (Concrete TA) and 1000 + 1000 (Concrete AdaMerging) steps take 30-60
@@ -158,7 +160,7 @@ def drive_for(name: str, method: Any) -> Drive:
         return DRIVES[name]
     if getattr(method, "continual", False):
         return Drive("continual")
-    if getattr(method, "reads_data", False):
+    if method.reads_data:
         return Drive("data")
     if method.max_models is not None and method.max_models < 3:
         return Drive("per_tensor", skip=f"takes at most {method.max_models} models")

@@ -62,7 +62,7 @@ def check_adapters(recipe: Recipe, inputs: dict[str, Checkpoint]) -> None:
     if not adapters:
         return
     first, *_ = adapters
-    if recipe.method_spec.statistics is not None:
+    if recipe.method_spec.reads_data:
         raise PlanError(
             f"model '{first}' is a LoRA adapter ({adapters[first].adapter.uri}), and method "
             f"'{recipe.method}' runs each model on data: merge the adapter into its base first "

@@ -23,6 +23,7 @@ from amalgam.methods.needs import (
     Collector,
     DataStatistics,
     LearnedCoefficients,
+    LearnedStatistics,
     RunningState,
     WholeModelStatistic,
 )
@@ -132,6 +133,17 @@ class LearnPass:
         return f"learned coefficients: {self.settings} on the models' data"
 
 
+class LearnedStatisticsPass:
+    """Learn statistics from every model and their data together (or reuse the cached
+    artifacts), one artifact per model."""
+
+    method: str
+    learn: Callable[..., tuple[StatisticsInfo, ...]] = field(compare=False, repr=False)
+
+    def describe(self) -> str:
+        return f"learned statistics: {self.method} from every model's data, one per model"
+
+
 @dataclass(frozen=True)
 class WholeModelPass:
     """Stream every merged tensor's task vectors through ``collectors`` (built from the
@@ -179,7 +191,15 @@ class AbsorbStep:
         return f"absorb '{self.model}': " + "; then ".join(p.describe() for p in self.passes)
 
 
-Pass = DataStatisticsPass | LearnPass | WholeModelPass | NormPass | TensorPass | AbsorbStep
+Pass = (
+    DataStatisticsPass
+    | LearnPass
+    | LearnedStatisticsPass
+    | WholeModelPass
+    | NormPass
+    | TensorPass
+    | AbsorbStep
+)
 
 
 def plan_passes(recipe: Recipe, method: Method) -> tuple[Pass, ...]:
@@ -200,6 +220,9 @@ def plan_passes(recipe: Recipe, method: Method) -> tuple[Pass, ...]:
     if learned is not None:
         settings = learned.settings(shared.shared)
         passes.append(LearnPass(json.dumps(settings, sort_keys=True), learned.learn))
+    learned = method.need(LearnedStatistics)
+    if learned is not None:
+        passes.append(LearnedStatisticsPass(method.name, learned.learn))
     whole = method.need(WholeModelStatistic)
     collectors = whole.collectors(shared) if whole is not None else []
     if whole is not None and collectors:

@@ -19,6 +19,7 @@ from amalgam.engine.options import MergeOptions, MergeResult, job_context, outpu
 from amalgam.engine.plan import (
     AbsorbStep,
     DataStatisticsPass,
+    LearnedStatisticsPass,
     LearnPass,
     Pass,
     TensorPass,
@@ -98,6 +99,20 @@ def _learn(
     return replace(ctx, plan=plan, stats={**ctx.stats, **stats}), 0
 
 
+def _learned_statistics(
+    pass_: LearnedStatisticsPass,
+    ctx: JobContext,
+    inputs: dict[str, Checkpoint],
+    options: MergeOptions,
+    executor: Executor,
+) -> tuple[JobContext, int]:
+    infos = pass_.learn(ctx.plan.recipe, inputs, options.device)
+    labels = [m.label for m in ctx.plan.recipe.models]
+    provenance = ";".join(f"{k}={i.content_hash}" for k, i in zip(labels, infos, strict=True))
+    metadata = {**ctx.plan.metadata, "statistics": provenance}
+    return replace(ctx, plan=replace(ctx.plan, statistics=tuple(infos), metadata=metadata)), 0
+
+
 def _whole_model(
     pass_: WholeModelPass,
     ctx: JobContext,
@@ -122,6 +137,7 @@ def _tensors(
 RUNNERS: dict[type, Runner] = {
     DataStatisticsPass: _data_statistics,
     LearnPass: _learn,
+    LearnedStatisticsPass: _learned_statistics,
     WholeModelPass: _whole_model,
     TensorPass: _tensors,
 }

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from amalgam.errors import RecipeError
-from amalgam.methods.needs import DataStatistics, LearnedCoefficients, N, Need, RunningState
+from amalgam.methods.needs import (
+    DataStatistics,
+    LearnedCoefficients,
+    LearnedStatistics,
+    N,
+    Need,
+    RunningState,
+)
 
 if TYPE_CHECKING:
     from amalgam.statistics.artifact import StatisticsInfo
@@ -168,8 +175,9 @@ class Method:
 
     @property
     def learns(self) -> bool:
-        """Whether the method learns coefficients on the models' data (LearnedCoefficients)."""
-        return self.need(LearnedCoefficients) is not None
+        """Whether the method learns on every model's data together: coefficients
+        (LearnedCoefficients) or per-model artifacts (LearnedStatistics)."""
+        return any(self.need(n) is not None for n in (LearnedCoefficients, LearnedStatistics))
 
     @property
     def reads_data(self) -> bool:

@@ -55,6 +55,16 @@ class DataStatistics:
 
 
 @dataclass(frozen=True)
+class LearnedStatistics:
+    """Need: statistics learned jointly from every model and their data (DAM's masks), one
+    artifact per model in model order, cached by the learner. ``learn`` gets (recipe, opened
+    inputs by label, device) and returns the artifacts' infos; the tensor pass reads them as
+    ``ctx.statistics`` and ``ctx.model_stats``. Every model must name ``data``."""
+
+    learn: Callable[[Any, dict[str, Any], str], tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
 class RunningState:
     """Need: a running merge that absorbs one model per step (DESIGN shape 2). ``fn`` gets
     [model] on the first step and [merged, model] after, with ``ctx.stats[STEP_KEY]`` the Step.
@@ -78,5 +88,7 @@ class LearnedCoefficients:
     learn: Callable[..., Any]  # (Problem, settings, seed) -> Learned
 
 
-Need = WholeModelStatistic | DataStatistics | RunningState | LearnedCoefficients
-N = TypeVar("N", WholeModelStatistic, DataStatistics, RunningState, LearnedCoefficients)
+Need = WholeModelStatistic | DataStatistics | LearnedStatistics | RunningState | LearnedCoefficients
+N = TypeVar(
+    "N", WholeModelStatistic, DataStatistics, LearnedStatistics, RunningState, LearnedCoefficients
+)

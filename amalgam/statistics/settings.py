@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from amalgam.errors import StatisticsError
 
 KINDS = ("fisher", "gram")
-#: What an artifact may hold: the kinds above, an MoE's routing statistics (MC-SMoE), and
-#: merge coefficients learned on data (AdaMerging, Concrete).
-ARTIFACT_KINDS = (*KINDS, "routing", "learned")
+#: What an artifact may hold: the kinds above, an MoE's routing statistics (MC-SMoE), merge
+#: coefficients learned on data (AdaMerging, Concrete) and DAM's learned masks.
+ARTIFACT_KINDS = (*KINDS, "routing", "learned", "dam_mask")
 VARIANTS = ("sampled", "empirical")  # Fisher targets: drawn from the model, or the data's own
 DEFAULT_SAMPLES = 256  # FusionBench's count for both Fisher and RegMean
 # Bumped when a kind's artifacts change content, so older cached artifacts are not reused.
