@@ -87,6 +87,10 @@ DRIVES: dict[str, Drive] = {
     ),
     "slerp": Drive("per_tensor", skip="interpolates exactly two models"),
     "tsv_m": Drive("per_tensor", {"lambda": 1.0}, "lambda", WIDE_GRID),
+    # outlier bound, energy share: our reading of the paper (its method section unavailable)
+    "r_tsvm": Drive(
+        "per_tensor", {"lambda": 1.0, "outlier": 3.0, "energy": 0.9}, "lambda", WIDE_GRID
+    ),
     "pcb": Drive(
         "per_tensor", {"density": 0.1, "clamp": 0.0001, "lambda": 1.0}, "lambda", MEAN_GRID
     ),
