@@ -127,6 +127,7 @@ VARIANTS: dict[str, Drive] = {
     "tsv_m (svd lowrank)": variant("tsv_m", svd="lowrank"),
     "pcb (scope model)": variant("pcb", scope="model"),
     "fisher (empirical)": variant("fisher", fisher="empirical"),
+    "fisher (sampled, one draw)": variant("fisher", fisher="sampled"),  # the former default
     "regmean (embeddings averaged)": variant("regmean", embeddings="average"),
     "opcm (no projection)": variant("opcm", projection=False),
 }

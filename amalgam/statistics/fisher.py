@@ -134,23 +134,20 @@ def _exact(
     start: int,
 ) -> None:
     captured: list[torch.Tensor] = []
-    hook = (head or model.get_output_embeddings()).register_forward_hook(
-        lambda _m, inputs, _out: captured.append(inputs[0])
-    )
+    hook = None
+    if head is not None:
+        hook = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
     try:
         logits = model(input_ids=ids).logits
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
     probs = torch.softmax(logits[0, start - 1 : -1].detach().float(), dim=-1)  # (T, V)
-    if head is None:
-        point, inner = logits, []  # factor the covariance on the logits themselves
-        rest = params
+    if head is None:  # factor the covariance on the logits themselves
+        point, w, rest = logits, None, params
     else:
-        point = captured[0]
-        w = head.weight.detach().float()
-        inner = [w]
-        own = {id(head.weight), id(head.bias)}
-        rest = {n: p for n, p in params.items() if id(p) not in own}
+        point, w = captured[0], head.weight.detach().float()
+        rest = {n: p for n, p in params.items() if p is not head.weight and p is not head.bias}
         h = point[0, start - 1 : -1].detach().float()
         var = probs * (1 - probs)
         for name, p in params.items():
@@ -158,27 +155,29 @@ def _exact(
                 sums[name] += var.T @ h.pow(2)
             elif p is head.bias:
                 sums[name] += var.sum(0)
-    cotangents = []
+    directions = []  # (position in the sequence, one backward direction there)
     for t, p in enumerate(probs):
-        cov = torch.diag(p) - torch.outer(p, p)
-        if inner:
-            cov = inner[0].T @ cov @ inner[0]
+        if w is None:
+            cov = torch.diag(p) - torch.outer(p, p)
+        else:
+            mean = w.T @ p
+            cov = (w.T * p) @ w - torch.outer(mean, mean)
         lam, vec = torch.linalg.eigh(cov)
-        lam, vec = lam.flip(0), vec.flip(1)
-        r = numerical_rank(lam.clamp_min(0), (cov.shape[0], cov.shape[0]))
-        factor = vec[:, :r] * lam[:r].clamp_min(0).sqrt()  # (width, r)
-        block = torch.zeros(r, *point.shape[1:], dtype=torch.float32)
-        block[:, start - 1 + t] = factor.T
-        cotangents.append(block)
-    todo = torch.cat(cotangents).to(point.device, point.dtype)
+        lam, vec = lam.flip(0).clamp_min(0), vec.flip(1)
+        r = numerical_rank(lam, (cov.shape[0], cov.shape[0]))
+        factor = (vec[:, :r] * lam[:r].sqrt()).T  # (r, width)
+        directions += [(start - 1 + t, row) for row in factor]
     size = sum(p.numel() for p in rest.values())
     chunk = max(1, min(CHUNK, MAX_FLOATS // max(size, 1)))
-    for first in range(0, todo.shape[0], chunk):
-        part = todo[first : first + chunk]
+    for first in range(0, len(directions), chunk):
+        part = directions[first : first + chunk]
+        cotangents = torch.zeros(len(part), *point.shape, dtype=point.dtype, device=point.device)
+        for j, (position, row) in enumerate(part):
+            cotangents[j, 0, position] = row
         grads = torch.autograd.grad(
             point,
             list(rest.values()),
-            grad_outputs=part[:, None],
+            grad_outputs=cotangents,
             is_grads_batched=True,
             retain_graph=True,
             allow_unused=True,
