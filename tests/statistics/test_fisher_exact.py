@@ -12,9 +12,11 @@ import torch
 from amalgam.checkpoint import open_checkpoint
 from amalgam.engine import run_merge
 from amalgam.recipe import parse_recipe
+from amalgam.statistics.artifact import read_info
 from amalgam.statistics.compute import cache_path, settings_for
 from amalgam.statistics.data import Example, encode
 from amalgam.statistics.fisher import fisher_diagonal
+from tests.helpers import run_cli
 from tests.statistics.test_statistics_compute import exact_fisher, load
 from tests.statistics.tiny_models import tiny_llama
 
@@ -126,3 +128,16 @@ def test_epsilon_that_swamps_a_fisher_is_warned_naming_the_model(
     warned = [r.getMessage() for r in caplog.records if "epsilon 10" in r.getMessage()]
     assert len(warned) == 2
     assert "model expert0" in warned[0] and "model expert1" in warned[1]
+
+
+def test_stats_command_takes_the_variant_and_draws(
+    home, models, data, tmp_path, monkeypatch, capsys
+):
+    art = tmp_path / "f.safetensors"
+    args = ["stats", str(models[0]), "--data", str(data[0]), "--kind", "fisher", "--samples", "2"]
+    sampled = ["--fisher", "sampled", "--draws", "3", "--output", str(art)]
+    code, _, err = run_cli([*args, *sampled], monkeypatch, capsys)
+    assert code == 0, err
+    assert read_info(str(art)).settings == {"samples": 2, "fisher": "sampled", "draws": 3}
+    code, _, err = run_cli([*args, "--fisher", "sampled", "--draws", "0"], monkeypatch, capsys)
+    assert code == 2 and "draws: expected a positive integer" in err
