@@ -277,7 +277,10 @@ def stats(
         str | None, typer.Option(help="artifact URI (default: the cache under $AMALGAM_HOME)")
     ] = None,
     samples: Annotated[int, typer.Option(help="examples of the data to use")] = 256,
-    fisher: Annotated[str, typer.Option(help="sampled | empirical (Fisher targets)")] = "sampled",
+    fisher: Annotated[
+        str, typer.Option(help="exact | sampled | empirical (Fisher targets)")
+    ] = "exact",
+    draws: Annotated[int, typer.Option(help="label draws per example (--fisher sampled)")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     storage_options: StorageOpt = None,
 ) -> None:
@@ -286,7 +289,7 @@ def stats(
     from amalgam.statistics import cached_statistics, compute_statistics
     from amalgam.statistics.compute import settings_for
 
-    settings = settings_for(kind, samples, fisher)
+    settings = settings_for(kind, samples, fisher, draws)
     options = _storage(storage_options)
     start = time.perf_counter()
     if output:

@@ -93,6 +93,10 @@ DRIVES: dict[str, Drive] = {
     "arcee_fusion": Drive("per_tensor", skip="fuses exactly one model into the base"),
     "passthrough": Drive("per_tensor", skip="copies one model (or stacks layers: slices)"),
     "tsv_m": Drive("per_tensor", {"lambda": 1.0}, "lambda", WIDE_GRID),
+    # outlier bound, energy share: our reading of the paper (its method section unavailable)
+    "r_tsvm": Drive(
+        "per_tensor", {"lambda": 1.0, "outlier": 3.0, "energy": 0.9}, "lambda", WIDE_GRID
+    ),
     "pcb": Drive(
         "per_tensor", {"density": 0.1, "clamp": 0.0001, "lambda": 1.0}, "lambda", MEAN_GRID
     ),
@@ -147,6 +151,7 @@ VARIANTS: dict[str, Drive] = {
     "tsv_m (svd lowrank)": variant("tsv_m", svd="lowrank"),
     "pcb (scope model)": variant("pcb", scope="model"),
     "fisher (empirical)": variant("fisher", fisher="empirical"),
+    "fisher (sampled, one draw)": variant("fisher", fisher="sampled"),  # the former default
     "regmean (embeddings averaged)": variant("regmean", embeddings="average"),
     "opcm (no projection)": variant("opcm", projection=False),
     "sce (no selection)": variant("sce", select_topk=1.0),

@@ -8,6 +8,8 @@ import json
 from amalgam.checkpoint import Checkpoint
 from amalgam.engine.plan import MAX_LISTED, DataStatisticsPass, Plan
 from amalgam.errors import StatisticsError
+from amalgam.methods.base import REGISTRY
+from amalgam.methods.needs import DataStatistics
 from amalgam.statistics.artifact import StatisticsInfo, read_info
 from amalgam.statistics.compute import cached_statistics
 from amalgam.statistics.data import load_examples
@@ -49,6 +51,9 @@ def attach_statistics(
             raise StatisticsError(f"{where}: give data: or statistics: for '{method}'")
         infos.append(info)
     _check_coverage(plan, infos, kind)
+    need = REGISTRY[method].need(DataStatistics)
+    if need is not None and need.check is not None:
+        need.check(recipe, infos)
     provenance = ";".join(
         f"{m.label}={info.content_hash}" for m, info in zip(recipe.models, infos, strict=True)
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -10,7 +13,19 @@ from amalgam.errors import MergeError
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
 from amalgam.methods.needs import DataStatistics
 from amalgam.methods.params import recipe_wide
-from amalgam.statistics.settings import DEFAULT_SAMPLES, VARIANTS
+from amalgam.statistics.artifact import StatisticsInfo
+from amalgam.statistics.settings import (
+    DEFAULT_DRAWS,
+    DEFAULT_SAMPLES,
+    DEFAULT_VARIANT,
+    VARIANTS,
+    settings_for,
+)
+
+log = logging.getLogger(__name__)
+EPSILON = 1e-6
+#: epsilon above this share of a model's root-mean-square Fisher entry swamps its Fisher
+EPSILON_SHARE = 1e-2
 
 SAMPLES = Param(
     "samples", DEFAULT_SAMPLES, "examples of each model's data used for its statistics",
@@ -59,7 +74,26 @@ def fisher_merge(
 
 
 def fisher_statistics(shared: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return "fisher", {"samples": int(shared["samples"]), "fisher": shared["fisher"]}
+    return "fisher", settings_for(
+        "fisher", int(shared["samples"]), shared["fisher"], int(shared["draws"])
+    )
+
+
+def warn_large_epsilon(recipe: Any, infos: Sequence[StatisticsInfo]) -> None:
+    """Log a warning naming each model whose root-mean-square Fisher entry is not large
+    against ``epsilon`` (epsilon >= EPSILON_SHARE x it): epsilon, not its Fisher, then sets its
+    weights (a one-draw sampled Fisher of a confident model is the usual cause)."""
+    eps = float(recipe.params.get("epsilon", EPSILON))
+    for m, info in zip(recipe.models, infos, strict=True):
+        count = sum(math.prod(shape) for shape in info.shapes.values())
+        rms = info.norm / math.sqrt(max(count, 1))
+        if eps > 0 and eps >= EPSILON_SHARE * rms:
+            log.warning(
+                "fisher: epsilon %g is not small against the Fisher of model %s "
+                "(root-mean-square entry %.3g, from %s): epsilon, not the Fisher, sets its "
+                "weights; lower epsilon, or use fisher: exact or more draws",
+                eps, m.label, rms, info.uri,
+            )  # fmt: skip
 
 
 register(
@@ -68,7 +102,7 @@ register(
         fn=fisher_merge,
         params=(
             Param("weight", 1.0, "coefficient of this model", per_model=True, low=0.0),
-            Param("epsilon", 1e-6, "added to every Fisher entry (floor)", low=0.0),
+            Param("epsilon", EPSILON, "added to every Fisher entry (floor)", low=0.0),
             Param(
                 "normalize",
                 True,
@@ -79,17 +113,26 @@ register(
             SAMPLES,
             Param(
                 "fisher",
-                "sampled",
-                "targets: sampled from the model (the paper's Fisher) or the data's (empirical)",
+                DEFAULT_VARIANT,
+                "exact: expectation over the model's predictive distribution (the paper's); "
+                "sampled: draws from it; empirical: the data's own tokens",
                 kind=str,
                 choices=VARIANTS,
+                gradient=False,
+            ),
+            Param(
+                "draws",
+                DEFAULT_DRAWS,
+                "label draws per example (fisher: sampled)",
+                kind=int,
+                low=1,
                 gradient=False,
             ),
         ),
         summary="element-wise average weighted by each model's diagonal Fisher on its data",
         paper="arXiv 2111.09832",
         needs_base=False,
-        check_recipe=recipe_wide(("samples", "fisher")),
-        needs=(DataStatistics(fisher_statistics),),
+        check_recipe=recipe_wide(("samples", "fisher", "draws")),
+        needs=(DataStatistics(fisher_statistics, check=warn_large_epsilon),),
     )
 )

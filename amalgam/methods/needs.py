@@ -5,7 +5,7 @@ A method lists its needs in ``Method.needs`` (none: one tensor pass). See docs/m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -49,9 +49,12 @@ class WholeModelStatistic:
 class DataStatistics:
     """Need: per-model statistics from running each model on its data, one artifact per model
     (Fisher diagonals, Gram matrices). ``settings`` maps the shared parameter values to
-    (kind, settings); the tensor pass reads ``ctx.statistics`` and ``ctx.model_stats``."""
+    (kind, settings); the tensor pass reads ``ctx.statistics`` and ``ctx.model_stats``.
+    ``check`` (recipe, one StatisticsInfo per model) runs once the artifacts are resolved,
+    before any tensor is merged (e.g. to warn about a setting that swamps a model's statistic)."""
 
     settings: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
+    check: Callable[[Any, Sequence[Any]], None] | None = None
 
 
 @dataclass(frozen=True)

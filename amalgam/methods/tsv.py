@@ -47,10 +47,23 @@ def tsv_merge(
         for x, w in zip(inputs, weights, strict=True):
             mean.add_(torch.sub(x, b), alpha=w / n)
         return torch.add(b, mean, alpha=lam)
+    triplets = [
+        top_singular(torch.sub(x, b).mul_(w), k, mode == "lowrank", ctx.generator(i))
+        for i, (x, w) in enumerate(zip(inputs, weights, strict=True))
+    ]
+    return orthogonal_sum(b, triplets, lam)
+
+
+Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def orthogonal_sum(b: torch.Tensor, triplets: list[Triplets], lam: float) -> torch.Tensor:
+    """b + lam * U diag(sigma) V^T from each task's (U_i, S_i, Vh_i), its chosen leading
+    singular triplets: triplets below the numerical-rank tolerance dropped, the stacked U_i and
+    Vh_i each replaced by their orthogonal polar factor (the Procrustes step)."""
     us, ss, vhs = [], [], []
-    for i, (x, w) in enumerate(zip(inputs, weights, strict=True)):
-        u, s, vh = top_singular(torch.sub(x, b).mul_(w), k, mode == "lowrank", ctx.generator(i))
-        kept = numerical_rank(s, tuple(base.shape))
+    for u, s, vh in triplets:
+        kept = numerical_rank(s, (b.shape[0], b.shape[1]))
         us.append(u[:, :kept])
         ss.append(s[:kept])
         vhs.append(vh[:kept])

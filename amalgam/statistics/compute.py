@@ -85,7 +85,9 @@ def _run(
         max_length = int((ckpt.config or {}).get("max_position_embeddings") or 2048)
         encoded = encode(tokenizer, examples[: settings["samples"]], max_length)
         if kind == "fisher":
-            tensors, used = fisher_diagonal(model, encoded, settings["fisher"])
+            tensors, used = fisher_diagonal(
+                model, encoded, settings["fisher"], draws=settings.get("draws", 1)
+            )
             tokens = sum(len(e.ids) - e.start for e in encoded if e.start < len(e.ids))
             if not used:
                 raise StatisticsError(f"{data}: no example has a token to score")

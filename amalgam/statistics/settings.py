@@ -13,23 +13,40 @@ KINDS = ("fisher", "gram")
 #: What an artifact may hold: the kinds above, an MoE's routing statistics (MC-SMoE), merge
 #: coefficients learned on data (AdaMerging, Concrete) and DAM's learned masks.
 ARTIFACT_KINDS = (*KINDS, "routing", "learned", "dam_mask")
-VARIANTS = ("sampled", "empirical")  # Fisher targets: drawn from the model, or the data's own
+#: Fisher targets: the exact expectation over the model's own predictive distribution, draws
+#: from it, or the data's own tokens.
+VARIANTS = ("exact", "sampled", "empirical")
+DEFAULT_VARIANT = "exact"
 DEFAULT_SAMPLES = 256  # FusionBench's count for both Fisher and RegMean
+DEFAULT_DRAWS = 1  # label draws per example of the ``sampled`` Fisher
 # Bumped when a kind's artifacts change content, so older cached artifacts are not reused.
 # Gram 2: artifacts also hold the input embedding's token shares.
 GRAM_VERSION = 2
 
 
-def settings_for(kind: str, samples: int = DEFAULT_SAMPLES, fisher: str = "sampled") -> dict:
-    """The settings that change a statistic's value (part of its cache key), checked."""
+def _positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StatisticsError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def settings_for(
+    kind: str,
+    samples: int = DEFAULT_SAMPLES,
+    fisher: str = DEFAULT_VARIANT,
+    draws: int = DEFAULT_DRAWS,
+) -> dict:
+    """The settings that change a statistic's value (part of its cache key), checked.
+    ``draws`` is part of the key of a ``sampled`` Fisher only."""
     if kind not in KINDS:
         raise StatisticsError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise StatisticsError(f"samples: expected a positive integer, got {samples!r}")
+    _positive("samples", samples)
     if kind == "gram":
         return {"samples": samples, "version": GRAM_VERSION}
     if fisher not in VARIANTS:
         raise StatisticsError(f"fisher: expected one of {list(VARIANTS)}, got {fisher!r}")
+    if fisher == "sampled":
+        return {"samples": samples, "fisher": fisher, "draws": _positive("draws", draws)}
     return {"samples": samples, "fisher": fisher}
 
 

@@ -83,7 +83,8 @@ SAMPLES_OVERRIDE = [{"match": "x", "params": {"samples": 4}}]
         (recipe("linear", models=STRAY_DATA), r"models\[0\]\.data: method 'linear' reads no"),
         (recipe("fisher", params={"samples": 2.5}), "params.samples: expected an integer"),
         (recipe("fisher", params={"samples": 0}), "params.samples: must be in"),
-        (recipe("fisher", params={"fisher": "exact"}), "params.fisher: expected one of"),
+        (recipe("fisher", params={"fisher": "mean"}), "params.fisher: expected one of"),
+        (recipe("fisher", params={"draws": 0}), "params.draws: must be in"),
         (recipe("fisher", params={"epsilon": -1}), "params.epsilon: must be in"),
         (
             recipe("fisher", overrides=SAMPLES_OVERRIDE),
