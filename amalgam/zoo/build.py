@@ -216,6 +216,7 @@ def build_into(
 ) -> dict[str, Any]:
     """Every artifact of a build into `tmp` (to be renamed to `final_root`); the manifest."""
     # lazy: torch and transformers, which a cached zoo does not need
+    from amalgam.zoo.routing import routing_shares
     from amalgam.zoo.train import new_model, train, with_lora
 
     started = time.perf_counter()
@@ -273,8 +274,12 @@ def build_into(
 
     moe = new_model(config.moe, tokenizer, seed_for(config, "moe-init"))
     run(moe, list(pools.values()), "moe")
+    moe.config.output_router_logits = False  # the auxiliary loss is for training only
     save_model(moe, tokenizer, tmp / "moe")
     accuracy["moe"] = evaluate(moe)
+    routing = routing_shares(
+        moe, tokenizer, {task: [e.prompt for e in splits[task]["test"]] for task in tasks}
+    )
 
     paths = {
         "base": "base",
@@ -283,7 +288,7 @@ def build_into(
         "moe": "moe",
         "tasks": "tasks",
     }
-    write_report(tmp, config, tasks, accuracy, time.perf_counter() - started, log)
+    write_report(tmp, config, tasks, accuracy, routing, time.perf_counter() - started, log)
     weights = sorted(tmp.rglob("*.safetensors"))
     return {
         "format": MANIFEST_FORMAT,
