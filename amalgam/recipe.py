@@ -244,7 +244,10 @@ class CompressSpec(_Strict):
     frequency-weighted merge of permutation-aligned experts or the baselines (``drop``: keep
     the most used experts only; ``uniform`` without ``align``: plain averages); a group's
     router row is its dominant expert's (``router_fold: dominant``) or the members' rows
-    averaged with the merge's weights (``average``)."""
+    averaged with the merge's weights (``average``). ``losparse_rank`` (default off) adds the
+    paper's compress step: each merged expert weight stored as its rank-``losparse_rank`` SVD
+    plus the ``losparse_density`` share of the residual's largest entries (a compressed folder
+    that ``amalgam decompress`` turns back into a dense MoE)."""
 
     method: Literal["compeft", "tall", "mc_smoe"] = "compeft"
     density: float = Field(default=0.1, gt=0.0, le=1.0)
@@ -260,6 +263,8 @@ class CompressSpec(_Strict):
     expert_merge: Literal["frequency", "uniform", "drop"] = "frequency"
     align: bool = True
     router_fold: Literal["dominant", "average"] = "dominant"
+    losparse_rank: int | None = Field(default=None, gt=0)
+    losparse_density: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @field_validator("keep_dense")
     @classmethod
@@ -285,6 +290,8 @@ COMPRESS_SETTINGS: dict[str, tuple[str, ...]] = {
         "expert_merge",
         "align",
         "router_fold",
+        "losparse_rank",
+        "losparse_density",
     ),
 }
 
