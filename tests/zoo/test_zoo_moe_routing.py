@@ -24,7 +24,7 @@ def test_routing_table_equals_a_naive_recount(zoo_tiny: Zoo) -> None:
     for layer in model.model.layers:
         layer.mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
     expected = {}
-    for task in zoo_tiny.task_names:
+    for task in zoo_tiny.task_names[:3]:  # three tasks keep the test to seconds
         counts = torch.zeros(len(model.model.layers), shape.experts)
         for record in read_split(zoo_tiny.tasks_dir, task, "test"):
             inputs.clear()
@@ -37,7 +37,7 @@ def test_routing_table_equals_a_naive_recount(zoo_tiny: Zoo) -> None:
                 counts[i] += torch.bincount(top.reshape(-1), minlength=shape.experts)
         expected[task] = (counts / counts.sum(dim=1, keepdim=True)).tolist()
     reported = json.loads((zoo_tiny.root / "report.json").read_text())["moe_routing"]
-    assert reported.keys() == expected.keys()
+    assert list(reported) == zoo_tiny.task_names
     for task, layers in expected.items():
         assert torch.tensor(reported[task]) == pytest.approx(torch.tensor(layers), abs=1e-12)
 
