@@ -103,3 +103,35 @@ def test_compressed_folder_is_exact_and_decompresses_to_the_decomposed_merge(
             assert torch.allclose(rebuilt[name], expected, atol=1e-6), name
         else:
             assert torch.equal(rebuilt[name], weights), name
+
+
+def test_the_stages_compress_then_decompress_it_for_scoring(
+    zoo_tiny, calibration: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from amalgam.checkpoint import open_checkpoint
+    from amalgam.recipe import parse_recipe
+    from amalgam.stages import CompressInput, CompressStage
+    from amalgam.stages.evaluate import decompressed
+    from amalgam.stages.merge import Merged
+
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))
+    with open_checkpoint(str(zoo_tiny.moe)) as ckpt:
+        merged = Merged(str(zoo_tiny.moe), ckpt.content_hash(), skipped=True)
+    compress = {
+        "method": "mc_smoe",
+        "experts": 4,
+        "calibration": str(calibration),
+        "losparse_rank": 4,
+        "losparse_density": 0.05,
+        "output": str(tmp_path / "small"),
+    }
+    recipe = parse_recipe(
+        {"method": "linear", "models": [{"uri": str(zoo_tiny.moe)}], "compress": compress}
+    )
+    stage, inp = CompressStage(), CompressInput(recipe, merged)
+    out = stage.run(inp)
+    assert stage.done(inp) is not None
+    dense = decompressed(recipe, out.output)
+    assert dense != out.output
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert model.config.num_local_experts == 4
