@@ -271,6 +271,14 @@ class CompressSpec(_Strict):
     def _compiles(cls, v: str | None) -> str | None:
         return v if v is None else _regex(v)
 
+    @model_validator(mode="after")
+    def _losparse_with_mc_smoe(self) -> CompressSpec:
+        if self.losparse_rank is not None and self.method != "mc_smoe":
+            raise ValueError(f"losparse_rank compresses mc_smoe's experts, not {self.method}")
+        if self.losparse_density > 0 and self.losparse_rank is None:
+            raise ValueError("losparse_density needs losparse_rank")
+        return self
+
     def settings(self) -> dict[str, Any]:
         """What decides the compressed bytes of this method (not where they go or how they are
         sharded)."""

@@ -7,7 +7,10 @@ are copied one at a time; a group's experts are read when the first of its merge
 due and dropped after the last, so peak memory is one group's expert weights in float32 (plus
 the model, in float32, once for the calibration pass when the statistics are not cached).
 
-The output is committed like every amalgam output; its safetensors metadata and ``mc_smoe.json``
+With ``losparse_rank`` the output is instead a compressed folder (``compression.json``, method
+``mc_smoe``): each merged expert weight low-rank + sparse (:mod:`amalgam.compress.losparse`),
+the rest dense, spooled into shards like ComPEFT's; ``amalgam decompress`` rebuilds the dense
+MoE. The output is committed like every amalgam output; its safetensors metadata and ``mc_smoe.json``
 (groups, frequencies, parameters and bytes before/after) carry the content key (settings, the
 model's and the statistics' content hashes), so a second run finds it done and skips.
 """

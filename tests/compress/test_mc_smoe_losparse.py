@@ -135,3 +135,18 @@ def test_the_stages_compress_then_decompress_it_for_scoring(
     assert dense != out.output
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
     assert model.config.num_local_experts == 4
+
+
+@pytest.mark.parametrize(
+    ("compress", "message"),
+    [
+        ({"method": "compeft", "losparse_rank": 4}, "losparse_rank compresses mc_smoe"),
+        ({"method": "mc_smoe", "experts": 2, "losparse_density": 0.1}, "needs losparse_rank"),
+    ],
+)
+def test_losparse_settings_out_of_place_are_named(compress: dict, message: str) -> None:
+    from amalgam.errors import RecipeError
+    from amalgam.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe({"method": "linear", "models": [{"uri": "a"}], "compress": compress})
