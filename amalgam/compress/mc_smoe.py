@@ -20,9 +20,9 @@ Qwen2-MoE with ``norm_topk_prob``), so folding changes which experts a token pic
 the picked ones are weighted against each other.
 
 The paper's second step (low-rank + sparse experts) is :mod:`amalgam.compress.losparse`, one
-shot, without the paper's distillation finetune. The baselines of the paper's tables are settings of the same
-code: ``expert_merge: drop`` keeps the dominant experts alone, ``uniform`` with ``align:
-false`` averages each group plainly.
+shot, without the paper's distillation finetune. The baselines of the paper's tables are
+settings of the same code: ``expert_merge: drop`` keeps the dominant experts alone,
+``uniform`` with ``align: false`` averages each group plainly.
 """
 
 from __future__ import annotations

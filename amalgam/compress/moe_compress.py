@@ -10,9 +10,10 @@ the model, in float32, once for the calibration pass when the statistics are not
 With ``losparse_rank`` the output is instead a compressed folder (``compression.json``, method
 ``mc_smoe``): each merged expert weight low-rank + sparse (:mod:`amalgam.compress.losparse`),
 the rest dense, spooled into shards like ComPEFT's; ``amalgam decompress`` rebuilds the dense
-MoE. The output is committed like every amalgam output; its safetensors metadata and ``mc_smoe.json``
-(groups, frequencies, parameters and bytes before/after) carry the content key (settings, the
-model's and the statistics' content hashes), so a second run finds it done and skips.
+MoE. The output is committed like every amalgam output; its safetensors metadata and
+``mc_smoe.json`` (groups, frequencies, parameters and bytes before/after) carry the content
+key (settings, the model's and the statistics' content hashes), so a second run finds it done
+and skips.
 """
 
 from __future__ import annotations
