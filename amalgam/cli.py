@@ -491,7 +491,10 @@ def compress(
             losparse_density=losparse_density,
         )
     except ValidationError as exc:
-        bad = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        bad = "; ".join(
+            (f"--{str(e['loc'][0]).replace('_', '-')}: " if e["loc"] else "") + e["msg"]
+            for e in exc.errors()
+        )
         raise AmalgamError(bad) from None
     so = _storage(storage_options)
     if spec.method == "mc_smoe":

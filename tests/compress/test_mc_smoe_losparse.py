@@ -150,3 +150,39 @@ def test_losparse_settings_out_of_place_are_named(compress: dict, message: str) 
 
     with pytest.raises(RecipeError, match=message):
         parse_recipe({"method": "linear", "models": [{"uri": "a"}], "compress": compress})
+
+
+def test_the_cli_compresses_and_decompresses(
+    zoo_tiny, calibration: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from tests.helpers import run_cli
+
+    packed, dense = tmp_path / "packed", tmp_path / "dense"
+    args = ["--method", "mc_smoe", "--experts", "2", "--calibration", str(calibration)]
+    args += ["--losparse-rank", "2", "--losparse-density", "0.1", "--output", str(packed)]
+    code, stdout, _ = run_cli(["compress", str(zoo_tiny.moe), *args, "--json"], monkeypatch, capsys)
+    assert (
+        code == 0
+        and json.loads(stdout)["bytes_after"]
+        == sum(p.stat().st_size for p in packed.glob("compressed-*.safetensors"))
+        + (packed / MANIFEST).stat().st_size
+    )
+    code, _, _ = run_cli(["decompress", str(packed), "--output", str(dense)], monkeypatch, capsys)
+    assert code == 0
+    assert AutoModelForCausalLM.from_pretrained(dense).config.num_local_experts == 2
+    capsys.readouterr()  # the loader's progress bar
+    code, _, err = run_cli(
+        [
+            "compress",
+            str(zoo_tiny.moe),
+            *args[:6],
+            "--losparse-density",
+            "0.1",
+            "--output",
+            str(tmp_path / "x"),
+        ],
+        monkeypatch,
+        capsys,
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "needs losparse_rank" in lines[0]
