@@ -53,3 +53,14 @@ def test_task_separation_by_hand() -> None:
     # pairs: a-b 1.0, a-c 0.5, b-c 0.5
     assert task_separation(one_layer) == pytest.approx(2 / 3)
     assert task_separation({"a": [[0.5, 0.5]], "b": [[0.5, 0.5]]}) == 0.0
+
+
+def test_the_moe_trained_alone_is_the_build_s(zoo_tiny: Zoo, tmp_path) -> None:
+    """Benchmarks train the MoE without a build (``train_moe``): same bytes as the build's."""
+    from amalgam.zoo.build import prepare_data, save_model, sha256_file, train_moe
+
+    config = PROFILES["tiny"]
+    tokenizer, _, pools = prepare_data(config)
+    save_model(train_moe(config, tokenizer, pools, log=lambda _: None), tokenizer, tmp_path)
+    name = "model.safetensors"
+    assert sha256_file(tmp_path / name) == sha256_file(zoo_tiny.moe / name)
