@@ -459,6 +459,13 @@ def compress(
     router_fold: Annotated[
         str, typer.Option(help="mc_smoe: a group's router row, dominant | average")
     ] = "dominant",
+    losparse_rank: Annotated[
+        int | None,
+        typer.Option(help="mc_smoe: store merged experts as rank-r SVD + sparse residual"),
+    ] = None,
+    losparse_density: Annotated[
+        float, typer.Option(help="mc_smoe: share of each expert's residual entries kept")
+    ] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     storage_options: StorageOpt = None,
@@ -488,9 +495,14 @@ def compress(
             expert_merge=expert_merge,
             align=align,
             router_fold=router_fold,
+            losparse_rank=losparse_rank,
+            losparse_density=losparse_density,
         )
     except ValidationError as exc:
-        bad = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        bad = "; ".join(
+            (f"--{str(e['loc'][0]).replace('_', '-')}: " if e["loc"] else "") + e["msg"]
+            for e in exc.errors()
+        )
         raise AmalgamError(bad) from None
     so = _storage(storage_options)
     if spec.method == "mc_smoe":

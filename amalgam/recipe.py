@@ -244,7 +244,10 @@ class CompressSpec(_Strict):
     frequency-weighted merge of permutation-aligned experts or the baselines (``drop``: keep
     the most used experts only; ``uniform`` without ``align``: plain averages); a group's
     router row is its dominant expert's (``router_fold: dominant``) or the members' rows
-    averaged with the merge's weights (``average``)."""
+    averaged with the merge's weights (``average``). ``losparse_rank`` (default off) adds the
+    paper's compress step: each merged expert weight stored as its rank-``losparse_rank`` SVD
+    plus the ``losparse_density`` share of the residual's largest entries (a compressed folder
+    that ``amalgam decompress`` turns back into a dense MoE)."""
 
     method: Literal["compeft", "tall", "mc_smoe"] = "compeft"
     density: float = Field(default=0.1, gt=0.0, le=1.0)
@@ -260,11 +263,21 @@ class CompressSpec(_Strict):
     expert_merge: Literal["frequency", "uniform", "drop"] = "frequency"
     align: bool = True
     router_fold: Literal["dominant", "average"] = "dominant"
+    losparse_rank: int | None = Field(default=None, gt=0)
+    losparse_density: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @field_validator("keep_dense")
     @classmethod
     def _compiles(cls, v: str | None) -> str | None:
         return v if v is None else _regex(v)
+
+    @model_validator(mode="after")
+    def _losparse_with_mc_smoe(self) -> CompressSpec:
+        if self.losparse_rank is not None and self.method != "mc_smoe":
+            raise ValueError(f"losparse_rank compresses mc_smoe's experts, not {self.method}")
+        if self.losparse_density > 0 and self.losparse_rank is None:
+            raise ValueError("losparse_density needs losparse_rank")
+        return self
 
     def settings(self) -> dict[str, Any]:
         """What decides the compressed bytes of this method (not where they go or how they are
@@ -285,6 +298,8 @@ COMPRESS_SETTINGS: dict[str, tuple[str, ...]] = {
         "expert_merge",
         "align",
         "router_fold",
+        "losparse_rank",
+        "losparse_density",
     ),
 }
 

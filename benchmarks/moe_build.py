@@ -97,25 +97,13 @@ def routing(folder: Path, zoo: Any, tasks: list[str], limit: int | None) -> dict
     """task -> layer -> share of the top-k slots routed to each expert, over the task's test
     prompts (each prompt run alone, so no pad token is routed)."""
     from amalgam.evaluate.taskdir import read_split
+    from amalgam.zoo.routing import routing_shares
 
     model, tokenizer = load(folder)
-    experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
-    counts: list[torch.Tensor] = []
-
-    def hook(_module: Any, _args: Any, output: Any, layer: int) -> None:
-        counts[layer] += torch.bincount(output[2].reshape(-1), minlength=experts)
-
-    for i, layer in enumerate(model.model.layers):
-        layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
-    table = {}
-    for task in tasks:
-        counts[:] = [torch.zeros(experts, dtype=torch.long) for _ in model.model.layers]
-        with torch.inference_mode():
-            for record in read_split(zoo.tasks_dir, task, "test")[:limit]:
-                ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-                model(input_ids=torch.tensor([ids]))
-        table[task] = [(c / c.sum()).tolist() for c in counts]
-    return table
+    prompts = {
+        t: [r["prompt"] for r in read_split(zoo.tasks_dir, t, "test")[:limit]] for t in tasks
+    }
+    return routing_shares(model, tokenizer, prompts)
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:

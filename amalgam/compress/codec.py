@@ -96,17 +96,8 @@ def _elias_fano_decode(packed: torch.Tensor, numel: int, kept: int) -> torch.Ten
 
 def encode(name: str, t: TernaryTensor) -> list[tuple[str, torch.Tensor]]:
     """The stored entries of one ternary tensor, in file order."""
-    kind = encoding(t.numel, t.positions.numel())
-    if kind == "bitmask":
-        mask = torch.zeros(t.numel, dtype=torch.bool)
-        mask[t.positions] = True
-        positions = pack_bits(mask)
-    elif kind == "elias_fano":
-        positions = _elias_fano(t.positions.numpy().astype(np.int64), t.numel)
-    else:
-        positions = t.positions.to(index_dtype(t.numel))
     return [
-        (name + POSITIONS, positions),
+        (name + POSITIONS, encode_positions(t.positions, t.numel)),
         (name + SIGNS, pack_bits(t.negative)),
         (name + SCALE, torch.tensor(t.scale, dtype=torch.float32)),
     ]
@@ -117,14 +108,30 @@ def decode(
 ) -> TernaryTensor:
     """Invert :func:`encode` given the original shape and the number of kept entries."""
     numel = int(np.prod(shape, dtype=np.int64))
+    index = decode_positions(positions, numel, kept)
+    return TernaryTensor(shape, index, unpack_bits(signs, kept), scale)
+
+
+def encode_positions(positions: torch.Tensor, numel: int) -> torch.Tensor:
+    """Sorted kept positions (int64) of ``numel`` entries in the smallest code for their count."""
+    kind = encoding(numel, positions.numel())
+    if kind == "bitmask":
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[positions] = True
+        return pack_bits(mask)
+    if kind == "elias_fano":
+        return _elias_fano(positions.numpy().astype(np.int64), numel)
+    return positions.to(index_dtype(numel))
+
+
+def decode_positions(packed: torch.Tensor, numel: int, kept: int) -> torch.Tensor:
+    """Invert :func:`encode_positions`: the ``kept`` positions, sorted, as int64."""
     kind = encoding(numel, kept)
     if kind == "bitmask":
-        index = torch.nonzero(unpack_bits(positions, numel)).reshape(-1)
-    elif kind == "elias_fano":
-        index = _elias_fano_decode(positions, numel, kept)
-    else:
-        index = positions.to(torch.int64)
-    return TernaryTensor(shape, index, unpack_bits(signs, kept), scale)
+        return torch.nonzero(unpack_bits(packed, numel)).reshape(-1)
+    if kind == "elias_fano":
+        return _elias_fano_decode(packed, numel, kept)
+    return packed.to(torch.int64)
 
 
 def entries_of(stored: list[tuple[str, torch.Tensor]]) -> list[Entry]:

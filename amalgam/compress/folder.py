@@ -16,7 +16,7 @@ from amalgam.writer import CheckpointWriter
 
 MANIFEST = "compression.json"
 FORMAT = 1
-METHODS = ("compeft", "tall")  # what a compression.json may hold
+METHODS = ("compeft", "tall", "mc_smoe")  # what a compression.json may hold
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class TensorReport:
     bits set, ``dense_bytes`` the tensor in every expert."""
 
     name: str
-    encoding: str  # bitmask | elias_fano | indices | dense | tall
+    encoding: str  # bitmask | elias_fano | indices | dense | tall | losparse
     numel: int
     kept: int
     dense_bytes: int

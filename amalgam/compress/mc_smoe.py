@@ -19,10 +19,10 @@ merge's weights (``average``: row g = Σ_e w_e row_e, a linear stand-in for the 
 Qwen2-MoE with ``norm_topk_prob``), so folding changes which experts a token picks, not how
 the picked ones are weighted against each other.
 
-The paper's second step (LoSparse low-rank + sparse experts) needs a distillation finetune to
-recover; it is not done here. The baselines of the paper's tables are settings of the same
-code: ``expert_merge: drop`` keeps the dominant experts alone, ``uniform`` with ``align:
-false`` averages each group plainly.
+The paper's second step (low-rank + sparse experts) is :mod:`amalgam.compress.losparse`, one
+shot, without the paper's distillation finetune. The baselines of the paper's tables are
+settings of the same code: ``expert_merge: drop`` keeps the dominant experts alone,
+``uniform`` with ``align: false`` averages each group plainly.
 """
 
 from __future__ import annotations

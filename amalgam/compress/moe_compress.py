@@ -7,9 +7,13 @@ are copied one at a time; a group's experts are read when the first of its merge
 due and dropped after the last, so peak memory is one group's expert weights in float32 (plus
 the model, in float32, once for the calibration pass when the statistics are not cached).
 
-The output is committed like every amalgam output; its safetensors metadata and ``mc_smoe.json``
-(groups, frequencies, parameters and bytes before/after) carry the content key (settings, the
-model's and the statistics' content hashes), so a second run finds it done and skips.
+With ``losparse_rank`` the output is instead a compressed folder (``compression.json``, method
+``mc_smoe``): each merged expert weight low-rank + sparse (:mod:`amalgam.compress.losparse`),
+the rest dense, spooled into shards like ComPEFT's; ``amalgam decompress`` rebuilds the dense
+MoE. The output is committed like every amalgam output; its safetensors metadata and
+``mc_smoe.json`` (groups, frequencies, parameters and bytes before/after) carry the content
+key (settings, the model's and the statistics' content hashes), so a second run finds it done
+and skips.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import torch
 
 from amalgam import __version__, storage
 from amalgam.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
+from amalgam.compress import losparse
 from amalgam.compress.errors import CompressError
+from amalgam.compress.folder import FORMAT, MANIFEST
 from amalgam.compress.mc_smoe import (
     Expert,
     dominant_groups,
@@ -33,6 +39,7 @@ from amalgam.compress.mc_smoe import (
     merge_group,
 )
 from amalgam.compress.routing import MoELayout, cached_routing, frequencies, moe_layout, similarity
+from amalgam.compress.stage import ShardSpool
 from amalgam.engine.inputs import check_output
 from amalgam.engine.plan import TensorJob, shard_jobs
 from amalgam.errors import StatisticsError
@@ -44,7 +51,7 @@ from amalgam.writer import CheckpointWriter, committed_with
 REPORT = "mc_smoe.json"
 KEY = "amalgam.mc_smoe_key"
 #: Side files not copied: rewritten here, or about the input (``amalgam moe``'s build record).
-NOT_COPIED = ("config.json", REPORT, "moe.json")
+NOT_COPIED = ("config.json", REPORT, "moe.json", MANIFEST)
 PAPER = "arXiv:2310.01334"
 
 
@@ -252,7 +259,6 @@ def _write(
     so: dict[str, Any],
 ) -> None:
     jobs, readers = _plan(model, layout, groups, freqs, spec, report)
-    units = shard_jobs(jobs, max_shard_size)
     k = report["experts"]
     metadata = {"format": "pt", KEY: key, "parents": f"model={model.content_hash()}"}
     report.update(
@@ -263,7 +269,18 @@ def _write(
     )
     writer = CheckpointWriter(output, overwrite=overwrite, **so)
     try:
-        writer.write_units(units, lambda name: readers[name](), metadata)
+        if spec.losparse_rank is None:
+            writer.write_units(
+                shard_jobs(jobs, max_shard_size), lambda name: readers[name](), metadata
+            )
+        else:
+            experts = {
+                name
+                for layer in layout.layers
+                for g in range(k)
+                for name in layout.expert_tensors(layer, g).values()
+            }
+            _write_losparse(writer, model, jobs, readers, experts, spec, metadata, report)
         config = dict(model.config)
         config[layout.count_field] = k
         config["num_experts_per_tok"] = min(layout.top_k, k)
@@ -276,6 +293,58 @@ def _write(
     except BaseException:
         writer.abort()
         raise
+
+
+def _write_losparse(
+    writer: CheckpointWriter,
+    model: Checkpoint,
+    jobs: list[TensorJob],
+    readers: dict[str, Callable[[], torch.Tensor]],
+    experts: set[str],
+    spec: CompressSpec,
+    metadata: dict[str, str],
+    report: dict[str, Any],
+) -> None:
+    """The merged model as a compressed folder: the ``experts`` tensors low-rank + sparse
+    (:mod:`amalgam.compress.losparse`), the others dense, and ``compression.json``; records in
+    ``report`` the parameters stored and ``bytes_after``, the exact bytes of the shards
+    (headers included) and the manifest."""
+    assert spec.losparse_rank is not None
+    spool = ShardSpool(writer, spec.max_shard_size, metadata)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "method": "mc_smoe",
+        "paper": PAPER,
+        "kind": "model",
+        "settings": spec.settings(),
+        "base": None,
+        "model": {"uri": model.uri, "hash": model.content_hash()},
+        "amalgam": __version__,
+        "tensors": {},
+    }
+    stored_params = 0
+    for job in jobs:
+        weights = readers[job.name]()
+        entry: dict[str, Any] = {"shape": list(job.shape), "dtype": job.dtype}
+        if job.name in experts:
+            parts = losparse.losparse(weights, spec.losparse_rank, spec.losparse_density)
+            stored, kept = losparse.encode(job.name, parts), parts.positions.numel()
+            entry |= {"encoding": losparse.ENCODING, "kept": kept, "base_tensor": None}
+            stored_params += parts.u.numel() + parts.v.numel() + 2 * kept
+        else:
+            stored = [(job.name, weights)]
+            entry |= {"encoding": "dense", "kept": weights.numel()}
+            stored_params += weights.numel()
+        manifest["tensors"][job.name] = entry | {"file": spool.add(stored)}
+    spool.flush()
+    raw = json.dumps(manifest, separators=(",", ":")).encode()
+    with writer.fs.open(storage.join(writer.staging, MANIFEST), "wb") as fh:
+        fh.write(raw)
+    report.update(
+        stored_params=stored_params,
+        bytes_after=sum(spool.files.values()) + len(raw),
+        files={**spool.files, MANIFEST: len(raw)},
+    )
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import amalgam.compress.codec as codec
+import amalgam.compress.losparse as losparse
 from amalgam import __version__, storage
 from amalgam.adapters.peft_write import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from amalgam.align.compatibility import check_compatibility
@@ -328,6 +329,12 @@ def _dense(
     dtype = SAFETENSORS_DTYPES[entry["dtype"]]
     if entry["encoding"] == "dense":
         return packed.tensor(name)
+    if entry["encoding"] == losparse.ENCODING:
+        parts = [losparse.U, losparse.V, codec.POSITIONS, losparse.VALUES]
+        stored = losparse.decode(
+            tuple(entry["shape"]), entry["kept"], *(packed.tensor(name + p) for p in parts)
+        )
+        return stored.dense().to(dtype)
     ternary = codec.decode(
         tuple(entry["shape"]),
         entry["kept"],

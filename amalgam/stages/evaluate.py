@@ -114,15 +114,18 @@ def wanted(
 def decompressed(recipe: Recipe, compressed: str) -> str:
     """A local dense copy of the ComPEFT folder ``compressed``, kept under
     ``$AMALGAM_HOME/decompressed`` by the hash of its manifest (rebuilt only when it changes);
-    an MC-SMoE output is a model already, scored as it is."""
-    if recipe.compress is not None and recipe.compress.method == "mc_smoe":
+    an MC-SMoE output is a model already, scored as it is, unless its experts were stored
+    low-rank + sparse (``losparse_rank``: decompressed like ComPEFT, with no base)."""
+    moe = recipe.compress is not None and recipe.compress.method == "mc_smoe"
+    if moe and recipe.compress.losparse_rank is None:
         return compressed
     so = recipe.storage_options
     manifest = json.dumps(read_manifest(compressed, **so), sort_keys=True).encode()
     out = amalgam_home() / "decompressed" / hashlib.sha256(manifest).hexdigest()[:16]
     done = out / DECOMPRESSED_FROM
     if not done.is_file():
-        decompress_model(compressed, recipe.base, str(out), overwrite=True, **so)
+        base = None if moe else recipe.base
+        decompress_model(compressed, base, str(out), overwrite=True, **so)
         done.write_text(compressed + "\n")
     return str(out)
 

@@ -198,6 +198,33 @@ def train_base(
     return model
 
 
+def train_moe(
+    config: Profile,
+    tokenizer: PreTrainedTokenizerFast,
+    pools: dict[str, list[Encoded]],
+    log: Callable[[str], None],
+) -> PreTrainedModel:
+    """The MoE: a Mixtral trained from scratch on the mixture of every task's train split, with
+    the profile's load-balancing loss (its bits depend on the profile alone, not on the other
+    stages, so a benchmark can train it without building the zoo)."""
+    # lazy: torch and transformers, which a cached zoo does not need
+    from amalgam.zoo.train import deterministic_torch, new_model, train
+
+    with deterministic_torch():
+        moe = new_model(config.moe, tokenizer, seed_for(config, "moe-init"))
+        train(
+            moe,
+            list(pools.values()),
+            config.moe_schedule,
+            pad_id=tokenizer.pad_token_id,
+            seed=seed_for(config, "moe"),
+            log=log,
+            label="moe",
+        )
+    moe.config.output_router_logits = False  # the auxiliary loss is for training only
+    return moe
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -216,7 +243,8 @@ def build_into(
 ) -> dict[str, Any]:
     """Every artifact of a build into `tmp` (to be renamed to `final_root`); the manifest."""
     # lazy: torch and transformers, which a cached zoo does not need
-    from amalgam.zoo.train import new_model, train, with_lora
+    from amalgam.zoo.routing import routing_shares
+    from amalgam.zoo.train import train, with_lora
 
     started = time.perf_counter()
     log(f"zoo {final_root.name}: building into {tmp}")
@@ -229,7 +257,6 @@ def build_into(
         schedule = {
             "expert": config.expert_schedule,
             "lora": config.lora_schedule,
-            "moe": config.moe_schedule,
         }[stage.split(":")[0]]
         train(
             model,
@@ -271,10 +298,12 @@ def build_into(
         adapter.save_pretrained(tmp / "loras" / task)
         accuracy[f"lora:{task}"] = evaluate(adapter.merge_and_unload())
 
-    moe = new_model(config.moe, tokenizer, seed_for(config, "moe-init"))
-    run(moe, list(pools.values()), "moe")
+    moe = train_moe(config, tokenizer, pools, log)
     save_model(moe, tokenizer, tmp / "moe")
     accuracy["moe"] = evaluate(moe)
+    routing = routing_shares(
+        moe, tokenizer, {task: [e.prompt for e in splits[task]["test"]] for task in tasks}
+    )
 
     paths = {
         "base": "base",
@@ -283,7 +312,7 @@ def build_into(
         "moe": "moe",
         "tasks": "tasks",
     }
-    write_report(tmp, config, tasks, accuracy, time.perf_counter() - started, log)
+    write_report(tmp, config, tasks, accuracy, routing, time.perf_counter() - started, log)
     weights = sorted(tmp.rglob("*.safetensors"))
     return {
         "format": MANIFEST_FORMAT,

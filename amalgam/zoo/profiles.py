@@ -10,7 +10,8 @@ class Frozen(BaseModel):
 
 
 class ModelShape(Frozen):
-    """The shape of a decoder-only model (Llama; Mixtral when `experts` > 0)."""
+    """The shape of a decoder-only model (Llama; Mixtral when `experts` > 0, trained with
+    Mixtral's load-balancing loss weighted by `router_aux_loss` when that is > 0)."""
 
     hidden: int
     layers: int
@@ -19,6 +20,7 @@ class ModelShape(Frozen):
     intermediate: int
     experts: int = 0
     experts_per_token: int = 2
+    router_aux_loss: float = 0.0
     max_positions: int = 64
 
 
@@ -64,8 +66,18 @@ PROFILES: dict[str, Profile] = {
             expert_schedule=Schedule(steps=80, lr=5e-4, batch_size=48),
             lora_rank=8,
             lora_schedule=Schedule(steps=80, lr=2e-3, batch_size=48),
-            moe=ModelShape(hidden=96, layers=2, heads=4, kv_heads=2, intermediate=192, experts=4),
-            moe_schedule=Schedule(steps=300, lr=3e-3, warmup=30),
+            # 8 experts from scratch with a load-balancing loss: they specialise (routing
+            # differs by task, see report.md), a test subject for MC-SMoE (docs/zoo.md).
+            moe=ModelShape(
+                hidden=96,
+                layers=2,
+                heads=4,
+                kv_heads=2,
+                intermediate=192,
+                experts=8,
+                router_aux_loss=0.01,
+            ),
+            moe_schedule=Schedule(steps=600, lr=3e-3, warmup=30),
         ),
         Profile(
             name="tiny",
@@ -77,8 +89,16 @@ PROFILES: dict[str, Profile] = {
             expert_schedule=Schedule(steps=50, lr=2e-3, batch_size=32),
             lora_rank=4,
             lora_schedule=Schedule(steps=40, lr=5e-3, batch_size=32),
-            moe=ModelShape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, experts=4),
-            moe_schedule=Schedule(steps=30, lr=3e-3, batch_size=32, warmup=5),
+            moe=ModelShape(
+                hidden=32,
+                layers=1,
+                heads=2,
+                kv_heads=1,
+                intermediate=64,
+                experts=8,
+                router_aux_loss=0.01,
+            ),
+            moe_schedule=Schedule(steps=60, lr=3e-3, batch_size=32, warmup=5),
         ),
     )
 }

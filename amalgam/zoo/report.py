@@ -8,6 +8,7 @@ from pathlib import Path
 
 from amalgam.evaluate.table import render_markdown
 from amalgam.zoo.profiles import Profile
+from amalgam.zoo.routing import Routing, task_separation
 
 #: An expert should beat the base on its own task by at least this much accuracy.
 MIN_EXPERT_GAIN = 0.05
@@ -29,11 +30,13 @@ def write_report(
     config: Profile,
     tasks: list[str],
     accuracy: dict[str, dict[str, float]],
+    routing: Routing,
     seconds: float,
     log: Callable[[str], None],
 ) -> None:
     """report.json and report.md: test accuracy of every model on every task, the own-task
-    gains of the experts and LoRAs over the base; logs a warning for every weak expert."""
+    gains of the experts and LoRAs over the base, the MoE's routing per task on the test
+    prompts; logs a warning for every weak expert."""
     gains = {kind: own_task_gains(accuracy, kind) for kind in ("expert", "lora")}
     weak = [
         f"{kind}:{task} ({gain:+.3f})"
@@ -49,6 +52,8 @@ def write_report(
         "accuracy": accuracy,
         "own_task_gain": gains,
         "weak": weak,
+        "moe_routing": routing,
+        "moe_task_separation": task_separation(routing),
         "build_seconds": round(seconds, 1),
     }
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -67,5 +72,30 @@ def write_report(
     ]
     if weak:
         text.append(f"Experts within {MIN_EXPERT_GAIN} of the base: {', '.join(weak)}\n")
+    text += [
+        "## MoE routing per task\n",
+        "Share (%) of the top-k slots each expert gets on the task's test prompts. Task "
+        f"separation {task_separation(routing):.3f} (mean total-variation distance between "
+        "two tasks' shares: 0 when every task is routed alike).\n",
+        *routing_tables(routing),
+    ]
     (root / "report.md").write_text("\n".join(text))
     log(f"report: {root / 'report.md'}")
+
+
+def routing_tables(routing: Routing) -> list[str]:
+    """One markdown table per layer: a row per task, a column per expert."""
+    tables = []
+    for layer in range(len(next(iter(routing.values())))):
+        experts = len(next(iter(routing.values()))[layer])
+        lines = [
+            f"Layer {layer}:\n",
+            "| task | " + " | ".join(f"E{e}" for e in range(experts)) + " |",
+            "|---|" + "---:|" * experts,
+        ]
+        for task, layers in routing.items():
+            lines.append(
+                f"| {task} | " + " | ".join(f"{100 * s:.1f}" for s in layers[layer]) + " |"
+            )
+        tables.append("\n".join(lines) + "\n")
+    return tables

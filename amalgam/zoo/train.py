@@ -61,7 +61,9 @@ def encode_examples(
 
 
 def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
-    """A freshly initialised Llama (or Mixtral when `shape.experts` > 0), float32, seeded."""
+    """A freshly initialised Llama (or Mixtral when `shape.experts` > 0, returning its router
+    logits, and so adding the load-balancing loss, when `shape.router_aux_loss` > 0), float32,
+    seeded."""
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden,
@@ -81,6 +83,8 @@ def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int) 
         config = MixtralConfig(
             num_local_experts=shape.experts,
             num_experts_per_tok=shape.experts_per_token,
+            output_router_logits=shape.router_aux_loss > 0,
+            router_aux_loss_coef=shape.router_aux_loss,
             **common,
         )
         return MixtralForCausalLM(config)
