@@ -59,6 +59,7 @@ from amalgam.device import pick_device
 from amalgam.engine import MergeOptions, run_merge
 from amalgam.errors import MergeError
 from amalgam.methods import REGISTRY
+from amalgam.methods.needs import LearnedCoefficients
 from amalgam.recipe import Recipe, parse_recipe
 
 # parameters without a default
@@ -243,12 +244,12 @@ def build_cases(methods: list[str], root: Path, args: argparse.Namespace) -> lis
         method = REGISTRY[name]
         if method.continual:
             cases.append(Case(label, "continual", name, continual_run(name, params, base, experts)))
-        elif method.reads_data:
-            cases.append(Case(label, "data", name, data_run(name, params, llama)))
         elif method.learns:  # a short schedule: the check is the devices' agreement
             short = {p.name: 2 for p in method.params if p.name in ("steps", "mask_steps")}
             run = data_run(name, {**params, **short}, llama, llama_base)
             cases.append(Case(label, "data", name, run))
+        elif method.reads_data:
+            cases.append(Case(label, "data", name, data_run(name, params, llama)))
         else:
             one = name == "slerp" or method.max_models == 1
             models = experts[:2] if name == "nuslerp" else experts[:1] if one else experts
@@ -342,7 +343,8 @@ def compare_statistics(case: Case, homes: list[Path]) -> dict[str, Any]:
     label = f"{case.label} statistics"
     row: dict[str, Any] = {"label": label, "kind": "statistics", "method": case.method}
     row["seconds"] = {}  # their time is part of the merge's row
-    folder = "learned" if REGISTRY[case.method].learns else "statistics"
+    # learned coefficients have their own cache folder; DAM's masks are statistics artifacts
+    folder = "learned" if REGISTRY[case.method].need(LearnedCoefficients) else "statistics"
     try:
         files = [sorted(p.name for p in (h / folder).glob("*.safetensors")) for h in homes]
         if not files[0] or files[0] != files[1]:

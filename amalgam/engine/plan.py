@@ -133,6 +133,7 @@ class LearnPass:
         return f"learned coefficients: {self.settings} on the models' data"
 
 
+@dataclass(frozen=True)
 class LearnedStatisticsPass:
     """Learn statistics from every model and their data together (or reuse the cached
     artifacts), one artifact per model."""
