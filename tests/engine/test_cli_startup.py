@@ -63,9 +63,8 @@ def test_inputs_hashed_side_by_side_match_a_plain_sha256(
         files = sorted(p.name for p in Path(folder).glob("*.safetensors"))
         h = hashlib.sha256()
         for name in files:
-            h.update(
-                f"{name}\0{hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest()}\n".encode()
-            )
+            digest = hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest()
+            h.update(f"{name}\0{digest}\n".encode())
         assert hashes[label] == "sha256:" + h.hexdigest(), label
 
 
