@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -67,8 +68,15 @@ def tree_env(tree: Path, work: Path) -> dict[str, str]:
     return {**env, "PYTHONPATH": f"{tree}:{links}", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def timed(args: list[str], env: dict[str, str]) -> tuple[float, str]:
-    """Wall seconds of ``amalgam ARGS`` in a fresh process, and its stdout."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Wall and CPU (user + system) seconds of ``amalgam ARGS`` in a fresh process, and its
+    stdout. CPU seconds hardly depend on what else runs on the machine; wall seconds do."""
+    cpu = children_cpu()
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", LAUNCH, *args], capture_output=True, text=True, env=env, cwd=ROOT
@@ -76,25 +84,25 @@ def timed(args: list[str], env: dict[str, str]) -> tuple[float, str]:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"amalgam {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return wall, done.stdout
+    return wall, children_cpu() - cpu, done.stdout
 
 
-def merge_once(cfg: Path, out: Path, env: dict[str, str]) -> tuple[float, float]:
-    """(wall s, engine s) of one `amalgam merge`."""
-    wall, stdout = timed(["merge", str(cfg), "--output", str(out), "--overwrite"], env)
+def merge_once(cfg: Path, out: Path, env: dict[str, str]) -> tuple[float, float, float]:
+    """(wall s, engine s, CPU s) of one `amalgam merge`."""
+    wall, cpu, stdout = timed(["merge", str(cfg), "--output", str(out), "--overwrite"], env)
     match = ENGINE_SECONDS.search(stdout)
     if match is None:
         raise SystemExit(f"no engine time in: {stdout}")
-    return wall, float(match.group(1))
+    return wall, float(match.group(1)), cpu
 
 
 def measure(trees: dict[str, Path], cfg: Path, work: Path, repeats: int) -> dict[str, dict]:
-    """Per tree, lists of: help wall, cold merge (wall, engine), warm merge (wall, engine)."""
+    """Per tree, lists of: help (wall, CPU), cold and warm merges (wall, engine, CPU)."""
     runs: dict[str, dict] = {label: {"help": [], "cold": [], "warm": []} for label in trees}
     for i in range(repeats):
         for label, tree in trees.items():
             env = tree_env(tree, work)
-            runs[label]["help"].append(timed(["--help"], env)[0])
+            runs[label]["help"].append(timed(["--help"], env)[:2])
             with tempfile.TemporaryDirectory(dir=work) as home:
                 env["AMALGAM_HOME"] = home  # no cached hash: the first merge of these inputs
                 out = work / "out"
@@ -105,14 +113,16 @@ def measure(trees: dict[str, Path], cfg: Path, work: Path, repeats: int) -> dict
 
 
 def summary(runs: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Medians: help, and per cold/warm the wall, engine and outside-the-engine seconds."""
+    """Medians: help's wall, and per cold/warm the wall, engine, outside-the-engine and CPU
+    seconds."""
     rows = {}
     for label, r in runs.items():
-        row = {"help_s": statistics.median(r["help"])}
+        row = {"help_s": statistics.median(w for w, _ in r["help"])}
         for kind in ("cold", "warm"):
-            row[f"{kind}_wall_s"] = statistics.median(w for w, _ in r[kind])
-            row[f"{kind}_engine_s"] = statistics.median(e for _, e in r[kind])
-            row[f"{kind}_outside_s"] = statistics.median(w - e for w, e in r[kind])
+            row[f"{kind}_wall_s"] = statistics.median(w for w, _, _ in r[kind])
+            row[f"{kind}_engine_s"] = statistics.median(e for _, e, _ in r[kind])
+            row[f"{kind}_outside_s"] = statistics.median(w - e for w, e, _ in r[kind])
+            row[f"{kind}_cpu_s"] = statistics.median(c for _, _, c in r[kind])
         rows[label] = row
     return rows
 
@@ -131,13 +141,14 @@ def markdown(result: dict) -> str:
         "cold: a fresh `$AMALGAM_HOME`, so the merge hashes its inputs (a first merge); warm: "
         "the same merge again (hashes cached by file stamp). `engine` is the time the merge "
         "prints (`run_merge`, hashing included); `outside` is wall minus engine: interpreter "
-        "start, imports, output and exit.\n",
-        "| tree | `--help` s | cold wall s | cold engine s | cold outside s "
-        "| warm wall s | warm engine s | warm outside s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "start, imports, output and exit; `CPU` is the process's user + system seconds "
+        "(less sensitive to the machine's load than wall time).\n",
+        "| tree | `--help` s | cold wall s | cold engine s | cold outside s | cold CPU s "
+        "| warm wall s | warm engine s | warm outside s | warm CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    keys = ("help_s", "cold_wall_s", "cold_engine_s", "cold_outside_s")
-    keys += ("warm_wall_s", "warm_engine_s", "warm_outside_s")
+    keys = ("help_s", "cold_wall_s", "cold_engine_s", "cold_outside_s", "cold_cpu_s")
+    keys += ("warm_wall_s", "warm_engine_s", "warm_outside_s", "warm_cpu_s")
     for label, row in rows.items():
         lines.append(f"| {label} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
