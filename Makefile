@@ -31,8 +31,11 @@ install: $(BIN)/.installed
 # Build the zoo (cached), then run the whole pipeline on it as a Prefect flow: fetch, align,
 # TIES-merge the eight experts (configs/pipeline.yaml), evaluate against base and experts,
 # register the merge in MLflow (SQLite under .amalgam/) with the candidate alias.
+# The demo builds the tiny zoo (about a minute); `make demo DEMO_PROFILE=full` runs it on the
+# quality benchmark's zoo (about ten minutes more).
+DEMO_PROFILE ?= tiny
 demo: install
-	@ZOO=$$($(BIN)/amalgam zoo build | tail -n 1) && export ZOO && \
+	@ZOO=$$($(BIN)/amalgam zoo build --profile $(DEMO_PROFILE) | tail -n 1) && export ZOO && \
 	$(BIN)/amalgam run configs/pipeline.yaml --output $(AMALGAM_HOME)/demo/pipeline --overwrite
 
 $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):

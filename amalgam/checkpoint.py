@@ -509,7 +509,7 @@ def remember_hash(fs: fsspec.AbstractFileSystem, path: str, digest: str) -> None
         return
     cached = _hash_cache(fs, path, stamp)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp = cached.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_text(digest)
     tmp.replace(cached)  # atomic: concurrent writers agree on the content
 

@@ -1,7 +1,7 @@
 """The pipeline commands (run, nightly, sweep, search, promote, serve), each a Prefect flow,
 added to the library's command line (:mod:`amalgam.cli`); ``main`` is the ``amalgam`` entry
-point. This is the one module of the orchestration layer that calls flows: the library never
-imports them."""
+point, ``entry`` its console script. This is the one module of the orchestration layer that calls
+flows: the library never imports them."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from amalgam.cli import app, console, main
+from amalgam.cli import app, console, entry, main
 from amalgam.errors import AmalgamError
 
-__all__ = ["app", "main"]
+__all__ = ["app", "entry", "main"]
 
 
 def _flows_env(one_line_errors: bool = True) -> None:
@@ -213,4 +213,4 @@ def serve(
 
 
 if __name__ == "__main__":
-    main()
+    entry()

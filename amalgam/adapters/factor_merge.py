@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.cluster.vq import kmeans2
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,9 @@ def lora_lego(parts: list[Factors], rank: int, seed: int = 0, iterations: int = 
         return Factors(parts[0].B[:, :0], parts[0].A[:0])
     if rank >= n:
         return Factors(b.T.contiguous(), a.contiguous())
+    # lazy: scipy costs every `amalgam merge` half a second of start-up
+    from scipy.cluster.vq import kmeans2
+
     points = torch.cat([b, a], dim=1).double().numpy()
     centroids, labels = kmeans2(
         points, rank, iter=iterations, minit="++", seed=np.random.default_rng(seed)

@@ -118,7 +118,7 @@ def test_the_project_installs_whole_from_what_the_image_copies(tmp_path: Path) -
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "amalgam = amalgam_flows.cli:main" in entry_points
+    assert "amalgam = amalgam_flows.cli:entry" in entry_points
     installed = {"amalgam": "amalgam", "flows": "amalgam_flows", "tasks": "amalgam_stage_tasks"}
     for folder, package in installed.items():
         for path in (ROOT / folder).rglob("*"):
