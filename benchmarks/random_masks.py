@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from amalgam.methods.counter_random import lanes, stream_key
+from amalgam.methods.counter_random import CounterStream, stream_key
 from amalgam.methods.sparsify import LANE, row_chunks
 
 RESULTS = Path(__file__).resolve().parent / "results" / "random-masks"
@@ -64,7 +64,7 @@ def measure(rows: int, cols: int, repeats: int, device: str, threads: int) -> li
     generator = torch.Generator().manual_seed(key & ((1 << 63) - 1))
     streams = {
         "mersenne_twister": lambda a, b: mt_lanes(generator, b - a, device),
-        "counter": lambda a, b: lanes(key, a, b, device),
+        "counter": CounterStream(key, device).lanes,  # as RandomDrop keeps one per tensor
     }
     out = []
     for stage in ("draw", "mask"):

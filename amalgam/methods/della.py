@@ -29,7 +29,7 @@ import torch
 
 from amalgam.errors import MergeError
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
-from amalgam.methods.counter_random import uniform
+from amalgam.methods.counter_random import CounterStream
 from amalgam.methods.sparsify import row_chunks
 from amalgam.methods.task_vectors import (
     CONSENSUS,
@@ -99,11 +99,10 @@ def magprune(
         )
     tv = delta()
     probs = keep_probabilities(tv.abs(), density, epsilon)
-    key, cols = ctx.random_key(i), tv.shape[1]
+    stream, cols = CounterStream(ctx.random_key(i), tv.device), tv.shape[1]
     draws = torch.empty_like(tv)
-    for rows in row_chunks(*tv.shape):  # block by block: int64 scratch of one block only
-        start, stop = rows.start * cols, rows.stop * cols
-        draws[rows] = uniform(key, start, stop, tv.device).reshape(-1, cols)
+    for rows in row_chunks(*tv.shape):
+        draws[rows] = stream.uniform(rows.start * cols, rows.stop * cols).reshape(-1, cols)
     keep = (draws < probs).to(torch.float32)
     rescale = p.shared["rescale"]
     if rescale == "exact":

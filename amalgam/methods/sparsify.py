@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from amalgam.methods.counter_random import lanes
+from amalgam.methods.counter_random import CounterStream
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -108,6 +108,7 @@ class RandomDrop:
 
     def __init__(self, density: float, key: int, rescale: str = "exact"):
         self.density, self.key, self.rescale = density, key, rescale
+        self._stream: CounterStream | None = None  # on the device of the blocks
         self.cutoff = max(1, round(density * LANE))
         self.scale = LANE / self.cutoff if rescale == "exact" else 1.0
 
@@ -128,8 +129,10 @@ class RandomDrop:
 
     def mask(self, chunk: torch.Tensor, rows: slice) -> torch.Tensor:
         """0/1 (int8) keep mask of the row block ``rows`` (``chunk``: those rows, 2-D)."""
+        if self._stream is None or self._stream.device != chunk.device:
+            self._stream = CounterStream(self.key, chunk.device)
         start = rows.start * chunk.shape[1]
-        drawn = lanes(self.key, start, start + chunk.numel(), chunk.device)
+        drawn = self._stream.lanes(start, start + chunk.numel())
         keep = drawn.neg_().add_(self.cutoff).sign_().clamp_(min=0).to(torch.int8)  # < cutoff
         return keep.reshape(chunk.shape)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from amalgam.methods.base import MergeContext
-from amalgam.methods.counter_random import lanes, stream_key, uniform
+from amalgam.methods.counter_random import CounterStream, lanes, stream_key, uniform
 from amalgam.methods.sparsify import drop_random
 
 from .naive import naive_key, naive_lane, naive_uniform
@@ -43,6 +43,18 @@ def test_any_block_equals_the_slice_of_the_whole_draw():
         assert torch.equal(lanes(key, start, stop), whole[start:stop]), (start, stop)
         assert torch.equal(uniform(key, start, stop), uniform(key, 0, 10_001)[start:stop])
     assert lanes(key, 5, 5).numel() == 0
+
+
+def test_hashing_in_small_pieces_gives_the_same_bytes(monkeypatch):
+    # A stream hashes at most CounterStream.WORDS counters at once: pieces of 3 words (6
+    # entries) must give the whole draw, whatever the start's parity and the range's length.
+    key = stream_key(9, "b", 2)
+    whole = lanes(key, 0, 1_000)
+    monkeypatch.setattr(CounterStream, "WORDS", 3)
+    stream = CounterStream(key)
+    for start, stop in [(0, 1_000), (1, 2), (5, 17), (6, 12), (7, 999), (0, 6)]:
+        assert torch.equal(stream.lanes(start, stop), whole[start:stop]), (start, stop)
+        assert torch.equal(stream.uniform(start, stop), uniform(key, 0, 1_000)[start:stop])
 
 
 def test_thread_count_does_not_change_the_bytes():
