@@ -28,10 +28,10 @@ reference passes through as the model's URI: the merge opens the PEFT adapter ov
 
 Known differences that remain (documented, not refused): TIES trim keeps every entry tied with
 the threshold magnitude, where mergekit's argsort keeps an arbitrary subset of the ties;
-DARE and DELLA masks come from amalgam's seeded generator (per tensor and model), not
-mergekit's global one, so the kept entries differ while their distribution is the same (DELLA
-also ranks equal magnitudes by position); sce keeps every position tied with its variance
-threshold; model_stock clamps its ratio to [0, 1];
+DARE and DELLA masks come from amalgam's counter-based stream (a pure function of seed,
+tensor, model and entry index), not mergekit's global generator, so the kept entries differ
+while their distribution is the same (DELLA also ranks equal magnitudes by position); sce
+keeps every position tied with its variance threshold; model_stock clamps its ratio to [0, 1];
 mergekit casts to ``dtype`` before merging, amalgam always computes in float32.
 """
 

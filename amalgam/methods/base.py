@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from amalgam.errors import RecipeError
+from amalgam.methods.counter_random import stream_key
 from amalgam.methods.needs import (
     DataStatistics,
     LearnedCoefficients,
@@ -100,12 +100,17 @@ class MergeContext:
     statistics: tuple[StatisticsInfo, ...] = ()
     model_stats: tuple[torch.Tensor | None, ...] = ()
 
+    def random_key(self, model_index: int) -> int:
+        """The key of the counter-based stream of (recipe seed, tensor name, model index)
+        (``counter_random``): random masks drawn from it are the same bytes anywhere."""
+        return stream_key(self.seed, self.name, model_index)
+
     def generator(self, model_index: int) -> torch.Generator:
-        """A CPU generator seeded by (recipe seed, tensor name, model index): same bits anywhere."""
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{model_index}".encode()).digest()
-        g = torch.Generator(device="cpu")
-        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        return g
+        """A CPU generator seeded by (recipe seed, tensor name, model index): same bits anywhere
+        (for sequential draws such as a randomized SVD's test matrix)."""
+        return torch.Generator(device="cpu").manual_seed(
+            self.random_key(model_index) & ((1 << 63) - 1)
+        )
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,10 @@ RESCALE = Param(
 
 
 def drop(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeContext) -> Applier:
-    dropper = RandomDrop(p.per_model[i]["density"], ctx.generator(i), p.shared["rescale"])
+    dropper = RandomDrop(p.per_model[i]["density"], ctx.random_key(i), p.shared["rescale"])
     if dropper.needs_fit:
         dropper.fit(delta())
-    return lambda chunk, rows: dropper.apply(chunk)
+    return dropper.apply
 
 
 register(

@@ -7,9 +7,10 @@ dropped more often. Survivors are rescaled, weighted, then ``della`` elects a si
 TIES' disjoint mean, ``della_linear`` sums them (task arithmetic). A ``density`` of 1 keeps
 everything (no drop, no rescale), as in mergekit.
 
-Deviations, all documented: masks come from amalgam's seeded generator (one stream per
-tensor and model, ``MergeContext.generator``), not mergekit's global torch generator, so the
-kept entries differ from a mergekit run while their distribution is the same; entries of
+Deviations, all documented: masks come from amalgam's counter-based draws (one stream per
+tensor and model, ``MergeContext.random_key``; entry i's uniform is a pure function of the key
+and i, ``counter_random.uniform``), not mergekit's global torch generator, so the kept entries
+differ from a mergekit run while their distribution is the same; entries of
 equal magnitude are ranked by position (mergekit's argsort orders them arbitrarily); a row of
 one entry takes probability ``density`` (mergekit's 0/0 is NaN); a tensor of 3 or more
 dimensions is ranked along its last dimension (mergekit: along dimension 1).
@@ -28,6 +29,8 @@ import torch
 
 from amalgam.errors import MergeError
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.methods.counter_random import CounterStream
+from amalgam.methods.sparsify import row_chunks
 from amalgam.methods.task_vectors import (
     CONSENSUS,
     LAMBDA,
@@ -96,7 +99,10 @@ def magprune(
         )
     tv = delta()
     probs = keep_probabilities(tv.abs(), density, epsilon)
-    draws = torch.rand(tv.shape, generator=ctx.generator(i)).to(tv.device)
+    stream, cols = CounterStream(ctx.random_key(i), tv.device), tv.shape[1]
+    draws = torch.empty_like(tv)
+    for rows in row_chunks(*tv.shape):
+        draws[rows] = stream.uniform(rows.start * cols, rows.stop * cols).reshape(-1, cols)
     keep = (draws < probs).to(torch.float32)
     rescale = p.shared["rescale"]
     if rescale == "exact":

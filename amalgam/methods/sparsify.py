@@ -7,9 +7,9 @@ Entries tied with the threshold magnitude are all kept, as in the TIES reference
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
+
+from amalgam.methods.counter_random import CounterStream
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -92,75 +92,72 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 def row_chunks(rows: int, cols: int) -> list[slice]:
     """Row blocks of about CHUNK_ELEMENTS entries (at least one row): the unit of elementwise
-    work, small enough to stay in cache. Random masks are drawn block by block in this order."""
+    work, small enough to stay in cache."""
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 class RandomDrop:
-    """DARE's drop-and-rescale, applied block by block (``row_chunks``) in order.
+    """DARE's drop-and-rescale, applied to any row block of a tensor on its own.
 
-    The mask is drawn on the CPU from the generator, block after block, so the bits depend only
-    on (generator seed, tensor shape): the same on every device, executor and run. Each entry
-    is kept when a uniform 31-bit integer falls below round(density * 2^31): the keep
-    probability is ``density`` to within 2^-31, and ``exact`` rescales by its exact inverse.
-    Drawing 64-bit words and using both 31-bit halves is about 4x cheaper than float uniforms.
+    Entry i is kept when its counter-based 31-bit lane (``counter_random.lanes``, a pure
+    function of the stream key and i) falls below round(density * 2^31): the mask is the same
+    whatever the blocks, order, executor or device. The keep probability is ``density`` to
+    within 2^-31, and ``exact`` rescales by its exact inverse.
     """
 
-    def __init__(self, density: float, generator: torch.Generator, rescale: str = "exact"):
-        self.density, self.generator, self.rescale = density, generator, rescale
+    def __init__(self, density: float, key: int, rescale: str = "exact"):
+        self.density, self.key, self.rescale = density, key, rescale
+        self._stream: CounterStream | None = None  # on the device of the blocks
         self.cutoff = max(1, round(density * LANE))
         self.scale = LANE / self.cutoff if rescale == "exact" else 1.0
-        self._fitted: deque[torch.Tensor] = deque()  # masks drawn by fit, replayed by apply
 
     @property
     def needs_fit(self) -> bool:
         return self.rescale == "l1" and self.density < 1.0
 
     def fit(self, delta_rows: torch.Tensor) -> None:
-        """For ``l1``: the whole tensor's norm ratio, from a dry run of the same mask stream."""
+        """For ``l1``: the whole tensor's norm ratio under the same mask."""
         if not self.needs_fit:
             return
         before = after = 0.0
         for rows in row_chunks(*delta_rows.shape):
             chunk = delta_rows[rows]
-            mask = self._mask(chunk)
-            self._fitted.append(mask)
             before += float(chunk.abs().sum(dtype=torch.float64))
-            after += float((chunk * mask).abs().sum(dtype=torch.float64))
+            after += float((chunk * self.mask(chunk, rows)).abs().sum(dtype=torch.float64))
         self.scale = before / after if before > 1e-7 and after > 1e-7 else 1.0
 
-    def _mask(self, chunk: torch.Tensor) -> torch.Tensor:
-        """0/1 (int8) keep mask for the next block of the stream."""
-        n = chunk.numel()
-        # random_() fills int64 with uniform values in [0, 2^63): both int32 halves, masked to
-        # 31 bits, are independent uniform integers in [0, 2^31).
-        words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(generator=self.generator)
-        lanes = words.view(torch.int32)[:n] & (LANE - 1)
-        keep = (self.cutoff - lanes).sign_().clamp_(min=0).to(torch.int8)  # lanes < cutoff
-        return keep.reshape(chunk.shape).to(chunk.device)
+    def mask(self, chunk: torch.Tensor, rows: slice) -> torch.Tensor:
+        """0/1 (int8) keep mask of the row block ``rows`` (``chunk``: those rows, 2-D)."""
+        if self._stream is None or self._stream.device != chunk.device:
+            self._stream = CounterStream(self.key, chunk.device)
+        start = rows.start * chunk.shape[1]
+        drawn = self._stream.lanes(start, start + chunk.numel())
+        keep = drawn.neg_().add_(self.cutoff).sign_().clamp_(min=0).to(torch.int8)  # < cutoff
+        return keep.reshape(chunk.shape)
 
-    def apply(self, chunk: torch.Tensor) -> torch.Tensor:
-        """Drop and rescale the next block (blocks must come in ``row_chunks`` order)."""
+    def apply(self, chunk: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Drop and rescale the row block ``rows`` (``chunk``: those rows, 2-D)."""
         if self.density >= 1.0:
             return chunk
-        mask = self._fitted.popleft() if self._fitted else self._mask(chunk)
-        dropped = chunk * mask
+        dropped = chunk * self.mask(chunk, rows)
         return dropped * self.scale if self.scale != 1.0 else dropped
 
 
 def drop_random(
-    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: str = "exact"
+    delta: torch.Tensor, density: float, key: int, rescale: str = "exact"
 ) -> torch.Tensor:
     """DARE: keep each entry with probability ``density``, then rescale the survivors.
 
-    ``exact`` divides by ``density`` (= 1 - p, arXiv 2311.03099); ``l1`` matches the L1 norm
-    of the kept entries to the original (mergekit's rule); ``none`` only drops.
+    ``key`` names the random stream (``counter_random.stream_key``). ``exact`` divides by
+    ``density`` (= 1 - p, arXiv 2311.03099); ``l1`` matches the L1 norm of the kept entries to
+    the original (mergekit's rule); ``none`` only drops.
     """
     rows = as_rows(delta)
-    drop = RandomDrop(density, generator, rescale)
+    drop = RandomDrop(density, key, rescale)
     drop.fit(rows)
-    return torch.cat([drop.apply(rows[r]) for r in row_chunks(*rows.shape)]).reshape(delta.shape)
+    blocks = [drop.apply(rows[r], r) for r in row_chunks(*rows.shape)]
+    return torch.cat(blocks).reshape(delta.shape)
 
 
 def kth_largest_rows(magnitudes: torch.Tensor, k: int) -> torch.Tensor:

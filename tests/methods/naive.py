@@ -130,3 +130,30 @@ def stock_ratio(deltas: Sequence[Sequence[float]]) -> float:
     if abs(denom) <= 1e-12:
         return 0.0
     return max(0.0, min(1.0, k * cos / denom))
+
+
+def naive_key(seed: int, tensor: str, model_index: int) -> int:
+    """The documented stream key: the first 8 bytes of SHA-256("seed\\0tensor\\0model"),
+    little-endian, unsigned."""
+    import hashlib  # only the counter-based stream's reference needs it
+
+    digest = hashlib.sha256(f"{seed}\0{tensor}\0{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def naive_lane(key: int, index: int) -> int:
+    """Entry ``index``'s 31-bit lane, by the SplitMix64 definition on Python integers: the
+    output for counter c = index // 2 is mix(key + (c + 1) * golden mod 2^64); an even index
+    takes its low 32 bits, an odd one its high 32 bits; the lane is their low 31 bits."""
+    m = (1 << 64) - 1
+    z = (key + (index // 2 + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    z ^= z >> 31
+    half = (z >> 32) if index % 2 else (z & 0xFFFFFFFF)
+    return half & 0x7FFFFFFF
+
+
+def naive_uniform(key: int, index: int) -> float:
+    """Entry ``index``'s uniform draw: the top 24 of its 31 lane bits, times 2^-24."""
+    return (naive_lane(key, index) >> 7) / 2**24
