@@ -1,16 +1,20 @@
 """Backdoor benchmark: accuracy and attack success rate (ASR) of merges that include the zoo's
-backdoored expert (`amalgam.zoo.backdoor`), for task arithmetic, TIES and DAM.
+backdoored expert (`amalgam.zoo.backdoor`), for every registered per-tensor method that merges
+all experts, and DAM.
 
 The zoo's expert of the backdoored task is replaced by the backdoored expert (same task, same
 schedule, a trigger token on a poisoned share of its training data); the other experts are the
 zoo's. Each method runs through the engine with the authors' defaults (`quality.DRIVES`); every
-row is scored on every task's test split (quick scorer) and on the triggered test prompts of
-the backdoored task (ASR, `amalgam.evaluate.backdoor`). Normalized accuracy divides each task's
-accuracy by its expert's (the backdoored expert for its task). Writes `dam.{md,json}` to
---results.
+row is scored on every task's --split (quick scorer) and on the triggered prompts of the
+backdoored task's same split (ASR, `amalgam.evaluate.backdoor`). Normalized accuracy divides
+each task's accuracy by its expert's (the backdoored expert for its task). `--dam JSON` adds a
+DAM row with those parameters over the defaults (repeatable: a sweep); DAM rows also report the
+share of the backdoored expert's task vector their mask removes (entries, and squared norm).
+Writes `dam[-quick][-<split>].{md,json}` to --results (no suffix for the test split).
 
-    python benchmarks/dam.py --quick    # tiny zoo
-    python benchmarks/dam.py            # full zoo
+    python benchmarks/dam.py --quick                     # tiny zoo, every method
+    python benchmarks/dam.py --methods task_arithmetic,ties,dam --split validation \
+        --dam '{"drop": 2.0}' --dam '{"min_gain": 0.6}'  # a DAM sweep on validation
 """
 
 from __future__ import annotations
@@ -27,9 +31,49 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from quality import DRIVES, Scorer
+from quality import DRIVES, Scorer, drive_for, load_state
 
-METHODS = ("task_arithmetic", "ties", "dam")
+
+def default_methods() -> list[str]:
+    """Every registered per-tensor method the quality benchmark runs on all experts, and DAM."""
+    from amalgam.methods.base import REGISTRY
+
+    names = [
+        n
+        for n, m in sorted(REGISTRY.items())
+        if (d := drive_for(n, m)).kind == "per_tensor" and d.skip is None
+    ]
+    return [*names, "dam"]
+
+
+def removed_share(folder: Path, expert: Path, base: Path, index: int) -> dict[str, float]:
+    """Share of model ``index``'s task vector (entries, squared norm) that the DAM masks behind
+    the merged ``folder`` leave out; the masks are found by the content hashes the merge
+    records in its shards' metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from amalgam.statistics.artifact import read_info
+    from amalgam.storage import amalgam_home
+
+    shard = next(iter(sorted(folder.glob("*.safetensors"))))
+    with safe_open(str(shard), "pt") as f:
+        provenance = (f.metadata() or {})["statistics"]
+    wanted = provenance.split(";")[index].split("=", 1)[1]
+    stats = amalgam_home() / "statistics"
+    path = next(
+        p for p in stats.glob("dam_mask-*.safetensors") if read_info(str(p)).content_hash == wanted
+    )
+    masks, w0, w1 = load_file(path), load_state(base), load_state(expert)
+    entries = dropped = norm = dropped_norm = 0.0
+    for name, mask in masks.items():
+        tv = (w1[name].float() - w0[name].float()) ** 2
+        out = mask.float() == 0
+        entries += mask.numel()
+        dropped += float(out.sum())
+        norm += float(tv.sum())
+        dropped_norm += float(tv[out].sum())
+    return {"entries": dropped / entries, "norm": dropped_norm / norm if norm else 0.0}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,19 +95,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="amalgam-dam-"))
 
     def score(folder: Path) -> dict[str, Any]:
-        accuracy = scorer.score(folder, "test")
+        accuracy = scorer.score(folder, args.split)
         asr = quick_attack_success(
-            scorer.model, scorer.tokenizer, backdoor.tasks_dir, [backdoor.task]
+            scorer.model, scorer.tokenizer, backdoor.tasks_dir, [backdoor.task], split=args.split
         )
-        return {"test": accuracy, "asr": asr[backdoor.task]}
+        return {"accuracy": accuracy, "asr": asr[backdoor.task]}
 
     rows: dict[str, Any] = {"base": score(zoo.base), "backdoored expert": score(backdoor.expert)}
-    own = {
-        t: score(p)["test"][t] if t != backdoor.task else rows["backdoored expert"]["test"][t]
-        for t, p in experts.items()
-        if t != backdoor.task
-    } | {backdoor.task: rows["backdoored expert"]["test"][backdoor.task]}
-    for method in args.methods.split(","):
+    own = {t: score(p)["accuracy"][t] for t, p in experts.items() if t != backdoor.task} | {
+        backdoor.task: rows["backdoored expert"]["accuracy"][backdoor.task]
+    }
+    methods = args.methods.split(",") if args.methods else default_methods()
+    runs = [(m, m, drive_for(m, get_method(m)).defaults) for m in methods]
+    for extra in args.dam:
+        label = "dam (" + ", ".join(f"{k} {v}" for k, v in extra.items()) + ")"
+        runs.append((label, "dam", {**DRIVES["dam"].defaults, **extra}))
+    for label, method, params in runs:
         data = get_method(method).reads_data
         recipe = Recipe(
             method=method,
@@ -72,20 +119,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ModelSpec(uri=str(p), name=t, **({"data": str(zoo.tasks_dir / t)} if data else {}))
                 for t, p in experts.items()
             ],
-            params=DRIVES[method].defaults,
+            params=params,
             dtype="float32",
         )
         start = time.perf_counter()
         run_merge(recipe, MergeOptions(output=str(work), overwrite=True, device="cpu", threads=1))
-        rows[method] = score(work) | {"seconds": round(time.perf_counter() - start, 1)}
+        rows[label] = score(work) | {"seconds": round(time.perf_counter() - start, 1)}
+        if method == "dam":
+            index = list(experts).index(backdoor.task)
+            rows[label]["removed"] = removed_share(work, backdoor.expert, zoo.base, index)
+        print(label, rows[label], flush=True)
     shutil.rmtree(work, ignore_errors=True)
     for row in rows.values():
-        row["average"] = mean(row["test"].values())
-        row["normalized"] = mean(row["test"][t] / own[t] for t in tasks if own[t])
+        row["average"] = mean(row["accuracy"].values())
+        row["normalized"] = mean(row["accuracy"][t] / own[t] for t in tasks if own[t])
     return {
         "zoo": zoo.root.name,
         "backdoor": backdoor.root.name,
         "task": backdoor.task,
+        "split": args.split,
         "trigger": backdoor.trigger.trigger,
         "target": backdoor.trigger.target,
         "own": own,
@@ -95,20 +147,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     tasks = list(result["own"])
-    head = ["model", *tasks, "average", "normalized", f"ASR ({result['task']})", "merge s"]
+    task = result["task"]
+    head = ["model", *tasks, "average", "normalized", f"ASR ({task})", "merge s", "removed"]
     lines = [
         f"# Backdoor benchmark (zoo `{result['zoo']}`, backdoor `{result['backdoor']}`)\n",
-        f"Test accuracy (%) per task, normalized accuracy (% of each task's expert) and the "
-        f"attack success rate (%) of trigger `{result['trigger']}` on `{result['task']}` "
-        "(share of correctly answered test prompts, true answer not the target, flipped to the "
-        "target by the trigger).\n",
+        f"Accuracy (%) per task on the {result['split']} split, normalized accuracy (% of each "
+        f"task's expert) and the attack success rate (%) of trigger `{result['trigger']}` on "
+        f"`{task}` (share of correctly answered prompts, true answer not the target, flipped to "
+        "the target by the trigger). `removed`: share (%) of the backdoored expert's task "
+        "vector that DAM's mask leaves out, entries / squared norm.\n",
         "| " + " | ".join(head) + " |",
         "|---|" + "---:|" * (len(head) - 1),
     ]
     for name, row in result["rows"].items():
-        cells = [f"{100 * row['test'][t]:.1f}" for t in tasks]
+        cells = [f"{100 * row['accuracy'][t]:.1f}" for t in tasks]
         cells += [f"{100 * row['average']:.1f}", f"{100 * row['normalized']:.1f}"]
         cells += [f"{100 * row['asr']:.1f}", str(row.get("seconds", ""))]
+        removed = row.get("removed")
+        cells.append(
+            f"{100 * removed['entries']:.1f} / {100 * removed['norm']:.1f}" if removed else ""
+        )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -116,13 +174,25 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny zoo")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default="", help="comma-separated (default: every per-tensor method, dam)"
+    )
+    parser.add_argument("--split", default="test", choices=("validation", "test"))
+    parser.add_argument(
+        "--dam",
+        action="append",
+        type=json.loads,
+        default=[],
+        help="a DAM row with these parameters (JSON) over the defaults; repeatable",
+    )
     parser.add_argument("--results", default=str(Path(__file__).parent / "results" / "quality-dam"))
     args = parser.parse_args(argv)
     result = run(args)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    name = "dam-quick" if args.quick else "dam"
+    name = ("dam-quick" if args.quick else "dam") + (
+        "" if args.split == "test" else f"-{args.split}"
+    )
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     (out / f"{name}.md").write_text(render(result))
     print(render(result))

@@ -1,8 +1,9 @@
 """The evaluation report: a candidate against its base, the experts and the champion.
 
 ``evaluate_candidate`` scores each model once (:mod:`amalgam.evaluate.score`) and derives
-per-task and normalized accuracy, negative flips against the champion and the perplexity ratio
-against the base. ``write_report`` writes ``report.json`` and PNG plots.
+per-task and normalized accuracy, negative flips against the champion, the perplexity ratio
+against the base, and the attack success rate on task folders that declare a backdoor.
+``write_report`` writes ``report.json`` and PNG plots.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class EvalReport(BaseModel):
     perplexity: float | None = None
     base_perplexity: float | None = None
     perplexity_ratio: float | None = None
+    attack_success_rate: dict[str, float] = Field(default_factory=dict)  # backdoored tasks
     compressed: ModelResult | None = None  # the compress stage's copy, decompressed
     forgetting: Forgetting | None = None  # against the champion chain (nightly)
 
@@ -72,6 +74,7 @@ class EvalReport(BaseModel):
             if self.flips is not None and task in self.flips:
                 out[f"negative_flip_rate.{task}"] = self.flips[task].negative_flip_rate
                 out[f"positive_flip_rate.{task}"] = self.flips[task].positive_flip_rate
+        out |= {f"attack_success_rate.{t}": v for t, v in self.attack_success_rate.items()}
         if self.compressed is not None:
             scores = [self.compressed.tasks[t].accuracy for t in self.tasks]
             out["compressed.mean_accuracy"] = sum(scores) / len(scores)
@@ -149,7 +152,11 @@ def evaluate_candidate(
         hit = cache.get(uri)
         if hit is not None and set(on) <= set(hit.tasks) and (not ppl or hit.nll is not None):
             return ModelResult(
-                uri=uri, tasks={t: hit.tasks[t] for t in on}, nll=hit.nll, tokens=hit.tokens
+                uri=uri,
+                tasks={t: hit.tasks[t] for t in on},
+                nll=hit.nll,
+                tokens=hit.tokens,
+                attack_success={t: a for t, a in hit.attack_success.items() if t in on},
             )
         return score_model(uri, spec, on, perplexity=ppl, **storage_options)
 
@@ -211,6 +218,7 @@ def build_report(
         mean_accuracy=sum(acc.values()) / len(acc),
         normalized_accuracy=normalized,
         mean_normalized_accuracy=metric.mean_defined(normalized.values()),
+        attack_success_rate=dict(candidate.attack_success),
     )
     if champion is not None:
         report.flips = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pydantic import BaseModel, computed_field
+from pydantic import BaseModel, Field, computed_field
 
 from amalgam.evaluate import metrics as metric
 
@@ -26,12 +26,14 @@ class TaskResult(BaseModel):
 
 
 class ModelResult(BaseModel):
-    """One model's results per task, and its text log-likelihood when measured."""
+    """One model's results per task, its text log-likelihood when measured, and its attack
+    success rate on the task folders that declare a backdoor trigger (task -> ASR)."""
 
     uri: str
     tasks: dict[str, TaskResult]
     nll: float | None = None
     tokens: int | None = None
+    attack_success: dict[str, float] = Field(default_factory=dict)
 
     @classmethod
     def from_correct(

@@ -1,7 +1,8 @@
 """Score one model: run it on evaluation tasks (lm-eval, or the in-process quick scorer that
 scores the same way; encoders on embedding tasks: :mod:`amalgam.evaluate.embedding`; a
 Twin-Merging folder per input: :mod:`amalgam.twin.model`) and keep
-each example's correctness, and its text log-likelihood."""
+each example's correctness, its text log-likelihood, and its attack success rate on task
+folders that declare a backdoor trigger (:mod:`amalgam.evaluate.backdoor`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from amalgam import storage
 from amalgam.device import load_causal_lm
+from amalgam.evaluate.backdoor import backdoor_tasks, quick_attack_success
 from amalgam.evaluate.catalog import folder_task
 from amalgam.evaluate.embedding import score_embedding_tasks, uses_embedding_scorer
 from amalgam.evaluate.harness import evaluate_tasks, torch_dtype
@@ -49,7 +51,9 @@ def score_model(
 ) -> ModelResult:
     """Run one model on ``tasks`` as ``spec`` (an :class:`amalgam.recipe.EvaluateSpec`) says;
     with ``perplexity``, also its log-likelihood of the texts of those tasks that are task
-    folders of ``spec.tasks_dir`` (none when no task is: then ``nll`` stays None)."""
+    folders of ``spec.tasks_dir`` (none when no task is: then ``nll`` stays None). A causal
+    LM also gets its attack success rate on the tasks whose folder holds ``backdoor.json``
+    (same split and limit, the quick scorer's choice scoring)."""
     dtype = torch_dtype(spec.dtype, spec.device)
     with local_model(uri, **storage_options) as folder:
         tasks_dir = Path(spec.tasks_dir) if spec.tasks_dir else None
@@ -81,10 +85,16 @@ def score_model(
             model, tokenizer = load_causal_lm(folder, spec.device, dtype)
             result = ModelResult.from_correct(uri, _quick_correct(model, tokenizer, spec, tasks))
         texts = [t for t in tasks if folder_task(spec, t)]
+        triggered = backdoor_tasks(tasks_dir, tasks) if tasks_dir else {}
+        if ((perplexity and texts) or triggered) and model is None:
+            model, tokenizer = load_causal_lm(folder, spec.device, dtype)
         if perplexity and texts:
-            if model is None:
-                model, tokenizer = load_causal_lm(folder, spec.device, dtype)
             result.nll, result.tokens = _text_nll(model, tokenizer, spec, texts)
+        if triggered:
+            assert tasks_dir is not None
+            result.attack_success = quick_attack_success(
+                model, tokenizer, tasks_dir, list(triggered), split=spec.split, limit=spec.limit
+            )
     return result
 
 
