@@ -13,11 +13,18 @@ def linear(
     base: torch.Tensor | None, inputs: list[torch.Tensor], p: TensorParams, ctx: MergeContext
 ) -> torch.Tensor:
     """sum_i w_i W_i, divided by sum_i w_i when normalizing (uniform soup by default); with
-    every weight zero, the plain mean. Accumulates in float32, block by block."""
+    every weight zero, the plain mean. Accumulates in float32, block by block (on CPU in one
+    fused kernel pass, ``kernels.merge``, with the same bytes)."""
     weights = p.each("weight")
     total = sum(weights)
     if p.shared["normalize"] and abs(total) <= 1e-8:
         weights, total = [1.0] * len(inputs), float(len(inputs))  # all zero: the plain mean
+    if inputs[0].device.type == "cpu":
+        from amalgam.methods.kernels import merge as fused
+
+        fast = fused.linear(inputs, weights, p.shared["normalize"], total)
+        if fast is not None:
+            return fast
     xs = [as_rows(x) for x in inputs]
     out = torch.empty(xs[0].shape, dtype=torch.float32, device=xs[0].device)
     for rows in row_chunks(*out.shape):

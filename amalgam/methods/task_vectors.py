@@ -13,7 +13,7 @@ from functools import cache
 import torch
 
 from amalgam.methods.base import MergeContext, Param, TensorParams
-from amalgam.methods.sparsify import as_rows, positive, row_chunks
+from amalgam.methods.sparsify import as_rows, at_least, positive, row_chunks
 
 WEIGHT = Param("weight", 1.0, "scale of this model's task vector", per_model=True)
 LAMBDA = Param("lambda", 1.0, "global scale of the merged task vector")
@@ -98,6 +98,21 @@ def combine(
 
 
 Applier = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+class KeepAtLeast:
+    """The applier keeping entries of magnitude at least ``threshold`` (None: all): TIES' trim,
+    written as a value so that the fused kernels recognise it."""
+
+    def __init__(self, threshold: float | None):
+        self.threshold = threshold
+
+    def __call__(self, chunk: torch.Tensor, rows: slice) -> torch.Tensor:
+        if self.threshold is None:
+            return chunk
+        return chunk * at_least(chunk.abs(), self.threshold)
+
+
 # Given a way to compute one model's whole float32 task vector (as rows; only sparsifiers that
 # need whole-tensor statistics call it), return how to sparsify any block of its rows.
 Sparsifier = Callable[[Callable[[], torch.Tensor], int, TensorParams, MergeContext], Applier]
@@ -129,6 +144,8 @@ def task_vector_merge(
     Whole-tensor statistics (thresholds, masks, norms) come first, one model at a time; the
     elementwise work then runs in float32 on cache-sized row blocks, so memory beyond the inputs
     (kept in their stored dtype) is about two float32 tensors, whatever the number of models.
+    On CPU, without ``mask``, with trim or DARE appliers (or none), one fused kernel pass
+    (``kernels.merge``) computes the same bytes.
     """
     b = as_rows(base)
     xs = [as_rows(x) for x in inputs]
@@ -139,6 +156,12 @@ def task_vector_merge(
         base32.cache_clear()
     weights, lam, normalize = p.each("weight"), p.shared["lambda"], p.shared["normalize"]
     vote = p.shared["consensus"] if consensus else None
+    if mask is None and b.device.type == "cpu":
+        from amalgam.methods.kernels import merge as fused
+
+        out = fused.task_vector_merge(b, xs, appliers, weights, lam, normalize, vote)
+        if out is not None:
+            return out.reshape(base.shape)
     out = torch.empty(b.shape, dtype=torch.float32, device=b.device)
     for rows in row_chunks(*b.shape):
         block = b[rows].float()

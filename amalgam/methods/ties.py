@@ -17,13 +17,14 @@ import torch
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
 from amalgam.methods.needs import WholeModelStatistic
 from amalgam.methods.params import recipe_wide
-from amalgam.methods.sparsify import at_least, trim_threshold
+from amalgam.methods.sparsify import trim_threshold
 from amalgam.methods.task_vectors import (
     CONSENSUS,
     DENSITY,
     LAMBDA,
     WEIGHT,
     Applier,
+    KeepAtLeast,
     normalize_param,
     task_vector_merge,
 )
@@ -44,13 +45,9 @@ def trim(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeC
     thresholds = ctx.stats.get(MagnitudeThreshold.key)
     density = p.per_model[i]["density"]
     if thresholds is not None:
-        threshold = thresholds[i]
-    else:
-        # the task vector is a fresh tensor: take magnitudes in place
-        threshold = trim_threshold(delta().abs_(), density)
-        if threshold is None:
-            return lambda chunk, rows: chunk
-    return lambda chunk, rows: chunk * at_least(chunk.abs(), threshold)
+        return KeepAtLeast(thresholds[i])
+    # the task vector is a fresh tensor: take magnitudes in place
+    return KeepAtLeast(trim_threshold(delta().abs_(), density))
 
 
 def model_trim_stats(p: TensorParams) -> list[MagnitudeThreshold]:

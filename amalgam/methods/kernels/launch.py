@@ -1,0 +1,60 @@
+"""From torch tensors to the compiled kernels: eligibility, zero-copy views, threads.
+
+The kernels run on contiguous CPU tensors in bfloat16, float16 or float32 (models in one
+dtype; the base may differ); anything else stays on the torch path. Entries are cut into
+contiguous ranges run on ``torch.get_num_threads()`` threads (the engine's compute threads);
+every entry is computed on its own, so the bytes do not depend on the cut.
+``AMALGAM_FUSED_KERNELS=0`` keeps every merge on the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+import numpy as np
+import torch
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_RANGE = 1 << 15  # entries per thread below which threads cost more than they save
+
+
+def eligible(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the kernels take these tensors (the first may be a base of another dtype)."""
+    return (
+        os.environ.get("AMALGAM_FUSED_KERNELS", "1") != "0"
+        and all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in tensors)
+        and len({t.dtype for t in tensors[1:]}) <= 1
+    )
+
+
+def entries(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of ``t`` in its stored dtype (bfloat16 as uint16, float16 as int16
+    bits: the kernels widen them)."""
+    flat = t.detach().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float16:
+        return flat.view(torch.int16).numpy()
+    return flat.numpy()
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="amalgam-kernel")
+
+
+def run_ranges(kernel: Callable[[int, int], None], n: int) -> None:
+    """``kernel(start, stop)`` over [0, n) in contiguous ranges, on the compute threads."""
+    threads = max(1, min(torch.get_num_threads(), n // MIN_RANGE))
+    if threads == 1:
+        kernel(0, n)
+        return
+    step = -(-n // threads)
+    starts = range(0, n, step)
+    futures = [_pool(threads).submit(kernel, s, min(s + step, n)) for s in starts[1:]]
+    kernel(0, min(step, n))  # the calling thread takes the first range
+    for f in futures:
+        f.result()

@@ -1,0 +1,101 @@
+"""The fused paths of ``linear`` and ``task_vector_merge``: scalars as the torch path rounds
+them, one kernel call over every entry; ``None`` where the kernels do not apply."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from amalgam.methods.kernels import launch
+from amalgam.methods.sparsify import RandomDrop
+
+f32 = np.float32
+
+
+def linear(
+    inputs: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool, total: float
+) -> torch.Tensor | None:
+    """sum_i w_i x_i [/ total] in float32 (``linear.linear``'s arithmetic), or None."""
+    if not launch.eligible([inputs[0], *inputs]):
+        return None
+    from amalgam.methods.kernels.blocks import linear_block
+
+    xs = tuple(launch.entries(x) for x in inputs)
+    w = np.array(weights, dtype=np.float32)
+    out = torch.empty(inputs[0].shape, dtype=torch.float32)
+    flat = out.view(-1).numpy()
+    launch.run_ranges(
+        lambda s, e: linear_block(xs, w, normalize, f32(total), s, e, flat), flat.size
+    )
+    return out
+
+
+def rule(applier: object) -> tuple[int, float, int, int, float] | None:
+    """(rule, threshold, cutoff, key, scale) of a known per-entry applier, or None."""
+    from amalgam.methods.kernels.blocks import DROP, KEEP_ALL, TRIM
+    from amalgam.methods.task_vectors import KeepAtLeast
+
+    if applier is None:
+        return KEEP_ALL, 0.0, 0, 0, 1.0
+    if isinstance(applier, KeepAtLeast):
+        if applier.threshold is None:
+            return KEEP_ALL, 0.0, 0, 0, 1.0
+        return TRIM, applier.threshold, 0, 0, 1.0
+    drop = getattr(applier, "__self__", None)  # RandomDrop.apply, bound
+    if isinstance(drop, RandomDrop) and applier == drop.apply:
+        if drop.density >= 1.0:
+            return KEEP_ALL, 0.0, 0, 0, 1.0
+        return DROP, 0.0, drop.cutoff, drop.key & ((1 << 64) - 1), drop.scale
+    return None
+
+
+def task_vector_merge(
+    base: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    appliers: Sequence[object] | None,
+    weights: Sequence[float],
+    lam: float,
+    normalize: bool,
+    consensus: str | None,
+) -> torch.Tensor | None:
+    """``task_vectors.task_vector_merge``'s float32 result (no mask), or None."""
+    if not launch.eligible([base, *inputs]):
+        return None
+    rules = [rule(a) for a in appliers] if appliers is not None else [rule(None)] * len(inputs)
+    if any(r is None for r in rules):
+        return None
+    from amalgam.methods.kernels import blocks
+
+    kinds, thresholds, cutoffs, keys, scales = (list(c) for c in zip(*rules, strict=True))
+    vote = {None: blocks.NO_VOTE, "sum": blocks.VOTE_SUM, "count": blocks.VOTE_COUNT}[consensus]
+    norm, norm_value = blocks.NO_DIVISION, 1.0
+    if normalize and consensus is None and abs(sum(weights)) >= 1e-8:
+        norm, norm_value = blocks.DIVIDE, sum(weights)
+    elif normalize and consensus is not None:
+        nonzero = [w for w in weights if w != 0]
+        if nonzero and min(nonzero) >= 1e-8:
+            norm, norm_value = blocks.CLAMP_DIVIDE, min(nonzero)
+        else:
+            norm = blocks.GUARD_DIVIDE
+    b = launch.entries(base)
+    xs = tuple(launch.entries(x) for x in inputs)
+    args = (
+        np.array(kinds, dtype=np.int8),
+        np.array(thresholds, dtype=np.float32),
+        np.array(cutoffs, dtype=np.int64),
+        np.array(keys, dtype=np.uint64),
+        np.array(scales, dtype=np.float32),
+        np.array(weights, dtype=np.float32),
+        np.sign(np.array(weights, dtype=np.float64)).astype(np.int8),
+        np.array([np.copysign(1.0, w) if w else 0.0 for w in weights], dtype=np.float32),
+        vote,
+        norm,
+        f32(norm_value),
+        f32(lam),
+    )
+    out = torch.empty(base.shape, dtype=torch.float32)
+    flat = out.view(-1).numpy()
+    launch.run_ranges(lambda s, e: blocks.task_vector_block(b, xs, *args, s, e, flat), flat.size)
+    return out

@@ -1,0 +1,75 @@
+"""Per-entry float32 primitives for the kernels: one-rounding multiply-add, half-width loads.
+
+``fma`` is LLVM's ``llvm.fma.f32``: a * b + c rounded once, on every CPU (a hardware FMA
+where there is one, a correctly rounded libm call otherwise). ``as_f32`` widens an entry read
+in its stored dtype: float32 as is, bfloat16 (stored as uint16 bits) shifted into the high half
+of a float32, float16 (stored as int16 bits) by LLVM's exact ``fpext``.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core.extending import intrinsic, overload, register_jitable
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c in float32 with a single rounding."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f], ir.FunctionType(f, [f, f, f]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 ``bits``."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _half_to_f32(typingctx, bits):
+    """The float16 with bit pattern ``bits`` (int16), widened exactly to float32."""
+    sig = types.float32(types.int16)
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return sig, codegen
+
+
+def as_f32(v):
+    """An entry in its stored dtype as float32 (exact); typed by ``overload`` below."""
+    raise NotImplementedError("only callable from compiled kernels")
+
+
+@overload(as_f32)
+def _as_f32(v):
+    if v == types.float32:
+        return lambda v: v
+    if v == types.uint16:  # bfloat16 bits
+        return lambda v: _bits_to_f32(types.uint32(v) << types.uint32(16))
+    if v == types.int16:  # float16 bits
+        return lambda v: _half_to_f32(v)
+    return None
+
+
+@register_jitable
+def sign(x):
+    """torch.sign for float32: -1, 0 or +1 (a zero stays the float32 zero 0.0)."""
+    if x > 0:
+        return types.float32(1.0)
+    if x < 0:
+        return types.float32(-1.0)
+    return types.float32(0.0)
