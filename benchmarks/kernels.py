@@ -1,0 +1,140 @@
+"""Fused kernels against the torch path: per method and dtype, one 4096x4096 tensor, base + 3.
+
+Both paths run in this process, interleaved, median of ``--repeats``; CPU seconds
+(``time.process_time``, all threads) and wall seconds, at each thread count. The torch path is
+the same function with ``AMALGAM_FUSED_KERNELS=0``. Also measures the kernels' first-call JIT
+cost (in a fresh process: numba's on-disk cache cold, then warm). Writes
+benchmarks/results/kernels.md.
+
+    python benchmarks/kernels.py                  # about 5 minutes on 2 cores
+    python benchmarks/kernels.py --size 1024 --repeats 1   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from amalgam.methods.base import MergeContext, TensorParams, get_method
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "kernels.md"
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def params(method: str, models: int) -> TensorParams:
+    """The method's defaults, with unequal weights (so every multiply-add rounds)."""
+    m = get_method(method)
+    shared = {p.name: p.default for p in m.params if not p.per_model}
+    per = tuple(
+        {p.name: p.default for p in m.params if p.per_model} | {"weight": 0.3 + 0.2 * i}
+        for i in range(models)
+    )
+    return TensorParams(shared, per)
+
+
+def inputs(size: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(size, size, generator=g)
+    experts = [base + 0.01 * torch.randn(size, size, generator=g) for _ in range(3)]
+    return [t.to(dtype) for t in (base, *experts)]
+
+
+def timed(fn) -> tuple[float, float]:
+    c, w = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c, time.perf_counter() - w
+
+
+def run(method: str, tensors: list[torch.Tensor], fused: bool) -> torch.Tensor:
+    os.environ["AMALGAM_FUSED_KERNELS"] = "1" if fused else "0"
+    m = get_method(method)
+    base, models = tensors[0], tensors[1:]
+    return m.fn(None if method == "linear" else base, models, params(method, 3), MergeContext("w"))
+
+
+def jit_cost() -> tuple[float, float]:
+    """Seconds of the first ties + linear call in a fresh process: cache cold, then warm."""
+    code = (
+        "import time, torch; torch.set_num_threads(1); import amalgam.methods;"
+        "from benchmarks.kernels import run, inputs; t = inputs(64, torch.bfloat16);"
+        "s = time.perf_counter(); run('ties', t, True); run('linear', t, True);"
+        "print(time.perf_counter() - s)"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = os.environ | {"NUMBA_CACHE_DIR": cache, "PYTHONPATH": os.pathsep.join(sys.path)}
+        return tuple(  # type: ignore[return-value]
+            float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True, check=True, cwd=ROOT).stdout)
+            for _ in range(2)
+        )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args()
+    import amalgam.methods  # noqa: F401  (registers the methods)
+
+    cold, warm = jit_cost()
+    rows = []
+    for name, dtype in DTYPES.items():
+        tensors = inputs(args.size, dtype)
+        for method in METHODS:
+            run(method, tensors, True)  # compile outside the timings
+            for threads in map(int, args.threads.split(",")):
+                torch.set_num_threads(threads)
+                times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+                for _ in range(args.repeats):
+                    for fused in (False, True):
+                        call = partial(run, method, tensors, fused)
+                        times[fused].append(timed(call))
+                cpu = {f: statistics.median(t[0] for t in ts) for f, ts in times.items()}
+                wall = {f: statistics.median(t[1] for t in ts) for f, ts in times.items()}
+                rows.append(
+                    f"| {method} | {name} | {threads} | {cpu[False]:.2f} | {cpu[True]:.2f} "
+                    f"| {cpu[False] / cpu[True]:.1f}x | {wall[False]:.2f} | {wall[True]:.2f} "
+                    f"| {wall[False] / wall[True]:.1f}x |"
+                )
+                print(rows[-1], flush=True)
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    RESULTS.write_text(
+        "# Fused kernels against the torch path\n\n"
+        f"`python benchmarks/kernels.py --size {args.size} --repeats {args.repeats}` at "
+        f"{commit}, {cpu_model}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"(ATen {torch.backends.cpu.get_cpu_capability()}). One {args.size}x{args.size} "
+        "tensor, base + 3, method defaults with weights 0.3/0.5/0.7; medians of interleaved "
+        "runs. CPU s: process CPU time over all threads.\n\n"
+        "| method | dtype | threads | torch CPU s | kernel CPU s | CPU ratio | torch wall s "
+        "| kernel wall s | wall ratio |\n|---|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nFirst kernel calls (ties + linear, bf16) in a fresh process: {cold:.1f} s with "
+        f"numba's cache cold (compilation), {warm:.1f} s with it warm.\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
