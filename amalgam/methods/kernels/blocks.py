@@ -3,7 +3,9 @@
 Each kernel repeats, entry by entry, the float32 operations of the torch path in
 ``linear.linear`` and ``task_vectors.task_vector_merge`` in the same order (``add(x, alpha=w)``
 is one fused multiply-add, as ATen computes it on AVX2 and AVX-512 CPUs), so the outputs are the
-same bits. They release the GIL: ``launch`` runs disjoint ranges on threads.
+same bits. The range is walked in blocks of ``BLOCK`` entries: each step is a branch-free loop
+over one block (which LLVM vectorises) on scratch rows that stay in the L1/L2 cache, so every
+input entry is read from memory once. They release the GIL: ``launch`` runs ranges on threads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ NO_VOTE, VOTE_SUM, VOTE_COUNT = 0, 1, 2
 # normalisation of the merged task vector
 NO_DIVISION, DIVIDE, CLAMP_DIVIDE, GUARD_DIVIDE = 0, 1, 2, 3
 
+BLOCK = 1024
 ZERO, ONE = np.float32(0.0), np.float32(1.0)
 TINY = np.float32(1e-8)
 
@@ -28,13 +31,17 @@ TINY = np.float32(1e-8)
 @njit(nogil=True, cache=True)
 def linear_block(xs, weights, normalize, total, start, stop, out):
     """out[e] = (sum_i w_i x_i[e]) [/ total] for e in [start, stop)."""
-    for e in range(start, stop):
-        acc = ZERO
+    for s in range(start, stop, BLOCK):
+        e = min(s + BLOCK, stop)
+        acc = out[s:e]
+        acc[:] = ZERO
         for i in range(len(xs)):
-            acc = fma(as_f32(xs[i][e]), weights[i], acc)
+            x, w = xs[i][s:e], weights[i]
+            for j in range(e - s):
+                acc[j] = fma(as_f32(x[j]), w, acc[j])
         if normalize:
-            acc = acc / total
-        out[e] = acc
+            for j in range(e - s):
+                acc[j] = acc[j] / total
 
 
 @njit(nogil=True, cache=True)
@@ -50,48 +57,68 @@ def task_vector_block(
     sign of each weight (0: the model never agrees). ``norm``: how the sum is divided.
     """
     m = len(xs)
-    d = np.empty(m, np.float32)
-    words = np.zeros(m, np.uint64)
-    for e in range(start, stop):
-        b = as_f32(base[e])
+    deltas = np.empty((m, BLOCK), np.float32)
+    b = np.empty(BLOCK, np.float32)
+    mixed = np.empty(BLOCK, np.float32)
+    votes = np.empty(BLOCK, np.float32)
+    divisor = np.empty(BLOCK, np.float32)
+    for s in range(start, stop, BLOCK):
+        n = min(BLOCK, stop - s)
+        base_s = base[s : s + n]
+        for j in range(n):
+            b[j] = as_f32(base_s[j])
         for i in range(m):
-            x = as_f32(xs[i][e]) - b
-            rule = rules[i]
-            if rule == TRIM:
-                x = x * (ONE if abs(x) >= thresholds[i] else ZERO)
-            elif rule == DROP:
-                if (e & 1) == 0 or e == start:
-                    words[i] = splitmix64(keys[i], np.uint64(e >> 1))
-                x = x * (ONE if kept(lane(words[i], e), cutoffs[i]) else ZERO)
-                if scales[i] != ONE:
-                    x = x * scales[i]
-            d[i] = x
-        mixed = ZERO
+            x, d, threshold, scale = xs[i][s : s + n], deltas[i], thresholds[i], scales[i]
+            for j in range(n):
+                d[j] = as_f32(x[j]) - b[j]
+            if rules[i] == TRIM:
+                for j in range(n):
+                    d[j] = d[j] * (ONE if abs(d[j]) >= threshold else ZERO)
+            elif rules[i] == DROP:
+                key, cutoff = keys[i], cutoffs[i]
+                for j in range(n):
+                    e = s + j
+                    word = splitmix64(key, np.uint64(e >> 1))
+                    d[j] = d[j] * (ONE if kept(lane(word, e), cutoff) else ZERO)
+                if scale != ONE:
+                    for j in range(n):
+                        d[j] = d[j] * scale
+        mixed[:n] = ZERO
         if vote == NO_VOTE:
             for i in range(m):
-                mixed = fma(d[i], weights[i], mixed)
+                d, w = deltas[i], weights[i]
+                for j in range(n):
+                    mixed[j] = fma(d[j], w, mixed[j])
             if norm == DIVIDE:
-                mixed = mixed / norm_value
+                for j in range(n):
+                    mixed[j] = mixed[j] / norm_value
         else:
-            votes = ZERO
+            votes[:n] = ZERO
             for i in range(m):
+                d, w, by = deltas[i], weights[i], votes_by[i]
                 if vote == VOTE_SUM:
-                    votes = fma(d[i], weights[i], votes)
+                    for j in range(n):
+                        votes[j] = fma(d[j], w, votes[j])
                 else:
-                    votes = fma(sign(d[i]), votes_by[i], votes)
-            elected = -ONE if votes < ZERO else ONE
-            divisor = ZERO
+                    for j in range(n):
+                        votes[j] = fma(sign(d[j]), by, votes[j])
+            divisor[:n] = ZERO
             for i in range(m):
                 if sides[i] == 0:
                     continue
-                side = elected if sides[i] > 0 else -elected
-                if d[i] * side > ZERO:
-                    mixed = mixed + weights[i] * d[i]
-                    divisor = divisor + weights[i]
+                d, w, side = deltas[i], weights[i], np.float32(sides[i])
+                for j in range(n):
+                    # the elected sign is -1 where the votes are negative, else +1
+                    agree = d[j] * (side * (-ONE if votes[j] < ZERO else ONE)) > ZERO
+                    mixed[j] = mixed[j] + (w * d[j] if agree else ZERO)
+                    divisor[j] = divisor[j] + (w if agree else ZERO)
             if norm == CLAMP_DIVIDE:
-                mixed = mixed / max(divisor, norm_value)
+                for j in range(n):
+                    mixed[j] = mixed[j] / max(divisor[j], norm_value)
             elif norm == GUARD_DIVIDE:
-                if TINY - abs(divisor) > ZERO:
-                    divisor = divisor + (ONE - divisor)
-                mixed = mixed / divisor
-        out[e] = fma(mixed, lam, b)
+                for j in range(n):
+                    tiny = TINY - abs(divisor[j]) > ZERO
+                    mixed[j] = mixed[j] / (divisor[j] + (ONE - divisor[j]) if tiny else divisor[j])
+        out_s = out[s : s + n]
+        for j in range(n):
+            out_s[j] = fma(mixed[j], lam, b[j])
