@@ -90,3 +90,12 @@ def test_ineligible_inputs_keep_the_torch_path() -> None:
     assert not launch.eligible([x, x.bfloat16(), x.half()])  # models of two dtypes
     assert not launch.eligible([x, x.double()])
     assert not launch.eligible([x, x.t()])  # not contiguous
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_base_of_another_dtype(merge, monkeypatch, method) -> None:
+    base, *inputs = models((130, 33), torch.bfloat16, seed=4)
+    run = dict(params={"lambda": 0.6}, models=[{"weight": 0.2}, {"weight": 0.9}, {}])
+    fused = merge(method, base.float(), inputs, **run)
+    monkeypatch.setenv("AMALGAM_FUSED_KERNELS", "0")
+    assert np.array_equal(bits(fused), bits(merge(method, base.float(), inputs, **run)))
