@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from amalgam.methods.kernels.counter import kept, lane, splitmix64
+from amalgam.methods.kernels.counter import fill_lanes, kept
 from amalgam.methods.kernels.scalar import as_f32, fma, sign
 
 # per-model sparsification rules
@@ -62,6 +62,7 @@ def task_vector_block(
     mixed = np.empty(BLOCK, np.float32)
     votes = np.empty(BLOCK, np.float32)
     divisor = np.empty(BLOCK, np.float32)
+    lanes = np.empty(BLOCK, np.int64)
     for s in range(start, stop, BLOCK):
         n = min(BLOCK, stop - s)
         base_s = base[s : s + n]
@@ -75,11 +76,10 @@ def task_vector_block(
                 for j in range(n):
                     d[j] = d[j] * (ONE if abs(d[j]) >= threshold else ZERO)
             elif rules[i] == DROP:
-                key, cutoff = keys[i], cutoffs[i]
+                cutoff = cutoffs[i]
+                fill_lanes(keys[i], s, lanes[:n])
                 for j in range(n):
-                    e = s + j
-                    word = splitmix64(key, np.uint64(e >> 1))
-                    d[j] = d[j] * (ONE if kept(lane(word, e), cutoff) else ZERO)
+                    d[j] = d[j] * (ONE if kept(lanes[j], cutoff) else ZERO)
                 if scale != ONE:
                     for j in range(n):
                         d[j] = d[j] * scale

@@ -35,6 +35,22 @@ def lane(word: np.uint64, index: np.int64) -> np.int64:
 
 
 @njit(nogil=True, cache=True, inline="always")
+def fill_lanes(key: np.uint64, start: np.int64, lanes: np.ndarray) -> None:
+    """lanes[j] = the lane of entry start + j: one hash per pair of entries."""
+    n, j = len(lanes), 0
+    if start & 1:  # an odd start: the high half of the first word
+        lanes[0] = lane(splitmix64(key, np.uint64(start >> 1)), start)
+        j = 1
+    first = np.uint64((start + j) >> 1)
+    for k in range((n - j) // 2):
+        word = splitmix64(key, first + np.uint64(k))
+        lanes[j + 2 * k] = np.int64(word & LOW31)
+        lanes[j + 2 * k + 1] = np.int64((word >> S32) & LOW31)
+    if (n - j) & 1:  # an odd end: the low half of the last word
+        lanes[n - 1] = lane(splitmix64(key, np.uint64((start + n - 1) >> 1)), start + n - 1)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def kept(lane_value: np.int64, cutoff: np.int64) -> bool:
     """cutoff - lane > 0, in the int32 arithmetic of the torch path (wrapping at 2^31)."""
     diff = (cutoff - lane_value + (1 << 31)) % (1 << 32) - (1 << 31)
