@@ -3,6 +3,8 @@ ops) for every method they serve, dtype, odd shape and thread count."""
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
 import numpy as np
@@ -99,3 +101,14 @@ def test_base_of_another_dtype(merge, monkeypatch, method) -> None:
     fused = merge(method, base.float(), inputs, **run)
     monkeypatch.setenv("AMALGAM_FUSED_KERNELS", "0")
     assert np.array_equal(bits(fused), bits(merge(method, base.float(), inputs, **run)))
+
+
+def test_unloadable_numba_keeps_the_torch_path(merge, monkeypatch, caplog) -> None:
+    base, *inputs = models((40, 9), torch.float32, seed=6)
+    want = merge("ties", base, inputs, params={"lambda": 0.5})
+    monkeypatch.setitem(sys.modules, "amalgam.methods.kernels.blocks", None)  # import fails
+    monkeypatch.setattr(launch, "compiled", functools.cache(launch.compiled.__wrapped__))
+    got = merge("ties", base, inputs, params={"lambda": 0.5})
+    assert launch.compiled() is None
+    assert "fused kernels unavailable" in caplog.text
+    assert np.array_equal(bits(got), bits(want))

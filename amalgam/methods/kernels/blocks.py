@@ -13,15 +13,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from amalgam.methods.kernels.codes import (
+    CLAMP_DIVIDE,
+    DIVIDE,
+    DROP,
+    GUARD_DIVIDE,
+    NO_VOTE,
+    TRIM,
+    VOTE_SUM,
+)
 from amalgam.methods.kernels.counter import fill_lanes, kept
 from amalgam.methods.kernels.scalar import as_f32, fma, sign
-
-# per-model sparsification rules
-KEEP_ALL, TRIM, DROP = 0, 1, 2
-# sign election
-NO_VOTE, VOTE_SUM, VOTE_COUNT = 0, 1, 2
-# normalisation of the merged task vector
-NO_DIVISION, DIVIDE, CLAMP_DIVIDE, GUARD_DIVIDE = 0, 1, 2, 3
 
 BLOCK = 1024
 ZERO, ONE = np.float32(0.0), np.float32(1.0)

@@ -4,18 +4,24 @@ The kernels run on contiguous CPU tensors in bfloat16, float16 or float32 (model
 dtype; the base may differ); anything else stays on the torch path. Entries are cut into
 contiguous ranges run on ``torch.get_num_threads()`` threads (the engine's compute threads);
 every entry is computed on its own, so the bytes do not depend on the cut.
-``AMALGAM_FUSED_KERNELS=0`` keeps every merge on the torch path.
+``AMALGAM_FUSED_KERNELS=0`` keeps every merge on the torch path, as does a numba that cannot
+load (for instance with no writable cache folder: set ``NUMBA_CACHE_DIR``), with one warning.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from types import ModuleType
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_RANGE = 1 << 15  # entries per thread below which threads cost more than they save
@@ -27,7 +33,18 @@ def eligible(tensors: Sequence[torch.Tensor]) -> bool:
         os.environ.get("AMALGAM_FUSED_KERNELS", "1") != "0"
         and all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in tensors)
         and len({t.dtype for t in tensors[1:]}) <= 1
+        and compiled() is not None
     )
+
+
+@cache
+def compiled() -> ModuleType | None:
+    """The compiled kernels (``blocks``), or None where numba cannot load them."""
+    try:
+        return importlib.import_module("amalgam.methods.kernels.blocks")
+    except (ImportError, RuntimeError) as e:  # numba missing, or no writable cache folder
+        log.warning("fused kernels unavailable, merging on the torch path: %s", e)
+        return None
 
 
 def entries(t: torch.Tensor) -> np.ndarray:

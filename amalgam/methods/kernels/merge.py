@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from amalgam.methods.kernels import launch
+from amalgam.methods.kernels import codes, launch
 from amalgam.methods.sparsify import RandomDrop
 
 f32 = np.float32
@@ -20,8 +20,7 @@ def linear(
     """sum_i w_i x_i [/ total] in float32 (``linear.linear``'s arithmetic), or None."""
     if not launch.eligible([inputs[0], *inputs]):
         return None
-    from amalgam.methods.kernels.blocks import linear_block
-
+    linear_block = launch.compiled().linear_block
     xs = tuple(launch.entries(x) for x in inputs)
     w = np.array(weights, dtype=np.float32)
     out = torch.empty(inputs[0].shape, dtype=torch.float32)
@@ -34,20 +33,19 @@ def linear(
 
 def rule(applier: object) -> tuple[int, float, int, int, float] | None:
     """(rule, threshold, cutoff, key, scale) of a known per-entry applier, or None."""
-    from amalgam.methods.kernels.blocks import DROP, KEEP_ALL, TRIM
-    from amalgam.methods.task_vectors import KeepAtLeast
+    from amalgam.methods.task_vectors import KeepAtLeast  # it imports this module lazily
 
     if applier is None:
-        return KEEP_ALL, 0.0, 0, 0, 1.0
+        return codes.KEEP_ALL, 0.0, 0, 0, 1.0
     if isinstance(applier, KeepAtLeast):
         if applier.threshold is None:
-            return KEEP_ALL, 0.0, 0, 0, 1.0
-        return TRIM, applier.threshold, 0, 0, 1.0
+            return codes.KEEP_ALL, 0.0, 0, 0, 1.0
+        return codes.TRIM, applier.threshold, 0, 0, 1.0
     drop = getattr(applier, "__self__", None)  # RandomDrop.apply, bound
     if isinstance(drop, RandomDrop) and applier == drop.apply:
         if drop.density >= 1.0:
-            return KEEP_ALL, 0.0, 0, 0, 1.0
-        return DROP, 0.0, drop.cutoff, drop.key & ((1 << 64) - 1), drop.scale
+            return codes.KEEP_ALL, 0.0, 0, 0, 1.0
+        return codes.DROP, 0.0, drop.cutoff, drop.key & ((1 << 64) - 1), drop.scale
     return None
 
 
@@ -66,19 +64,18 @@ def task_vector_merge(
     rules = [rule(a) for a in appliers] if appliers is not None else [rule(None)] * len(inputs)
     if any(r is None for r in rules):
         return None
-    from amalgam.methods.kernels import blocks
-
+    blocks = launch.compiled()
     kinds, thresholds, cutoffs, keys, scales = (list(c) for c in zip(*rules, strict=True))
-    vote = {None: blocks.NO_VOTE, "sum": blocks.VOTE_SUM, "count": blocks.VOTE_COUNT}[consensus]
-    norm, norm_value = blocks.NO_DIVISION, 1.0
+    vote = {None: codes.NO_VOTE, "sum": codes.VOTE_SUM, "count": codes.VOTE_COUNT}[consensus]
+    norm, norm_value = codes.NO_DIVISION, 1.0
     if normalize and consensus is None and abs(sum(weights)) >= 1e-8:
-        norm, norm_value = blocks.DIVIDE, sum(weights)
+        norm, norm_value = codes.DIVIDE, sum(weights)
     elif normalize and consensus is not None:
         nonzero = [w for w in weights if w != 0]
         if nonzero and min(nonzero) >= 1e-8:
-            norm, norm_value = blocks.CLAMP_DIVIDE, min(nonzero)
+            norm, norm_value = codes.CLAMP_DIVIDE, min(nonzero)
         else:
-            norm = blocks.GUARD_DIVIDE
+            norm = codes.GUARD_DIVIDE
     b = launch.entries(base)
     xs = tuple(launch.entries(x) for x in inputs)
     args = (
