@@ -9,21 +9,19 @@ keeps one more). Ties with the threshold are kept. A zero vote elects +1.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
-
-import torch
 
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
 from amalgam.methods.needs import WholeModelStatistic
 from amalgam.methods.params import recipe_wide
-from amalgam.methods.sparsify import at_least, trim_threshold
+from amalgam.methods.sparsify import at_least, delta_threshold
 from amalgam.methods.task_vectors import (
     CONSENSUS,
     DENSITY,
     LAMBDA,
     WEIGHT,
     Applier,
+    TaskVector,
     normalize_param,
     task_vector_merge,
 )
@@ -39,15 +37,14 @@ TRIM = Param(
 )
 
 
-def trim(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeContext) -> Applier:
+def trim(delta: TaskVector, i: int, p: TensorParams, ctx: MergeContext) -> Applier:
     """Keep entries at or above this model's magnitude threshold (per tensor or whole model)."""
     thresholds = ctx.stats.get(MagnitudeThreshold.key)
     density = p.per_model[i]["density"]
     if thresholds is not None:
         threshold = thresholds[i]
     else:
-        # the task vector is a fresh tensor: take magnitudes in place
-        threshold = trim_threshold(delta().abs_(), density)
+        threshold = delta_threshold(delta.x, delta.base, density)
         if threshold is None:
             return lambda chunk, rows: chunk
     return lambda chunk, rows: chunk * at_least(chunk.abs(), threshold)

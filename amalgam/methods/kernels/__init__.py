@@ -1,0 +1,1 @@
+"""Fused CPU kernels (numba) behind the methods' torch functions, bit-identical to them."""
