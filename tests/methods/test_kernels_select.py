@@ -155,3 +155,17 @@ def test_whole_model_threshold_histograms_match_torch(threads):
         for f, dn in zip(flat, (0.3, 0.1), strict=True)
     ]
     assert [bits(v) for v in fused.result()] == [bits(v) for v in expected]
+
+
+def test_float64_inputs_take_the_torch_path(merge, monkeypatch):
+    # Not a kernel dtype: the threshold comes from torch, by main's formula (base as float32).
+    base = awkward((40, 9), torch.float32, 40).double()
+    inputs = [base + awkward((40, 9), torch.float32, 41 + i).double() for i in range(3)]
+    fused = merge("ties", base, inputs, params={"density": 0.3})
+
+    def exact(x: torch.Tensor, base: torch.Tensor, density: float) -> float:
+        mag = torch.sub(x, base.float()).abs().reshape(-1)
+        return mag.kthvalue(mag.numel() - keep_count(mag.numel(), density) + 1).values.item()
+
+    monkeypatch.setattr(ties, "delta_threshold", exact)
+    assert torch.equal(fused, merge("ties", base, inputs, params={"density": 0.3}))
