@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -97,6 +98,19 @@ def combine(
     return torch.add(base, mixed, alpha=lam)
 
 
+@dataclass(frozen=True)
+class TaskVector:
+    """One model's whole float32 task vector (as rows), computed when called; ``x`` and ``base``
+    (rows, stored dtypes) let a kernel read it without building it."""
+
+    x: torch.Tensor
+    base: torch.Tensor
+    base32: Callable[[], torch.Tensor]
+
+    def __call__(self) -> torch.Tensor:
+        return torch.sub(self.x, self.base32())
+
+
 Applier = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
@@ -113,18 +127,14 @@ class KeepAtLeast:
         return chunk * at_least(chunk.abs(), self.threshold)
 
 
-# Given a way to compute one model's whole float32 task vector (as rows; only sparsifiers that
-# need whole-tensor statistics call it), return how to sparsify any block of its rows.
-Sparsifier = Callable[[Callable[[], torch.Tensor], int, TensorParams, MergeContext], Applier]
+# Given one model's task vector (only sparsifiers that need whole-tensor statistics compute
+# it), return how to sparsify any block of its rows.
+Sparsifier = Callable[[TaskVector, int, TensorParams, MergeContext], Applier]
 
 
 # Given one block's raw task vectors and their merged (unscaled) task vector, a 0/1 mask for the
 # merged vector (Consensus merging's agreement of TALL masks).
 Masker = Callable[[list[torch.Tensor], torch.Tensor, TensorParams], torch.Tensor]
-
-
-def _task_vector(x: torch.Tensor, base32: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    return lambda: torch.sub(x, base32())
 
 
 def task_vector_merge(
@@ -152,7 +162,7 @@ def task_vector_merge(
     appliers = None
     if sparsify is not None:
         base32 = cache(b.float)  # converted once, and only if a sparsifier needs it
-        appliers = [sparsify(_task_vector(x, base32), i, p, ctx) for i, x in enumerate(xs)]
+        appliers = [sparsify(TaskVector(x, b, base32), i, p, ctx) for i, x in enumerate(xs)]
         base32.cache_clear()
     weights, lam, normalize = p.each("weight"), p.shared["lambda"], p.shared["normalize"]
     vote = p.shared["consensus"] if consensus else None

@@ -9,15 +9,12 @@ keeps one more). Ties with the threshold are kept. A zero vote elects +1.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
-
-import torch
 
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
 from amalgam.methods.needs import WholeModelStatistic
 from amalgam.methods.params import recipe_wide
-from amalgam.methods.sparsify import trim_threshold
+from amalgam.methods.sparsify import delta_threshold
 from amalgam.methods.task_vectors import (
     CONSENSUS,
     DENSITY,
@@ -25,6 +22,7 @@ from amalgam.methods.task_vectors import (
     WEIGHT,
     Applier,
     KeepAtLeast,
+    TaskVector,
     normalize_param,
     task_vector_merge,
 )
@@ -40,14 +38,13 @@ TRIM = Param(
 )
 
 
-def trim(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeContext) -> Applier:
+def trim(delta: TaskVector, i: int, p: TensorParams, ctx: MergeContext) -> Applier:
     """Keep entries at or above this model's magnitude threshold (per tensor or whole model)."""
     thresholds = ctx.stats.get(MagnitudeThreshold.key)
     density = p.per_model[i]["density"]
     if thresholds is not None:
         return KeepAtLeast(thresholds[i])
-    # the task vector is a fresh tensor: take magnitudes in place
-    return KeepAtLeast(trim_threshold(delta().abs_(), density))
+    return KeepAtLeast(delta_threshold(delta.x, delta.base, density))
 
 
 def model_trim_stats(p: TensorParams) -> list[MagnitudeThreshold]:

@@ -27,7 +27,15 @@ class MagnitudeThreshold:
         self.rank: list[int] = []
 
     def update(self, pass_: int, deltas: list[torch.Tensor]) -> None:
+        from amalgam.methods.kernels import select
+
         for i, d in enumerate(deltas):
+            if select.supported(d):  # one fused pass on CPU
+                high = -1 if pass_ == 0 else self.bin[i]
+                (self.high if pass_ == 0 else self.low)[i] += select.magnitude_histogram(
+                    d, None, high
+                )
+                continue
             bits = d.float().abs().reshape(-1).view(torch.int32)
             if pass_ == 0:
                 self.high[i] += torch.bincount(bits >> 16, minlength=1 << 16).cpu()

@@ -1,0 +1,171 @@
+"""The fused selection kernel (``kernels.select``) against torch.kthvalue and main's torch path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numba
+import pytest
+import torch
+
+from amalgam.methods import ties
+from amalgam.methods.kernels import select
+from amalgam.methods.sparsify import keep_count, kth_largest
+from amalgam.methods.whole_model import MagnitudeThreshold
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+SHAPES = ((), (1,), (7,), (1001,), (13, 17), (3, 5, 11))
+
+
+@pytest.fixture(params=THREADS, ids=lambda t: f"threads{t}")
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    before = numba.get_num_threads()
+    numba.set_num_threads(request.param)
+    yield request.param
+    numba.set_num_threads(before)
+
+
+def bits(value: float) -> int:
+    return torch.tensor([value], dtype=torch.float32).view(torch.int32).item()
+
+
+def awkward(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random values with many ties, exact zeros of both signs, and (sub)normals near zero."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(1, torch.Size(shape).numel())
+    tiny = torch.finfo(dtype).tiny
+    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, tiny, -tiny / 4, tiny / 8, 3e-3, -3e-3])
+    values = torch.randn(n, generator=g)
+    pick = torch.randint(0, 2 * len(pool), (n,), generator=g)
+    picked = pick < len(pool)
+    values[picked] = pool[pick[picked]]
+    return values.to(dtype).reshape(shape)
+
+
+def reference(x: torch.Tensor, base: torch.Tensor | None, k: int) -> float:
+    """k-th largest of the float32 magnitudes, as the torch path computes them, by kthvalue."""
+    mag = (x.abs() if base is None else torch.sub(x, base.float()).abs()).float().reshape(-1)
+    return mag.kthvalue(mag.numel() - k + 1).values.item()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("base_dtype", DTYPES, ids=str)
+def test_kth_largest_delta_magnitude_equals_kthvalue(shape, x_dtype, base_dtype, threads):
+    x, base = awkward(shape, x_dtype, 1), awkward(shape, base_dtype, 2)
+    n = x.numel()
+    for k in sorted({min(n, k) for k in (1, 2, n // 3 or 1, keep_count(n, 0.2), n - 1 or 1, n)}):
+        got = select.kth_largest_magnitude(x, k, base)
+        assert bits(got) == bits(reference(x, base, k)), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kth_largest_of_magnitudes_equals_kthvalue(dtype, threads):
+    x = awkward((257, 33), dtype, 3)
+    for k in (1, 100, 4000, x.numel()):
+        assert bits(kth_largest(x.abs(), k)) == bits(reference(x, None, k))
+
+
+def test_every_fp16_and_bf16_bit_pattern_converts_as_torch(threads):
+    # All 65536 patterns (NaNs, infinities, subnormals, -0): both histograms of |x| must equal
+    # those of torch's own conversion to float32.
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = patterns.view(dtype)
+        m = x.float().abs().view(torch.int32)
+        high = torch.bincount(m >> 16, minlength=1 << 16)
+        assert torch.equal(select.magnitude_histogram(x), high)
+        for b in (0, int(m.max()) >> 16, 0x3F80):
+            low = torch.bincount(m[(m >> 16) == b] & 0xFFFF, minlength=1 << 16)
+            assert torch.equal(select.magnitude_histogram(x, None, b), low)
+
+
+def test_denormal_differences_are_kept_exactly(threads):
+    # float32 subtraction underflowing to subnormals: no flush to zero anywhere.
+    tiny = torch.finfo(torch.float32).tiny
+    base = torch.full((1000,), tiny)
+    x = base + tiny * torch.linspace(-0.5, 0.5, 1000)
+    for k in (1, 500, 1000):
+        assert bits(select.kth_largest_magnitude(x, k, base)) == bits(reference(x, base, k))
+
+
+def test_bad_arguments_are_refused():
+    x = torch.ones(4)
+    with pytest.raises(ValueError, match="shapes differ"):
+        select.kth_largest_magnitude(x, 1, torch.ones(5))
+    with pytest.raises(ValueError, match="k=5"):
+        select.kth_largest_magnitude(x, 5)
+    with pytest.raises(ValueError, match="bf16, fp16 or float32"):
+        select.kth_largest_magnitude(x.double(), 1)
+    assert not select.supported(torch.ones(2, dtype=torch.float64))
+
+
+def old_threshold(x: torch.Tensor, base: torch.Tensor, density: float) -> float | None:
+    """main's per-tensor TIES threshold: the float32 task vector, then its exact k-th largest."""
+    if density >= 1.0 or x.numel() == 0:
+        return None
+    return reference(x, base, keep_count(x.numel(), density))
+
+
+@pytest.mark.parametrize("method", ["ties", "consensus_ties"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ((), (1,), (1001,), (37, 53)), ids=str)
+def test_ties_is_byte_identical_to_the_torch_threshold(merge, monkeypatch, method, dtype, shape):
+    base = awkward(shape, dtype, 10)
+    inputs = [(base.float() + awkward(shape, dtype, 11 + i).float()).to(dtype) for i in range(3)]
+    params = {"density": 0.3} if method == "ties" else {"density": 0.3, "agreement": 2}
+    fused = merge(method, base, inputs, params=params)
+    monkeypatch.setattr(ties, "delta_threshold", old_threshold)
+    old = merge(method, base, inputs, params=params)
+    assert fused.dtype == old.dtype
+    assert torch.equal(fused.view(torch.int32), old.view(torch.int32))
+
+
+def test_dare_ties_is_unchanged_by_the_selection_kernel(merge, monkeypatch):
+    # dare_ties draws masks instead of selecting: the kernel must not be on its path.
+    base = awkward((64, 33), torch.bfloat16, 20)
+    inputs = [awkward((64, 33), torch.bfloat16, 21 + i) for i in range(3)]
+    fused = merge("dare_ties", base, inputs, params={"density": 0.5})
+
+    def refuse(*args: object) -> float:
+        raise AssertionError("selection kernel called by dare_ties")
+
+    monkeypatch.setattr(select, "kth_largest_magnitude", refuse)
+    assert torch.equal(fused, merge("dare_ties", base, inputs, params={"density": 0.5}))
+
+
+def test_whole_model_threshold_histograms_match_torch(threads):
+    deltas = [awkward((300, 7), torch.float32, 30 + i) for i in range(2)]
+    fused, old = MagnitudeThreshold([0.3, 0.1]), MagnitudeThreshold([0.3, 0.1])
+    for pass_ in range(2):
+        fused.update(pass_, deltas)
+        for i, d in enumerate(deltas):  # main's bincount path, by hand
+            m = d.abs().reshape(-1).view(torch.int32)
+            if pass_ == 0:
+                old.high[i] += torch.bincount(m >> 16, minlength=1 << 16)
+            else:
+                old.low[i] += torch.bincount(m[(m >> 16) == old.bin[i]] & 0xFFFF, minlength=1 << 16)
+        assert torch.equal(fused.high, old.high) and torch.equal(fused.low, old.low)
+        fused.end_pass(pass_)
+        old.end_pass(pass_)
+    flat = [d.abs().reshape(-1) for d in deltas]
+    expected = [
+        f.kthvalue(f.numel() - keep_count(f.numel(), dn) + 1).values.item()
+        for f, dn in zip(flat, (0.3, 0.1), strict=True)
+    ]
+    assert [bits(v) for v in fused.result()] == [bits(v) for v in expected]
+
+
+def test_float64_inputs_take_the_torch_path(merge, monkeypatch):
+    # Not a kernel dtype: the threshold comes from torch, by main's formula (base as float32).
+    base = awkward((40, 9), torch.float32, 40).double()
+    inputs = [base + awkward((40, 9), torch.float32, 41 + i).double() for i in range(3)]
+    fused = merge("ties", base, inputs, params={"density": 0.3})
+
+    def exact(x: torch.Tensor, base: torch.Tensor, density: float) -> float:
+        mag = torch.sub(x, base.float()).abs().reshape(-1)
+        return mag.kthvalue(mag.numel() - keep_count(mag.numel(), density) + 1).values.item()
+
+    monkeypatch.setattr(ties, "delta_threshold", exact)
+    assert torch.equal(fused, merge("ties", base, inputs, params={"density": 0.3}))
