@@ -323,7 +323,7 @@ def merged_inputs(
     """The inputs of every merged (not copied) tensor of ``jobs`` (default: the plan's), in
     order, read ahead on ``pool``."""
     merged = [j for j in (ctx.plan.jobs if jobs is None else jobs) if not j.copy]
-    for job, (raw, _) in prefetched(ctx.plan, sources, merged, PREFETCH_BYTES, pool):
+    for job, (raw, _) in prefetched(ctx.plan, sources, merged, ctx.read_ahead_bytes, pool):
         yield job, raw
 
 

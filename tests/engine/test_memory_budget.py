@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from amalgam.checkpoint import Checkpoint
 from amalgam.engine import MergeOptions, execute, run_merge
 from amalgam.recipe import parse_recipe
-from tests.helpers import recipe_dict, write_model
+from tests.helpers import recipe_dict, run_cli, write_model
 
 # 1100 rows of 300: two row blocks, the second partial; 1-D; a scalar; a 1-D of 8 entries
 SHAPES = {
@@ -202,3 +203,27 @@ def test_ray_workers_stream_to_the_same_bytes(tmp_path: Path) -> None:
             for executor, budget in (("local", 1 << 30), ("ray", TINY))
         ]
         assert len(digests(outs[0])) > 1 and digests(outs[0]) == digests(outs[1])
+
+
+def test_cli_memory_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``amalgam merge --memory-budget 4KB`` streams to the default's bytes; a size that is not
+    one is one error line, exit 2."""
+    base, experts = models(tmp_path / "in", 2, torch.bfloat16)
+    outs = {}
+    for budget in ("1GiB", "4KB"):
+        outs[budget] = tmp_path / budget
+        data = recipe_dict(base, experts, "ties", outs[budget])
+        cfg = tmp_path / f"{budget}.yaml"
+        cfg.write_text(yaml.safe_dump(data))
+        code, stdout, _ = run_cli(
+            ["merge", str(cfg), "--memory-budget", budget], monkeypatch, capsys
+        )
+        assert code == 0, stdout
+    assert digests(outs["1GiB"]) == digests(outs["4KB"])
+    for bad, needle in (("lots", "--memory-budget: 'lots' is not a size"), ("0", "memory_budget")):
+        code, _, err = run_cli(["merge", str(cfg), "--memory-budget", bad], monkeypatch, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+        assert needle in lines[0], err
