@@ -163,6 +163,15 @@ def merge(
             "methods such as tsv_m, opcm, regmean, else 0; fractions share a GPU)"
         ),
     ] = None,
+    memory_budget: Annotated[
+        str,
+        typer.Option(
+            help="tensor bytes held at once besides the libraries (per Ray worker), e.g. 1.5GB: "
+            "a quarter reads ahead, a quarter waits for the disk; a tensor whose inputs from "
+            "every model, in float32, exceed the other half is merged one model at a time "
+            "(linear, task_arithmetic, ties, dare_*, breadcrumbs: same bytes)"
+        ),
+    ] = "1GiB",
 ) -> None:
     """Merge the models of a recipe into a Hugging Face model folder."""
     # lazy: the command's modules import torch; `amalgam --help` stays fast
@@ -183,6 +192,7 @@ def merge(
             continue_from=continue_from,
             unit_bytes=parse_bytes(unit_size, "--unit-size"),
             gpus_per_task=gpus_per_task,
+            memory_budget=parse_bytes(memory_budget, "--memory-budget"),
         )
     except ValidationError as exc:
         bad = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())

@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,6 +24,15 @@ from amalgam.writer import ShardWriter
 
 Progress = Callable[[int, int], None]  # (input bytes, tensors) done since the last call
 PREFETCH_BYTES = 1 << 28  # inputs read ahead of the tensor being merged
+# The tensor bytes one merge process holds (read ahead, in the merge, waiting for the disk),
+# besides the interpreter and libraries: a quarter for reads ahead, a quarter for writes,
+# half for the tensor in the merge (docs/architecture.md, Memory).
+MEMORY_BUDGET = 1 << 30
+# Merged one model at a time, a tensor holds three inputs (the base, the model being added, the
+# next one read ahead) beside the same float32 buffers as all at once: it saves memory from
+# five inputs on (base + 3 in a 1 GiB budget measured 0.97 GB peak for TIES all at once, 1.14
+# GB streamed).
+STREAM_MIN_INPUTS = 5
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class JobContext:
     allow_pickle: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
     prefetch_bytes: int = PREFETCH_BYTES
+    memory_budget: int = MEMORY_BUDGET
     progress: Progress | None = None
 
     def params(self, name: str | None) -> TensorParams:
@@ -48,6 +59,27 @@ class JobContext:
     def report(self, nbytes: int, tensors: int) -> None:
         if self.progress:
             self.progress(nbytes, tensors)
+
+    @property
+    def read_ahead_bytes(self) -> int:
+        """The inputs read ahead: the prefetch budget, within a quarter of the memory budget."""
+        return min(self.prefetch_bytes, self.memory_budget // 4)
+
+    @property
+    def write_bytes(self) -> int:
+        """The merged tensors waiting for the disk: a quarter of the memory budget."""
+        return self.memory_budget // 4
+
+    def streams(self, sources: Sequence[Checkpoint], job: TensorJob) -> bool:
+        """Whether ``job`` is merged one model at a time (``Method.accumulate``): its inputs
+        from every model, in float32, exceed half the memory budget, they are at least
+        ``STREAM_MIN_INPUTS``, and the method can (and the tensor has neither row groups nor
+        statistics)."""
+        if self.method.accumulate is None or job.copy or job.name in self.plan.rows:
+            return False
+        if self.plan.statistics or len(sources) < STREAM_MIN_INPUTS:
+            return False
+        return len(sources) * sources[0].info(job.name).numel * 4 > self.memory_budget // 2
 
 
 def open_inputs(
@@ -86,6 +118,13 @@ def read_job(
     return raw, stats
 
 
+def read_input(plan: Plan, sources: Sequence[Checkpoint], job: TensorJob, i: int) -> torch.Tensor:
+    """Input ``i``'s tensor of ``job``, checked finite."""
+    x = sources[i].tensor(job.name)
+    check_finite(plan, job, [x], (plan.labels[i],))
+    return x
+
+
 def prefetched(
     plan: Plan,
     sources: Sequence[Checkpoint],
@@ -93,15 +132,22 @@ def prefetched(
     budget: int,
     pool: ThreadPoolExecutor,
     statistics: Sequence[Checkpoint] = (),
+    streamed: Callable[[TensorJob], bool] = lambda job: False,
 ) -> Iterator[tuple[TensorJob, Read]]:
     """Yield (job, (inputs, statistics)) while later jobs are read on ``pool``: at least one
-    job ahead, more while their inputs fit in ``budget`` bytes."""
+    job ahead, more while their inputs fit in ``budget`` bytes. A ``streamed`` job is not
+    read here (no inputs: its merge reads them one at a time)."""
     queue: deque = deque()
     queued = 0
     it = iter(jobs)
     upcoming = next(it, None)
 
+    def read(job: TensorJob) -> Read:
+        return ([], ()) if streamed(job) else read_job(plan, sources, job, statistics)
+
     def cost(job: TensorJob) -> int:
+        if streamed(job):
+            return 0
         if job.copy:
             return sources[job.source].info(job.name).nbytes
         return sum(s.info(job.name).nbytes for s in sources) + sum(
@@ -110,7 +156,7 @@ def prefetched(
 
     while upcoming is not None or queue:
         while upcoming is not None and (not queue or queued + cost(upcoming) <= budget):
-            queue.append((upcoming, pool.submit(read_job, plan, sources, upcoming, statistics)))
+            queue.append((upcoming, pool.submit(read, upcoming)))
             queued += cost(upcoming)
             upcoming = next(it, None)
         job, fut = queue.popleft()
@@ -189,6 +235,42 @@ def apply_method(
     return fn(base, inputs, params, merge_ctx)
 
 
+def stream_tensor(
+    ctx: JobContext, job: TensorJob, sources: Sequence[Checkpoint], pool: ThreadPoolExecutor
+) -> torch.Tensor:
+    """One output tensor merged one model at a time (``Method.accumulate``): the base, then
+    each model in plan order (``passes`` times), the next one read on ``pool`` meanwhile, so
+    at most two models' inputs are held, whatever their number."""
+    plan, device = ctx.plan, ctx.device
+    assert ctx.method.accumulate is not None
+    read = partial(read_input, plan, sources, job)
+    base = read(0).to(device) if plan.has_base else None
+    merge_ctx = MergeContext(job.name, job.layer, plan.recipe.seed, device, ctx.stats)
+    acc = ctx.method.accumulate(base, ctx.params(job.name), merge_ctx)
+    for _ in range(acc.passes):
+        for i, x in enumerate(read_ahead(pool, read, range(int(plan.has_base), len(sources)))):
+            acc.add(i, x.to(device))
+            del x
+        acc.end_pass()
+    return acc.finish().to(SAFETENSORS_DTYPES[job.dtype]).cpu()
+
+
+def read_ahead(
+    pool: ThreadPoolExecutor, read: Callable[[int], torch.Tensor], indices: Iterable[int]
+) -> Iterator[torch.Tensor]:
+    """``read(i)`` for each index in order, the next one read on ``pool`` while the caller
+    holds this one."""
+    it = iter(indices)
+    i = next(it, None)
+    pending = None if i is None else pool.submit(read, i)
+    while pending is not None:
+        x = pending.result()
+        i = next(it, None)
+        pending = None if i is None else pool.submit(read, i)
+        yield x
+        del x
+
+
 def run_unit(
     ctx: JobContext,
     unit: WorkUnit,
@@ -199,24 +281,38 @@ def run_unit(
     """Merge one shard's tensors in order into ``shard``; returns the input bytes read.
     ``statistics``: the plan's statistics artifacts, opened, read tensor by tensor."""
     read = 0
+    nbytes = input_bytes(sources)
     try:
         with (
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="amalgam-read") as pool,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="amalgam-write") as writer,
         ):
-            writes: deque = deque()  # at most two merged tensors wait for the disk
-            jobs = prefetched(ctx.plan, sources, unit.jobs, ctx.prefetch_bytes, pool, statistics)
+            # at most two merged tensors wait for the disk, within ctx.write_bytes (or one)
+            writes: deque = deque()
+            waiting = 0
+            streamed = partial(ctx.streams, sources)
+            jobs = prefetched(
+                ctx.plan, sources, unit.jobs, ctx.read_ahead_bytes, pool, statistics, streamed
+            )
             for job, (raw, model_stats) in jobs:
-                n = sum(t.numel() * t.element_size() for t in raw)
-                out = merge_tensor(ctx, job, raw, model_stats)
+                if streamed(job):
+                    out = stream_tensor(ctx, job, sources, pool)
+                else:
+                    out = merge_tensor(ctx, job, raw, model_stats)
                 del raw, model_stats
-                writes.append(writer.submit(shard.write, job.name, out))
-                if len(writes) > 2:
-                    writes.popleft().result()
+                size = out.numel() * out.element_size()
+                writes.append((writer.submit(shard.write, job.name, out), size))
+                del out
+                waiting += size
+                while len(writes) > 2 or (waiting > ctx.write_bytes and writes):
+                    future, size = writes.popleft()
+                    future.result()
+                    waiting -= size
+                n = nbytes(job)
                 read += n
                 ctx.report(n, 1)
             while writes:
-                writes.popleft().result()
+                writes.popleft()[0].result()
     except BaseException:
         shard.discard()
         raise
@@ -233,7 +329,7 @@ def merged_inputs(
     """The inputs of every merged (not copied) tensor of ``jobs`` (default: the plan's), in
     order, read ahead on ``pool``."""
     merged = [j for j in (ctx.plan.jobs if jobs is None else jobs) if not j.copy]
-    for job, (raw, _) in prefetched(ctx.plan, sources, merged, PREFETCH_BYTES, pool):
+    for job, (raw, _) in prefetched(ctx.plan, sources, merged, ctx.read_ahead_bytes, pool):
         yield job, raw
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from amalgam.engine.execute import PREFETCH_BYTES, JobContext, Progress
+from amalgam.engine.execute import MEMORY_BUDGET, PREFETCH_BYTES, JobContext, Progress
 from amalgam.engine.plan import Plan
 from amalgam.engine.ray_executor import UNIT_BYTES
 from amalgam.errors import OutputError
@@ -26,6 +26,9 @@ class MergeOptions(BaseModel):
     overwrite: bool = False
     allow_pickle: bool = False
     prefetch_bytes: int = PREFETCH_BYTES
+    # Tensor bytes held at once (reads ahead, the merge, writes): a tensor whose inputs from
+    # every model exceed half of it is merged one model at a time, to the same bytes.
+    memory_budget: int = Field(default=MEMORY_BUDGET, gt=0)
     # Compute threads; default: all cores but one, which is left to reads and writes.
     threads: int | None = Field(default=None, ge=1)
     # Continual methods: the output of an earlier continual merge to absorb the models into.
@@ -85,5 +88,6 @@ def job_context(
         allow_pickle=options.allow_pickle,
         stats=stats or {},
         prefetch_bytes=options.prefetch_bytes,
+        memory_budget=options.memory_budget,
         progress=progress,
     )

@@ -21,6 +21,7 @@ from amalgam.methods.needs import (
 )
 
 if TYPE_CHECKING:
+    from amalgam.methods.accumulate import AccumulatorFactory
     from amalgam.statistics.artifact import StatisticsInfo
 
 
@@ -153,6 +154,9 @@ class Method:
     # Its math per tensor is dense linear algebra (SVDs, solves), not bound by reading: on a
     # Ray cluster with GPUs its tasks ask for one (docs/scale-out.md).
     gpu_bound: bool = False
+    # How to merge a tensor one model at a time (``amalgam.methods.accumulate``), to the same
+    # bytes as ``fn``: the engine does when all models' inputs at once exceed its memory budget.
+    accumulate: AccumulatorFactory | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

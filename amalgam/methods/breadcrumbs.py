@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 
+from amalgam.methods.accumulate import TaskVectorSum
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
 from amalgam.methods.sparsify import band_mask
 from amalgam.methods.task_vectors import (
@@ -64,6 +65,7 @@ register(
     Method(
         name="breadcrumbs",
         fn=partial(task_vector_merge, band, False),
+        accumulate=partial(TaskVectorSum, band, False),
         params=(*PARAMS, normalize_param(False)),
         summary="keep the band of task-vector entries below the top-gamma outliers, then sum",
         paper="arXiv 2312.06795",

@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 
+from amalgam.methods.accumulate import TaskVectorSum
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
 from amalgam.methods.sparsify import RandomDrop
 from amalgam.methods.task_vectors import (
@@ -48,6 +49,7 @@ register(
     Method(
         name="dare_linear",
         fn=partial(task_vector_merge, drop, False),
+        accumulate=partial(TaskVectorSum, drop, False),
         params=(WEIGHT, KEEP, LAMBDA, normalize_param(False), RESCALE),
         summary="drop task-vector entries at random (keep density), rescale, then task arithmetic",
         paper="arXiv 2311.03099",
@@ -57,6 +59,7 @@ register(
     Method(
         name="dare_ties",
         fn=partial(task_vector_merge, drop, True),
+        accumulate=partial(TaskVectorSum, drop, True),
         params=(WEIGHT, KEEP, LAMBDA, normalize_param(False), RESCALE, CONSENSUS),
         summary="DARE drop and rescale, then TIES sign election and disjoint merge",
         paper="arXiv 2311.03099",

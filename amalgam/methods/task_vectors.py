@@ -48,11 +48,46 @@ def elect_sign(deltas: list[torch.Tensor], weights: list[float], consensus: str)
     (``sum``) or by count of signs (``count``); a zero vote elects +1."""
     votes = torch.zeros_like(deltas[0])
     for d, w in zip(deltas, weights, strict=True):
-        if consensus == "sum":
-            votes.add_(d, alpha=w)
-        else:
-            votes.add_(d.sign(), alpha=math.copysign(1.0, w) if w else 0.0)
+        add_vote(votes, d, w, consensus)
     return votes.sign_().add_(0.5).sign_()
+
+
+def add_vote(votes: torch.Tensor, d: torch.Tensor, w: float, consensus: str) -> None:
+    """Add one model's vote (delta ``d``, weight ``w``) into ``votes`` in place."""
+    if consensus == "sum":
+        votes.add_(d, alpha=w)
+    else:
+        votes.add_(d.sign(), alpha=math.copysign(1.0, w) if w else 0.0)
+
+
+def add_agreeing(
+    mixed: torch.Tensor, divisor: torch.Tensor, d: torch.Tensor, w: float, elected: torch.Tensor
+) -> None:
+    """Add w * d where it agrees with the ``elected`` sign into ``mixed``, and w there into
+    ``divisor``, in place (a zero weight never agrees)."""
+    if w == 0:
+        return  # w * d is zero everywhere: it never agrees
+    agree = positive(d * elected if w > 0 else d * elected.neg())  # sign(w d) == elected
+    mixed.addcmul_(d, agree, value=w)
+    divisor.add_(agree, alpha=w)
+
+
+def normalize_mixed(
+    mixed: torch.Tensor, divisor: torch.Tensor | float, weights: list[float]
+) -> None:
+    """Divide ``mixed`` in place by the (agreeing) weight sum ``divisor``: a divisor below
+    1e-8 counts as 1."""
+    if isinstance(divisor, torch.Tensor):
+        nonzero = [w for w in weights if w != 0]
+        if nonzero and min(nonzero) >= 1e-8:
+            # positive weights: a divisor is 0 (then mixed is 0 too) or at least min weight
+            divisor.clamp_(min=min(nonzero))
+        else:
+            small = positive(1e-8 - divisor.abs())
+            divisor.addcmul_(small, 1 - divisor)  # exactly 1 where |divisor| < 1e-8
+        mixed /= divisor
+    elif abs(divisor) >= 1e-8:
+        mixed /= divisor
 
 
 def combine(
@@ -78,23 +113,9 @@ def combine(
         elected = elect_sign(deltas, weights, consensus)
         divisor = torch.zeros_like(base)
         for d, w in zip(deltas, weights, strict=True):
-            if w == 0:
-                continue  # w * d is zero everywhere: it never agrees
-            agree = positive(d * elected if w > 0 else d * elected.neg())  # sign(w d) == elected
-            mixed.addcmul_(d, agree, value=w)
-            divisor.add_(agree, alpha=w)
+            add_agreeing(mixed, divisor, d, w, elected)
     if normalize:
-        if isinstance(divisor, torch.Tensor):
-            nonzero = [w for w in weights if w != 0]
-            if nonzero and min(nonzero) >= 1e-8:
-                # positive weights: a divisor is 0 (then mixed is 0 too) or at least min weight
-                divisor.clamp_(min=min(nonzero))
-            else:
-                small = positive(1e-8 - divisor.abs())
-                divisor.addcmul_(small, 1 - divisor)  # exactly 1 where |divisor| < 1e-8
-            mixed /= divisor
-        elif abs(divisor) >= 1e-8:
-            mixed /= divisor
+        normalize_mixed(mixed, divisor, weights)
     return torch.add(base, mixed, alpha=lam)
 
 

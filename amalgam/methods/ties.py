@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from amalgam.methods.accumulate import TaskVectorSum
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
 from amalgam.methods.needs import WholeModelStatistic
 from amalgam.methods.params import recipe_wide
@@ -60,6 +61,7 @@ register(
     Method(
         name="ties",
         fn=partial(task_vector_merge, trim, True),
+        accumulate=partial(TaskVectorSum, trim, True),
         params=(WEIGHT, DENSITY, LAMBDA, normalize_param(True), CONSENSUS, TRIM),
         summary="trim each task vector to its top-density entries, elect a sign, average agreeing",
         paper="arXiv 2306.01708",

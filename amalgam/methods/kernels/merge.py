@@ -15,9 +15,10 @@ f32 = np.float32
 
 
 def linear(
-    inputs: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool, total: float
+    inputs: Sequence[torch.Tensor], weights: Sequence[float], total: float | None
 ) -> torch.Tensor | None:
-    """sum_i w_i x_i [/ total] in float32 (``linear.linear``'s arithmetic), or None."""
+    """sum_i w_i x_i [/ total, unless None] in float32 (``linear.linear``'s arithmetic), or
+    None where the kernel does not apply."""
     if not launch.eligible([inputs[0], *inputs]):
         return None
     linear_block = launch.compiled().linear_block
@@ -26,7 +27,8 @@ def linear(
     out = torch.empty(inputs[0].shape, dtype=torch.float32)
     flat = out.view(-1).numpy()
     launch.run_ranges(
-        lambda s, e: linear_block(xs, w, normalize, f32(total), s, e, flat), flat.size
+        lambda s, e: linear_block(xs, w, total is not None, f32(total or 0.0), s, e, flat),
+        flat.size,
     )
     return out
 
