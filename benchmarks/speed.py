@@ -417,6 +417,7 @@ MASK_FNS = {"drop_random", "mask", "apply"}
 READ_FNS = {"read_job", "prefetched", "tensor", "_pread", "_cat", "_read_header"}
 WRITE_FNS = {"write_output", "save_file", "serialize"}
 GROUPS = ("read", "convert", "compute", "select", "random mask", "write", "wait", "other")
+THREAD_FRAME = re.compile(r"thread \(\w+\)(?::\s*(.*))?$")
 CONVERT_CODE = re.compile(r"\.(float|to|half|bfloat16)\(")
 
 
@@ -467,8 +468,8 @@ def group_profile(collapsed: str, hz: int = 100) -> dict[str, dict[str, float]]:
         if not count.isdigit():
             continue
         parts = stack.split(";")
-        thread = parts[0] if parts[0].startswith("thread") else "?"
-        thread = re.sub(r"\(\d+\)|0x[0-9a-f]+|_\d+$", "", thread).strip(' :"')
+        named = THREAD_FRAME.match(parts[0])
+        thread = re.sub(r"_\d+$", "", (named.group(1) or "unnamed").strip('"')) if named else "?"
         frames = [_frame(f) for f in parts if "(" in f and not f.startswith(("thread", "process"))]
         group = group_of(frames, cache)
         row = table.setdefault(thread, dict.fromkeys(GROUPS, 0.0))
