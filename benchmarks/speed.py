@@ -1231,13 +1231,20 @@ def amalgam_row(method: str, am: Run, rb: ReadBound) -> dict[str, Any]:
     }
 
 
+def run_folder(work: Path) -> Path:
+    """This run's configs, logs and outputs: a folder of its own, so runs sharing ``work``
+    (and its cached checkpoints) do not clash."""
+    folder = work / "runs" / f"pid{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def run_sweep(
     args: argparse.Namespace, shape: LlamaShape, counts: list[int], methods: list[str]
 ) -> int:
     """amalgam alone on base + the first N experts of one family, for each N in ``counts``."""
     family = build_family(shape, max(counts), args.work)
-    runs = args.work / "runs"
-    runs.mkdir(exist_ok=True)
+    runs = run_folder(args.work)
     rb = read_bound(list(family.values()))
     home = runs / "home"
     warm_hashes(list(family.values()), home)
@@ -1421,8 +1428,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_sweep(args, shape, sweep, methods)
     mk_exe = None if args.skip_mergekit else ensure_mergekit(args.work)
     paths = build_family(shape, args.experts, args.work)
-    runs = args.work / "runs"
-    runs.mkdir(exist_ok=True)
+    runs = run_folder(args.work)
     rb = read_bound(list(paths.values()))
     home = runs / "home"
     hash_s = warm_hashes(list(paths.values()), home)
