@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,23 +410,24 @@ def profile_amalgam(cfg: Path, out: Path, raw: Path) -> tuple[str, float | None]
     return (raw.read_text() if raw.exists() else ""), merge_s
 
 
-#: profile groups, tried in this order on each sample's stack (see ``group_of``)
+#: profile groups: a sample's innermost frame that names one decides (see ``group_of``)
 WAIT_FILES = ("threading.py", "queue.py", "concurrent/futures/")
 SELECT_FNS = {"kth_largest", "kth_largest_rows", "top_bin", "trim_threshold", "band_mask"}
-SELECT_FNS |= {"outlier_band", "fit"}
-MASK_FNS = {"drop_random", "mask", "apply"}
-READ_FNS = {"read_job", "prefetched", "tensor", "_pread", "_cat", "_read_header"}
-WRITE_FNS = {"write_output", "save_file", "serialize"}
+SELECT_FNS |= {"outlier_band"}
+MASK_FNS = {"drop_random", "fit", "mask", "_mask"}
+READ_FILES = {"amalgam/checkpoint.py", "amalgam/engine/inputs.py"}
+WRITE_FILES = {"amalgam/writer.py", "amalgam/engine/write.py"}
 GROUPS = ("read", "convert", "compute", "select", "random mask", "write", "wait", "other")
 THREAD_FRAME = re.compile(r"thread \(\w+\)(?::\s*(.*))?$")
 CONVERT_CODE = re.compile(r"\.(float|to|half|bfloat16)\(")
 
 
 def _frame(text: str) -> tuple[str, str, int]:
-    """(function, file, line) of one py-spy frame ``fn (file:line)``."""
+    """(function, file, line) of one py-spy frame ``Class.fn (file:line)``; function without
+    its class."""
     fn, _, where = text.partition(" (")
     file, _, line = where.rstrip(")").rpartition(":")
-    return fn, file, int(line) if line.isdigit() else 0
+    return fn.rsplit(".", 1)[-1], file, int(line) if line.isdigit() else 0
 
 
 def _source_line(file: str, line: int, cache: dict[tuple[str, int], str]) -> str:
@@ -437,32 +439,29 @@ def _source_line(file: str, line: int, cache: dict[tuple[str, int], str]) -> str
 
 
 def group_of(frames: list[tuple[str, str, int]], cache: dict[tuple[str, int], str]) -> str:
-    """A sample's group: wait (the leaf blocks on a lock, queue or future), else the first of
-    select, random mask, write, read with a matching frame anywhere on the stack, else convert
-    (the innermost amalgam line casts: .float(), .to(...)) or compute (any amalgam frame),
-    else other (start-up, imports, planning outside the engine)."""
+    """A sample's group: wait when the leaf blocks on a lock, queue or future; else, from the
+    leaf outwards, the first frame that is a top-k selection, a random-mask draw, the writer,
+    the checkpoint reader, or any other amalgam line (convert when it casts: .float(),
+    .to(...); compute otherwise); other when no amalgam frame is on the stack (start-up)."""
     if not frames or any(w in frames[-1][1] for w in WAIT_FILES):
         return "wait"
-    names = {fn for fn, _, _ in frames}
-    files = {file for _, file, _ in frames}
-    if names & SELECT_FNS:
-        return "select"
-    if names & MASK_FNS or any(f.endswith("counter_random.py") for f in files):
-        return "random mask"
-    if names & WRITE_FNS or "amalgam/engine/write.py" in files:
-        return "write"
-    if names & READ_FNS or files & {"amalgam/checkpoint.py", "amalgam/engine/inputs.py"}:
-        return "read"
-    ours = [(file, line) for _, file, line in frames if file.startswith("amalgam/")]
-    if not ours:
-        return "other"
-    return "convert" if CONVERT_CODE.search(_source_line(*ours[-1], cache)) else "compute"
+    for fn, file, line in reversed(frames):
+        if fn in SELECT_FNS:
+            return "select"
+        if fn in MASK_FNS or file.endswith("counter_random.py"):
+            return "random mask"
+        if file in WRITE_FILES:
+            return "write"
+        if file in READ_FILES:
+            return "read"
+        if file.startswith("amalgam/"):
+            code = _source_line(file, line, cache)
+            return "convert" if CONVERT_CODE.search(code) else "compute"
+    return "other"
 
 
-def group_profile(collapsed: str, hz: int = 100) -> dict[str, dict[str, float]]:
-    """Thread-seconds per thread and group from py-spy's raw collapsed stacks."""
-    table: dict[str, dict[str, float]] = {}
-    cache: dict[tuple[str, int], str] = {}
+def samples(collapsed: str) -> Iterator[tuple[str, list[tuple[str, str, int]], int, str]]:
+    """(thread, frames outermost first, count, the raw line) per py-spy collapsed-stack line."""
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
@@ -471,10 +470,23 @@ def group_profile(collapsed: str, hz: int = 100) -> dict[str, dict[str, float]]:
         named = THREAD_FRAME.match(parts[0])
         thread = re.sub(r"_\d+$", "", (named.group(1) or "unnamed").strip('"')) if named else "?"
         frames = [_frame(f) for f in parts if "(" in f and not f.startswith(("thread", "process"))]
-        group = group_of(frames, cache)
+        yield thread, frames, int(count), line
+
+
+def group_profile(collapsed: str, hz: int = 100) -> dict[str, dict[str, float]]:
+    """Thread-seconds per thread and group from py-spy's raw collapsed stacks."""
+    table: dict[str, dict[str, float]] = {}
+    cache: dict[tuple[str, int], str] = {}
+    for thread, frames, count, _ in samples(collapsed):
         row = table.setdefault(thread, dict.fromkeys(GROUPS, 0.0))
-        row[group] += int(count) / hz
+        row[group_of(frames, cache)] += count / hz
     return table
+
+
+def busy(collapsed: str) -> str:
+    """The collapsed stacks without the samples of waiting threads."""
+    cache: dict[tuple[str, int], str] = {}
+    return "\n".join(ln for _, fr, _, ln in samples(collapsed) if group_of(fr, cache) != "wait")
 
 
 def profile_markdown(method: str, grouped: dict[str, dict[str, float]], merge_s: float) -> str:
@@ -1337,20 +1349,21 @@ def write_profile(
         f"CPU: {result['cpu']}; {result['machine']}; {source_line(result['amalgam'])}.",
         "",
         "Each merge runs once more under `py-spy record --threads --idle -r 100`; figures are "
-        "thread-seconds (samples / 100) per thread. Groups, first match on the sampled stack: "
-        "wait (the thread blocks on a lock, queue or future), select (exact top-k thresholds: "
-        "`kth_largest`, `trim_threshold`, ...), random mask (DARE's draws), write (the output "
-        "writer), read (the checkpoint reader), convert (the innermost amalgam line casts: "
-        "`.float()`, `.to(...)`), compute (other amalgam code: deltas, sign election, sums), "
-        "other (interpreter start, imports, planning). py-spy samples Python frames: time in a "
-        "torch op is charged to the Python line that called it. Sampling slows the run a little.",
+        "thread-seconds (samples / 100) per thread. Groups: wait (the thread blocks on a lock, "
+        "queue or future), else the innermost frame that names one: select (exact top-k "
+        "thresholds: `kth_largest`, ...), random mask (DARE's draws), write (the shard "
+        "writer), read (the checkpoint reader), convert (an amalgam line that casts: "
+        "`.float()`, `.to(...)`), compute (any other amalgam line: deltas, sign election, "
+        "sums); other: no amalgam frame (interpreter start, imports). py-spy samples "
+        "Python frames: time in a torch op is charged to the Python line that called it. "
+        "Sampling slows the run a little.",
         "",
     ]
     for method, stacks, merge_s in profiles:
         parts.append(profile_markdown(method, group_profile(stacks), merge_s or float("nan")))
-        top = summarize_stacks(stacks, 12).split("self (line level):")[-1]
+        top = summarize_stacks(busy(stacks), 12).split("self (line level):")[-1]
         parts += [
-            "Hottest lines (share of all samples, idle included):",
+            "Hottest lines (share of the samples of threads not waiting):",
             "",
             "```",
             top.strip("\n"),

@@ -25,6 +25,7 @@ def test_profile_groups_samples_by_stack() -> None:
     tv = "amalgam/methods/task_vectors.py"
     cast = _line_of(tv, "block = b[rows].float()")
     combine = _line_of(tv, "out[rows] = combine(")
+    lin = _line_of("amalgam/methods/linear.py", "def linear(") + 1
     main = (
         "thread (101): MainThread;<module> (<string>:8);run_merge (amalgam/engine/__init__.py:40)"
     )
@@ -34,11 +35,15 @@ def test_profile_groups_samples_by_stack() -> None:
             f"{main};task_vector_merge ({tv}:{combine}) 50",  # compute
             f"{main};trim (amalgam/methods/ties.py:10);"
             "kth_largest (amalgam/methods/sparsify.py:30) 20",
-            f"{main};drop_random (amalgam/methods/sparsify.py:150) 5",
+            f"{main};RandomDrop.fit (amalgam/methods/sparsify.py:125) 5",
             f"{main};wait (threading.py:320) 7",  # the leaf blocks: wait, whatever called it
             "thread (102): amalgam-read_0;_worker (concurrent/futures/thread.py:80);"
-            "read_job (amalgam/engine/execute.py:70);_pread (amalgam/checkpoint.py:412) 40",
-            "thread (103): amalgam-write_0;write_output (amalgam/engine/write.py:30) 9",
+            "read_job (amalgam/engine/execute.py:70);"
+            "Checkpoint._pread (amalgam/checkpoint.py:412) 40",
+            "thread (103): amalgam-write_0;ShardWriter._append (amalgam/writer.py:104) 9",
+            # the writer drives the merge: the innermost frame decides, here the method's sum
+            "thread (101): MainThread;write_output (amalgam/engine/write.py:30);"
+            f"run_unit (amalgam/engine/execute.py:200);linear (amalgam/methods/linear.py:{lin}) 4",
             "thread (101): MainThread;<module> (<string>:3);_find_and_load (<frozen x>:1) 11",
             "not a stack line",
         ]
@@ -48,7 +53,7 @@ def test_profile_groups_samples_by_stack() -> None:
     main_row = {g: s for g, s in got["MainThread"].items() if s}
     assert main_row == {
         "convert": 0.30,
-        "compute": 0.50,
+        "compute": 0.54,
         "select": 0.20,
         "random mask": 0.05,
         "wait": 0.07,
@@ -57,7 +62,7 @@ def test_profile_groups_samples_by_stack() -> None:
     assert {g: s for g, s in got["amalgam-read"].items() if s} == {"read": 0.40}
     assert {g: s for g, s in got["amalgam-write"].items() if s} == {"write": 0.09}
     table = speed.profile_markdown("ties", got, 1.5)
-    assert "| all threads | 0.4 | 0.3 | 0.5 | 0.2 | 0.1 | 0.1 | 0.1 | 0.1 | 1.7 |" in table
+    assert "| all threads | 0.4 | 0.3 | 0.5 | 0.2 | 0.1 | 0.1 | 0.1 | 0.1 | 1.8 |" in table
 
 
 def _lscpu_model() -> str:
