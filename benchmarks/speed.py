@@ -394,7 +394,7 @@ def run_cli(cfg: Path, out: Path, log: Path, home: Path) -> Run:
     return run
 
 
-def profile_amalgam(cfg: Path, out: Path, raw: Path) -> tuple[str, float | None]:
+def profile_amalgam(cfg: Path, out: Path, raw: Path, home: Path) -> tuple[str, float | None]:
     """Run one amalgam merge under py-spy (every thread, idle samples too, 100 Hz); the raw
     collapsed stacks go to ``raw``; returns them ("" if py-spy failed) and the in-engine s."""
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -403,7 +403,8 @@ def profile_amalgam(cfg: Path, out: Path, raw: Path) -> tuple[str, float | None]
     shutil.rmtree(out, ignore_errors=True)
     cmd = [spy, "record", "--threads", "--idle", "-r", "100", "--format", "raw", "-o", str(raw)]
     cmd += ["--", sys.executable, "-c", AMALGAM_CHILD, str(cfg), str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    env = dict(os.environ, AMALGAM_HOME=str(home))  # the warmed hashes, as the timed runs
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
     shutil.rmtree(out, ignore_errors=True)
     info = [ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_LINE)]
     merge_s = json.loads(info[-1].removeprefix(RESULT_LINE))["merge_s"] if info else None
@@ -1492,7 +1493,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(mk_out, ignore_errors=True)
         shutil.rmtree(am_out, ignore_errors=True)
         if args.profile:
-            stacks, merge_s = profile_amalgam(cfg_path, am_out, runs / f"{method}-pyspy.txt")
+            stacks, merge_s = profile_amalgam(cfg_path, am_out, runs / f"{method}-pyspy.txt", home)
             profiles.append((method, stacks, merge_s))
         rows.append(row)
 
