@@ -399,7 +399,7 @@ def profile_amalgam(cfg: Path, out: Path, raw: Path, home: Path) -> tuple[str, f
     collapsed stacks go to ``raw``; returns them ("" if py-spy failed) and the in-engine s."""
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
-        raise SystemExit("--profile needs py-spy: pip install py-spy")
+        raise SystemExit("--profile needs py-spy: pip install -e .[bench]")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [spy, "record", "--threads", "--idle", "-r", "100", "--format", "raw", "-o", str(raw)]
     cmd += ["--", sys.executable, "-c", AMALGAM_CHILD, str(cfg), str(out)]
