@@ -15,7 +15,7 @@ from typing import Any
 import fsspec
 import torch
 
-from amalgam import storage
+from amalgam import reads, storage
 from amalgam.errors import CheckpointError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -211,6 +211,7 @@ class Checkpoint:
         self.fs, self.path = storage.resolve(self.uri, **storage_options)
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        self._maps = reads.FileMaps()
         self._pickled: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -379,29 +380,59 @@ class Checkpoint:
             if storage.is_local(self.fs):
                 self._pread(info, buf)
             else:
-                buf.copy_(torch.frombuffer(bytearray(self._cat(info)), dtype=torch.uint8))
+                self._fetch(info, buf)
         return buf.view(info.torch_dtype).reshape(info.shape)
 
-    def _cat(self, info: TensorInfo) -> bytes:
-        """The tensor's byte range from a store, exactly: a read that comes back short is
-        tried again (:data:`READ_ATTEMPTS` in all); the store client has already retried
-        errors and bodies cut short before their Content-Length."""
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor for reading, without a copy where possible: a local tensor of at least
+        :data:`reads.MAP_MIN_BYTES` whose offset suits its dtype is a view on the file's
+        copy-on-write memory map (writing to it never changes the file); anything else is a
+        fresh tensor as from :meth:`tensor`. Call :meth:`release` once done with it."""
+        info = self.info(name)
+        if not self._mappable(info):
+            return self.tensor(name)
+        raw = self._maps.view(self.file_path(info.file), info.start, info.end)
+        return raw.view(info.torch_dtype).reshape(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor read by :meth:`view` from this process's memory (the
+        file stays in the page cache); a no-op for tensors :meth:`view` copied. A view read
+        after its release reads the stored bytes back from the file."""
+        info = self.info(name)
+        if self._mappable(info):
+            self._maps.release(self.file_path(info.file), info.start, info.end)
+
+    def _mappable(self, info: TensorInfo) -> bool:
+        return (
+            self._pickled is None
+            and info.nbytes >= reads.MAP_MIN_BYTES
+            and info.start % info.torch_dtype.itemsize == 0
+            and storage.is_local(self.fs)
+        )
+
+    def _fetch(self, info: TensorInfo, buf: torch.Tensor) -> None:
+        """The tensor's byte range from a store into ``buf``, as large ranged requests several
+        at a time (:func:`reads.fetch_range`)."""
+        reads.fetch_range(lambda a, b: self._cat(info, a, b), info.start, info.end, buf)
+
+    def _cat(self, info: TensorInfo, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the tensor's file on a store, exactly: a read that comes
+        back short is tried again (:data:`READ_ATTEMPTS` in all); the store client has already
+        retried errors and bodies cut short before their Content-Length."""
         where = f"{self.uri}/{info.file}"
         got = 0
         for _ in range(READ_ATTEMPTS):
             try:
                 with storage.store_errors():
-                    data = self.fs.cat_file(
-                        self.file_path(info.file), start=info.start, end=info.end
-                    )
+                    data = self.fs.cat_file(self.file_path(info.file), start=start, end=end)
             except OSError as exc:
                 raise CheckpointError(f"{where}: cannot read '{info.name}' ({exc})") from exc
-            if len(data) == info.nbytes:
+            if len(data) == end - start:
                 return data
             got = len(data)
         raise CheckpointError(
-            f"{where}: short read of '{info.name}' ({got} of {info.nbytes} bytes, "
-            f"{READ_ATTEMPTS} attempts)"
+            f"{where}: short read of '{info.name}' (bytes {start}-{end}: {got} of "
+            f"{end - start}, {READ_ATTEMPTS} attempts)"
         )
 
     def _pread(self, info: TensorInfo, buf: torch.Tensor) -> None:
@@ -453,6 +484,7 @@ class Checkpoint:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+        self._maps.close()
 
     def __enter__(self) -> Checkpoint:
         return self
