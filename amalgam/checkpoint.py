@@ -211,7 +211,8 @@ class Checkpoint:
         self.fs, self.path = storage.resolve(self.uri, **storage_options)
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
-        self._maps = reads.FileMaps()
+        self._ranges = reads.RangeReader(self._cat)
+        self._sizes: dict[str, int] = {}  # weight file -> bytes, from the headers' reads
         self._pickled: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -325,7 +326,7 @@ class Checkpoint:
     def _read_header(self, file: str) -> None:
         path = storage.join(self.root, file)
         label = storage.full_uri(self.fs, path)
-        size = self.fs.size(path)
+        size = self._sizes[file] = self.fs.size(path)
         with self.fs.open(path, "rb", block_size=0 if storage.is_local(self.fs) else 1 << 16) as fh:
 
             def read_json(n: int) -> bytes:
@@ -384,23 +385,17 @@ class Checkpoint:
         return buf.view(info.torch_dtype).reshape(info.shape)
 
     def view(self, name: str) -> torch.Tensor:
-        """One tensor for reading, without a copy where possible: a local tensor of at least
-        :data:`reads.MAP_MIN_BYTES` whose offset suits its dtype is a view on the file's
-        copy-on-write memory map (writing to it never changes the file); anything else is a
-        fresh tensor as from :meth:`tensor`. Call :meth:`release` once done with it."""
+        """One tensor, without a copy where possible: a local tensor of at least
+        :data:`reads.MAP_MIN_BYTES` whose offset suits its dtype is a view on a private
+        mapping of its bytes (:func:`reads.mapped`: writing to it never changes the file;
+        unmapped when the view is dropped); anything else is a fresh tensor as from
+        :meth:`tensor`. Keep it no longer than needed: its pages count in this process's
+        memory while it lives."""
         info = self.info(name)
         if not self._mappable(info):
             return self.tensor(name)
-        raw = self._maps.view(self.file_path(info.file), info.start, info.end)
+        raw = reads.mapped(self._fd(info.file), info.start, info.end)
         return raw.view(info.torch_dtype).reshape(info.shape)
-
-    def release(self, name: str) -> None:
-        """Drop the pages of a tensor read by :meth:`view` from this process's memory (the
-        file stays in the page cache); a no-op for tensors :meth:`view` copied. A view read
-        after its release reads the stored bytes back from the file."""
-        info = self.info(name)
-        if self._mappable(info):
-            self._maps.release(self.file_path(info.file), info.start, info.end)
 
     def _mappable(self, info: TensorInfo) -> bool:
         return (
@@ -411,28 +406,30 @@ class Checkpoint:
         )
 
     def _fetch(self, info: TensorInfo, buf: torch.Tensor) -> None:
-        """The tensor's byte range from a store into ``buf``, as large ranged requests several
-        at a time (:func:`reads.fetch_range`)."""
-        reads.fetch_range(lambda a, b: self._cat(info, a, b), info.start, info.end, buf)
+        """The tensor's byte range from a store into ``buf``, as block-sized ranged requests
+        several at a time, blocks shared with neighbouring tensors kept
+        (:class:`reads.RangeReader`)."""
+        path = self.file_path(info.file)
+        self._ranges.read(path, self._sizes[info.file], info.start, info.end, buf)
 
-    def _cat(self, info: TensorInfo, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the tensor's file on a store, exactly: a read that comes
-        back short is tried again (:data:`READ_ATTEMPTS` in all); the store client has already
-        retried errors and bodies cut short before their Content-Length."""
-        where = f"{self.uri}/{info.file}"
+    def _cat(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the file at ``path`` on a store, exactly: a read that
+        comes back short is tried again (:data:`READ_ATTEMPTS` in all); the store client has
+        already retried errors and bodies cut short before their Content-Length."""
+        where = storage.full_uri(self.fs, path)
         got = 0
         for _ in range(READ_ATTEMPTS):
             try:
                 with storage.store_errors():
-                    data = self.fs.cat_file(self.file_path(info.file), start=start, end=end)
+                    data = self.fs.cat_file(path, start=start, end=end)
             except OSError as exc:
-                raise CheckpointError(f"{where}: cannot read '{info.name}' ({exc})") from exc
+                raise CheckpointError(f"{where}: cannot read bytes {start}-{end} ({exc})") from exc
             if len(data) == end - start:
                 return data
             got = len(data)
         raise CheckpointError(
-            f"{where}: short read of '{info.name}' (bytes {start}-{end}: {got} of "
-            f"{end - start}, {READ_ATTEMPTS} attempts)"
+            f"{where}: short read of bytes {start}-{end} ({got} of {end - start}, "
+            f"{READ_ATTEMPTS} attempts)"
         )
 
     def _pread(self, info: TensorInfo, buf: torch.Tensor) -> None:
@@ -484,7 +481,7 @@ class Checkpoint:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-        self._maps.close()
+        self._ranges.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

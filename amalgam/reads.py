@@ -1,22 +1,21 @@
-"""Byte reads for checkpoints: zero-copy views on memory-mapped local files, with their pages
-released after use, and a store's byte range fetched as large ranged requests in parallel."""
+"""Byte reads for checkpoints: zero-copy views on memory-mapped local files, unmapped with the
+view, and a store's byte ranges fetched as large ranged requests in parallel."""
 
 from __future__ import annotations
 
-import contextlib
 import mmap
-import os
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-#: Local tensors smaller than this are read with ``preadv`` into a fresh buffer: mapping them
-#: saves no measurable time, and a page shared with a neighbour could not be released.
+#: Local tensors smaller than this are read with ``preadv`` into a fresh buffer, which costs
+#: less than a mapping's two system calls and page faults for them.
 MAP_MIN_BYTES = 1 << 20
-#: One ranged request to a store; a tensor's range is split into requests of this size.
+#: One ranged request to a store: an aligned block of the file.
 RANGE_BYTES = 8 << 20
 #: Ranged requests in flight at once, over every file and thread of the process (so at most
 #: ``RANGES_IN_FLIGHT * RANGE_BYTES`` bytes are buffered beyond the tensors being filled).
@@ -36,69 +35,68 @@ def range_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def fetch_range(cat: Callable[[int, int], bytes], start: int, end: int, out: torch.Tensor) -> None:
-    """Fill the uint8 tensor ``out`` with bytes ``[start, end)`` of a file on a store, read as
-    ranged requests of at most :data:`RANGE_BYTES` (``cat(a, b)`` returns bytes ``[a, b)``
-    exactly), several in flight; each lands in ``out`` as it arrives."""
-    dest = out.numpy()
+class RangeReader:
+    """Byte ranges of one store's files, read as ranged requests of whole aligned blocks of
+    :data:`RANGE_BYTES`, up to :data:`RANGES_IN_FLIGHT` per read and in the process (the
+    shared :func:`range_pool`), each copied into the caller's buffer as it arrives.
 
-    def one(a: int) -> None:
-        b = min(a + RANGE_BYTES, end)
-        dest[a - start : b - start] = np.frombuffer(cat(a, b), dtype=np.uint8)
-
-    starts = range(start, end, RANGE_BYTES)
-    if len(starts) == 1:
-        one(start)
-        return
-    for _ in range_pool().map(one, starts):  # re-raises the first failure
-        pass
-
-
-class FileMaps:
-    """Read-only, copy-on-write memory maps of a checkpoint's local files, opened on first use.
-
-    :meth:`view` hands out a tensor on the mapped bytes (no copy); the view holds the mapping
-    open (a buffer export), so closing never unmaps memory a live view points into. Writes to a
-    view change private pages only, never the file. :meth:`release` drops a range's pages from
-    the process (``madvise(MADV_DONTNEED)``): the process's memory then stays bounded however
-    many tensors were read. Only pages entirely inside the range are dropped, so a neighbouring
-    tensor is never touched; a view read after its release sees the stored bytes again (its
-    pages are read back from the file), so a release can never expose wrong bytes.
+    A block that a read covers only in part (its first or last) is kept, at most
+    ``keep_blocks`` of them, most recent first: the neighbouring tensors of the same file,
+    read next, come from it without a request of their own, so small tensors cost one request
+    per block instead of one each. ``cat(path, a, b)`` returns bytes ``[a, b)`` exactly.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cat: Callable[[str, int, int], bytes], keep_blocks: int = 2):
+        self._cat = cat
+        self._keep = keep_blocks
         self._lock = threading.Lock()
-        self._maps: dict[str, mmap.mmap] = {}
+        self._kept: OrderedDict[tuple[str, int], Future[bytes]] = OrderedDict()
 
-    def _map(self, path: str) -> mmap.mmap:
+    def read(self, path: str, size: int, start: int, end: int, out: torch.Tensor) -> None:
+        """Fill the uint8 tensor ``out`` with bytes ``[start, end)`` of ``path`` (of ``size``
+        bytes)."""
+        dest = out.numpy()
+        first, last = start // RANGE_BYTES, (end - 1) // RANGE_BYTES
+        pending: deque[tuple[int, Future[bytes]]] = deque()
+        for k in range(first, last + 1):
+            pending.append((k, self._block(path, size, k, partial=k in (first, last))))
+            if len(pending) >= RANGES_IN_FLIGHT:
+                self._copy(*pending.popleft(), start, end, dest)
+        while pending:
+            self._copy(*pending.popleft(), start, end, dest)
+
+    def _block(self, path: str, size: int, k: int, partial: bool) -> Future[bytes]:
+        a, b = k * RANGE_BYTES, min((k + 1) * RANGE_BYTES, size)
+        if not partial:
+            return range_pool().submit(self._cat, path, a, b)
         with self._lock:
-            if path not in self._maps:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    self._maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-                finally:
-                    os.close(fd)
-            return self._maps[path]
+            fut = self._kept.get((path, k))
+            if fut is None:
+                fut = range_pool().submit(self._cat, path, a, b)
+                self._kept[(path, k)] = fut
+                while len(self._kept) > self._keep:
+                    self._kept.popitem(last=False)
+            return fut
 
-    def view(self, path: str, start: int, end: int) -> torch.Tensor:
-        """Bytes ``[start, end)`` of the file at ``path`` as a uint8 tensor on its mapping."""
-        array = np.frombuffer(self._map(path), dtype=np.uint8, count=end - start, offset=start)
-        return torch.from_numpy(array)
+    @staticmethod
+    def _copy(k: int, fut: Future[bytes], start: int, end: int, dest: np.ndarray) -> None:
+        block = fut.result()
+        a = k * RANGE_BYTES
+        lo, hi = max(start, a), min(end, a + len(block))
+        dest[lo - start : hi - start] = np.frombuffer(block, dtype=np.uint8)[lo - a : hi - a]
 
-    def release(self, path: str, start: int, end: int) -> None:
-        """Drop the pages inside bytes ``[start, end)`` of ``path`` from this process."""
+    def clear(self) -> None:
         with self._lock:
-            mapping = self._maps.get(path)
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if mapping is not None and last > first:
-            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+            self._kept.clear()
 
-    def close(self) -> None:
-        """Unmap every file no view points into; a mapping with live views is left to be
-        unmapped when its last view is gone."""
-        with self._lock:
-            maps, self._maps = list(self._maps.values()), {}
-        for mapping in maps:
-            with contextlib.suppress(BufferError):  # live views: unmapped with them
-                mapping.close()
+
+def mapped(fd: int, start: int, end: int) -> torch.Tensor:
+    """Bytes ``[start, end)`` of the open file ``fd`` as a uint8 tensor on a mapping of its own
+    (private, copy-on-write: no copy out of the page cache, and writing to the tensor never
+    changes the file nor any other read of it). The mapping lives exactly as long as the
+    tensor: its pages leave the process when the last reference to the tensor is dropped, so
+    memory stays bounded however many tensors are read, and no released memory can be read."""
+    offset = start - start % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(fd, end - offset, access=mmap.ACCESS_COPY, offset=offset)
+    array = np.frombuffer(mapping, dtype=np.uint8, count=end - start, offset=start - offset)
+    return torch.from_numpy(array)  # holds the array, which holds the mapping

@@ -62,9 +62,6 @@ class AdapterCheckpoint(Checkpoint):
     def view(self, name: str) -> torch.Tensor:
         return self.tensor(name)  # every tensor is computed: nothing to map
 
-    def release(self, name: str) -> None:
-        pass  # a computed tensor holds no mapped pages
-
     def content_hash(self) -> str:
         """The adapter's own content hash (as ``amalgam fetch`` hashes the folder) when its
         base is the recipe's, a parent of its own; for ``BASE+ADAPTER``, sha256 over both."""

@@ -75,7 +75,7 @@ def read_job(
     """The job's input tensors: its source's alone for a copy, else every input's, checked
     finite (on the reading thread, so the check overlaps the merge of the previous tensor);
     and each model's statistic tensor of the same name, where its artifact holds one. Inputs are
-    read as views where a source can (:meth:`Checkpoint.view`): :func:`release_job` after use."""
+    read as views where a source can (:meth:`Checkpoint.view`), unmapped once dropped."""
     if job.copy:
         raw = [sources[job.source].view(job.name)]
         if raw[0].is_floating_point():  # a float tensor kept unmerged (extra_tensors)
@@ -85,12 +85,6 @@ def read_job(
     check_finite(plan, job, raw)
     stats = tuple(s.tensor(job.name) if job.name in s.tensors else None for s in statistics)
     return raw, stats
-
-
-def release_job(sources: Sequence[Checkpoint], job: TensorJob) -> None:
-    """Drop the pages of the job's inputs read by :func:`read_job` from memory."""
-    for s in [sources[job.source]] if job.copy else sources:
-        s.release(job.name)
 
 
 def prefetched(
@@ -213,24 +207,19 @@ def run_unit(
         ):
             writes: deque = deque()  # at most two merged tensors wait for the disk
 
-            def written() -> None:  # the output may alias an input: released once written
-                job, fut = writes.popleft()
-                fut.result()
-                release_job(sources, job)
-
             jobs = prefetched(ctx.plan, sources, unit.jobs, ctx.prefetch_bytes, pool, statistics)
             for job, (raw, model_stats) in jobs:
                 n = sum(t.numel() * t.element_size() for t in raw)
                 out = merge_tensor(ctx, job, raw, model_stats)
                 del raw, model_stats
-                writes.append((job, writer.submit(shard.write, job.name, out)))
-                del out
+                writes.append(writer.submit(shard.write, job.name, out))
+                del out  # (it may be an input's view: unmapped once written)
                 if len(writes) > 2:
-                    written()
+                    writes.popleft().result()
                 read += n
                 ctx.report(n, 1)
             while writes:
-                written()
+                writes.popleft().result()
     except BaseException:
         shard.discard()
         raise
@@ -249,8 +238,6 @@ def merged_inputs(
     merged = [j for j in (ctx.plan.jobs if jobs is None else jobs) if not j.copy]
     for job, (raw, _) in prefetched(ctx.plan, sources, merged, PREFETCH_BYTES, pool):
         yield job, raw
-        del raw
-        release_job(sources, job)
 
 
 def input_bytes(sources: Sequence[Checkpoint]) -> Callable[[TensorJob], int]:

@@ -97,10 +97,6 @@ class StackedCheckpoint(Checkpoint):
         ckpt, src = self._reads[name]
         return ckpt.view(src)
 
-    def release(self, name: str) -> None:
-        ckpt, src = self._reads[name]
-        ckpt.release(src)
-
     def content_hash(self) -> str:
         layout = [(c.content_hash(), start, end) for c, start, end in self.parts]
         return "sha256:" + hashlib.sha256(json.dumps(layout).encode()).hexdigest()
