@@ -406,8 +406,8 @@ class Checkpoint:
         )
 
     def _fetch(self, info: TensorInfo, buf: torch.Tensor) -> None:
-        """The tensor's byte range from a store into ``buf``, as block-sized ranged requests
-        several at a time, blocks shared with neighbouring tensors kept
+        """The tensor's byte range from a store into ``buf``, as large ranged requests several
+        at a time, reading ahead when tensors are read in file order
         (:class:`reads.RangeReader`)."""
         path = self.file_path(info.file)
         self._ranges.read(path, self._sizes[info.file], info.start, info.end, buf)

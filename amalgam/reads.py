@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -15,7 +15,7 @@ import torch
 #: Local tensors smaller than this are read with ``preadv`` into a fresh buffer, which costs
 #: less than a mapping's two system calls and page faults for them.
 MAP_MIN_BYTES = 1 << 20
-#: One ranged request to a store: an aligned block of the file.
+#: The largest ranged request to a store (and the read-ahead of sequential reads).
 RANGE_BYTES = 8 << 20
 #: Ranged requests in flight at once, over every file and thread of the process (so at most
 #: ``RANGES_IN_FLIGHT * RANGE_BYTES`` bytes are buffered beyond the tensors being filled).
@@ -36,58 +36,69 @@ def range_pool() -> ThreadPoolExecutor:
 
 
 class RangeReader:
-    """Byte ranges of one store's files, read as ranged requests of whole aligned blocks of
-    :data:`RANGE_BYTES`, up to :data:`RANGES_IN_FLIGHT` per read and in the process (the
-    shared :func:`range_pool`), each copied into the caller's buffer as it arrives.
+    """Byte ranges of a store's files, read as ranged requests of at most :data:`RANGE_BYTES`,
+    up to :data:`RANGES_IN_FLIGHT` per read (and in the process: the shared
+    :func:`range_pool`), each copied into the caller's buffer as it arrives.
 
-    A block that a read covers only in part (its first or last) is kept, at most
-    ``keep_blocks`` of them, most recent first: the neighbouring tensors of the same file,
-    read next, come from it without a request of their own, so small tensors cost one request
-    per block instead of one each. ``cat(path, a, b)`` returns bytes ``[a, b)`` exactly.
+    A read that starts where the previous read of the same file ended (tensors read in file
+    order) reads ahead: its last request is a full :data:`RANGE_BYTES`, and the bytes past the
+    read's end are kept (one span per file) for the next read, so that small neighbouring
+    tensors share requests instead of paying one each. Any other read (the first of a file, a
+    jump) requests exactly its bytes. ``cat(path, a, b)`` returns bytes ``[a, b)`` exactly.
     """
 
-    def __init__(self, cat: Callable[[str, int, int], bytes], keep_blocks: int = 2):
+    def __init__(self, cat: Callable[[str, int, int], bytes]):
         self._cat = cat
-        self._keep = keep_blocks
         self._lock = threading.Lock()
-        self._kept: OrderedDict[tuple[str, int], Future[bytes]] = OrderedDict()
+        self._ends: dict[str, int] = {}  # where the last read of each file ended
+        self._ahead: dict[str, tuple[int, int, Future[bytes]]] = {}  # read-ahead, by file
 
     def read(self, path: str, size: int, start: int, end: int, out: torch.Tensor) -> None:
         """Fill the uint8 tensor ``out`` with bytes ``[start, end)`` of ``path`` (of ``size``
         bytes)."""
+        with self._lock:  # planned whole, so that a concurrent read of the next tensor sees it
+            sequential = self._ends.get(path) == start
+            self._ends[path] = end
+            ready: list[tuple[int, Future[bytes]]] = []
+            at = start
+            kept = self._ahead.get(path)
+            if kept is not None and kept[0] <= start < kept[1]:
+                ready.append((kept[0], kept[2]))
+                at, sequential = kept[1], True
+            pieces = [(a, min(a + RANGE_BYTES, end)) for a in range(at, end, RANGE_BYTES)]
+            if pieces and sequential and end < size:  # the last request reads ahead
+                a = pieces.pop()[0]
+                b = min(a + RANGE_BYTES, size)
+                tail = (a, range_pool().submit(self._cat, path, a, b))
+                self._ahead[path] = (a, b, tail[1])
+            else:
+                tail = None
         dest = out.numpy()
-        first, last = start // RANGE_BYTES, (end - 1) // RANGE_BYTES
-        pending: deque[tuple[int, Future[bytes]]] = deque()
-        for k in range(first, last + 1):
-            pending.append((k, self._block(path, size, k, partial=k in (first, last))))
-            if len(pending) >= RANGES_IN_FLIGHT:
+        pending: deque[tuple[int, Future[bytes]]] = deque(ready)
+        try:
+            for a, b in pieces:
+                pending.append((a, range_pool().submit(self._cat, path, a, b)))
+                if len(pending) >= RANGES_IN_FLIGHT:
+                    self._copy(*pending.popleft(), start, end, dest)
+            pending.extend([tail] if tail else [])
+            while pending:
                 self._copy(*pending.popleft(), start, end, dest)
-        while pending:
-            self._copy(*pending.popleft(), start, end, dest)
-
-    def _block(self, path: str, size: int, k: int, partial: bool) -> Future[bytes]:
-        a, b = k * RANGE_BYTES, min((k + 1) * RANGE_BYTES, size)
-        if not partial:
-            return range_pool().submit(self._cat, path, a, b)
-        with self._lock:
-            fut = self._kept.get((path, k))
-            if fut is None:
-                fut = range_pool().submit(self._cat, path, a, b)
-                self._kept[(path, k)] = fut
-                while len(self._kept) > self._keep:
-                    self._kept.popitem(last=False)
-            return fut
+        except BaseException:
+            with self._lock:  # a failed read-ahead is not kept for the next read
+                self._ahead.pop(path, None)
+            raise
 
     @staticmethod
-    def _copy(k: int, fut: Future[bytes], start: int, end: int, dest: np.ndarray) -> None:
+    def _copy(a: int, fut: Future[bytes], start: int, end: int, dest: np.ndarray) -> None:
         block = fut.result()
-        a = k * RANGE_BYTES
         lo, hi = max(start, a), min(end, a + len(block))
-        dest[lo - start : hi - start] = np.frombuffer(block, dtype=np.uint8)[lo - a : hi - a]
+        if hi > lo:
+            dest[lo - start : hi - start] = np.frombuffer(block, dtype=np.uint8)[lo - a : hi - a]
 
     def clear(self) -> None:
         with self._lock:
-            self._kept.clear()
+            self._ends.clear()
+            self._ahead.clear()
 
 
 def mapped(fd: int, start: int, end: int) -> torch.Tensor:
