@@ -4,6 +4,7 @@ real S3 server: the same bytes as a plain read, memory bounded, every block fetc
 from __future__ import annotations
 
 import hashlib
+import itertools
 import uuid
 from pathlib import Path
 
@@ -175,3 +176,40 @@ def test_ranged_reads_equal_stored_bytes_and_fetch_each_block_once(
     # each block crossed the wire once (plus HTTP headers), though most hold several tensors:
     # the blocks that neighbouring tensors share were kept, not fetched again
     assert size <= data < 1.2 * size + 32 * 1024, (data, size)
+
+
+def test_reads_in_file_order_share_requests_and_a_jump_reads_exactly(
+    s3_file, s3, monkeypatch
+) -> None:
+    monkeypatch.setattr(reads, "RANGE_BYTES", 64 << 10)  # "i.bf16" needs 9 requests
+    monkeypatch.setattr(reads, "RANGES_IN_FLIGHT", 3)
+    uri, want, size = s3_file
+    fs = s3.filesystem()
+    path = uri.removeprefix("s3://")
+    requests: list[tuple[int, int]] = []
+
+    def cat(p: str, a: int, b: int) -> bytes:
+        requests.append((a, b))
+        return fs.cat_file(p, start=a, end=b)
+
+    def read(reader: reads.RangeReader, name: str) -> None:
+        info = ckpt.info(name)
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        reader.read(path, size, info.start, info.end, out)
+        assert out.numpy().tobytes() == as_bytes(want[name]), name
+
+    with open_checkpoint(uri, **s3.storage_options()) as ckpt:
+        names = sorted(want, key=lambda n: ckpt.info(n).start)
+        reader = reads.RangeReader(cat)
+        for name in names:  # file order
+            read(reader, name)
+        first, second = ckpt.info(names[0]), ckpt.info(names[1])
+        assert requests[0] == (first.start, first.end)  # the first read: exactly its bytes
+        rest = sorted(requests[1:])  # then contiguous requests, no byte fetched twice
+        assert rest[0][0] == second.start and rest[-1][1] == size
+        assert all(b == c for (_, b), (c, _) in itertools.pairwise(rest))
+        # as few requests as whole 64 KiB pieces allow: the small tensors shared them
+        assert len(rest) == -(-(size - second.start) // (64 << 10))
+        requests.clear()
+        read(reads.RangeReader(cat), names[2])  # a jump (nothing read before): exact
+        assert requests == [(ckpt.info(names[2]).start, ckpt.info(names[2]).end)]
