@@ -41,38 +41,44 @@ class RangeReader:
     :func:`range_pool`), each copied into the caller's buffer as it arrives.
 
     A read that starts where the previous read of the same file ended (tensors read in file
-    order) reads ahead: its last request is a full :data:`RANGE_BYTES`, and the bytes past the
-    read's end are kept (one span per file) for the next read, so that small neighbouring
-    tensors share requests instead of paying one each. Any other read (the first of a file, a
-    jump) requests exactly its bytes. ``cat(path, a, b)`` returns bytes ``[a, b)`` exactly.
+    order) reads ahead: its last request is a full :data:`RANGE_BYTES` and the next such span
+    is requested too; both are kept for the next reads (at most 2 x :data:`RANGE_BYTES` per
+    file), so that small neighbouring tensors share requests instead of paying one each, and
+    the next bytes are on their way while these are used. Any other read (the first of a
+    file, a jump) requests exactly its bytes. ``cat(path, a, b)`` returns bytes ``[a, b)`` exactly.
     """
 
     def __init__(self, cat: Callable[[str, int, int], bytes]):
         self._cat = cat
         self._lock = threading.Lock()
         self._ends: dict[str, int] = {}  # where the last read of each file ended
-        self._ahead: dict[str, tuple[int, int, Future[bytes]]] = {}  # read-ahead, by file
+        self._ahead: dict[str, list[tuple[int, int, Future[bytes]]]] = {}  # spans, by file
 
     def read(self, path: str, size: int, start: int, end: int, out: torch.Tensor) -> None:
         """Fill the uint8 tensor ``out`` with bytes ``[start, end)`` of ``path`` (of ``size``
         bytes)."""
         with self._lock:  # planned whole, so that a concurrent read of the next tensor sees it
+            spans = self._ahead.get(path, [])
             sequential = self._ends.get(path) == start
             self._ends[path] = end
             ready: list[tuple[int, Future[bytes]]] = []
             at = start
-            kept = self._ahead.get(path)
-            if kept is not None and kept[0] <= start < kept[1]:
-                ready.append((kept[0], kept[2]))
-                at, sequential = kept[1], True
+            for a, b, fut in spans:  # contiguous, in file order
+                if a <= at < b:
+                    ready.append((a, fut))
+                    at, sequential = b, True
             pieces = [(a, min(a + RANGE_BYTES, end)) for a in range(at, end, RANGE_BYTES)]
-            if pieces and sequential and end < size:  # the last request reads ahead
-                a = pieces.pop()[0]
-                b = min(a + RANGE_BYTES, size)
-                tail = (a, range_pool().submit(self._cat, path, a, b))
-                self._ahead[path] = (a, b, tail[1])
-            else:
-                tail = None
+            tail = None
+            if sequential:
+                spans = [s for s in spans if s[1] > end]
+                if pieces and end < size:  # the last request reads ahead
+                    a = pieces.pop()[0]
+                    spans.append(self._span(path, a, size))
+                    tail = (a, spans[-1][2])
+                nxt = spans[-1][1] if spans else end
+                if nxt < size and nxt - end < RANGE_BYTES:  # and the next span is on its way
+                    spans.append(self._span(path, nxt, size))
+                self._ahead[path] = spans
         dest = out.numpy()
         pending: deque[tuple[int, Future[bytes]]] = deque(ready)
         try:
@@ -87,6 +93,10 @@ class RangeReader:
             with self._lock:  # a failed read-ahead is not kept for the next read
                 self._ahead.pop(path, None)
             raise
+
+    def _span(self, path: str, a: int, size: int) -> tuple[int, int, Future[bytes]]:
+        b = min(a + RANGE_BYTES, size)
+        return a, b, range_pool().submit(self._cat, path, a, b)
 
     @staticmethod
     def _copy(a: int, fut: Future[bytes], start: int, end: int, dest: np.ndarray) -> None:
