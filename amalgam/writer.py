@@ -34,6 +34,7 @@ from amalgam.checkpoint import (
     written_by_amalgam,
 )
 from amalgam.errors import AmalgamError, OutputError
+from amalgam.uploads import open_for_write
 
 if TYPE_CHECKING:
     from amalgam.engine.plan import WorkUnit
@@ -94,7 +95,7 @@ class ShardWriter:
         self.nbytes = 0
         self.digest: str | None = None
         with writing(path):
-            self._fh = fs.open(path, "wb")
+            self._fh = open_for_write(fs, path)
         if start == 0:
             self._append(shard_header(entries, metadata))
 
@@ -162,7 +163,7 @@ class ShardAssembler:
         self.nbytes = 0
         self.digest: str | None = None
         with writing(path):
-            self._fh = fs.open(path, "wb")
+            self._fh = open_for_write(fs, path)
 
     def add(self, index: int, part: Written) -> None:
         """Part ``index`` is written: append it and every later part already waiting (safe to
