@@ -410,7 +410,10 @@ class Checkpoint:
         at a time, reading ahead when tensors are read in file order
         (:class:`reads.RangeReader`)."""
         path = self.file_path(info.file)
-        self._ranges.read(path, self._sizes[info.file], info.start, info.end, buf)
+        try:
+            self._ranges.read(path, self._sizes[info.file], info.start, info.end, buf)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} (reading tensor '{info.name}')") from exc.__cause__
 
     def _cat(self, path: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the file at ``path`` on a store, exactly: a read that
