@@ -4,6 +4,7 @@ view, and a store's byte ranges fetched as large ranged requests in parallel."""
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -17,12 +18,21 @@ import torch
 MAP_MIN_BYTES = 1 << 20
 #: The largest ranged request to a store (and the read-ahead of sequential reads).
 RANGE_BYTES = 8 << 20
-#: Ranged requests in flight at once, over every file and thread of the process (so at most
-#: ``RANGES_IN_FLIGHT * RANGE_BYTES`` bytes are buffered beyond the tensors being filled).
+#: Ranged requests running at once, over every file and thread of the process; one read has
+#: at most this many requests running or waiting to be copied. Bytes buffered beyond the
+#: tensors being filled: those requests' and the read-ahead (two spans per file read in order).
 RANGES_IN_FLIGHT = 8
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def range_pool() -> ThreadPoolExecutor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import uuid
 from pathlib import Path
 
@@ -213,3 +214,16 @@ def test_reads_in_file_order_share_requests_and_a_jump_reads_exactly(
         requests.clear()
         read(reads.RangeReader(cat), names[2])  # a jump (nothing read before): exact
         assert requests == [(ckpt.info(names[2]).start, ckpt.info(names[2]).end)]
+
+
+def test_the_range_pool_works_in_a_forked_child() -> None:
+    assert reads.range_pool().submit(int, "7").result() == 7  # the parent's threads exist
+    pid = os.fork()
+    if pid == 0:  # the child: a pool of its own, not the parent's dead threads
+        ok = False
+        try:
+            ok = reads.range_pool().submit(int, "7").result(timeout=20) == 7
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
