@@ -15,6 +15,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_FORMAT = 1
 PART = ".part-"  # a shard's part in the staging folder: <shard>.part-00003
+COPIES_IN_FLIGHT = 4  # shards an object-store commit copies into place at once
 
 
 def shard_header(
@@ -361,8 +363,12 @@ class CheckpointWriter:
         weights_first = sorted(
             record["files"], key=lambda f: (f == INDEX_NAME, not f.endswith(".safetensors"), f)
         )
-        for name in weights_first:
-            self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
+        shards = [n for n in weights_first if n.endswith(".safetensors")]
+        with ThreadPoolExecutor(COPIES_IN_FLIGHT, thread_name_prefix="amalgam-commit") as pool:
+            for _ in pool.map(self._copy_in, shards):  # the store copies; several at once
+                pass
+        for name in weights_first[len(shards) :]:
+            self._copy_in(name)
         stale = old - set(record["files"]) - {COMMIT_RECORD}
         for name in sorted(stale, key=lambda f: (f != INDEX_NAME, f)):  # an old index first
             self.fs.rm_file(storage.join(self.path, name))
@@ -371,6 +377,9 @@ class CheckpointWriter:
             json.dumps(record, indent=2, sort_keys=True).encode(),
         )
         self.fs.invalidate_cache(self.path)
+
+    def _copy_in(self, name: str) -> None:
+        self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
 
     def _remember(self, record: dict[str, Any]) -> None:
         """The committed files' hashes go to the hash cache: the output's content hash and
