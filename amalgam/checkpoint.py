@@ -15,7 +15,7 @@ from typing import Any
 import fsspec
 import torch
 
-from amalgam import storage
+from amalgam import reads, storage
 from amalgam.errors import CheckpointError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -211,6 +211,8 @@ class Checkpoint:
         self.fs, self.path = storage.resolve(self.uri, **storage_options)
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        self._ranges = reads.RangeReader(self._cat)
+        self._sizes: dict[str, int] = {}  # weight file -> bytes, from the headers' reads
         self._pickled: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -324,7 +326,7 @@ class Checkpoint:
     def _read_header(self, file: str) -> None:
         path = storage.join(self.root, file)
         label = storage.full_uri(self.fs, path)
-        size = self.fs.size(path)
+        size = self._sizes[file] = self.fs.size(path)
         with self.fs.open(path, "rb", block_size=0 if storage.is_local(self.fs) else 1 << 16) as fh:
 
             def read_json(n: int) -> bytes:
@@ -379,28 +381,57 @@ class Checkpoint:
             if storage.is_local(self.fs):
                 self._pread(info, buf)
             else:
-                buf.copy_(torch.frombuffer(bytearray(self._cat(info)), dtype=torch.uint8))
+                self._fetch(info, buf)
         return buf.view(info.torch_dtype).reshape(info.shape)
 
-    def _cat(self, info: TensorInfo) -> bytes:
-        """The tensor's byte range from a store, exactly: a read that comes back short is
-        tried again (:data:`READ_ATTEMPTS` in all); the store client has already retried
-        errors and bodies cut short before their Content-Length."""
-        where = f"{self.uri}/{info.file}"
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor, without a copy where possible: a local tensor of at least
+        :data:`reads.MAP_MIN_BYTES` whose offset suits its dtype is a view on a private
+        mapping of its bytes (:func:`reads.mapped`: writing to it never changes the file;
+        unmapped when the view is dropped); anything else is a fresh tensor as from
+        :meth:`tensor`. Keep it no longer than needed: its pages count in this process's
+        memory while it lives."""
+        info = self.info(name)
+        if not self._mappable(info):
+            return self.tensor(name)
+        raw = reads.mapped(self._fd(info.file), info.start, info.end)
+        return raw.view(info.torch_dtype).reshape(info.shape)
+
+    def _mappable(self, info: TensorInfo) -> bool:
+        return (
+            self._pickled is None
+            and info.nbytes >= reads.MAP_MIN_BYTES
+            and info.start % info.torch_dtype.itemsize == 0
+            and storage.is_local(self.fs)
+        )
+
+    def _fetch(self, info: TensorInfo, buf: torch.Tensor) -> None:
+        """The tensor's byte range from a store into ``buf``, as large ranged requests several
+        at a time, reading ahead when tensors are read in file order
+        (:class:`reads.RangeReader`)."""
+        path = self.file_path(info.file)
+        try:
+            self._ranges.read(path, self._sizes[info.file], info.start, info.end, buf)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} (reading tensor '{info.name}')") from exc.__cause__
+
+    def _cat(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the file at ``path`` on a store, exactly: a read that
+        comes back short is tried again (:data:`READ_ATTEMPTS` in all); the store client has
+        already retried errors and bodies cut short before their Content-Length."""
+        where = storage.full_uri(self.fs, path)
         got = 0
         for _ in range(READ_ATTEMPTS):
             try:
                 with storage.store_errors():
-                    data = self.fs.cat_file(
-                        self.file_path(info.file), start=info.start, end=info.end
-                    )
+                    data = self.fs.cat_file(path, start=start, end=end)
             except OSError as exc:
-                raise CheckpointError(f"{where}: cannot read '{info.name}' ({exc})") from exc
-            if len(data) == info.nbytes:
+                raise CheckpointError(f"{where}: cannot read bytes {start}-{end} ({exc})") from exc
+            if len(data) == end - start:
                 return data
             got = len(data)
         raise CheckpointError(
-            f"{where}: short read of '{info.name}' ({got} of {info.nbytes} bytes, "
+            f"{where}: short read of bytes {start}-{end} ({got} of {end - start}, "
             f"{READ_ATTEMPTS} attempts)"
         )
 
@@ -453,6 +484,7 @@ class Checkpoint:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+        self._ranges.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

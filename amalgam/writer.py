@@ -15,6 +15,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from amalgam.checkpoint import (
     written_by_amalgam,
 )
 from amalgam.errors import AmalgamError, OutputError
+from amalgam.uploads import open_for_write
 
 if TYPE_CHECKING:
     from amalgam.engine.plan import WorkUnit
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_FORMAT = 1
 PART = ".part-"  # a shard's part in the staging folder: <shard>.part-00003
+COPIES_IN_FLIGHT = 4  # shards an object-store commit copies into place at once
 
 
 def shard_header(
@@ -94,7 +97,7 @@ class ShardWriter:
         self.nbytes = 0
         self.digest: str | None = None
         with writing(path):
-            self._fh = fs.open(path, "wb")
+            self._fh = open_for_write(fs, path)
         if start == 0:
             self._append(shard_header(entries, metadata))
 
@@ -162,7 +165,7 @@ class ShardAssembler:
         self.nbytes = 0
         self.digest: str | None = None
         with writing(path):
-            self._fh = fs.open(path, "wb")
+            self._fh = open_for_write(fs, path)
 
     def add(self, index: int, part: Written) -> None:
         """Part ``index`` is written: append it and every later part already waiting (safe to
@@ -360,8 +363,12 @@ class CheckpointWriter:
         weights_first = sorted(
             record["files"], key=lambda f: (f == INDEX_NAME, not f.endswith(".safetensors"), f)
         )
-        for name in weights_first:
-            self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
+        shards = [n for n in weights_first if n.endswith(".safetensors")]
+        with ThreadPoolExecutor(COPIES_IN_FLIGHT, thread_name_prefix="amalgam-commit") as pool:
+            for _ in pool.map(self._copy_in, shards):  # the store copies; several at once
+                pass
+        for name in weights_first[len(shards) :]:
+            self._copy_in(name)
         stale = old - set(record["files"]) - {COMMIT_RECORD}
         for name in sorted(stale, key=lambda f: (f != INDEX_NAME, f)):  # an old index first
             self.fs.rm_file(storage.join(self.path, name))
@@ -370,6 +377,9 @@ class CheckpointWriter:
             json.dumps(record, indent=2, sort_keys=True).encode(),
         )
         self.fs.invalidate_cache(self.path)
+
+    def _copy_in(self, name: str) -> None:
+        self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
 
     def _remember(self, record: dict[str, Any]) -> None:
         """The committed files' hashes go to the hash cache: the output's content hash and

@@ -59,6 +59,9 @@ class AdapterCheckpoint(Checkpoint):
         patch = self.layout.patches.get(name)
         return w0 if patch is None else apply_patch(w0, patch, self.adapter.tensor)
 
+    def view(self, name: str) -> torch.Tensor:
+        return self.tensor(name)  # every tensor is computed: nothing to map
+
     def content_hash(self) -> str:
         """The adapter's own content hash (as ``amalgam fetch`` hashes the folder) when its
         base is the recipe's, a parent of its own; for ``BASE+ADAPTER``, sha256 over both."""

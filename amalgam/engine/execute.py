@@ -106,13 +106,14 @@ def read_job(
 ) -> Read:
     """The job's input tensors: its source's alone for a copy, else every input's, checked
     finite (on the reading thread, so the check overlaps the merge of the previous tensor);
-    and each model's statistic tensor of the same name, where its artifact holds one."""
+    and each model's statistic tensor of the same name, where its artifact holds one. Inputs are
+    read as views where a source can (:meth:`Checkpoint.view`), unmapped once dropped."""
     if job.copy:
-        raw = [sources[job.source].tensor(job.name)]
+        raw = [sources[job.source].view(job.name)]
         if raw[0].is_floating_point():  # a float tensor kept unmerged (extra_tensors)
             check_finite(plan, job, raw, (plan.labels[job.source],))
         return raw, ()
-    raw = [s.tensor(job.name) for s in sources]
+    raw = [s.view(job.name) for s in sources]
     check_finite(plan, job, raw)
     stats = tuple(s.tensor(job.name) if job.name in s.tensors else None for s in statistics)
     return raw, stats
@@ -120,7 +121,7 @@ def read_job(
 
 def read_input(plan: Plan, sources: Sequence[Checkpoint], job: TensorJob, i: int) -> torch.Tensor:
     """Input ``i``'s tensor of ``job``, checked finite."""
-    x = sources[i].tensor(job.name)
+    x = sources[i].view(job.name)
     check_finite(plan, job, [x], (plan.labels[i],))
     return x
 
@@ -302,7 +303,7 @@ def run_unit(
                 del raw, model_stats
                 size = out.numel() * out.element_size()
                 writes.append((writer.submit(shard.write, job.name, out), size))
-                del out
+                del out  # (it may be an input's view: unmapped once written)
                 waiting += size
                 while len(writes) > 2 or (waiting > ctx.write_bytes and writes):
                     future, size = writes.popleft()

@@ -92,6 +92,11 @@ class StackedCheckpoint(Checkpoint):
         ckpt, src = self._reads[name]
         return ckpt.tensor(src)
 
+    def view(self, name: str) -> torch.Tensor:
+        self.info(name)
+        ckpt, src = self._reads[name]
+        return ckpt.view(src)
+
     def content_hash(self) -> str:
         layout = [(c.content_hash(), start, end) for c, start, end in self.parts]
         return "sha256:" + hashlib.sha256(json.dumps(layout).encode()).hexdigest()
