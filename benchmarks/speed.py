@@ -1418,6 +1418,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--skip-cli", action="store_true", help="no `amalgam merge` run beside the engine's"
     )
+    ap.add_argument(
+        "--s3",
+        action="store_true",
+        help="instead: the family from a SeaweedFS bucket on loopback (benchmarks/s3_reads.py)",
+    )
     ap.add_argument("--results", help="results file stem under benchmarks/results/")
     ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--update-readme", action="store_true", help="put the table in README.md")
@@ -1437,6 +1442,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray:
         return run_ray(args, params, methods)
     shape = llama_shape(params)
+    if args.s3:
+        import s3_reads  # it imports this module
+
+        family = build_family(shape, args.experts, args.work)["base"].parent
+        return s3_reads.main(
+            ["--family", str(family), "--experts", str(args.experts), "--work", str(args.work)]
+        )
     sweep = [int(n) for n in args.experts_sweep.split(",") if n.strip()]
     if sweep:
         return run_sweep(args, shape, sweep, methods)
