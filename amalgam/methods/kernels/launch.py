@@ -1,9 +1,11 @@
 """From torch tensors to the compiled kernels: eligibility, zero-copy views, threads.
 
-The kernels run on contiguous CPU tensors in bfloat16, float16 or float32 (models in one
-dtype; the base may differ); anything else stays on the torch path. Entries are cut into
-contiguous ranges run on ``torch.get_num_threads()`` threads (the engine's compute threads);
-every entry is computed on its own, so the bytes do not depend on the cut.
+The merge kernels run on contiguous CPU tensors in bfloat16, float16 or float32 (models in
+one dtype; the base may differ), the selection on any CPU tensors in those dtypes; anything else
+stays on the torch path. Entries are cut into contiguous ranges run on
+``torch.get_num_threads()`` threads (the engine's compute threads) of one pool shared by every
+kernel; every entry is computed on its own (the selection's integer counts are summed), so the
+results do not depend on the cut.
 ``AMALGAM_FUSED_KERNELS=0`` keeps every merge on the torch path, as does a numba that cannot
 load (for instance with no writable cache folder: set ``NUMBA_CACHE_DIR``), with one warning.
 """
