@@ -131,6 +131,13 @@ def task_vector_block(
             out_s[j] = fma(mixed[j], lam, b[j])
 
 
+@njit(nogil=True, cache=True, inline="always")
+def magnitude_bits(x, base, e):
+    """The float32 bits of |x[e] - base[e]| (|x[e]| where ``base`` is None)."""
+    v = as_f32(x[e]) if base is None else as_f32(x[e]) - as_f32(base[e])
+    return f32_bits(v) & ABS
+
+
 @njit(nogil=True, cache=True)
 def magnitude_counts(x, base, high, start, stop):
     """Counts (int64, BINS) over e in [start, stop) of the float32 bits of |x[e] - base[e]|
@@ -139,13 +146,16 @@ def magnitude_counts(x, base, high, start, stop):
     counts = np.zeros(BINS, np.int64)
     scratch = np.zeros(BINS, np.int32)  # a quarter of the cache footprint of int64 counts
     for s in range(start, stop, COUNT_CHUNK):
+        e = min(s + COUNT_CHUNK, stop)
         scratch[:] = 0
-        for e in range(s, min(s + COUNT_CHUNK, stop)):
-            v = as_f32(x[e]) if base is None else as_f32(x[e]) - as_f32(base[e])
-            m = f32_bits(v) & ABS
-            if high < 0:
-                scratch[m >> HALF] += 1
-            elif m >> HALF == high:
-                scratch[m & LOW16] += 1
+        if high < 0:
+            for i in range(s, e):
+                scratch[magnitude_bits(x, base, i) >> HALF] += 1
+        else:
+            wanted = np.uint32(high)
+            for i in range(s, e):
+                m = magnitude_bits(x, base, i)
+                if m >> HALF == wanted:
+                    scratch[m & LOW16] += 1
         counts += scratch
     return counts
