@@ -4,7 +4,8 @@ Times, in CPU seconds (``time.process_time``, median of interleaved repeats) and
 (1) the k-th largest |x - base| of one bf16 tensor: main's path (float32 task vector, abs, two
 ``torch.bincount`` radix passes; a copy kept in this script) against
 ``kernels.select.kth_largest_magnitude``; (2) the TIES merge of that tensor, base + 3 models,
-with main's threshold and with the kernel's. 1 and 2 threads (torch's and numba's alike).
+with main's threshold and with the kernel's. 1 and 2 threads (``torch.set_num_threads``: the
+kernels' thread pool follows it).
 Writes benchmarks/results/selection.md.
 
     python benchmarks/selection.py [--repeats 5]
@@ -117,7 +118,6 @@ def run(repeats: int) -> list[str]:
         ]
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            numba.set_num_threads(threads)
             med = measure(base, models, repeats)
             for what, label in (("kth", "k-th largest"), ("ties", "ties merge, base + 3")):
                 old, new = med[f"{what} old"], med[f"{what} fused"]

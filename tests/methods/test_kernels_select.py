@@ -4,26 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numba
 import pytest
 import torch
 
 from amalgam.methods import ties
-from amalgam.methods.kernels import select
+from amalgam.methods.kernels import launch, select
 from amalgam.methods.sparsify import keep_count, kth_largest
 from amalgam.methods.whole_model import MagnitudeThreshold
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+THREADS = (1, 2, 3)
 SHAPES = ((), (1,), (7,), (1001,), (13, 17), (3, 5, 11))
 
 
 @pytest.fixture(params=THREADS, ids=lambda t: f"threads{t}")
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = numba.get_num_threads()
-    numba.set_num_threads(request.param)
+def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    monkeypatch.setattr(launch, "MIN_RANGE", 64)  # cut even small tensors into ranges
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
     yield request.param
-    numba.set_num_threads(before)
+    torch.set_num_threads(before)
 
 
 def bits(value: float) -> int:

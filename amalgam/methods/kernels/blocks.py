@@ -5,7 +5,9 @@ Each kernel repeats, entry by entry, the float32 operations of the torch path in
 is one fused multiply-add, as ATen computes it on AVX2 and AVX-512 CPUs), so the outputs are the
 same bits. The range is walked in blocks of ``BLOCK`` entries: each step is a branch-free loop
 over one block (which LLVM vectorises) on scratch rows that stay in the L1/L2 cache, so every
-input entry is read from memory once. They release the GIL: ``launch`` runs ranges on threads.
+input entry is read from memory once. ``magnitude_counts`` histograms the float32 bits of
+|x - base| over a range (the passes of ``select``'s radix selection). They release the GIL:
+``launch`` runs ranges on threads.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from amalgam.methods.kernels.codes import (
     VOTE_SUM,
 )
 from amalgam.methods.kernels.counter import fill_lanes, kept
-from amalgam.methods.kernels.scalar import as_f32, fma, sign
+from amalgam.methods.kernels.scalar import as_f32, f32_bits, fma, sign
 
 BLOCK = 1024
 ZERO, ONE = np.float32(0.0), np.float32(1.0)
 TINY = np.float32(1e-8)
+BINS = 1 << 16
+COUNT_CHUNK = 1 << 30  # entries counted in int32 before they are added to the int64 counts
+HALF, LOW16, ABS = np.uint32(16), np.uint32(0xFFFF), np.uint32(0x7FFFFFFF)
 
 
 @njit(nogil=True, cache=True)
@@ -124,3 +129,33 @@ def task_vector_block(
         out_s = out[s : s + n]
         for j in range(n):
             out_s[j] = fma(mixed[j], lam, b[j])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def magnitude_bits(x, base, e):
+    """The float32 bits of |x[e] - base[e]| (|x[e]| where ``base`` is None)."""
+    v = as_f32(x[e]) if base is None else as_f32(x[e]) - as_f32(base[e])
+    return f32_bits(v) & ABS
+
+
+@njit(nogil=True, cache=True)
+def magnitude_counts(x, base, high, start, stop):
+    """Counts (int64, BINS) over e in [start, stop) of the float32 bits of |x[e] - base[e]|
+    (|x[e]| where ``base`` is None): of their high 16 bits, or, with ``high`` >= 0, of the low
+    16 bits of those whose high 16 bits equal ``high``."""
+    counts = np.zeros(BINS, np.int64)
+    scratch = np.zeros(BINS, np.int32)  # a quarter of the cache footprint of int64 counts
+    for s in range(start, stop, COUNT_CHUNK):
+        e = min(s + COUNT_CHUNK, stop)
+        scratch[:] = 0
+        if high < 0:
+            for i in range(s, e):
+                scratch[magnitude_bits(x, base, i) >> HALF] += 1
+        else:
+            wanted = np.uint32(high)
+            for i in range(s, e):
+                m = magnitude_bits(x, base, i)
+                if m >> HALF == wanted:
+                    scratch[m & LOW16] += 1
+        counts += scratch
+    return counts

@@ -1,9 +1,11 @@
 """From torch tensors to the compiled kernels: eligibility, zero-copy views, threads.
 
-The kernels run on contiguous CPU tensors in bfloat16, float16 or float32 (models in one
-dtype; the base may differ); anything else stays on the torch path. Entries are cut into
-contiguous ranges run on ``torch.get_num_threads()`` threads (the engine's compute threads);
-every entry is computed on its own, so the bytes do not depend on the cut.
+The merge kernels run on contiguous CPU tensors in bfloat16, float16 or float32 (models in
+one dtype; the base may differ), the selection on any CPU tensors in those dtypes; anything else
+stays on the torch path. Entries are cut into contiguous ranges run on
+``torch.get_num_threads()`` threads (the engine's compute threads) of one pool shared by every
+kernel; every entry is computed on its own (the selection's integer counts are summed), so the
+results do not depend on the cut.
 ``AMALGAM_FUSED_KERNELS=0`` keeps every merge on the torch path, as does a numba that cannot
 load (for instance with no writable cache folder: set ``NUMBA_CACHE_DIR``), with one warning.
 """
@@ -27,13 +29,22 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_RANGE = 1 << 15  # entries per thread below which threads cost more than they save
 
 
+def takes(t: torch.Tensor) -> bool:
+    """Whether a kernel reads ``t``'s entries: a CPU tensor in one of ``DTYPES``."""
+    return t.device.type == "cpu" and t.dtype in DTYPES
+
+
+def enabled() -> bool:
+    """Whether the kernels may run: not switched off, and numba loads them."""
+    return os.environ.get("AMALGAM_FUSED_KERNELS", "1") != "0" and compiled() is not None
+
+
 def eligible(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the kernels take these tensors (the first may be a base of another dtype)."""
+    """Whether the merge kernels take these tensors (the first may be a base of another dtype)."""
     return (
-        os.environ.get("AMALGAM_FUSED_KERNELS", "1") != "0"
-        and all(t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() for t in tensors)
+        all(takes(t) and t.is_contiguous() for t in tensors)
         and len({t.dtype for t in tensors[1:]}) <= 1
-        and compiled() is not None
+        and enabled()
     )
 
 
@@ -49,7 +60,7 @@ def compiled() -> ModuleType | None:
 
 def entries(t: torch.Tensor) -> np.ndarray:
     """A flat numpy view of ``t`` in its stored dtype (bfloat16 as uint16, float16 as int16
-    bits: the kernels widen them)."""
+    bits: the kernels widen them); a flat copy where ``t`` is not contiguous."""
     flat = t.detach().reshape(-1)
     if t.dtype == torch.bfloat16:
         return flat.view(torch.int16).numpy().view(np.uint16)

@@ -1,4 +1,5 @@
-"""Per-entry float32 primitives for the kernels: one-rounding multiply-add, half-width loads.
+"""Per-entry float32 primitives for the kernels: one-rounding multiply-add, half-width loads,
+bit patterns.
 
 ``fma`` is LLVM's ``llvm.fma.f32``: a * b + c rounded once, on every CPU (a hardware FMA
 where there is one, a correctly rounded libm call otherwise). ``as_f32`` widens an entry read
@@ -33,6 +34,17 @@ def _bits_to_f32(typingctx, bits):
 
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The bit pattern (uint32) of the float32 ``x``."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
 
     return sig, codegen
 
