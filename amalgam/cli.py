@@ -140,7 +140,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="read .bin/.pt pickle inputs")] = False,
     threads: Annotated[
-        int | None, typer.Option(help="compute threads (default: all cores but one)")
+        int | None, typer.Option(help="compute threads (default: all cores)")
     ] = None,
     plan_only: Annotated[
         bool, typer.Option("--plan", help="print the plan, merge nothing")
@@ -796,7 +796,7 @@ def extract_lora(
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (where the SVDs run)")] = "auto",
     threads: Annotated[
-        int | None, typer.Option(help="compute threads (default: all cores but one)")
+        int | None, typer.Option(help="compute threads (default: all cores)")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON, energy per module")] = False,

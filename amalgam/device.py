@@ -41,14 +41,14 @@ def pick_device(device: str) -> torch.device:
 
 
 @contextmanager
-def compute_threads(threads: int | None) -> Iterator[None]:
-    """torch's compute threads for one run: ``threads``, by default all cores but one (left to
-    reads and writes); the caller's setting is restored afterwards."""
+def compute_threads(threads: int | None, spare: int = 1) -> Iterator[None]:
+    """torch's compute threads for one run: ``threads``, by default all cores but ``spare``
+    (left to reads and writes); the caller's setting is restored afterwards."""
     # lazy: torch takes a second to import; evaluation imports this module without running
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - spare))
     try:
         yield
     finally:

@@ -157,7 +157,7 @@ def run_continual(
     read = 0
     memory = WorkerMemory({})
     try:
-        with compute_threads(options.threads):
+        with compute_threads(options.threads, spare=0):
             for i, (model, step) in enumerate(zip(recipe.models, steps, strict=True)):
                 last = i == len(recipe.models) - 1
                 step_uri = storage.full_uri(fs, storage.join(scratch, f"step-{i + 1}"))

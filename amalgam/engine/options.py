@@ -29,7 +29,8 @@ class MergeOptions(BaseModel):
     # Tensor bytes held at once (reads ahead, the merge, writes): a tensor whose inputs from
     # every model exceed half of it is merged one model at a time, to the same bytes.
     memory_budget: int = Field(default=MEMORY_BUDGET, gt=0)
-    # Compute threads; default: all cores but one, which is left to reads and writes.
+    # Compute threads; default: all cores (the fused kernels and torch; reads fault pages in
+    # on the read-ahead threads, writes wait on the disk).
     threads: int | None = Field(default=None, ge=1)
     # Continual methods: the output of an earlier continual merge to absorb the models into.
     continue_from: str | None = None

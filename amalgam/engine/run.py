@@ -60,7 +60,7 @@ def run_merge(
     read = 0
     memory = WorkerMemory({})
     try:
-        with compute_threads(options.threads):
+        with compute_threads(options.threads, spare=0):
             plan = plan_inputs(recipe, inputs, options)
             ctx = job_context(plan, options, pick_device(options.device), progress)
             executor = pick_executor(ctx, inputs, options, memory)
