@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
-
-import torch
 
 from amalgam.methods.accumulate import TaskVectorSum
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.methods.kernels import merge as fused
 from amalgam.methods.sparsify import RandomDrop
 from amalgam.methods.task_vectors import (
     CONSENSUS,
     LAMBDA,
     WEIGHT,
     Applier,
+    TaskVector,
     normalize_param,
     task_vector_merge,
 )
@@ -38,10 +37,14 @@ RESCALE = Param(
 )
 
 
-def drop(delta: Callable[[], torch.Tensor], i: int, p: TensorParams, ctx: MergeContext) -> Applier:
+def drop(delta: TaskVector, i: int, p: TensorParams, ctx: MergeContext) -> Applier:
     dropper = RandomDrop(p.per_model[i]["density"], ctx.random_key(i), p.shared["rescale"])
     if dropper.needs_fit:
-        dropper.fit(delta())
+        norms = fused.drop_norms(delta.x, delta.base, dropper)
+        if norms is None:
+            dropper.fit(delta())
+        else:
+            dropper.fit_norms(*norms)
     return dropper.apply
 
 

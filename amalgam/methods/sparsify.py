@@ -141,6 +141,10 @@ class RandomDrop:
             chunk = delta_rows[rows]
             before += float(chunk.abs().sum(dtype=torch.float64))
             after += float((chunk * self.mask(chunk, rows)).abs().sum(dtype=torch.float64))
+        self.fit_norms(before, after)
+
+    def fit_norms(self, before: float, after: float) -> None:
+        """For ``l1``: the scale from the L1 norms before and after the drop."""
         self.scale = before / after if before > 1e-7 and after > 1e-7 else 1.0
 
     def mask(self, chunk: torch.Tensor, rows: slice) -> torch.Tensor:

@@ -128,6 +128,40 @@ def test_dare_keeps_the_counter_lanes_below_the_cutoff(merge) -> None:
     assert np.array_equal(got.numpy().ravel(), want)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dare_l1_norms_are_fixed_order_float64_sums(threads: int) -> None:
+    """The l1 rescale's norms: per chunk of NORM_CHUNK entries, eight float64 accumulators
+    (entry e into e % 8) summed in entry order, then lane by lane, then chunk by chunk."""
+    from amalgam.methods.kernels import blocks
+    from amalgam.methods.kernels.merge import drop_norms
+    from amalgam.methods.sparsify import RandomDrop
+
+    n = 2 * blocks.NORM_CHUNK + 1237
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    x = (base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16)
+    drop = RandomDrop(0.3, stream_key(4, "t", 1), "l1")
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = drop_norms(x, base, drop)
+    finally:
+        torch.set_num_threads(before_threads)
+    d = np.abs(x.float().numpy() - base.float().numpy()).astype(np.float64)
+    keep = lanes(drop.key, 0, n).numpy() < drop.cutoff
+    want = [0.0, 0.0]
+    for c in range(0, n, blocks.NORM_CHUNK):
+        for k, v in enumerate((d, np.where(keep, d, 0.0))):
+            part = v[c : c + blocks.NORM_CHUNK]
+            # np.cumsum adds in order: its last entry is the sequential sum of one lane
+            want[k] += float(sum(np.cumsum(part[a :: blocks.LANES])[-1] for a in range(8)))
+    assert got == (want[0], want[1])
+    # the torch formulation (another order of float64 sums) agrees to rounding
+    rows = torch.sub(x.float(), base.float()).reshape(1, -1)
+    drop.fit(rows)
+    assert abs(drop.scale - want[0] / want[1]) < 1e-12 * drop.scale
+
+
 TORCH_WITHOUT_AVX2 = """
 import json, sys, torch
 from amalgam.methods.base import MergeContext, TensorParams, get_method

@@ -6,7 +6,8 @@ is one fused multiply-add, as ATen computes it on AVX2 and AVX-512 CPUs), so the
 same bits. The range is walked in blocks of ``BLOCK`` entries: each step is a branch-free loop
 over one block (which LLVM vectorises) on scratch rows that stay in the L1/L2 cache, so every
 input entry is read from memory once. ``magnitude_counts`` histograms the float32 bits of
-|x - base| over a range (the passes of ``select``'s radix selection). They release the GIL:
+|x - base| over a range (the passes of ``select``'s radix selection); ``drop_norms`` sums DARE's
+L1 norms before and after the drop. They release the GIL:
 ``launch`` runs ranges on threads.
 """
 
@@ -31,6 +32,10 @@ BLOCK = 1024
 ZERO, ONE = np.float32(0.0), np.float32(1.0)
 TINY = np.float32(1e-8)
 BINS = 1 << 16
+NORM_CHUNK = (
+    1 << 16
+)  # entries per partial sum of ``drop_norms``: the order does not depend on threads
+LANES = 8  # independent float64 accumulators per partial sum (entry e adds into e % LANES)
 COUNT_CHUNK = 1 << 30  # entries counted in int32 before they are added to the int64 counts
 HALF, LOW16, ABS = np.uint32(16), np.uint32(0xFFFF), np.uint32(0x7FFFFFFF)
 
@@ -159,3 +164,27 @@ def magnitude_counts(x, base, high, start, stop):
                     scratch[m & LOW16] += 1
         counts += scratch
     return counts
+
+
+@njit(nogil=True, cache=True)
+def drop_norms(x, base, key, cutoff, first, last, partials):
+    """For chunks c in [first, last) of ``NORM_CHUNK`` entries: partials[c] = (sum |d|, sum of
+    |d| kept by DARE's lanes), d = x - base in float32, summed in float64 over ``LANES``
+    accumulators (entry e into e % LANES) then added in lane order: a fixed order of sums."""
+    n = len(x)
+    lanes = np.empty(BLOCK, np.int64)
+    for c in range(first, last):
+        before = np.zeros(LANES, np.float64)
+        after = np.zeros(LANES, np.float64)
+        for s in range(c * NORM_CHUNK, min((c + 1) * NORM_CHUNK, n), BLOCK):
+            k = min(BLOCK, n - s)
+            fill_lanes(key, s, lanes[:k])
+            for j in range(k):
+                d = np.float64(abs(as_f32(x[s + j]) - as_f32(base[s + j])))
+                before[j % LANES] += d
+                after[j % LANES] += d if kept(lanes[j], cutoff) else 0.0
+        partials[c, 0] = 0.0
+        partials[c, 1] = 0.0
+        for a in range(LANES):
+            partials[c, 0] += before[a]
+            partials[c, 1] += after[a]

@@ -98,3 +98,26 @@ def task_vector_merge(
     flat = out.view(-1).numpy()
     launch.run_ranges(lambda s, e: blocks.task_vector_block(b, xs, *args, s, e, flat), flat.size)
     return out
+
+
+def drop_norms(x: torch.Tensor, base: torch.Tensor, drop: RandomDrop) -> tuple[float, float] | None:
+    """The L1 norms of the task vector x - base before and after ``drop``'s mask (its ``l1``
+    rescale), or None where the kernels do not apply. float64 partial sums in a fixed order
+    (``blocks.drop_norms``), added in chunk order: the same on every thread count."""
+    if not launch.eligible([base, x]):
+        return None
+    blocks = launch.compiled()
+    xe, be = launch.entries(x), launch.entries(base)
+    chunk = blocks.NORM_CHUNK
+    partials = np.zeros((-(-xe.size // chunk), 2), dtype=np.float64)
+    key, cutoff = np.uint64(drop.key & ((1 << 64) - 1)), np.int64(drop.cutoff)
+
+    def run(start: int, stop: int) -> None:  # the chunks that start in [start, stop)
+        blocks.drop_norms(xe, be, key, cutoff, -(-start // chunk), -(-stop // chunk), partials)
+
+    launch.run_ranges(run, xe.size)
+    before = after = 0.0
+    for b, a in partials:
+        before += float(b)
+        after += float(a)
+    return before, after
