@@ -7,6 +7,7 @@ Entries tied with the threshold magnitude are all kept, as in the TIES reference
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from amalgam.methods.counter_random import CounterStream
@@ -41,14 +42,14 @@ def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
     return torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
 
 
-def top_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest entry of a histogram, and the count in higher bins."""
-    from_top = hist.flip(0).cumsum(0)
-    idx = int(
-        torch.searchsorted(from_top, torch.tensor(k, dtype=from_top.dtype, device=hist.device))
-    )
+def top_bin(hist: torch.Tensor | np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry of a histogram, and the count in higher bins
+    (in numpy on the host: a few microseconds, where torch's ops cost far more per call)."""
+    counts = hist.cpu().numpy() if isinstance(hist, torch.Tensor) else hist
+    from_top = np.cumsum(counts[::-1], dtype=np.int64)
+    idx = int(np.searchsorted(from_top, k))
     above = int(from_top[idx - 1]) if idx > 0 else 0
-    return hist.numel() - 1 - idx, above
+    return counts.size - 1 - idx, above
 
 
 # Comparisons and torch.where run several times slower than arithmetic on CPU (bool tensors
