@@ -7,7 +7,8 @@ same bits. The range is walked in blocks of ``BLOCK`` entries: each step is a br
 over one block (which LLVM vectorises) on scratch rows that stay in the L1/L2 cache, so every
 input entry is read from memory once. ``magnitude_counts`` histograms the float32 bits of
 |x - base| over a range (the passes of ``select``'s radix selection); ``drop_norms`` sums DARE's
-L1 norms before and after the drop. They release the GIL:
+L1 norms before and after the drop; ``nonfinite_count`` finds NaN/Inf by their exponent bits.
+They release the GIL:
 ``launch`` runs ranges on threads.
 """
 
@@ -188,3 +189,13 @@ def drop_norms(x, base, key, cutoff, first, last, partials):
         for a in range(LANES):
             partials[c, 0] += before[a]
             partials[c, 1] += after[a]
+
+
+@njit(nogil=True, cache=True)
+def nonfinite_count(bits, exponent):
+    """How many entries of ``bits`` (a float dtype's bit patterns as unsigned integers) have
+    every ``exponent`` bit set: the NaNs and infinities."""
+    count = 0
+    for i in range(len(bits)):
+        count += (bits[i] & exponent) == exponent
+    return count

@@ -121,3 +121,22 @@ def drop_norms(x: torch.Tensor, base: torch.Tensor, drop: RandomDrop) -> tuple[f
         before += float(b)
         after += float(a)
     return before, after
+
+
+# a float dtype's bit patterns as unsigned integers, and its exponent bits
+EXPONENT_BITS = {
+    torch.bfloat16: (np.uint16, np.uint16(0x7F80)),
+    torch.float16: (np.uint16, np.uint16(0x7C00)),
+    torch.float32: (np.uint32, np.uint32(0x7F800000)),
+}
+
+
+def all_finite(x: torch.Tensor) -> bool | None:
+    """Whether every entry of ``x`` is finite, from its exponent bits in one pass on the calling
+    thread (a read-ahead thread: no compute threads taken), or None where the kernels do not
+    apply."""
+    if not (launch.takes(x) and launch.enabled()):
+        return None
+    unsigned, exponent = EXPONENT_BITS[x.dtype]
+    bits = launch.entries(x).view(unsigned)
+    return launch.compiled().nonfinite_count(bits, exponent) == 0
