@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shape = speed.llama_shape(5e7 if args.quick else 0.5e9)
         folders = list(speed.build_family(shape, args.experts, args.work).values())
-    server = start_s3_server(args.work / f"seaweedfs-{uuid.uuid4().hex[:6]}")
+    store = args.work / f"seaweedfs-{uuid.uuid4().hex[:6]}"
+    server = start_s3_server(store)
     try:
         fs = server.filesystem()
         bucket = server.make_bucket("bench")
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
     finally:
         server.stop()
+        shutil.rmtree(store, ignore_errors=True)  # the bucket's copies: several times the inputs
     state = speed.source_state()
     total = sum(f.stat().st_size for d in folders for f in speed.weight_files(d))
     lines = [
