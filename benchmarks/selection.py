@@ -14,6 +14,7 @@ Writes benchmarks/results/selection.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import time
@@ -28,7 +29,7 @@ from amalgam.methods import ties
 from amalgam.methods.base import MergeContext, get_method
 from amalgam.methods.kernels import select
 from amalgam.methods.params import resolve_params
-from amalgam.methods.sparsify import keep_count, top_bin
+from amalgam.methods.sparsify import keep_count, kth_largest
 from amalgam.recipe import parse_recipe
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "selection.md"
@@ -37,13 +38,17 @@ DENSITY = 0.2
 
 
 def main_kth_largest(magnitudes: torch.Tensor, k: int) -> float:
-    """main's (8105363) radix selection over float32 magnitudes, for the baseline only."""
-    bits = magnitudes.float().reshape(-1).view(torch.int32)
-    high_bits = bits >> 16
-    b, above = top_bin(torch.bincount(high_bits, minlength=1 << 16), k)
-    low = torch.bincount(bits[high_bits == b] & 0xFFFF, minlength=1 << 16)
-    lo, _ = top_bin(low, k - above)
-    return torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+    """main's (8105363) radix selection over float32 magnitudes: ``kth_largest``'s torch path
+    (the kernels switched off), for the baseline only."""
+    before = os.environ.get("AMALGAM_FUSED_KERNELS")
+    os.environ["AMALGAM_FUSED_KERNELS"] = "0"
+    try:
+        return kth_largest(magnitudes, k)
+    finally:
+        if before is None:
+            del os.environ["AMALGAM_FUSED_KERNELS"]
+        else:
+            os.environ["AMALGAM_FUSED_KERNELS"] = before
 
 
 def main_threshold(x: torch.Tensor, base: torch.Tensor, density: float) -> float | None:
