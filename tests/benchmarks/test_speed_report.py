@@ -90,8 +90,9 @@ def test_main_table_has_read_bound_ratio_and_cli_time(
     for row in rows.values():
         bound = rb["amalgam_s"] * row["input_bytes"] / rb["bytes"]
         assert row["engine_x_read_bound"] == pytest.approx(row["merge_s"] / bound)
-        # hashes were cached beforehand: each input read once, through pread
-        assert row["syscall_read_bytes"] == pytest.approx(row["input_bytes"], rel=0.01)
+        # hashes were cached beforehand: each input read once, tensors under 1 MiB through
+        # pread, the larger ones mapped (no read call): some syscall bytes, never more
+        assert 0 < row["syscall_read_bytes"] < row["input_bytes"] * 1.01
         # the command: interpreter, imports and its summary around the engine's own time
         assert 0 < row["cli_merge_s"] < row["cli_wall_s"]
     text = (tmp_path / "results" / "t.md").read_text()
