@@ -6,6 +6,7 @@ import torch
 
 from amalgam.methods.accumulate import WeightedSum
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
+from amalgam.methods.kernels import merge as fused
 from amalgam.methods.sparsify import as_rows, row_chunks
 from amalgam.methods.task_vectors import normalize_param
 
@@ -18,8 +19,6 @@ def linear(
     fused kernel pass, ``kernels.merge``, with the same bytes)."""
     weights, total = soup_weights(p)
     if inputs[0].device.type == "cpu":
-        from amalgam.methods.kernels import merge as fused
-
         fast = fused.linear(inputs, weights, total)
         if fast is not None:
             return fast

@@ -7,10 +7,11 @@ Entries tied with the threshold magnitude are all kept, as in the TIES reference
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from amalgam.methods.counter_random import CounterStream
+from amalgam.methods.kernels import select
+from amalgam.methods.kernels.select import top_bin
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -30,8 +31,6 @@ def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
     if magnitudes.dtype.itemsize > 4:
         flat = magnitudes.reshape(-1)
         return flat.kthvalue(flat.numel() - k + 1).values.item()
-    from amalgam.methods.kernels import select
-
     if select.supported(magnitudes):
         return select.kth_largest_magnitude(magnitudes, k)
     bits = magnitudes.float().reshape(-1).view(torch.int32)
@@ -40,16 +39,6 @@ def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
     low = torch.bincount(bits[high_bits == b] & 0xFFFF, minlength=1 << 16)
     lo, _ = top_bin(low, k - above)
     return torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
-
-
-def top_bin(hist: torch.Tensor | np.ndarray, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest entry of a histogram, and the count in higher bins
-    (in numpy on the host: a few microseconds, where torch's ops cost far more per call)."""
-    counts = hist.cpu().numpy() if isinstance(hist, torch.Tensor) else hist
-    from_top = np.cumsum(counts[::-1], dtype=np.int64)
-    idx = int(np.searchsorted(from_top, k))
-    above = int(from_top[idx - 1]) if idx > 0 else 0
-    return counts.size - 1 - idx, above
 
 
 # Comparisons and torch.where run several times slower than arithmetic on CPU (bool tensors
@@ -66,6 +55,19 @@ def at_least(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return (x - threshold).sign_().add_(1).clamp_(max=1)
 
 
+class KeepAtLeast:
+    """The applier keeping entries of magnitude at least ``threshold`` (None: all): TIES' trim,
+    written as a value so that the fused kernels recognise it."""
+
+    def __init__(self, threshold: float | None):
+        self.threshold = threshold
+
+    def __call__(self, chunk: torch.Tensor, rows: slice) -> torch.Tensor:
+        if self.threshold is None:
+            return chunk
+        return chunk * at_least(chunk.abs(), self.threshold)
+
+
 def trim_threshold(magnitudes: torch.Tensor, density: float) -> float | None:
     """The magnitude at or above which TIES keeps an entry (None: keep everything)."""
     if density >= 1.0 or magnitudes.numel() == 0:
@@ -75,8 +77,6 @@ def trim_threshold(magnitudes: torch.Tensor, density: float) -> float | None:
 
 def delta_threshold(x: torch.Tensor, base: torch.Tensor, density: float) -> float | None:
     """``trim_threshold`` of |x - base| in float32; on CPU without building the task vector."""
-    from amalgam.methods.kernels import select
-
     if x.shape == base.shape and select.supported(x, base):
         if density >= 1.0 or x.numel() == 0:
             return None

@@ -14,7 +14,8 @@ from functools import cache
 import torch
 
 from amalgam.methods.base import MergeContext, Param, TensorParams
-from amalgam.methods.sparsify import as_rows, at_least, positive, row_chunks
+from amalgam.methods.kernels import merge as fused
+from amalgam.methods.sparsify import as_rows, positive, row_chunks
 
 WEIGHT = Param("weight", 1.0, "scale of this model's task vector", per_model=True)
 LAMBDA = Param("lambda", 1.0, "global scale of the merged task vector")
@@ -135,19 +136,6 @@ class TaskVector:
 Applier = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
-class KeepAtLeast:
-    """The applier keeping entries of magnitude at least ``threshold`` (None: all): TIES' trim,
-    written as a value so that the fused kernels recognise it."""
-
-    def __init__(self, threshold: float | None):
-        self.threshold = threshold
-
-    def __call__(self, chunk: torch.Tensor, rows: slice) -> torch.Tensor:
-        if self.threshold is None:
-            return chunk
-        return chunk * at_least(chunk.abs(), self.threshold)
-
-
 # Given one model's task vector (only sparsifiers that need whole-tensor statistics compute
 # it), return how to sparsify any block of its rows.
 Sparsifier = Callable[[TaskVector, int, TensorParams, MergeContext], Applier]
@@ -188,8 +176,6 @@ def task_vector_merge(
     weights, lam, normalize = p.each("weight"), p.shared["lambda"], p.shared["normalize"]
     vote = p.shared["consensus"] if consensus else None
     if mask is None and b.device.type == "cpu":
-        from amalgam.methods.kernels import merge as fused
-
         out = fused.task_vector_merge(b, xs, appliers, weights, lam, normalize, vote)
         if out is not None:
             return out.reshape(base.shape)

@@ -15,14 +15,13 @@ from amalgam.methods.accumulate import TaskVectorSum
 from amalgam.methods.base import MergeContext, Method, Param, TensorParams, register
 from amalgam.methods.needs import WholeModelStatistic
 from amalgam.methods.params import recipe_wide
-from amalgam.methods.sparsify import delta_threshold
+from amalgam.methods.sparsify import KeepAtLeast, delta_threshold
 from amalgam.methods.task_vectors import (
     CONSENSUS,
     DENSITY,
     LAMBDA,
     WEIGHT,
     Applier,
-    KeepAtLeast,
     TaskVector,
     normalize_param,
     task_vector_merge,

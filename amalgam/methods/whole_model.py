@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from amalgam.methods.sparsify import top_bin
+from amalgam.methods.kernels import select
+from amalgam.methods.kernels.select import top_bin
 
 
 class MagnitudeThreshold:
@@ -27,8 +28,6 @@ class MagnitudeThreshold:
         self.rank: list[int] = []
 
     def update(self, pass_: int, deltas: list[torch.Tensor]) -> None:
-        from amalgam.methods.kernels import select
-
         for i, d in enumerate(deltas):
             if select.supported(d):  # one fused pass on CPU
                 high = -1 if pass_ == 0 else self.bin[i]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from amalgam.methods.kernels import codes, launch
-from amalgam.methods.sparsify import RandomDrop
+from amalgam.methods.sparsify import KeepAtLeast, RandomDrop
 
 f32 = np.float32
 
@@ -35,8 +35,6 @@ def linear(
 
 def rule(applier: object) -> tuple[int, float, int, int, float] | None:
     """(rule, threshold, cutoff, key, scale) of a known per-entry applier, or None."""
-    from amalgam.methods.task_vectors import KeepAtLeast  # it imports this module lazily
-
     if applier is None:
         return codes.KEEP_ALL, 0.0, 0, 0, 1.0
     if isinstance(applier, KeepAtLeast):

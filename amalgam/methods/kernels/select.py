@@ -4,7 +4,7 @@
 ``torch.sub(x, base.float()).abs()`` would, and never stores it: non-negative float32 values
 order like their bit patterns, so one pass histograms the high 16 bits of each magnitude and a
 second pass over the same inputs the low 16 bits of the entries in the bin that holds the
-answer (``sparsify.top_bin`` picks the bins). Each pass runs over contiguous ranges on
+answer (``top_bin`` picks the bins). Each pass runs over contiguous ranges on
 ``launch``'s threads, one integer histogram per range, summed: the counts, and so the value,
 do not depend on the thread count. The value equals ``torch.kthvalue`` on the float32
 magnitudes bit for bit. CPU tensors only; no fastmath, so every float op is IEEE.
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from amalgam.methods.kernels import launch
-from amalgam.methods.sparsify import top_bin
 
 
 def supported(*tensors: torch.Tensor) -> bool:
@@ -54,3 +53,13 @@ def magnitude_histogram(
 
     launch.run_ranges(count, xs.size)
     return torch.from_numpy(sum(parts[s] for s in sorted(parts)))
+
+
+def top_bin(hist: torch.Tensor | np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry of a histogram, and the count in higher bins
+    (in numpy on the host: a few microseconds, where torch's ops cost far more per call)."""
+    counts = hist.cpu().numpy() if isinstance(hist, torch.Tensor) else hist
+    from_top = np.cumsum(counts[::-1], dtype=np.int64)
+    idx = int(np.searchsorted(from_top, k))
+    above = int(from_top[idx - 1]) if idx > 0 else 0
+    return counts.size - 1 - idx, above
