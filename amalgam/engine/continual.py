@@ -157,7 +157,9 @@ def run_continual(
     read = 0
     memory = WorkerMemory({})
     try:
-        with compute_threads(options.threads, spare=0):
+        # all cores but one, as before: the steps' SVDs round by the BLAS thread count, and a
+        # Ray task runs one thread (local equals Ray where that leaves one thread)
+        with compute_threads(options.threads):
             for i, (model, step) in enumerate(zip(recipe.models, steps, strict=True)):
                 last = i == len(recipe.models) - 1
                 step_uri = storage.full_uri(fs, storage.join(scratch, f"step-{i + 1}"))
