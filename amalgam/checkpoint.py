@@ -213,6 +213,7 @@ class Checkpoint:
         self._fds: dict[str, int] = {}
         self._ranges = reads.RangeReader(self._cat)
         self._sizes: dict[str, int] = {}  # weight file -> bytes, from the headers' reads
+        self._stamps: dict[str, str | None] = {}  # weight file -> its file_stamp when opened
         self._pickled: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, dict[str, str]] = {}
         self.tensors: dict[str, TensorInfo] = {}
@@ -326,7 +327,9 @@ class Checkpoint:
     def _read_header(self, file: str) -> None:
         path = storage.join(self.root, file)
         label = storage.full_uri(self.fs, path)
-        size = self._sizes[file] = self.fs.size(path)
+        info = self.fs.info(path)
+        size = self._sizes[file] = int(info["size"])
+        self._stamps[file] = stamp_of(self.fs, info)
         with self.fs.open(path, "rb", block_size=0 if storage.is_local(self.fs) else 1 << 16) as fh:
 
             def read_json(n: int) -> bytes:
@@ -394,7 +397,12 @@ class Checkpoint:
         info = self.info(name)
         if not self._mappable(info):
             return self.tensor(name)
-        raw = reads.mapped(self._fd(info.file), info.start, info.end)
+        fd = self._fd(info.file)
+        if os.fstat(fd).st_size < info.end:  # a mapping's pages past the end fault (SIGBUS)
+            raise CheckpointError(
+                f"{self.uri}/{info.file}: truncated since it was opened (reading '{info.name}')"
+            )
+        raw = reads.mapped(fd, info.start, info.end)
         return raw.view(info.torch_dtype).reshape(info.shape)
 
     def _mappable(self, info: TensorInfo) -> bool:
@@ -446,10 +454,47 @@ class Checkpoint:
             done += n
 
     def _fd(self, file: str) -> int:
+        """The open file behind local reads of ``file``: the file whose header was read, or an
+        error (it was replaced or changed in between)."""
         with self._lock:
             if file not in self._fds:
-                self._fds[file] = os.open(self.file_path(file), os.O_RDONLY)
+                fd = os.open(self.file_path(file), os.O_RDONLY)
+                if self._stamps.get(file) not in (None, local_stamp(os.fstat(fd))):
+                    os.close(fd)
+                    raise CheckpointError(self._changed(file))
+                self._fds[file] = fd
             return self._fds[file]
+
+    def check_unchanged(self) -> None:
+        """Raise unless every weight file read still holds what it held when this checkpoint
+        was opened (a file rewritten during a merge would leave a model mixing two versions,
+        recorded under the old one's hash). Locally the open files are checked, so a file
+        replaced by a new one (a rename) is fine: reads kept the old one (files this process
+        never read, as under Ray, are checked by path); on a store, the object's tag. A store
+        that reports no tag cannot be checked."""
+        for file, stamp in self._stamps.items():
+            if stamp is None:
+                continue
+            path = self.file_path(file)
+            if storage.is_local(self.fs):
+                with self._lock:
+                    fd = self._fds.get(file)
+                    if fd is not None:
+                        now = local_stamp(os.fstat(fd))
+                if fd is None:  # read elsewhere (Ray workers) if at all: by its path
+                    now = local_stamp(os.stat(path)) if os.path.exists(path) else "gone"
+            else:
+                self.fs.invalidate_cache(path)
+                with storage.store_errors(storage.full_uri(self.fs, path)):
+                    now = stamp_of(self.fs, self.fs.info(path))
+            if now != stamp:
+                raise CheckpointError(self._changed(file))
+
+    def _changed(self, file: str) -> str:
+        return (
+            f"{self.uri}/{file}: changed since it was opened (rewritten while being read?); "
+            "nothing was written"
+        )
 
     def side_files(self) -> list[str]:
         """Config, tokenizer and sentence-transformers files next to the weights (copied into
@@ -504,9 +549,18 @@ def file_stamp(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     store its ETag, or the content hash or blob id it reports (hf://), with the size. None
     when the store reports none of these: such a file is hashed every time, never cached."""
     if storage.is_local(fs):
-        st = os.stat(path)
-        return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
-    info = fs.info(path)
+        return local_stamp(os.stat(path))
+    return stamp_of(fs, fs.info(path))
+
+
+def local_stamp(st: os.stat_result) -> str:
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def stamp_of(fs: fsspec.AbstractFileSystem, info: dict[str, Any]) -> str | None:
+    """:func:`file_stamp` from the file's ``fs.info``."""
+    if storage.is_local(fs):
+        return local_stamp(os.stat(info["name"]))
     lfs = info.get("lfs") if isinstance(info.get("lfs"), dict) else {}
     tag = info.get("ETag") or info.get("etag") or lfs.get("sha256") or info.get("blob_id")
     return f"{tag}:{info.get('size')}" if tag else None

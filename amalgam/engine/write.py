@@ -11,6 +11,7 @@ from amalgam.engine.execute import JobContext
 from amalgam.engine.executors import Executor
 from amalgam.engine.options import MergeOptions, output_of
 from amalgam.engine.plan import WorkUnit
+from amalgam.engine.stack import stored_parts
 from amalgam.recipe import Recipe
 from amalgam.writer import INDEX_NAME, CheckpointWriter, shard_header
 
@@ -23,8 +24,8 @@ def write_output(
     extra_json: dict[str, Any] | None = None,
 ) -> int:
     """Run the plan into its output on ``executor`` (shards, index, side files, ``extra_json``
-    files), committed only when all of it is written and every planned shard is there with
-    its planned size; returns the input bytes read."""
+    files), committed only when all of it is written, every planned shard is there with its
+    planned size and no input changed meanwhile; returns the input bytes read."""
     plan = ctx.plan
     recipe = plan.recipe
     writer = CheckpointWriter(
@@ -38,6 +39,9 @@ def write_output(
         copy_side_files(recipe, inputs, writer)
         for name, obj in (extra_json or {}).items():
             writer.write_json(name, obj)
+        for ckpt in inputs.values():  # what was merged is what the provenance names
+            for part in stored_parts(ckpt):
+                part.check_unchanged()
         writer.commit()
     except BaseException:
         writer.abort()
