@@ -89,13 +89,9 @@ def task_vector_block(
                 for j in range(n):
                     d[j] = d[j] * (ONE if abs(d[j]) >= threshold else ZERO)
             elif rules[i] == DROP:
-                cutoff = cutoffs[i]
-                drawn = draw(keys[i], s, n, words)
-                for j in range(n):
-                    d[j] = d[j] * (ONE if kept(drawn[j], cutoff) else ZERO)
-                if scale != ONE:
-                    for j in range(n):
-                        d[j] = d[j] * scale
+                cutoff, drawn = cutoffs[i], draw(keys[i], s, n, words)
+                for j in range(n):  # times a scale of 1: the same bits
+                    d[j] = d[j] * (ONE if kept(drawn[j], cutoff) else ZERO) * scale
         mixed[:n] = ZERO
         if vote == NO_VOTE:
             for i in range(m):
