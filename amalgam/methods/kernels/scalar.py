@@ -68,7 +68,11 @@ def _half_to_f32(typingctx, bits):
 def add_widened(typingctx, acc, rows, groups):
     """acc[a] += float64(rows[g * 8 + a]) for g in range(groups), a in range(8): eight float64
     lanes (``acc``, float64, 8 entries) each adding its float32 entries in order, as one LLVM
-    vector of 8 doubles kept in registers (each lane rounds as a scalar sum would)."""
+    vector of 8 doubles kept in registers (each lane rounds as a scalar sum would). Contiguous
+    arrays only; ``rows`` must hold at least 8 * groups entries (not checked)."""
+    contiguous = all(isinstance(a, types.Array) and a.layout == "C" for a in (acc, rows))
+    if not (contiguous and acc.dtype == types.float64 and rows.dtype == types.float32):
+        return None
     sig = types.none(acc, rows, types.intp)
     wide = ir.VectorType(ir.DoubleType(), WIDTH)
     narrow = ir.VectorType(ir.FloatType(), WIDTH)
