@@ -3,16 +3,21 @@
 Both paths run in this process, interleaved, median of ``--repeats``; CPU seconds
 (``time.process_time``, all threads) and wall seconds, at each thread count. The torch path is
 the same function with ``AMALGAM_FUSED_KERNELS=0``. Also measures the kernels' first-call JIT
-cost (in a fresh process: numba's on-disk cache cold, then warm). Writes
-benchmarks/results/kernels.md.
+cost (in a fresh process: numba's on-disk cache cold, then warm). With ``--baseline DIR`` (a
+checkout of another commit, e.g. a ``git worktree``), also DARE's kernels of this tree against
+that one's: the l1 norms (``drop_norms``) and a dare_ties merge (base + 3, ``rescale`` exact and
+l1) of bf16 tensors, each repeat a fresh process per tree, interleaved, checking both trees give
+the same bytes. Writes benchmarks/results/kernels.md.
 
     python benchmarks/kernels.py                  # about 5 minutes on 2 cores
     python benchmarks/kernels.py --size 1024 --repeats 1   # a smoke run
+    python benchmarks/kernels.py --baseline /tmp/main-worktree   # plus DARE, about 4 more
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -81,11 +86,73 @@ def jit_cost() -> tuple[float, float]:
         )  # fmt: skip
 
 
+DARE_SHAPES = ((4096, 4096), (32000, 1024))
+# runs in the tree on PYTHONPATH, with only the API both trees have; prints CPU s and a digest
+DARE_CHILD = """
+import hashlib, json, sys, time, torch
+import amalgam.methods
+from amalgam.methods.base import MergeContext, TensorParams, get_method
+from amalgam.methods.kernels.merge import drop_norms
+from amalgam.methods.sparsify import RandomDrop
+threads, rows, cols = map(int, sys.argv[1:])
+torch.set_num_threads(threads)
+g = torch.Generator().manual_seed(0)
+base = torch.randn(rows, cols, generator=g)
+xs = [(base + 0.01 * torch.randn(rows, cols, generator=g)).bfloat16() for _ in range(3)]
+base = base.bfloat16()
+m = get_method("dare_ties")
+def merge(rescale):
+    per = tuple({"weight": 0.3 + 0.2 * i, "density": 0.1} for i in range(3))
+    p = TensorParams({"lambda": 1.0, "normalize": False, "rescale": rescale,
+                      "consensus": "sum"}, per)
+    return m.fn(base, xs, p, MergeContext("w")).numpy().tobytes()
+cases = {"drop_norms": lambda: repr(drop_norms(xs[0], base, RandomDrop(0.1, 7, "l1"))).encode(),
+         "dare_ties exact": lambda: merge("exact"), "dare_ties l1": lambda: merge("l1")}
+digests = {k: hashlib.sha1(f()).hexdigest() for k, f in cases.items()}  # compiles
+cpu = {}
+for k, f in cases.items():
+    c = time.process_time()
+    f()
+    cpu[k] = time.process_time() - c
+print(json.dumps([cpu, digests]))
+"""
+
+
+def dare_rows(baseline: Path, repeats: int, threads: list[int]) -> list[str]:
+    """Rows of DARE's kernels here against ``baseline``'s: CPU s, medians of interleaved fresh
+    processes; raises if the two trees' outputs differ."""
+    rows = []
+    for shape in DARE_SHAPES:
+        for t in threads:
+            runs: dict[Path, list[dict[str, float]]] = {baseline: [], ROOT: []}
+            digests = {}
+            for _ in range(repeats):
+                for tree in runs:
+                    env = os.environ | {"PYTHONPATH": str(tree)}
+                    out = subprocess.run(
+                        [sys.executable, "-c", DARE_CHILD, str(t), *map(str, shape)],
+                        env=env, capture_output=True, text=True, check=True, cwd=tree,
+                    ).stdout  # fmt: skip
+                    cpu, digests[tree] = json.loads(out.splitlines()[-1])
+                    runs[tree].append(cpu)
+            if digests[baseline] != digests[ROOT]:
+                raise SystemExit(f"outputs differ from the baseline's at {shape}: {digests}")
+            for case in runs[ROOT][0]:
+                old, new = (statistics.median(r[case] for r in runs[tr]) for tr in runs)
+                rows.append(
+                    f"| {case} | {shape[0]}x{shape[1]} | {t} | {old:.3f} | {new:.3f} "
+                    f"| {old / new:.2f}x |"
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--baseline", type=Path, help="a checkout to time DARE's kernels against")
     args = ap.parse_args()
     import amalgam.methods  # noqa: F401  (registers the methods)
 
@@ -118,12 +185,30 @@ def main() -> None:
         ),
         platform.processor(),
     )
+    dare = ""
+    if args.baseline:
+        base_commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=args.baseline,
+        ).stdout.strip()  # fmt: skip
+        threads = list(map(int, args.threads.split(",")))
+        dare = (
+            f"\n## DARE's kernels against {base_commit}\n\n"
+            f"`--baseline` at {base_commit}: bf16, base + 3, density 0.1, weights 0.3/0.5/0.7; "
+            "CPU s of one call, medians of interleaved fresh processes per tree (the same "
+            "output bytes in both). drop_norms: the l1 norms of one task vector.\n\n"
+            f"| case | shape | threads | {base_commit} CPU s | this tree CPU s | ratio |\n"
+            "|---|---|---|---|---|---|\n"
+            + "\n".join(dare_rows(args.baseline, args.repeats, threads))
+            + "\n"
+        )
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
     RESULTS.write_text(
         "# Fused kernels against the torch path\n\n"
-        f"`python benchmarks/kernels.py --size {args.size} --repeats {args.repeats}` at "
+        f"`python benchmarks/kernels.py --size {args.size} --repeats {args.repeats}"
+        f"{' --baseline ' + str(args.baseline) if args.baseline else ''}` at "
         f"{commit}, {cpu_model}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"(ATen {torch.backends.cpu.get_cpu_capability()}). One {args.size}x{args.size} "
         "tensor, base + 3, method defaults with weights 0.3/0.5/0.7; medians of interleaved "
@@ -132,7 +217,7 @@ def main() -> None:
         "| kernel wall s | wall ratio |\n|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + f"\n\nFirst kernel calls (ties + linear, bf16) in a fresh process: {cold:.1f} s with "
-        f"numba's cache cold (compilation), {warm:.1f} s with it warm.\n"
+        f"numba's cache cold (compilation), {warm:.1f} s with it warm.\n" + dare
     )
 
 

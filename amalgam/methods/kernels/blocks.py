@@ -26,8 +26,8 @@ from amalgam.methods.kernels.codes import (
     TRIM,
     VOTE_SUM,
 )
-from amalgam.methods.kernels.counter import fill_lanes, kept
-from amalgam.methods.kernels.scalar import as_f32, f32_bits, fma, sign
+from amalgam.methods.kernels.counter import draw, kept
+from amalgam.methods.kernels.scalar import WIDTH, add_widened, as_f32, f32_bits, fma, sign
 
 BLOCK = 1024
 ZERO, ONE = np.float32(0.0), np.float32(1.0)
@@ -36,7 +36,7 @@ BINS = 1 << 16
 NORM_CHUNK = (
     1 << 16
 )  # entries per partial sum of ``drop_norms``: the order does not depend on threads
-LANES = 8  # independent float64 accumulators per partial sum (entry e adds into e % LANES)
+LANES = WIDTH  # float64 accumulators per partial sum (entry e adds into e % LANES): 8
 COUNT_CHUNK = 1 << 30  # entries counted in int32 before they are added to the int64 counts
 HALF, LOW16, ABS = np.uint32(16), np.uint32(0xFFFF), np.uint32(0x7FFFFFFF)
 
@@ -75,7 +75,7 @@ def task_vector_block(
     mixed = np.empty(BLOCK, np.float32)
     votes = np.empty(BLOCK, np.float32)
     divisor = np.empty(BLOCK, np.float32)
-    lanes = np.empty(BLOCK, np.int64)
+    words = np.empty(BLOCK // 2 + 1, np.uint64)
     for s in range(start, stop, BLOCK):
         n = min(BLOCK, stop - s)
         base_s = base[s : s + n]
@@ -89,13 +89,9 @@ def task_vector_block(
                 for j in range(n):
                     d[j] = d[j] * (ONE if abs(d[j]) >= threshold else ZERO)
             elif rules[i] == DROP:
-                cutoff = cutoffs[i]
-                fill_lanes(keys[i], s, lanes[:n])
-                for j in range(n):
-                    d[j] = d[j] * (ONE if kept(lanes[j], cutoff) else ZERO)
-                if scale != ONE:
-                    for j in range(n):
-                        d[j] = d[j] * scale
+                cutoff, drawn = cutoffs[i], draw(keys[i], s, n, words)
+                for j in range(n):  # times a scale of 1: the same bits
+                    d[j] = d[j] * (ONE if kept(drawn[j], cutoff) else ZERO) * scale
         mixed[:n] = ZERO
         if vote == NO_VOTE:
             for i in range(m):
@@ -171,19 +167,29 @@ def magnitude_counts(x, base, high, start, stop):
 def drop_norms(x, base, key, cutoff, first, last, partials):
     """For chunks c in [first, last) of ``NORM_CHUNK`` entries: partials[c] = (sum |d|, sum of
     |d| kept by DARE's lanes), d = x - base in float32, summed in float64 over ``LANES``
-    accumulators (entry e into e % LANES) then added in lane order: a fixed order of sums."""
+    accumulators (entry e into e % LANES, in increasing e) then added in lane order: a fixed
+    order of sums. Per block, |d| and its kept part go to float32 rows in one vectorised loop,
+    then ``add_widened`` adds them into the accumulators, lanes side by side."""
     n = len(x)
-    lanes = np.empty(BLOCK, np.int64)
+    words = np.empty(BLOCK // 2 + 1, np.uint64)
+    whole = np.empty(BLOCK, np.float32)
+    part = np.empty(BLOCK, np.float32)
     for c in range(first, last):
         before = np.zeros(LANES, np.float64)
         after = np.zeros(LANES, np.float64)
         for s in range(c * NORM_CHUNK, min((c + 1) * NORM_CHUNK, n), BLOCK):
             k = min(BLOCK, n - s)
-            fill_lanes(key, s, lanes[:k])
+            xs, bs, drawn = x[s : s + k], base[s : s + k], draw(key, s, k, words)
             for j in range(k):
-                d = np.float64(abs(as_f32(x[s + j]) - as_f32(base[s + j])))
-                before[j % LANES] += d
-                after[j % LANES] += d if kept(lanes[j], cutoff) else 0.0
+                d = abs(as_f32(xs[j]) - as_f32(bs[j]))
+                whole[j] = d
+                part[j] = d if kept(drawn[j], cutoff) else ZERO
+            # s is a multiple of LANES: entry s + j adds into lane j % LANES
+            add_widened(before, whole, k // LANES)
+            add_widened(after, part, k // LANES)
+            for j in range(k - k % LANES, k):
+                before[j % LANES] += np.float64(whole[j])
+                after[j % LANES] += np.float64(part[j])
         partials[c, 0] = 0.0
         partials[c, 1] = 0.0
         for a in range(LANES):

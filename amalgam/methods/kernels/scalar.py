@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.core.extending import intrinsic, overload, register_jitable
+
+WIDTH = 8  # lanes of ``add_widened``
 
 
 @intrinsic
@@ -57,6 +60,35 @@ def _half_to_f32(typingctx, bits):
     def codegen(context, builder, signature, args):
         half = builder.bitcast(args[0], ir.HalfType())
         return builder.fpext(half, ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def add_widened(typingctx, acc, rows, groups):
+    """acc[a] += float64(rows[g * 8 + a]) for g in range(groups), a in range(8): eight float64
+    lanes (``acc``, float64, 8 entries) each adding its float32 entries in order, as one LLVM
+    vector of 8 doubles kept in registers (each lane rounds as a scalar sum would). Contiguous
+    arrays only; ``rows`` must hold at least 8 * groups entries (not checked)."""
+    contiguous = all(isinstance(a, types.Array) and a.layout == "C" for a in (acc, rows))
+    if not (contiguous and acc.dtype == types.float64 and rows.dtype == types.float32):
+        return None
+    sig = types.none(acc, rows, types.intp)
+    wide = ir.VectorType(ir.DoubleType(), WIDTH)
+    narrow = ir.VectorType(ir.FloatType(), WIDTH)
+
+    def codegen(context, builder, signature, args):
+        total = context.make_array(signature.args[0])(context, builder, args[0])
+        src = context.make_array(signature.args[1])(context, builder, args[1])
+        target = builder.bitcast(total.data, wide.as_pointer())
+        first = builder.bitcast(src.data, narrow.as_pointer())
+        slot = cgutils.alloca_once(builder, wide)
+        builder.store(builder.load(target, align=8), slot)
+        with cgutils.for_range(builder, args[2]) as loop:
+            v = builder.fpext(builder.load(builder.gep(first, [loop.index]), align=4), wide)
+            builder.store(builder.fadd(builder.load(slot), v), slot)
+        builder.store(builder.load(slot), target, align=8)
+        return context.get_dummy_value()
 
     return sig, codegen
 
