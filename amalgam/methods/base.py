@@ -100,6 +100,10 @@ class MergeContext:
     # tensor (None where the artifact holds none), in model order, on the merge device.
     statistics: tuple[StatisticsInfo, ...] = ()
     model_stats: tuple[torch.Tensor | None, ...] = ()
+    # The dtype the engine stores this output in: a method whose result is final may return it
+    # (rounded as ``Tensor.to`` rounds, as the fused kernels store it) instead of float32. Only
+    # the engine's final merge sets it; parts of a merge get float32.
+    out_dtype: torch.dtype = torch.float32
 
     def random_key(self, model_index: int) -> int:
         """The key of the counter-based stream of (recipe seed, tensor name, model index)
