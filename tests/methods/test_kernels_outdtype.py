@@ -106,6 +106,8 @@ def test_edge_values_through_the_kernels(out_dtype) -> None:
         narrowed = fused.linear(ins, weights, total, out_dtype)
         assert narrowed is not None and narrowed.dtype == out_dtype
         assert np.array_equal(bits(narrowed), bits(wide.to(out_dtype)))
+    other = fused.linear([x], [1.0], None, torch.float64)  # not a kernel dtype: float32
+    assert other is not None and other.dtype == torch.float32
     zero = torch.zeros_like(x)
     for base, lam in ((zero, 1.0), (y, 0.5), (x, 3.0)):
         args = (base, [x, y], None, [1.0, 0.7], lam, False, None)
