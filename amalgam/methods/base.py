@@ -131,7 +131,8 @@ STEP_KEY = "continual_step"
 
 
 # (base, inputs, params, ctx) -> merged tensor. Tensors arrive in their stored dtype (bf16, fp16,
-# fp32) on the merge device and must not be modified; methods compute in float32.
+# fp32) on the merge device and must not be modified; methods compute in float32 and return it
+# (or ``ctx.out_dtype``, rounded as ``Tensor.to`` rounds).
 MergeFn = Callable[
     [torch.Tensor | None, list[torch.Tensor], TensorParams, MergeContext], torch.Tensor
 ]
