@@ -9,9 +9,15 @@ that one's: the l1 norms (``drop_norms``) and a dare_ties merge (base + 3, ``res
 l1) of bf16 tensors, each repeat a fresh process per tree, interleaved, checking both trees give
 the same bytes. Writes benchmarks/results/kernels.md.
 
+``--part store`` instead measures the kernels storing bf16 outputs as they compute against
+storing float32 then casting (``merge_tensor``'s ``.to``, as before the output dtype reached
+the kernels) on a tensor mix (two 4096x4096, one 32000x1024; base + 3), and writes
+benchmarks/results/kernels-store.md.
+
     python benchmarks/kernels.py                  # about 5 minutes on 2 cores
     python benchmarks/kernels.py --size 1024 --repeats 1   # a smoke run
     python benchmarks/kernels.py --baseline /tmp/main-worktree   # plus DARE, about 4 more
+    python benchmarks/kernels.py --part store     # about 2 minutes
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from amalgam.methods.base import MergeContext, TensorParams, get_method
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "kernels.md"
+STORE_RESULTS = RESULTS.with_name("kernels-store.md")
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -62,11 +69,53 @@ def timed(fn) -> tuple[float, float]:
     return time.process_time() - c, time.perf_counter() - w
 
 
-def run(method: str, tensors: list[torch.Tensor], fused: bool) -> torch.Tensor:
+def run(
+    method: str, tensors: list[torch.Tensor], fused: bool, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     os.environ["AMALGAM_FUSED_KERNELS"] = "1" if fused else "0"
     m = get_method(method)
     base, models = tensors[0], tensors[1:]
-    return m.fn(None if method == "linear" else base, models, params(method, 3), MergeContext("w"))
+    ctx = MergeContext("w", out_dtype=out_dtype)
+    return m.fn(None if method == "linear" else base, models, params(method, 3), ctx)
+
+
+STORE_SHAPES = ((4096, 4096), (4096, 4096), (32000, 1024))
+
+
+def store_rows(repeats: int, threads: list[int]) -> list[str]:
+    """Per method and thread count: CPU and wall seconds of merging ``STORE_SHAPES`` in bf16 as
+    ``merge_tensor`` does, the kernels storing float32 then cast, against storing bf16."""
+    mix = []
+    for k, (rows, cols) in enumerate(STORE_SHAPES):
+        g = torch.Generator().manual_seed(k)
+        base = torch.randn(rows, cols, generator=g)
+        mix.append([t.to(torch.bfloat16) for t in (base, *(base + 0.01 * torch.randn(
+            rows, cols, generator=g) for _ in range(3)))])  # fmt: skip
+
+    def merge(method: str, out_dtype: torch.dtype) -> list[torch.Tensor]:
+        return [run(method, t, True, out_dtype).to(torch.bfloat16) for t in mix]
+
+    out = []
+    for method in ("linear", "task_arithmetic"):
+        for cast, stored in zip(
+            merge(method, torch.float32), merge(method, torch.bfloat16), strict=True
+        ):
+            assert torch.equal(cast.view(torch.int16), stored.view(torch.int16))
+        for n in threads:
+            torch.set_num_threads(n)
+            times: dict[torch.dtype, list[tuple[float, float]]] = {}
+            for _ in range(repeats):
+                for dtype in (torch.float32, torch.bfloat16):
+                    times.setdefault(dtype, []).append(timed(partial(merge, method, dtype)))
+            cpu = {d: statistics.median(t[0] for t in ts) for d, ts in times.items()}
+            wall = {d: statistics.median(t[1] for t in ts) for d, ts in times.items()}
+            a, b = torch.float32, torch.bfloat16
+            out.append(
+                f"| {method} | {n} | {cpu[a]:.3f} | {cpu[b]:.3f} | {cpu[a] / cpu[b]:.2f}x "
+                f"| {wall[a]:.3f} | {wall[b]:.3f} | {wall[a] / wall[b]:.2f}x |"
+            )
+            print(out[-1], flush=True)
+    return out
 
 
 def jit_cost() -> tuple[float, float]:
@@ -147,36 +196,8 @@ def dare_rows(baseline: Path, repeats: int, threads: list[int]) -> list[str]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--baseline", type=Path, help="a checkout to time DARE's kernels against")
-    args = ap.parse_args()
-    import amalgam.methods  # noqa: F401  (registers the methods)
-
-    cold, warm = jit_cost()
-    rows = []
-    for name, dtype in DTYPES.items():
-        tensors = inputs(args.size, dtype)
-        for method in METHODS:
-            run(method, tensors, True)  # compile outside the timings
-            for threads in map(int, args.threads.split(",")):
-                torch.set_num_threads(threads)
-                times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-                for _ in range(args.repeats):
-                    for fused in (False, True):
-                        call = partial(run, method, tensors, fused)
-                        times[fused].append(timed(call))
-                cpu = {f: statistics.median(t[0] for t in ts) for f, ts in times.items()}
-                wall = {f: statistics.median(t[1] for t in ts) for f, ts in times.items()}
-                rows.append(
-                    f"| {method} | {name} | {threads} | {cpu[False]:.2f} | {cpu[True]:.2f} "
-                    f"| {cpu[False] / cpu[True]:.1f}x | {wall[False]:.2f} | {wall[True]:.2f} "
-                    f"| {wall[False] / wall[True]:.1f}x |"
-                )
-                print(rows[-1], flush=True)
+def machine() -> str:
+    """Commit, CPU model, cores, torch and its ATen capability."""
     cpu_model = next(
         (
             line.split(":", 1)[1].strip()
@@ -185,13 +206,70 @@ def main() -> None:
         ),
         platform.processor(),
     )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    return (
+        f"{commit}, {cpu_model}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"(ATen {torch.backends.cpu.get_cpu_capability()})"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--part", choices=("merge", "store"), default="merge")
+    ap.add_argument("--baseline", type=Path, help="a checkout to time DARE's kernels against")
+    args = ap.parse_args()
+    import amalgam.methods  # noqa: F401  (registers the methods)
+
+    threads = [int(t) for t in args.threads.split(",")]
+    if args.part == "store":
+        rows = store_rows(args.repeats, threads)
+        STORE_RESULTS.write_text(
+            "# Fused kernels storing the output dtype\n\n"
+            f"`python benchmarks/kernels.py --part store --repeats {args.repeats}` at "
+            f"{machine()}. bf16 tensors 2 x 4096x4096 + 32000x1024, base + 3, method "
+            "defaults with weights 0.3/0.5/0.7, each output then `.to(bfloat16)` as "
+            "`merge_tensor` does. *cast*: the kernels store float32 and the cast is a second "
+            "pass (the route before the output dtype reached them); *stored*: they store bf16 "
+            "(the cast is free). Same bytes (checked). Medians of interleaved runs; CPU s: "
+            "process CPU time over all threads, summed over the three tensors.\n\n"
+            "| method | threads | cast CPU s | stored CPU s | CPU ratio | cast wall s "
+            "| stored wall s | wall ratio |\n|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows)
+            + "\n"
+        )
+        return
+    cold, warm = jit_cost()
+    rows = []
+    for name, dtype in DTYPES.items():
+        tensors = inputs(args.size, dtype)
+        for method in METHODS:
+            run(method, tensors, True)  # compile outside the timings
+            for n in threads:
+                torch.set_num_threads(n)
+                times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+                for _ in range(args.repeats):
+                    for fused in (False, True):
+                        call = partial(run, method, tensors, fused)
+                        times[fused].append(timed(call))
+                cpu = {f: statistics.median(t[0] for t in ts) for f, ts in times.items()}
+                wall = {f: statistics.median(t[1] for t in ts) for f, ts in times.items()}
+                rows.append(
+                    f"| {method} | {name} | {n} | {cpu[False]:.2f} | {cpu[True]:.2f} "
+                    f"| {cpu[False] / cpu[True]:.1f}x | {wall[False]:.2f} | {wall[True]:.2f} "
+                    f"| {wall[False] / wall[True]:.1f}x |"
+                )
+                print(rows[-1], flush=True)
     dare = ""
     if args.baseline:
         base_commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
             cwd=args.baseline,
         ).stdout.strip()  # fmt: skip
-        threads = list(map(int, args.threads.split(",")))
         dare = (
             f"\n## DARE's kernels against {base_commit}\n\n"
             f"`--baseline` at {base_commit}: bf16, base + 3, density 0.1, weights 0.3/0.5/0.7; "
@@ -202,15 +280,11 @@ def main() -> None:
             + "\n".join(dare_rows(args.baseline, args.repeats, threads))
             + "\n"
         )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     RESULTS.write_text(
         "# Fused kernels against the torch path\n\n"
         f"`python benchmarks/kernels.py --size {args.size} --repeats {args.repeats}"
         f"{' --baseline ' + str(args.baseline) if args.baseline else ''}` at "
-        f"{commit}, {cpu_model}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"(ATen {torch.backends.cpu.get_cpu_capability()}). One {args.size}x{args.size} "
+        f"{machine()}. One {args.size}x{args.size} "
         "tensor, base + 3, method defaults with weights 0.3/0.5/0.7; medians of interleaved "
         "runs. CPU s: process CPU time over all threads.\n\n"
         "| method | dtype | threads | torch CPU s | kernel CPU s | CPU ratio | torch wall s "

@@ -201,19 +201,21 @@ def merge_tensor(
     model_stats: tuple[torch.Tensor | None, ...] = (),
 ) -> torch.Tensor:
     """One output tensor: inputs in their stored dtype on the device, math in float32 inside
-    the method, result cast to the planned dtype."""
+    the method, result cast to the planned dtype (a method may return it already: the fused
+    kernels store it as they compute, then the cast is free)."""
+    dtype = SAFETENSORS_DTYPES[job.dtype]
     if job.copy:  # as stored, or cast to the output dtype (a float tensor kept unmerged)
-        return raw[0].to(SAFETENSORS_DTYPES[job.dtype])
+        return raw[0].to(dtype)
     groups = ctx.plan.rows.get(job.name)
-    if groups:  # rows only some models own: each group over its owners
+    if groups:  # rows only some models own: each group over its owners (in float32)
 
         def merge(blocks: list[torch.Tensor], owners: tuple[int, ...]) -> torch.Tensor:
             return apply_method(ctx, ctx.method.fn, job, blocks, owners=owners)
 
         out = merge_by_rows(groups, raw, ctx.plan.has_base, merge)
     else:
-        out = apply_method(ctx, ctx.method.fn, job, raw, model_stats)
-    return out.to(SAFETENSORS_DTYPES[job.dtype]).cpu()
+        out = apply_method(ctx, ctx.method.fn, job, raw, model_stats, out_dtype=dtype)
+    return out.to(dtype).cpu()
 
 
 def apply_method(
@@ -223,11 +225,13 @@ def apply_method(
     raw: list[torch.Tensor],
     model_stats: tuple[torch.Tensor | None, ...] = (),
     owners: tuple[int, ...] | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``fn`` (the method's math, or a part of it) on one job's inputs moved to the device,
     with the job's resolved parameters and context (``model_stats``: each model's statistic
     tensor for this job, for data-driven methods; ``owners``: the models ``raw`` holds, by
-    index, when not all of them)."""
+    index, when not all of them; ``out_dtype``: the dtype the result is stored in, set only
+    where it is the job's final output)."""
     plan, device = ctx.plan, ctx.device
     tensors = [t.to(device) for t in raw]
     base, inputs = (tensors[0], tensors[1:]) if plan.has_base else (None, tensors)
@@ -239,6 +243,7 @@ def apply_method(
         ctx.stats,
         statistics=plan.statistics,
         model_stats=tuple(None if t is None else t.to(device) for t in model_stats),
+        out_dtype=out_dtype,
     )
     params = ctx.params(job.name)
     if owners is not None:

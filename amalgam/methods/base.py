@@ -100,6 +100,10 @@ class MergeContext:
     # tensor (None where the artifact holds none), in model order, on the merge device.
     statistics: tuple[StatisticsInfo, ...] = ()
     model_stats: tuple[torch.Tensor | None, ...] = ()
+    # The dtype the engine stores this output in: a method whose result is final may return it
+    # (rounded as ``Tensor.to`` rounds, as the fused kernels store it) instead of float32. Only
+    # the engine's final merge sets it; parts of a merge get float32.
+    out_dtype: torch.dtype = torch.float32
 
     def random_key(self, model_index: int) -> int:
         """The key of the counter-based stream of (recipe seed, tensor name, model index)
@@ -127,7 +131,8 @@ STEP_KEY = "continual_step"
 
 
 # (base, inputs, params, ctx) -> merged tensor. Tensors arrive in their stored dtype (bf16, fp16,
-# fp32) on the merge device and must not be modified; methods compute in float32.
+# fp32) on the merge device and must not be modified; methods compute in float32 and return it
+# (or ``ctx.out_dtype``, rounded as ``Tensor.to`` rounds).
 MergeFn = Callable[
     [torch.Tensor | None, list[torch.Tensor], TensorParams, MergeContext], torch.Tensor
 ]

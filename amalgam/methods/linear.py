@@ -16,10 +16,10 @@ def linear(
 ) -> torch.Tensor:
     """sum_i w_i W_i, divided by sum_i w_i when normalizing (uniform soup by default); with
     every weight zero, the plain mean. Accumulates in float32, block by block (on CPU in one
-    fused kernel pass, ``kernels.merge``, with the same bytes)."""
+    fused kernel pass, ``kernels.merge``, with the same bytes, stored in ``ctx.out_dtype``)."""
     weights, total = soup_weights(p)
     if inputs[0].device.type == "cpu":
-        fast = fused.linear(inputs, weights, total)
+        fast = fused.linear(inputs, weights, total, ctx.out_dtype)
         if fast is not None:
             return fast
     xs = [as_rows(x) for x in inputs]

@@ -164,7 +164,7 @@ def task_vector_merge(
     elementwise work then runs in float32 on cache-sized row blocks, so memory beyond the inputs
     (kept in their stored dtype) is about two float32 tensors, whatever the number of models.
     On CPU, without ``mask``, with trim or DARE appliers (or none), one fused kernel pass
-    (``kernels.merge``) computes the same bytes.
+    (``kernels.merge``) computes the same bytes, stored in ``ctx.out_dtype``.
     """
     b = as_rows(base)
     xs = [as_rows(x) for x in inputs]
@@ -176,7 +176,7 @@ def task_vector_merge(
     weights, lam, normalize = p.each("weight"), p.shared["lambda"], p.shared["normalize"]
     vote = p.shared["consensus"] if consensus else None
     if mask is None and b.device.type == "cpu":
-        out = fused.task_vector_merge(b, xs, appliers, weights, lam, normalize, vote)
+        out = fused.task_vector_merge(b, xs, appliers, weights, lam, normalize, vote, ctx.out_dtype)
         if out is not None:
             return out.reshape(base.shape)
     out = torch.empty(b.shape, dtype=torch.float32, device=b.device)

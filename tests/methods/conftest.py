@@ -45,6 +45,7 @@ def merge() -> Merge:
         num_layers: int = 1,
         overrides: list[dict[str, Any]] | None = None,
         stats: dict[str, Any] | None = None,
+        out_dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         models = models or [{} for _ in inputs]
         assert len(models) == len(inputs), "one params dict per input"
@@ -60,7 +61,9 @@ def merge() -> Merge:
         )
         spec = get_method(method)
         p = resolve_params(recipe, spec, name, num_layers)
-        ctx = MergeContext(name=name, layer=layer_index(name), seed=seed, stats=stats or {})
+        ctx = MergeContext(
+            name=name, layer=layer_index(name), seed=seed, stats=stats or {}, out_dtype=out_dtype
+        )
         before = [x.clone() for x in ([] if base is None else [base]) + inputs]
         out = spec.fn(base, inputs, p, ctx)
         after = ([] if base is None else [base]) + inputs

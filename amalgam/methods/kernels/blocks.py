@@ -1,4 +1,5 @@
-"""The compiled kernels: one pass over a flat entry range, every model at once, in float32.
+"""The compiled kernels: one pass over a flat entry range, every model at once, in float32,
+each result stored in the output's dtype (``scalar.store``: as ``Tensor.to`` rounds).
 
 Each kernel repeats, entry by entry, the float32 operations of the torch path in
 ``linear.linear`` and ``task_vectors.task_vector_merge`` in the same order (``add(x, alpha=w)``
@@ -27,7 +28,7 @@ from amalgam.methods.kernels.codes import (
     VOTE_SUM,
 )
 from amalgam.methods.kernels.counter import draw, kept
-from amalgam.methods.kernels.scalar import WIDTH, add_widened, as_f32, f32_bits, fma, sign
+from amalgam.methods.kernels.scalar import WIDTH, add_widened, as_f32, f32_bits, fma, sign, store
 
 BLOCK = 1024
 ZERO, ONE = np.float32(0.0), np.float32(1.0)
@@ -44,17 +45,20 @@ HALF, LOW16, ABS = np.uint32(16), np.uint32(0xFFFF), np.uint32(0x7FFFFFFF)
 @njit(nogil=True, cache=True)
 def linear_block(xs, weights, normalize, total, start, stop, out):
     """out[e] = (sum_i w_i x_i[e]) [/ total] for e in [start, stop)."""
+    acc = np.empty(BLOCK, np.float32)
     for s in range(start, stop, BLOCK):
-        e = min(s + BLOCK, stop)
-        acc = out[s:e]
-        acc[:] = ZERO
+        n = min(BLOCK, stop - s)
+        acc[:n] = ZERO
         for i in range(len(xs)):
-            x, w = xs[i][s:e], weights[i]
-            for j in range(e - s):
+            x, w = xs[i][s : s + n], weights[i]
+            for j in range(n):
                 acc[j] = fma(as_f32(x[j]), w, acc[j])
         if normalize:
-            for j in range(e - s):
+            for j in range(n):
                 acc[j] = acc[j] / total
+        out_s = out[s : s + n]
+        for j in range(n):
+            store(out_s, j, acc[j])
 
 
 @njit(nogil=True, cache=True)
@@ -130,7 +134,7 @@ def task_vector_block(
                     mixed[j] = mixed[j] / (divisor[j] + (ONE - divisor[j]) if tiny else divisor[j])
         out_s = out[s : s + n]
         for j in range(n):
-            out_s[j] = fma(mixed[j], lam, b[j])
+            store(out_s, j, fma(mixed[j], lam, b[j]))
 
 
 @njit(nogil=True, cache=True, inline="always")

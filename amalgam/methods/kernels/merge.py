@@ -14,18 +14,27 @@ from amalgam.methods.sparsify import KeepAtLeast, RandomDrop
 f32 = np.float32
 
 
+def output(shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A new tensor in ``dtype`` (float32 unless a kernel dtype) and its flat entries to store
+    into."""
+    out = torch.empty(shape, dtype=dtype if dtype in launch.DTYPES else torch.float32)
+    return out, launch.entries(out)
+
+
 def linear(
-    inputs: Sequence[torch.Tensor], weights: Sequence[float], total: float | None
+    inputs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    total: float | None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
-    """sum_i w_i x_i [/ total, unless None] in float32 (``linear.linear``'s arithmetic), or
-    None where the kernel does not apply."""
+    """sum_i w_i x_i [/ total, unless None] in float32 (``linear.linear``'s arithmetic), stored
+    in ``dtype`` as ``Tensor.to`` rounds, or None where the kernel does not apply."""
     if not launch.eligible([inputs[0], *inputs]):
         return None
     linear_block = launch.compiled().linear_block
     xs = tuple(launch.entries(x) for x in inputs)
     w = np.array(weights, dtype=np.float32)
-    out = torch.empty(inputs[0].shape, dtype=torch.float32)
-    flat = out.view(-1).numpy()
+    out, flat = output(inputs[0].shape, dtype)
     launch.run_ranges(
         lambda s, e: linear_block(xs, w, total is not None, f32(total or 0.0), s, e, flat),
         flat.size,
@@ -57,8 +66,10 @@ def task_vector_merge(
     lam: float,
     normalize: bool,
     consensus: str | None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
-    """``task_vectors.task_vector_merge``'s float32 result (no mask), or None."""
+    """``task_vectors.task_vector_merge``'s float32 result (no mask) stored in ``dtype`` as
+    ``Tensor.to`` rounds, or None."""
     if not launch.eligible([base, *inputs]):
         return None
     rules = [rule(a) for a in appliers] if appliers is not None else [rule(None)] * len(inputs)
@@ -92,8 +103,7 @@ def task_vector_merge(
         f32(norm_value),
         f32(lam),
     )
-    out = torch.empty(base.shape, dtype=torch.float32)
-    flat = out.view(-1).numpy()
+    out, flat = output(base.shape, dtype)
     launch.run_ranges(lambda s, e: blocks.task_vector_block(b, xs, *args, s, e, flat), flat.size)
     return out
 
