@@ -62,10 +62,8 @@ def two_pass(x: torch.Tensor, base: torch.Tensor | None, k: int) -> int:
 def one_pass(blocks: ModuleType, xs: np.ndarray, bs: np.ndarray | None, k: int) -> int | None:
     """The bits of the k-th largest magnitude from one pass around a sampled bracket, or None
     where the bracket does not hold it (or holds more entries than it has room for)."""
-    stride = xs.size // RUNS
-    offsets = (np.arange(RUNS) * GOLDEN % 1.0 * (stride - RUN)).astype(np.int64)
     sample = np.empty((RUNS, RUN), np.uint32)
-    blocks.magnitude_sample(xs, bs, np.arange(RUNS, dtype=np.int64) * stride + offsets, sample)
+    blocks.magnitude_sample(xs, bs, sample_starts(xs.size), sample)
     lo, hi = bracket(sample, k / xs.size)
     between = np.count_nonzero((sample > lo) & (sample < hi)) / sample.size
     room = min(1.0, 2 * between + 1 / 64)  # of each range, for the entries inside
@@ -94,17 +92,28 @@ def one_pass(blocks: ModuleType, xs: np.ndarray, bs: np.ndarray | None, k: int) 
     return lo if lo < hi and 1 <= rank <= at_lo else None
 
 
+def sample_starts(n: int) -> np.ndarray:
+    """The first entries of the sample's runs: one run in each of ``RUNS`` equal strides of
+    n >= RUNS * RUN entries, at a golden-ratio offset within it (so that no row length aligns
+    every run on the same columns)."""
+    stride = n // RUNS
+    offsets = (np.arange(RUNS) * GOLDEN % 1.0 * (stride - RUN)).astype(np.int64)
+    return np.arange(RUNS, dtype=np.int64) * stride + offsets
+
+
 def bracket(sample: np.ndarray, fraction: float) -> tuple[int, int]:
     """Bits lo <= hi likely to hold the magnitude with ``fraction`` of all entries at or above
     it, from a sample of runs (rows): its rank in the sample, plus and minus ``SPREAD``
-    standard deviations. The deviation is the larger of the binomial one and the one the
-    runs' own counts show (runs of correlated neighbours vary more than single entries)."""
+    standard deviations. The deviation is the largest of the binomial one, the one the runs'
+    own counts show (runs of correlated neighbours vary more than single entries) and one
+    entry (near the extremes the binomial one vanishes; the sample's extremes bound nothing)."""
     flat = sample.reshape(-1)
     size = flat.size
     rank = fraction * size  # expected entries of the sample at or above the answer
     guess = np.partition(flat, size - max(1, round(rank)))[size - max(1, round(rank))]
     per_run = np.count_nonzero(sample >= guess, axis=1)
-    deviation = math.sqrt(max(size * fraction * (1 - fraction), sample.shape[0] * per_run.var()))
+    binomial = size * fraction * (1 - fraction)
+    deviation = math.sqrt(max(binomial, sample.shape[0] * per_run.var(), 1.0))
     top, bottom = math.floor(rank - SPREAD * deviation), math.ceil(rank + SPREAD * deviation)
     wanted = [size - i for i in (top, bottom) if 1 <= i <= size]
     ordered = np.partition(flat, wanted) if wanted else flat
