@@ -141,10 +141,18 @@ def task_vector_block(
 
 
 @njit(nogil=True, cache=True, inline="always")
-def magnitude_bits(x, base, e):
-    """The float32 bits of |x[e] - base[e]| (|x[e]| where ``base`` is None)."""
-    v = as_f32(x[e]) if base is None else as_f32(x[e]) - as_f32(base[e])
-    return f32_bits(v) & ABS
+def block_magnitudes(x, base, s, m):
+    """m[j] = the float32 bits of |x[s + j] - base[s + j]| (|x[s + j]| where ``base`` is None)
+    for j < len(m), on slices: a loop LLVM vectorises (indexing the whole arrays, with their
+    bounds, stays scalar)."""
+    xb = x[s : s + len(m)]
+    if base is None:
+        for j in range(len(m)):
+            m[j] = f32_bits(as_f32(xb[j])) & ABS
+    else:
+        bb = base[s : s + len(m)]
+        for j in range(len(m)):
+            m[j] = f32_bits(as_f32(xb[j]) - as_f32(bb[j])) & ABS
 
 
 @njit(nogil=True, cache=True)
@@ -154,42 +162,30 @@ def magnitude_counts(x, base, high, start, stop):
     16 bits of those whose high 16 bits equal ``high``."""
     counts = np.zeros(BINS, np.int64)
     scratch = np.zeros(BINS, np.int32)  # a quarter of the cache footprint of int64 counts
+    mags = np.empty(BLOCK, np.uint32)
+    wanted = np.uint32(max(high, 0))
     for s in range(start, stop, COUNT_CHUNK):
         e = min(s + COUNT_CHUNK, stop)
         scratch[:] = 0
-        if high < 0:
-            for i in range(s, e):
-                scratch[magnitude_bits(x, base, i) >> HALF] += 1
-        else:
-            wanted = np.uint32(high)
-            for i in range(s, e):
-                m = magnitude_bits(x, base, i)
-                if m >> HALF == wanted:
-                    scratch[m & LOW16] += 1
+        for b in range(s, e, BLOCK):
+            m = mags[: min(BLOCK, e - b)]
+            block_magnitudes(x, base, b, m)
+            if high < 0:
+                for j in range(len(m)):
+                    scratch[m[j] >> HALF] += 1
+            else:
+                for j in range(len(m)):
+                    if m[j] >> HALF == wanted:
+                        scratch[m[j] & LOW16] += 1
         counts += scratch
     return counts
 
 
 @njit(nogil=True, cache=True)
 def magnitude_sample(x, base, starts, out):
-    """out[r, j] = the float32 bits of |x - base| at entry starts[r] + j (runs of a sample)."""
+    """out[r] = the float32 bits of |x - base| over the run of entries from starts[r]."""
     for r in range(len(starts)):
-        for j in range(out.shape[1]):
-            out[r, j] = magnitude_bits(x, base, starts[r] + j)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def block_magnitudes(x, base, s, m):
-    """m[j] = the float32 bits of |x[s + j] - base[s + j]| for j < len(m), on slices: a loop
-    LLVM vectorises (indexing the whole arrays, with their bounds, would stay scalar)."""
-    xb = x[s : s + len(m)]
-    if base is None:
-        for j in range(len(m)):
-            m[j] = f32_bits(as_f32(xb[j])) & ABS
-    else:
-        bb = base[s : s + len(m)]
-        for j in range(len(m)):
-            m[j] = f32_bits(as_f32(xb[j]) - as_f32(bb[j])) & ABS
+        block_magnitudes(x, base, starts[r], out[r])
 
 
 @njit(nogil=True, cache=True)
