@@ -8,9 +8,10 @@ One pass (``one_pass``, tensors of at least ``MIN_ENTRIES``): a fixed sample of 
 of ``RUN`` contiguous entries spread over the tensor gives a bracket lo <= hi, ``SPREAD``
 standard deviations of the sample's rank around k (the deviation estimated from the spread of
 the runs' counts, so correlated neighbours widen it); one pass counts the entries above hi,
-equal to hi, equal to lo, and gathers the few strictly between, whose order statistic
-(``np.partition``) is the answer when the counts show it lies in the bracket. Otherwise (the
-sample missed, or more entries fell inside than the sample promised) the two-pass radix
+equal to hi, equal to lo, and gathers the few strictly between into a buffer per range (sized
+from the sample, at most ``MAX_ROOM`` of the range), whose order statistic (``np.partition``)
+is the answer when the counts show it lies in the bracket. Otherwise (the sample missed, or
+more entries fell between than the buffers hold) the two-pass radix
 selection runs (``two_pass``): a histogram of the high 16 bits of each magnitude, then of the
 low 16 bits of the entries in the bin that holds the answer (``top_bin`` picks the bins).
 The sample decides only the speed: the value is the same either way.
@@ -34,6 +35,7 @@ from amalgam.methods.kernels import launch
 RUNS, RUN = 256, 256  # the sample: RUNS runs of RUN contiguous entries (64K magnitudes)
 MIN_ENTRIES = 1 << 19  # smaller tensors take the two passes: a sample would cost as much
 SPREAD = 6.0  # the bracket's half-width, in standard deviations of the sample's rank
+MAX_ROOM = 0.25  # the buffers' entries, at most, per entry (uint32: half a bf16 tensor's bytes)
 OPEN = 0xFFFFFFFF  # an upper bound above every magnitude's bits (they have no sign bit)
 GOLDEN = 0.6180339887498949  # the runs' offsets within their strides: no column aligns them
 
@@ -65,8 +67,8 @@ def one_pass(blocks: ModuleType, xs: np.ndarray, bs: np.ndarray | None, k: int) 
     sample = np.empty((RUNS, RUN), np.uint32)
     blocks.magnitude_sample(xs, bs, sample_starts(xs.size), sample)
     lo, hi = bracket(sample, k / xs.size)
-    between = np.count_nonzero((sample > lo) & (sample < hi)) / sample.size
-    room = min(1.0, 2 * between + 1 / 64)  # of each range, for the entries inside
+    share = np.count_nonzero((sample > lo) & (sample < hi)) / sample.size
+    room = min(MAX_ROOM, 2 * share + 1 / 64)  # of each range, for the entries inside
     counts: dict[int, tuple[int, int, int, int]] = {}
     inside: dict[int, np.ndarray] = {}
 
@@ -80,15 +82,15 @@ def one_pass(blocks: ModuleType, xs: np.ndarray, bs: np.ndarray | None, k: int) 
     launch.run_ranges(count, xs.size)
     if any(c[3] < 0 for c in counts.values()):
         return None
-    above, at_hi, at_lo, between_n = (sum(c[i] for c in counts.values()) for i in range(4))
+    above, at_hi, at_lo, between = (sum(c[i] for c in counts.values()) for i in range(4))
     rank = k - above  # of the answer among the entries at or below hi
     if 1 <= rank <= at_hi:
         return hi
     rank -= at_hi
-    if 1 <= rank <= between_n:
+    if 1 <= rank <= between:
         pooled = np.concatenate([inside[s] for s in sorted(inside)])
-        return int(np.partition(pooled, between_n - rank)[between_n - rank])
-    rank -= between_n
+        return int(np.partition(pooled, between - rank)[between - rank])
+    rank -= between
     return lo if lo < hi and 1 <= rank <= at_lo else None
 
 
