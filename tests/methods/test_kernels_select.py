@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
+from amalgam.engine import MergeOptions, run_merge
 from amalgam.methods import ties
 from amalgam.methods.kernels import launch, select
 from amalgam.methods.sparsify import keep_count, kth_largest
 from amalgam.methods.whole_model import MagnitudeThreshold
+from amalgam.recipe import parse_recipe
+from tests.helpers import recipe_dict, write_model
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 THREADS = (1, 2, 3)
@@ -324,3 +328,31 @@ def test_ties_on_the_one_pass_is_byte_identical(merge, monkeypatch, small_sample
         fused.view(torch.int32 if dtype == torch.float32 else torch.int16),
         old.view(torch.int32 if dtype == torch.float32 else torch.int16),
     )
+
+
+def test_ties_merge_through_the_engine_equals_the_torch_path(tmp_path, monkeypatch, paths):
+    # A tensor large enough for the shipped sample (and a small one on the two passes): the
+    # merged files' bytes equal those of the torch path (AMALGAM_FUSED_KERNELS=0).
+    shapes = {"big.weight": (1024, select.MIN_ENTRIES // 1024 + 7), "small.weight": (33, 17)}
+    g = torch.Generator().manual_seed(120)
+    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    base_dir = write_model(tmp_path / "base", {k: v.bfloat16() for k, v in base.items()})
+    experts = [
+        write_model(
+            tmp_path / f"m{i}",
+            {k: (v + torch.randn(v.shape, generator=g) * 1e-3).bfloat16() for k, v in base.items()},
+        )
+        for i in range(3)
+    ]
+
+    def digest(out: str) -> dict[str, str]:
+        recipe = recipe_dict(base_dir, experts, "ties", tmp_path / out, params={"density": 0.2})
+        run_merge(parse_recipe(recipe), MergeOptions(device="cpu", threads=2))
+        files = sorted((tmp_path / out).glob("*.safetensors"))
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+    fused = digest("fused")
+    assert paths == {"one": 3, "two": 3}  # the big tensor in one pass, the small in two
+    monkeypatch.setenv("AMALGAM_FUSED_KERNELS", "0")
+    assert digest("torch") == fused
+    assert paths == {"one": 3, "two": 3}  # the torch path calls neither
