@@ -182,9 +182,9 @@ def test_float64_inputs_take_the_torch_path(merge, monkeypatch):
 @pytest.fixture
 def small_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sample of 16 runs of 32 entries from tensors of 4096 entries on: the one pass runs on
-    tensors small enough for fast tests (its bracket is wide: room for every entry)."""
+    tensors small enough for fast tests (its bracket is wide: taken however wide)."""
     monkeypatch.setattr(select, "MIN_ENTRIES", 4096)
-    monkeypatch.setattr(select, "MAX_ROOM", 1.0)
+    monkeypatch.setattr(select, "MAX_SHARE", 1.0)
     monkeypatch.setattr(select, "RUNS", 16)
     monkeypatch.setattr(select, "RUN", 32)
 

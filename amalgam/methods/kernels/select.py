@@ -9,9 +9,10 @@ of ``RUN`` contiguous entries spread over the tensor gives a bracket lo <= hi, `
 standard deviations of the sample's rank around k (the deviation estimated from the spread of
 the runs' counts, so correlated neighbours widen it); one pass counts the entries above hi,
 equal to hi, equal to lo, and gathers the few strictly between into a buffer per range (sized
-from the sample, at most ``MAX_ROOM`` of the range), whose order statistic (``np.partition``)
-is the answer when the counts show it lies in the bracket. Otherwise (the sample missed, or
-more entries fell between than the buffers hold) the two-pass radix
+from the sample), whose order statistic (``np.partition``) is the answer when the counts show
+it lies in the bracket. Otherwise (the sample missed; more entries fell between than the
+buffers hold; or the sample put more than ``MAX_SHARE`` of the entries between, where
+partitioning them would cost more than a second pass) the two-pass radix
 selection runs (``two_pass``): a histogram of the high 16 bits of each magnitude, then of the
 low 16 bits of the entries in the bin that holds the answer (``top_bin`` picks the bins).
 The sample decides only the speed: the value is the same either way.
@@ -32,10 +33,10 @@ import torch
 
 from amalgam.methods.kernels import launch
 
-RUNS, RUN = 256, 256  # the sample: RUNS runs of RUN contiguous entries (64K magnitudes)
+RUNS, RUN = 4096, 16  # the sample: RUNS runs of RUN contiguous entries (64K magnitudes)
 MIN_ENTRIES = 1 << 19  # smaller tensors take the two passes: a sample would cost as much
 SPREAD = 6.0  # the bracket's half-width, in standard deviations of the sample's rank
-MAX_ROOM = 0.25  # the buffers' entries, at most, per entry (uint32: half a bf16 tensor's bytes)
+MAX_SHARE = 1 / 16  # of the sample between the bracket's ends, above which two passes cost less
 OPEN = 0xFFFFFFFF  # an upper bound above every magnitude's bits (they have no sign bit)
 GOLDEN = 0.6180339887498949  # the runs' offsets within their strides: no column aligns them
 
@@ -68,7 +69,9 @@ def one_pass(blocks: ModuleType, xs: np.ndarray, bs: np.ndarray | None, k: int) 
     blocks.magnitude_sample(xs, bs, sample_starts(xs.size), sample)
     lo, hi = bracket(sample, k / xs.size)
     share = np.count_nonzero((sample > lo) & (sample < hi)) / sample.size
-    room = min(MAX_ROOM, 2 * share + 1 / 64)  # of each range, for the entries inside
+    if share > MAX_SHARE:  # a wide bracket: partitioning its entries would cost more than a pass
+        return None
+    room = 2 * share + 1 / 64  # of each range, for the entries between
     counts: dict[int, tuple[int, int, int, int]] = {}
     inside: dict[int, np.ndarray] = {}
 
