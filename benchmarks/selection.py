@@ -1,7 +1,8 @@
 """Exact top-k threshold of a task vector: main's two-pass radix kernel against the one pass.
 
 Times, in CPU seconds (``time.process_time``, median of interleaved repeats) and wall seconds,
-(1) the k-th largest |x - base| of one bf16 task vector at densities 0.2 and 0.5: main's
+(1) the k-th largest |x - base| of one bf16 task vector (Gaussian deltas; and deltas whose rows
+have log-normal scales, as fine-tunes' rows differ) at densities 0.2 and 0.5: main's
 (9aa7a2c) two-pass radix selection (its histogram kernel, copied here for the baseline only),
 this tree's two-pass selection (``select.two_pass``, the fallback) and
 ``select.kth_largest_magnitude`` (the sampled bracket and one pass); (2) the TIES merge of that
@@ -38,7 +39,8 @@ from amalgam.methods.sparsify import keep_count
 from amalgam.recipe import parse_recipe
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "selection.md"
-SHAPES = ((4096, 4096), (32000, 1024))
+# (rows, columns, sigma): the deltas' rows scaled by exp(N(0, sigma^2)), as fine-tunes' rows differ
+CASES = ((4096, 4096, 0.0), (32000, 1024, 0.0), (4096, 4096, 1.0))
 DENSITIES = (0.2, 0.5)
 
 
@@ -154,17 +156,23 @@ def measure(
 def run(repeats: int) -> tuple[list[str], list[str]]:
     kth_rows, ties_rows = [], []
     g = torch.Generator().manual_seed(0)
-    for shape in SHAPES:
-        base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    for rows, cols, sigma in CASES:
+        base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
         models = [
-            (base.float() + torch.randn(shape, generator=g) * 1e-3).to(torch.bfloat16)
+            (
+                base.float()
+                + torch.randn(rows, cols, generator=g)
+                * 1e-3
+                * torch.exp(sigma * torch.randn(rows, 1, generator=g))
+            ).to(torch.bfloat16)
             for _ in range(3)
         ]
+        name = f"{rows}x{cols} bf16" + (f", rows scaled (sigma {sigma})" if sigma else "")
         for density in DENSITIES:
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 med = measure(base, models, density, repeats)
-                head = f"| {shape[0]}x{shape[1]} bf16 | {density} | {threads} |"
+                head = f"| {name} | {density} | {threads} |"
                 old, two, one = med["kth main"], med["kth two-pass"], med["kth one-pass"]
                 kth_rows.append(
                     f"{head} {old[0]:.4f} | {two[0]:.4f} | {one[0]:.4f} | "
