@@ -35,8 +35,8 @@ from amalgam.methods.kernels import launch
 
 RUNS, RUN = 4096, 16  # the sample: RUNS runs of RUN contiguous entries (64K magnitudes)
 MIN_ENTRIES = 1 << 19  # smaller tensors take the two passes: a sample would cost as much
-SPREAD = 6.0  # the bracket's half-width, in standard deviations of the sample's rank
-MAX_SHARE = 1 / 16  # of the sample between the bracket's ends, above which two passes cost less
+SPREAD = 4.0  # the bracket's half-width in standard deviations (a miss costs only time)
+MAX_SHARE = 1 / 32  # of the sample between the bracket's ends, above which two passes cost less
 OPEN = 0xFFFFFFFF  # an upper bound above every magnitude's bits (they have no sign bit)
 GOLDEN = 0.6180339887498949  # the runs' offsets within their strides: no column aligns them
 
