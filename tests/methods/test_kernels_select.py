@@ -356,3 +356,16 @@ def test_ties_merge_through_the_engine_equals_the_torch_path(tmp_path, monkeypat
     monkeypatch.setenv("AMALGAM_FUSED_KERNELS", "0")
     assert digest("torch") == fused
     assert paths == {"one": 3, "two": 3}  # the torch path calls neither
+
+
+def test_a_wide_bracket_takes_two_passes_without_the_counting_pass(
+    monkeypatch, small_sample, paths
+):
+    # Over MAX_SHARE of the sample inside the bracket: no counting pass, straight to two.
+    monkeypatch.setattr(select, "MAX_SHARE", 0.0)
+    counted = []
+    monkeypatch.setattr(launch.compiled(), "bracket_counts", lambda *a: counted.append(a))
+    x = awkward((6007,), torch.float32, 130)
+    k = keep_count(x.numel(), 0.5)
+    assert bits(select.kth_largest_magnitude(x, k)) == bits(reference(x, None, k))
+    assert paths == {"one": 0, "two": 1} and counted == []
