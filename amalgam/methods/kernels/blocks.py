@@ -7,8 +7,10 @@ is one fused multiply-add, as ATen computes it on AVX2 and AVX-512 CPUs), so the
 same bits. The range is walked in blocks of ``BLOCK`` entries: each step is a branch-free loop
 over one block (which LLVM vectorises) on scratch rows that stay in the L1/L2 cache, so every
 input entry is read from memory once. ``magnitude_counts`` histograms the float32 bits of
-|x - base| over a range (the passes of ``select``'s radix selection); ``drop_norms`` sums DARE's
-L1 norms before and after the drop; ``nonfinite_count`` finds NaN/Inf by their exponent bits.
+|x - base| over a range (the passes of ``select``'s radix selection); ``magnitude_sample``
+samples them and ``bracket_counts`` counts them around a bracket (its one-pass selection);
+``drop_norms`` sums DARE's L1 norms before and after the drop; ``nonfinite_count`` finds
+NaN/Inf by their exponent bits.
 They release the GIL:
 ``launch`` runs ranges on threads.
 """
@@ -40,6 +42,7 @@ NORM_CHUNK = (
 LANES = WIDTH  # float64 accumulators per partial sum (entry e adds into e % LANES): 8
 COUNT_CHUNK = 1 << 30  # entries counted in int32 before they are added to the int64 counts
 HALF, LOW16, ABS = np.uint32(16), np.uint32(0xFFFF), np.uint32(0x7FFFFFFF)
+ONE_BIT = np.uint32(1)
 
 
 @njit(nogil=True, cache=True)
@@ -138,10 +141,18 @@ def task_vector_block(
 
 
 @njit(nogil=True, cache=True, inline="always")
-def magnitude_bits(x, base, e):
-    """The float32 bits of |x[e] - base[e]| (|x[e]| where ``base`` is None)."""
-    v = as_f32(x[e]) if base is None else as_f32(x[e]) - as_f32(base[e])
-    return f32_bits(v) & ABS
+def block_magnitudes(x, base, s, m):
+    """m[j] = the float32 bits of |x[s + j] - base[s + j]| (|x[s + j]| where ``base`` is None)
+    for j < len(m), on slices: a loop LLVM vectorises (indexing the whole arrays, with their
+    bounds, stays scalar)."""
+    xb = x[s : s + len(m)]
+    if base is None:
+        for j in range(len(m)):
+            m[j] = f32_bits(as_f32(xb[j])) & ABS
+    else:
+        bb = base[s : s + len(m)]
+        for j in range(len(m)):
+            m[j] = f32_bits(as_f32(xb[j]) - as_f32(bb[j])) & ABS
 
 
 @njit(nogil=True, cache=True)
@@ -151,20 +162,62 @@ def magnitude_counts(x, base, high, start, stop):
     16 bits of those whose high 16 bits equal ``high``."""
     counts = np.zeros(BINS, np.int64)
     scratch = np.zeros(BINS, np.int32)  # a quarter of the cache footprint of int64 counts
+    mags = np.empty(BLOCK, np.uint32)
+    wanted = np.uint32(max(high, 0))
     for s in range(start, stop, COUNT_CHUNK):
         e = min(s + COUNT_CHUNK, stop)
         scratch[:] = 0
-        if high < 0:
-            for i in range(s, e):
-                scratch[magnitude_bits(x, base, i) >> HALF] += 1
-        else:
-            wanted = np.uint32(high)
-            for i in range(s, e):
-                m = magnitude_bits(x, base, i)
-                if m >> HALF == wanted:
-                    scratch[m & LOW16] += 1
+        for b in range(s, e, BLOCK):
+            m = mags[: min(BLOCK, e - b)]
+            block_magnitudes(x, base, b, m)
+            if high < 0:
+                for j in range(len(m)):
+                    scratch[m[j] >> HALF] += 1
+            else:
+                for j in range(len(m)):
+                    if m[j] >> HALF == wanted:
+                        scratch[m[j] & LOW16] += 1
         counts += scratch
     return counts
+
+
+@njit(nogil=True, cache=True)
+def magnitude_sample(x, base, starts, out):
+    """out[r] = the float32 bits of |x - base| over the run of entries from starts[r]."""
+    for r in range(len(starts)):
+        block_magnitudes(x, base, starts[r], out[r])
+
+
+@njit(nogil=True, cache=True)
+def bracket_counts(x, base, lo, hi, start, stop, inside):
+    """Over e in [start, stop), with m the float32 bits of |x[e] - base[e]| and lo <= hi: the
+    counts of m > hi, m == hi, m == lo, and of lo < m < hi, those m gathered into ``inside``.
+    Per block: the magnitudes and the counts (vectorised sums of compares), then the few
+    entries inside copied out (a rarely taken branch). With fewer than BLOCK slots left in
+    ``inside`` it stops, counting -1 inside."""
+    above = at_hi = at_lo = 0
+    n = 0
+    room = len(inside) - BLOCK
+    width = hi - lo - ONE_BIT if hi > lo else hi - hi  # m - lo - 1 wraps for m <= lo
+    scratch = np.empty(BLOCK, np.uint32)
+    for s in range(start, stop, BLOCK):
+        if n > room:
+            return above, at_hi, at_lo, -1
+        m = scratch[: min(BLOCK, stop - s)]
+        block_magnitudes(x, base, s, m)
+        block_above = block_hi = block_lo = np.int32(0)
+        for j in range(len(m)):
+            block_above += np.int32(m[j] > hi)
+            block_hi += np.int32(m[j] == hi)
+            block_lo += np.int32(m[j] == lo)
+        above += block_above
+        at_hi += block_hi
+        at_lo += block_lo
+        for j in range(len(m)):
+            if m[j] - lo - ONE_BIT < width:  # lo < m < hi, in one unsigned compare
+                inside[n] = m[j]
+                n += 1
+    return above, at_hi, at_lo, n
 
 
 @njit(nogil=True, cache=True)
