@@ -10,7 +10,8 @@ from typing import Any
 
 #: A part is sent once this many bytes are buffered (S3 wants at least 5 MiB but the last).
 PART_BYTES = 16 << 20
-#: Parts uploading at once, per file (so at most this many parts plus one are buffered).
+#: Parts uploading at once, per file (so at most this many parts plus one are buffered: writes
+#: wait for a part to finish beyond that).
 PARTS_IN_FLIGHT = 4
 
 
@@ -29,8 +30,8 @@ def is_s3(fs: Any) -> bool:
 
 
 class ParallelUpload:
-    """One S3 object written as a multipart upload whose parts (:data:`PART_BYTES` or more)
-    upload on threads, up to :data:`PARTS_IN_FLIGHT` at once, while writing goes on. A file
+    """One S3 object written as a multipart upload whose parts (:data:`PART_BYTES` each, but
+    the last) upload on threads, up to :data:`PARTS_IN_FLIGHT` at once, while writing goes on. A file
     smaller than one part is one plain PUT. Nothing is visible at ``path`` before ``close``;
     ``discard`` aborts the upload.
 
@@ -58,10 +59,17 @@ class ParallelUpload:
         return self._upload_id
 
     def write(self, data: Any) -> int:
-        self._buffer += data
-        if len(self._buffer) >= PART_BYTES:
-            self._send()
-        return memoryview(data).nbytes
+        """Buffer ``data``, sending each :data:`PART_BYTES` as a part: a large write (a big
+        tensor) is cut into parts, so the bytes held stay bounded whatever its size."""
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        while view.nbytes:
+            room = PART_BYTES - len(self._buffer)
+            self._buffer += view[:room]
+            view = view[room:]
+            if len(self._buffer) >= PART_BYTES:
+                self._send()
+        return n
 
     def _start(self) -> None:
         self._upload_id = self._fs.call_s3(
