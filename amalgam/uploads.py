@@ -32,8 +32,8 @@ def is_s3(fs: Any) -> bool:
 class ParallelUpload:
     """One S3 object written as a multipart upload whose parts (:data:`PART_BYTES` each, but
     the last) upload on threads, up to :data:`PARTS_IN_FLIGHT` at once, while writing goes
-    on. A file smaller than one part is one plain PUT. Nothing is visible at ``path`` before ``close``;
-    ``discard`` aborts the upload.
+    on. A file smaller than one part is one plain PUT. Nothing is visible at ``path`` before
+    ``close``; ``discard`` aborts the upload.
 
     ``deferred``: the upload starts at once (``upload_id``), always as a multipart upload, and
     ``close`` only stores the last part: the object appears at ``path`` with ``complete`` (one
