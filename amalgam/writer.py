@@ -358,9 +358,11 @@ class CheckpointWriter:
         one is in place).
 
         An object store has no rename, so the guarantee there is this. Every new file is
-        fully written in the staging folder before the output is touched: until then an old
-        output stays complete and readable, record included. The commit then removes the old
-        record, copies the new files in (weights first, the index last), removes files the
+        fully written before the output is touched: in the staging folder, or (S3 shards) as
+        a multipart upload to its final key, whose parts are stored but invisible until
+        completed; until then an old output stays complete and readable, record included.
+        The commit then removes the old record, completes the shards' uploads or copies the
+        new files in (weights first, the index last), removes files the
         new output does not have (an old index first), and writes the new record last. From
         the removal of the old record until the new one is written, the folder holds
         amalgam's shards without a record: readers refuse it
