@@ -8,19 +8,21 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-#: A part is sent once this many bytes are buffered (S3 wants at least 5 MiB but the last).
-PART_BYTES = 16 << 20
+#: A part is sent once this many bytes are buffered (S3 wants at least 5 MiB but the last); a
+#: file whose size is known is cut into larger parts where it needs more than MAX_PARTS.
+PART_BYTES = 8 << 20
+MAX_PARTS = 10_000  # S3's most parts per upload
 #: Parts uploading at once, per file (so at most this many parts plus one are buffered: writes
 #: wait for a part to finish beyond that).
 PARTS_IN_FLIGHT = 4
 
 
-def open_for_write(fs: Any, path: str, *, deferred: bool = False) -> Any:
-    """A binary file at ``path`` to write once, front to back: on S3 a
-    :class:`ParallelUpload` (``deferred``: completed by its ``complete``, not by ``close``),
-    elsewhere the filesystem's own file."""
+def open_for_write(fs: Any, path: str, *, deferred: bool = False, size: int | None = None) -> Any:
+    """A binary file at ``path`` (of ``size`` bytes, where known) to write once, front to
+    back: on S3 a :class:`ParallelUpload` (``deferred``: completed by its ``complete``, not by
+    ``close``), elsewhere the filesystem's own file."""
     if is_s3(fs):
-        return ParallelUpload(fs, path, deferred=deferred)
+        return ParallelUpload(fs, path, deferred=deferred, size=size)
     return fs.open(path, "wb")
 
 
@@ -30,8 +32,9 @@ def is_s3(fs: Any) -> bool:
 
 
 class ParallelUpload:
-    """One S3 object written as a multipart upload whose parts (:data:`PART_BYTES` each, but
-    the last) upload on threads, up to :data:`PARTS_IN_FLIGHT` at once, while writing goes
+    """One S3 object written as a multipart upload whose parts (``part_bytes`` each, but the
+    last: :data:`PART_BYTES`, more for a ``size`` beyond :data:`MAX_PARTS` of them) upload on
+    threads, up to :data:`PARTS_IN_FLIGHT` at once, while writing goes
     on. A file smaller than one part is one plain PUT. Nothing is visible at ``path`` before
     ``close``; ``discard`` aborts the upload.
 
@@ -40,8 +43,9 @@ class ParallelUpload:
     request, the store joins the stored parts: no byte is sent or copied again), or never, with
     ``discard``."""
 
-    def __init__(self, fs: Any, path: str, *, deferred: bool = False):
+    def __init__(self, fs: Any, path: str, *, deferred: bool = False, size: int | None = None):
         self._fs, self.path = fs, path
+        self.part_bytes = max(PART_BYTES, -(-(size or 0) // MAX_PARTS))
         self._bucket, self._key, _ = fs.split_path(path)
         self._buffer = bytearray()
         self._upload_id: str | None = None
@@ -59,15 +63,15 @@ class ParallelUpload:
         return self._upload_id
 
     def write(self, data: Any) -> int:
-        """Buffer ``data``, sending each :data:`PART_BYTES` as a part: a large write (a big
+        """Buffer ``data``, sending each ``part_bytes`` as a part: a large write (a big
         tensor) is cut into parts, so the bytes held stay bounded whatever its size."""
         view = memoryview(data).cast("B")
         n = view.nbytes
         while view.nbytes:
-            room = PART_BYTES - len(self._buffer)
+            room = self.part_bytes - len(self._buffer)
             self._buffer += view[:room]
             view = view[room:]
-            if len(self._buffer) >= PART_BYTES:
+            if len(self._buffer) >= self.part_bytes:
                 self._send()
         return n
 

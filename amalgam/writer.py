@@ -102,8 +102,9 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self.nbytes = 0
         self.digest: str | None = None
-        with writing(path):
-            self._fh = open_for_write(fs, path, deferred=deferred)
+        size = sum(tensor_nbytes(d, s) for _, d, s in self._pending) + (1 << 20) * (start == 0)
+        with writing(path):  # (the header's size bounded by 1 MiB: a hint for part sizes)
+            self._fh = open_for_write(fs, path, deferred=deferred, size=size)
         if start == 0:
             self._append(shard_header(entries, metadata))
 
