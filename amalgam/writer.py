@@ -35,7 +35,7 @@ from amalgam.checkpoint import (
     written_by_amalgam,
 )
 from amalgam.errors import AmalgamError, OutputError
-from amalgam.uploads import open_for_write
+from amalgam.uploads import abort_marked, is_s3, open_for_write
 
 if TYPE_CHECKING:
     from amalgam.engine.plan import WorkUnit
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 RECORD_FORMAT = 1
 PART = ".part-"  # a shard's part in the staging folder: <shard>.part-00003
+# In the staging folder: <shard>.amalgam-upload names the open multipart upload of a shard
+# written straight to its final key (aborted with the staging folder).
+UPLOAD = ".amalgam-upload"
 COPIES_IN_FLIGHT = 4  # shards an object-store commit copies into place at once
 
 
@@ -79,7 +82,8 @@ class ShardWriter:
 
     With ``span`` (start, stop), the file is one part of the shard: the bytes of tensors
     ``entries[start:stop]``, after the header only when ``start`` is 0 (see
-    :class:`ShardAssembler`)."""
+    :class:`ShardAssembler`). ``deferred`` (S3): ``close`` stores every byte but shows
+    nothing at ``path`` until ``complete`` (see :class:`amalgam.uploads.ParallelUpload`)."""
 
     def __init__(
         self,
@@ -88,6 +92,8 @@ class ShardWriter:
         entries: Sequence[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str],
         span: tuple[int, int] | None = None,
+        *,
+        deferred: bool = False,
     ):
         start, stop = span or (0, len(entries))
         self.path = path
@@ -96,8 +102,9 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self.nbytes = 0
         self.digest: str | None = None
-        with writing(path):
-            self._fh = open_for_write(fs, path)
+        size = sum(tensor_nbytes(d, s) for _, d, s in self._pending) + (1 << 20) * (start == 0)
+        with writing(path):  # (the header's size bounded by 1 MiB: a hint for part sizes)
+            self._fh = open_for_write(fs, path, deferred=deferred, size=size)
         if start == 0:
             self._append(shard_header(entries, metadata))
 
@@ -137,6 +144,19 @@ class ShardWriter:
         if self._pending:
             raise OutputError(f"{self.path}: {len(self._pending)} planned tensors never written")
         self.digest = self._hash.hexdigest()
+
+    def upload_marker(self) -> bytes:
+        """What aborts this deferred shard's upload (:func:`amalgam.uploads.abort_marked`)."""
+        return self._fh.marker()
+
+    def stored_bytes(self) -> int:
+        """A closed deferred shard's bytes, as the store holds them."""
+        with writing(self.path):
+            return self._fh.stored_bytes()
+
+    def complete(self) -> None:
+        """Put a closed deferred shard in place."""
+        self._fh.complete()
 
 
 @dataclass(frozen=True)
@@ -234,6 +254,7 @@ class CheckpointWriter:
             self.fs.makedirs(self.staging, exist_ok=True)
         self._shards: list[ShardWriter | ShardAssembler | Written] = []
         self._planned: dict[str, int] = {}
+        self._direct: dict[str, ShardWriter] = {}  # shards uploaded to their final keys
 
     @property
     def staging_uri(self) -> str:
@@ -245,7 +266,20 @@ class CheckpointWriter:
         entries: Sequence[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str],
     ) -> ShardWriter:
-        shard = ShardWriter(self.fs, storage.join(self.staging, filename), entries, metadata)
+        """A shard of the output. On S3 it is uploaded straight to its final key as a multipart
+        upload that the commit completes (no copy from the staging folder); until then nothing
+        of it is visible, and its upload is named in the staging folder, so that an abort, or
+        the next writer after a crash, aborts it. Elsewhere it is written in the staging
+        folder."""
+        if not is_s3(self.fs):
+            shard = ShardWriter(self.fs, storage.join(self.staging, filename), entries, metadata)
+        else:
+            path = storage.join(self.path, filename)
+            shard = ShardWriter(self.fs, path, entries, metadata, deferred=True)
+            self._direct[filename] = shard
+            marker = storage.join(self.staging, filename + UPLOAD)
+            with writing(marker):
+                self.fs.pipe_file(marker, shard.upload_marker())
         self._shards.append(shard)
         return shard
 
@@ -325,9 +359,11 @@ class CheckpointWriter:
         one is in place).
 
         An object store has no rename, so the guarantee there is this. Every new file is
-        fully written in the staging folder before the output is touched: until then an old
-        output stays complete and readable, record included. The commit then removes the old
-        record, copies the new files in (weights first, the index last), removes files the
+        fully written before the output is touched: in the staging folder, or (S3 shards) as
+        a multipart upload to its final key, whose parts are stored but invisible until
+        completed; until then an old output stays complete and readable, record included.
+        The commit then removes the old record, completes the shards' uploads or copies the
+        new files in (weights first, the index last), removes files the
         new output does not have (an old index first), and writes the new record last. From
         the removal of the old record until the new one is written, the folder holds
         amalgam's shards without a record: readers refuse it
@@ -356,7 +392,8 @@ class CheckpointWriter:
 
     def _copy_into_place(self, record: dict[str, Any]) -> None:
         """The object-store commit (see :meth:`commit`): old record out, files in, stale
-        files out, new record in."""
+        files out, new record in. Shards uploaded to their final keys are completed (one
+        request each) instead of copied."""
         old = set(file_sizes(self.fs, self.path)) if self.fs.exists(self.path) else set()
         if COMMIT_RECORD in old:
             self.fs.rm_file(storage.join(self.path, COMMIT_RECORD))
@@ -379,6 +416,9 @@ class CheckpointWriter:
         self.fs.invalidate_cache(self.path)
 
     def _copy_in(self, name: str) -> None:
+        if name in self._direct:
+            self._direct[name].complete()
+            return
         self.fs.copy(storage.join(self.staging, name), storage.join(self.path, name))
 
     def _remember(self, record: dict[str, Any]) -> None:
@@ -399,7 +439,8 @@ class CheckpointWriter:
         """Every staged file's size and sha256 (shards hashed while written or assembled, or as
         the worker that wrote them reported; other files read back once), after checking that
         every planned file is there with its planned size and no part is left over."""
-        sizes = file_sizes(self.fs, self.staging)
+        sizes = {n: s for n, s in file_sizes(self.fs, self.staging).items() if UPLOAD not in n}
+        sizes.update({name: shard.stored_bytes() for name, shard in self._direct.items()})
         problems = [
             f"{name}: planned {want} bytes, "
             + ("missing" if name not in sizes else f"holds {sizes[name]}")
@@ -428,8 +469,12 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Remove the staging folder. A store that refuses leaves it to the next writer of
-        the output, and the error that caused the abort stays the one reported."""
+        the output, and the error that caused the abort stays the one reported. Shard uploads
+        not completed are aborted (a store that refuses leaves them named in the staging
+        folder)."""
         with contextlib.suppress(OSError), storage.store_errors(self.staging_uri):
+            for shard in self._direct.values():
+                shard.discard()
             remove_folder(self.fs, self.staging)
 
 
@@ -443,7 +488,7 @@ def remove_stale_staging(fs: Any, parent: str, name: str, kind: str = "partial")
     """Remove work folders of output ``name`` left by processes of this host that are gone
     (a killed run); another host's are left alone (their owner cannot be checked from here)."""
     for path in _dead_work(fs, parent, name, kind):
-        remove_folder(fs, path)
+        remove_work(fs, path)
 
 
 def _dead_work(fs: Any, parent: str, name: str, kind: str) -> list[str]:
@@ -471,7 +516,7 @@ def remove_leftovers(fs: Any, path: str) -> None:
         os.rename(aside[0], path)
         dead.remove(aside[0])
     for folder in dead:
-        remove_folder(fs, folder)
+        remove_work(fs, folder)
 
 
 def process_alive(pid: int) -> bool:
@@ -617,6 +662,18 @@ def _exchange(a: str, b: str) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), b)
+
+
+def remove_work(fs: Any, folder: str) -> None:
+    """Remove a dead writer's work folder, after aborting the shard uploads it names (one a
+    commit completed is no longer open: the store refuses, and that is ignored)."""
+    if not storage.is_local(fs):
+        with contextlib.suppress(FileNotFoundError):
+            for path in fs.find(folder):
+                if path.endswith(UPLOAD):
+                    with contextlib.suppress(OSError), storage.store_errors(path):
+                        abort_marked(fs, fs.cat_file(path))
+    remove_folder(fs, folder)
 
 
 def remove_folder(fs: Any, path: str, folder: bool = True) -> None:

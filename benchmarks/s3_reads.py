@@ -26,7 +26,7 @@ import speed  # noqa: E402
 
 from tests.s3server import start_s3_server  # noqa: E402
 
-BASELINE = "8105363"
+BASELINE = "9aa7a2c"
 
 DOWNLOAD = """
 import json, sys, tempfile, time, s3fs
@@ -50,6 +50,15 @@ for uri in uris:
         for name in ckpt.names():
             n += ckpt.tensor(name).nbytes
 print("BENCH_RESULT " + json.dumps({"seconds": time.perf_counter() - start, "bytes": n}))
+"""
+
+IDLE = """
+import json, torch
+import s3fs
+from amalgam.engine import MergeOptions, run_merge
+from amalgam.engine.execute import finite
+finite(torch.zeros(8, dtype=torch.bfloat16))  # the compiled kernels loaded
+print("BENCH_RESULT " + json.dumps({"seconds": 0.0}))
 """
 
 MERGE = """
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             for label, tree in trees.items():
                 tag = label.replace(" ", "-")
+                rows.setdefault(("idle process", label), []).append(
+                    measure(IDLE, [], tree, logs / f"idle-{tag}-{r}.log")
+                )
                 rows.setdefault(("reader", label), []).append(
                     measure(READER, [opts, json.dumps(uris)], tree, logs / f"reader-{tag}-{r}.log")
                 )
@@ -156,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         f"commit {state['commit']}{' (dirty)' if state['dirty'] else ''}; baseline {BASELINE}; "
         f"inputs base + {args.experts}, "
         f"{total / 1e9:.2f} GB; median of {args.repeats} interleaved runs, each in its own "
-        "process. merge: task_arithmetic, in-engine seconds (whole process in brackets).",
+        "process. merge: task_arithmetic, in-engine seconds (whole process in brackets); idle "
+        "process: torch, s3fs, the engine and its compiled kernels loaded, nothing read.",
         "",
         "| step | code | seconds | GB/s | peak RSS GB |",
         "|---|---|---|---|---|",
@@ -165,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         secs = statistics.median(x.get("engine_s", x["seconds"]) for x in runs)
         wall = statistics.median(x["wall_s"] for x in runs)
         rss = statistics.median(x["peak_rss"] for x in runs) / 1e9
-        lines.append(
-            f"| {step} | {label} | {secs:.2f} ({wall:.2f}) | {total / 1e9 / secs:.2f} | {rss:.2f} |"
-        )
+        rate = f"{total / 1e9 / secs:.2f}" if secs else "-"
+        lines.append(f"| {step} | {label} | {secs:.2f} ({wall:.2f}) | {rate} | {rss:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = speed.RESULTS / f"s3-reads{'-quick' if args.quick else ''}.md"

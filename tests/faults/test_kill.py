@@ -242,10 +242,13 @@ LOCAL_COMMIT = [
     "amalgam.writer:CheckpointWriter._remember:1",
 ]
 REPLACING = ["amalgam.writer:_exchange:1", "amalgam.writer:_exchange:1:after"]
-#: An S3 commit copies the output's 8 files from staging one by one, the record last.
-S3_COMMIT = ["amalgam.writer:CheckpointWriter._record:1"] + [
-    f"s3fs.core:S3FileSystem._cp_file:{n}{after}" for n in range(1, 9) for after in ("", ":after")
-]
+#: An S3 commit completes the shard's upload to its final key, then copies the output's 5 other
+#: files from staging one by one, the record last.
+S3_COMMIT = [
+    "amalgam.writer:CheckpointWriter._record:1",
+    "amalgam.uploads:ParallelUpload.complete:1",
+    "amalgam.uploads:ParallelUpload.complete:1:after",
+] + [f"s3fs.core:S3FileSystem._cp_file:{n}{after}" for n in range(1, 6) for after in ("", ":after")]
 
 
 def points(where: str, overwrite: bool) -> list[tuple[str, bool, str]]:

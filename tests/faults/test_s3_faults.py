@@ -28,8 +28,9 @@ READ = r"/expert1/model\.safetensors$"  # one input's tensor reads (after its he
 # GETs of READ that pass before a read fault fires: its header, then the first tensor (read
 # exactly), so the fault hits the request that reads ahead for the tensors after it
 SKIP = 2
-STAGE = r"/\.out\.partial-[^/]*/model\.safetensors$"  # the shard written into staging
-COPY = r"/out/model\.safetensors$"  # the commit copying the shard into place
+STAGE = r"/\.out\.partial-[^/]*/model\.safetensors$"  # a shard staged by a Ray worker
+PART = r"/out/model\.safetensors\?.*partNumber="  # the shard's parts, uploaded to its final key
+COMPLETE = r"/out/model\.safetensors\?uploadId="  # the commit completing the shard's upload
 RECORD = r"/out/amalgam-commit\.json$"  # the commit record, written last
 ALWAYS = 10_000
 
@@ -41,10 +42,10 @@ RETRIED = {
     "read body truncated": Rule("truncate", READ, "GET", skip=SKIP),
     "read short body": Rule("short", READ, "GET", skip=SKIP),
     "read slower than the read timeout": Rule("delay", READ, "GET", skip=SKIP, seconds=2.5),
-    "write 503 SlowDown": Rule("status", STAGE, "PUT", status=503),
-    "write reset mid-request": Rule("reset-request", STAGE, "PUT"),
-    "write slow (0.3 s)": Rule("delay", STAGE, "PUT", seconds=0.3),
-    "commit copy reset": Rule("reset-request", COPY, "PUT"),
+    "write 503 SlowDown": Rule("status", PART, "PUT", status=503),
+    "write reset mid-request": Rule("reset-request", PART, "PUT"),
+    "write slow (0.3 s)": Rule("delay", PART, "PUT", seconds=0.3),
+    "commit completion reset": Rule("reset-request", COMPLETE, "POST"),
     "commit record reset": Rule("reset-request", RECORD, "PUT"),
 }
 
@@ -52,8 +53,11 @@ FAILED = {
     "read 500 every time": (Rule("status", READ, "GET", skip=SKIP, times=ALWAYS, status=500), READ),
     "read truncated every time": (Rule("truncate", READ, "GET", skip=SKIP, times=ALWAYS), READ),
     "read short every time": (Rule("short", READ, "GET", skip=SKIP, times=ALWAYS), READ),
-    "write reset every time": (Rule("reset-request", STAGE, "PUT", times=ALWAYS), STAGE),
-    "commit copy 500 every time": (Rule("status", COPY, "PUT", times=ALWAYS, status=500), COPY),
+    "write reset every time": (Rule("reset-request", PART, "PUT", times=ALWAYS), PART),
+    "commit completion 500 every time": (
+        Rule("status", COMPLETE, "POST", times=ALWAYS, status=500),
+        COMPLETE,
+    ),
     "commit record reset every time": (Rule("reset-request", RECORD, "PUT", times=ALWAYS), RECORD),
 }
 
@@ -127,7 +131,12 @@ def reference(s3, bucket, proxy) -> dict[str, str]:
 
 
 def no_staging(s3, folder: str) -> bool:
+    """No staging folder under ``folder``, and no multipart upload left open there."""
     fs = s3.filesystem(skip_instance_cache=True)
+    bucket, prefix = folder.split("/", 1)
+    listed = fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+    if [u for u in listed if u["Key"].startswith(prefix + "/")]:
+        return False
     return not fs.exists(folder) or not [p for p in fs.ls(folder) if ".partial-" in p]
 
 

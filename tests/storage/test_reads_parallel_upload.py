@@ -74,3 +74,12 @@ def test_small_file_is_one_put_and_discard_leaves_nothing(s3, bucket, monkeypatc
     assert not fs.exists(f"{bucket}/dropped.bin")
     uploads_left = fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
     assert not [u for u in uploads_left if u["Key"] == "dropped.bin"]
+
+
+def test_part_size_grows_only_past_the_store_part_limit(s3, bucket) -> None:
+    fs = s3.filesystem(skip_instance_cache=True)
+    part, most = uploads.PART_BYTES, uploads.MAX_PARTS
+    for size, want in ((None, part), (part * most, part), (part * most + 1, part + 1)):
+        f = uploads.open_for_write(fs, f"{bucket}/sized.bin", size=size)
+        assert f.part_bytes == want and -(-(size or 0) // f.part_bytes) <= most
+        f.discard()
