@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,9 @@ from pathlib import Path
 import torch
 
 from amalgam.methods.base import MergeContext, TensorParams, get_method
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # a sibling script, not a package
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "kernels.md"
@@ -198,20 +200,9 @@ def dare_rows(baseline: Path, repeats: int, threads: list[int]) -> list[str]:
 
 def machine() -> str:
     """Commit, CPU model, cores, torch and its ATen capability."""
-    cpu_model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     return (
-        f"{commit}, {cpu_model}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"(ATen {torch.backends.cpu.get_cpu_capability()})"
+        f"{speed.source_state()['commit']}, {speed.cpu_model()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} (ATen {torch.backends.cpu.get_cpu_capability()})"
     )
 
 

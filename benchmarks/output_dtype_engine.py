@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # a sibling script, not a package
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "output-dtype-engine.md"
 SHAPES = {
@@ -114,16 +117,11 @@ def main() -> None:
             f"| {wall['this tree']:.2f} | {'yes' if same else 'NO'} |"
         )
         print(rows[-1], flush=True)
-    cpu_model = next(
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if "model name" in line
-    )
     RESULTS.write_text(
         "# Whole engine merges: kernels storing the output dtype\n\n"
         f"`python benchmarks/output_dtype_engine.py --baseline <worktree of "
         f"{git(args.baseline, 'rev-parse', '--short', 'HEAD')}> --repeats {args.repeats}` at "
-        f"{git(ROOT, 'rev-parse', '--short', 'HEAD')}, {cpu_model}, {os.cpu_count()} cores "
+        f"{speed.source_state()['commit']}, {speed.cpu_model()}, {os.cpu_count()} cores "
         "(shared with other jobs), torch "
         f"{torch.__version__}. bf16 model 2 x 4096x4096 + 32000x1024, base + 3, weights "
         "0.3/0.5/0.7 (seed 1), `run_merge` on CPU with the engine's default threads; each run a "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -37,6 +37,9 @@ from amalgam.methods.kernels.scalar import as_f32, f32_bits
 from amalgam.methods.params import resolve_params
 from amalgam.methods.sparsify import keep_count
 from amalgam.recipe import parse_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # a sibling script, not a package
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "selection.md"
 # (rows, columns, sigma): the deltas' rows scaled by exp(N(0, sigma^2)), as fine-tunes' rows differ
@@ -192,17 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown",
-    )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    cpu, commit = speed.cpu_model(), speed.source_state()["commit"]
     kth_rows, ties_rows = run(args.repeats)
     RESULTS.write_text(
         "# Exact top-k threshold: main's two-pass radix kernel vs the one pass\n\n"
