@@ -7,7 +7,10 @@ one H100, most of it the SVD methods on the CPU side)::
     python benchmarks/cuda_check.py --json cuda_check.json
 
 ``--devices cpu,cpu`` runs the same comparison without a GPU (every difference must then be
-0); ``--methods ties,fisher`` checks a few methods only.
+0); ``--methods ties,fisher`` checks a few methods only. ``--timing-params 0.5e9`` also times
+the speed benchmark's merges on both devices against the host-to-device transfer bound
+(``cuda_timing.py``: bandwidth, CPU vs GPU seconds, synchronous vs overlapped copies, the GPU's
+outputs against the CPU's byte for byte); ``--timing-only`` skips the method rows.
 
 Three families of inputs, built in a temporary folder:
 
@@ -61,6 +64,9 @@ from amalgam.errors import MergeError
 from amalgam.methods import REGISTRY
 from amalgam.methods.needs import LearnedCoefficients
 from amalgam.recipe import Recipe, parse_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cuda_timing  # a sibling script, not a package
 
 # parameters without a default
 REQUIRED: dict[str, dict[str, float]] = {"nearswap": {"t": 0.01}}
@@ -414,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=32, help="Llama family: examples per expert")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--work", type=Path, help="folder for inputs and outputs (default: temp)")
+    ap.add_argument(
+        "--timing-params", type=float, default=0.0, help="also time merges of this size"
+    )
+    ap.add_argument("--timing-only", action="store_true", help="no method rows, only the timing")
     args = ap.parse_args(argv)
     devices = args.devices.split(",")
     methods = args.methods.split(",") if args.methods else sorted(REGISTRY)
@@ -430,25 +440,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, cuda device: {cuda}, devices compared: {devices}")
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    timing = None
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         root = Path(tmp)
-        for case in build_cases(methods, root, args):
+        if args.timing_params:
+            work = root / "timing" if args.work else cuda_timing.speed.WORK
+            work.mkdir(parents=True, exist_ok=True)
+            timing = cuda_timing.run(devices, args.timing_params, work)
+            print(cuda_timing.markdown(timing), flush=True)
+        for case in [] if args.timing_only else build_cases(methods, root, args):
             new = run_case(case, devices, root)
             rows += new
             times = ", ".join(f"{n} {t:.1f} s" for n, t in case.seconds.items())
             status = "failed" if any("error" in r for r in new) else "done"
             print(f"{case.label}: {status} ({times})", flush=True)
-    print(table(rows, devices))
+    if rows:
+        print(table(rows, devices))
     print(f"total {time.perf_counter() - start:.0f} s")
     for r in rows:
         if "traceback" in r:
             print(f"\n{r['label']}:\n{r.pop('traceback')}", file=sys.stderr)
     failed = [r["label"] for r in rows if "error" in r or not r["ok"]]
+    failed += cuda_timing.failures(timing, MAX_ULPS) if timing else []
     if args.json:
-        args.json.write_text(json.dumps({"devices": devices, "cuda": cuda, "rows": rows}, indent=1))
-    print(
-        f"{len(rows) - len(failed)}/{len(rows)} rows ok" + (f"; not ok: {failed}" if failed else "")
-    )
+        result = {"devices": devices, "cuda": cuda, "rows": rows, "timing": timing}
+        args.json.write_text(json.dumps(result, indent=1))
+    checked = len(rows) + (len(timing["rows"]) if timing else 0)
+    print(f"{checked - len(failed)}/{checked} rows ok" + (f"; not ok: {failed}" if failed else ""))
     return 1 if failed else 0
 
 

@@ -16,6 +16,7 @@ from amalgam.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from amalgam.engine.plan import NormPass, Plan, TensorJob, UnitPart, WholeModelPass, WorkUnit
 from amalgam.engine.rows import merge_by_rows
 from amalgam.engine.stack import open_any
+from amalgam.engine.transfer import DeviceFeed, Shipment, device_feed, to_host
 from amalgam.errors import MergeError
 from amalgam.methods.base import MergeContext, MergeFn, Method, TensorParams
 from amalgam.methods.kernels import merge as fused
@@ -135,17 +136,31 @@ def prefetched(
     pool: ThreadPoolExecutor,
     statistics: Sequence[Checkpoint] = (),
     streamed: Callable[[TensorJob], bool] = lambda job: False,
+    feed: DeviceFeed | None = None,
 ) -> Iterator[tuple[TensorJob, Read]]:
     """Yield (job, (inputs, statistics)) while later jobs are read on ``pool``: at least one
     job ahead, more while their inputs fit in ``budget`` bytes. A ``streamed`` job is not
-    read here (no inputs: its merge reads them one at a time)."""
+    read here (no inputs: its merge reads them one at a time). With a ``feed``, a merged job's
+    inputs and statistics are sent to its device by the reading thread too."""
     queue: deque = deque()
     queued = 0
     it = iter(jobs)
     upcoming = next(it, None)
 
-    def read(job: TensorJob) -> Read:
-        return ([], ()) if streamed(job) else read_job(plan, sources, job, statistics)
+    def read(job: TensorJob) -> Read | tuple[Shipment, Shipment]:
+        if streamed(job):
+            return [], ()
+        raw, stats = read_job(plan, sources, job, statistics)
+        if feed is None or job.copy:
+            return raw, stats
+        return feed.send(raw), feed.send(stats)
+
+    def arrived(got: Read | tuple[Shipment, Shipment]) -> Read:
+        raw, stats = got
+        if isinstance(raw, Shipment):
+            assert feed is not None and isinstance(stats, Shipment)
+            return feed.receive(raw), tuple(feed.receive(stats))
+        return got
 
     def cost(job: TensorJob) -> int:
         if streamed(job):
@@ -163,7 +178,7 @@ def prefetched(
             upcoming = next(it, None)
         job, fut = queue.popleft()
         queued -= cost(job)
-        yield job, fut.result()
+        yield job, arrived(fut.result())
 
 
 def check_finite(
@@ -215,7 +230,7 @@ def merge_tensor(
         out = merge_by_rows(groups, raw, ctx.plan.has_base, merge)
     else:
         out = apply_method(ctx, ctx.method.fn, job, raw, model_stats, out_dtype=dtype)
-    return out.to(dtype).cpu()
+    return to_host(out.to(dtype))
 
 
 def apply_method(
@@ -252,11 +267,16 @@ def apply_method(
 
 
 def stream_tensor(
-    ctx: JobContext, job: TensorJob, sources: Sequence[Checkpoint], pool: ThreadPoolExecutor
+    ctx: JobContext,
+    job: TensorJob,
+    sources: Sequence[Checkpoint],
+    pool: ThreadPoolExecutor,
+    feed: DeviceFeed | None = None,
 ) -> torch.Tensor:
     """One output tensor merged one model at a time (``Method.accumulate``): the base, then
-    each model in plan order (``passes`` times), the next one read on ``pool`` meanwhile, so
-    at most two models' inputs are held, whatever their number."""
+    each model in plan order (``passes`` times), the next one read on ``pool`` meanwhile (and
+    sent to the device by ``feed``), so at most two models' inputs are held, whatever their
+    number."""
     plan, device = ctx.plan, ctx.device
     assert ctx.method.accumulate is not None
     read = partial(read_input, plan, sources, job)
@@ -264,25 +284,35 @@ def stream_tensor(
     merge_ctx = MergeContext(job.name, job.layer, plan.recipe.seed, device, ctx.stats)
     acc = ctx.method.accumulate(base, ctx.params(job.name), merge_ctx)
     for _ in range(acc.passes):
-        for i, x in enumerate(read_ahead(pool, read, range(int(plan.has_base), len(sources)))):
+        models = range(int(plan.has_base), len(sources))
+        for i, x in enumerate(read_ahead(pool, read, models, feed)):
             acc.add(i, x.to(device))
             del x
         acc.end_pass()
-    return acc.finish().to(SAFETENSORS_DTYPES[job.dtype]).cpu()
+    return to_host(acc.finish().to(SAFETENSORS_DTYPES[job.dtype]))
 
 
 def read_ahead(
-    pool: ThreadPoolExecutor, read: Callable[[int], torch.Tensor], indices: Iterable[int]
+    pool: ThreadPoolExecutor,
+    read: Callable[[int], torch.Tensor],
+    indices: Iterable[int],
+    feed: DeviceFeed | None = None,
 ) -> Iterator[torch.Tensor]:
-    """``read(i)`` for each index in order, the next one read on ``pool`` while the caller
-    holds this one."""
+    """``read(i)`` for each index in order, the next one read (and sent to the device by
+    ``feed``) on ``pool`` while the caller holds this one."""
+
+    def fetch(i: int) -> torch.Tensor | Shipment:
+        return read(i) if feed is None else feed.send([read(i)])
+
     it = iter(indices)
     i = next(it, None)
-    pending = None if i is None else pool.submit(read, i)
+    pending = None if i is None else pool.submit(fetch, i)
     while pending is not None:
-        x = pending.result()
+        got = pending.result()
         i = next(it, None)
-        pending = None if i is None else pool.submit(read, i)
+        pending = None if i is None else pool.submit(fetch, i)
+        x = feed.receive(got)[0] if isinstance(got, Shipment) else got
+        del got
         yield x
         del x
 
@@ -307,12 +337,13 @@ def run_unit(
             writes: deque = deque()
             waiting = 0
             streamed = partial(ctx.streams, sources)
+            feed = device_feed(ctx.device)
             jobs = prefetched(
-                ctx.plan, sources, unit.jobs, ctx.read_ahead_bytes, pool, statistics, streamed
+                ctx.plan, sources, unit.jobs, ctx.read_ahead_bytes, pool, statistics, streamed, feed
             )
             for job, (raw, model_stats) in jobs:
                 if streamed(job):
-                    out = stream_tensor(ctx, job, sources, pool)
+                    out = stream_tensor(ctx, job, sources, pool, feed)
                 else:
                     out = merge_tensor(ctx, job, raw, model_stats)
                 del raw, model_stats
@@ -345,7 +376,8 @@ def merged_inputs(
     """The inputs of every merged (not copied) tensor of ``jobs`` (default: the plan's), in
     order, read ahead on ``pool``."""
     merged = [j for j in (ctx.plan.jobs if jobs is None else jobs) if not j.copy]
-    for job, (raw, _) in prefetched(ctx.plan, sources, merged, ctx.read_ahead_bytes, pool):
+    budget, feed = ctx.read_ahead_bytes, device_feed(ctx.device)
+    for job, (raw, _) in prefetched(ctx.plan, sources, merged, budget, pool, feed=feed):
         yield job, raw
 
 

@@ -94,3 +94,36 @@ def test_differences_are_counted_in_ulps_of_the_larger_magnitude(tmp_path: Path)
     assert (c.identical, c.tensors) == (0, 1)
     one = check.compare_folders(a, save(tmp_path / "c.safetensors", [1.0 - 2**-8, 1.5, 20.0, 0]))
     assert one.max_ulps == 0.5 and one.max_abs == 2**-8
+
+
+def test_the_timing_rows_compare_both_copy_paths_with_the_cpu(tmp_path: Path) -> None:
+    """The timing section run as cpu against cpu (no bandwidth then): every speed config timed
+    three ways, the bytes of each run compared."""
+    out, work = tmp_path / "timing.json", tmp_path / "work"
+    work.mkdir()
+    args = ["--devices", "cpu,cpu", "--timing-params", "1", "--timing-only", "--json", str(out)]
+    assert check.main([*args, "--work", str(work)]) == 0
+    assert not any(work.iterdir()), "the work folder is left behind"
+    timing = json.loads(out.read_text())["timing"]
+    assert [r["method"] for r in timing["rows"]] == list(check.cuda_timing.METHODS)
+    assert "h2d_pinned_gb_s" not in timing  # no CUDA device: no bandwidth
+    for r in timing["rows"]:
+        assert r["transfer_bound_s"] is None and 0 < r["read_bound_s"] < r["cpu_s"]
+        assert r["input_gb"] > 0 and min(r["sync_s"], r["overlap_s"]) > 0
+        for same in (r["overlap_vs_sync"], r["overlap_vs_cpu"]):
+            assert same["identical"] == same["tensors"] == 12 and same["max_ulps"] == 0.0
+
+
+def test_a_timing_row_fails_on_a_changed_byte_or_a_drift_past_the_tolerance() -> None:
+    def row(method: str, sync_same: int, cpu_ulps: float) -> dict:
+        return {
+            "method": method,
+            "overlap_vs_sync": {"identical": sync_same, "tensors": 12, "max_ulps": 0.0},
+            "overlap_vs_cpu": {"identical": 12, "tensors": 12, "max_ulps": cpu_ulps},
+        }
+
+    rows = [row("linear", 12, 0.0), row("ties", 11, 0.0), row("dare_ties", 12, 1.5)]
+    assert check.cuda_timing.failures({"rows": rows}, check.MAX_ULPS) == [
+        "timing ties",
+        "timing dare_ties",
+    ]

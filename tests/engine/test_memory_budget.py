@@ -127,9 +127,9 @@ def test_budget_decides_which_tensors_stream(
     streamed: list[str] = []
     real_stream = execute.stream_tensor
 
-    def stream(ctx, job, sources, pool):  # the engine's own function, recorded
+    def stream(ctx, job, sources, pool, feed):  # the engine's own function, recorded
         streamed.append(job.name)
-        return real_stream(ctx, job, sources, pool)
+        return real_stream(ctx, job, sources, pool, feed)
 
     monkeypatch.setattr(execute, "stream_tensor", stream)
     cases = [
