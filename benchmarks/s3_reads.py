@@ -4,8 +4,9 @@ the same inputs, this tree's code beside a baseline commit's, interleaved in one
     python benchmarks/s3_reads.py --quick                       # ~50M-parameter family
     python benchmarks/s3_reads.py --family DIR/llama-502M-3x    # an existing speed.py family
 
-Each measurement runs in its own process (wall time and peak RSS from wait4); the table gives
-the median of ``--repeats`` runs. Writes benchmarks/results/s3-reads[-quick].md.
+Each measurement runs in its own process (wall time, CPU seconds and peak RSS from wait4);
+the store's CPU seconds meanwhile are read from the server process. The table gives the median
+of ``--repeats`` runs. Writes benchmarks/results/s3-reads[-quick].md.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+
+import psutil
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
@@ -90,13 +93,27 @@ def baseline_tree(work: Path) -> Path:
     return src
 
 
-def measure(code: str, args: list[str], pythonpath: Path, log: Path) -> dict:
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU seconds of ``process`` so far."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def measure(code: str, args: list[str], pythonpath: Path, log: Path, store: psutil.Process) -> dict:
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": "1"}
+    before = cpu_seconds(store)
     # -P: the child imports amalgam from PYTHONPATH, never from its working folder
     run = speed.run_child([sys.executable, "-P", "-c", code, *args], log, env)
     if run.returncode != 0:
         raise SystemExit(f"{log}: failed\n{run.output}")
-    return {**run.info, "wall_s": run.wall_s, "peak_rss": run.peak_rss}
+    store_s = cpu_seconds(store) - before
+    return {
+        **run.info,
+        "wall_s": run.wall_s,
+        "peak_rss": run.peak_rss,
+        "cpu_s": run.cpu_s,
+        "store_cpu_s": store_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         folders = list(speed.build_family(shape, args.experts, args.work).values())
     store = args.work / f"seaweedfs-{uuid.uuid4().hex[:6]}"
     server = start_s3_server(store)
+    weed = psutil.Process(server.process.pid)
     try:
         fs = server.filesystem()
         bucket = server.make_bucket("bench")
@@ -137,15 +155,18 @@ def main(argv: list[str] | None = None) -> int:
                     [opts, json.dumps(uris), str(args.work)],
                     speed.ROOT,
                     logs / f"download-{r}.log",
+                    weed,
                 )
             )
             for label, tree in trees.items():
                 tag = label.replace(" ", "-")
                 rows.setdefault(("idle process", label), []).append(
-                    measure(IDLE, [], tree, logs / f"idle-{tag}-{r}.log")
+                    measure(IDLE, [], tree, logs / f"idle-{tag}-{r}.log", weed)
                 )
                 rows.setdefault(("reader", label), []).append(
-                    measure(READER, [opts, json.dumps(uris)], tree, logs / f"reader-{tag}-{r}.log")
+                    measure(
+                        READER, [opts, json.dumps(uris)], tree, logs / f"reader-{tag}-{r}.log", weed
+                    )
                 )
                 for dest, out in (
                     ("S3 -> local", str(args.work / f"merged-{tag}")),
@@ -154,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                     key = ("merge " + dest, label)
                     log = logs / f"merge-{dest[-5:].strip()}-{tag}-{r}.log"
                     rows.setdefault(key, []).append(
-                        measure(MERGE, [opts, json.dumps(uris), out], tree, log)
+                        measure(MERGE, [opts, json.dumps(uris), out], tree, log, weed)
                     )
     finally:
         server.stop()
@@ -169,17 +190,24 @@ def main(argv: list[str] | None = None) -> int:
         f"inputs base + {args.experts}, "
         f"{total / 1e9:.2f} GB; median of {args.repeats} interleaved runs, each in its own "
         "process. merge: task_arithmetic, in-engine seconds (whole process in brackets); idle "
-        "process: torch, s3fs, the engine and its compiled kernels loaded, nothing read.",
+        "process: torch, s3fs, the engine and its compiled kernels loaded, nothing read. CPU s: "
+        "the measured process's user + system seconds; store CPU s: the SeaweedFS server's "
+        "meanwhile (both share this machine's cores).",
         "",
-        "| step | code | seconds | GB/s | peak RSS GB |",
-        "|---|---|---|---|---|",
+        "| step | code | seconds | GB/s | peak RSS GB | CPU s | store CPU s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (step, label), runs in rows.items():
         secs = statistics.median(x.get("engine_s", x["seconds"]) for x in runs)
         wall = statistics.median(x["wall_s"] for x in runs)
         rss = statistics.median(x["peak_rss"] for x in runs) / 1e9
         rate = f"{total / 1e9 / secs:.2f}" if secs else "-"
-        lines.append(f"| {step} | {label} | {secs:.2f} ({wall:.2f}) | {rate} | {rss:.2f} |")
+        cpu = statistics.median(x["cpu_s"] for x in runs)
+        store_cpu = statistics.median(x["store_cpu_s"] for x in runs)
+        lines.append(
+            f"| {step} | {label} | {secs:.2f} ({wall:.2f}) | {rate} | {rss:.2f} | {cpu:.1f} "
+            f"| {store_cpu:.1f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     out = speed.RESULTS / f"s3-reads{'-quick' if args.quick else ''}.md"

@@ -268,6 +268,7 @@ class Run:
     returncode: int
     output: str
     info: dict[str, Any] = field(default_factory=dict)
+    cpu_s: float = 0.0  # the process's user + system CPU seconds
 
 
 # Peak RSS needs a small parent: on Linux a child's ru_maxrss starts from the RSS of the process
@@ -282,6 +283,7 @@ _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - start
 with open(sys.argv[1], "w") as fh:
     json.dump({"wall_s": wall, "maxrss_kb": usage.ru_maxrss,
+               "cpu_s": usage.ru_utime + usage.ru_stime,
                "returncode": os.waitstatus_to_exitcode(status)}, fh)
 """
 
@@ -308,7 +310,8 @@ def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> R
     for line in text.splitlines():
         if line.startswith(RESULT_LINE):
             info = json.loads(line.removeprefix(RESULT_LINE))
-    return Run(usage["wall_s"], usage["maxrss_kb"] * 1024, usage["returncode"], text[-2000:], info)
+    rss = usage["maxrss_kb"] * 1024
+    return Run(usage["wall_s"], rss, usage["returncode"], text[-2000:], info, usage["cpu_s"])
 
 
 #: A measured child reports what it timed inside itself on one stdout line with this prefix.
