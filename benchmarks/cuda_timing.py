@@ -1,11 +1,11 @@
 """CUDA timing: host-device bandwidth, and the speed benchmark's merges on the CPU and on a GPU
 against the transfer bound, with the GPU's outputs compared to the CPU's byte for byte.
 
-Run by ``cuda_check.py --timing-params 0.5e9`` (or alone: ``python benchmarks/cuda_timing.py
---params 0.5e9``). The family is ``speed.py``'s (a bf16 Llama of ``--params`` parameters,
-base + 3, cached under ``benchmarks/.work/``) and so are the four merge configs (mergekit
-YAML read through ``amalgam.mergekit_compat``). Each merge runs in this process, best of
-``--repeats``, in-engine seconds (``MergeResult.seconds``), with a warm page cache:
+Run by ``cuda_check.py --timing-params 0.5e9`` (with ``--timing-only``, nothing else). The
+family is ``speed.py``'s (a bf16 Llama of that many parameters, base + 3, cached under
+``benchmarks/.work/``), and so are the four merge configs (mergekit YAML read through
+``amalgam.mergekit_compat``). Each merge runs in this process, best of two, in-engine seconds
+(``MergeResult.seconds``), with a warm page cache:
 
 - on the CPU (every core);
 - on the GPU with synchronous copies (``AMALGAM_CUDA_OVERLAP=0``: pageable ``.to(device)`` on
@@ -21,8 +21,6 @@ the bandwidth columns are empty.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -193,23 +191,3 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['overlap_s'] / bound:.1f}x | {same} |"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--devices", default="cpu,cuda", help="the CPU, then the device timed")
-    ap.add_argument("--params", type=float, default=0.5e9, help="family size (parameters)")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per merge (best is kept)")
-    ap.add_argument("--work", type=Path, default=speed.WORK, help="family cache and outputs")
-    ap.add_argument("--json", type=Path, help="also write the result here")
-    args = ap.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    result = run(args.devices.split(","), args.params, args.work, args.repeats)
-    print(markdown(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
