@@ -5,7 +5,9 @@ killed before register) and a Prefect home that does not exist yet.
 Each store fault: ``amalgam run`` and ``amalgam promote`` end in one ``error:`` line naming the
 store, exit 2, no traceback; the store holds no run left RUNNING, no FAILED run without a
 reason tag and no new version; the merged output stays, complete; and once the store is back a
-re-run skips the merge and registers exactly one version."""
+re-run skips the merge and registers exactly one version. A store that fails mid-run fails while
+the run waits at a fixed point (its merge stage returned), so the fault lands there however
+loaded the machine. The store-fault runs share one Prefect server."""
 
 from __future__ import annotations
 
@@ -62,14 +64,30 @@ def recipe(zoo, output: Path, tracking_uri: str, lam: float) -> dict:
 
 @dataclass(frozen=True)
 class Baseline:
-    """A store (``store/mlflow.db`` and its artifacts) holding version 1 of the model."""
+    """A store (``store/mlflow.db`` and its artifacts) holding version 1 of the model; ``env``
+    points a run at the module's Prefect server."""
 
     root: Path
     store: Path
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
-def baseline(zoo_tiny, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
+def prefect_api() -> Iterator[dict[str, str]]:
+    """One Prefect server for the module's store-fault runs, as the environment that points a
+    run at it: each run then skips starting a temporary server of its own (about 12 s of a
+    17 s command). The Prefect-home tests start their own, as a first run does."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+@pytest.fixture(scope="module")
+def baseline(
+    zoo_tiny, prefect_api: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Baseline:
     root = tmp_path_factory.mktemp("services")
     store = root / "store"
     store.mkdir()
@@ -77,10 +95,10 @@ def baseline(zoo_tiny, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
     path.write_text(
         yaml.safe_dump(recipe(zoo_tiny, root / "merged", f"sqlite:///{store}/mlflow.db", 0.5))
     )
-    done = amalgam_process(["run", str(path)], root / "work")
+    done = amalgam_process(["run", str(path)], root / "work", prefect_api)
     assert done.returncode == 0, done.stderr[-3000:]
     assert printed_result(done.stdout)["registered"]["version"] == "1"
-    return Baseline(root, store)
+    return Baseline(root, store, prefect_api)
 
 
 class Pause:
@@ -143,6 +161,7 @@ def fault_and_recovery(
     tracking_uri: str,
     store: str,
     *,
+    env: dict[str, str],
     breaks: Callable[[], None],
     restores: Callable[[], None],
     mid_run: bool = True,
@@ -150,7 +169,7 @@ def fault_and_recovery(
     """A candidate merged while the store fails (``breaks()``: while the run waits with its
     merge committed, or before the run when not ``mid_run``), then promote; both end in one
     error line naming ``store``. After ``restores()``: the store is as it was, and a re-run
-    registers the kept merge once."""
+    registers the kept merge once. Every command runs with ``env``."""
     case.mkdir(exist_ok=True)
     output = case / "merged"
     path = case / "recipe.yaml"
@@ -158,13 +177,14 @@ def fault_and_recovery(
     work = case / "work"
     if mid_run:
         pause = Pause(case / "pause", AFTER_MERGE, breaks)
-        failed = amalgam_process(["run", str(path)], work, pause.env)
+        failed = amalgam_process(["run", str(path)], work, env | pause.env)
         pause.check()
     else:
         breaks()
-        failed = amalgam_process(["run", str(path)], work)
+        failed = amalgam_process(["run", str(path)], work, env)
     assert store in error_line(failed)
-    refused = amalgam_process(["promote", MODEL, "1", "--tracking-uri", tracking_uri], work)
+    promote = ["promote", MODEL, "1", "--tracking-uri", tracking_uri]
+    refused = amalgam_process(promote, work, env)
     assert store in error_line(refused)
     # the merge is complete and stays; nothing half-written next to it
     fs, where = storage.resolve(str(output))
@@ -173,7 +193,7 @@ def fault_and_recovery(
 
     restores()
     check_store(tracking_uri, versions=1)
-    rerun = amalgam_process(["run", str(path)], work)
+    rerun = amalgam_process(["run", str(path)], work, env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     result = printed_result(rerun.stdout)
     assert result["skipped_merge"]
@@ -196,6 +216,7 @@ def test_a_read_only_store(zoo_tiny, baseline: Baseline, mount, tmp_path: Path) 
         tmp_path,
         uri,
         uri,
+        env=baseline.env,
         breaks=lambda: remount("ro"),
         restores=lambda: remount("rw"),
         mid_run=False,
@@ -212,6 +233,7 @@ def test_a_store_deleted_mid_run(zoo_tiny, baseline: Baseline, tmp_path: Path) -
         tmp_path / "case",
         uri,
         uri,
+        env=baseline.env,
         breaks=lambda: shutil.rmtree(store),
         restores=lambda: shutil.copytree(backup, store),
     )
@@ -246,7 +268,7 @@ def server_store(baseline: Baseline, tmp_path: Path) -> Iterator[ServerStore]:
 
 
 def test_a_tracking_server_killed_before_register(
-    zoo_tiny, server_store: ServerStore, tmp_path: Path
+    zoo_tiny, baseline: Baseline, server_store: ServerStore, tmp_path: Path
 ) -> None:
     url = server_store.start()
     fault_and_recovery(
@@ -254,6 +276,7 @@ def test_a_tracking_server_killed_before_register(
         tmp_path / "case",
         url,
         url,
+        env=baseline.env,
         breaks=server_store.kill,
         restores=lambda: server_store.start() and None,
     )
