@@ -465,6 +465,11 @@ class Checkpoint:
                 self._fds[file] = fd
             return self._fds[file]
 
+    def stored_parts(self) -> list[Checkpoint]:
+        """The checkpoints whose files this one reads from storage: itself for a plain one
+        (an adapter over its base, a stacked input: the checkpoints under them)."""
+        return [self]
+
     def check_unchanged(self) -> None:
         """Raise unless every weight file read still holds what it held when this checkpoint
         was opened (a file rewritten during a merge would leave a model mixing two versions,

@@ -14,7 +14,7 @@ import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -26,6 +26,7 @@ from amalgam import __version__, storage
 from amalgam.checkpoint import (
     COMMIT_RECORD,
     DTYPE_NAMES,
+    Checkpoint,
     file_hash,
     open_checkpoint,
     remember_hash,
@@ -229,6 +230,13 @@ class CheckpointWriter:
     like a finished model. ``commit`` writes :data:`COMMIT_RECORD` last: every file of the
     output with its size and sha256, so a later run can tell a complete, unchanged output from
     anything else, and ``overwrite`` replaces only folders amalgam wrote.
+
+    ``sources`` are the opened checkpoints the output is built from (adapters, stacked inputs:
+    the checkpoints under them are taken, :meth:`Checkpoint.stored_parts`): ``commit`` refuses
+    to put the output in place when a file of one of them changed since it was opened (a
+    model rewritten while it was read would give an output mixing two versions of it,
+    recorded under the old one's hash); the staging folder is then removed. Keep them open
+    until the commit (the files they read are checked).
     """
 
     def __init__(
@@ -237,9 +245,12 @@ class CheckpointWriter:
         *,
         overwrite: bool = False,
         staging: str | None = None,
+        sources: Iterable[Checkpoint] = (),
         **storage_options: Any,
     ):
         self.uri = str(uri)
+        parts = [part for ckpt in sources for part in ckpt.stored_parts()]
+        self._sources = list({id(part): part for part in parts}.values())
         self.storage_options = storage_options
         self.fs, self.path = storage.resolve(self.uri, **storage_options)
         self.overwrite = overwrite
@@ -376,8 +387,13 @@ class CheckpointWriter:
         store refusing after its retries) is an :class:`OutputError` naming the output,
         which then reads as unfinished. Two runs committing one output at the same moment
         are not serialised there (a store offers no lock): their files may interleave, and
-        the folder is complete only when its record matches its files (``intact``)."""
+        the folder is complete only when its record matches its files (``intact``).
+
+        Before anything is put in place, every source must be unchanged since it was opened,
+        else the :class:`CheckpointError` naming the changed file is raised and the staging
+        folder removed: nothing of the output becomes visible."""
         record = self._record()
+        self._check_sources()
         if storage.is_local(self.fs):
             self.write_json(COMMIT_RECORD, record)
             with _folder_lock(str(PurePosixPath(self.path).parent)):
@@ -389,6 +405,15 @@ class CheckpointWriter:
                 self._copy_into_place(record)
             self.abort()  # the staging folder; left to the next writer if the store refuses
         self._remember(record)
+
+    def _check_sources(self) -> None:
+        """Every source's files unchanged since opened (see the class); else abort."""
+        try:
+            for part in self._sources:
+                part.check_unchanged()
+        except BaseException:
+            self.abort()
+            raise
 
     def _copy_into_place(self, record: dict[str, Any]) -> None:
         """The object-store commit (see :meth:`commit`): old record out, files in, stale

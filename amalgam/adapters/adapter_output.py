@@ -105,7 +105,13 @@ def _factor_merge(
         so = recipe.storage_options
         output = output_of(recipe, options)
         write_adapter(
-            output, config, tensors, overwrite=options.overwrite, metadata=plan.metadata, **so
+            output,
+            config,
+            tensors,
+            sources=inputs.values(),
+            overwrite=options.overwrite,
+            metadata=plan.metadata,
+            **so,
         )
         read = sum(a.adapter.nbytes for a in adapters)
     finally:

@@ -159,6 +159,7 @@ def extract_lora(
             output_uri,
             config,
             tensors,
+            sources=[base, model],
             overwrite=overwrite,
             metadata=metadata,
             **storage_options,

@@ -62,6 +62,9 @@ class AdapterCheckpoint(Checkpoint):
     def view(self, name: str) -> torch.Tensor:
         return self.tensor(name)  # every tensor is computed: nothing to map
 
+    def stored_parts(self) -> list[Checkpoint]:
+        return [self.base, self.adapter]
+
     def content_hash(self) -> str:
         """The adapter's own content hash (as ``amalgam fetch`` hashes the folder) when its
         base is the recipe's, a parent of its own; for ``BASE+ADAPTER``, sha256 over both."""

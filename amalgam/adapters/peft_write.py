@@ -11,14 +11,14 @@ without the ``modules_to_save.default`` level the live PeftModel holds.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from amalgam import storage
-from amalgam.checkpoint import DTYPE_NAMES
+from amalgam.checkpoint import DTYPE_NAMES, Checkpoint
 from amalgam.writer import CheckpointWriter
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -80,15 +80,17 @@ def write_adapter(
     config: dict[str, Any],
     tensors: Sequence[AdapterTensor],
     *,
+    sources: Iterable[Checkpoint],
     overwrite: bool = False,
     metadata: dict[str, str] | None = None,
     **storage_options: Any,
 ) -> str:
     """Write an adapter folder at ``uri``: the tensors in the given order, each produced only
-    when written, then the config; committed atomically, nothing left on failure.
-    ``metadata`` goes to the safetensors header (a merge's provenance). Returns the output
-    URI."""
-    writer = CheckpointWriter(uri, overwrite=overwrite, **storage_options)
+    when written, then the config; committed atomically, nothing left on failure, nor when a
+    file of ``sources`` (the checkpoints the tensors are read from) changed since it was
+    opened. ``metadata`` goes to the safetensors header (a merge's provenance). Returns the
+    output URI."""
+    writer = CheckpointWriter(uri, overwrite=overwrite, sources=sources, **storage_options)
     try:
         entries = [(t.key, DTYPE_NAMES[t.dtype], tuple(t.shape)) for t in tensors]
         shard = writer.shard(ADAPTER_WEIGHTS, entries, {"format": "pt", **(metadata or {})})

@@ -37,7 +37,8 @@ def write_aligned_copy(
 ) -> str:
     """Write ``transform`` of every tensor of ``src`` to ``output_uri`` (replacing an earlier
     copy), with ``src``'s side files (less ``skip_side``) and ``side_json`` files; one tensor in
-    memory at a time. ``shapes``: output shapes of the tensors whose shape changes."""
+    memory at a time. ``shapes``: output shapes of the tensors whose shape changes. Not
+    committed if a file of ``src`` changed since it was opened."""
     shapes = dict(shapes or {})
     entries = [
         (name, src.info(name).dtype, tuple(shapes.get(name, src.shape(name))))
@@ -45,7 +46,7 @@ def write_aligned_copy(
     ]
     shards = shard_groups(entries, lambda e: tensor_nbytes(e[1], e[2]), max_shard_bytes)
     metadata = {"format": "pt", "amalgam": "aligned"}
-    writer = CheckpointWriter(output_uri, overwrite=True, **storage_options)
+    writer = CheckpointWriter(output_uri, overwrite=True, sources=[src], **storage_options)
     try:
         for file, unit in shards:
             shard = writer.shard(file, unit, metadata)

@@ -3,7 +3,7 @@ writing a rebuilt dense model (shared by ComPEFT and TALL storage)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,12 +79,14 @@ def write_rebuilt(
     metadata: dict[str, str],
     side: Checkpoint,
     *,
+    sources: Iterable[Checkpoint],
     overwrite: bool,
     **storage_options: Any,
 ) -> str:
     """Write a rebuilt model folder: the shards of ``units``, each tensor from ``tensor(name)``
-    as it is written, an index when sharded, and ``side``'s config and tokenizer files."""
-    writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
+    as it is written, an index when sharded, and ``side``'s config and tokenizer files;
+    committed only if ``sources`` (what ``tensor`` reads) are unchanged since opened."""
+    writer = CheckpointWriter(output_uri, overwrite=overwrite, sources=sources, **storage_options)
     try:
         writer.write_units(units, tensor, metadata)
         copy_side_files(side, writer)

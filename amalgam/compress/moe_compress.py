@@ -267,7 +267,7 @@ def _write(
         bytes_before=model.nbytes,
         bytes_after=sum(j.nbytes for j in jobs),
     )
-    writer = CheckpointWriter(output, overwrite=overwrite, **so)
+    writer = CheckpointWriter(output, overwrite=overwrite, sources=[model], **so)
     try:
         if spec.losparse_rank is None:
             writer.write_units(

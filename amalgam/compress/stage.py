@@ -115,7 +115,9 @@ def compress_model(
         }
         inputs = {"model": model} | ({"base": base} if base else {})
         check_output(output_uri, inputs, overwrite, storage_options)
-        writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
+        writer = CheckpointWriter(
+            output_uri, overwrite=overwrite, sources=inputs.values(), **storage_options
+        )
         try:
             result = _compress(model, base, refs, writer, spec, keep_dense, manifest)
             result.side_bytes = copy_side_files(model, writer)
@@ -302,6 +304,7 @@ def decompress_model(
             lambda name: _dense(name, tensors[name], packed, base),
             metadata,
             packed,
+            sources=inputs.values(),
             overwrite=overwrite,
             **storage_options,
         )

@@ -119,7 +119,9 @@ def compress_tall(
         }
         inputs = {"base": base} | {f"expert {t}": m for t, m in models.items()}
         check_output(output_uri, inputs, overwrite, storage_options)
-        writer = CheckpointWriter(output_uri, overwrite=overwrite, **storage_options)
+        writer = CheckpointWriter(
+            output_uri, overwrite=overwrite, sources=inputs.values(), **storage_options
+        )
         try:
             files, reports = _write(base, models, lambdas, writer, spec.max_shard_size, manifest)
             raw = json.dumps(manifest, separators=(",", ":")).encode()
@@ -292,6 +294,7 @@ def decompress_task(
             lambda name: _dense(name, tensors[name], packed, base, index),
             metadata,
             packed,
+            sources=[packed, base],
             overwrite=overwrite,
             **storage_options,
         )

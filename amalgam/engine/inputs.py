@@ -10,7 +10,7 @@ from amalgam.adapters import AdapterCheckpoint, open_input
 from amalgam.checkpoint import Checkpoint
 from amalgam.engine.options import MergeOptions, output_of
 from amalgam.engine.plan import Plan, build_plan
-from amalgam.engine.stack import stack_inputs, stored_parts
+from amalgam.engine.stack import stack_inputs
 from amalgam.errors import OutputError, PlanError, RecipeError
 from amalgam.recipe import Recipe
 from amalgam.writer import output_taken
@@ -91,7 +91,7 @@ def check_output(
     """The output may neither overlap an input nor exist (unless ``overwrite``)."""
     fs, path = storage.resolve(output, **storage_options)
     for label, opened in inputs.items():
-        for ckpt in stored_parts(opened):
+        for ckpt in opened.stored_parts():
             if storage.is_inside(fs, path, ckpt.fs, ckpt.path) or storage.is_inside(
                 ckpt.fs, ckpt.path, fs, path
             ):

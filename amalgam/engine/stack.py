@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from amalgam.adapters import AdapterCheckpoint, open_input
+from amalgam.adapters import open_input
 from amalgam.checkpoint import Checkpoint
 from amalgam.errors import PlanError
 from amalgam.methods.params import LAYER_RE, layer_index
@@ -96,6 +96,9 @@ class StackedCheckpoint(Checkpoint):
         self.info(name)
         ckpt, src = self._reads[name]
         return ckpt.view(src)
+
+    def stored_parts(self) -> list[Checkpoint]:
+        return [leaf for c, _, _ in self.parts for leaf in c.stored_parts()]
 
     def content_hash(self) -> str:
         layout = [(c.content_hash(), start, end) for c, start, end in self.parts]
@@ -185,16 +188,6 @@ def describe_stack(uri: str) -> str | None:
         return None
     parts = json.loads(uri[len(STACK_PREFIX) :])["parts"]
     return ", ".join(f"{u}[{a}:{b}]" for u, a, b in parts)
-
-
-def stored_parts(ckpt: Checkpoint) -> list[Checkpoint]:
-    """The checkpoints ``ckpt`` reads from storage: its parts (an adapter's base and adapter,
-    a stacked input's models), itself for a plain one."""
-    if isinstance(ckpt, StackedCheckpoint):
-        return [leaf for c, _, _ in ckpt.parts for leaf in stored_parts(c)]
-    if isinstance(ckpt, AdapterCheckpoint):
-        return [ckpt.base, ckpt.adapter]
-    return [ckpt]
 
 
 def open_any(uri: str, *, allow_pickle: bool = False, **storage_options: Any) -> Checkpoint:

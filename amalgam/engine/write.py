@@ -11,7 +11,6 @@ from amalgam.engine.execute import JobContext
 from amalgam.engine.executors import Executor
 from amalgam.engine.options import MergeOptions, output_of
 from amalgam.engine.plan import WorkUnit
-from amalgam.engine.stack import stored_parts
 from amalgam.recipe import Recipe
 from amalgam.writer import INDEX_NAME, CheckpointWriter, shard_header
 
@@ -29,7 +28,10 @@ def write_output(
     plan = ctx.plan
     recipe = plan.recipe
     writer = CheckpointWriter(
-        output_of(recipe, options), overwrite=options.overwrite, **recipe.storage_options
+        output_of(recipe, options),
+        overwrite=options.overwrite,
+        sources=inputs.values(),  # what was merged is what the provenance names
+        **recipe.storage_options,
     )
     try:
         writer.expect({u.file: shard_size(u, plan.metadata) for u in plan.units})
@@ -39,9 +41,6 @@ def write_output(
         copy_side_files(recipe, inputs, writer)
         for name, obj in (extra_json or {}).items():
             writer.write_json(name, obj)
-        for ckpt in inputs.values():  # what was merged is what the provenance names
-            for part in stored_parts(ckpt):
-                part.check_unchanged()
         writer.commit()
     except BaseException:
         writer.abort()

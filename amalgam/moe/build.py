@@ -227,7 +227,7 @@ def _write(
         + [f"expert{i}={c.content_hash()}" for i, c in enumerate(experts)]
     )
     metadata = {"format": "pt", KEY: key, "parents": parents, "amalgam_version": __version__}
-    writer = CheckpointWriter(output, overwrite=overwrite, **so)
+    writer = CheckpointWriter(output, overwrite=overwrite, sources=[base, *experts], **so)
     try:
         writer.write_units(units, lambda name: readers[name](), metadata)
         layout = LAYOUTS[config.output_architecture]

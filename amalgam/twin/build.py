@@ -113,7 +113,8 @@ def build_twin(
             "experts": {t: _entry(e) for t, e in experts.items()},
             "tensors": {},
         }
-        writer = CheckpointWriter(output_uri, overwrite=overwrite, **so)
+        sources = [shared, *experts.values()]
+        writer = CheckpointWriter(output_uri, overwrite=overwrite, sources=sources, **so)
         try:
             files = _copy_shared(shared, writer)
             factors = _write_factors(shared, experts, writer, spec, manifest)

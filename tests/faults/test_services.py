@@ -5,10 +5,13 @@ killed before register) and a Prefect home that does not exist yet.
 Each store fault: ``amalgam run`` and ``amalgam promote`` end in one ``error:`` line naming the
 store, exit 2, no traceback; the store holds no run left RUNNING, no FAILED run without a
 reason tag and no new version; the merged output stays, complete; and once the store is back a
-re-run skips the merge and registers exactly one version."""
+re-run skips the merge and registers exactly one version. A store that fails mid-run fails while
+the run waits at a fixed point (its merge stage returned), so the fault lands there however
+loaded the machine. The store-fault runs share one Prefect server."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -25,14 +28,18 @@ from zoo.conftest import zoo_tiny
 
 from amalgam import storage
 from amalgam.registry import FAILURE_TAG, Registry
-from amalgam.writer import COMMIT_RECORD, intact
+from amalgam.writer import intact
 from tests.faults.cli import amalgam_process, error_line, printed_result
+from tests.faults.kills import KILLPOINT
 from tests.faults.test_disk import mount
 
 __all__ = ["mount", "zoo_tiny"]
 
 pytestmark = pytest.mark.slow
 MODEL = "services"
+#: Where a run waits while a test breaks its store: its merge stage returned (the output is
+#: committed), evaluation and register are still to come.
+AFTER_MERGE = "amalgam.stages.merge:MergeStage.run:1:after"
 
 
 def recipe(zoo, output: Path, tracking_uri: str, lam: float) -> dict:
@@ -57,14 +64,30 @@ def recipe(zoo, output: Path, tracking_uri: str, lam: float) -> dict:
 
 @dataclass(frozen=True)
 class Baseline:
-    """A store (``store/mlflow.db`` and its artifacts) holding version 1 of the model."""
+    """A store (``store/mlflow.db`` and its artifacts) holding version 1 of the model; ``env``
+    points a run at the module's Prefect server."""
 
     root: Path
     store: Path
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
-def baseline(zoo_tiny, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
+def prefect_api() -> Iterator[dict[str, str]]:
+    """One Prefect server for the module's store-fault runs, as the environment that points a
+    run at it: each run then skips starting a temporary server of its own (about 12 s of a
+    17 s command). The Prefect-home tests start their own, as a first run does."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+@pytest.fixture(scope="module")
+def baseline(
+    zoo_tiny, prefect_api: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Baseline:
     root = tmp_path_factory.mktemp("services")
     store = root / "store"
     store.mkdir()
@@ -72,25 +95,51 @@ def baseline(zoo_tiny, tmp_path_factory: pytest.TempPathFactory) -> Baseline:
     path.write_text(
         yaml.safe_dump(recipe(zoo_tiny, root / "merged", f"sqlite:///{store}/mlflow.db", 0.5))
     )
-    done = amalgam_process(["run", str(path)], root / "work")
+    done = amalgam_process(["run", str(path)], root / "work", prefect_api)
     assert done.returncode == 0, done.stderr[-3000:]
     assert printed_result(done.stdout)["registered"]["version"] == "1"
-    return Baseline(root, store)
+    return Baseline(root, store, prefect_api)
 
 
-def after_merge(output: Path, action: Callable[[], None]) -> threading.Thread:
-    """Run ``action`` in a thread as soon as the merge's commit record appears at ``output``
-    (the merge is complete; evaluation and register are still to come)."""
+class Pause:
+    """``action`` run while a process started with ``env`` waits at ``point``
+    (``killpoint/sitecustomize.py``); the process goes on once the action is done, whether it
+    raised or not, so the fault lands at that point of the run however loaded the machine."""
 
-    def wait() -> None:
-        deadline = time.monotonic() + 300
-        while not (output / COMMIT_RECORD).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        action()
+    def __init__(self, folder: Path, point: str, action: Callable[[], None]):
+        folder.mkdir()
+        self.folder, self.point = folder, point
+        path = [str(KILLPOINT), os.environ.get("PYTHONPATH", "")]
+        self.env = {
+            "PYTHONPATH": os.pathsep.join(p for p in path if p),
+            "AMALGAM_TEST_PAUSE": point,
+            "AMALGAM_TEST_PAUSE_DIR": str(folder),
+        }
+        self.acted = False
+        self.error: BaseException | None = None
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._act, args=(action,), daemon=True)
+        self._thread.start()
 
-    thread = threading.Thread(target=wait, daemon=True)
-    thread.start()
-    return thread
+    def _act(self, action: Callable[[], None]) -> None:
+        try:
+            while not (self.folder / "paused").exists():
+                if self._ended.wait(0.02):
+                    return
+            action()
+            self.acted = True
+        except BaseException as exc:  # re-raised by check(), in the test's thread
+            self.error = exc
+        finally:
+            (self.folder / "resume").touch()
+
+    def check(self) -> None:
+        """Once the process has ended: it reached the point and the action ran."""
+        self._ended.set()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.acted, f"the run ended without reaching {self.point}"
 
 
 def check_store(tracking_uri: str, versions: int) -> None:
@@ -112,23 +161,30 @@ def fault_and_recovery(
     tracking_uri: str,
     store: str,
     *,
-    breaks: Callable[[Path], threading.Thread | None],
+    env: dict[str, str],
+    breaks: Callable[[], None],
     restores: Callable[[], None],
+    mid_run: bool = True,
 ) -> None:
-    """A candidate merged while the store fails (``breaks(output)``, before or during the run),
-    then promote; both end in one error line naming ``store``. After ``restores()``: the store
-    is as it was, and a re-run registers the kept merge once."""
+    """A candidate merged while the store fails (``breaks()``: while the run waits with its
+    merge committed, or before the run when not ``mid_run``), then promote; both end in one
+    error line naming ``store``. After ``restores()``: the store is as it was, and a re-run
+    registers the kept merge once. Every command runs with ``env``."""
     case.mkdir(exist_ok=True)
     output = case / "merged"
     path = case / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(zoo, output, tracking_uri, 0.7)))
     work = case / "work"
-    thread = breaks(output)
-    failed = amalgam_process(["run", str(path)], work)
-    if thread is not None:
-        thread.join(5)
+    if mid_run:
+        pause = Pause(case / "pause", AFTER_MERGE, breaks)
+        failed = amalgam_process(["run", str(path)], work, env | pause.env)
+        pause.check()
+    else:
+        breaks()
+        failed = amalgam_process(["run", str(path)], work, env)
     assert store in error_line(failed)
-    refused = amalgam_process(["promote", MODEL, "1", "--tracking-uri", tracking_uri], work)
+    promote = ["promote", MODEL, "1", "--tracking-uri", tracking_uri]
+    refused = amalgam_process(promote, work, env)
     assert store in error_line(refused)
     # the merge is complete and stays; nothing half-written next to it
     fs, where = storage.resolve(str(output))
@@ -137,7 +193,7 @@ def fault_and_recovery(
 
     restores()
     check_store(tracking_uri, versions=1)
-    rerun = amalgam_process(["run", str(path)], work)
+    rerun = amalgam_process(["run", str(path)], work, env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     result = printed_result(rerun.stdout)
     assert result["skipped_merge"]
@@ -160,8 +216,10 @@ def test_a_read_only_store(zoo_tiny, baseline: Baseline, mount, tmp_path: Path) 
         tmp_path,
         uri,
         uri,
-        breaks=lambda _: remount("ro"),
+        env=baseline.env,
+        breaks=lambda: remount("ro"),
         restores=lambda: remount("rw"),
+        mid_run=False,
     )
 
 
@@ -175,7 +233,8 @@ def test_a_store_deleted_mid_run(zoo_tiny, baseline: Baseline, tmp_path: Path) -
         tmp_path / "case",
         uri,
         uri,
-        breaks=lambda output: after_merge(output, lambda: shutil.rmtree(store)),
+        env=baseline.env,
+        breaks=lambda: shutil.rmtree(store),
         restores=lambda: shutil.copytree(backup, store),
     )
 
@@ -209,7 +268,7 @@ def server_store(baseline: Baseline, tmp_path: Path) -> Iterator[ServerStore]:
 
 
 def test_a_tracking_server_killed_before_register(
-    zoo_tiny, server_store: ServerStore, tmp_path: Path
+    zoo_tiny, baseline: Baseline, server_store: ServerStore, tmp_path: Path
 ) -> None:
     url = server_store.start()
     fault_and_recovery(
@@ -217,7 +276,8 @@ def test_a_tracking_server_killed_before_register(
         tmp_path / "case",
         url,
         url,
-        breaks=lambda output: after_merge(output, server_store.kill),
+        env=baseline.env,
+        breaks=server_store.kill,
         restores=lambda: server_store.start() and None,
     )
 

@@ -1,4 +1,5 @@
-"""Test-only fault injection: SIGKILL this process at the Nth call of a named function.
+"""Test-only fault injection: SIGKILL this process, or pause it, at the Nth call of a named
+function.
 
 A process started with this folder on ``PYTHONPATH`` reads ``AMALGAM_TEST_KILL`` at start-up:
 ``module:Qual.name:N`` kills the process on the Nth call of ``Qual.name`` (looked up in
@@ -10,6 +11,11 @@ the product code carries no hook. Calls are counted over all threads of the proc
 With ``AMALGAM_TEST_KILL_ONCE=<file>`` only the first process to reach the point dies: it
 creates the file (holding its pid) first, so that a retried task in another process (a
 Ray worker) survives the same point.
+
+``AMALGAM_TEST_PAUSE`` names a point the same way; with ``AMALGAM_TEST_PAUSE_DIR=<folder>``
+the process reaching it creates ``<folder>/paused`` (holding its pid) and waits there until
+``<folder>/resume`` exists: a test breaks something at exactly that point of the run, however
+slow the machine, then lets it go on.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -36,7 +44,15 @@ def _die(once: str | None) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _patch(module: Any, qualname: str, nth: int, after: bool, once: str | None) -> None:
+def _pause(folder: str) -> None:
+    with open(os.path.join(folder, "paused.tmp"), "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(os.path.join(folder, "paused.tmp"), os.path.join(folder, "paused"))
+    while not os.path.exists(os.path.join(folder, "resume")):
+        time.sleep(0.02)
+
+
+def _patch(module: Any, qualname: str, nth: int, after: bool, act: Callable[[], None]) -> None:
     *path, attr = qualname.split(".")
     owner = module
     for part in path:
@@ -46,28 +62,28 @@ def _patch(module: Any, qualname: str, nth: int, after: bool, once: str | None) 
     lock = threading.Lock()
 
     def count() -> bool:
-        """Count the call; die now if it is the one; True if it is and dies on return."""
+        """Count the call; act now if it is the one; True if it is and acts on return."""
         with lock:
             calls[0] += 1
             hit = calls[0] == nth
         if hit and not after:
-            _die(once)
+            act()
         return hit and after
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        die_after = count()
+        act_after = count()
         result = original(*args, **kwargs)
-        if die_after:
-            _die(once)
+        if act_after:
+            act()
         return result
 
     @functools.wraps(original)
     async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-        die_after = count()
+        act_after = count()
         result = await original(*args, **kwargs)
-        if die_after:
-            _die(once)
+        if act_after:
+            act()
         return result
 
     setattr(owner, attr, async_wrapper if inspect.iscoroutinefunction(original) else wrapper)
@@ -100,12 +116,11 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _install(spec: str) -> None:
+def _install(spec: str, act: Callable[[], None]) -> None:
     module, qualname, nth, *when = spec.split(":")
-    once = os.environ.get("AMALGAM_TEST_KILL_ONCE")
 
     def patch(mod: Any) -> None:
-        _patch(mod, qualname, int(nth), when == ["after"], once)
+        _patch(mod, qualname, int(nth), when == ["after"], act)
 
     if module in sys.modules:
         patch(sys.modules[module])
@@ -114,4 +129,8 @@ def _install(spec: str) -> None:
 
 
 if os.environ.get("AMALGAM_TEST_KILL"):
-    _install(os.environ["AMALGAM_TEST_KILL"])
+    _install(
+        os.environ["AMALGAM_TEST_KILL"], lambda: _die(os.environ.get("AMALGAM_TEST_KILL_ONCE"))
+    )
+if os.environ.get("AMALGAM_TEST_PAUSE"):
+    _install(os.environ["AMALGAM_TEST_PAUSE"], lambda: _pause(os.environ["AMALGAM_TEST_PAUSE_DIR"]))
