@@ -3,7 +3,7 @@ a committed folder the merge reads instead of the input."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,12 +33,14 @@ def write_aligned_copy(
     side_json: Mapping[str, Any] | None = None,
     skip_side: tuple[str, ...] = (),
     max_shard_bytes: int = SHARD_BYTES,
+    also_read: Iterable[Checkpoint] = (),
     **storage_options: Any,
 ) -> str:
     """Write ``transform`` of every tensor of ``src`` to ``output_uri`` (replacing an earlier
     copy), with ``src``'s side files (less ``skip_side``) and ``side_json`` files; one tensor in
-    memory at a time. ``shapes``: output shapes of the tensors whose shape changes. Not
-    committed if a file of ``src`` changed since it was opened."""
+    memory at a time. ``shapes``: output shapes of the tensors whose shape changes;
+    ``also_read``: other checkpoints ``transform`` reads rows from. Not committed if a file of
+    ``src`` or of those changed since it was opened."""
     shapes = dict(shapes or {})
     entries = [
         (name, src.info(name).dtype, tuple(shapes.get(name, src.shape(name))))
@@ -46,7 +48,8 @@ def write_aligned_copy(
     ]
     shards = shard_groups(entries, lambda e: tensor_nbytes(e[1], e[2]), max_shard_bytes)
     metadata = {"format": "pt", "amalgam": "aligned"}
-    writer = CheckpointWriter(output_uri, overwrite=True, sources=[src], **storage_options)
+    sources = [src, *also_read]
+    writer = CheckpointWriter(output_uri, overwrite=True, sources=sources, **storage_options)
     try:
         for file, unit in shards:
             shard = writer.shard(file, unit, metadata)

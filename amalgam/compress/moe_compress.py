@@ -144,6 +144,7 @@ def compress_moe(
             overwrite,
             max_shard_size or spec.max_shard_size,
             storage_options,
+            stats,
         )
     return _result(output_uri, False, storage_options)
 
@@ -257,7 +258,10 @@ def _write(
     overwrite: bool,
     max_shard_size: int,
     so: dict[str, Any],
+    routing: Checkpoint,
 ) -> None:
+    """The compressed model into ``output``: committed only if neither ``model`` nor its
+    ``routing`` statistics changed while read."""
     jobs, readers = _plan(model, layout, groups, freqs, spec, report)
     k = report["experts"]
     metadata = {"format": "pt", KEY: key, "parents": f"model={model.content_hash()}"}
@@ -267,7 +271,7 @@ def _write(
         bytes_before=model.nbytes,
         bytes_after=sum(j.nbytes for j in jobs),
     )
-    writer = CheckpointWriter(output, overwrite=overwrite, sources=[model], **so)
+    writer = CheckpointWriter(output, overwrite=overwrite, sources=[model, routing], **so)
     try:
         if spec.losparse_rank is None:
             writer.write_units(

@@ -1,8 +1,8 @@
 """Every stage that writes a checkpoint refuses to commit when an input file changed while it
 ran: the writer's own rule (``CheckpointWriter(sources=...)``), checked here on the writer and
 on real stages (MoE build, ComPEFT compression and decompression, Twin-Merging, LoRA
-extraction, an adapter merge of LoRA folders) whose input is rewritten in place right after
-one of its reads."""
+extraction, an adapter merge of LoRA folders, an aligned copy) whose input is rewritten in place
+right after one of its reads."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from zoo.conftest import zoo_tiny
 from amalgam.adapters import open_input
 from amalgam.adapters.adapter_output import merge_recipe
 from amalgam.adapters.extract import extract_lora
+from amalgam.align.copies import write_aligned_copy
 from amalgam.checkpoint import Checkpoint
 from amalgam.compress import compress_model, decompress_model
 from amalgam.engine import MergeOptions
@@ -240,3 +241,26 @@ def test_a_stage_whose_inputs_stay_unchanged_commits(zoo_tiny, tmp_path: Path) -
     merge_recipe(parse_recipe({**data, "output_format": "adapter"}))
     assert (out / COMMIT_RECORD).is_file() and (out / "adapter_model.safetensors").is_file()
     assert sorted(os.listdir(tmp_path)) == ["in", "merged"]
+
+
+def test_an_aligned_copy_refuses_a_changed_checkpoint_it_took_rows_from(tmp_path: Path) -> None:
+    """An aligned copy reads rows of other inputs (vocabulary donors): one rewritten meanwhile
+    leaves no copy."""
+    small_model(tmp_path / "src")
+    donor_file = small_model(tmp_path / "donor", seed=1)
+    out = tmp_path / "copy"
+    with Checkpoint(str(tmp_path / "src")) as src, Checkpoint(str(tmp_path / "donor")) as donor:
+
+        def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            row = donor.tensor(name)
+            if name == "w":
+                rewrite_in_place(donor_file)
+            return tensor + row
+
+        with pytest.raises(CheckpointError, match=r"donor/model\.safetensors: changed"):
+            write_aligned_copy(src, str(out), transform, also_read=[donor])
+        assert no_model_at(out)
+        write_model(tmp_path / "donor2", {"w": torch.ones(4, 3), "b": torch.ones(3)})
+        with Checkpoint(str(tmp_path / "donor2")) as other:
+            write_aligned_copy(src, str(out), lambda n, t: t + other.tensor(n), also_read=[other])
+        assert (out / COMMIT_RECORD).exists()

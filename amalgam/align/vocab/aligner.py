@@ -174,6 +174,7 @@ class VocabRemap:
             shapes={n: (self.rows, *ckpt.shape(n)[1:]) for n in names},
             side_json=side,
             skip_side=tuple(f for f in TOKENIZER_FILES if f not in side),
+            also_read=self.ckpts.values(),  # donor and configured rows come from the others
             **storage_options,
         )
 
