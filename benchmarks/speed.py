@@ -333,11 +333,13 @@ ray_start = time.perf_counter() - ray_start
 options = MergeOptions(output=sys.argv[2], overwrite=True, device="cpu", executor=executor)
 def rchar():
     return int(open("/proc/self/io").read().split("rchar:")[1].split()[0])
-rchar_before = rchar()
+rchar_before, cpu_before = rchar(), time.process_time()
 result = run_merge(recipe, options)
+merge_cpu = time.process_time() - cpu_before
 syscall_read = rchar() - rchar_before
 status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
 print("BENCH_RESULT " + json.dumps({"merge_s": result.seconds, "input_bytes": result.input_bytes,
+      "merge_cpu_s": merge_cpu,
       "syscall_read_bytes": syscall_read,
       "startup_s": imported, "vmhwm_bytes": int(status) * 1024, "ray_start_s": ray_start,
       "worker_peaks": list(result.worker_peaks)}))
@@ -659,10 +661,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"(a first merge's): {result['hash_s']:.2f} s; every timed run below finds them cached.",
         "",
         "| method | GB read | syscall GB | read bound s | in-engine s | in-engine × read bound "
+        "| in-engine CPU s (cores busy) "
         "| amalgam wall s | `amalgam merge` wall s | peak RSS GB "
         "| mergekit wall s | mergekit peak RSS GB | speedup | speedup, merge only "
         "| max abs diff | frac > 1 ulp |",
-        "|---|" + "---:|" * 14,
+        "|---|" + "---:|" * 15,
     ]
     for row in result["rows"]:
         cmp_ = row.get("compare") or {}
@@ -670,6 +673,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['method']} | {row['input_bytes'] / 1e9:.2f} "
             f"| {(row.get('syscall_read_bytes') or 0) / 1e9:.2f} | {row['read_bound_s']:.2f} "
             f"| {fmt(row.get('merge_s'), '.2f')} | {row['engine_x_read_bound']:.1f} "
+            f"| {cpu_busy(row)} "
             f"| {row['amalgam_wall_s']:.2f} | {fmt(row.get('cli_wall_s'), '.2f')} "
             f"| {row['amalgam_rss'] / 1e9:.2f} "
             f"| {fmt(row.get('mergekit_wall_s'), '.1f')} "
@@ -695,7 +699,9 @@ def markdown(result: dict[str, Any]) -> str:
         "(the bound whatever the merge reads twice); syscall GB: what the merge process read "
         "through read/pread calls during run_merge (/proc/self/io rchar: more than GB read when "
         "inputs are read twice, less when they are mapped). "
-        "in-engine s: amalgam's run_merge alone; "
+        "in-engine s: amalgam's run_merge alone; in-engine CPU s: the CPU seconds of all its "
+        "threads meanwhile (process_time), and that over in-engine s: how many cores were busy "
+        f"on average (of {os.cpu_count()}); "
         "amalgam wall s: that whole process (start-up and imports included); `amalgam merge` "
         "wall s: the command a user runs, process start to exit. speedup: mergekit wall s / "
         "amalgam wall s; merge only: (mergekit wall s - its start-up, "
@@ -704,6 +710,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"mergekit's (mergekit computing in {result['mergekit_dtype']}).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def cpu_busy(row: dict[str, Any]) -> str:
+    """In-engine CPU seconds and the cores they kept busy on average."""
+    cpu, merge = row.get("merge_cpu_s"), row.get("merge_s")
+    return "n/a" if cpu is None or not merge else f"{cpu:.2f} ({cpu / merge:.2f})"
 
 
 def targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -1235,6 +1247,7 @@ def amalgam_row(method: str, am: Run, rb: ReadBound) -> dict[str, Any]:
         "method": method,
         "amalgam_wall_s": am.wall_s,
         "merge_s": am.info.get("merge_s"),
+        "merge_cpu_s": am.info.get("merge_cpu_s"),
         "startup_s": am.info.get("startup_s"),
         "input_bytes": nbytes,
         "syscall_read_bytes": am.info.get("syscall_read_bytes"),
