@@ -158,15 +158,25 @@ def test_an_moe_build_whose_expert_changes_writes_nothing(
     assert done and no_model_at(out)
 
 
-def test_a_compression_whose_model_changes_writes_nothing(
-    zoo_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# stage name -> the stage run from (base, expert) into out
+FROM_ONE_EXPERT: dict[str, Callable[[Path, Path, Path], Any]] = {
+    "compression": lambda base, expert, out: compress_model(str(expert), str(base), str(out)),
+    "lora extraction": lambda base, expert, out: extract_lora(
+        str(base), str(expert), str(out), rank=4, device="cpu"
+    ),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(FROM_ONE_EXPERT))
+def test_a_stage_whose_expert_changes_writes_nothing(
+    zoo_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
 ) -> None:
     base, experts, _ = copy_zoo(zoo_tiny, tmp_path / "in")
     victim = experts["zoo_sort"] / "model.safetensors"
     done = rewrite_after_first_read(monkeypatch, victim)
-    out = tmp_path / "packed"
+    out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=r"zoo_sort/model\.safetensors: changed since"):
-        compress_model(str(experts["zoo_sort"]), str(base), str(out))
+        FROM_ONE_EXPERT[stage](base, experts["zoo_sort"], out)
     assert done and no_model_at(out)
 
 
@@ -205,18 +215,6 @@ def test_a_twin_build_whose_expert_changes_after_the_shared_merge_writes_nothing
     with pytest.raises(CheckpointError, match=r"zoo_vowels/model\.safetensors: changed since"):
         build_twin(recipe, spec, str(out), options=MergeOptions(device="cpu", threads=1))
     assert done and (shared / COMMIT_RECORD).is_file() and no_model_at(out)
-
-
-def test_a_lora_extraction_whose_model_changes_writes_nothing(
-    zoo_tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    base, experts, _ = copy_zoo(zoo_tiny, tmp_path / "in")
-    victim = experts["zoo_sort"] / "model.safetensors"
-    done = rewrite_after_first_read(monkeypatch, victim)
-    out = tmp_path / "lora"
-    with pytest.raises(CheckpointError, match=r"zoo_sort/model\.safetensors: changed since"):
-        extract_lora(str(base), str(experts["zoo_sort"]), str(out), rank=4, device="cpu")
-    assert done and no_model_at(out)
 
 
 def test_an_adapter_merge_whose_lora_folder_changes_writes_nothing(
