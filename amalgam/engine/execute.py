@@ -215,9 +215,9 @@ def merge_tensor(
     raw: list[torch.Tensor],
     model_stats: tuple[torch.Tensor | None, ...] = (),
 ) -> torch.Tensor:
-    """One output tensor: inputs in their stored dtype on the device, math in float32 inside
-    the method, result cast to the planned dtype (a method may return it already: the fused
-    kernels store it as they compute, then the cast is free)."""
+    """One output tensor, on the device: inputs in their stored dtype on the device, math in
+    float32 inside the method, result cast to the planned dtype (a method may return it
+    already: the fused kernels store it as they compute, then the cast is free)."""
     dtype = SAFETENSORS_DTYPES[job.dtype]
     if job.copy:  # as stored, or cast to the output dtype (a float tensor kept unmerged)
         return raw[0].to(dtype)
@@ -230,7 +230,7 @@ def merge_tensor(
         out = merge_by_rows(groups, raw, ctx.plan.has_base, merge)
     else:
         out = apply_method(ctx, ctx.method.fn, job, raw, model_stats, out_dtype=dtype)
-    return to_host(out.to(dtype))
+    return out.to(dtype)
 
 
 def apply_method(
@@ -273,10 +273,10 @@ def stream_tensor(
     pool: ThreadPoolExecutor,
     feed: DeviceFeed | None = None,
 ) -> torch.Tensor:
-    """One output tensor merged one model at a time (``Method.accumulate``): the base, then
-    each model in plan order (``passes`` times), the next one read on ``pool`` meanwhile (and
-    sent to the device by ``feed``), so at most two models' inputs are held, whatever their
-    number."""
+    """One output tensor (on the device) merged one model at a time (``Method.accumulate``):
+    the base, then each model in plan order (``passes`` times), the next one read on ``pool``
+    meanwhile (and sent to the device by ``feed``), so at most two models' inputs are held,
+    whatever their number."""
     plan, device = ctx.plan, ctx.device
     assert ctx.method.accumulate is not None
     read = partial(read_input, plan, sources, job)
@@ -289,7 +289,7 @@ def stream_tensor(
             acc.add(i, x.to(device))
             del x
         acc.end_pass()
-    return to_host(acc.finish().to(SAFETENSORS_DTYPES[job.dtype]))
+    return acc.finish().to(SAFETENSORS_DTYPES[job.dtype])
 
 
 def read_ahead(
@@ -346,6 +346,7 @@ def run_unit(
                     out = stream_tensor(ctx, job, sources, pool, feed)
                 else:
                     out = merge_tensor(ctx, job, raw, model_stats)
+                out = to_host(out, feed)
                 del raw, model_stats
                 size = out.numel() * out.element_size()
                 writes.append((writer.submit(shard.write, job.name, out), size))

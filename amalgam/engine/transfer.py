@@ -62,24 +62,17 @@ class DeviceFeed:
         return shipment.tensors
 
 
-def overlapped() -> bool:
-    """Whether CUDA copies go through pinned memory and a copy stream (``AMALGAM_CUDA_OVERLAP``
-    is not ``0``)."""
-    return os.environ.get("AMALGAM_CUDA_OVERLAP", "1") != "0"
-
-
 def device_feed(device: torch.device) -> DeviceFeed | None:
-    """A feed for ``device`` when it is a CUDA device and copies overlap; None where tensors
-    are used where they are read."""
-    return DeviceFeed(device) if device.type == "cuda" and overlapped() else None
+    """A feed for ``device`` when it is a CUDA device and copies overlap
+    (``AMALGAM_CUDA_OVERLAP`` is not ``0``); None where tensors are used where they are read."""
+    overlap = os.environ.get("AMALGAM_CUDA_OVERLAP", "1") != "0"
+    return DeviceFeed(device) if device.type == "cuda" and overlap else None
 
 
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the host: a device tensor is copied into pinned memory when copies overlap (at
-    the bus's full speed, where pageable memory takes a bounce buffer); a host tensor as it is."""
-    if t.device.type != "cuda":
-        return t
-    if not overlapped():
+def to_host(t: torch.Tensor, feed: DeviceFeed | None) -> torch.Tensor:
+    """``t`` on the host: with a ``feed``, a device tensor is copied into pinned memory (at the
+    bus's full speed, where pageable memory takes a bounce buffer); a host tensor as it is."""
+    if feed is None or t.device.type != "cuda":
         return t.cpu()
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t)
