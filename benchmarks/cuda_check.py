@@ -53,6 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 from safetensors.torch import save_file
@@ -305,15 +306,8 @@ def data_run(
 @contextmanager
 def amalgam_home(path: Path) -> Iterator[None]:
     """``$AMALGAM_HOME`` (where statistics are cached) set to ``path`` meanwhile."""
-    before = os.environ.get("AMALGAM_HOME")
-    os.environ["AMALGAM_HOME"] = str(path)
-    try:
+    with patch.dict(os.environ, {"AMALGAM_HOME": str(path)}):
         yield
-    finally:
-        if before is None:
-            del os.environ["AMALGAM_HOME"]
-        else:
-            os.environ["AMALGAM_HOME"] = before
 
 
 def run_case(case: Case, devices: list[str], root: Path) -> list[dict[str, Any]]:
@@ -446,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.timing_params:
             work = root / "timing" if args.work else cuda_timing.speed.WORK
             work.mkdir(parents=True, exist_ok=True)
-            timing = cuda_timing.run(devices, args.timing_params, work)
+            timing = cuda_timing.run(devices, args.timing_params, work, compare_folders)
             print(cuda_timing.markdown(timing), flush=True)
         for case in [] if args.timing_only else build_cases(methods, root, args):
             new = run_case(case, devices, root)

@@ -25,8 +25,11 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 
@@ -71,38 +74,22 @@ def merge_seconds(
     method: str, paths: dict[str, Path], out: Path, device: str, overlap: bool
 ) -> float:
     """In-engine seconds of ``method``'s speed config merged on ``device`` into ``out``."""
-    before = os.environ.get("AMALGAM_CUDA_OVERLAP")
-    os.environ["AMALGAM_CUDA_OVERLAP"] = "1" if overlap else "0"
-    try:
-        data = translate(speed.mergekit_config(method, paths, "float32"), "mergekit config")
-        recipe = parse_recipe({**data, "output": str(out)})
+    data = translate(speed.mergekit_config(method, paths, "float32"), "mergekit config")
+    recipe = parse_recipe({**data, "output": str(out)})
+    with patch.dict(os.environ, {"AMALGAM_CUDA_OVERLAP": "1" if overlap else "0"}):
         return run_merge(recipe, MergeOptions(device=device, overwrite=True)).seconds
-    finally:
-        if before is None:
-            del os.environ["AMALGAM_CUDA_OVERLAP"]
-        else:
-            os.environ["AMALGAM_CUDA_OVERLAP"] = before
 
 
-def identical(a: Path, b: Path) -> dict[str, Any]:
-    """Tensors of ``a`` and ``b`` equal byte for byte, of all; the largest bf16 ulp gap."""
-    same = total = 0
-    worst = 0.0
-    b_tensors = dict(speed._tensors(b))
-    for name, x in speed._tensors(a):
-        y = b_tensors.pop(name)
-        total += 1
-        if x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
-            same += 1
-            continue
-        diff = (x.float() - y.float()).abs()
-        ulps = diff / speed._bf16_ulp(torch.maximum(x.float().abs(), y.float().abs()))
-        worst = max(worst, float(ulps.nan_to_num(nan=float("inf")).max()))
-    return {"identical": same, "tensors": total + len(b_tensors), "max_ulps": worst}
-
-
-def run(devices: list[str], params: float, work: Path, repeats: int = 2) -> dict[str, Any]:
-    """Bandwidth, bounds and merge times on ``devices`` (the CPU first, then the GPU)."""
+def run(
+    devices: list[str],
+    params: float,
+    work: Path,
+    compare: Callable[[Path, Path], Any],
+    repeats: int = 2,
+) -> dict[str, Any]:
+    """Bandwidth, bounds and merge times on ``devices`` (the CPU first, then the GPU); outputs
+    compared by ``compare`` (``cuda_check.compare_folders``: a dataclass with ``identical``,
+    ``tensors`` and ``max_ulps``)."""
     cpu, gpu = devices
     paths = speed.build_family(speed.llama_shape(params), 3, work / "family")
     bound = speed.read_bound(list(paths.values()))
@@ -129,8 +116,8 @@ def run(devices: list[str], params: float, work: Path, repeats: int = 2) -> dict
                     "read_bound_s": bound.seconds_for(nbytes),
                     "transfer_bound_s": transfer,
                     **{f"{mode}_s": s for mode, s in seconds.items()},
-                    "overlap_vs_sync": identical(outs["overlap"], outs["sync"]),
-                    "overlap_vs_cpu": identical(outs["overlap"], outs["cpu"]),
+                    "overlap_vs_sync": asdict(compare(outs["overlap"], outs["sync"])),
+                    "overlap_vs_cpu": asdict(compare(outs["overlap"], outs["cpu"])),
                 }
             )
             print(f"timing {method}: {seconds}", flush=True)
