@@ -101,13 +101,19 @@ def write_recipe(folder: Path, body: dict) -> Path:
     return path
 
 
+def killpoint_pythonpath() -> str:
+    """``PYTHONPATH`` for a process that loads the fault-injection ``sitecustomize`` (kill and
+    pause points) and this repository."""
+    path = [str(KILLPOINT), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return os.pathsep.join(p for p in path if p)
+
+
 def process_env(home: Path, kill: str | None = None, once: Path | None = None) -> dict[str, str]:
     """The environment of a run: its own ``$AMALGAM_HOME`` and Prefect home, the kill point
     (``module:Qual.name:N[:after]``) when one is named."""
-    path = [str(KILLPOINT), str(REPO), os.environ.get("PYTHONPATH", "")]
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+        "PYTHONPATH": killpoint_pythonpath(),
         "AMALGAM_HOME": str(home),
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

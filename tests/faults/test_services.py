@@ -11,7 +11,6 @@ loaded the machine. The store-fault runs share one Prefect server."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading
@@ -30,7 +29,7 @@ from amalgam import storage
 from amalgam.registry import FAILURE_TAG, Registry
 from amalgam.writer import intact
 from tests.faults.cli import amalgam_process, error_line, printed_result
-from tests.faults.kills import KILLPOINT
+from tests.faults.kills import killpoint_pythonpath
 from tests.faults.test_disk import mount
 
 __all__ = ["mount", "zoo_tiny"]
@@ -109,9 +108,8 @@ class Pause:
     def __init__(self, folder: Path, point: str, action: Callable[[], None]):
         folder.mkdir()
         self.folder, self.point = folder, point
-        path = [str(KILLPOINT), os.environ.get("PYTHONPATH", "")]
         self.env = {
-            "PYTHONPATH": os.pathsep.join(p for p in path if p),
+            "PYTHONPATH": killpoint_pythonpath(),
             "AMALGAM_TEST_PAUSE": point,
             "AMALGAM_TEST_PAUSE_DIR": str(folder),
         }
